@@ -1,0 +1,94 @@
+"""Fast Multipole Attention.
+
+``fma(q, k, v)`` is the SDPA-like entry point; :class:`MultipoleAttention` is the
+layer a transformer block uses. See ``hierarchy.py`` for the definition every
+implementation shares.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .blocked import blocked_multipole
+from .hierarchy import Hierarchy, hierarchy
+from .reference import dense_attention
+from .summaries import MEAN, SUMMARY_KINDS, Summaries, build_summaries
+
+IMPLS = ("auto", "torch", "dense")
+VARIANTS = ("nlogn", "linear")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(q, k, v, block_size, rank, impl, variant):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"fma: {name} must be a 4-D tensor (batch, heads, n, head_dim), got {shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"fma: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, H, n, d = q.shape
+    if k.shape[0] != B or k.shape[2] != n:
+        raise ValueError(
+            f"fma: q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and sequence length "
+            "(multipole attention is self-attention over one sequence)")
+    if k.shape[3] != d:
+        raise ValueError(f"fma: head_dim of q ({d}) and k/v ({k.shape[3]}) differ; project them to the same size")
+    if H % k.shape[1]:
+        raise ValueError(
+            f"fma: q has {H} heads, k/v have {k.shape[1]}; grouped-query attention needs the "
+            "query heads to be a multiple of the key/value heads")
+    if n < 1:
+        raise ValueError("fma: the sequence is empty (n=0); multipole attention needs n >= 1")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"fma: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"fma: dtype {q.dtype} is not supported; use one of {', '.join(map(str, _DTYPES))}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"fma: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    if not isinstance(block_size, int) or not isinstance(rank, int) or block_size < 1 or rank < 1 \
+            or block_size % rank:
+        raise ValueError(
+            f"fma: block_size={block_size} must be a positive multiple of rank={rank} "
+            "(each block is split into `rank` equal sub-windows); e.g. block_size=64, rank=2")
+    if impl not in IMPLS:
+        raise ValueError(f"fma: unknown impl {impl!r}; choose one of {IMPLS}")
+    if variant not in VARIANTS:
+        raise ValueError(f"fma: unknown variant {variant!r}; choose one of {VARIANTS}")
+
+
+def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 64, rank: int = 2,
+        causal: bool = True, weighted: bool = True, scale: float | None = None, impl: str = "auto",
+        variant: str = "nlogn", summaries: Summaries | None = None) -> torch.Tensor:
+    """Fast multipole attention.
+
+    Args:
+        q: (batch, heads, n, head_dim); k, v: (batch, kv_heads, n, head_dim),
+            ``heads`` a multiple of ``kv_heads`` (grouped-query attention).
+        block_size: ``m``, tokens per fine block.
+        rank: ``p``, summaries per coarse window (divides ``block_size``).
+        causal: mask keys after the query.
+        weighted: add ``log(tokens behind a summary)`` to its score (the paper's ``scale_attn``).
+        scale: score scale, default ``1/sqrt(head_dim)``.
+        impl: ``"auto"`` (the fastest available), ``"torch"`` (blocked, O(n) memory),
+            ``"dense"`` (reference, O(n^2) memory: tests and small ``n`` only).
+        variant: ``"nlogn"`` (default) or ``"linear"`` (queries summarised on coarse levels).
+        summaries: how key/value summaries are formed; parameter-free means by default.
+
+    Returns:
+        (batch, heads, n, head_dim), the dtype of ``q``.
+    """
+    _check(q, k, v, block_size, rank, impl, variant)
+    n, d = q.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    h = hierarchy(n, block_size, rank, causal)
+    ks, vs = (summaries or MEAN)(k, v, h)
+    if impl == "dense":
+        return dense_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant)
+    return blocked_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant)
+
+
+from .module import MultipoleAttention  # noqa: E402  (needs fma)
+
+__all__ = ["fma", "MultipoleAttention", "Hierarchy", "hierarchy", "build_summaries", "SUMMARY_KINDS",
+           "IMPLS", "VARIANTS"]

@@ -1,0 +1,240 @@
+"""The multipole hierarchy: levels, windows and interaction lists.
+
+This is the one definition every implementation (dense reference, blocked
+PyTorch, Triton, sequence-parallel) reads. Nothing here touches keys or values:
+it only says which positions and which summaries a query sees, and with which
+log-weight.
+
+Conventions (see the design page "Multipole attention"):
+- level 0 is the fine level: blocks of ``m`` tokens, block ``a`` covers
+  ``[a*m, (a+1)*m)``; a query of block ``a`` sees blocks ``a-1, a, a+1``
+  (causal: ``a-1`` and the keys ``<= i`` of ``a``).
+- coarse level ``l = 1..L`` has windows of ``w_l = m * 2**(l-1)`` tokens; each
+  window has ``p`` summaries, summary ``j`` standing for the sub-window
+  ``[c*w + j*w/p, c*w + (j+1)*w/p)``.
+- ``L`` is the smallest level count whose interaction lists cover the sequence:
+  ``ceil(n/m) <= 2**(L+1)``.
+- Tokens past ``n`` (the padded tail) are never keys: a summary stands for the
+  real tokens of its sub-window only (its log-weight is ``log(count)``), and a
+  summary with no real token is masked.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def coarse_windows(c: int, causal: bool) -> tuple[int, ...]:
+    """Windows of the same level in the interaction list of window ``c``.
+
+    The children of the parent's neighbours that are not ``c`` or its
+    neighbours; causal keeps the ones before ``c``. May contain indices outside
+    the sequence (negative or too large): callers drop them.
+    """
+    if c % 2 == 0:
+        return (c - 2,) if causal else (c - 2, c + 2, c + 3)
+    return (c - 3, c - 2) if causal else (c - 3, c - 2, c + 2)
+
+
+def num_levels(n: int, block_size: int) -> int:
+    """Number of coarse levels ``L`` for a sequence of ``n`` tokens."""
+    n_blocks = -(-n // block_size)
+    return max(0, math.ceil(math.log2(n_blocks)) - 1) if n_blocks > 1 else 0
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """Index tables of the hierarchy for one ``(n, m, p, causal)``.
+
+    Summaries of all levels are stored concatenated along one axis of length
+    ``num_summaries``: level ``l`` (1-based) occupies
+    ``[offsets[l-1], offsets[l-1] + windows[l-1] * p)``, window ``c``'s summary
+    ``j`` at ``offsets[l-1] + c*p + j``. Index ``num_summaries`` is a masked
+    dummy slot that implementations may fill with zeros.
+    """
+
+    n: int
+    block_size: int
+    rank: int
+    causal: bool
+    n_blocks: int
+    n_levels: int
+    windows: tuple[int, ...]  # windows per coarse level, level 1 first
+    offsets: tuple[int, ...]  # start of each level in the concatenated summaries
+    num_summaries: int
+
+    @property
+    def m(self) -> int:
+        return self.block_size
+
+    @property
+    def p(self) -> int:
+        return self.rank
+
+    @property
+    def padded_len(self) -> int:
+        """Length after padding to whole fine blocks."""
+        return self.n_blocks * self.block_size
+
+    def window_size(self, level: int) -> int:
+        """Tokens per window on coarse level ``level >= 1``."""
+        return self.block_size << (level - 1)
+
+    @property
+    def slots_per_level(self) -> int:
+        """Summary slots one query block sees per coarse level."""
+        return (2 if self.causal else 3) * self.rank
+
+    @property
+    def coarse_slots(self) -> int:
+        """Summary slots one query block sees over all coarse levels."""
+        return self.slots_per_level * self.n_levels
+
+    def fine_blocks(self) -> tuple[int, ...]:
+        """Offsets of the fine blocks a query block sees, relative to its own."""
+        return (-1, 0) if self.causal else (-1, 0, 1)
+
+    # --- token counts -----------------------------------------------------
+    def summary_counts(self, level: int) -> torch.Tensor:
+        """Real tokens behind each summary of ``level``: ``(windows, p)`` int64."""
+        w, p = self.window_size(level), self.rank
+        sub = w // p
+        start = torch.arange(self.windows[level - 1] * p) * sub
+        count = (self.n - start).clamp(min=0, max=sub)
+        return count.view(-1, p)
+
+    def window_counts(self, level: int) -> torch.Tensor:
+        """Real tokens in each window of ``level`` (level 0: fine blocks)."""
+        w = self.block_size if level == 0 else self.window_size(level)
+        nw = self.n_blocks if level == 0 else self.windows[level - 1]
+        start = torch.arange(nw) * w
+        return (self.n - start).clamp(min=0, max=w)
+
+    # --- interaction lists ------------------------------------------------
+    @functools.lru_cache(maxsize=1024)
+    def window_lists(self, level: int) -> torch.Tensor:
+        """``(windows, slots_per_level/p)`` window indices each window of ``level`` sees; -1 = none."""
+        nw, width = self.windows[level - 1], self.slots_per_level // self.rank
+        rows = torch.full((nw, width), -1, dtype=torch.long)
+        for c in range(nw):
+            ws = [w for w in coarse_windows(c, self.causal) if 0 <= w < nw]
+            rows[c, :len(ws)] = torch.tensor(ws, dtype=torch.long)
+        return rows
+
+    def query_window(self, level: int) -> torch.Tensor:
+        """Window whose mean query stands for window ``c`` in the linear variant.
+
+        Bidirectional: ``c`` itself (the paper's definition). Causal: ``c - 1``,
+        because the mean over ``c`` would include queries after the query that
+        uses it, letting later tokens change earlier outputs. Every window a
+        causal ``c`` interacts with lies before ``c - 1`` anyway, and windows
+        with a non-empty list have ``c >= 2``. Entries with no list are -1.
+        """
+        nw = self.windows[level - 1]
+        c = torch.arange(nw)
+        if not self.causal:
+            return c
+        qc = c - 1
+        has_list = (self.window_lists(level) >= 0).any(dim=1)
+        return torch.where(has_list, qc, torch.full_like(qc, -1))
+
+
+def _levels(n: int, m: int, L: int) -> tuple[int, ...]:
+    n_blocks = -(-n // m)
+    return tuple(-(-n_blocks // (1 << (l - 1))) for l in range(1, L + 1))
+
+
+@functools.lru_cache(maxsize=256)
+def hierarchy(n: int, block_size: int, rank: int, causal: bool) -> Hierarchy:
+    """The hierarchy for ``n`` tokens (cached: it depends on shapes only)."""
+    if n < 1:
+        raise ValueError(f"multipole attention needs a sequence of at least 1 token, got n={n}")
+    if block_size < 1 or rank < 1 or block_size % rank != 0:
+        raise ValueError(
+            f"block_size={block_size} must be a positive multiple of rank={rank} "
+            "(each fine block is split into `rank` equal sub-windows); "
+            "choose e.g. block_size=64, rank=2"
+        )
+    L = num_levels(n, block_size)
+    windows = _levels(n, block_size, L)
+    offsets, total = [], 0
+    for nw in windows:
+        offsets.append(total)
+        total += nw * rank
+    return Hierarchy(
+        n=n, block_size=block_size, rank=rank, causal=causal,
+        n_blocks=-(-n // block_size), n_levels=L, windows=windows,
+        offsets=tuple(offsets), num_summaries=total,
+    )
+
+
+@dataclass(frozen=True)
+class BlockTables:
+    """Per fine block: the coarse summaries its queries see and their log-weights.
+
+    ``index``: ``(n_blocks, coarse_slots)`` int64 into the concatenated summaries,
+    ``num_summaries`` (the dummy slot) where masked. ``bias``: same shape, float64,
+    ``log(count)`` (weighted) or ``0``; ``-inf`` where masked.
+    """
+
+    index: torch.Tensor
+    bias: torch.Tensor
+
+
+@functools.lru_cache(maxsize=256)
+def _block_tables_cpu(h: Hierarchy, weighted: bool) -> BlockTables:
+    p, S = h.rank, h.slots_per_level
+    index = torch.full((h.n_blocks, h.coarse_slots), h.num_summaries, dtype=torch.long)
+    bias = torch.full((h.n_blocks, h.coarse_slots), -math.inf, dtype=torch.float64)
+    blocks = torch.arange(h.n_blocks)
+    for l in range(1, h.n_levels + 1):
+        c = blocks >> (l - 1)  # window of each block on level l
+        lists = h.window_lists(l)[c]  # (n_blocks, S // p)
+        counts = h.summary_counts(l)  # (windows, p)
+        j = torch.arange(p)
+        win = lists.unsqueeze(-1).expand(-1, -1, p)  # (n_blocks, S//p, p)
+        idx = h.offsets[l - 1] + win * p + j
+        cnt = torch.where(win >= 0, counts[win.clamp(min=0), j], torch.zeros_like(win))
+        ok = cnt > 0
+        sl = slice((l - 1) * S, l * S)
+        index[:, sl] = torch.where(ok, idx, h.num_summaries).view(h.n_blocks, S)
+        w = cnt.double().log() if weighted else torch.zeros_like(cnt, dtype=torch.double)
+        bias[:, sl] = torch.where(ok, w, -math.inf).view(h.n_blocks, S)
+    return BlockTables(index, bias)
+
+
+_device_tables: dict = {}
+
+
+def block_tables(h: Hierarchy, weighted: bool, device: torch.device | str = "cpu") -> BlockTables:
+    """:class:`BlockTables` for ``h`` on ``device`` (cached per device)."""
+    t = _block_tables_cpu(h, weighted)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return t
+    key = (h, weighted, device)
+    if key not in _device_tables:
+        if len(_device_tables) > 256:
+            _device_tables.clear()
+        _device_tables[key] = BlockTables(t.index.to(device), t.bias.to(device))
+    return _device_tables[key]
+
+
+def fine_mask(h: Hierarchy, blocks: torch.Tensor) -> torch.Tensor:
+    """Which fine keys the queries of ``blocks`` see: ``(len(blocks), m, F*m)`` bool.
+
+    Key slot ``f*m + t`` of block ``a`` is the token ``(a + fine_blocks()[f])*m + t``.
+    Keys outside ``[0, n)`` are masked; causal masks keys after the query.
+    """
+    m = h.block_size
+    offs = torch.tensor(h.fine_blocks(), device=blocks.device)
+    key = ((blocks[:, None] + offs) * m)[:, :, None] + torch.arange(m, device=blocks.device)
+    key = key.reshape(len(blocks), 1, -1)  # (nb, 1, F*m)
+    qpos = (blocks * m)[:, None, None] + torch.arange(m, device=blocks.device)[None, :, None]
+    ok = (key >= 0) & (key < h.n)
+    if h.causal:
+        ok = ok & (key <= qpos)
+    return ok.expand(len(blocks), m, -1)

@@ -1,0 +1,51 @@
+"""MultipoleAttention: the attention layer a transformer block uses."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import fma
+from .rope import apply_rope, rope_angles
+from .summaries import build_summaries
+
+
+class MultipoleAttention(nn.Module):
+    """Projections, RoPE, learned summaries and multipole attention.
+
+    ``x`` (B, n, dim) -> (B, n, dim). RoPE rotates queries and keys before the
+    keys are summarised, so summaries carry positions like the keys they stand for.
+    ``positions`` (n,) or (B, n) are global token positions (a sequence-parallel
+    rank passes its slice's); default ``arange(n)``.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *,
+                 block_size: int = 64, rank: int = 2, causal: bool = True, variant: str = "nlogn",
+                 summary: str = "m2m", weighted: bool = True, rope: bool = True,
+                 rope_theta: float = 10000.0, max_seq_len: int | None = None, impl: str = "auto"):
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if dim % n_heads:
+            raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.block_size, self.rank, self.causal, self.variant = block_size, rank, causal, variant
+        self.weighted, self.rope, self.rope_theta, self.impl = weighted, rope, rope_theta, impl
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.summaries = build_summaries(summary, n_kv_heads=n_kv_heads, head_dim=self.head_dim,
+                                         block_size=block_size, rank=rank, max_seq_len=max_seq_len)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        B, n, _ = x.shape
+        q = self.wq(x).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, n, d)
+        k, v = self.wkv(x).view(B, n, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rope:
+            if positions is None:
+                positions = torch.arange(n, device=x.device)
+            cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = fma(q, k, v, block_size=self.block_size, rank=self.rank, causal=self.causal,
+                weighted=self.weighted, impl=self.impl, variant=self.variant, summaries=self.summaries)
+        return self.wo(y.transpose(1, 2).reshape(B, n, -1))

@@ -1,0 +1,200 @@
+"""Key and value summaries of the coarse windows: ``mean``, ``m2m`` and ``conv``.
+
+Every kind is a linear map of the (zero-padded) tokens, computed level by level:
+``z_l`` of shape ``(B, H, windows_l, p, d)``. The summary a query sees is
+``z_l * (w_l/p) / count``, where ``count`` is the number of real tokens behind
+it, so that the averaging maps give the exact mean of the real tokens even in
+a partial last window; summaries with no real token are masked by the
+hierarchy. Keeping the ``z`` linear in the keys is what lets sequence
+parallelism build coarse levels from all-gathered partial summaries.
+
+- ``mean``: parameter-free averages (the reference definition).
+- ``m2m``: bottom-up learned maps, like the FMM's multipole-to-multipole
+  translation: level 1 from the ``m`` tokens of each window (``A: p x m``),
+  level ``l+1`` from the ``2p`` summaries of its two children (``B: p x 2p``),
+  per key/value head. Parameters do not depend on ``n``.
+- ``conv``: the paper's per-level convolution with kernel = stride = window,
+  per channel; parameters grow with the longest sequence it was built for.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hierarchy import Hierarchy, hierarchy, num_levels
+
+SUMMARY_KINDS = ("m2m", "conv", "mean")
+
+
+def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad ``x`` (B, H, n, d) along the sequence to ``length``."""
+    n = x.shape[2]
+    return x if n == length else F.pad(x, (0, 0, 0, length - n))
+
+
+def _pair_children(z: torch.Tensor, windows_up: int) -> torch.Tensor:
+    """(B, H, w, p, d) -> (B, H, windows_up, 2p, d): the two children of each parent."""
+    B, H, w, p, d = z.shape
+    if w < 2 * windows_up:
+        z = F.pad(z, (0, 0, 0, 0, 0, 2 * windows_up - w))
+    return z.reshape(B, H, windows_up, 2 * p, d)
+
+
+def finish(zs: list[torch.Tensor], h: Hierarchy) -> torch.Tensor:
+    """Scale each level's ``z`` to the mean of its real tokens and concatenate.
+
+    ``zs[l-1]``: (B, H, windows_l, p, d). Returns (B, H, num_summaries, d).
+    """
+    if not zs:
+        return zs  # type: ignore[return-value]
+    out = []
+    for l, z in enumerate(zs, start=1):
+        count = h.summary_counts(l).to(z.device)  # (windows, p)
+        nominal = h.window_size(l) // h.rank
+        scale = torch.where(count > 0, nominal / count.clamp(min=1), 0.0).to(z.dtype)
+        out.append((z * scale[:, :, None]).flatten(2, 3))
+    return torch.cat(out, dim=2)
+
+
+class Summaries(nn.Module):
+    """Base class: ``forward(k, v, h) -> (ks, vs)``, each (B, H, num_summaries, d)."""
+
+    def zs(self, x: torch.Tensor, h: Hierarchy, which: int) -> list[torch.Tensor]:
+        """Unscaled per-level summaries of ``x`` (0: keys, 1: values)."""
+        raise NotImplementedError
+
+    def forward(self, k: torch.Tensor, v: torch.Tensor, h: Hierarchy):
+        if h.n_levels == 0:
+            empty = k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[3])
+            return empty, empty
+        return finish(self.zs(k, h, 0), h), finish(self.zs(v, h, 1), h)
+
+
+class MeanSummaries(Summaries):
+    """Parameter-free means of each sub-window."""
+
+    def zs(self, x, h, which):
+        B, H, _, d = x.shape
+        m, p = h.block_size, h.rank
+        xb = _pad_to(x, h.padded_len).view(B, H, h.n_blocks, p, m // p, d)
+        z = xb.mean(dim=4)  # (B, H, n_blocks, p, d): level 1 windows are the fine blocks
+        zs = [z]
+        for nw in h.windows[1:]:
+            z = _pair_children(z, nw).view(B, H, nw, p, 2, d).mean(dim=4)
+            zs.append(z)
+        return zs
+
+
+class M2MSummaries(Summaries):
+    """Bottom-up learned summaries, initialised to averaging (= ``mean``)."""
+
+    def __init__(self, n_heads: int, block_size: int, rank: int):
+        super().__init__()
+        if block_size % rank:
+            raise ValueError(f"block_size={block_size} must be a multiple of rank={rank}")
+        self.block_size, self.rank = block_size, rank
+        # leaf[which, h]: (p, m) tokens -> summaries; up[which, h]: (p, 2p) children -> parent.
+        self.leaf = nn.Parameter(torch.empty(2, n_heads, rank, block_size))
+        self.up = nn.Parameter(torch.empty(2, n_heads, rank, 2 * rank))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        m, p = self.block_size, self.rank
+        self.leaf.copy_(torch.eye(p).repeat_interleave(m // p, dim=1) / (m // p))
+        self.up.copy_(torch.eye(p).repeat_interleave(2, dim=1) / 2)
+
+    def zs(self, x, h, which):
+        B, H, _, d = x.shape
+        if (h.block_size, h.rank) != (self.block_size, self.rank):
+            raise ValueError(
+                f"m2m summaries were built for block_size={self.block_size}, rank={self.rank}; "
+                f"called with block_size={h.block_size}, rank={h.rank}"
+            )
+        xb = _pad_to(x, h.padded_len).view(B, H, h.n_blocks, h.block_size, d)
+        leaf, up = self.leaf[which].to(x.dtype), self.up[which].to(x.dtype)
+        z = torch.einsum("hjt,bhctd->bhcjd", leaf, xb)
+        zs = [z]
+        for nw in h.windows[1:]:
+            z = torch.einsum("hji,bhcid->bhcjd", up, _pair_children(z, nw))
+            zs.append(z)
+        return zs
+
+
+class ConvSummaries(Summaries):
+    """The paper's learned summaries: per level, a per-channel convolution whose
+    kernel and stride are the window, with ``p`` outputs per channel.
+
+    Built for sequences up to ``max_seq_len`` (its parameters grow with it).
+    """
+
+    def __init__(self, head_dim: int, block_size: int, rank: int, max_seq_len: int):
+        super().__init__()
+        self.block_size, self.rank, self.max_seq_len = block_size, rank, max_seq_len
+        self.n_levels = num_levels(max_seq_len, block_size)
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(2, head_dim, rank, block_size << l))
+            for l in range(self.n_levels)
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        p = self.rank
+        for w in self.weights:
+            sub = w.shape[-1] // p
+            w.copy_(torch.eye(p).repeat_interleave(sub, dim=1) / sub)
+
+    def zs(self, x, h, which):
+        B, H, _, d = x.shape
+        if h.n_levels > self.n_levels or (h.block_size, h.rank) != (self.block_size, self.rank):
+            raise ValueError(
+                f"conv summaries were built for sequences up to {self.max_seq_len} tokens "
+                f"(block_size={self.block_size}, rank={self.rank}); got n={h.n} "
+                f"(block_size={h.block_size}, rank={h.rank}). Build the model with a larger "
+                "max_seq_len, or use summary='m2m', which runs at any length"
+            )
+        zs = []
+        for l in range(1, h.n_levels + 1):
+            w, nw = h.window_size(l), h.windows[l - 1]
+            xw = _pad_to(x, nw * w).view(B, H, nw, w, d)
+            zs.append(torch.einsum("bhctd,djt->bhcjd", xw, self.weights[l - 1][which].to(x.dtype)))
+        return zs
+
+
+MEAN = MeanSummaries()
+
+
+def build_summaries(kind: str, *, n_kv_heads: int, head_dim: int, block_size: int,
+                    rank: int, max_seq_len: int | None = None) -> Summaries:
+    """The summary module for ``kind`` in :data:`SUMMARY_KINDS`."""
+    if kind == "mean":
+        return MeanSummaries()
+    if kind == "m2m":
+        return M2MSummaries(n_kv_heads, block_size, rank)
+    if kind == "conv":
+        if not max_seq_len:
+            raise ValueError("summary='conv' needs max_seq_len (its parameters depend on the length)")
+        return ConvSummaries(head_dim, block_size, rank, max_seq_len)
+    raise ValueError(f"unknown summary kind {kind!r}; choose one of {SUMMARY_KINDS}")
+
+
+def window_means(x: torch.Tensor, h: Hierarchy) -> list[torch.Tensor]:
+    """Mean of the real tokens of every window, per coarse level: [(B, H, windows_l, d)].
+
+    Used for the queries of the linear variant (padding never counts).
+    """
+    B, H, _, d = x.shape
+    s = _pad_to(x, h.padded_len).view(B, H, h.n_blocks, h.block_size, d).sum(dim=3)
+    out = []
+    for l, nw in enumerate(h.windows, start=1):
+        if l > 1:
+            s = _pair_children(s.unsqueeze(3), nw).sum(dim=3)
+        count = h.window_counts(l).to(x.device).clamp(min=1).to(x.dtype)
+        out.append(s / count[:, None])
+    return out
+
+
+__all__ = ["SUMMARY_KINDS", "Summaries", "MeanSummaries", "M2MSummaries", "ConvSummaries",
+           "MEAN", "build_summaries", "window_means", "finish", "hierarchy"]

@@ -11,7 +11,7 @@ import math
 import torch
 
 from .blocked import blocked_multipole
-from .hierarchy import Hierarchy, hierarchy
+from .hierarchy import Hierarchy, hierarchy, truncate
 from .reference import dense_attention
 from .summaries import MEAN, SUMMARY_KINDS, Summaries, build_summaries
 
@@ -59,7 +59,8 @@ def _check(q, k, v, block_size, rank, impl, variant):
 
 def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 64, rank: int = 2,
         causal: bool = True, weighted: bool = True, scale: float | None = None, impl: str = "auto",
-        variant: str = "nlogn", summaries: Summaries | None = None) -> torch.Tensor:
+        variant: str = "nlogn", summaries: Summaries | None = None,
+        max_level: int | None = None) -> torch.Tensor:
     """Fast multipole attention.
 
     Args:
@@ -74,6 +75,8 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
             ``"dense"`` (reference, O(n^2) memory: tests and small ``n`` only).
         variant: ``"nlogn"`` (default) or ``"linear"`` (queries summarised on coarse levels).
         summaries: how key/value summaries are formed; parameter-free means by default.
+        max_level: drop the coarse levels above it (``0``: fine level only, i.e. local
+            block attention, a baseline); default all levels.
 
     Returns:
         (batch, heads, n, head_dim), the dtype of ``q``.
@@ -82,6 +85,8 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     n, d = q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     h = hierarchy(n, block_size, rank, causal)
+    if max_level is not None:
+        h = truncate(h, max_level)
     ks, vs = (summaries or MEAN)(k, v, h)
     if impl == "dense":
         return dense_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant)

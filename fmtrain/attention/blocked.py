@@ -13,12 +13,11 @@ variant's coarse term here; sequence parallelism's remote terms later).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from .hierarchy import BlockTables, Hierarchy, block_tables, fine_mask
+from .hierarchy import BlockTables, Hierarchy, block_tables, fine_mask, truncate
 from .summaries import window_means
 
 # Scores per chunk (elements); the backward holds about four tensors this size.
@@ -186,7 +185,7 @@ def block_attention(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bo
     n, N = h.n, h.padded_len
     hh = h
     if fine_only and h.n_levels:
-        hh = replace(h, n_levels=0, windows=(), offsets=(), num_summaries=0)
+        hh = truncate(h, 0)
         ks, vs = ks[:, :, :0], vs[:, :, :0]
     q, k, v = _pad_seq(q, N), _pad_seq(k, N), _pad_seq(v, N)
     out, lse = BlockAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(),

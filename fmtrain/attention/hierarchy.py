@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -169,6 +169,21 @@ def hierarchy(n: int, block_size: int, rank: int, causal: bool) -> Hierarchy:
         n_blocks=-(-n // block_size), n_levels=L, windows=windows,
         offsets=tuple(offsets), num_summaries=total,
     )
+
+
+def truncate(h: Hierarchy, max_level: int) -> Hierarchy:
+    """``h`` without the coarse levels above ``max_level`` (0: fine level only, "local" attention).
+
+    Keys beyond the remaining levels' reach are then not seen at all: an ablation
+    and a baseline, no longer a partition of the sequence.
+    """
+    if max_level < 0:
+        raise ValueError(f"max_level must be >= 0, got {max_level}")
+    if max_level >= h.n_levels:
+        return h
+    windows = h.windows[:max_level]
+    return replace(h, n_levels=max_level, windows=windows, offsets=h.offsets[:max_level],
+                   num_summaries=sum(w * h.rank for w in windows))
 
 
 @dataclass(frozen=True)

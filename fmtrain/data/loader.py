@@ -1,0 +1,313 @@
+"""Packed sequences for training and evaluation, sharded over DP and SP ranks, resumable.
+
+Packing. Each epoch, the documents (each ending in EOS) are put in an order
+drawn from (seed, epoch) and read as one stream; sequence j of the epoch is the
+stream's tokens [j*L, (j+1)*L) (plus one more token for the causal targets).
+Every token of the epoch's stream is in exactly one sequence, in order; the
+last < L tokens of each epoch are dropped (different ones each epoch). The
+order of the sequences is shuffled too, from (seed, epoch).
+
+Sharding. The loader walks one infinite stream of sequences; a step takes
+the next `batch_size * dp_size` of them and data-parallel rank r takes rows
+[r*B, (r+1)*B). Sequence-parallel ranks of one DP rank read the same
+sequences, and rank s keeps only columns [s*C, (s+1)*C), C = L / sp_size,
+with their global positions. The state is the number of sequences consumed,
+so a resume continues at the exact next sequence.
+
+A batch is a dict of int64 tensors, each (B, C):
+    input_ids      tokens (MLM: corrupted, see masking.py)
+    targets        causal: next tokens; MLM: original ids at chosen positions; -100: no loss
+    positions      global positions in the packed sequence: s*C + [0, C)
+    doc_positions  position of each token inside its document (its EOS included)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from fmtrain.data.corpus import Corpus
+from fmtrain.data.masking import IGNORE_INDEX, mask_tokens, replacement_ids
+from fmtrain.data.tokenizer import Tokenizer, load_tokenizer
+from fmtrain.data.tokens import TokenData, cached_tokens
+
+OBJECTIVES = ("causal", "mlm")
+STATE_VERSION = 1
+
+
+class _Stream:
+    """The documents of `data` read in `order` as one stream of tokens."""
+
+    def __init__(self, data: TokenData, order: np.ndarray | None):
+        self.data = data
+        lengths = np.diff(data.offsets)
+        self.order = np.arange(data.n_docs) if order is None else order
+        # starts[i]: where the i-th document of the order begins in the stream.
+        self.starts = np.concatenate([[0], np.cumsum(lengths[self.order])]).astype(np.int64)
+        self.length = int(self.starts[-1])
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, doc_positions) of stream [start, stop), both (stop - start,) int64; past the end: -1."""
+        pos = np.arange(start, min(stop, self.length), dtype=np.int64)       # (n,)
+        slot = np.searchsorted(self.starts, pos, side="right") - 1            # which document
+        in_doc = pos - self.starts[slot]                                      # (n,)
+        src = self.data.offsets[self.order[slot]] + in_doc                    # index into tokens
+        tokens = np.full(stop - start, -1, dtype=np.int64)
+        doc_pos = np.zeros(stop - start, dtype=np.int64)
+        if len(pos):
+            tokens[:len(pos)] = _gather(self.data.tokens, src)
+            doc_pos[:len(pos)] = in_doc
+        return tokens, doc_pos
+
+
+def _gather(tokens: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """tokens[src] as int64, reading contiguous runs as slices (fast on a memory map)."""
+    breaks = np.flatnonzero(np.diff(src) != 1) + 1
+    runs = np.split(src, breaks)
+    return np.concatenate([tokens[r[0]:r[-1] + 1] for r in runs]).astype(np.int64)
+
+
+class _Sequences:
+    """Turns sequence numbers into batch rows: reads, shifts or masks, slices for SP."""
+
+    def __init__(self, seq_len: int, sp_rank: int, sp_size: int, objective: str, seed: int,
+                 pad_id: int, mask_id: int | None, vocab_size: int | None, special_ids: list[int],
+                 mask_prob: float = 0.15):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if seq_len <= 0 or seq_len % sp_size:
+            raise ValueError(f"seq_len={seq_len} must be positive and divisible by sp_size={sp_size}")
+        if not 0 <= sp_rank < sp_size:
+            raise ValueError(f"sp_rank={sp_rank} is not in [0, sp_size={sp_size})")
+        if objective == "mlm":
+            if mask_id is None or vocab_size is None:
+                raise ValueError("the mlm objective needs mask_id and vocab_size (the tokenizer's)")
+            self.replacements = replacement_ids(vocab_size, special_ids)
+        self.seq_len, self.sp_rank, self.sp_size = seq_len, sp_rank, sp_size
+        self.chunk = seq_len // sp_size
+        self.objective, self.seed, self.pad_id, self.mask_id = objective, seed, pad_id, mask_id
+        self.special_ids, self.mask_prob = special_ids, mask_prob
+        # Causal sequences read one token more: the last target.
+        self.extra = 1 if objective == "causal" else 0
+
+    def row(self, stream: _Stream, start: int, index: int) -> dict[str, torch.Tensor]:
+        """This rank's slice of the sequence beginning at stream offset `start`; `index` seeds masking."""
+        lo = self.sp_rank * self.chunk
+        tokens, doc_pos = stream.read(start + lo, start + lo + self.chunk + self.extra)
+        tokens, doc_pos = torch.from_numpy(tokens), torch.from_numpy(doc_pos)
+        valid = tokens >= 0                                  # False past the end (eval padding)
+        if self.objective == "causal":
+            inputs = tokens[:-1]
+            targets = tokens[1:].clone()
+            targets[~valid[1:]] = IGNORE_INDEX
+            doc_pos = doc_pos[:-1]
+        else:
+            inputs, targets = mask_tokens(
+                tokens.clamp(min=0), seed=self.seed, index=index, mask_id=self.mask_id,
+                replacements=self.replacements, special_ids=self.special_ids,
+                seq_len=self.seq_len, offset=lo, mask_prob=self.mask_prob)
+            targets[~valid] = IGNORE_INDEX
+        inputs = torch.where(valid[:len(inputs)], inputs, torch.full_like(inputs, self.pad_id))
+        positions = torch.arange(lo, lo + self.chunk, dtype=torch.int64)
+        return dict(input_ids=inputs, targets=targets, positions=positions, doc_positions=doc_pos)
+
+
+def _stack(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _check_ranks(dp_rank: int, dp_size: int, batch_size: int) -> None:
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
+class PackedLoader:
+    """Infinite training batches of packed sequences for one (DP rank, SP rank).
+
+    Args:
+        tokens: the tokenised training split (`TokenData`).
+        seq_len: tokens per (whole) sequence, L.
+        batch_size: sequences per step on this data-parallel rank, B.
+        seed: the order of documents and sequences, and the masking, derive from it.
+        dp_rank, dp_size: this rank's place among data-parallel ranks.
+        sp_rank, sp_size: this rank's place in its sequence-parallel group.
+        objective: "causal" or "mlm".
+        bos_id ... unk_id: the tokenizer's special ids (`**tokenizer.special_ids`);
+            specials are never masked nor drawn as random replacements.
+        vocab_size: the tokenizer's (MLM random replacements).
+        mask_prob: share of tokens the MLM corrupts.
+    """
+
+    def __init__(self, tokens: TokenData, seq_len: int, batch_size: int, seed: int, dp_rank: int,
+                 dp_size: int, sp_rank: int = 0, sp_size: int = 1, objective: str = "causal", *,
+                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
+                 mask_id: int | None = None, unk_id: int | None = None, vocab_size: int | None = None,
+                 mask_prob: float = 0.15):
+        _check_ranks(dp_rank, dp_size, batch_size)
+        specials = [i for i in (bos_id, eos_id, pad_id, mask_id, unk_id) if i is not None]
+        self.seqs = _Sequences(seq_len, sp_rank, sp_size, objective, seed,
+                               pad_id if pad_id is not None else 0, mask_id, vocab_size, specials, mask_prob)
+        self.data, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.dp_rank, self.dp_size, self.objective = dp_rank, dp_size, objective
+        need = seq_len + self.seqs.extra
+        if tokens.n_tokens < need:
+            raise ValueError(
+                f"the training data has {tokens.n_tokens} tokens, fewer than one sequence of "
+                f"seq_len={seq_len}{' plus the last target' if self.seqs.extra else ''} ({need}); "
+                f"use a larger corpus or a smaller seq_len")
+        self.sequences_per_epoch = (tokens.n_tokens - self.seqs.extra) // seq_len
+        self.consumed = 0  # sequences taken by all DP ranks together
+        self._layouts: dict[int, tuple[_Stream, np.ndarray]] = {}
+
+    def _layout(self, epoch: int) -> tuple[_Stream, np.ndarray]:
+        """(the epoch's document stream, its sequence order), drawn from (seed, epoch)."""
+        if epoch not in self._layouts:
+            rng = np.random.default_rng([self.seed, epoch])
+            stream = _Stream(self.data, rng.permutation(self.data.n_docs))
+            order = rng.permutation(self.sequences_per_epoch)
+            self._layouts = {e: v for e, v in self._layouts.items() if e >= epoch - 1}
+            self._layouts[epoch] = (stream, order)
+        return self._layouts[epoch]
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed // self.sequences_per_epoch
+
+    def sequence(self, k: int) -> dict[str, torch.Tensor]:
+        """This rank's slice of the k-th sequence of the infinite stream (one row, no batch dim)."""
+        epoch, j = divmod(k, self.sequences_per_epoch)
+        stream, order = self._layout(epoch)
+        return self.seqs.row(stream, int(order[j]) * self.seq_len, index=k)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next step's batch for this rank: dict of (B, C) int64 tensors."""
+        first = self.consumed + self.dp_rank * self.batch_size
+        batch = _stack([self.sequence(first + b) for b in range(self.batch_size)])
+        self.consumed += self.batch_size * self.dp_size
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands (the same on every rank) plus what it must be resumed with."""
+        return dict(version=STATE_VERSION, consumed=self.consumed, seed=self.seed, seq_len=self.seq_len,
+                    objective=self.objective, batch_size=self.batch_size, dp_size=self.dp_size,
+                    n_tokens=self.data.n_tokens, n_docs=self.data.n_docs)
+
+    def load_state_dict(self, state: dict[str, Any], allow_resplit: bool = False) -> None:
+        """Continue at the exact next sequence of a saved run.
+
+        A different data-parallel size or per-rank batch size changes which rank
+        reads which sequence; it is refused unless `allow_resplit` (the stream
+        then continues at the same sequence, split the new way).
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"cannot resume the data loader from state version {state.get('version')!r}")
+        for key in ("seed", "seq_len", "objective"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"cannot resume the data loader: saved {key}={state.get(key)!r}, "
+                                 f"now {getattr(self, key)!r}")
+        if (state["n_tokens"], state["n_docs"]) != (self.data.n_tokens, self.data.n_docs):
+            raise ValueError(
+                f"cannot resume the data loader: it was saved on data of {state['n_tokens']} tokens in "
+                f"{state['n_docs']} documents, now {self.data.n_tokens} in {self.data.n_docs} "
+                f"(a different corpus or tokenizer)")
+        resplit = (state["dp_size"], state["batch_size"]) != (self.dp_size, self.batch_size)
+        if resplit and not allow_resplit:
+            raise ValueError(
+                f"cannot resume the data loader: saved with dp_size={state['dp_size']}, "
+                f"batch_size={state['batch_size']}, now dp_size={self.dp_size}, batch_size={self.batch_size}; "
+                f"pass allow_resplit=True (config: data.allow_resplit = true) to continue at the same "
+                f"sequence split over the new ranks")
+        self.consumed = int(state["consumed"])
+
+
+class EvalLoader:
+    """A fixed, finite pass over held-out data, the same every time it is iterated.
+
+    The documents are read in their stored order and cut into consecutive
+    sequences; the last one is padded (input PAD, target -100), and so are whole
+    rows that fill the last global batch, so every DP rank yields the same
+    number of batches and every held-out token is scored once. Arguments as for
+    `PackedLoader`; `max_batches` caps the pass.
+    """
+
+    def __init__(self, tokens: TokenData, seq_len: int, batch_size: int, seed: int, dp_rank: int,
+                 dp_size: int, sp_rank: int = 0, sp_size: int = 1, objective: str = "causal", *,
+                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
+                 mask_id: int | None = None, unk_id: int | None = None, vocab_size: int | None = None,
+                 max_batches: int | None = None):
+        _check_ranks(dp_rank, dp_size, batch_size)
+        specials = [i for i in (bos_id, eos_id, pad_id, mask_id, unk_id) if i is not None]
+        self.seqs = _Sequences(seq_len, sp_rank, sp_size, objective, seed,
+                               pad_id if pad_id is not None else 0, mask_id, vocab_size, specials)
+        self.stream = _Stream(tokens, None)
+        self.seq_len, self.batch_size, self.dp_rank, self.dp_size = seq_len, batch_size, dp_rank, dp_size
+        # Causal: the last token has no target, so a stream of T tokens has T - 1 to score.
+        scored = max(self.stream.length - self.seqs.extra, 0)
+        self.n_sequences = math.ceil(scored / seq_len)
+        n = math.ceil(self.n_sequences / (batch_size * dp_size))
+        self.n_batches = n if max_batches is None else min(n, max_batches)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for step in range(self.n_batches):
+            first = (step * self.dp_size + self.dp_rank) * self.batch_size
+            rows = []
+            for k in range(first, first + self.batch_size):
+                # Rows past the last sequence read past the stream's end: all padding.
+                start = k * self.seq_len if k < self.n_sequences else self.stream.length
+                rows.append(self.seqs.row(self.stream, start, index=k))
+            yield _stack(rows)
+
+
+# ------------------------------------------------------------------ the standard pair
+
+@dataclass
+class DataLoaders:
+    """What `build_loaders` returns."""
+
+    train: PackedLoader
+    val: EvalLoader | None   # None when the corpus holds nothing out
+    tokenizer: Tokenizer
+    cache: Path              # the token cache entry used
+
+
+def build_loaders(corpus: Corpus | str | list | dict, tokenizer: Tokenizer | str | Path, cache_dir: str | Path,
+                  *, seq_len: int, batch_size: int, seed: int = 0, dp_rank: int = 0, dp_size: int = 1,
+                  sp_rank: int = 0, sp_size: int = 1, objective: str = "causal",
+                  vocab_size: int | None = None, eval_batch_size: int | None = None,
+                  eval_max_batches: int | None = None, progress: bool = True) -> DataLoaders:
+    """The training loader and the held-out evaluation loader for one rank.
+
+    Tokenises the corpus into `cache_dir` on first use (rank 0 builds, others
+    wait), then memory-maps it. `vocab_size` is the model config's: a tokenizer
+    of another size is refused, as is one without MASK for the mlm objective.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = load_tokenizer(tokenizer, vocab_size=vocab_size, need_mask=objective == "mlm")
+    else:
+        load_tokenizer(tokenizer.path, vocab_size=vocab_size, need_mask=objective == "mlm")
+    folder, data = cached_tokens(corpus, tokenizer, cache_dir, progress=progress)
+    common = dict(seq_len=seq_len, seed=seed, dp_rank=dp_rank, dp_size=dp_size, sp_rank=sp_rank,
+                  sp_size=sp_size, objective=objective, vocab_size=tokenizer.vocab_size,
+                  **tokenizer.special_ids)
+    train = PackedLoader(data["train"], batch_size=batch_size, **common)
+    val = None
+    if data["validation"].n_tokens > 0:
+        val = EvalLoader(data["validation"], batch_size=eval_batch_size or batch_size,
+                         max_batches=eval_max_batches, **common)
+    return DataLoaders(train=train, val=val, tokenizer=tokenizer, cache=folder)

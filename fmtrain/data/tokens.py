@@ -1,0 +1,305 @@
+"""Pre-tokenised corpora: one memory-mapped token file per split plus a document index.
+
+Layout of a cache entry, ``<cache_dir>/<key>/`` with `key` a hash of the corpus,
+the tokenizer model and this format's version:
+
+    train.bin        (n_tokens,) uint16 (vocabulary <= 65536) or uint32: every
+                     document's tokens followed by EOS, documents back to back
+    train.idx.npy    (n_docs + 1,) int64 offsets: document d is bin[idx[d]:idx[d+1]]
+    validation.bin, validation.idx.npy   the same for the held-out documents
+    meta.json        counts, dtype, corpus and tokenizer; written last
+
+An entry is built in a temporary folder and renamed into place, so a reader
+never sees a half-written one. Under torch.distributed, rank 0 builds while the
+others wait at a barrier; if a node still does not see the entry afterwards (a
+node-local cache dir), that node's local rank 0 builds its own copy. For corpora
+whose build takes longer than the process-group timeout, build beforehand:
+``python -m fmtrain.data.tokens --cache-dir DIR --tokenizer MODEL [corpus options]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from fmtrain.data.corpus import SPLITS, Corpus, CorpusError
+from fmtrain.data.tokenizer import Tokenizer, load_tokenizer
+
+FORMAT_VERSION = 1
+_BATCH_CHARS = 16_000_000  # text handed to the tokenizer's threads at once
+_PROGRESS_SECONDS = 10.0
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every id."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """A tokenised split: the token stream and where each document starts.
+
+    Attributes:
+        tokens: (n_tokens,) uint16/uint32, documents back to back, each ending in EOS.
+        offsets: (n_docs + 1,) int64, document d is tokens[offsets[d]:offsets[d+1]].
+    """
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets[0] != 0:
+            raise ValueError("offsets must be 1-D and start at 0")
+        if self.offsets[-1] != len(self.tokens):
+            raise ValueError(f"offsets end at {self.offsets[-1]} but there are {len(self.tokens)} tokens")
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    def document(self, d: int) -> np.ndarray:
+        return self.tokens[self.offsets[d]:self.offsets[d + 1]]
+
+    @classmethod
+    def from_documents(cls, docs: Iterable[Sequence[int]], eos_id: int, vocab_size: int = 1 << 16) -> "TokenData":
+        """In memory, from documents of token ids (EOS appended to each)."""
+        dtype = token_dtype(vocab_size)
+        arrays = [np.append(np.asarray(d, dtype=dtype), np.array([eos_id], dtype=dtype)) for d in docs]
+        lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+        return cls(tokens, offsets)
+
+    @classmethod
+    def open(cls, folder: str | Path, split: str) -> "TokenData":
+        """Memory-map one split of a built cache entry."""
+        folder = Path(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        offsets = np.load(folder / f"{split}.idx.npy")
+        n = int(offsets[-1])
+        # np.memmap refuses empty files; an empty split is an empty array.
+        tokens = (np.memmap(folder / f"{split}.bin", dtype=dtype, mode="r", shape=(n,))
+                  if n else np.zeros(0, dtype=dtype))
+        return cls(tokens, offsets)
+
+
+# ------------------------------------------------------------------ building
+
+def cache_key(corpus: Corpus, tokenizer: Tokenizer) -> str:
+    """Hash of the corpus (settings and files), the tokenizer model's bytes and the format version."""
+    h = hashlib.sha256()
+    h.update(f"fmtrain-tokens-v{FORMAT_VERSION}\n".encode())
+    h.update(corpus.fingerprint().encode())
+    h.update(hashlib.sha256(Path(tokenizer.path).read_bytes()).digest())
+    return h.hexdigest()[:20]
+
+
+class _SplitWriter:
+    """Appends documents to `<split>.bin` and remembers their offsets."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype):
+        self.folder, self.split, self.dtype = folder, split, dtype
+        self.file = open(folder / f"{split}.bin", "wb")
+        self.offsets = [0]
+
+    def add(self, ids: list[int], eos_id: int) -> None:
+        arr = np.empty(len(ids) + 1, dtype=self.dtype)
+        arr[:-1] = ids
+        arr[-1] = eos_id
+        arr.tofile(self.file)
+        self.offsets.append(self.offsets[-1] + len(arr))
+
+    def close(self) -> dict:
+        self.file.close()
+        np.save(self.folder / f"{self.split}.idx.npy", np.asarray(self.offsets, dtype=np.int64))
+        return dict(n_docs=len(self.offsets) - 1, n_tokens=self.offsets[-1])
+
+
+class _Progress:
+    """Prints a line every few seconds while tokenising (to stderr, one line each: log-friendly)."""
+
+    def __init__(self, label: str, total_bytes: int | None, enabled: bool):
+        self.label, self.total, self.enabled = label, total_bytes, enabled
+        self.start = self.last = time.time()
+        self.bytes = self.docs = self.tokens = 0
+
+    def update(self, n_bytes: int, n_docs: int, n_tokens: int, final: bool = False) -> None:
+        self.bytes += n_bytes
+        self.docs += n_docs
+        self.tokens += n_tokens
+        now = time.time()
+        if self.enabled and (final or now - self.last >= _PROGRESS_SECONDS):
+            self.last = now
+            rate = self.bytes / max(now - self.start, 1e-9) / 1e6
+            share = f" of ~{self.total / 1e6:.1f}" if self.total else ""
+            print(f"[fmtrain.data] {'tokenised' if final else 'tokenising'} {self.label}: "
+                  f"{self.bytes / 1e6:.1f}{share} MB, {self.docs} docs, {self.tokens / 1e6:.2f}M tokens, "
+                  f"{rate:.1f} MB/s, {now - self.start:.0f} s", file=sys.stderr, flush=True)
+
+
+def build_tokens(corpus: Corpus, tokenizer: Tokenizer, folder: str | Path, *, progress: bool = True,
+                 num_threads: int | None = None) -> dict:
+    """Tokenise every document of `corpus` into `folder` (created); returns the metadata.
+
+    Documents are encoded in batches of about 16 MB of text, in parallel, and
+    appended to the split's file, so memory stays flat however large the corpus.
+    """
+    if tokenizer.eos_id is None:
+        raise ValueError(f"tokenizer {tokenizer.path} has no EOS piece, which separates documents")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {s: _SplitWriter(folder, s, dtype) for s in SPLITS}
+    label = corpus.name if corpus.source == "hub" else corpus.source
+    bar = _Progress(label, corpus.size_hint(), progress)
+
+    def flush(batch: list[tuple[str, str]]) -> None:
+        encoded = tokenizer.encode_batch([t for _, t in batch], num_threads=num_threads)
+        for (split, _), ids in zip(batch, encoded):
+            writers[split].add(ids, tokenizer.eos_id)
+        bar.update(sum(len(t.encode("utf-8", errors="surrogatepass")) for _, t in batch),
+                   len(batch), sum(len(ids) + 1 for ids in encoded))
+
+    batch: list[tuple[str, str]] = []
+    chars = 0
+    for split, text in corpus.documents():
+        batch.append((split, text))
+        chars += len(text)
+        if chars >= _BATCH_CHARS:
+            flush(batch)
+            batch, chars = [], 0
+    if batch:
+        flush(batch)
+    counts = {s: w.close() for s, w in writers.items()}
+    bar.update(0, 0, 0, final=True)
+    if counts["train"]["n_tokens"] == 0:
+        raise CorpusError(f"corpus {corpus.describe()} has no training text "
+                          f"({counts['validation']['n_docs']} documents held out, none left to train on)")
+    meta = dict(format_version=FORMAT_VERSION, dtype=dtype.name, vocab_size=tokenizer.vocab_size,
+                eos_id=tokenizer.eos_id, tokenizer=str(tokenizer.path), corpus=corpus.describe(),
+                splits=counts, text_bytes=bar.bytes, seconds=round(time.time() - bar.start, 1))
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _build_into_place(corpus: Corpus, tokenizer: Tokenizer, target: Path, progress: bool) -> None:
+    """Build in a temporary sibling folder, then rename it to `target` (atomic; first one wins)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        build_tokens(corpus, tokenizer, tmp, progress=progress)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _complete(target):  # not someone else's finished copy: a real failure
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "meta.json").is_file()
+
+
+def cached_tokens(corpus: Corpus | str, tokenizer: Tokenizer | str | Path, cache_dir: str | Path, *,
+                  progress: bool = True, rebuild: bool = False) -> tuple[Path, dict[str, TokenData]]:
+    """The tokenised corpus, built once and reused: (entry folder, {"train": ..., "validation": ...}).
+
+    Safe to call from every rank at once: under torch.distributed rank 0 builds
+    and the others wait at a barrier (see the module docstring).
+    """
+    corpus = Corpus.parse(corpus)
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = load_tokenizer(tokenizer)
+    folder = Path(cache_dir) / cache_key(corpus, tokenizer)
+    if rebuild and _rank() == 0 and folder.exists():
+        shutil.rmtree(folder)
+    _build_once(lambda: _build_into_place(corpus, tokenizer, folder, progress), lambda: _complete(folder))
+    return folder, {s: TokenData.open(folder, s) for s in SPLITS}
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _build_once(build: Callable[[], None], exists: Callable[[], bool]) -> None:
+    """Run `build` on rank 0 (then on each node's local rank 0 that still lacks it), the rest waiting."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        if not exists():
+            build()
+        return
+    error: BaseException | None = None
+    if dist.get_rank() == 0 and not exists():
+        try:
+            build()
+        except BaseException as err:  # still reach the barrier, or the other ranks would hang
+            error = err
+    if _any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise RuntimeError("rank 0 failed to build the token cache (see its log)")
+    # A node-local cache dir: nodes other than rank 0's build their own copy.
+    missing = not exists()
+    if _any_rank(missing):
+        if missing and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            build()
+        dist.barrier()
+    if not exists():
+        raise RuntimeError("the token cache is still missing on this rank after building; "
+                           "is LOCAL_RANK set correctly?")
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any (an all-reduce, which is also a barrier)."""
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ------------------------------------------------------------------ command line
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fmtrain.data.corpus import add_corpus_arguments, corpus_from_arguments
+
+    p = argparse.ArgumentParser(prog="python -m fmtrain.data.tokens",
+                                description="Tokenise a corpus into the cache ahead of training.")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer's .model file")
+    p.add_argument("--cache-dir", required=True, help="the data cache folder the training run will use")
+    p.add_argument("--rebuild", action="store_true", help="discard an existing entry and build again")
+    add_corpus_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        folder, data = cached_tokens(corpus_from_arguments(args), args.tokenizer, args.cache_dir,
+                                     rebuild=args.rebuild)
+    except (ValueError, OSError) as err:  # bad input: one clear line, not a traceback
+        p.exit(2, f"{p.prog}: error: {err}\n")
+    for split, d in data.items():
+        print(f"{split}: {d.n_docs} documents, {d.n_tokens} tokens")
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

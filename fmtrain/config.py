@@ -1,0 +1,611 @@
+"""Run configuration: typed sections, TOML files, dotted overrides, validation.
+
+One TOML file describes one run; every table is a section below and every key a
+field. Fields document themselves through ``field(metadata={"help": ...})`` (see
+:func:`option`), which is what ``python -m fmtrain.train --help`` lists.
+
+    cfg = load_config("configs/tiny-gpt.toml", ["--train.steps=50", "--model.attention=sdpa"])
+    save_config(cfg, cfg.run.dir)             # writes <run.dir>/config.toml
+    assert load_config(Path(cfg.run.dir) / "config.toml") == cfg
+
+Everything is checked on load and every problem is reported at once, each with
+what to change: unknown names (with a did-you-mean), wrong types, out-of-range
+values and inconsistent combinations. Checks that need the runtime (the world
+size) are in :meth:`Config.check_world`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+CONFIG_FILE = "config.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message says what to change."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
+           min: float | None = None, max: float | None = None, factory: Any = None):
+    """A documented field: ``help`` is shown by ``--help``; ``choices``/``min``/``max``
+    are checked on load (bounds inclusive)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class RunConfig:
+    dir: str = option("", "Run directory: resolved config, checkpoints, tb/ and metrics.jsonl go here. "
+                          "Required; e.g. 'runs/tiny-gpt'. A restart with the same dir resumes.")
+    name: str = option("", "Run name in logs; default: the last component of run.dir.")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = option("causal", "'causal' (GPT-style next-token LM) or 'mlm' (BERT-style masked LM).",
+                       choices=("causal", "mlm"))
+    vocab_size: int = option(32768, "Vocabulary size; the tokenizer is trained/checked against it.", min=2)
+    dim: int = option(768, "Model width.", min=1)
+    n_layers: int = option(12, "Number of transformer blocks.", min=1)
+    n_heads: int = option(12, "Query heads; must divide model.dim.", min=1)
+    n_kv_heads: int | None = option(None, "Key/value heads (grouped-query attention); must divide "
+                                          "model.n_heads. Default: model.n_heads.", min=1)
+    mlp_hidden: int | None = option(None, "SwiGLU hidden width. Default: 8/3 * dim rounded up to "
+                                          "model.mlp_multiple.", min=1)
+    mlp_multiple: int = option(64, "The default mlp_hidden is rounded up to a multiple of this.", min=1)
+    tie_embeddings: bool = option(True, "Share the input embedding and output projection weights.")
+    attention: str = option("fma", "'fma' (multipole attention), 'sdpa' (full attention, baseline) or "
+                                   "'local' (fine level of fma only, baseline).",
+                            choices=("fma", "sdpa", "local"))
+    block_size: int = option(64, "Multipole fine block size m (fma, local).", min=1)
+    rank: int = option(2, "Multipole summaries per coarse window p; must divide block_size.", min=1)
+    variant: str = option("nlogn", "Multipole variant: 'nlogn' or 'linear' (queries summarised too).",
+                          choices=("nlogn", "linear"))
+    summary: str = option("m2m", "How coarse key/value summaries are formed: 'm2m' (learned, any "
+                                 "length), 'conv' (the paper's, tied to max_seq_len) or 'mean'.",
+                          choices=("m2m", "conv", "mean"))
+    weighted: bool = option(True, "Add log(tokens behind a summary) to its attention score.")
+    impl: str = option("auto", "Multipole implementation: 'auto', 'torch' or 'dense' (tests only).",
+                       choices=("auto", "torch", "dense"))
+    rope_theta: float = option(10000.0, "RoPE base; raise it (e.g. 500000) for very long contexts.",
+                               min=1.0)
+    max_seq_len: int | None = option(None, "Longest sequence summary='conv' is built for (its "
+                                           "parameters grow with it); unused otherwise.", min=1)
+    norm_eps: float = option(1e-5, "RMSNorm epsilon.", min=0.0)
+    init_std: float = option(0.02, "Std of the normal weight init; residual projections get "
+                                   "init_std / sqrt(2 * n_layers).", min=0.0)
+    activation_checkpointing: bool = option(False, "Recompute each block in the backward "
+                                                   "(memory for long sequences, ~1/3 more compute).")
+    loss_chunk: int = option(4096, "Tokens per chunk of the output projection + loss; seq_len x vocab "
+                                   "logits are never formed at once.", min=1)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        """SwiGLU hidden width."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        want = 8 * self.dim // 3
+        return -(-want // self.mlp_multiple) * self.mlp_multiple
+
+
+@dataclass
+class DataConfig:
+    corpus: list[str] = option(help="Training text: 'stdlib' (this Python's standard library "
+                                    "sources, always available offline), paths or globs of "
+                                    ".txt/.jsonl/.parquet files, or 'hf:NAME' Hugging Face datasets.",
+                               factory=lambda: ["stdlib"])
+    text_field: str = option("text", "Field holding the text in .jsonl/.parquet/hub records.")
+    tokenizer: str = option("", "SentencePiece model file. Default: trained on the corpus with "
+                                "model.vocab_size pieces and cached in data.cache_dir.")
+    cache_dir: str = option(".cache/fmtrain", "Tokenizers and pre-tokenised shards are cached here "
+                                              "(shared between runs).")
+    seq_len: int = option(2048, "Tokens per sequence (global: sequence parallelism splits it).", min=2)
+    batch_size: int = option(1, "Sequences per data-parallel rank per micro-step.", min=1)
+    eval_fraction: float = option(0.01, "Fraction of the corpus held out for evaluation.",
+                                  min=0.0, max=0.5)
+    mask_prob: float = option(0.15, "MLM: fraction of tokens selected for prediction (BERT's 80/10/10 "
+                                    "corruption).", min=0.0, max=1.0)
+    num_workers: int = option(0, "DataLoader worker processes (0: load in the training process).",
+                              min=0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = option(1000, "Optimizer steps in the run.", min=1)
+    seed: int = option(0, "Seed of every RNG (model init, data order, masking).", min=0)
+    lr: float = option(3e-4, "Peak learning rate (AdamW).", min=0.0)
+    min_lr: float = option(3e-5, "Learning rate at the end of the cosine decay.", min=0.0)
+    warmup_steps: int = option(100, "Linear warmup steps.", min=0)
+    weight_decay: float = option(0.1, "AdamW weight decay (not applied to norms and biases).", min=0.0)
+    betas: list[float] = option(help="AdamW betas [beta1, beta2].", factory=lambda: [0.9, 0.95])
+    eps: float = option(1e-8, "AdamW epsilon.", min=0.0)
+    grad_clip: float = option(1.0, "Clip the global gradient norm to this (0: no clipping).", min=0.0)
+    grad_accum: int = option(1, "Micro-steps per optimizer step.", min=1)
+    dtype: str = option("auto", "'fp32', 'bf16', or 'auto' (bf16 on GPU, fp32 on CPU).",
+                        choices=("auto", "fp32", "bf16"))
+    log_interval: int = option(10, "Steps between metric lines.", min=1)
+    eval_interval: int = option(200, "Steps between evaluations (0: only at the end).", min=0)
+    eval_batches: int = option(8, "Batches per evaluation.", min=1)
+    max_minutes: float | None = option(None, "Stop (with a checkpoint) after this many minutes of "
+                                             "training.", min=0.0)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = option(1000, "Steps between checkpoints (a final one is always written).", min=1)
+    keep: int = option(3, "Newest checkpoints kept; older ones are deleted.", min=1)
+    dir: str = option("", "Checkpoint directory. Default: <run.dir>/checkpoints.")
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = option(0, "DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), "
+                                "2 (+ gradients) or 3 (+ parameters) partitioned.", min=0, max=3)
+    sequence: int = option(1, "Sequence-parallel group size: ranks that split one sequence; must "
+                              "divide the world size.", min=1)
+    backend: str = option("auto", "torch.distributed backend: 'auto' (nccl on GPU, gloo on CPU), "
+                                  "'gloo' or 'nccl'.", choices=("auto", "gloo", "nccl"))
+    deepspeed: dict[str, Any] = option(help="Extra DeepSpeed config keys, merged into the generated "
+                                            "JSON (e.g. [parallel.deepspeed.zero_optimization] "
+                                            "overlap_comm = true).", factory=dict)
+
+
+# Keys of the DeepSpeed JSON that fmtrain derives from its own fields.
+_DERIVED_DS_KEYS = {
+    "train_batch_size": "data.batch_size and train.grad_accum",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "the [train] section (lr, betas, eps, weight_decay)",
+    "scheduler": "train.lr, train.min_lr and train.warmup_steps",
+    "bf16": "train.dtype",
+    "fp16": "train.dtype (fmtrain supports fp32 and bf16)",
+}
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def name(self) -> str:
+        return self.run.name or Path(self.run.dir).name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run.dir) / "checkpoints"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def check_world(self, world_size: int) -> None:
+        """Checks that need the number of processes; raises :class:`ConfigError`."""
+        sp = self.parallel.sequence
+        if world_size % sp:
+            raise ConfigError(
+                f"parallel.sequence={sp} does not divide the world size {world_size}: sequence-parallel "
+                f"groups must tile the ranks. Use a divisor of {world_size} (e.g. "
+                f"--parallel.sequence={math.gcd(sp, world_size)}) or launch a multiple of {sp} processes.")
+
+
+# Section name -> dataclass (annotations are strings under `from __future__ import annotations`).
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+# --------------------------------------------------------------------------- types
+def _hints(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    """(inner type, is_optional) for ``X | None``."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _type_name(tp) -> str:
+    inner, opt = _unwrap_optional(tp)
+    origin = typing.get_origin(inner)
+    if origin is list:
+        name = f"list of {typing.get_args(inner)[0].__name__}"
+    elif origin is dict:
+        name = "table"
+    else:
+        name = inner.__name__
+    return f"{name} or none" if opt else name
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check a TOML value against field type ``tp``; ints are accepted for floats."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: none is not allowed; give a {_type_name(tp)}")
+    origin = typing.get_origin(inner)
+    if origin is list:
+        (elem,) = typing.get_args(inner)
+        if not isinstance(value, list):
+            if elem is str and isinstance(value, str):
+                return [value]  # a single string where a list of strings is expected
+            raise ConfigError(f"{where}: expected a {_type_name(tp)}, got {value!r}; e.g. [0.9, 0.95]")
+        return [_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table (e.g. [{where}] in TOML), got {value!r}")
+        return value
+    if inner is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if inner is bool and not isinstance(value, bool) or \
+            inner is not bool and (not isinstance(value, inner) or isinstance(value, bool)):
+        hint = ' (quote strings in TOML: key = "value")' if inner is str else \
+            f" (write it without quotes: {value})" if isinstance(value, str) and inner in (int, float) else ""
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}{hint}")
+    return value
+
+
+def _parse_cli_value(text: str, tp, where: str) -> Any:
+    """Parse the text of ``--section.field=text`` to the field's type."""
+    inner, optional = _unwrap_optional(tp)
+    if optional and text.strip().lower() in ("none", "null", ""):
+        return None
+    origin = typing.get_origin(inner)
+    if origin is dict:
+        return _parse_toml_value(text, where, table=True)
+    if origin is list:
+        (elem,) = typing.get_args(inner)
+        s = text.strip()
+        if s.startswith("["):
+            return _coerce(_parse_toml_value(s, where), inner, where)
+        items = [t.strip() for t in s.split(",")] if s else []
+        return [_parse_cli_value(t, elem, f"{where}[{i}]") for i, t in enumerate(items)]
+    if inner is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {text!r}")
+    if inner is int:
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {text!r}") from None
+    if inner is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {text!r}") from None
+    return text
+
+
+def _parse_toml_value(text: str, where: str, table: bool = False) -> Any:
+    """A TOML literal (number, bool, string, array, inline table); a bare word stays a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if table:
+            raise ConfigError(f"{where}: expected a TOML inline table like {{key = 1}}, got {text!r}") \
+                from None
+        return text
+
+
+def _did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+# --------------------------------------------------------------------------- building
+def from_dict(data: dict[str, Any]) -> Config:
+    """A validated :class:`Config` from nested ``{section: {field: value}}``."""
+    errors: list[str] = []
+    sections = {}
+    for key in data:
+        if key not in SECTIONS:
+            errors.append(f"unknown section [{key}].{_did_you_mean(key, SECTIONS)} "
+                          f"Sections: {', '.join(SECTIONS)}.")
+    for sec_name, sec_cls in SECTIONS.items():
+        values = data.get(sec_name, {})
+        if not isinstance(values, dict):
+            errors.append(f"{sec_name}: expected a table [{sec_name}], got {values!r}")
+            values = {}
+        hints = _hints(sec_cls)
+        kwargs = {}
+        for key, value in values.items():
+            where = f"{sec_name}.{key}"
+            if key not in hints:
+                errors.append(f"unknown field {where}.{_did_you_mean(key, hints)} "
+                              f"Fields of [{sec_name}]: {', '.join(hints)}.")
+                continue
+            try:
+                kwargs[key] = _coerce(value, hints[key], where)
+            except ConfigError as e:
+                errors.append(str(e))
+        sections[sec_name] = sec_cls(**kwargs)
+    cfg = Config(**sections)
+    if not errors:
+        errors = _range_errors(cfg)
+    if not errors:
+        errors = _consistency_errors(cfg)
+    if errors:
+        raise ConfigError(_format(errors))
+    return cfg
+
+
+def _format(errors: list[str]) -> str:
+    if len(errors) == 1:
+        return "invalid config: " + errors[0]
+    return "invalid config:\n" + "\n".join(f"  - {e}" for e in errors)
+
+
+def _range_errors(cfg: Config) -> list[str]:
+    errors = []
+    for sec_name in SECTIONS:
+        sec = getattr(cfg, sec_name)
+        for f in dataclasses.fields(sec):
+            value, meta = getattr(sec, f.name), f.metadata
+            where = f"{sec_name}.{f.name}"
+            if value is None or isinstance(value, (dict, bool)):
+                continue
+            if meta.get("choices") and value not in meta["choices"]:
+                errors.append(f"{where}={value!r} is not one of {', '.join(map(repr, meta['choices']))}."
+                              f"{_did_you_mean(str(value), meta['choices'])}")
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                if not isinstance(v, (int, float)):
+                    continue
+                if isinstance(v, float) and not math.isfinite(v):
+                    errors.append(f"{where}={v} must be a finite number")
+                elif meta.get("min") is not None and v < meta["min"]:
+                    errors.append(f"{where}={v} is below its minimum {meta['min']}")
+                elif meta.get("max") is not None and v > meta["max"]:
+                    errors.append(f"{where}={v} is above its maximum {meta['max']}")
+    return errors
+
+
+def _consistency_errors(cfg: Config) -> list[str]:
+    """Combinations of fields that cannot work together, each with the fix."""
+    e = []
+    r, m, d, t, p = cfg.run, cfg.model, cfg.data, cfg.train, cfg.parallel
+    if not r.dir:
+        e.append('run.dir is required: set [run] dir = "runs/NAME" in the config, or --run.dir=runs/NAME')
+    if m.dim % m.n_heads:
+        e.append(f"model.n_heads={m.n_heads} does not divide model.dim={m.dim}; "
+                 f"choose n_heads among {_divisors(m.dim, 64)} or change dim")
+    elif m.head_dim % 2:
+        e.append(f"head dim model.dim/model.n_heads = {m.head_dim} is odd; RoPE needs an even head dim")
+    if m.n_heads % m.kv_heads:
+        e.append(f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads={m.n_heads}; "
+                 f"choose among {_divisors(m.n_heads, m.n_heads)}")
+    if m.attention in ("fma", "local") and m.block_size % m.rank:
+        e.append(f"model.rank={m.rank} does not divide model.block_size={m.block_size} (each block "
+                 "is split into rank sub-windows); e.g. block_size=64, rank=2")
+    if m.attention == "fma" and m.summary == "conv":
+        if m.max_seq_len is None:
+            e.append(f"model.summary='conv' needs model.max_seq_len (its parameters grow with it): "
+                     f"set it to at least data.seq_len={d.seq_len}, or use summary='m2m'")
+        elif m.max_seq_len < d.seq_len:
+            e.append(f"model.max_seq_len={m.max_seq_len} is shorter than data.seq_len={d.seq_len}; "
+                     "conv summaries only run up to max_seq_len: raise it, or use summary='m2m'")
+    if d.seq_len % p.sequence:
+        e.append(f"data.seq_len={d.seq_len} is not divisible by parallel.sequence={p.sequence}; "
+                 "each sequence-parallel rank takes an equal slice")
+    elif p.sequence > 1 and m.attention in ("fma", "local") and (d.seq_len // p.sequence) % m.block_size:
+        e.append(f"with parallel.sequence={p.sequence} each rank holds data.seq_len/sequence = "
+                 f"{d.seq_len // p.sequence} tokens, not a multiple of model.block_size={m.block_size}; "
+                 f"make data.seq_len a multiple of {p.sequence * m.block_size}")
+    if p.sequence > 1 and m.attention == "sdpa":
+        e.append("parallel.sequence > 1 is implemented for attention='fma' and 'local' only; "
+                 "use --parallel.sequence=1 for the sdpa baseline")
+    if m.kind == "mlm" and not 0.0 < d.mask_prob < 1.0:
+        e.append(f"data.mask_prob={d.mask_prob}: a masked LM needs 0 < mask_prob < 1 (BERT uses 0.15)")
+    if t.min_lr > t.lr:
+        e.append(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; the cosine decays from lr to min_lr")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        e.append(f"train.betas={t.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    for key in p.deepspeed:
+        if key in _DERIVED_DS_KEYS:
+            e.append(f"parallel.deepspeed.{key} is generated by fmtrain from {_DERIVED_DS_KEYS[key]}; "
+                     "set those fields instead")
+    zero = p.deepspeed.get("zero_optimization")
+    if isinstance(zero, dict) and "stage" in zero:
+        e.append("parallel.deepspeed.zero_optimization.stage duplicates parallel.zero_stage; "
+                 "set parallel.zero_stage instead")
+    return e
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [k for k in range(1, min(n, limit) + 1) if n % k == 0]
+
+
+# --------------------------------------------------------------------------- overrides
+_OVERRIDE = re.compile(r"^--([A-Za-z_][\w]*)\.([A-Za-z_][\w.\-]*)(?:=(.*))?$", re.S)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--section.field=value`` (or ``--section.field value``) to nested ``data``.
+
+    Values are parsed to the field's type; a table field (``parallel.deepspeed``)
+    takes deeper keys, ``--parallel.deepspeed.zero_optimization.overlap_comm=true``,
+    whose values are read as TOML literals. Returns a new dict.
+    """
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    args = list(overrides)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        mo = _OVERRIDE.match(arg)
+        if not mo:
+            raise ConfigError(f"cannot read the argument {arg!r}: overrides look like "
+                              "--section.field=value, e.g. --train.steps=100")
+        sec, path, text = mo.group(1), mo.group(2), mo.group(3)
+        if text is None:  # "--section.field value"
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"{arg} has no value: write {arg}=VALUE")
+            text = args[i + 1]
+            i += 1
+        i += 1
+        if sec not in SECTIONS:
+            raise ConfigError(f"unknown section in {arg}.{_did_you_mean(sec, SECTIONS)} "
+                              f"Sections: {', '.join(SECTIONS)}.")
+        hints = _hints(SECTIONS[sec])
+        name, _, rest = path.partition(".")
+        if name not in hints:
+            raise ConfigError(f"unknown field {sec}.{name} in {arg}.{_did_you_mean(name, hints)} "
+                              f"Fields of [{sec}]: {', '.join(hints)}.")
+        where = f"{sec}.{name}"
+        section = data.setdefault(sec, {})
+        if rest:
+            if typing.get_origin(hints[name]) is not dict:
+                raise ConfigError(f"{arg}: {where} is a {_type_name(hints[name])}, not a table; "
+                                  f"write --{where}=VALUE")
+            table = section.setdefault(name, {})
+            table = section[name] = json.loads(json.dumps(table))  # deep copy, don't alias the file's
+            *parents, leaf = rest.split(".")
+            for key in parents:
+                table = table.setdefault(key, {})
+            table[leaf] = _parse_toml_value(text, f"{where}.{rest}")
+        else:
+            section[name] = _parse_cli_value(text, hints[name], where)
+    return data
+
+
+# --------------------------------------------------------------------------- files
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Read a TOML config, apply ``--section.field=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        hint = f" Configs in configs/: {', '.join(sorted(p.name for p in Path('configs').glob('*.toml')))}." \
+            if Path("configs").is_dir() else ""
+        raise ConfigError(f"config file {str(path)!r} does not exist.{hint}")
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    try:
+        return from_dict(apply_overrides(data, list(overrides)))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def save_config(cfg: Config, directory: str | os.PathLike) -> Path:
+    """Write the resolved ``cfg`` to ``directory/config.toml`` atomically; returns the path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / CONFIG_FILE
+    tmp = directory / f".{CONFIG_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(to_toml(cfg))
+    os.replace(tmp, target)
+    return target
+
+
+def to_toml(cfg: Config) -> str:
+    """TOML text that :func:`load_config` reads back to an equal config."""
+    lines = ["# Resolved fmtrain config (written by fmtrain.config.save_config)."]
+    for sec_name, values in cfg.to_dict().items():
+        lines.append(f"\n[{sec_name}]")
+        for key, value in values.items():
+            if value is None:
+                continue  # TOML has no null; an absent optional field loads as None
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise ConfigError(f"cannot write {v!r} ({type(v).__name__}) to TOML")
+
+
+# --------------------------------------------------------------------------- command line
+def describe() -> str:
+    """Every section and field with its type, default and help (the ``--help`` listing)."""
+    out = []
+    for sec_name, sec_cls in SECTIONS.items():
+        out.append(f"[{sec_name}]")
+        hints = _hints(sec_cls)
+        default = sec_cls()
+        for f in dataclasses.fields(sec_cls):
+            value = getattr(default, f.name)
+            shown = "none" if value is None else _toml_value(value)
+            out.append(f"  --{sec_name}.{f.name}  ({_type_name(hints[f.name])}, default {shown})")
+            out.append(f"      {f.metadata.get('help', '')}")
+        out.append("")
+    return "\n".join(out)
+
+
+USAGE = ("usage: python -m fmtrain.train CONFIG.toml [--section.field=value ...]\n"
+         "  e.g. python -m fmtrain.train configs/tiny-gpt.toml --train.steps=100 --model.attention=sdpa\n")
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """``CONFIG [--section.field=value ...]`` -> validated :class:`Config`.
+
+    ``-h``/``--help`` prints the field listing and exits; errors exit with status
+    2 and the message (as argparse does).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + "\nFields (TOML [section] key = value, or --section.field=value):\n\n" + describe())
+        raise SystemExit(0)
+    if not argv or argv[0].startswith("--"):
+        print(USAGE + "error: the first argument must be a TOML config file", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return load_config(argv[0], argv[1:])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+__all__ = ["Config", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "CheckpointConfig",
+           "ParallelConfig", "ConfigError", "CONFIG_FILE", "load_config", "save_config", "from_dict",
+           "apply_overrides", "to_toml", "describe", "parse_args", "option"]

@@ -1,0 +1,227 @@
+"""Config: TOML loading, dotted overrides, validation messages, save/load round trip."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from fmtrain.config import (CONFIG_FILE, Config, ConfigError, apply_overrides, describe, from_dict,
+                            load_config, parse_args, save_config, to_toml, tomllib)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
+
+BASE = """
+[run]
+dir = "runs/test"
+
+[model]
+dim = 64
+n_layers = 2
+n_heads = 4
+vocab_size = 256
+block_size = 16
+
+[data]
+seq_len = 256
+"""
+
+
+def write(tmp_path: Path, text: str = BASE, name: str = "c.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(fn, *args) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- loading
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.run.dir == f"runs/{path.stem}"
+    assert cfg.data.seq_len % cfg.model.block_size == 0
+
+
+def test_the_four_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"tiny-gpt.toml", "tiny-mlm.toml", "gpt-125m-128k.toml",
+                                         "mlm-125m-128k.toml"}
+    assert load_config(ROOT / "configs/tiny-mlm.toml").model.kind == "mlm"
+    big = load_config(ROOT / "configs/gpt-125m-128k.toml")
+    assert (big.data.seq_len, big.train.dtype, big.parallel.zero_stage) == (131072, "bf16", 2)
+
+
+def test_load_reads_values_and_keeps_defaults(tmp_path):
+    cfg = load_config(write(tmp_path))
+    assert (cfg.model.dim, cfg.model.n_heads, cfg.data.seq_len) == (64, 4, 256)
+    assert cfg.train.betas == [0.9, 0.95] and cfg.model.n_kv_heads is None
+    assert cfg.name == "test"
+    assert cfg.checkpoint_dir == Path("runs/test/checkpoints")
+
+
+def test_int_is_accepted_for_float_and_string_for_string_list(tmp_path):
+    cfg = load_config(write(tmp_path, BASE + '\n[train]\nlr = 1\n'), ["--data.corpus=stdlib"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    cfg = load_config(write(tmp_path, BASE.replace("[data]", '[data]\ncorpus = "a/*.txt"')))
+    assert cfg.data.corpus == ["a/*.txt"]
+
+
+# --------------------------------------------------------------------------- overrides
+def test_overrides_parse_to_field_types(tmp_path):
+    cfg = load_config(write(tmp_path), [
+        "--train.steps=7", "--train.lr=2e-3", "--model.tie_embeddings=false", "--model.attention=sdpa",
+        "--model.n_kv_heads=2", "--train.betas=0.8,0.99", "--data.corpus=a.txt,b/*.jsonl",
+        "--train.max_minutes", "1.5",  # space-separated form
+        "--parallel.deepspeed.zero_optimization.overlap_comm=true",
+        "--parallel.deepspeed.wall_clock_breakdown=false",
+    ])
+    assert cfg.train.steps == 7 and cfg.train.lr == 2e-3
+    assert cfg.model.tie_embeddings is False and cfg.model.attention == "sdpa"
+    assert cfg.model.n_kv_heads == 2 and cfg.train.betas == [0.8, 0.99]
+    assert cfg.data.corpus == ["a.txt", "b/*.jsonl"] and cfg.train.max_minutes == 1.5
+    assert cfg.parallel.deepspeed == {"zero_optimization": {"overlap_comm": True},
+                                      "wall_clock_breakdown": False}
+
+
+def test_optional_override_to_none(tmp_path):
+    path = write(tmp_path, BASE.replace("n_heads = 4", "n_heads = 4\nn_kv_heads = 2"))
+    assert load_config(path).model.n_kv_heads == 2
+    assert load_config(path, ["--model.n_kv_heads=none"]).model.n_kv_heads is None
+
+
+def test_override_does_not_mutate_input():
+    data = {"run": {"dir": "r"}, "parallel": {"deepspeed": {"a": {"b": 1}}}}
+    apply_overrides(data, ["--run.dir=x", "--parallel.deepspeed.a.c=2"])
+    assert data == {"run": {"dir": "r"}, "parallel": {"deepspeed": {"a": {"b": 1}}}}
+
+
+@pytest.mark.parametrize("arg, expect", [
+    ("--train.stpes=5", "unknown field train.stpes in --train.stpes=5. Did you mean 'steps'?"),
+    ("--trian.steps=5", "unknown section in --trian.steps=5. Did you mean 'train'?"),
+    ("--train.steps=five", "train.steps: expected an integer, got 'five'"),
+    ("--train.lr=fast", "train.lr: expected a number, got 'fast'"),
+    ("--model.tie_embeddings=maybe", "model.tie_embeddings: expected true or false, got 'maybe'"),
+    ("--train.steps", "--train.steps has no value: write --train.steps=VALUE"),
+    ("train.steps=5", "overrides look like --section.field=value"),
+    ("--train.steps.x=1", "train.steps is a int, not a table"),
+])
+def test_bad_overrides_say_what_to_write(tmp_path, arg, expect):
+    assert expect in error_of(load_config, write(tmp_path), [arg])
+
+
+# --------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("extra, expect", [
+    ("[modle]\ndim = 3", "unknown section [modle]. Did you mean 'model'?"),
+    ("[train]\nstep = 3", "unknown field train.step. Did you mean 'steps'?"),
+    ("[train]\nsteps = \"100\"", "train.steps: expected int, got str '100' (write it without quotes: 100)"),
+    ("[train]\nsteps = 1.5", "train.steps: expected int, got float 1.5"),
+    ("[train]\nbetas = 0.9", "train.betas: expected a list of float"),
+    ("[train]\nsteps = 0", "train.steps=0 is below its minimum 1"),
+    ("[parallel]\nzero_stage = 4", "parallel.zero_stage=4 is above its maximum 3"),
+    ("[train]\ndtype = \"bfloat16\"",
+     "train.dtype='bfloat16' is not one of 'auto', 'fp32', 'bf16'. Did you mean 'bf16'?"),
+    ("[train]\nlr = 1e-3\nmin_lr = 1e-2", "train.min_lr=0.01 is above train.lr=0.001"),
+    ("[train]\nbetas = [0.9, 1.5]", "train.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+    ("[parallel]\nsequence = 3", "data.seq_len=256 is not divisible by parallel.sequence=3"),
+    ("[parallel]\nsequence = 32",
+     "each rank holds data.seq_len/sequence = 8 tokens, not a multiple of model.block_size=16; "
+     "make data.seq_len a multiple of 512"),
+    ("[parallel.deepspeed]\ntrain_batch_size = 8", "parallel.deepspeed.train_batch_size is generated"),
+    ("[parallel.deepspeed.zero_optimization]\nstage = 3", "set parallel.zero_stage instead"),
+])
+def test_invalid_values_name_field_and_fix(tmp_path, extra, expect):
+    assert expect in error_of(load_config, write(tmp_path, BASE + "\n" + extra))
+
+
+@pytest.mark.parametrize("model, expect", [
+    ({"dim": 100, "n_heads": 3}, "model.n_heads=3 does not divide model.dim=100; choose n_heads among "
+                                 "[1, 2, 4, 5, 10, 20, 25, 50]"),
+    ({"dim": 36, "n_heads": 4}, "head dim model.dim/model.n_heads = 9 is odd"),
+    ({"n_heads": 4, "n_kv_heads": 3}, "model.n_kv_heads=3 does not divide model.n_heads=4"),
+    ({"block_size": 16, "rank": 3}, "model.rank=3 does not divide model.block_size=16"),
+    ({"summary": "conv"}, "model.summary='conv' needs model.max_seq_len"),
+    ({"summary": "conv", "max_seq_len": 128}, "model.max_seq_len=128 is shorter than data.seq_len=256"),
+])
+def test_inconsistent_model_fields(model, expect):
+    data = {"run": {"dir": "r"}, "model": {"dim": 64, "n_heads": 4, **model}, "data": {"seq_len": 256}}
+    assert expect in error_of(from_dict, data)
+
+
+def test_mlm_needs_mask_prob_and_sdpa_no_sequence_parallel():
+    msg = error_of(from_dict, {"run": {"dir": "r"}, "model": {"kind": "mlm"}, "data": {"mask_prob": 0.0}})
+    assert "data.mask_prob=0.0: a masked LM needs 0 < mask_prob < 1" in msg
+    msg = error_of(from_dict, {"run": {"dir": "r"}, "model": {"attention": "sdpa"},
+                               "parallel": {"sequence": 2}})
+    assert "use --parallel.sequence=1 for the sdpa baseline" in msg
+
+
+def test_all_errors_are_reported_at_once():
+    msg = error_of(from_dict, {"model": {"dim": 100, "n_heads": 3}, "train": {"lr": 0.1, "min_lr": 0.2}})
+    assert msg.startswith("invalid config:\n")
+    assert "run.dir is required" in msg and "does not divide model.dim" in msg and "min_lr=0.2" in msg
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    assert "does not exist" in error_of(load_config, tmp_path / "nope.toml")
+    bad = write(tmp_path, "[run\ndir = 1")
+    assert f"{bad} is not valid TOML" in error_of(load_config, bad)
+
+
+def test_check_world():
+    cfg = from_dict({"run": {"dir": "r"}, "parallel": {"sequence": 4}})
+    cfg.check_world(8)
+    msg = error_of(cfg.check_world, 6)
+    assert "parallel.sequence=4 does not divide the world size 6" in msg and "--parallel.sequence=2" in msg
+
+
+# --------------------------------------------------------------------------- save / load
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(write(tmp_path), [
+        "--run.name=ünïcode \"quoted\" \\ name", "--model.n_kv_heads=2", "--model.summary=conv",
+        "--model.max_seq_len=4096", "--train.lr=1.25e-05", "--train.min_lr=1e-7", "--train.max_minutes=0.5",
+        "--data.corpus=x.txt,hf:owner/set", "--parallel.deepspeed.zero_optimization.overlap_comm=true",
+        "--parallel.deepspeed.comms_logger={enabled = true, verbose = false, prof_ops = ['a', 'b']}",
+    ])
+    path = save_config(cfg, tmp_path / "run")
+    assert path == tmp_path / "run" / CONFIG_FILE
+    back = load_config(path)
+    assert back == cfg
+    assert back.train.lr == 1.25e-05 and back.run.name == 'ünïcode "quoted" \\ name'
+    assert back.parallel.deepspeed["comms_logger"]["prof_ops"] == ["a", "b"]
+    assert save_config(back, tmp_path / "again").read_text() == path.read_text()
+    assert not list((tmp_path / "run").glob("*.tmp"))  # the atomic write left nothing behind
+
+
+def test_round_trip_of_defaults_keeps_none():
+    cfg = from_dict({"run": {"dir": "r"}})
+    assert cfg.model.n_kv_heads is None and cfg.train.max_minutes is None
+    assert from_dict(tomllib.loads(to_toml(cfg))) == cfg
+
+
+# --------------------------------------------------------------------------- command line
+def test_parse_args(tmp_path, capsys):
+    cfg = parse_args([str(write(tmp_path)), "--train.steps=3"])
+    assert isinstance(cfg, Config) and cfg.train.steps == 3
+    with pytest.raises(SystemExit) as info:
+        parse_args([str(write(tmp_path)), "--train.stesp=3"])
+    assert info.value.code == 2 and "Did you mean 'steps'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--train.steps=3"])
+    assert info.value.code == 2 and "first argument must be a TOML config file" in capsys.readouterr().err
+
+
+def test_help_lists_every_field_with_its_doc(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for sec in dataclasses.fields(Config):
+        for f in dataclasses.fields(getattr(Config(), sec.name)):
+            assert f.metadata["help"], f"{sec.name}.{f.name} has no help text"
+            assert f"--{sec.name}.{f.name}  (" in out
+    assert describe() in out

@@ -17,11 +17,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .hierarchy import BlockTables, Hierarchy, block_tables, fine_mask, truncate
+from .hierarchy import BlockTables, Hierarchy, block_tables, truncate
 from .summaries import window_means
 
-# Scores per chunk (elements); the backward holds about four tensors this size.
-CHUNK_SCORES = 1 << 21
+# Scores per chunk of one (batch, kv head) (elements); the backward holds about
+# four tensors this size. Small enough to stay near the cache, large enough that
+# Python overhead per chunk does not matter.
+CHUNK_SCORES = 1 << 19
 _MASKED = -1e30
 
 
@@ -29,68 +31,107 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_blocks(h: Hierarchy, rows_per_block: int, batch_heads: int, width: int) -> int:
-    return max(1, CHUNK_SCORES // max(1, batch_heads * rows_per_block * width))
-
-
 class _Layout:
-    """Views of padded q, k, v and summaries in the per-block layout the core uses."""
+    """Padded keys/values and summaries, and the per-block views the core multiplies.
 
-    def __init__(self, q, k, v, ks, vs, h: Hierarchy):
+    For each (batch, kv head) ``bh``, fine keys of blocks [a0, a1) are an
+    overlapping strided view (nb, d, F*m) of the padded keys: no copy, and
+    ``torch.bmm`` takes it as it is.
+    """
+
+    def __init__(self, q, k, v, ks, vs, h: Hierarchy, dtype):
         B, H, N, d = q.shape  # N == h.padded_len
         Hkv = k.shape[1]
         self.B, self.H, self.Hkv, self.G, self.d = B, H, Hkv, H // Hkv, d
-        self.m, self.nblk = h.block_size, h.n_blocks
+        self.m, self.nblk, self.h = h.block_size, h.n_blocks, h
         self.F = len(h.fine_blocks())
+        self.Fm = self.F * self.m
         # Fine keys of block a are tokens [(a-1)m, (a-1+F)m): pad one block in front
         # (and one behind when the block after is seen) so that every block has them.
-        back = self.F - 2
-        self.kp = F.pad(k, (0, 0, self.m, back * self.m))
-        self.vp = F.pad(v, (0, 0, self.m, back * self.m))
+        pad = (0, 0, self.m, (self.F - 2) * self.m)
+        self.kp = F.pad(k.to(dtype), pad).reshape(B * Hkv, -1, d)  # (BH, (nblk+F-1)*m, d)
+        self.vp = F.pad(v.to(dtype), pad).reshape(B * Hkv, -1, d)
         # Dummy zero summary at index T for masked slots.
-        self.ks = F.pad(ks, (0, 0, 0, 1))
-        self.vs = F.pad(vs, (0, 0, 0, 1))
+        self.ks = F.pad(ks.to(dtype), (0, 0, 0, 1)).reshape(B * Hkv, -1, d)
+        self.vs = F.pad(vs.to(dtype), (0, 0, 0, 1)).reshape(B * Hkv, -1, d)
 
     def q_blocks(self, q):
-        """(B, H, N, *t) -> (B, Hkv, nblk, G*m, *t): the G query heads of a kv head share keys."""
+        """(B, H, N, *t) -> (B*Hkv, nblk, G*m, *t): the G query heads of a kv head share keys."""
         B, Hkv, G, m = self.B, self.Hkv, self.G, self.m
         tail = q.shape[3:]
         q = q.reshape(B, Hkv, G, self.nblk, m, *tail).permute(0, 1, 3, 2, 4, *range(5, 5 + len(tail)))
-        return q.reshape(B, Hkv, self.nblk, G * m, *tail)
+        return q.reshape(B * Hkv, self.nblk, G * m, *tail)
 
     def from_q_blocks(self, x):
-        """Inverse of :meth:`q_blocks` for (..., d) tensors and for (...,) rows."""
+        """Inverse of :meth:`q_blocks`."""
         B, Hkv, G, m = self.B, self.Hkv, self.G, self.m
-        tail = x.shape[4:]
+        tail = x.shape[3:]
         x = x.reshape(B, Hkv, self.nblk, G, m, *tail).permute(0, 1, 3, 2, 4, *range(5, 5 + len(tail)))
         return x.reshape(B, Hkv * G, self.nblk * m, *tail)
 
-    def keys(self, a0, a1, index, dtype):
-        """Keys and values of blocks [a0, a1): (B, Hkv, nb, F*m + S, d) each."""
-        m, Fm = self.m, self.F * self.m
-        kf = self.kp[:, :, a0 * m:(a1 - 1) * m + Fm].unfold(2, Fm, m).transpose(-1, -2)
-        vf = self.vp[:, :, a0 * m:(a1 - 1) * m + Fm].unfold(2, Fm, m).transpose(-1, -2)
-        idx = index[a0:a1].reshape(-1)
-        nb = a1 - a0
-        kc = self.ks[:, :, idx].view(self.B, self.Hkv, nb, -1, self.d)
-        vc = self.vs[:, :, idx].view(self.B, self.Hkv, nb, -1, self.d)
-        return torch.cat([kf, kc], dim=3).to(dtype), torch.cat([vf, vc], dim=3).to(dtype)
+    def fine_t(self, xp, bh, a0, a1):
+        """Transposed fine keys (or values) of blocks [a0, a1): (nb, d, F*m), a view."""
+        m = self.m
+        return xp[bh, a0 * m:(a1 - 1) * m + self.Fm].unfold(0, self.Fm, m)
+
+    def chunks(self, rows_per_block: int):
+        width = self.Fm + self.h.coarse_slots
+        step = max(1, CHUNK_SCORES // (rows_per_block * width))
+        for bh in range(self.B * self.Hkv):
+            for a0 in range(0, self.nblk, step):
+                yield bh, a0, min(a0 + step, self.nblk)
 
 
-def _bias(h: Hierarchy, tables: BlockTables, a0: int, a1: int, dtype, device) -> torch.Tensor:
-    """Additive score bias of blocks [a0, a1): (nb, 1, m, F*m + S)."""
-    blocks = torch.arange(a0, a1, device=device)
-    fine = fine_mask(h, blocks)  # (nb, m, F*m)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    fine = torch.where(fine, zero, -math.inf)
-    coarse = tables.bias[a0:a1].to(dtype)[:, None, :].expand(-1, h.block_size, -1)
-    return torch.cat([fine, coarse], dim=-1).unsqueeze(1)
+class _Bias:
+    """The additive score bias of a chunk, applied in place (no chunk-sized temporaries).
+
+    Fine scores (nb, G*m, F*m) get the causal pattern (shared by all blocks) and,
+    in the few blocks at the ends of the sequence, -inf for keys outside it;
+    coarse scores (nb, G*m, S) get the summaries' log-weights (-inf: masked slot).
+    """
+
+    def __init__(self, h: Hierarchy, tables: BlockTables, dtype, device):
+        m, self.h = h.block_size, h
+        self.Fm = len(h.fine_blocks()) * m
+        self.causal = None
+        if h.causal:  # key slot j of a block is token (j - m) relative to the block start
+            rel = torch.arange(self.Fm, device=device) - m
+            ok = rel[None, :] <= torch.arange(m, device=device)[:, None]
+            self.causal = torch.zeros(m, self.Fm, dtype=dtype, device=device).masked_fill_(~ok, -math.inf)
+        self.coarse = tables.bias.to(device=device, dtype=dtype)  # (n_blocks, S)
+        # Blocks whose fine slots reach outside [0, n): the first and the last few.
+        last_ok = (h.n - (self.Fm - m)) // m  # blocks a <= last_ok see only keys < n
+        self.edges = sorted({0} | set(range(max(0, last_ok + 1), h.n_blocks)))
+        self.device = device
+
+    def fine_(self, s: torch.Tensor, a0: int, a1: int) -> torch.Tensor:
+        nb, Gm, Fm = s.shape
+        m = self.h.block_size
+        if self.causal is not None:
+            s.view(nb, Gm // m, m, Fm).add_(self.causal)
+        for a in self.edges:
+            if a0 <= a < a1:
+                key = (a - 1) * m + torch.arange(Fm, device=self.device)
+                s[a - a0].masked_fill_((key < 0) | (key >= self.h.n), -math.inf)
+        return s
+
+    def coarse_(self, s: torch.Tensor, a0: int, a1: int) -> torch.Tensor:
+        return s.add_(self.coarse[a0:a1, None, :])
 
 
-def _scores(qc, kc, bias, scale, L: _Layout):
-    s = (qc @ kc.transpose(-1, -2)) * scale  # (B, Hkv, nb, G*m, W)
-    B, Hkv, nb, _, W = s.shape
-    return (s.view(B, Hkv, nb, L.G, L.m, W) + bias).view(B, Hkv, nb, L.G * L.m, W)
+def _scores(L: _Layout, bias: _Bias, tables: BlockTables, qs, bh, a0, a1):
+    """Fine (nb, G*m, F*m) and coarse (nb, G*m, S) scores of a chunk, biased; and their keys/values.
+
+    qs: (nb, G*m, d) queries already multiplied by the scale.
+    """
+    kf_t, vf_t = L.fine_t(L.kp, bh, a0, a1), L.fine_t(L.vp, bh, a0, a1)  # (nb, d, F*m)
+    idx = tables.index[a0:a1].reshape(-1)
+    nb = a1 - a0
+    kc = L.ks[bh].index_select(0, idx).view(nb, -1, L.d)  # (nb, S, d)
+    vc = L.vs[bh].index_select(0, idx).view(nb, -1, L.d)
+    sf = bias.fine_(torch.bmm(qs, kf_t), a0, a1)
+    sc = bias.coarse_(torch.bmm(qs, kc.transpose(1, 2)), a0, a1)
+    return sf, sc, (kf_t, vf_t, kc, vc)
 
 
 class BlockAttention(torch.autograd.Function):
@@ -99,22 +140,21 @@ class BlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ks, vs, h: Hierarchy, weighted: bool, scale: float):
         acc = _acc_dtype(q.dtype)
-        L = _Layout(q, k, v, ks, vs, h)
+        L = _Layout(q, k, v, ks, vs, h, acc)
         tables = block_tables(h, weighted, q.device)
-        qb = L.q_blocks(q)
-        W = L.F * L.m + h.coarse_slots
-        step = _chunk_blocks(h, L.G * L.m, L.B * L.Hkv, W)
-        out = torch.empty(qb.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(qb.shape[:-1], dtype=acc, device=q.device)
-        for a0 in range(0, L.nblk, step):
-            a1 = min(a0 + step, L.nblk)
-            kc, vc = L.keys(a0, a1, tables.index, acc)
-            s = _scores(qb[:, :, a0:a1].to(acc), kc, _bias(h, tables, a0, a1, acc, q.device), scale, L)
-            m_ = s.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(acc).min)  # rows fully masked: no NaN
-            p = torch.exp(s - m_)
-            l_ = p.sum(dim=-1, keepdim=True)
-            out[:, :, a0:a1] = ((p @ vc) / l_.clamp(min=torch.finfo(acc).tiny)).to(q.dtype)
-            lse[:, :, a0:a1] = (m_ + l_.log()).squeeze(-1)
+        bias = _Bias(h, tables, acc, q.device)
+        qs = L.q_blocks(q.to(acc) * scale)  # (BH, nblk, G*m, d)
+        out = torch.empty(qs.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(qs.shape[:-1], dtype=acc, device=q.device)
+        for bh, a0, a1 in L.chunks(L.G * L.m):
+            sf, sc, (_, vf_t, _, vc) = _scores(L, bias, tables, qs[bh, a0:a1], bh, a0, a1)
+            mx = torch.maximum(sf.amax(-1, keepdim=True), sc.amax(-1, keepdim=True)) if sc.shape[-1] \
+                else sf.amax(-1, keepdim=True)
+            pf, pc = sf.sub_(mx).exp_(), sc.sub_(mx).exp_()
+            tot = pf.sum(-1, keepdim=True) + pc.sum(-1, keepdim=True)
+            o = torch.bmm(pf, vf_t.transpose(1, 2)).baddbmm_(pc, vc)  # (nb, G*m, d)
+            out[bh, a0:a1] = o.div_(tot)
+            lse[bh, a0:a1] = (mx + tot.log()).squeeze(-1)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, ks, vs, out, lse)
         ctx.h, ctx.weighted, ctx.scale = h, weighted, scale
@@ -125,50 +165,46 @@ class BlockAttention(torch.autograd.Function):
         q, k, v, ks, vs, out, lse = ctx.saved_tensors
         h, scale = ctx.h, ctx.scale
         acc = _acc_dtype(q.dtype)
-        L = _Layout(q, k, v, ks, vs, h)
+        L = _Layout(q, k, v, ks, vs, h, acc)
         tables = block_tables(h, ctx.weighted, q.device)
-        qb = L.q_blocks(q)
-        dob = L.q_blocks(dout.contiguous()) if dout is not None else torch.zeros_like(qb)
+        bias = _Bias(h, tables, acc, q.device)
+        qs = L.q_blocks(q.to(acc) * scale)
+        dob = L.q_blocks(dout.to(acc)) if dout is not None else torch.zeros_like(qs)
         # delta_i = dO_i . O_i - dlse_i: the softmax-backward row term (lse's gradient folds in here).
-        delta = (dob.to(acc) * out.to(acc)).sum(-1)
+        delta = (dob * out.to(acc)).sum(-1)
         if dlse is not None:
             delta = delta - L.q_blocks(dlse).to(acc)
-        m, Fm = L.m, L.F * L.m
-        dq = torch.empty_like(qb)
-        dkp = torch.zeros(L.kp.shape, dtype=acc, device=q.device)
-        dvp = torch.zeros(L.vp.shape, dtype=acc, device=q.device)
-        dks = torch.zeros(L.ks.shape, dtype=acc, device=q.device)
-        dvs = torch.zeros(L.vs.shape, dtype=acc, device=q.device)
-        W = Fm + h.coarse_slots
-        step = _chunk_blocks(h, L.G * m, L.B * L.Hkv, W)
-        safe_lse = torch.where(lse.isinf(), torch.zeros_like(lse), lse)
-        for a0 in range(0, L.nblk, step):
-            a1 = min(a0 + step, L.nblk)
-            nb = a1 - a0
-            kc, vc = L.keys(a0, a1, tables.index, acc)
-            qc = qb[:, :, a0:a1].to(acc)
-            do = dob[:, :, a0:a1].to(acc)
-            s = _scores(qc, kc, _bias(h, tables, a0, a1, acc, q.device), scale, L)
-            p = torch.exp(s - safe_lse[:, :, a0:a1, :, None])  # (B, Hkv, nb, G*m, W)
-            dv = p.transpose(-1, -2) @ do  # (B, Hkv, nb, W, d)
-            ds = p * ((do @ vc.transpose(-1, -2)) - delta[:, :, a0:a1, :, None])
-            dq[:, :, a0:a1] = ((ds @ kc) * scale).to(q.dtype)
-            dk = (ds.transpose(-1, -2) @ qc) * scale  # (B, Hkv, nb, W, d)
-            # Fine slots: block a's slot f is padded block a + f.
-            for f in range(L.F):
-                sl = slice(f * m, (f + 1) * m)
-                dkp.view(L.B, L.Hkv, -1, m, L.d)[:, :, a0 + f:a1 + f] += dk[:, :, :, sl]
-                dvp.view(L.B, L.Hkv, -1, m, L.d)[:, :, a0 + f:a1 + f] += dv[:, :, :, sl]
-            # Coarse slots: scatter-add into the summaries they came from.
-            idx = tables.index[a0:a1].reshape(-1)
-            dks.index_add_(2, idx, dk[:, :, :, Fm:].reshape(L.B, L.Hkv, nb * h.coarse_slots, L.d))
-            dvs.index_add_(2, idx, dv[:, :, :, Fm:].reshape(L.B, L.Hkv, nb * h.coarse_slots, L.d))
+        m, Fm, T = L.m, L.Fm, ks.shape[2]
+        dq = torch.empty_like(qs)
+        dkp, dvp = torch.zeros_like(L.kp), torch.zeros_like(L.vp)
+        dks, dvs = torch.zeros_like(L.ks), torch.zeros_like(L.vs)
+        for bh, a0, a1 in L.chunks(L.G * m):
+            qc, do = qs[bh, a0:a1], dob[bh, a0:a1]
+            sf, sc, (kf_t, vf_t, kc, vc) = _scores(L, bias, tables, qc, bh, a0, a1)
+            row = lse[bh, a0:a1, :, None]
+            dl = delta[bh, a0:a1, :, None]
+            pf, pc = sf.sub_(row).exp_(), sc.sub_(row).exp_()  # (nb, G*m, F*m), (nb, G*m, S)
+            dsf = torch.bmm(do, vf_t).sub_(dl).mul_(pf)
+            dsc = torch.bmm(do, vc.transpose(1, 2)).sub_(dl).mul_(pc)
+            dq[bh, a0:a1] = torch.bmm(dsf, kf_t.transpose(1, 2)).baddbmm_(dsc, kc)
+            dkf = torch.bmm(dsf.transpose(1, 2), qc)  # (nb, F*m, d), scale already in qc
+            dvf = torch.bmm(pf.transpose(1, 2), do)
+            dkb, dvb = dkp[bh].view(-1, m, L.d), dvp[bh].view(-1, m, L.d)
+            for f in range(L.F):  # fine slot f of block a is padded block a + f
+                dkb[a0 + f:a1 + f] += dkf[:, f * m:(f + 1) * m]
+                dvb[a0 + f:a1 + f] += dvf[:, f * m:(f + 1) * m]
+            if h.coarse_slots:  # scatter-add into the summaries the slots came from
+                idx = tables.index[a0:a1].reshape(-1)
+                dks[bh].index_add_(0, idx, torch.bmm(dsc.transpose(1, 2), qc).view(-1, L.d))
+                dvs[bh].index_add_(0, idx, torch.bmm(pc.transpose(1, 2), do).view(-1, L.d))
         N = q.shape[2]
-        dk = dkp[:, :, m:m + N].to(k.dtype)
-        dv = dvp[:, :, m:m + N].to(v.dtype)
-        T = ks.shape[2]
-        return (L.from_q_blocks(dq), dk, dv, dks[:, :, :T].to(ks.dtype), dvs[:, :, :T].to(vs.dtype),
-                None, None, None)
+        B, Hkv, d = L.B, L.Hkv, L.d
+        dq = L.from_q_blocks(dq.mul_(scale)).to(q.dtype)
+        dk = dkp.view(B, Hkv, -1, d)[:, :, m:m + N].to(k.dtype)
+        dv = dvp.view(B, Hkv, -1, d)[:, :, m:m + N].to(v.dtype)
+        dks = dks.view(B, Hkv, -1, d)[:, :, :T].to(ks.dtype)
+        dvs = dvs.view(B, Hkv, -1, d)[:, :, :T].to(vs.dtype)
+        return dq, dk, dv, dks, dvs, None, None, None
 
 
 def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -52,7 +52,7 @@ def finish(zs: list[torch.Tensor], h: Hierarchy) -> torch.Tensor:
     for l, z in enumerate(zs, start=1):
         count = h.summary_counts(l).to(z.device)  # (windows, p)
         nominal = h.window_size(l) // h.rank
-        scale = torch.where(count > 0, nominal / count.clamp(min=1), 0.0).to(z.dtype)
+        scale = torch.where(count > 0, nominal / count.clamp(min=1).double(), 0.0).to(z.dtype)
         out.append((z * scale[:, :, None]).flatten(2, 3))
     return torch.cat(out, dim=2)
 

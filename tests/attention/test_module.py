@@ -1,0 +1,81 @@
+"""MultipoleAttention: the layer, its RoPE, summaries and lengths."""
+import pytest
+import torch
+
+from fmtrain.attention import MultipoleAttention
+from fmtrain.attention.rope import apply_rope, rope_angles
+
+
+def layer(**kw):
+    torch.manual_seed(0)
+    base = dict(dim=32, n_heads=4, n_kv_heads=2, block_size=8, rank=2)
+    base.update(kw)
+    return MultipoleAttention(**base).double()
+
+
+@pytest.mark.parametrize("summary", ["m2m", "mean", "conv"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("variant", ["nlogn", "linear"])
+def test_layer_matches_its_dense_reference_and_trains_summaries(summary, causal, variant):
+    att = layer(summary=summary, causal=causal, variant=variant, max_seq_len=200)
+    x = torch.randn(2, 200, 32, dtype=torch.float64)
+    y = att(x)
+    att_ref = layer(summary=summary, causal=causal, variant=variant, max_seq_len=200, impl="dense")
+    att_ref.load_state_dict(att.state_dict())
+    y_ref = att_ref(x)
+    assert y.shape == x.shape and (y - y_ref).abs().max() < 1e-12
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, p), p_ref in zip(att.named_parameters(), att_ref.parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert (p.grad - p_ref.grad).abs().max() < 1e-10, name
+
+
+def test_m2m_layer_runs_at_lengths_it_was_not_built_for():
+    att = layer(summary="m2m")
+    for n in (10, 300, 2000):
+        assert att(torch.randn(1, n, 32, dtype=torch.float64)).shape == (1, n, 32)
+
+
+def test_causal_layer_ignores_later_tokens():
+    att = layer(summary="m2m", causal=True)
+    with torch.no_grad():
+        att.summaries.leaf.normal_()
+        x = torch.randn(1, 300, 32, dtype=torch.float64)
+        y = att(x)
+        x2 = x.clone()
+        x2[:, 123:] = torch.randn(1, 177, 32, dtype=torch.float64)
+        assert torch.equal(att(x2)[:, :123], y[:, :123])
+
+
+def test_positions_are_used_and_only_relative_ones_matter():
+    """Given global positions, a shift of all of them changes nothing (RoPE is relative);
+    a gap between positions changes the output."""
+    att = layer(summary="mean", causal=True)
+    x = torch.randn(1, 64, 32, dtype=torch.float64)
+    base = att(x)
+    shifted = att(x, positions=torch.arange(64) + 1000)
+    gap = att(x, positions=torch.cat([torch.arange(32), torch.arange(32) + 500]))
+    assert (shifted - base).abs().max() < 1e-9
+    assert (gap - base)[:, 32:].abs().max() > 1e-3
+    assert (gap - base)[:, :32].abs().max() < 1e-9  # causal: the first half never sees the gap
+
+
+def test_rope_preserves_norms_and_takes_per_sample_positions():
+    x = torch.randn(2, 3, 10, 8, dtype=torch.float64)
+    pos = torch.stack([torch.arange(10), torch.arange(10) + 7])
+    cos, sin = rope_angles(pos, 8)
+    y = apply_rope(x, cos, sin)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1))
+    c1, s1 = rope_angles(pos[1], 8)
+    assert torch.allclose(y[1], apply_rope(x[1:2], c1, s1)[0])
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(dim=30), "divisible by n_heads"),
+    (dict(n_kv_heads=3), "multiple of n_kv_heads"),
+    (dict(summary="conv"), "max_seq_len"),
+])
+def test_layer_argument_errors(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        layer(**kw)

@@ -15,7 +15,8 @@ Two kinds of source, one interface (`Corpus.documents()` yields
   falls below `val_fraction`, unless `val_paths` or `val_split` name the
   held-out data explicitly.
 
-Documented behaviour for awkward input: empty documents are skipped; bytes
+Documented behaviour for awkward input: empty documents are skipped; text
+files are read with universal newlines (CRLF and CR arrive as LF); bytes
 that are not UTF-8 become U+FFFD (``encoding_errors="replace"``, set
 ``"strict"`` to fail instead); a missing file, a glob that matches nothing, or
 a corpus without any text raise `CorpusError` naming it.
@@ -29,7 +30,7 @@ import hashlib
 import json
 import os
 import sysconfig
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -98,7 +99,8 @@ class Corpus:
 
         - ``"stdlib"``: the embedded default;
         - ``"hf:<name>"`` or ``"hf:<name>:<config>"``: a hub dataset;
-        - any other string, or a list of strings: files, folders or globs;
+        - any other string, or a list of strings: files, folders or globs
+          (a one-item list is read as its item, so ``["stdlib"]`` works);
         - a mapping: the fields of `Corpus` (``source`` inferred from ``paths`` / ``name``).
         """
         if isinstance(value, Corpus):
@@ -124,7 +126,16 @@ class Corpus:
             kw.setdefault("source", "files" if kw.get("paths") else "hub" if kw.get("name") else "stdlib")
             return cls(**kw)
         if isinstance(value, Sequence):
-            return cls(source="files", paths=tuple(str(v) for v in value))
+            items = [str(v) for v in value]
+            if len(items) == 1:
+                return cls.parse(items[0])
+            special = [v for v in items if v == "stdlib" or v.startswith("hf:")]
+            if special:
+                raise CorpusError(f"corpus {items}: {special[0]!r} cannot be combined with other "
+                                  f"sources; give it alone, or only files, folders and globs")
+            if not items:
+                raise CorpusError("the corpus list is empty")
+            return cls(source="files", paths=tuple(items))
         raise CorpusError(f"cannot read a corpus from {value!r}")
 
     def describe(self) -> dict[str, Any]:
@@ -287,7 +298,8 @@ def _read_files(fmt: str, paths: list[Path], corpus: Corpus) -> Iterator[str]:
 
     kwargs: dict[str, Any] = {}
     if fmt == "text":
-        kwargs = dict(sample_by=corpus.sample_by, keep_linebreaks=True,
+        # By line, EOS marks each line's end, so the line break itself is dropped.
+        kwargs = dict(sample_by=corpus.sample_by, keep_linebreaks=corpus.sample_by != "line",
                       encoding_errors=corpus.encoding_errors)
     elif fmt == "json":
         kwargs = dict(encoding_errors=corpus.encoding_errors)

@@ -24,7 +24,7 @@ A batch is a dict of int64 tensors, each (B, C):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,7 +34,7 @@ import torch
 from fmtrain.data.corpus import Corpus
 from fmtrain.data.masking import IGNORE_INDEX, mask_tokens, replacement_ids
 from fmtrain.data.tokenizer import Tokenizer, load_tokenizer
-from fmtrain.data.tokens import TokenData, cached_tokens
+from fmtrain.data.tokens import TokenData, cached_tokenizer, cached_tokens
 
 OBJECTIVES = ("causal", "mlm")
 STATE_VERSION = 1
@@ -245,11 +245,11 @@ class EvalLoader:
                  dp_size: int, sp_rank: int = 0, sp_size: int = 1, objective: str = "causal", *,
                  bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
                  mask_id: int | None = None, unk_id: int | None = None, vocab_size: int | None = None,
-                 max_batches: int | None = None):
+                 mask_prob: float = 0.15, max_batches: int | None = None):
         _check_ranks(dp_rank, dp_size, batch_size)
         specials = [i for i in (bos_id, eos_id, pad_id, mask_id, unk_id) if i is not None]
         self.seqs = _Sequences(seq_len, sp_rank, sp_size, objective, seed,
-                               pad_id if pad_id is not None else 0, mask_id, vocab_size, specials)
+                               pad_id if pad_id is not None else 0, mask_id, vocab_size, specials, mask_prob)
         self.stream = _Stream(tokens, None)
         self.seq_len, self.batch_size, self.dp_rank, self.dp_size = seq_len, batch_size, dp_rank, dp_size
         # Causal: the last token has no target, so a stream of T tokens has T - 1 to score.
@@ -284,30 +284,49 @@ class DataLoaders:
     cache: Path              # the token cache entry used
 
 
-def build_loaders(corpus: Corpus | str | list | dict, tokenizer: Tokenizer | str | Path, cache_dir: str | Path,
-                  *, seq_len: int, batch_size: int, seed: int = 0, dp_rank: int = 0, dp_size: int = 1,
-                  sp_rank: int = 0, sp_size: int = 1, objective: str = "causal",
-                  vocab_size: int | None = None, eval_batch_size: int | None = None,
-                  eval_max_batches: int | None = None, progress: bool = True) -> DataLoaders:
+def build_loaders(corpus: Corpus | str | list | dict, tokenizer: Tokenizer | str | Path | None,
+                  cache_dir: str | Path, *, seq_len: int, batch_size: int, seed: int = 0, dp_rank: int = 0,
+                  dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1, objective: str = "causal",
+                  vocab_size: int | None = None, text_field: str | None = None,
+                  val_fraction: float | None = None, mask_prob: float = 0.15,
+                  eval_batch_size: int | None = None, eval_max_batches: int | None = None,
+                  progress: bool = True) -> DataLoaders:
     """The training loader and the held-out evaluation loader for one rank.
 
-    Tokenises the corpus into `cache_dir` on first use (rank 0 builds, others
-    wait), then memory-maps it. `vocab_size` is the model config's: a tokenizer
-    of another size is refused, as is one without MASK for the mlm objective.
+    Args:
+        corpus: anything `Corpus.parse` reads ("stdlib", ["data/*.jsonl"], "hf:NAME", a dict).
+        tokenizer: a `.model` path or a `Tokenizer`; None (or "") trains one with
+            `vocab_size` pieces on the corpus, once, cached in `cache_dir`.
+        cache_dir: where tokenizers and token files are cached (shared between runs).
+        vocab_size: the model config's; a tokenizer of another size is refused,
+            as is one without MASK for the mlm objective.
+        text_field, val_fraction: override the corpus's settings when given.
+        Others: as for `PackedLoader` / `EvalLoader`.
+
+    Tokenises the corpus on first use (rank 0 builds, the others wait), then
+    memory-maps it. Every rank must call this (it may hold a barrier).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if not isinstance(tokenizer, Tokenizer):
-        tokenizer = load_tokenizer(tokenizer, vocab_size=vocab_size, need_mask=objective == "mlm")
+    corpus = Corpus.parse(corpus)
+    overrides = {k: v for k, v in dict(text_field=text_field, val_fraction=val_fraction).items() if v is not None}
+    corpus = replace(corpus, **overrides)
+    need_mask = objective == "mlm"
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer = load_tokenizer(tokenizer.path, vocab_size=vocab_size, need_mask=need_mask)
+    elif tokenizer:
+        tokenizer = load_tokenizer(tokenizer, vocab_size=vocab_size, need_mask=need_mask)
     else:
-        load_tokenizer(tokenizer.path, vocab_size=vocab_size, need_mask=objective == "mlm")
+        if vocab_size is None:
+            raise ValueError("give a tokenizer path, or vocab_size to train one on the corpus")
+        tokenizer = cached_tokenizer(corpus, cache_dir, vocab_size=vocab_size)
     folder, data = cached_tokens(corpus, tokenizer, cache_dir, progress=progress)
     common = dict(seq_len=seq_len, seed=seed, dp_rank=dp_rank, dp_size=dp_size, sp_rank=sp_rank,
                   sp_size=sp_size, objective=objective, vocab_size=tokenizer.vocab_size,
                   **tokenizer.special_ids)
-    train = PackedLoader(data["train"], batch_size=batch_size, **common)
+    train = PackedLoader(data["train"], batch_size=batch_size, mask_prob=mask_prob, **common)
     val = None
     if data["validation"].n_tokens > 0:
         val = EvalLoader(data["validation"], batch_size=eval_batch_size or batch_size,
-                         max_batches=eval_max_batches, **common)
+                         max_batches=eval_max_batches, mask_prob=mask_prob, **common)
     return DataLoaders(train=train, val=val, tokenizer=tokenizer, cache=folder)

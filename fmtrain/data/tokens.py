@@ -236,6 +236,34 @@ def cached_tokens(corpus: Corpus | str, tokenizer: Tokenizer | str | Path, cache
     return folder, {s: TokenData.open(folder, s) for s in SPLITS}
 
 
+def cached_tokenizer(corpus: Corpus | str, cache_dir: str | Path, *, vocab_size: int, model_type: str = "bpe",
+                     max_train_bytes: int = 200_000_000) -> Tokenizer:
+    """A tokenizer trained on the corpus's training documents, once, and kept in the cache.
+
+    Saved as ``<cache_dir>/tokenizers/<key>.model`` (and ``.json``), `key` a hash
+    of the corpus and the settings. It always has MASK, so one tokenizer serves
+    both objectives. Safe to call from every rank (rank 0 trains).
+    """
+    from fmtrain.data.tokenizer import model_paths, train_tokenizer
+
+    corpus = Corpus.parse(corpus)
+    h = hashlib.sha256(f"{corpus.fingerprint()}|{vocab_size}|{model_type}|{max_train_bytes}".encode())
+    model, settings = model_paths(Path(cache_dir) / "tokenizers" / h.hexdigest()[:20])
+
+    def build() -> None:
+        model.parent.mkdir(parents=True, exist_ok=True)
+        tmp = model.parent / f"{model.stem}.tmp-{os.getpid()}"
+        texts = (text for split, text in corpus.documents() if split == "train")
+        tok = train_tokenizer(texts, tmp, vocab_size=vocab_size, model_type=model_type,
+                              max_train_bytes=max_train_bytes, corpus=corpus.describe())
+        tmp_model, tmp_settings = model_paths(tok.path)
+        os.replace(tmp_settings, settings)
+        os.replace(tmp_model, model)  # last: the .model's presence means complete
+
+    _build_once(build, model.is_file)
+    return load_tokenizer(model, vocab_size=vocab_size)
+
+
 def _rank() -> int:
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -248,25 +276,29 @@ def _build_once(build: Callable[[], None], exists: Callable[[], bool]) -> None:
         if not exists():
             build()
         return
-    error: BaseException | None = None
-    if dist.get_rank() == 0 and not exists():
-        try:
-            build()
-        except BaseException as err:  # still reach the barrier, or the other ranks would hang
-            error = err
-    if _any_rank(error is not None):
-        if error is not None:
-            raise error
-        raise RuntimeError("rank 0 failed to build the token cache (see its log)")
+    _build_where(build, dist.get_rank() == 0 and not exists())
     # A node-local cache dir: nodes other than rank 0's build their own copy.
     missing = not exists()
     if _any_rank(missing):
-        if missing and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            build()
-        dist.barrier()
+        _build_where(build, missing and int(os.environ.get("LOCAL_RANK", "0")) == 0)
     if not exists():
-        raise RuntimeError("the token cache is still missing on this rank after building; "
+        raise RuntimeError("the data cache is still missing on this rank after building; "
                            "is LOCAL_RANK set correctly?")
+
+
+def _build_where(build: Callable[[], None], here: bool) -> None:
+    """`build` on the ranks where `here`; every rank returns, or raises if any build failed."""
+    error: BaseException | None = None
+    if here:
+        try:
+            build()
+        except BaseException as err:  # still reach the collective, or the other ranks would hang
+            error = err
+    failed = _any_rank(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError("another rank failed to build the data cache (see its log)")
 
 
 def _any_rank(flag: bool) -> bool:

@@ -126,8 +126,8 @@ class DataConfig:
                                               "(shared between runs).")
     seq_len: int = option(2048, "Tokens per sequence (global: sequence parallelism splits it).", min=2)
     batch_size: int = option(1, "Sequences per data-parallel rank per micro-step.", min=1)
-    eval_fraction: float = option(0.01, "Fraction of the corpus held out for evaluation.",
-                                  min=0.0, max=0.5)
+    val_fraction: float = option(0.03, "Fraction of the corpus held out for evaluation (stdlib: whole "
+                                       "package directories).", min=0.0, max=0.5)
     mask_prob: float = option(0.15, "MLM: fraction of tokens selected for prediction (BERT's 80/10/10 "
                                     "corruption).", min=0.0, max=1.0)
     num_workers: int = option(0, "DataLoader worker processes (0: load in the training process).",
@@ -430,6 +430,12 @@ def _consistency_errors(cfg: Config) -> list[str]:
     if p.sequence > 1 and m.attention == "sdpa":
         e.append("parallel.sequence > 1 is implemented for attention='fma' and 'local' only; "
                  "use --parallel.sequence=1 for the sdpa baseline")
+    special = [c for c in d.corpus if c == "stdlib" or c.startswith("hf:")]
+    if not d.corpus:
+        e.append('data.corpus is empty; give "stdlib", "hf:NAME", or paths/globs of text files')
+    elif special and len(d.corpus) > 1:
+        e.append(f"data.corpus={d.corpus}: {special[0]!r} cannot be combined with other sources; "
+                 "give it alone, or only files, folders and globs")
     if m.kind == "mlm" and not 0.0 < d.mask_prob < 1.0:
         e.append(f"data.mask_prob={d.mask_prob}: a masked LM needs 0 < mask_prob < 1 (BERT uses 0.15)")
     if t.min_lr > t.lr:

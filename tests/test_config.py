@@ -160,6 +160,12 @@ def test_mlm_needs_mask_prob_and_sdpa_no_sequence_parallel():
     assert "use --parallel.sequence=1 for the sdpa baseline" in msg
 
 
+def test_corpus_list():
+    msg = error_of(from_dict, {"run": {"dir": "r"}, "data": {"corpus": ["stdlib", "x.txt"]}})
+    assert "data.corpus=['stdlib', 'x.txt']: 'stdlib' cannot be combined with other sources" in msg
+    assert "data.corpus is empty" in error_of(from_dict, {"run": {"dir": "r"}, "data": {"corpus": []}})
+
+
 def test_all_errors_are_reported_at_once():
     msg = error_of(from_dict, {"model": {"dim": 100, "n_heads": 3}, "train": {"lr": 0.1, "min_lr": 0.2}})
     assert msg.startswith("invalid config:\n")
@@ -184,7 +190,7 @@ def test_save_load_round_trip(tmp_path):
     cfg = load_config(write(tmp_path), [
         "--run.name=ünïcode \"quoted\" \\ name", "--model.n_kv_heads=2", "--model.summary=conv",
         "--model.max_seq_len=4096", "--train.lr=1.25e-05", "--train.min_lr=1e-7", "--train.max_minutes=0.5",
-        "--data.corpus=x.txt,hf:owner/set", "--parallel.deepspeed.zero_optimization.overlap_comm=true",
+        "--data.corpus=x.txt,more/*.jsonl", "--parallel.deepspeed.zero_optimization.overlap_comm=true",
         "--parallel.deepspeed.comms_logger={enabled = true, verbose = false, prof_ops = ['a', 'b']}",
     ])
     path = save_config(cfg, tmp_path / "run")

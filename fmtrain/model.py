@@ -1,0 +1,404 @@
+"""Causal (GPT-style) and masked (BERT-style) language models on one transformer trunk.
+
+    model = build_model(cfg.model)                      # CausalLM or MaskedLM
+    loss_sum, n_tokens = model(input_ids, targets, positions)
+    (loss_sum / n_tokens).backward()                    # the trainer reduces across ranks first
+
+- Blocks are pre-norm: ``x = x + attn(norm1(x), positions); x = x + mlp(norm2(x))``
+  with RMSNorm, SwiGLU and one of three attentions (``model.attention``):
+  ``"fma"`` multipole attention (the product), ``"sdpa"`` full attention and
+  ``"local"`` the fine level of fma only (the two baselines).
+- ``positions`` are *global* token positions for RoPE, so a sequence-parallel
+  rank passes its slice's and gets the same rotation the full sequence would.
+- ``targets`` are aligned with ``input_ids`` (the token to predict at each
+  position, ``-100`` to ignore): the data pipeline shifts for the causal LM and
+  masks for the MLM, so that a sequence slice carries its own targets.
+- The loss is computed ``model.loss_chunk`` tokens at a time; ``seq_len x vocab``
+  logits never exist at once (at 131072 tokens and a 32k vocabulary that would be
+  16 GiB in fp32).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import MultipoleAttention, fma
+from .attention.hierarchy import hierarchy
+from .attention.rope import apply_rope, rope_angles
+from .config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the activation dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(x W_gate) * x W_up)``; gate and up share one matmul."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # residual projection (scaled init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, n, hidden) each
+        return self.w2(F.silu(gate) * up)
+
+
+class ProjectedAttention(nn.Module):
+    """Query/key/value projections with RoPE, shared by the two baselines.
+
+    Parameter names (``wq``, ``wkv``, ``wo``) match :class:`MultipoleAttention`,
+    so the three attentions initialise alike and their checkpoints line up.
+    Subclasses implement :meth:`attend`.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, rope_theta: float, causal: bool):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.rope_theta, self.causal = rope_theta, causal
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor | None):
+        """Rotated q (B, H, n, d) and k, v (B, Hkv, n, d)."""
+        B, n, _ = x.shape
+        q = self.wq(x).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = self.wkv(x).view(B, n, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if positions is None:
+            positions = torch.arange(n, device=x.device)
+        cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v) -> torch.Tensor:  # (B, H, n, d)
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        B, n, _ = x.shape
+        y = self.attend(*self.qkv(x, positions))  # (B, H, n, d)
+        return self.wo(y.transpose(1, 2).reshape(B, n, -1))
+
+
+class FullAttention(ProjectedAttention):
+    """Full softmax attention by ``scaled_dot_product_attention`` (the dense baseline)."""
+
+    def attend(self, q, k, v):
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:  # grouped-query: each kv head serves `groups` query heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+
+
+class LocalAttention(ProjectedAttention):
+    """Each query sees its own and the neighbouring ``block_size`` blocks only: the
+    fine level of multipole attention without its coarse levels (the local baseline)."""
+
+    def __init__(self, dim, n_heads, n_kv_heads, rope_theta, causal, *, block_size, rank, impl):
+        super().__init__(dim, n_heads, n_kv_heads, rope_theta, causal)
+        self.block_size, self.rank, self.impl = block_size, rank, impl
+
+    def attend(self, q, k, v):
+        return fma(q, k, v, block_size=self.block_size, rank=self.rank, causal=self.causal,
+                   impl=self.impl, max_level=0)
+
+
+def make_attention(cfg: ModelConfig, causal: bool) -> nn.Module:
+    """The attention layer ``cfg.attention`` names: ``forward(x (B, n, dim), positions) -> (B, n, dim)``."""
+    if cfg.attention == "fma":
+        return MultipoleAttention(
+            cfg.dim, cfg.n_heads, cfg.kv_heads, block_size=cfg.block_size, rank=cfg.rank,
+            causal=causal, variant=cfg.variant, summary=cfg.summary, weighted=cfg.weighted,
+            rope=True, rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len, impl=cfg.impl)
+    if cfg.attention == "sdpa":
+        return FullAttention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.rope_theta, causal)
+    if cfg.attention == "local":
+        return LocalAttention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.rope_theta, causal,
+                              block_size=cfg.block_size, rank=cfg.rank, impl=cfg.impl)
+    raise ValueError(f"model.attention={cfg.attention!r} is not one of 'fma', 'sdpa', 'local'")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = make_attention(cfg, causal)
+        self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.hidden)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), positions)  # (B, n, dim)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """Token embedding, blocks and the final norm: ids (B, n) -> hidden states (B, n, dim)."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.activation_checkpointing = cfg.activation_checkpointing
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.tok_emb(input_ids)  # (B, n, dim)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            # Keep only each block's input; its activations are rebuilt in the backward.
+            x = checkpoint(block, x, positions, use_reentrant=False) if recompute else block(x, positions)
+        return self.norm(x)
+
+
+# --------------------------------------------------------------------------- loss
+def _chunked_ce(h, weight, targets, chunk: int, want_dh: bool, want_dw: bool):
+    """Cross-entropy sum of ``h @ weight.T`` and, if wanted, its gradients, ``chunk`` rows at a time.
+
+    h (N, dim), weight (V, dim), targets (N,). Only one chunk's logits (chunk, V)
+    exist at a time. Logits and softmax are float32 (float64 for float64 inputs).
+    """
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    dh = torch.empty_like(h) if want_dh else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_dw else None
+    total = torch.zeros((), dtype=acc, device=h.device)
+    for s in range(0, h.shape[0], chunk):
+        hc, tc = h[s:s + chunk], targets[s:s + chunk]
+        logits = (hc @ weight.t()).to(acc)  # (c, V)
+        valid = tc != IGNORE_INDEX
+        safe = torch.where(valid, tc, 0)[:, None]  # any index; ignored rows are zeroed below
+        lse = torch.logsumexp(logits, dim=-1)  # (c,)
+        total += torch.where(valid, lse - logits.gather(1, safe).squeeze(1), 0).sum()
+        if want_dh or want_dw:
+            grad = torch.exp_(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+            grad.scatter_add_(1, safe, torch.full_like(grad[:, :1], -1.0))  # - one_hot(target)
+            grad = grad.mul_(valid[:, None]).to(h.dtype)  # (c, V)
+            if want_dh:
+                dh[s:s + chunk] = grad @ weight
+            if want_dw:
+                dw += (grad.t() @ hc).to(acc)
+    return total, dh, dw
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Autograd wrapper of :func:`_chunked_ce`.
+
+    The gradients are formed in the forward, chunk by chunk, while each chunk's
+    logits exist anyway; the backward only scales them by the incoming gradient.
+    So logits are computed once and never stored, and the head costs the same
+    three matmuls as a plain ``linear + cross_entropy`` (recomputing each chunk's
+    logits in the backward would cost a fourth).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        total, dh, dw = _chunked_ce(h, weight, targets, chunk, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        dh, dw = ctx.saved_tensors
+        dh = dh * grad_total.to(dh.dtype) if dh is not None else None
+        dw = (dw * grad_total).to(ctx.weight_dtype) if dw is not None else None
+        return dh, dw, None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropies, number of targets) over tokens with ``targets != -100``.
+
+    ``h`` (..., dim) hidden states, ``weight`` (V, dim) output projection,
+    ``targets`` (...) token ids. The sum is float32 (float64 for float64 ``h``).
+    Without autograd (eval, ``no_grad``) no gradient work is done.
+    """
+    h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    count = (t != IGNORE_INDEX).sum()
+    if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
+        return _ChunkedCrossEntropy.apply(h2, weight, t, chunk), count
+    return _chunked_ce(h2, weight, t, chunk, False, False)[0], count
+
+
+class LMHead(nn.Module):
+    """Output projection; with targets it returns the chunked loss instead of logits.
+
+    The loss lives inside this module's ``forward`` so that ZeRO-3 has gathered
+    ``weight`` (its hooks gather a module's parameters around its forward).
+    """
+
+    def __init__(self, dim: int, vocab_size: int, chunk: int):
+        super().__init__()
+        self.chunk = chunk
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None):
+        if targets is None:
+            return h @ self.weight.t()  # (B, n, V): short inputs only
+        return chunked_cross_entropy(h, self.weight, targets, self.chunk)
+
+
+# --------------------------------------------------------------------------- models
+class LanguageModel(nn.Module):
+    """Trunk + head. Subclasses fix ``causal``; use :func:`build_model`."""
+
+    causal: bool = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = Transformer(cfg, causal=self.causal)
+        self.head = LMHead(cfg.dim, cfg.vocab_size, cfg.loss_chunk)
+        if cfg.tie_embeddings:
+            self.head.weight = self.trunk.tok_emb.weight  # one Parameter, two users
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, init_std) for matrices, residual projections scaled by
+        1/sqrt(2 * n_layers) so the residual stream's variance does not grow with
+        depth. Multipole summaries keep their own init (averaging maps)."""
+        std = self.cfg.init_std
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(mod.weight, mean=0.0, std=std)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, RMSNorm):
+                nn.init.ones_(mod.weight)
+        for block in self.trunk.blocks:
+            for proj in (block.attn.wo, block.mlp.w2):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.head.weight, mean=0.0, std=std)
+
+    def _check_ids(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be integer (batch, seq_len), got {tuple(input_ids.shape)} "
+                             f"{input_ids.dtype}")
+        if targets is not None and targets.shape != input_ids.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids "
+                             f"{tuple(input_ids.shape)} (aligned: the token to predict at each position)")
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss sum, number of targets): ``input_ids``, ``targets`` (B, n); ``positions``
+        (n,) or (B, n) global positions, default ``arange(n)``. Targets of -100 are ignored."""
+        self._check_ids(input_ids, targets)
+        return self.head(self.trunk(input_ids, positions), targets)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n, vocab) logits for every position, float32 (float64 for a float64 model);
+        for generation and short inputs: the whole (n, vocab) matrix is formed."""
+        self._check_ids(input_ids)
+        logits = self.head(self.trunk(input_ids, positions))
+        return logits if logits.dtype == torch.float64 else logits.float()
+
+    def num_params(self, embedding: bool = True) -> int:
+        """Parameters, shared ones once; without the input embedding if ``embedding=False``."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embedding:
+            n -= self.trunk.tok_emb.weight.numel()
+            if self.cfg.tie_embeddings:  # the tied matrix is still used by the head
+                n += self.head.weight.numel()
+        return n
+
+
+class CausalLM(LanguageModel):
+    """GPT-style: each position predicts the next token and sees only the past."""
+
+    causal = True
+
+
+class MaskedLM(LanguageModel):
+    """BERT-style: bidirectional; predicts the masked tokens."""
+
+    causal = False
+
+
+def build_model(cfg: ModelConfig) -> LanguageModel:
+    """The model ``cfg.kind`` names, initialised (on the CPU, fp32)."""
+    if cfg.kind == "causal":
+        return CausalLM(cfg)
+    if cfg.kind == "mlm":
+        return MaskedLM(cfg)
+    raise ValueError(f"model.kind={cfg.kind!r} is not one of 'causal', 'mlm'")
+
+
+# --------------------------------------------------------------------------- FLOPs
+def attention_scores_per_query(cfg: ModelConfig, seq_len: int, causal: bool) -> float:
+    """Query-key scores the attention really computes per query, averaged over the sequence.
+
+    fma: ``F*m`` fine keys plus ``F*p`` summaries per coarse level (``F`` = 2
+    causal, 3 bidirectional; masked slots are computed too); the linear variant
+    shares coarse scores per window instead. local: the fine part only. sdpa:
+    every key, half of them when causal (what FlashAttention-style kernels skip).
+    """
+    n = seq_len
+    if cfg.attention == "sdpa":
+        return (n + 1) / 2 if causal else float(n)
+    F_ = 2 if causal else 3
+    fine = F_ * cfg.block_size
+    if cfg.attention == "local":
+        return float(fine)
+    h = hierarchy(n, cfg.block_size, cfg.rank, causal)
+    if cfg.variant == "linear":
+        return fine + sum(h.windows) * h.slots_per_level / n
+    return float(fine + h.coarse_slots)
+
+
+def _summary_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool) -> float:
+    """Multiply-add FLOPs of the learned key and value summaries, per token per layer."""
+    if cfg.attention != "fma" or cfg.summary == "mean":
+        return 0.0
+    h = hierarchy(seq_len, cfg.block_size, cfg.rank, causal)
+    if h.n_levels == 0:
+        return 0.0
+    d, p = cfg.head_dim, cfg.rank
+    if cfg.summary == "m2m":  # leaf: m tokens -> p summaries; then 2p children -> p, per level
+        flops = 2 * cfg.block_size * p * d * h.n_blocks + sum(4 * p * p * d * nw for nw in h.windows[1:])
+    else:  # conv: every level reads its whole (padded) windows
+        flops = sum(2 * h.window_size(l) * p * d * nw for l, nw in enumerate(h.windows, start=1))
+    return 2 * cfg.kv_heads * flops / seq_len  # keys and values
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> float:
+    """FLOPs per token of one forward (+ backward if ``training``: x3) at ``seq_len``.
+
+    Counts the matmuls (2 per multiply-add): projections, MLP, output head, the
+    attention scores and weighted values the attention kind really computes
+    (:func:`attention_scores_per_query`) and learned summaries. Recomputation by
+    activation checkpointing is not counted (model FLOPs, as MFU is defined).
+    """
+    causal = cfg.kind == "causal"
+    dim, kv_dim, L = cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.n_layers
+    per_layer = 2 * (dim * dim + dim * 2 * kv_dim + dim * dim + 3 * dim * cfg.hidden)
+    # q.k and p.v: 2 multiply-adds of head_dim per (query head, key).
+    per_layer += 4 * cfg.n_heads * cfg.head_dim * attention_scores_per_query(cfg, seq_len, causal)
+    per_layer += _summary_flops_per_token(cfg, seq_len, causal)
+    forward = L * per_layer + 2 * dim * cfg.vocab_size
+    return 3 * forward if training else forward
+
+
+__all__ = ["RMSNorm", "SwiGLU", "ProjectedAttention", "FullAttention", "LocalAttention", "make_attention",
+           "Block", "Transformer", "LMHead", "LanguageModel", "CausalLM", "MaskedLM", "build_model",
+           "chunked_cross_entropy", "attention_scores_per_query", "flops_per_token", "IGNORE_INDEX"]

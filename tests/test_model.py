@@ -1,0 +1,306 @@
+"""Models: every attention kind x both model kinds, chunked loss, causality, FLOPs, long steps."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fmtrain.attention.hierarchy import hierarchy
+from fmtrain.config import ModelConfig
+from fmtrain.model import (IGNORE_INDEX, CausalLM, MaskedLM, attention_scores_per_query, build_model,
+                           chunked_cross_entropy, flops_per_token)
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTENTIONS = ("fma", "sdpa", "local")
+KINDS = ("causal", "mlm")
+
+
+def small(**kw) -> ModelConfig:
+    """A model small enough for float64 checks; 96 tokens at block 16 give fma 2 coarse levels."""
+    base = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, block_size=16, rank=2,
+                loss_chunk=37)
+    return ModelConfig(**{**base, **kw})
+
+
+def build(seed: int = 0, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    return build_model(small(**kw)).to(dtype)
+
+
+def batch(n: int = 96, B: int = 2, vocab: int = 61, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, n), generator=g)
+    targets = torch.randint(0, vocab, (B, n), generator=g)
+    targets[0, :5] = IGNORE_INDEX
+    return ids, targets
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+# --------------------------------------------------------------------------- forward / backward
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_forward_backward_every_kind(attention, kind):
+    model = build(attention=attention, kind=kind, dtype=torch.float32)
+    assert isinstance(model, CausalLM if kind == "causal" else MaskedLM)
+    ids, targets = batch()
+    loss_sum, count = model(ids, targets)
+    assert count.item() == targets.numel() - 5
+    mean = loss_sum / count
+    # Near-uniform predictions at init: the loss is close to log(vocab).
+    assert abs(mean.item() - math.log(61)) < 0.3
+    mean.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+    if attention == "fma":  # the learned summaries take part
+        assert any("summaries" in name for name, _ in model.named_parameters())
+
+
+def test_logits_match_loss():
+    model = build()
+    ids, targets = batch()
+    logits = model.logits(ids)
+    assert logits.shape == (2, 96, 61)
+    expect = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    loss_sum, _ = model(ids, targets)
+    torch.testing.assert_close(loss_sum, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_inputs_are_named():
+    model = build(dtype=torch.float32)
+    ids, targets = batch()
+    with pytest.raises(ValueError, match="targets .* must have the shape of input_ids"):
+        model(ids, targets[:, :10])
+    with pytest.raises(ValueError, match="input_ids must be integer"):
+        model(ids.float(), targets)
+
+
+# --------------------------------------------------------------------------- chunked loss
+def test_chunked_loss_equals_unchunked_float64():
+    """Loss and both gradients equal the plain full-logits cross-entropy to 1e-12 (float64)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 40, (3, 50), generator=g)
+    t[1, ::3] = IGNORE_INDEX
+    upstream = 0.37  # a non-unit incoming gradient must scale the stored ones
+    ref = F.cross_entropy((h @ w.t()).flatten(0, 1), t.flatten(), reduction="sum")
+    ref_dh, ref_dw = torch.autograd.grad(ref * upstream, (h, w))
+    for chunk in (1, 7, 50, 1000):
+        loss, count = chunked_cross_entropy(h, w, t, chunk)
+        dh, dw = torch.autograd.grad(loss * upstream, (h, w))
+        assert count.item() == (t != IGNORE_INDEX).sum().item()
+        torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dh, ref_dh, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dw, ref_dw, rtol=1e-12, atol=1e-12)
+
+
+def test_model_loss_independent_of_chunk():
+    ids, targets = batch()
+    results = []
+    for chunk in (5, 37, 10_000):
+        model = build(loss_chunk=chunk)
+        loss, _ = model(ids, targets)
+        loss.backward()
+        results.append((loss.detach(), grads(model)))
+    for loss, g in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-12, atol=1e-12)
+        for k in g:
+            torch.testing.assert_close(g[k], results[0][1][k], rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_loss_without_grad_and_all_ignored():
+    h = torch.randn(10, 8)
+    w = torch.randn(20, 8)
+    t = torch.full((10,), IGNORE_INDEX)
+    with torch.no_grad():
+        loss, count = chunked_cross_entropy(h, w, t, 3)
+    assert loss.item() == 0.0 and count.item() == 0 and not loss.requires_grad
+
+
+# --------------------------------------------------------------------------- direction
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_causal_output_independent_of_later_tokens(attention):
+    model = build(attention=attention, kind="causal")
+    ids, _ = batch(n=96, B=1)
+    later = ids.clone()
+    later[0, 50:] = (later[0, 50:] + 1) % 61
+    a, b = model.logits(ids), model.logits(later)
+    torch.testing.assert_close(a[:, :50], b[:, :50], rtol=0, atol=1e-12)
+    assert (a[:, 50:] - b[:, 50:]).abs().max() > 1e-3  # and the change does reach later positions
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_mlm_sees_both_directions(attention):
+    model = build(attention=attention, kind="mlm")
+    ids, _ = batch(n=96, B=1)
+    # Change a token inside the neighbourhood of position 20 on each side: both move it.
+    for pos in (10, 30):
+        other = ids.clone()
+        other[0, pos] = (other[0, pos] + 1) % 61
+        assert (model.logits(ids)[0, 20] - model.logits(other)[0, 20]).abs().max() > 1e-4, pos
+
+
+def test_fma_mlm_sees_far_tokens_local_does_not():
+    """Position 0 sees the last token through coarse summaries with fma, not with local."""
+    ids, _ = batch(n=96, B=1)
+    other = ids.clone()
+    other[0, -1] = (other[0, -1] + 1) % 61
+    for attention, sees in (("fma", True), ("local", False)):
+        model = build(attention=attention, kind="mlm", n_layers=1)
+        diff = (model.logits(ids)[0, 0] - model.logits(other)[0, 0]).abs().max().item()
+        assert (diff > 1e-8) == sees, (attention, diff)
+
+
+# --------------------------------------------------------------------------- positions and lengths
+def test_global_positions_are_used():
+    model = build(attention="sdpa")
+    ids, _ = batch(n=32, B=2)
+    base = model.logits(ids)
+    # RoPE is relative: a shift of every position changes nothing ...
+    shifted = torch.arange(32) + 1000
+    torch.testing.assert_close(model.logits(ids, shifted), base, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(model.logits(ids, shifted.expand(2, 32)), base, rtol=1e-9, atol=1e-9)
+    # ... but spreading them apart does.
+    assert (model.logits(ids, torch.arange(32) * 3) - base).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_runs_at_other_lengths(kind):
+    """m2m summaries do not depend on n: one model runs at any length, partial blocks included."""
+    model = build(kind=kind, dtype=torch.float32)
+    n_params = model.num_params()
+    for n in (16, 96, 257, 1024):
+        ids, targets = batch(n=n, B=1)
+        loss, count = model(ids, targets)
+        assert torch.isfinite(loss) and count.item() > 0
+    assert model.num_params() == n_params
+
+
+def test_conv_summary_refuses_longer_sequences():
+    model = build(summary="conv", max_seq_len=128, dtype=torch.float32)
+    model(*batch(n=128, B=1))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(*batch(n=512, B=1))
+
+
+# --------------------------------------------------------------------------- training features
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_activation_checkpointing_same_gradients(attention):
+    ids, targets = batch()
+    out = []
+    for ckpt in (False, True):
+        model = build(attention=attention, activation_checkpointing=ckpt)
+        model.train()
+        loss, _ = model(ids, targets)
+        loss.backward()
+        out.append((loss.detach(), grads(model)))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=1e-12)
+    assert out[0][1].keys() == out[1][1].keys()
+    for k in out[0][1]:
+        torch.testing.assert_close(out[1][1][k], out[0][1][k], rtol=1e-10, atol=1e-12)
+
+
+def test_tied_embeddings_share_storage():
+    tied, untied = build(tie_embeddings=True), build(tie_embeddings=False)
+    assert tied.head.weight is tied.trunk.tok_emb.weight
+    assert tied.head.weight.data_ptr() == tied.trunk.tok_emb.weight.data_ptr()
+    assert untied.head.weight.data_ptr() != untied.trunk.tok_emb.weight.data_ptr()
+    assert untied.num_params() - tied.num_params() == 61 * 32
+    # One update moves both uses: the shared matrix gets the head's and the embedding's gradient.
+    loss, _ = tied(*batch())
+    loss.backward()
+    assert tied.trunk.tok_emb.weight.grad is tied.head.weight.grad
+    assert sum(1 for _ in tied.parameters()) == sum(1 for _ in untied.parameters()) - 1
+
+
+def test_init_scales_residual_projections():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, dim=256, n_layers=8, n_heads=4, attention="sdpa")
+    model = build_model(cfg)
+    block = model.trunk.blocks[0]
+    assert abs(block.attn.wq.weight.std().item() - 0.02) < 0.002
+    residual = 0.02 / math.sqrt(2 * 8)
+    assert abs(block.attn.wo.weight.std().item() - residual) < 0.1 * residual
+    assert abs(block.mlp.w2.weight.std().item() - residual) < 0.1 * residual
+    assert torch.equal(block.norm1.weight, torch.ones(256))
+
+
+# --------------------------------------------------------------------------- FLOPs
+def test_flops_sdpa_dense_closed_form():
+    """6N (matmul parameters, head included) + 6 L dim (n+1) causal, 12 L dim n bidirectional."""
+    n = 4096
+    for kind in KINDS:
+        cfg = ModelConfig(kind=kind, vocab_size=1000, dim=256, n_layers=3, n_heads=4, n_kv_heads=2,
+                          mlp_hidden=700, attention="sdpa")
+        kv = 2 * 64
+        n_matmul = 3 * (256 * 256 * 2 + 256 * 2 * kv + 3 * 256 * 700) + 256 * 1000
+        attn = 6 * 3 * 256 * (n + 1) if kind == "causal" else 12 * 3 * 256 * n
+        assert flops_per_token(cfg, n) == pytest.approx(6 * n_matmul + attn, rel=1e-12)
+        assert flops_per_token(cfg, n, training=False) == pytest.approx((6 * n_matmul + attn) / 3)
+
+
+def test_flops_fma_and_local_count_their_scores():
+    n, m, p = 8192, 64, 2
+    L = hierarchy(n, m, p, True).n_levels
+    assert L == 6
+    cfg = ModelConfig(vocab_size=256, dim=128, n_heads=4, block_size=m, rank=p, summary="mean")
+    assert attention_scores_per_query(cfg, n, causal=True) == 2 * m + 2 * p * L
+    assert attention_scores_per_query(cfg, n, causal=False) == 3 * m + 3 * p * L
+    local = dataclasses.replace(cfg, attention="local")
+    assert attention_scores_per_query(local, n, causal=True) == 2 * m
+    full = dataclasses.replace(cfg, attention="sdpa")
+    # Attention is the only difference between the three counts.
+    f = {c.attention: flops_per_token(c, n) for c in (cfg, local, full)}
+    assert f["fma"] - f["local"] == pytest.approx(3 * 4 * 128 * cfg.n_layers * 2 * p * L)
+    assert f["sdpa"] > 4 * f["fma"]
+    # Learned summaries add their own (small) work.
+    m2m = dataclasses.replace(cfg, summary="m2m")
+    assert f["fma"] < flops_per_token(m2m, n) < 1.05 * f["fma"]
+
+
+# --------------------------------------------------------------------------- long sequences
+LONG_STEP = """
+import json, resource, sys, time, torch
+from fmtrain.config import load_config
+from fmtrain.model import build_model
+cfg = load_config(sys.argv[1], sys.argv[2:])
+torch.manual_seed(0)
+model = build_model(cfg.model)
+n = cfg.data.seq_len
+ids = torch.randint(0, cfg.model.vocab_size, (1, n))
+t0 = time.time()
+loss, count = model(ids, torch.roll(ids, -1, dims=1))
+(loss / count).backward()
+ok = all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+print(json.dumps({"loss": (loss / count).item(), "count": count.item(), "grads_ok": ok,
+                  "seconds": time.time() - t0,
+                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["tiny-gpt", "tiny-mlm"])
+def test_step_at_131072_tokens_under_8_gib(config):
+    """One fp32 forward+backward of the tiny model at 131072 tokens, in a fresh process so
+    that its peak RSS is this step's alone (activation checkpointing on, as long runs use)."""
+    out = subprocess.run(
+        [sys.executable, "-c", LONG_STEP, str(ROOT / "configs" / f"{config}.toml"),
+         "--data.seq_len=131072", "--model.activation_checkpointing=true"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["count"] == 131072 and res["grads_ok"]
+    assert math.isfinite(res["loss"])
+    assert res["peak_rss_gib"] < 8.0, res

@@ -1,0 +1,210 @@
+"""Multipole attention against SDPA: forward and forward+backward time, peak memory.
+
+    python bench/attention.py              # full sweep (CPU: about 15 minutes on 2 cores)
+    python bench/attention.py --quick      # n <= 4k, a minute
+    python bench/attention.py --device cuda
+
+Each case runs in a fresh subprocess so that its peak memory is its own: on CPU
+the peak resident set size above what the process held once the inputs were
+allocated, on CUDA ``max_memory_allocated`` above the inputs. Times are medians
+of repeated runs after a warm-up (single runs where one run takes minutes).
+Prints a table and writes JSON to ``bench/results/attention-<device>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str, heads: int,
+             head_dim: int, budget_s: float) -> dict:
+    """Time one case in this process; returns a result row."""
+    import torch
+    import torch.nn.functional as F
+
+    from fmtrain.attention import fma
+
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    grad = mode == "fwdbwd"
+    q, k, v = (torch.randn(1, heads, n, head_dim, device=device, dtype=dt, requires_grad=grad) for _ in range(3))
+
+    def step():
+        if impl == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            o = fma(q, k, v, causal=causal, impl="auto")
+        if grad:
+            o.backward(torch.ones_like(o))
+            q.grad = k.grad = v.grad = None
+        return o
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    # Warm up the libraries (thread pools, kernels) at a tiny size before the baseline.
+    with torch.set_grad_enabled(grad):
+        small = [t[:, :, :256].detach().requires_grad_(grad) for t in (q, k, v)]
+        o = fma(*small, causal=causal) if impl == "fma" else F.scaled_dot_product_attention(*small, is_causal=causal)
+        if grad:
+            o.sum().backward()
+    del small, o
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    times = []
+    t_start = time.perf_counter()
+    with torch.set_grad_enabled(grad):
+        while True:
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
+            spent = time.perf_counter() - t_start
+            # First run is the warm-up unless it alone takes most of the budget.
+            if len(times) >= 4 or spent + times[-1] > budget_s:
+                break
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    timed = times[1:] if len(times) > 1 else times
+    timed.sort()
+    elem = torch.finfo(dt).bits // 8
+    return dict(impl=impl, n=n, causal=causal, mode=mode, device=device, dtype=dtype, heads=heads,
+                head_dim=head_dim, ms=1e3 * timed[len(timed) // 2], runs=len(timed),
+                peak_extra_mib=max(0, peak) / 2**20,
+                io_mib=(3 if not grad else 7) * n * heads * head_dim * elem / 2**20)
+
+
+def spawn(args, impl, n, causal, mode) -> dict | None:
+    cmd = [sys.executable, __file__, "--case", f"{impl},{n},{int(causal)},{mode}", "--device", args.device,
+           "--dtype", args.dtype, "--heads", str(args.heads), "--head-dim", str(args.head_dim),
+           "--budget", str(args.budget)]
+    # Large blocks from mmap, so that freed memory leaves the resident set and its peak is the real one.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        print(f"  {impl} n={n} {mode}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode})")
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def sweep(args) -> list[dict]:
+    if args.quick:
+        both, alone = [1024, 4096], []
+    else:
+        both, alone = [1024, 4096, 16384, 65536], [131072, 262144]
+    if args.n:
+        both, alone = [n for n in args.n if n <= args.sdpa_max], [n for n in args.n if n > args.sdpa_max]
+    rows = []
+    for causal in (True, False) if not args.causal_only else (True,):
+        for n in both + alone:
+            impls = ("fma", "sdpa") if n in both else ("fma",)
+            for impl in impls:
+                for mode in ("fwd", "fwdbwd"):
+                    row = spawn(args, impl, n, causal, mode)
+                    if row:
+                        rows.append(row)
+                        print(f"  {impl:5s} n={n:7d} causal={int(causal)} {mode:6s} {row['ms']:10.1f} ms"
+                              f"  peak+{row['peak_extra_mib']:8.1f} MiB", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    key = {(r["impl"], r["n"], r["causal"], r["mode"]): r for r in rows}
+    lines = [f"{'n':>8} {'causal':>6} | {'fma fwd':>9} {'sdpa fwd':>9} {'x':>6} | {'fma f+b':>9} {'sdpa f+b':>9}"
+             f" {'x':>6} | {'fma peak':>9} {'sdpa peak':>9} {'fma io':>8}",
+             f"{'':>8} {'':>6} | {'ms':>9} {'ms':>9} {'':>6} | {'ms':>9} {'ms':>9} {'':>6} | {'MiB':>9} {'MiB':>9}"
+             f" {'MiB':>8}"]
+    for n, causal in sorted({(r["n"], r["causal"]) for r in rows}, key=lambda t: (not t[1], t[0])):
+        def get(impl, mode, field="ms"):
+            r = key.get((impl, n, causal, mode))
+            return r[field] if r else None
+
+        def fmt(x, spec="9.1f"):
+            return format(x, spec) if x is not None else f"{'-':>{spec.split('.')[0]}}"
+
+        fx = get("sdpa", "fwd") / get("fma", "fwd") if get("sdpa", "fwd") and get("fma", "fwd") else None
+        bx = get("sdpa", "fwdbwd") / get("fma", "fwdbwd") if get("sdpa", "fwdbwd") and get("fma", "fwdbwd") else None
+        lines.append(f"{n:8d} {int(causal):6d} | {fmt(get('fma', 'fwd'))} {fmt(get('sdpa', 'fwd'))} {fmt(fx, '6.1f')}"
+                     f" | {fmt(get('fma', 'fwdbwd'))} {fmt(get('sdpa', 'fwdbwd'))} {fmt(bx, '6.1f')}"
+                     f" | {fmt(get('fma', 'fwdbwd', 'peak_extra_mib'))} {fmt(get('sdpa', 'fwdbwd', 'peak_extra_mib'))}"
+                     f" {fmt(get('fma', 'fwdbwd', 'io_mib'), '8.1f')}")
+    return "\n".join(lines)
+
+
+def growth(rows: list[dict]) -> list[str]:
+    """Time and memory growth of fma forward+backward against n log n, per mask."""
+    out = []
+    for causal in (True, False):
+        pts = sorted((r["n"], r["ms"], r["peak_extra_mib"]) for r in rows
+                     if r["impl"] == "fma" and r["mode"] == "fwdbwd" and r["causal"] == causal and r["n"] >= 16384)
+        if len(pts) >= 2:
+            (n0, t0, m0), (n1, t1, m1) = pts[0], pts[-1]
+            nlogn = (n1 * math.log(n1)) / (n0 * math.log(n0))
+            out.append(f"causal={int(causal)}: n {n0} -> {n1}: time x{t1 / t0:.1f}, peak memory x{m1 / max(m0, 1e-9):.1f},"
+                       f" n log n x{nlogn:.1f}")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="n <= 4096 only")
+    ap.add_argument("--causal-only", action="store_true")
+    ap.add_argument("--n", type=int, nargs="*", help="sequence lengths (default: the standard sweep)")
+    ap.add_argument("--sdpa-max", type=int, default=65536, help="largest n that also runs SDPA (with --n)")
+    ap.add_argument("--budget", type=float, default=20.0, help="seconds of repeated runs per case")
+    ap.add_argument("--out", type=Path, help="JSON output path")
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.case:
+        impl, n, causal, mode = args.case.split(",")
+        print(json.dumps(run_case(impl, int(n), bool(int(causal)), mode, args.device, args.dtype, args.heads,
+                                  args.head_dim, args.budget)))
+        return
+    import torch
+    print(f"fmtrain attention benchmark: {args.device}, {args.dtype}, batch 1, {args.heads} heads, "
+          f"head_dim {args.head_dim}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = sweep(args)
+    print()
+    print(table(rows))
+    for line in growth(rows):
+        print(line)
+    out = args.out or RESULTS / f"attention-{args.device}{'-quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(date=time.strftime("%Y-%m-%d"), host=platform.node(), machine=platform.machine(),
+                processor=platform.processor(), threads=torch.get_num_threads(), torch=torch.__version__,
+                device=args.device, dtype=args.dtype, heads=args.heads, head_dim=args.head_dim, batch=1)
+    if args.device == "cuda":
+        meta["card"] = torch.cuda.get_device_name()
+    out.write_text(json.dumps(dict(meta=meta, rows=rows, table=table(rows), growth=growth(rows)), indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,9 +17,11 @@ Two kinds of source, one interface (`Corpus.documents()` yields
 
 Documented behaviour for awkward input: empty documents are skipped; text
 files are read with universal newlines (CRLF and CR arrive as LF); bytes
-that are not UTF-8 become U+FFFD (``encoding_errors="replace"``, set
-``"strict"`` to fail instead); a missing file, a glob that matches nothing, or
-a corpus without any text raise `CorpusError` naming it.
+that are not UTF-8 become U+FFFD in text files and stdlib sources
+(``encoding_errors="replace"``, set ``"strict"`` to fail instead), while JSON
+lines must be UTF-8 (a `CorpusError` says so); a missing file, a glob that
+matches nothing, a missing text field, or a corpus without any text raise
+`CorpusError` naming it.
 """
 
 from __future__ import annotations
@@ -304,6 +306,7 @@ def _read_files(fmt: str, paths: list[Path], corpus: Corpus) -> Iterator[str]:
     elif fmt == "json":
         kwargs = dict(encoding_errors=corpus.encoding_errors)
     elif fmt == "parquet":
+        _check_parquet_column(paths, corpus.text_field)
         kwargs = dict(columns=[corpus.text_field])
     where = _name_files(paths)
     try:
@@ -314,10 +317,22 @@ def _read_files(fmt: str, paths: list[Path], corpus: Corpus) -> Iterator[str]:
     except CorpusError:
         raise
     except UnicodeDecodeError as err:
-        raise CorpusError(f"{where} is not valid UTF-8 ({err}); set encoding_errors='replace' "
-                          f"to read it with U+FFFD for the bad bytes") from err
+        if fmt == "text" and corpus.encoding_errors == "strict":
+            hint = "set encoding_errors='replace' to read it with U+FFFD for the bad bytes"
+        else:  # the JSON reader decodes strictly whatever encoding_errors says
+            hint = "JSON lines must be UTF-8: re-encode the file (e.g. iconv -f latin1 -t utf-8)"
+        raise CorpusError(f"{where} is not valid UTF-8 ({err}); {hint}") from err
     except Exception as err:  # datasets / pyarrow errors: name the files
         raise CorpusError(f"could not read {where} as {fmt}: {type(err).__name__}: {err}") from err
+
+
+def _check_parquet_column(paths: list[Path], column: str) -> None:
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        names = pq.read_schema(path).names
+        if column not in names:
+            raise CorpusError(f"{path} has no column {column!r} (columns: {names}); set text_field")
 
 
 def _read_hub(corpus: Corpus, split: str | None) -> Iterator[str]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fmtrain.data.corpus import Corpus
-from fmtrain.data.masking import IGNORE_INDEX, mask_tokens, replacement_ids
+from fmtrain.data.masking import IGNORE_INDEX, mask_array, replacement_ids
 from fmtrain.data.tokenizer import Tokenizer, load_tokenizer
 from fmtrain.data.tokens import TokenData, cached_tokenizer, cached_tokens
 
@@ -51,29 +51,46 @@ class _Stream:
         self.starts = np.concatenate([[0], np.cumsum(lengths[self.order])]).astype(np.int64)
         self.length = int(self.starts[-1])
 
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens, doc_positions) of stream [start, stop), both (stop - start,) int64; past the end: -1."""
-        pos = np.arange(start, min(stop, self.length), dtype=np.int64)       # (n,)
-        slot = np.searchsorted(self.starts, pos, side="right") - 1            # which document
-        in_doc = pos - self.starts[slot]                                      # (n,)
-        src = self.data.offsets[self.order[slot]] + in_doc                    # index into tokens
-        tokens = np.full(stop - start, -1, dtype=np.int64)
-        doc_pos = np.zeros(stop - start, dtype=np.int64)
-        if len(pos):
-            tokens[:len(pos)] = _gather(self.data.tokens, src)
-            doc_pos[:len(pos)] = in_doc
-        return tokens, doc_pos
+    def read_into(self, start: int, tokens: np.ndarray, doc_pos: np.ndarray) -> bool:
+        """Fill tokens and doc_pos, both (n,) int64, from stream [start, start + n).
+
+        Copies one slice per document piece (a long-context sequence spans few
+        documents). Past the stream's end: token -1, position 0; returns
+        whether that happened.
+        """
+        n = len(tokens)
+        end = min(start + n, self.length)
+        pos = start
+        slot = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while pos < end:
+            in_doc = pos - int(self.starts[slot])
+            take = min(end, int(self.starts[slot + 1])) - pos
+            src = int(self.data.offsets[self.order[slot]]) + in_doc
+            out = slice(pos - start, pos - start + take)
+            tokens[out] = self.data.tokens[src:src + take]
+            np.add(_arange(take), in_doc, out=doc_pos[out])
+            pos += take
+            slot += 1
+        if start + n > end:
+            tokens[max(end - start, 0):] = -1
+            doc_pos[max(end - start, 0):] = 0
+            return True
+        return False
 
 
-def _gather(tokens: np.ndarray, src: np.ndarray) -> np.ndarray:
-    """tokens[src] as int64, reading contiguous runs as slices (fast on a memory map)."""
-    breaks = np.flatnonzero(np.diff(src) != 1) + 1
-    runs = np.split(src, breaks)
-    return np.concatenate([tokens[r[0]:r[-1] + 1] for r in runs]).astype(np.int64)
+_ARANGE = np.arange(0, dtype=np.int64)
+
+
+def _arange(n: int) -> np.ndarray:
+    """np.arange(n), from a cache that grows (no allocation per document piece)."""
+    global _ARANGE
+    if len(_ARANGE) < n:
+        _ARANGE = np.arange(max(n, 2 * len(_ARANGE)), dtype=np.int64)
+    return _ARANGE[:n]
 
 
 class _Sequences:
-    """Turns sequence numbers into batch rows: reads, shifts or masks, slices for SP."""
+    """Turns sequence starts into batches: reads, shifts or masks, slices for SP."""
 
     def __init__(self, seq_len: int, sp_rank: int, sp_size: int, objective: str, seed: int,
                  pad_id: int, mask_id: int | None, vocab_size: int | None, special_ids: list[int],
@@ -95,30 +112,34 @@ class _Sequences:
         # Causal sequences read one token more: the last target.
         self.extra = 1 if objective == "causal" else 0
 
-    def row(self, stream: _Stream, start: int, index: int) -> dict[str, torch.Tensor]:
-        """This rank's slice of the sequence beginning at stream offset `start`; `index` seeds masking."""
-        lo = self.sp_rank * self.chunk
-        tokens, doc_pos = stream.read(start + lo, start + lo + self.chunk + self.extra)
-        tokens, doc_pos = torch.from_numpy(tokens), torch.from_numpy(doc_pos)
-        valid = tokens >= 0                                  # False past the end (eval padding)
+    def batch(self, rows: list[tuple[_Stream, int, int]]) -> dict[str, torch.Tensor]:
+        """This rank's slice of each (stream, start offset, index) sequence; `index` seeds masking.
+
+        All work is numpy, wrapped as tensors at the end: torch's intra-op
+        threads, busy with the model or descheduled, made the same work 100x
+        slower on a loaded CPU.
+        """
+        B, C, lo = len(rows), self.chunk, self.sp_rank * self.chunk
+        tokens = np.empty((B, C + self.extra), dtype=np.int64)     # (B, C+1) causal, (B, C) mlm
+        doc_pos = np.empty((B, C + self.extra), dtype=np.int64)
+        short = [stream.read_into(start + lo, tokens[b], doc_pos[b]) for b, (stream, start, _) in enumerate(rows)]
         if self.objective == "causal":
-            inputs = tokens[:-1]
-            targets = tokens[1:].clone()
-            targets[~valid[1:]] = IGNORE_INDEX
-            doc_pos = doc_pos[:-1]
+            inputs, targets = tokens[:, :-1].copy(), tokens[:, 1:].copy()
         else:
-            inputs, targets = mask_tokens(
-                tokens.clamp(min=0), seed=self.seed, index=index, mask_id=self.mask_id,
-                replacements=self.replacements, special_ids=self.special_ids,
-                seq_len=self.seq_len, offset=lo, mask_prob=self.mask_prob)
-            targets[~valid] = IGNORE_INDEX
-        inputs = torch.where(valid[:len(inputs)], inputs, torch.full_like(inputs, self.pad_id))
-        positions = torch.arange(lo, lo + self.chunk, dtype=torch.int64)
-        return dict(input_ids=inputs, targets=targets, positions=positions, doc_positions=doc_pos)
-
-
-def _stack(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+            inputs, targets = np.empty((B, C), dtype=np.int64), np.empty((B, C), dtype=np.int64)
+            for b, (_, _, index) in enumerate(rows):
+                inputs[b], targets[b] = mask_array(
+                    np.maximum(tokens[b], 0), seed=self.seed, index=index, mask_id=self.mask_id,
+                    replacements=self.replacements, special_ids=self.special_ids,
+                    seq_len=self.seq_len, offset=lo, mask_prob=self.mask_prob)
+        if any(short):  # eval padding past the end of the held-out stream
+            past = tokens < 0
+            targets[past[:, self.extra:]] = IGNORE_INDEX
+            inputs[past[:, :C]] = self.pad_id
+        positions = np.broadcast_to(lo + _arange(C), (B, C)).copy()
+        return {k: torch.from_numpy(v) for k, v in dict(
+            input_ids=inputs, targets=targets, positions=positions,
+            doc_positions=np.ascontiguousarray(doc_pos[:, :C])).items()}
 
 
 def _check_ranks(dp_rank: int, dp_size: int, batch_size: int) -> None:
@@ -180,16 +201,16 @@ class PackedLoader:
     def epoch(self) -> int:
         return self.consumed // self.sequences_per_epoch
 
-    def sequence(self, k: int) -> dict[str, torch.Tensor]:
-        """This rank's slice of the k-th sequence of the infinite stream (one row, no batch dim)."""
+    def _locate(self, k: int) -> tuple[_Stream, int, int]:
+        """(stream, start offset, k) of the k-th sequence of the infinite stream."""
         epoch, j = divmod(k, self.sequences_per_epoch)
         stream, order = self._layout(epoch)
-        return self.seqs.row(stream, int(order[j]) * self.seq_len, index=k)
+        return stream, int(order[j]) * self.seq_len, k
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The next step's batch for this rank: dict of (B, C) int64 tensors."""
         first = self.consumed + self.dp_rank * self.batch_size
-        batch = _stack([self.sequence(first + b) for b in range(self.batch_size)])
+        batch = self.seqs.batch([self._locate(first + b) for b in range(self.batch_size)])
         self.consumed += self.batch_size * self.dp_size
         return batch
 
@@ -264,12 +285,9 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for step in range(self.n_batches):
             first = (step * self.dp_size + self.dp_rank) * self.batch_size
-            rows = []
-            for k in range(first, first + self.batch_size):
-                # Rows past the last sequence read past the stream's end: all padding.
-                start = k * self.seq_len if k < self.n_sequences else self.stream.length
-                rows.append(self.seqs.row(self.stream, start, index=k))
-            yield _stack(rows)
+            # Rows past the last sequence read past the stream's end: all padding.
+            yield self.seqs.batch([(self.stream, k * self.seq_len if k < self.n_sequences else self.stream.length, k)
+                                   for k in range(first, first + self.batch_size)])
 
 
 # ------------------------------------------------------------------ the standard pair

@@ -14,25 +14,62 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
 
 
-def sequence_generator(seed: int, index: int) -> torch.Generator:
+def sequence_rng(seed: int, index: int) -> np.random.Generator:
     """A generator seeded from (seed, index) alone: the same draws on every rank and every resume."""
-    # Mix with a large odd constant so nearby (seed, index) pairs give unrelated streams.
-    mixed = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 63)
-    return torch.Generator().manual_seed(mixed)
+    return np.random.default_rng([seed, index, 0x6D61736B])  # the last word: "mask", a stream of its own
 
 
-def replacement_ids(vocab_size: int, special_ids: Iterable[int | None]) -> torch.Tensor:
-    """(n,) the ids a random replacement may take: every id that is not special."""
-    keep = torch.ones(vocab_size, dtype=torch.bool)
+def replacement_ids(vocab_size: int, special_ids: Iterable[int | None]) -> np.ndarray:
+    """(n,) int64: the ids a random replacement may take, every id that is not special."""
+    keep = np.ones(vocab_size, dtype=bool)
     for i in special_ids:
         if i is not None:
             keep[i] = False
-    return keep.nonzero().squeeze(1)
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def mask_array(
+    tokens: np.ndarray,
+    *,
+    seed: int,
+    index: int,
+    mask_id: int,
+    replacements: np.ndarray,
+    special_ids: Iterable[int | None],
+    seq_len: int | None = None,
+    offset: int = 0,
+    mask_prob: float = 0.15,
+    mask_frac: float = 0.8,
+    random_frac: float = 0.1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`mask_tokens` on numpy arrays (what the loader calls: numpy never waits on torch's threads)."""
+    n = tokens.shape[0]
+    seq_len = n if seq_len is None else seq_len
+    if offset < 0 or offset + n > seq_len:
+        raise ValueError(f"slice [{offset}, {offset + n}) is outside a sequence of {seq_len} tokens")
+    rng = sequence_rng(seed, index)
+    # Three draws for the whole sequence, then this slice of each.
+    window = slice(offset, offset + n)
+    choose = rng.random(seq_len, dtype=np.float32)[window]                  # (C,)
+    action = rng.random(seq_len, dtype=np.float32)[window]                  # (C,)
+    pick = rng.integers(0, len(replacements), seq_len)[window]              # (C,)
+
+    specials = np.array([i for i in special_ids if i is not None], dtype=tokens.dtype)
+    chosen = (choose < mask_prob) & ~np.isin(tokens, specials)
+    to_mask = chosen & (action < mask_frac)
+    to_random = chosen & (action >= mask_frac) & (action < mask_frac + random_frac)
+
+    inputs = tokens.copy()
+    inputs[to_mask] = mask_id
+    inputs[to_random] = replacements[pick[to_random]]
+    targets = np.where(chosen, tokens, IGNORE_INDEX)
+    return inputs, targets
 
 
 def mask_tokens(
@@ -41,7 +78,7 @@ def mask_tokens(
     seed: int,
     index: int,
     mask_id: int,
-    replacements: torch.Tensor,
+    replacements: np.ndarray | torch.Tensor,
     special_ids: Iterable[int | None],
     seq_len: int | None = None,
     offset: int = 0,
@@ -63,26 +100,8 @@ def mask_tokens(
         (inputs, targets), both (C,) int64; targets hold the original id where
         the loss is taken and -100 elsewhere.
     """
-    n = tokens.shape[0]
-    seq_len = n if seq_len is None else seq_len
-    if offset < 0 or offset + n > seq_len:
-        raise ValueError(f"slice [{offset}, {offset + n}) is outside a sequence of {seq_len} tokens")
-    g = sequence_generator(seed, index)
-    # Three draws for the whole sequence, then this rank's slice of each.
-    choose = torch.rand(seq_len, generator=g)[offset:offset + n]          # (C,)
-    action = torch.rand(seq_len, generator=g)[offset:offset + n]          # (C,)
-    random_pick = torch.randint(len(replacements), (seq_len,), generator=g)[offset:offset + n]
-
-    special = torch.zeros(n, dtype=torch.bool)
-    for i in special_ids:
-        if i is not None:
-            special |= tokens == i
-    chosen = (choose < mask_prob) & ~special
-    to_mask = chosen & (action < mask_frac)
-    to_random = chosen & (action >= mask_frac) & (action < mask_frac + random_frac)
-
-    inputs = tokens.clone()
-    inputs[to_mask] = mask_id
-    inputs[to_random] = replacements[random_pick[to_random]]
-    targets = torch.where(chosen, tokens, torch.full_like(tokens, IGNORE_INDEX))
-    return inputs, targets
+    inputs, targets = mask_array(
+        tokens.numpy().astype(np.int64), seed=seed, index=index, mask_id=mask_id,
+        replacements=np.asarray(replacements, dtype=np.int64), special_ids=special_ids, seq_len=seq_len,
+        offset=offset, mask_prob=mask_prob, mask_frac=mask_frac, random_frac=random_frac)
+    return torch.from_numpy(inputs), torch.from_numpy(targets)

@@ -101,6 +101,8 @@ class _Sequences:
             raise ValueError(f"seq_len={seq_len} must be positive and divisible by sp_size={sp_size}")
         if not 0 <= sp_rank < sp_size:
             raise ValueError(f"sp_rank={sp_rank} is not in [0, sp_size={sp_size})")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
         if objective == "mlm":
             if mask_id is None or vocab_size is None:
                 raise ValueError("the mlm objective needs mask_id and vocab_size (the tokenizer's)")
@@ -247,8 +249,7 @@ class PackedLoader:
             raise ValueError(
                 f"cannot resume the data loader: saved with dp_size={state['dp_size']}, "
                 f"batch_size={state['batch_size']}, now dp_size={self.dp_size}, batch_size={self.batch_size}; "
-                f"pass allow_resplit=True (config: data.allow_resplit = true) to continue at the same "
-                f"sequence split over the new ranks")
+                f"pass allow_resplit=True to continue at the same sequence, split over the new ranks")
         self.consumed = int(state["consumed"])
 
 

@@ -20,6 +20,7 @@ whose build takes longer than the process-group timeout, build beforehand:
 from __future__ import annotations
 
 import argparse
+import array
 import hashlib
 import json
 import os
@@ -117,7 +118,7 @@ class _SplitWriter:
     def __init__(self, folder: Path, split: str, dtype: np.dtype):
         self.folder, self.split, self.dtype = folder, split, dtype
         self.file = open(folder / f"{split}.bin", "wb")
-        self.offsets = [0]
+        self.offsets = array.array("q", [0])  # 8 bytes a document, however many there are
 
     def add(self, ids: list[int], eos_id: int) -> None:
         arr = np.empty(len(ids) + 1, dtype=self.dtype)
@@ -128,7 +129,7 @@ class _SplitWriter:
 
     def close(self) -> dict:
         self.file.close()
-        np.save(self.folder / f"{self.split}.idx.npy", np.asarray(self.offsets, dtype=np.int64))
+        np.save(self.folder / f"{self.split}.idx.npy", np.frombuffer(self.offsets, dtype=np.int64))
         return dict(n_docs=len(self.offsets) - 1, n_tokens=self.offsets[-1])
 
 

@@ -218,6 +218,10 @@ def test_bad_arguments():
         loader(data, objective="prefix")
     with pytest.raises(ValueError, match="mask_id"):
         loader(data, objective="mlm", mask_id=None)
+    with pytest.raises(ValueError, match="seed"):
+        loader(data, seed=-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        loader(data, batch_size=0)
 
 
 def eval_loader(data, **kw):
@@ -284,3 +288,25 @@ def test_build_loaders_trains_a_tokenizer_when_none_given(text_corpus, tmp_path)
     b = build_loaders([str(text_corpus / "*.txt")], "", tmp_path / "cache", **kw)   # cached: not retrained
     assert b.tokenizer.path == a.tokenizer.path and b.tokenizer.path.stat().st_mtime_ns == mtime
     assert torch.equal(a.train.next_batch()["input_ids"], b.train.next_batch()["input_ids"])
+
+
+@pytest.mark.slow
+def test_stdlib_end_to_end_at_long_context(tmp_path):
+    """The default corpus with the shipped 4k tokenizer: long documents, 128k-token batches, held-out pass."""
+    from pathlib import Path
+    model = Path(__file__).resolve().parents[2] / "tokenizer" / "stdlib-4k.model"
+    data = build_loaders("stdlib", model, tmp_path, seq_len=131072, batch_size=1, vocab_size=4096,
+                         objective="mlm", progress=False)
+    train = data.train.data
+    lengths = np.diff(train.offsets)
+    assert (lengths >= 100_000).sum() >= 10                  # many documents of 100k+ tokens
+    b = data.train.next_batch()
+    assert b["input_ids"].shape == (1, 131072)
+    assert abs((b["targets"] != IGNORE_INDEX).float().mean().item() - 0.15) < 0.01
+    assert data.val is not None
+    n = 0
+    for batch in data.val:
+        n += int((batch["targets"] != IGNORE_INDEX).sum())
+    assert n > 1000
+    text = data.tokenizer.decode(train.document(int(np.argmax(lengths)))[:-1].tolist())
+    assert text.startswith("# ") and "def " in text and "import " in text

@@ -393,6 +393,9 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--files", nargs="+", metavar="PATH", help="text / JSON lines / Parquet files, folders or globs")
     g.add_argument("--hub", metavar="NAME", help="a hub dataset name (needs network)")
     g.add_argument("--hub-config", metavar="CONFIG", help="the hub dataset's configuration")
+    g.add_argument("--hub-split", default="train", help="the hub split to train on (default train)")
+    g.add_argument("--hub-val-split", help="a hub split to hold out (default: hash-held-out documents)")
+    g.add_argument("--val-files", nargs="+", metavar="PATH", help="held-out files (default: hash-held-out documents)")
     g.add_argument("--text-field", default="text", help="JSON / Parquet / hub field with the text (default text)")
     g.add_argument("--format", choices=("text", "json", "parquet"), help="default: from each file's suffix")
     g.add_argument("--sample-by", choices=("document", "paragraph", "line"), default="document",
@@ -406,7 +409,10 @@ def corpus_from_arguments(args: argparse.Namespace) -> Corpus:
     if args.files and args.hub:
         raise CorpusError("give --files or --hub, not both")
     if args.files:
-        return Corpus(source="files", paths=tuple(args.files), **common)
+        return Corpus(source="files", paths=tuple(args.files), val_paths=tuple(args.val_files or ()), **common)
+    if args.val_files:
+        raise CorpusError("--val-files goes with --files")
     if args.hub:
-        return Corpus(source="hub", name=args.hub, config=args.hub_config, **common)
+        return Corpus(source="hub", name=args.hub, config=args.hub_config, split=args.hub_split,
+                      val_split=args.hub_val_split, **common)
     return Corpus(val_fraction=args.val_fraction)

@@ -90,6 +90,7 @@ def test_empty_validation_split_opens_as_empty(tokenizer, text_corpus, tmp_path)
     assert data["train"].n_docs == 40
 
 
+@pytest.mark.slow
 def test_cli_prebuild(tokenizer, text_corpus, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fmtrain.data.tokens", "--tokenizer", str(tokenizer.path),
                         "--cache-dir", str(tmp_path), "--files", str(text_corpus)],

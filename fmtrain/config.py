@@ -153,6 +153,9 @@ class TrainConfig:
     eval_batches: int = option(8, "Batches per evaluation.", min=1)
     max_minutes: float | None = option(None, "Stop (with a checkpoint) after this many minutes of "
                                              "training.", min=0.0)
+    stop_at_step: int | None = option(None, "Stop (with a checkpoint) after this step, as a preemption "
+                                            "would; a restart with the same run.dir resumes. For staged "
+                                            "runs and resume tests.", min=1)
 
 
 @dataclass

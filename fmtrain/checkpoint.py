@@ -1,0 +1,240 @@
+"""Checkpoints: save, find the newest valid one, load, read the model back alone.
+
+A checkpoint is a folder ``<checkpoint dir>/step_NNNNNNNN/``:
+
+    ds/                 DeepSpeed's engine state (model, optimizer, scheduler; ZeRO shards)
+    rank_00000.pt ...   per rank: data position and every RNG
+    config.toml         the resolved config of the run
+    tokenizer.model     the tokenizer (and its settings, tokenizer.json, when present)
+    meta.json           step, tokens seen, world layout, and the size of every file above
+
+It is written as ``.step_NNNNNNNN.partial/``, flushed to disk, then renamed by
+rank 0: a crash mid-save leaves only a ``.partial`` folder, which is never
+loaded. ``meta.json`` is written last and lists every file with its size, so a
+checkpoint damaged later (a truncated file) is detected and skipped for the
+previous one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import CONFIG_FILE, Config, save_config
+
+_NAME = re.compile(r"^step_(\d{8})$")
+META = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class TrainState:
+    """Progress that is not in the engine: counted in optimizer steps and tokens."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != META}
+
+
+def validate(folder: Path) -> dict[str, Any]:
+    """The checkpoint's metadata if every file it lists is there with its size; else CheckpointError."""
+    meta_path = folder / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{folder}: no {META} (the save did not finish)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{folder}/{META} is unreadable: {exc}") from None
+    for rel, size in meta.get("files", {}).items():
+        path = folder / rel
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: {rel} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{folder}: {rel} has {path.stat().st_size} bytes, {size} were written")
+    return meta
+
+
+def find_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders under ``root``, oldest first (complete or not: see :func:`latest_valid`)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_valid(root: str | os.PathLike) -> Path | None:
+    """The newest checkpoint that validates; damaged ones are reported and skipped."""
+    for path in reversed(find_checkpoints(root)):
+        try:
+            validate(path)
+            return path
+        except CheckpointError as exc:
+            warnings.warn(f"skipping checkpoint: {exc}", stacklevel=2)
+    return None
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from a checkpoint, a checkpoints folder or a run folder (newest valid)."""
+    path = Path(path)
+    if (path / META).is_file():
+        validate(path)
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest_valid(root)
+        if found:
+            return found
+    raise CheckpointError(f"no valid checkpoint at {path} (looked for {META} in it, in step_* folders "
+                          f"under it and under {path / 'checkpoints'})")
+
+
+class Checkpointer:
+    """Saves and restores the whole training state of one rank of a run."""
+
+    def __init__(self, cfg: Config, world, tokenizer_path: str | os.PathLike):
+        self.cfg, self.world = cfg, world
+        self.root = cfg.checkpoint_dir
+        self.tokenizer_path = Path(tokenizer_path)
+
+    # ------------------------------------------------------------------ save
+    def save(self, engine, loader, state: TrainState) -> Path:
+        """Write a checkpoint of ``state.step`` collectively (every rank calls it)."""
+        w = self.world
+        final = step_dir(self.root, state.step)
+        tmp = self.root / f".{final.name}.partial"
+        if w.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        w.barrier()
+        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        torch.save({"loader": loader.state_dict(), "rng": _rng_state()}, tmp / f"rank_{w.rank:05d}.pt")
+        w.barrier()
+        if w.is_main:
+            save_config(self.cfg, tmp)
+            for src in (self.tokenizer_path, self.tokenizer_path.with_suffix(".json")):
+                if src.is_file():
+                    shutil.copy2(src, tmp / ("tokenizer" + src.suffix))
+            for stray in tmp.glob("*.py"):  # DeepSpeed's zero_to_fp32 copies; not ours to ship
+                stray.unlink()
+            meta = dict(asdict(state), world_size=w.size, dp_size=w.dp_size, sp_size=w.sp_size,
+                        zero_stage=self.cfg.parallel.zero_stage, time=time.time(), files=_file_sizes(tmp))
+            (tmp / META).write_text(json.dumps(meta, indent=1))
+            _fsync_tree(tmp)
+            if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune(keep=self.cfg.checkpoint.keep)
+        w.barrier()
+        return final
+
+    def _prune(self, keep: int) -> None:
+        valid = [p for p in find_checkpoints(self.root) if (p / META).is_file()]
+        for old in valid[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        newest = valid[-1].name if valid else ""
+        for partial in self.root.glob(".step_*.partial"):  # left by crashed saves
+            if partial.name[1:-len(".partial")] <= newest:
+                shutil.rmtree(partial, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def resume(self, engine, loader, state: TrainState) -> Path | None:
+        """Load the newest valid checkpoint into ``engine``, ``loader`` and ``state``; None if none."""
+        path = latest_valid(self.root)
+        if path is None:
+            return None
+        meta = validate(path)
+        w = self.world
+        if meta["world_size"] != w.size or meta["sp_size"] != w.sp_size:
+            raise CheckpointError(
+                f"{path} was written by {meta['world_size']} processes ({meta['dp_size']} data-parallel x "
+                f"{meta['sp_size']} sequence-parallel); this run has {w.size} ({w.dp_size} x {w.sp_size}). "
+                "Resume with the same layout, or start a new run.dir")
+        if meta["zero_stage"] != self.cfg.parallel.zero_stage:
+            raise CheckpointError(f"{path} was written with ZeRO stage {meta['zero_stage']}, this run uses "
+                                  f"parallel.zero_stage={self.cfg.parallel.zero_stage}; use the same stage")
+        load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {path / 'ds'}")
+        mine = torch.load(path / f"rank_{w.rank:05d}.pt", weights_only=False)
+        loader.load_state_dict(mine["loader"])
+        _set_rng_state(mine["rng"])
+        state.step, state.tokens_seen = meta["step"], meta["tokens_seen"]
+        return path
+
+
+# ---------------------------------------------------------------------- the model alone
+def load_config_of(ckpt: Path) -> Config:
+    from .config import load_config
+
+    return load_config(ckpt / CONFIG_FILE)
+
+
+def load_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict of a checkpoint, on the CPU, in one process.
+
+    ZeRO 3 shards the parameters over the ranks: DeepSpeed's own consolidation
+    (``get_fp32_state_dict_from_zero_checkpoint``) gathers them. Other stages keep
+    the whole module in ``mp_rank_00_model_states.pt``.
+    """
+    ckpt = resolve(ckpt)
+    meta = validate(ckpt)
+    ds = ckpt / "ds"
+    if meta["zero_stage"] == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
+    else:
+        sd = torch.load(ds / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}

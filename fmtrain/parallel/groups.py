@@ -1,0 +1,99 @@
+"""The world of processes and its data- and sequence-parallel groups.
+
+Ranks are read from torchrun's variables (``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``), SLURM's only as a fallback (under ``srun torchrun`` workers see
+``SLURM_PROCID=0``); a plain ``python -m fmtrain.train`` is a world of one.
+Sequence-parallel groups are ``parallel.sequence`` contiguous ranks (one node
+holds a group); data-parallel ranks are the groups' counterparts.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    sp_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.size // self.sp_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if dist.is_initialized() and self.size > 1:
+            dist.barrier()
+
+    def all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """In-place all-reduce over the whole world (a no-op for one process)."""
+        if dist.is_initialized() and self.size > 1:
+            dist.all_reduce(x, op=op)
+        return x
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return default
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_world(backend: str = "auto", sp_size: int = 1, timeout_minutes: float = 30) -> World:
+    """Initialise torch.distributed (through DeepSpeed, which the engine needs) and the device."""
+    import deepspeed  # imported here: a world of one for tools that never train needs no DeepSpeed
+
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if size == 1:  # a plain process: give torch.distributed a world of one on loopback
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local))
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise RuntimeError("parallel.backend='nccl' needs CUDA GPUs; this machine has none: "
+                           "use --parallel.backend=gloo (or auto)")
+    if size % sp_size:
+        raise RuntimeError(f"parallel.sequence={sp_size} does not divide the world size {size}")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+    return World(rank=rank, local_rank=local, size=size, sp_size=sp_size, device=device, backend=backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

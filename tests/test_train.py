@@ -1,0 +1,195 @@
+"""The trainer end to end, through its command line: DeepSpeed ZeRO 0-3 on 1 and 2
+gloo ranks, exact resume, damaged checkpoints, TensorBoard logs, eval and generate."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmtrain.checkpoint import find_checkpoints, latest_valid
+
+CONFIG = """
+[run]
+dir = "{run}"
+[model]
+kind = "{kind}"
+vocab_size = 512
+dim = 32
+n_layers = 2
+n_heads = 2
+block_size = 16
+rank = 2
+loss_chunk = 64
+[data]
+corpus = ["{corpus}/*.txt"]
+cache_dir = "{cache}"
+seq_len = 128
+batch_size = 2
+val_fraction = 0.1
+[train]
+steps = 8
+lr = 1e-2
+min_lr = 1e-3
+warmup_steps = 2
+log_interval = 1
+eval_interval = 0
+eval_batches = 2
+dtype = "fp32"
+[checkpoint]
+interval = 3
+keep = 2
+[parallel]
+zero_stage = 0
+"""
+
+# Seen on gloo at exit, after complete results (shared/notes/environment.md): a gloo thread
+# outliving destroy_process_group. Tolerated only when the run itself finished.
+GLOO_TEARDOWN = "terminate called without an active exception"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Real code: 60 stdlib modules as text files (about 1 MB), and a shared token cache."""
+    import sysconfig
+
+    root = tmp_path_factory.mktemp("corpus")
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]
+    for f in files:
+        (root / (f.stem + ".txt")).write_text(f.read_text(encoding="utf-8", errors="replace"))
+    return root, tmp_path_factory.mktemp("cache")
+
+
+def make_config(tmp_path, corpus, kind="causal", name="run") -> Path:
+    root, cache = corpus
+    run = tmp_path / name
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(CONFIG.format(run=run, kind=kind, corpus=root, cache=cache))
+    return cfg
+
+
+def train(cfg: Path, *overrides: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "fmtrain.train", str(cfg), *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "fmtrain.train", str(cfg), *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    finished = "eval step" in r.stdout or "stopping after step" in r.stdout
+    if r.returncode != 0 and not (GLOO_TEARDOWN in r.stderr and finished):
+        raise AssertionError(f"training failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
+def metrics(cfg: Path) -> list[dict]:
+    run = Path(cfg.read_text().split('dir = "')[1].split('"')[0])
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(cfg: Path) -> list[float]:
+    return [m["loss"] for m in metrics(cfg) if "loss" in m]
+
+
+def test_causal_lm_trains_and_logs(tmp_path, corpus):
+    cfg = make_config(tmp_path, corpus)
+    r = train(cfg)
+    rows = metrics(cfg)
+    steps = [m for m in rows if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 9))
+    for m in steps:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen"} <= set(m)
+    assert steps[-1]["tokens_seen"] == 8 * 2 * 128
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3, [m["loss"] for m in steps]
+    evals = [m for m in rows if "eval_loss" in m]
+    assert len(evals) == 2 and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert 0 < evals[1]["eval_bpb"] < evals[0]["eval_bpb"]
+    assert "step 8/8" in r.stdout and "tok/s" in r.stdout and "mfu" in r.stdout
+    run = tmp_path / "run"
+    assert (run / "config.toml").is_file()
+    assert [p.name for p in find_checkpoints(run / "checkpoints")] == ["step_00000006", "step_00000008"]
+    # TensorBoard's own reader sees the scalars.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([m["loss"] for m in steps])
+    assert len(acc.Scalars("eval/bpb")) == 2
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, corpus):
+    straight = make_config(tmp_path, corpus, name="straight")
+    train(straight, "--train.steps=6")
+    split = make_config(tmp_path, corpus, name="split")
+    r1 = train(split, "--train.steps=6", "--train.stop_at_step=3")
+    assert "stopping after step 3" in r1.stdout
+    r2 = train(split, "--train.steps=6")
+    assert "resumed from" in r2.stdout
+    assert losses(split) == losses(straight)  # bitwise: JSON keeps every bit of a float
+    gn = lambda c: [m["grad_norm"] for m in metrics(c) if "loss" in m]  # noqa: E731
+    assert gn(split) == gn(straight)
+
+
+def test_damaged_and_partial_checkpoints_are_skipped(tmp_path, corpus):
+    cfg = make_config(tmp_path, corpus)
+    train(cfg, "--train.steps=6")
+    ckpts = tmp_path / "run" / "checkpoints"
+    newest = ckpts / "step_00000006"
+    victim = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # cut off mid-write
+    (ckpts / ".step_00000009.partial").mkdir()  # a save that crashed
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        assert latest_valid(ckpts) == ckpts / "step_00000003"
+    before = losses(cfg)
+    r = train(cfg, "--train.steps=6")
+    assert "resumed from" in r.stdout and "step_00000003" in r.stdout
+    assert losses(cfg) == before
+
+
+def test_bad_config_is_refused_with_the_fix(tmp_path, corpus):
+    cfg = make_config(tmp_path, corpus)
+    r = subprocess.run([sys.executable, "-m", "fmtrain.train", str(cfg), "--model.n_heads=3",
+                        "--train.stepz=4"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "train.stepz" in r.stderr and "Did you mean 'steps'" in r.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_eval_and_generate_from_a_checkpoint(tmp_path, corpus):
+    cfg = make_config(tmp_path, corpus)
+    train(cfg, "--train.steps=3")
+    run = tmp_path / "run"
+    ev = subprocess.run([sys.executable, "-m", "fmtrain.eval", str(run), "--batches", "2"],
+                        capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(ev.stdout[ev.stdout.index("{"):])
+    assert result["eval_loss"] == pytest.approx(metrics(cfg)[-1]["eval_loss"], rel=1e-6)
+    gen = subprocess.run([sys.executable, "-m", "fmtrain.generate", str(run), "--prompt", "def ",
+                          "--tokens", "20", "--temperature", "0"], capture_output=True, text=True)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("def ") and len(gen.stdout) > len("def \n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+@pytest.mark.parametrize("kind", ["causal", "mlm"])
+def test_both_models_train_under_every_zero_stage(tmp_path, corpus, kind, zero, nproc):
+    cfg = make_config(tmp_path, corpus, kind=kind)
+    train(cfg, f"--parallel.zero_stage={zero}", "--train.eval_batches=1", nproc=nproc)
+    ls = losses(cfg)
+    assert len(ls) == 8 and ls[-1] < ls[0] - 0.3, ls
+    assert metrics(cfg)[-2]["tokens_seen"] == 8 * 2 * 128 * nproc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_resume_bitwise_on_two_ranks(tmp_path, corpus, zero):
+    straight = make_config(tmp_path, corpus, kind="mlm", name="straight")
+    train(straight, "--train.steps=6", f"--parallel.zero_stage={zero}", nproc=2)
+    split = make_config(tmp_path, corpus, kind="mlm", name="split")
+    train(split, "--train.steps=6", "--train.stop_at_step=3", f"--parallel.zero_stage={zero}", nproc=2)
+    train(split, "--train.steps=6", f"--parallel.zero_stage={zero}", nproc=2)
+    assert losses(split) == losses(straight)

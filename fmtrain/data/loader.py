@@ -14,6 +14,11 @@ sequences, and rank s keeps only columns [s*C, (s+1)*C), C = L / sp_size,
 with their global positions. The state is the number of sequences consumed,
 so a resume continues at the exact next sequence.
 
+Targets run across document boundaries as in GPT-2 style packing: the target
+at an EOS is the next document's first token. No BOS is inserted; a model
+that should not attend across documents can use `doc_positions` (0 at each
+document's first token) to build its mask.
+
 A batch is a dict of int64 tensors, each (B, C):
     input_ids      tokens (MLM: corrupted, see masking.py)
     targets        causal: next tokens; MLM: original ids at chosen positions; -100: no loss

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,9 @@ def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.run.dir == f"runs/{path.stem}"
     assert cfg.data.seq_len % cfg.model.block_size == 0
+    if cfg.data.tokenizer:  # a shipped tokenizer must have the model's vocabulary size
+        settings = json.loads((ROOT / cfg.data.tokenizer).with_suffix(".json").read_text())
+        assert settings["vocab_size"] == cfg.model.vocab_size
 
 
 def test_the_four_configs_exist():

@@ -32,25 +32,29 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Layout:
-    """Padded keys/values and summaries, and the per-block views the core multiplies.
+    """Keys/values and summaries, and the per-block views the core multiplies.
 
-    For each (batch, kv head) ``bh``, fine keys of blocks [a0, a1) are an
-    overlapping strided view (nb, d, F*m) of the padded keys: no copy, and
-    ``torch.bmm`` takes it as it is.
+    The core sees ``nq`` query blocks, global blocks ``[a0, a0 + nq)``, and their
+    fine keys as "extended" keys: the blocks ``[a0 - 1, a0 + nq + F - 2)`` (one
+    block before the first query block, one after the last when bidirectional),
+    zeros where outside the sequence (masked anyway). For each (batch, kv head)
+    ``bh``, the fine keys of local blocks [i0, i1) are an overlapping strided
+    view (nb, d, F*m) of the extended keys: no copy, and ``torch.bmm`` takes it.
     """
 
-    def __init__(self, q, k, v, ks, vs, h: Hierarchy, dtype):
-        B, H, N, d = q.shape  # N == h.padded_len
-        Hkv = k.shape[1]
+    def __init__(self, q, k_ext, v_ext, ks, vs, h: Hierarchy, a0: int, dtype):
+        B, H, N, d = q.shape  # N: whole query blocks
+        Hkv = k_ext.shape[1]
         self.B, self.H, self.Hkv, self.G, self.d = B, H, Hkv, H // Hkv, d
-        self.m, self.nblk, self.h = h.block_size, h.n_blocks, h
+        self.m, self.h, self.a0 = h.block_size, h, a0
+        self.nblk = N // self.m
         self.F = len(h.fine_blocks())
         self.Fm = self.F * self.m
-        # Fine keys of block a are tokens [(a-1)m, (a-1+F)m): pad one block in front
-        # (and one behind when the block after is seen) so that every block has them.
-        pad = (0, 0, self.m, (self.F - 2) * self.m)
-        self.kp = F.pad(k.to(dtype), pad).reshape(B * Hkv, -1, d)  # (BH, (nblk+F-1)*m, d)
-        self.vp = F.pad(v.to(dtype), pad).reshape(B * Hkv, -1, d)
+        if k_ext.shape[2] != (self.nblk + self.F - 1) * self.m:
+            raise ValueError(f"extended keys must hold {self.nblk + self.F - 1} blocks of {self.m} "
+                             f"for {self.nblk} query blocks, got {k_ext.shape[2]} tokens")
+        self.kp = k_ext.to(dtype).reshape(B * Hkv, -1, d)  # (BH, (nblk+F-1)*m, d)
+        self.vp = v_ext.to(dtype).reshape(B * Hkv, -1, d)
         # Dummy zero summary at index T for masked slots.
         self.ks = F.pad(ks.to(dtype), (0, 0, 0, 1)).reshape(B * Hkv, -1, d)
         self.vs = F.pad(vs.to(dtype), (0, 0, 0, 1)).reshape(B * Hkv, -1, d)
@@ -69,17 +73,17 @@ class _Layout:
         x = x.reshape(B, Hkv, self.nblk, G, m, *tail).permute(0, 1, 3, 2, 4, *range(5, 5 + len(tail)))
         return x.reshape(B, Hkv * G, self.nblk * m, *tail)
 
-    def fine_t(self, xp, bh, a0, a1):
-        """Transposed fine keys (or values) of blocks [a0, a1): (nb, d, F*m), a view."""
+    def fine_t(self, xp, bh, i0, i1):
+        """Transposed fine keys (or values) of local blocks [i0, i1): (nb, d, F*m), a view."""
         m = self.m
-        return xp[bh, a0 * m:(a1 - 1) * m + self.Fm].unfold(0, self.Fm, m)
+        return xp[bh, i0 * m:(i1 - 1) * m + self.Fm].unfold(0, self.Fm, m)
 
     def chunks(self, rows_per_block: int):
         width = self.Fm + self.h.coarse_slots
         step = max(1, CHUNK_SCORES // (rows_per_block * width))
         for bh in range(self.B * self.Hkv):
-            for a0 in range(0, self.nblk, step):
-                yield bh, a0, min(a0 + step, self.nblk)
+            for i0 in range(0, self.nblk, step):
+                yield bh, i0, min(i0 + step, self.nblk)
 
 
 class _Bias:
@@ -119,14 +123,14 @@ class _Bias:
         return s.add_(self.coarse[a0:a1, None, :])
 
 
-def _scores(L: _Layout, bias: _Bias, tables: BlockTables, qs, bh, a0, a1):
-    """Fine (nb, G*m, F*m) and coarse (nb, G*m, S) scores of a chunk, biased; and their keys/values.
-
-    qs: (nb, G*m, d) queries already multiplied by the scale.
+def _scores(L: _Layout, bias: _Bias, tables: BlockTables, qs, bh, i0, i1):
+    """Fine (nb, G*m, F*m) and coarse (nb, G*m, S) scores of local blocks [i0, i1), biased;
+    and their keys/values. qs: (nb, G*m, d) queries already multiplied by the scale.
     """
-    kf_t, vf_t = L.fine_t(L.kp, bh, a0, a1), L.fine_t(L.vp, bh, a0, a1)  # (nb, d, F*m)
+    a0, a1 = L.a0 + i0, L.a0 + i1  # global blocks
+    kf_t, vf_t = L.fine_t(L.kp, bh, i0, i1), L.fine_t(L.vp, bh, i0, i1)  # (nb, d, F*m)
     idx = tables.index[a0:a1].reshape(-1)
-    nb = a1 - a0
+    nb = i1 - i0
     kc = L.ks[bh].index_select(0, idx).view(nb, -1, L.d)  # (nb, S, d)
     vc = L.vs[bh].index_select(0, idx).view(nb, -1, L.d)
     sf = bias.fine_(torch.bmm(qs, kf_t), a0, a1)
@@ -135,29 +139,35 @@ def _scores(L: _Layout, bias: _Bias, tables: BlockTables, qs, bh, a0, a1):
 
 
 class BlockAttention(torch.autograd.Function):
-    """(q, k, v, ks, vs) -> (out, lse) over the hierarchy's blocks; sizes padded to whole blocks."""
+    """(q, k_ext, v_ext, ks, vs) -> (out, lse) for query blocks ``[a0, a0 + nq)`` of ``h``.
+
+    q: (B, H, nq*m, d); k_ext, v_ext: (B, Hkv, (nq+F-1)*m, d), see :class:`_Layout`;
+    ks, vs: (B, Hkv, T, d) summaries of the whole hierarchy (indexed by its tables).
+    out: (B, H, nq*m, d); lse: (B, H, nq*m) in fp32 (fp64 for fp64 inputs).
+    The backward takes gradients of both and returns them for all five tensors.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, ks, vs, h: Hierarchy, weighted: bool, scale: float):
+    def forward(ctx, q, k, v, ks, vs, h: Hierarchy, weighted: bool, scale: float, a0: int = 0):
         acc = _acc_dtype(q.dtype)
-        L = _Layout(q, k, v, ks, vs, h, acc)
+        L = _Layout(q, k, v, ks, vs, h, a0, acc)
         tables = block_tables(h, weighted, q.device)
         bias = _Bias(h, tables, acc, q.device)
         qs = L.q_blocks(q.to(acc) * scale)  # (BH, nblk, G*m, d)
         out = torch.empty(qs.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(qs.shape[:-1], dtype=acc, device=q.device)
-        for bh, a0, a1 in L.chunks(L.G * L.m):
-            sf, sc, (_, vf_t, _, vc) = _scores(L, bias, tables, qs[bh, a0:a1], bh, a0, a1)
+        for bh, i0, i1 in L.chunks(L.G * L.m):
+            sf, sc, (_, vf_t, _, vc) = _scores(L, bias, tables, qs[bh, i0:i1], bh, i0, i1)
             mx = torch.maximum(sf.amax(-1, keepdim=True), sc.amax(-1, keepdim=True)) if sc.shape[-1] \
                 else sf.amax(-1, keepdim=True)
             pf, pc = sf.sub_(mx).exp_(), sc.sub_(mx).exp_()
             tot = pf.sum(-1, keepdim=True) + pc.sum(-1, keepdim=True)
             o = torch.bmm(pf, vf_t.transpose(1, 2)).baddbmm_(pc, vc)  # (nb, G*m, d)
-            out[bh, a0:a1] = o.div_(tot)
-            lse[bh, a0:a1] = (mx + tot.log()).squeeze(-1)
+            out[bh, i0:i1] = o.div_(tot)
+            lse[bh, i0:i1] = (mx + tot.log()).squeeze(-1)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, ks, vs, out, lse)
-        ctx.h, ctx.weighted, ctx.scale = h, weighted, scale
+        ctx.h, ctx.weighted, ctx.scale, ctx.a0 = h, weighted, scale, a0
         return L.from_q_blocks(out), L.from_q_blocks(lse)
 
     @staticmethod
@@ -165,7 +175,7 @@ class BlockAttention(torch.autograd.Function):
         q, k, v, ks, vs, out, lse = ctx.saved_tensors
         h, scale = ctx.h, ctx.scale
         acc = _acc_dtype(q.dtype)
-        L = _Layout(q, k, v, ks, vs, h, acc)
+        L = _Layout(q, k, v, ks, vs, h, ctx.a0, acc)
         tables = block_tables(h, ctx.weighted, q.device)
         bias = _Bias(h, tables, acc, q.device)
         qs = L.q_blocks(q.to(acc) * scale)
@@ -178,33 +188,32 @@ class BlockAttention(torch.autograd.Function):
         dq = torch.empty_like(qs)
         dkp, dvp = torch.zeros_like(L.kp), torch.zeros_like(L.vp)
         dks, dvs = torch.zeros_like(L.ks), torch.zeros_like(L.vs)
-        for bh, a0, a1 in L.chunks(L.G * m):
-            qc, do = qs[bh, a0:a1], dob[bh, a0:a1]
-            sf, sc, (kf_t, vf_t, kc, vc) = _scores(L, bias, tables, qc, bh, a0, a1)
-            row = lse[bh, a0:a1, :, None]
-            dl = delta[bh, a0:a1, :, None]
+        for bh, i0, i1 in L.chunks(L.G * m):
+            qc, do = qs[bh, i0:i1], dob[bh, i0:i1]
+            sf, sc, (kf_t, vf_t, kc, vc) = _scores(L, bias, tables, qc, bh, i0, i1)
+            row = lse[bh, i0:i1, :, None]
+            dl = delta[bh, i0:i1, :, None]
             pf, pc = sf.sub_(row).exp_(), sc.sub_(row).exp_()  # (nb, G*m, F*m), (nb, G*m, S)
             dsf = torch.bmm(do, vf_t).sub_(dl).mul_(pf)
             dsc = torch.bmm(do, vc.transpose(1, 2)).sub_(dl).mul_(pc)
-            dq[bh, a0:a1] = torch.bmm(dsf, kf_t.transpose(1, 2)).baddbmm_(dsc, kc)
+            dq[bh, i0:i1] = torch.bmm(dsf, kf_t.transpose(1, 2)).baddbmm_(dsc, kc)
             dkf = torch.bmm(dsf.transpose(1, 2), qc)  # (nb, F*m, d), scale already in qc
             dvf = torch.bmm(pf.transpose(1, 2), do)
             dkb, dvb = dkp[bh].view(-1, m, L.d), dvp[bh].view(-1, m, L.d)
-            for f in range(L.F):  # fine slot f of block a is padded block a + f
-                dkb[a0 + f:a1 + f] += dkf[:, f * m:(f + 1) * m]
-                dvb[a0 + f:a1 + f] += dvf[:, f * m:(f + 1) * m]
+            for f in range(L.F):  # fine slot f of local block i is extended block i + f
+                dkb[i0 + f:i1 + f] += dkf[:, f * m:(f + 1) * m]
+                dvb[i0 + f:i1 + f] += dvf[:, f * m:(f + 1) * m]
             if h.coarse_slots:  # scatter-add into the summaries the slots came from
-                idx = tables.index[a0:a1].reshape(-1)
+                idx = tables.index[L.a0 + i0:L.a0 + i1].reshape(-1)
                 dks[bh].index_add_(0, idx, torch.bmm(dsc.transpose(1, 2), qc).view(-1, L.d))
                 dvs[bh].index_add_(0, idx, torch.bmm(pc.transpose(1, 2), do).view(-1, L.d))
-        N = q.shape[2]
         B, Hkv, d = L.B, L.Hkv, L.d
         dq = L.from_q_blocks(dq.mul_(scale)).to(q.dtype)
-        dk = dkp.view(B, Hkv, -1, d)[:, :, m:m + N].to(k.dtype)
-        dv = dvp.view(B, Hkv, -1, d)[:, :, m:m + N].to(v.dtype)
+        dk = dkp.view(B, Hkv, -1, d).to(k.dtype)
+        dv = dvp.view(B, Hkv, -1, d).to(v.dtype)
         dks = dks.view(B, Hkv, -1, d)[:, :, :T].to(ks.dtype)
         dvs = dvs.view(B, Hkv, -1, d)[:, :, :T].to(vs.dtype)
-        return dq, dk, dv, dks, dvs, None, None, None
+        return dq, dk, dv, dks, dvs, None, None, None, None
 
 
 def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -212,21 +221,28 @@ def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
     return x if n == length else F.pad(x, (0, 0, 0, length - n))
 
 
+def extend_keys(x: torch.Tensor, h: Hierarchy) -> torch.Tensor:
+    """Keys (B, Hkv, n, d) of the whole sequence -> the extended keys of all its blocks:
+    zero-padded to whole blocks, plus one zero block in front (and one behind when
+    bidirectional)."""
+    m = h.block_size
+    return F.pad(x, (0, 0, m, h.padded_len - h.n + (len(h.fine_blocks()) - 2) * m))
+
+
 def block_attention(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool,
                     fine_only: bool = False):
-    """Padded call of :class:`BlockAttention`; returns ``(out, lse)`` for the real ``n`` tokens.
+    """:class:`BlockAttention` over a whole sequence; returns ``(out, lse)`` for its ``n`` tokens.
 
     ``fine_only`` drops the coarse levels (the linear variant adds them itself).
     """
-    n, N = h.n, h.padded_len
     hh = h
     if fine_only and h.n_levels:
         hh = truncate(h, 0)
         ks, vs = ks[:, :, :0], vs[:, :, :0]
-    q, k, v = _pad_seq(q, N), _pad_seq(k, N), _pad_seq(v, N)
-    out, lse = BlockAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                    ks.contiguous(), vs.contiguous(), hh, weighted, scale)
-    return out[:, :, :n], lse[:, :, :n]
+    q = _pad_seq(q, h.padded_len)
+    out, lse = BlockAttention.apply(q.contiguous(), extend_keys(k, h).contiguous(), extend_keys(v, h).contiguous(),
+                                    ks.contiguous(), vs.contiguous(), hh, weighted, scale, 0)
+    return out[:, :, :h.n], lse[:, :, :h.n]
 
 
 def _merge(l1, o1, l2, o2):

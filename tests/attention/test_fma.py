@@ -186,3 +186,34 @@ def test_block_attention_is_a_function_of_its_inputs_only(rng):
     """Same inputs twice give bitwise the same result (no state between calls)."""
     q, k, v = qkv(rng, 1, 2, 1, 97, 8)
     assert torch.equal(fma(q, k, v, block_size=8), fma(q, k, v, block_size=8))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_core_on_a_range_of_blocks_equals_the_whole(rng, causal):
+    """The seam of sequence parallelism and of kernels: query blocks [a0, a0+nq) with
+    their extended keys give that slice of the whole-sequence result, gradients included."""
+    from fmtrain.attention.blocked import BlockAttention, extend_keys
+
+    n, m = 200, 8
+    h = hierarchy(n, m, 2, causal)
+    q, k, v = qkv(rng, 1, 2, 1, n, 4)
+    ks, vs = (randn(rng, 1, 1, h.num_summaries, 4, requires_grad=True) for _ in range(2))
+    full, full_lse = block_attention(q, k, v, ks, vs, h, scale=0.5, weighted=True)
+    F = len(h.fine_blocks())
+    for a0, nq in ((0, 3), (5, 7), (h.n_blocks - 4, 4)):
+        qs = torch.nn.functional.pad(q, (0, 0, 0, h.padded_len - n))[:, :, a0 * m:(a0 + nq) * m]
+        ke, ve = (extend_keys(t, h)[:, :, a0 * m:(a0 + nq + F - 1) * m] for t in (k, v))
+        out, lse = BlockAttention.apply(qs, ke, ve, ks, vs, h, True, 0.5, a0)
+        rows = slice(a0 * m, min((a0 + nq) * m, n))
+        real = rows.stop - rows.start
+        assert (out[:, :, :real] - full[:, :, rows]).abs().max() < TOL64
+        assert (lse[:, :, :real] - full_lse[:, :, rows]).abs().max() < TOL64
+        g = torch.randn(full.shape, generator=rng, dtype=full.dtype)
+        g[:, :, :rows.start] = 0
+        g[:, :, rows.stop:] = 0
+        want = torch.autograd.grad(full, (q, k, v, ks, vs), g, retain_graph=True)
+        gl = torch.nn.functional.pad(g, (0, 0, 0, h.padded_len - n))[:, :, a0 * m:(a0 + nq) * m]
+        got = torch.autograd.grad(out, (q, k, v, ks, vs), gl, allow_unused=True)
+        for name, a, b in zip(("q", "k", "v", "ks", "vs"), got, want):
+            a = torch.zeros_like(b) if a is None else a
+            assert (a - b).abs().max() < TOL64, (a0, name)

@@ -15,7 +15,7 @@ from .hierarchy import Hierarchy, hierarchy, truncate
 from .reference import dense_attention
 from .summaries import MEAN, SUMMARY_KINDS, Summaries, build_summaries
 
-IMPLS = ("auto", "torch", "dense")
+IMPLS = ("auto", "torch", "triton", "dense")
 VARIANTS = ("nlogn", "linear")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -60,7 +60,7 @@ def _check(q, k, v, block_size, rank, impl, variant):
 def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 64, rank: int = 2,
         causal: bool = True, weighted: bool = True, scale: float | None = None, impl: str = "auto",
         variant: str = "nlogn", summaries: Summaries | None = None,
-        max_level: int | None = None) -> torch.Tensor:
+        max_level: int | None = None, group=None) -> torch.Tensor:
     """Fast multipole attention.
 
     Args:
@@ -71,12 +71,16 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         causal: mask keys after the query.
         weighted: add ``log(tokens behind a summary)`` to its score (the paper's ``scale_attn``).
         scale: score scale, default ``1/sqrt(head_dim)``.
-        impl: ``"auto"`` (the fastest available), ``"torch"`` (blocked, O(n) memory),
+        impl: ``"auto"`` (Triton kernels on CUDA, else ``"torch"``), ``"triton"`` (fused
+            kernels; float64 falls back to ``"torch"``), ``"torch"`` (blocked, O(n) memory),
             ``"dense"`` (reference, O(n^2) memory: tests and small ``n`` only).
         variant: ``"nlogn"`` (default) or ``"linear"`` (queries summarised on coarse levels).
         summaries: how key/value summaries are formed; parameter-free means by default.
         max_level: drop the coarse levels above it (``0``: fine level only, i.e. local
             block attention, a baseline); default all levels.
+        group: a sequence-parallel process group: ``q, k, v`` are then this rank's
+            contiguous chunk of the sequence and the result is this rank's chunk of the
+            global result (see ``fmtrain/parallel/sequence.py``); ``None`` or size 1: local.
 
     Returns:
         (batch, heads, n, head_dim), the dtype of ``q``.
@@ -84,13 +88,21 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     _check(q, k, v, block_size, rank, impl, variant)
     n, d = q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    # --- sequence parallelism (fmtrain/parallel/sequence.py) ---
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        if impl == "dense":
+            raise ValueError("fma: impl='dense' has no sequence-parallel path; use impl='torch' or 'auto'")
+        from ..parallel.sequence import sp_fma
+        return sp_fma(q, k, v, group, block_size=block_size, rank=rank, causal=causal, weighted=weighted,
+                      scale=scale, variant=variant, summaries=summaries, max_level=max_level)
+    # --- end sequence parallelism ---
     h = hierarchy(n, block_size, rank, causal)
     if max_level is not None:
         h = truncate(h, max_level)
     ks, vs = (summaries or MEAN)(k, v, h)
     if impl == "dense":
         return dense_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant)
-    return blocked_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant)
+    return blocked_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant, impl=impl)
 
 
 from .module import MultipoleAttention  # noqa: E402  (needs fma)

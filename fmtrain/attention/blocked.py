@@ -230,18 +230,27 @@ def extend_keys(x: torch.Tensor, h: Hierarchy) -> torch.Tensor:
 
 
 def block_attention(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool,
-                    fine_only: bool = False):
+                    fine_only: bool = False, impl: str = "torch"):
     """:class:`BlockAttention` over a whole sequence; returns ``(out, lse)`` for its ``n`` tokens.
 
     ``fine_only`` drops the coarse levels (the linear variant adds them itself).
+    ``impl`` picks the core: "torch" (:class:`BlockAttention`), "triton" (the fused
+    kernels, same contract) or "auto" (Triton on CUDA); see ``kernels.core``.
     """
     hh = h
     if fine_only and h.n_levels:
         hh = truncate(h, 0)
         ks, vs = ks[:, :, :0], vs[:, :, :0]
     q = _pad_seq(q, h.padded_len)
-    out, lse = BlockAttention.apply(q.contiguous(), extend_keys(k, h).contiguous(), extend_keys(v, h).contiguous(),
-                                    ks.contiguous(), vs.contiguous(), hh, weighted, scale, 0)
+    # --- core dispatch (Triton kernels, issue 5) ---
+    if impl == "torch":
+        core = BlockAttention
+    else:
+        from .kernels import core as select_core  # lazy: imports triton only when asked
+        core = select_core(impl, q)
+    # ---
+    out, lse = core.apply(q.contiguous(), extend_keys(k, h).contiguous(), extend_keys(v, h).contiguous(),
+                          ks.contiguous(), vs.contiguous(), hh, weighted, scale, 0)
     return out[:, :, :h.n], lse[:, :, :h.n]
 
 
@@ -298,12 +307,13 @@ def linear_coarse(q, ks, vs, h: Hierarchy, *, scale: float, weighted: bool):
 
 
 def blocked_multipole(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool,
-                      variant: str = "nlogn") -> torch.Tensor:
+                      variant: str = "nlogn", impl: str = "torch") -> torch.Tensor:
     """Multipole attention by the blocked PyTorch path: (B, H, n, d)."""
     if variant == "nlogn" or h.n_levels == 0:
-        out, _ = block_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted)
+        out, _ = block_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, impl=impl)
         return out
-    out, lse = block_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, fine_only=True)
+    out, lse = block_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, fine_only=True,
+                               impl=impl)
     c_lse, c_out = linear_coarse(q, ks, vs, h, scale=scale, weighted=weighted)
     blk = torch.arange(h.n, device=q.device) // h.block_size
     _, merged = _merge(lse, out.to(c_out.dtype), c_lse[:, :, blk], c_out[:, :, blk])

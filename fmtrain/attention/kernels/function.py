@@ -1,0 +1,164 @@
+"""``TritonBlockAttention``: the Triton kernels behind ``blocked.BlockAttention``'s contract.
+
+Same arguments, same outputs, same gradients (dlse included), so any caller of
+the PyTorch core (whole sequences, the linear variant's lse merge, sequence
+parallelism's ranges of blocks) can swap it in. fp16/bf16/fp32 only: Triton's
+fp64 ``tl.dot`` is not portable, so float64 stays on the PyTorch core.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..hierarchy import Hierarchy, block_tables
+from .triton_core import LOG2E, _delta_kernel, _dkv_kernel, _dq_kernel, _fwd_kernel
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_tables: dict = {}
+
+
+def _device_tables(h: Hierarchy, weighted: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block tables as the kernels read them: int32 index, fp32 bias; cached per device."""
+    key = (h, weighted, torch.device(device))
+    if key not in _tables:
+        if len(_tables) > 256:
+            _tables.clear()
+        t = block_tables(h, weighted, "cpu")
+        index = t.index.to(torch.int32)
+        bias = t.bias.to(torch.float32)
+        if index.numel() == 0:  # no coarse level: the kernels never read them, but need a pointer
+            index, bias = torch.zeros(1, dtype=torch.int32), torch.zeros(1)
+        _tables[key] = (index.to(device), bias.to(device), t.index.to(device))
+    return _tables[key]
+
+
+def _blocks(m: int, d: int, S: int) -> dict:
+    """Tile sizes: powers of two >= 16 (``tl.dot``'s minimum); padding rows/columns are masked."""
+    bm = max(16, triton.next_power_of_2(m))
+    bd = max(16, triton.next_power_of_2(d))
+    bc = min(64, max(16, triton.next_power_of_2(max(S, 1))))
+    return dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_C=bc)
+
+
+def _launch(q: torch.Tensor, bm: int, bd: int) -> dict:
+    # Not tuned on a GPU yet (none in the session that wrote this): FlashAttention-2's defaults.
+    return dict(num_warps=4 if bm * bd <= 64 * 64 else 8, num_stages=2)
+
+
+def _precision(dtype) -> str:
+    # fp32: IEEE products (TF32 would lose 13 bits and the PyTorch core's agreement); ignored for halves.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype) -> bool:
+    # Triton 3.9's CPU interpreter computes bf16 tl.dot wrongly: multiply in fp32 there (see _mm).
+    return dtype == torch.bfloat16 and triton_interpreting()
+
+
+def _check(q, k, v, ks, vs, h: Hierarchy, a0: int):
+    B, H, N, d = q.shape
+    m, F = h.block_size, len(h.fine_blocks())
+    if q.dtype not in DTYPES:
+        raise TypeError(f"triton core: dtype {q.dtype} is not supported (fp16, bf16, fp32); "
+                        "float64 runs on the PyTorch core (impl='torch')")
+    if q.device.type == "cpu" and not triton_interpreting():
+        raise RuntimeError("triton core: tensors are on the CPU; Triton kernels need a CUDA device, "
+                           "or TRITON_INTERPRET=1 set before triton is first imported (tests)")
+    if N % m:
+        raise ValueError(f"triton core: queries must be whole blocks of {m}, got {N} rows")
+    nq = N // m
+    if not (0 <= a0 and a0 + nq <= h.n_blocks):
+        raise ValueError(f"triton core: query blocks [{a0}, {a0 + nq}) outside the hierarchy's "
+                         f"{h.n_blocks} blocks")
+    Hkv = k.shape[1]
+    if k.shape != (B, Hkv, (nq + F - 1) * m, d) or v.shape != k.shape or H % Hkv:
+        raise ValueError(f"triton core: extended keys/values must be (B, Hkv, {(nq + F - 1) * m}, {d}) "
+                         f"with H % Hkv == 0, got k {tuple(k.shape)}, v {tuple(v.shape)}, q {tuple(q.shape)}")
+    if ks.shape != vs.shape or ks.shape[:2] != (B, Hkv) or ks.shape[3] != d or ks.shape[2] < h.num_summaries:
+        raise ValueError(f"triton core: summaries must be (B, Hkv, >= {h.num_summaries}, {d}), "
+                         f"got ks {tuple(ks.shape)}, vs {tuple(vs.shape)}")
+
+
+def triton_interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonBlockAttention(torch.autograd.Function):
+    """(q, k_ext, v_ext, ks, vs) -> (out, lse): see ``blocked.BlockAttention`` for the contract."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ks, vs, h: Hierarchy, weighted: bool, scale: float, a0: int = 0):
+        _check(q, k, v, ks, vs, h, a0)
+        dt = q.dtype
+        ctx.dtypes = tuple(t.dtype for t in (k, v, ks, vs))  # gradients go back in these
+        q = q.contiguous()
+        k, v, ks, vs = (t.to(dt).contiguous() for t in (k, v, ks, vs))
+        B, H, N, d = q.shape
+        Hkv, T = k.shape[1], ks.shape[2]
+        m, F, S = h.block_size, len(h.fine_blocks()), h.coarse_slots
+        nq = N // m
+        index, bias, _ = _device_tables(h, weighted, q.device)
+        if T == 0:  # no summaries at all: give the kernel a valid (never read) pointer
+            ks = vs = q.new_zeros(B, Hkv, 1, d)
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+        blk = _blocks(m, d, S)
+        prec = _precision(dt)
+        _fwd_kernel[(nq, B * H)](
+            q, k, v, ks, vs, index, bias, out, lse,
+            h.n, nq, a0, H, H // Hkv, T, S, scale * LOG2E,
+            m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), **blk, **_launch(q, blk["BLOCK_M"], blk["BLOCK_D"]))
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, ks, vs, out, lse)
+        ctx.h, ctx.weighted, ctx.scale, ctx.a0, ctx.T = h, weighted, scale, a0, T
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, ks, vs, out, lse = ctx.saved_tensors
+        h, scale, a0, T = ctx.h, ctx.scale, ctx.a0, ctx.T
+        B, H, N, d = q.shape
+        Hkv = k.shape[1]
+        G = H // Hkv
+        m, F, S = h.block_size, len(h.fine_blocks()), h.coarse_slots
+        nq = N // m
+        dout = torch.zeros_like(q) if dout is None else dout.to(q.dtype).contiguous()
+        # delta_i = dO_i . O_i - dlse_i: the softmax-backward row term (lse's gradient folds in here).
+        delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+        BR = 64
+        _delta_kernel[(triton.cdiv(B * H * N, BR),)](
+            out, dout, dlse.contiguous() if dlse is not None else delta, delta, B * H * N,
+            d=d, HAS_DLSE=dlse is not None, BLOCK_R=BR, BLOCK_D=max(16, triton.next_power_of_2(d)))
+        index, bias, index64 = _device_tables(h, ctx.weighted, q.device)
+        blk = _blocks(m, d, S)
+        launch = _launch(q, blk["BLOCK_M"], blk["BLOCK_D"])
+        prec = _precision(q.dtype)
+        dq = torch.empty_like(q)
+        # Per (query block, slot) partial summary gradients, fp32; reduced below.
+        part_shape = (B, H, nq, S, d) if S else (1,)
+        dks_p = torch.empty(part_shape, dtype=torch.float32, device=q.device)
+        dvs_p = torch.empty(part_shape, dtype=torch.float32, device=q.device)
+        _dq_kernel[(nq, B * H)](
+            q, k, v, ks, vs, index, bias, dout, lse, delta, dq, dks_p, dvs_p,
+            h.n, nq, a0, H, G, T, S, scale,
+            m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), **blk, **launch)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        _dkv_kernel[(nq + F - 1, B * Hkv)](
+            q, k, v, dout, lse, delta, dk, dv,
+            h.n, nq, a0, H, G, scale,
+            m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype),
+            BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"], **launch)
+        dks = dvs = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            dks = torch.zeros(B, Hkv, T + 1, d, dtype=torch.float32, device=q.device)  # row T: the dummy
+            dvs = torch.zeros_like(dks)
+            if S:
+                idx = index64[a0:a0 + nq].reshape(-1)
+                # Sum over the G query heads of each kv head, then scatter the slots into the summaries.
+                dks.index_add_(2, idx, dks_p.view(B, Hkv, G, nq * S, d).sum(2))
+                dvs.index_add_(2, idx, dvs_p.view(B, Hkv, G, nq * S, d).sum(2))
+            kd, vd = ctx.dtypes[2:]
+            dks, dvs = dks[:, :, :T].to(kd), dvs[:, :, :T].to(vd)
+        return dq, dk.to(ctx.dtypes[0]), dv.to(ctx.dtypes[1]), dks, dvs, None, None, None, None

@@ -1,0 +1,244 @@
+"""Triton kernels of the multipole core: the same function as ``blocked.BlockAttention``.
+
+One program owns one fine query block (``m`` rows) of one head. It streams the
+``F`` fine key blocks of its neighbourhood (the extended keys ``i .. i+F-1``)
+and then its ``S`` coarse summary slots, gathered through the block table, in
+tiles of ``BLOCK_C``; an online softmax (running max and sum, in base 2) runs
+over all of them, with the summaries' log-weights added to their scores.
+
+Backward (FlashAttention-2 style, scores recomputed from the saved lse):
+- ``_dq_kernel``: per (query block, head): dq, and per-(block, slot) partial
+  gradients of the summaries it saw; PyTorch sums those over the GQA group and
+  scatters them into the summaries with ``index_add_`` (the slots of many
+  blocks point at one coarse summary, so that reduction crosses programs).
+- ``_dkv_kernel``: per (extended key block, kv head): dk, dv, accumulated over
+  the ``<= F`` query blocks that see the block and the ``G`` query heads of the
+  kv head, in registers: no atomics, deterministic.
+
+Shapes (all contiguous): q, out, dout (B, H, N, d) with N = nq*m; k, v
+(B, Hkv, (nq+F-1)*m, d); ks, vs (B, Hkv, T, d); lse, delta (B, H, N) fp32;
+index (n_blocks, S) int32 (T = masked); bias (n_blocks, S) fp32 (-inf = masked).
+Offsets are int64: at n = 1M, 16 heads, d = 128 a tensor already has 2**31 elements.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST: multiply in fp32 instead (bf16 under the CPU
+    interpreter, whose bf16 ``tl.dot`` returns garbage in Triton 3.9); bf16 products are exact
+    in fp32, so only the summation order differs from the GPU's bf16 MMA."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _fine_mask(qpos, kpos, n, CAUSAL: tl.constexpr):
+    """Which (query, key) pairs of a fine tile count: keys inside [0, n), and <= the query if causal."""
+    ok = (kpos >= 0) & (kpos < n)
+    if CAUSAL:
+        ok = ok & (kpos <= qpos)
+    return ok
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
+                n, nq, a0, H, G, T, S, qk_scale,  # qk_scale = scale * log2(e)
+                m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)  # local query block
+    bh = tl.program_id(1).to(tl.int64)  # b * H + head
+    bkv = (bh // H) * (H // G) + (bh % H) // G  # b * Hkv + kv head (head h uses kv head h // G)
+    a = a0 + i  # global block
+    N = nq * m
+    Ne = (nq + F - 1) * m
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_D)
+    rok = r < m
+    cok = c < d
+    q = tl.load(Q + (bh * N + i * m + r)[:, None] * d + c[None, :], mask=rok[:, None] & cok[None, :], other=0.0)
+    qpos = a * m + r
+
+    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base-2 scores)
+    tot = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for f in tl.static_range(F):  # fine slot f is extended block i + f, global block a - 1 + f
+        krow = (bkv * Ne + (i + f) * m + r)[:, None] * d + c[None, :]
+        kv_ok = rok[:, None] & cok[None, :]
+        k = tl.load(K + krow, mask=kv_ok, other=0.0)
+        v = tl.load(V + krow, mask=kv_ok, other=0.0)
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        kpos = (a - 1 + f) * m + r
+        ok = _fine_mask(qpos[:, None], kpos[None, :], n, CAUSAL) & rok[None, :]
+        s = tl.where(ok, s, float("-inf"))
+        mx_new = tl.maximum(mx, tl.max(s, 1))
+        safe = tl.where(mx_new == float("-inf"), 0.0, mx_new)  # a row with nothing seen yet
+        alpha = tl.exp2(mx - safe)
+        p = tl.exp2(s - safe[:, None])
+        tot = tot * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+        mx = mx_new
+
+    cs = tl.arange(0, BLOCK_C)
+    for c0 in range(0, S, BLOCK_C):  # coarse slots, gathered through the block's table row
+        sok = (c0 + cs) < S
+        idx = tl.load(IDX + a * S + c0 + cs, mask=sok, other=T).to(tl.int64)
+        bias = tl.load(BIAS + a * S + c0 + cs, mask=sok, other=float("-inf"))
+        gok = (idx < T)[:, None] & cok[None, :]  # the dummy slot T reads as zeros
+        srow = (bkv * T + idx)[:, None] * d + c[None, :]
+        kc = tl.load(KS + srow, mask=gok, other=0.0)
+        vc = tl.load(VS + srow, mask=gok, other=0.0)
+        s = _mm(q, tl.trans(kc), PRECISION, UPCAST) * qk_scale + (bias * 1.4426950408889634)[None, :]
+        mx_new = tl.maximum(mx, tl.max(s, 1))
+        safe = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+        alpha = tl.exp2(mx - safe)
+        p = tl.exp2(s - safe[:, None])
+        tot = tot * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(vc.dtype), vc, PRECISION, UPCAST)
+        mx = mx_new
+
+    # lse in natural log, as the PyTorch core returns it; -inf (and out = 0) for a row that sees nothing.
+    lse = tl.where(tot > 0, (mx + tl.log2(tot)) / 1.4426950408889634, float("-inf"))
+    o = acc / tl.where(tot > 0, tot, 1.0)[:, None]
+    tl.store(OUT + (bh * N + i * m + r)[:, None] * d + c[None, :], o.to(OUT.dtype.element_ty),
+             mask=rok[:, None] & cok[None, :])
+    tl.store(LSE + bh * N + i * m + r, lse, mask=rok)
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, DO, LSE, DELTA, DQ, DKS_P, DVS_P,
+               n, nq, a0, H, G, T, S, scale,
+               m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dq of one (query block, head), and its partial summary gradients DKS_P/DVS_P (B, H, nq, S, d)."""
+    i = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    bkv = (bh // H) * (H // G) + (bh % H) // G
+    a = a0 + i
+    N = nq * m
+    Ne = (nq + F - 1) * m
+    qk_scale = scale * 1.4426950408889634
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_D)
+    rok = r < m
+    cok = c < d
+    qrow = (bh * N + i * m + r)[:, None] * d + c[None, :]
+    qmask = rok[:, None] & cok[None, :]
+    q = tl.load(Q + qrow, mask=qmask, other=0.0)
+    do = tl.load(DO + qrow, mask=qmask, other=0.0)
+    # Padding rows get lse = +inf, so their probabilities are exactly 0.
+    lse2 = tl.load(LSE + bh * N + i * m + r, mask=rok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * N + i * m + r, mask=rok, other=0.0)
+    qpos = a * m + r
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for f in tl.static_range(F):
+        krow = (bkv * Ne + (i + f) * m + r)[:, None] * d + c[None, :]
+        k = tl.load(K + krow, mask=qmask, other=0.0)
+        v = tl.load(V + krow, mask=qmask, other=0.0)
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        kpos = (a - 1 + f) * m + r
+        ok = _fine_mask(qpos[:, None], kpos[None, :], n, CAUSAL) & rok[None, :]
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
+
+    cs = tl.arange(0, BLOCK_C)
+    for c0 in range(0, S, BLOCK_C):
+        sok = (c0 + cs) < S
+        idx = tl.load(IDX + a * S + c0 + cs, mask=sok, other=T).to(tl.int64)
+        bias = tl.load(BIAS + a * S + c0 + cs, mask=sok, other=float("-inf"))
+        gok = (idx < T)[:, None] & cok[None, :]
+        srow = (bkv * T + idx)[:, None] * d + c[None, :]
+        kc = tl.load(KS + srow, mask=gok, other=0.0)
+        vc = tl.load(VS + srow, mask=gok, other=0.0)
+        s = _mm(q, tl.trans(kc), PRECISION, UPCAST) * qk_scale + (bias * 1.4426950408889634)[None, :]
+        p = tl.where((bias > float("-inf"))[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = _mm(do, tl.trans(vc), PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(kc.dtype), kc, PRECISION, UPCAST)
+        # Partials of this block's slots (scale folded in: s = scale * q.K).
+        dks = _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST) * scale  # (BLOCK_C, BLOCK_D)
+        dvs = _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+        prow = ((bh * nq + i) * S + c0 + cs)[:, None] * d + c[None, :]
+        pmask = sok[:, None] & cok[None, :]
+        tl.store(DKS_P + prow, dks, mask=pmask)
+        tl.store(DVS_P + prow, dvs, mask=pmask)
+
+    tl.store(DQ + qrow, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                n, nq, a0, H, G, scale,
+                m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dk, dv of one extended key block (global block a0 - 1 + e) of one kv head.
+
+    Query block i sees extended block e as its fine slot f = e - i, f in [0, F).
+    """
+    e = tl.program_id(0).to(tl.int64)
+    bkv = tl.program_id(1).to(tl.int64)  # b * Hkv + kv head
+    Hkv = H // G
+    b = bkv // Hkv
+    hkv = bkv % Hkv
+    N = nq * m
+    Ne = (nq + F - 1) * m
+    qk_scale = scale * 1.4426950408889634
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_D)
+    rok = r < m
+    cok = c < d
+    tmask = rok[:, None] & cok[None, :]
+    krow = (bkv * Ne + e * m + r)[:, None] * d + c[None, :]
+    k = tl.load(K + krow, mask=tmask, other=0.0)
+    v = tl.load(V + krow, mask=tmask, other=0.0)
+    kpos = (a0 - 1 + e) * m + r
+
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for g in range(G):
+        bh = b * H + hkv * G + g
+        for f in tl.static_range(F):
+            i = e - f
+            if (i >= 0) & (i < nq):
+                qrow = (bh * N + i * m + r)[:, None] * d + c[None, :]
+                q = tl.load(Q + qrow, mask=tmask, other=0.0)
+                do = tl.load(DO + qrow, mask=tmask, other=0.0)
+                lse2 = tl.load(LSE + bh * N + i * m + r, mask=rok, other=float("inf")) * 1.4426950408889634
+                delta = tl.load(DELTA + bh * N + i * m + r, mask=rok, other=0.0)
+                qpos = (a0 + i) * m + r
+                # Transposed scores (keys x queries): the reductions below are then plain dots.
+                st = _mm(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
+                ok = _fine_mask(qpos[None, :], kpos[:, None], n, CAUSAL) & rok[:, None] & rok[None, :]
+                pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
+                dv += _mm(pt.to(do.dtype), do, PRECISION, UPCAST)
+                dpt = _mm(v, tl.trans(do), PRECISION, UPCAST)
+                dst = pt * (dpt - delta[None, :])
+                dk += _mm(dst.to(q.dtype), q, PRECISION, UPCAST)
+    tl.store(DK + krow, (dk * scale).to(DK.dtype.element_ty), mask=tmask)
+    tl.store(DV + krow, dv.to(DV.dtype.element_ty), mask=tmask)
+
+
+@triton.jit
+def _delta_kernel(OUT, DO, DLSE, DELTA, N, d: tl.constexpr, HAS_DLSE: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dout * out) - dlse in fp32 (the softmax-backward row term), rows of (B*H*N, d)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_D)
+    mask = (r < N)[:, None] & (c < d)[None, :]
+    o = tl.load(OUT + r[:, None] * d + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + r[:, None] * d + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + r, mask=r < N, other=0.0).to(tl.float32)
+    tl.store(DELTA + r, delta, mask=r < N)

@@ -1,0 +1,215 @@
+"""Triton kernels (``impl="triton"``) against the float64 dense reference.
+
+Without a GPU these run in Triton's CPU interpreter (``tests/conftest.py`` sets
+``TRITON_INTERPRET=1``); shapes are tiny because the interpreter is slow.
+
+Tolerances (absolute, on O(1) outputs and gradients from unit-normal inputs):
+- fp32 2e-5: the kernels multiply in IEEE fp32 (``input_precision="ieee"``) and
+  accumulate in fp32 over a few hundred terms; ~1e-6 is seen.
+- fp16 / bf16: inputs are rounded (2**-11 / 2**-8 relative) and, as in
+  FlashAttention, probabilities and score gradients are rounded to the input
+  dtype before the second matmul. Measured against the largest reference value:
+  fp16 5e-3, bf16 4e-2 (about ten times the rounding of one input; a missing or
+  doubled key changes results by ~1e-1).
+"""
+import math
+import warnings
+
+import pytest
+import torch
+
+from fmtrain.attention import fma
+from fmtrain.attention.blocked import BlockAttention, extend_keys
+from fmtrain.attention.hierarchy import hierarchy
+from fmtrain.attention.summaries import M2MSummaries
+
+from .conftest import randn
+
+kernels = pytest.importorskip("fmtrain.attention.kernels")
+if not kernels.triton_available():
+    pytest.skip("triton does not import here", allow_module_level=True)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+def qkv(g, B, H, Hkv, n, d):
+    return randn(g, B, H, n, d), randn(g, B, Hkv, n, d), randn(g, B, Hkv, n, d)
+
+
+def run(q, k, v, dtype, params=(), **kw):
+    """Output and gradients (q, k, v, *params) of fma on ``dtype`` copies, in float64."""
+    q, k, v = (t.to(DEV, dtype).requires_grad_() for t in (q, k, v))
+    out = fma(q, k, v, **kw)
+    assert out.dtype == dtype
+    g = torch.Generator().manual_seed(1)
+    gout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEV, dtype)
+    grads = torch.autograd.grad(out, (q, k, v, *params), gout)
+    return out.double().cpu(), [x.double().cpu() for x in grads]
+
+
+def assert_close(got, want, tol, what):
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    err = (got - want).abs().max().item() / max(1.0, want.abs().max().item())
+    assert err < tol, f"{what}: error {err:.2e} > {tol:.0e}"
+
+
+def compare(q, k, v, dtype, **kw):
+    ref_o, ref_g = run(q, k, v, torch.float64, impl="dense", **kw)
+    o, g = run(q, k, v, dtype, impl="triton", **kw)
+    tol = TOL[dtype]
+    assert_close(o, ref_o, tol, "out")
+    for i, (a, b) in enumerate(zip(g, ref_g)):
+        assert_close(a, b, tol, f"grad {i}")
+
+
+CASES = [  # n, m, p, H, Hkv, d
+    (7, 16, 2, 2, 1, 8),        # one partial block, no coarse level
+    (100, 16, 2, 2, 1, 8),      # GQA, partial last block
+    (173, 16, 4, 2, 2, 16),     # p = 4, partial coarse windows
+    (90, 12, 2, 1, 1, 4),       # m not a power of two, tiny head dim (tiles padded and masked)
+]
+
+
+@pytest.mark.parametrize("variant", ["nlogn", "linear"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,m,p,H,Hkv,d", CASES)
+def test_triton_matches_dense_fp32(rng, n, m, p, H, Hkv, d, causal, variant):
+    q, k, v = qkv(rng, 1, H, Hkv, n, d)
+    compare(q, k, v, torch.float32, block_size=m, rank=p, causal=causal, variant=variant)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_half_precision_close_to_float64(rng, dtype, causal):
+    q, k, v = qkv(rng, 1, 2, 1, 150, 32)
+    compare(q, k, v, dtype, block_size=16, rank=2, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_learned_summaries_train_through_the_kernels(rng, causal):
+    """Gradients of the m2m summary maps flow through the kernels' summary gradients."""
+    n, m, p = 130, 16, 2
+    summ = M2MSummaries(2, m, p).double()
+    with torch.no_grad():  # random maps, far from averaging
+        summ.leaf.normal_(generator=rng).mul_(0.3)
+        summ.up.normal_(generator=rng).mul_(0.5)
+    q, k, v = qkv(rng, 1, 4, 2, n, 8)
+    params = (summ.leaf, summ.up)
+    ref_o, ref_g = run(q, k, v, torch.float64, params, impl="dense", block_size=m, rank=p, causal=causal,
+                       summaries=summ)
+    summ.to(DEV, torch.float32)
+    o, g = run(q, k, v, torch.float32, params, impl="triton", block_size=m, rank=p, causal=causal,
+               summaries=summ)
+    assert_close(o, ref_o, 2e-5, "out")
+    for name, a, b in zip(("q", "k", "v", "leaf", "up"), g, ref_g):
+        assert b.abs().max() > 0, name  # the comparison means something
+        assert_close(a, b, 2e-5, name)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_core_range_and_lse_gradient_match_the_pytorch_core(rng, causal, weighted):
+    """The core contract: query blocks [a0, a0+nq) with extended keys, a loss on out AND lse,
+    gradients for q, k_ext, v_ext and the summaries; fp32 kernel vs float64 PyTorch core."""
+    from fmtrain.attention.kernels.function import TritonBlockAttention
+
+    n, m, d, H, Hkv = 200, 16, 8, 2, 1
+    h = hierarchy(n, m, 2, causal)
+    F = len(h.fine_blocks())
+    q, k, v = qkv(rng, 1, H, Hkv, n, d)
+    ks, vs = randn(rng, 1, Hkv, h.num_summaries, d), randn(rng, 1, Hkv, h.num_summaries, d)
+    qp = torch.nn.functional.pad(q, (0, 0, 0, h.padded_len - n))
+    for a0, nq in ((0, 2), (5, 3), (h.n_blocks - 3, 3)):
+        args = (qp[:, :, a0 * m:(a0 + nq) * m], *(extend_keys(t, h)[:, :, a0 * m:(a0 + nq + F - 1) * m]
+                                                  for t in (k, v)), ks, vs)
+        ref = [t.clone().requires_grad_() for t in args]
+        got = [t.to(DEV, torch.float32).requires_grad_() for t in args]
+        o1, l1 = BlockAttention.apply(*ref, h, weighted, 0.4, a0)
+        o2, l2 = TritonBlockAttention.apply(*got, h, weighted, 0.4, a0)
+        assert l2.dtype == torch.float32 and o2.dtype == torch.float32
+        go, gl = torch.randn(o1.shape, generator=rng, dtype=torch.float64), torch.randn(l1.shape, generator=rng,
+                                                                                        dtype=torch.float64)
+        g1 = torch.autograd.grad((o1 * go).sum() + (l1 * gl).sum(), ref)
+        g2 = torch.autograd.grad((o2 * go.to(o2)).sum() + (l2 * gl.to(l2)).sum(), got)
+        assert_close(o2.double().cpu(), o1, 2e-5, f"out a0={a0}")
+        assert_close(l2.double().cpu(), l1, 2e-5, f"lse a0={a0}")
+        for name, a, b in zip(("q", "k_ext", "v_ext", "ks", "vs"), g2, g1):
+            assert_close(a.double().cpu(), b, 2e-5, f"d{name} a0={a0}")
+
+
+@pytest.mark.parametrize("d", [32, 64])
+def test_head_dims(rng, d):
+    q, k, v = qkv(rng, 1, 1, 1, 80, d)
+    compare(q, k, v, torch.float32, block_size=16, rank=2, causal=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [True, False])
+def test_head_dim_128_and_block_64(rng, causal):
+    q, k, v = qkv(rng, 1, 2, 1, 300, 128)
+    compare(q, k, v, torch.float32, block_size=64, rank=2, causal=causal)
+
+
+def test_causal_kernel_ignores_the_future_exactly(rng):
+    n, m = 120, 16
+    q, k, v = (t.to(DEV, torch.float32) for t in qkv(rng, 1, 2, 2, n, 8))
+    base = fma(q, k, v, block_size=m, impl="triton")
+    i = 70
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for t in (q2, k2, v2):
+        t[:, :, i + 1:] += 1.0
+    out = fma(q2, k2, v2, block_size=m, impl="triton")
+    assert torch.equal(out[:, :, :i + 1], base[:, :, :i + 1])
+    assert not torch.equal(out[:, :, i + 1:], base[:, :, i + 1:])
+
+
+def test_kernels_are_deterministic(rng):
+    q, k, v = (t.to(DEV, torch.float32).requires_grad_() for t in qkv(rng, 1, 2, 1, 100, 8))
+
+    def once():
+        out = fma(q, k, v, block_size=16, impl="triton")
+        return (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+
+    a, b = once(), once()
+    for x, y in zip(a, b):
+        # CUDA's index_add_ (summary gradients) may reorder fp32 additions; the rest is exact.
+        assert torch.equal(x, y) if DEV == "cpu" else torch.allclose(x, y, atol=1e-6)
+
+
+def test_dispatch(monkeypatch):
+    from fmtrain.attention.kernels.function import TritonBlockAttention
+
+    x = torch.zeros(1, 1, 16, 8)
+    assert kernels.core("torch", x) is BlockAttention
+    assert kernels.core("auto", x) is BlockAttention  # CPU tensors: the PyTorch core
+    assert kernels.core("auto", x.double()) is BlockAttention
+    assert kernels.core("triton", x) is TritonBlockAttention
+    with pytest.warns(UserWarning, match="float64"):
+        assert kernels.core("triton", x.double()) is BlockAttention
+    if torch.cuda.is_available():
+        assert kernels.core("auto", x.cuda()) is TritonBlockAttention
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        fma(x, x, x, block_size=8, impl="triton")
+
+
+def test_float64_through_triton_impl_is_the_pytorch_result(rng):
+    q, k, v = qkv(rng, 1, 2, 1, 50, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = fma(q, k, v, block_size=8, impl="triton")
+    assert torch.equal(a, fma(q, k, v, block_size=8, impl="torch"))
+
+
+def test_core_rejects_bad_ranges(rng):
+    from fmtrain.attention.kernels.function import TritonBlockAttention
+
+    h = hierarchy(64, 16, 2, True)
+    q = torch.zeros(1, 1, 32, 8)
+    k = torch.zeros(1, 1, 48, 8)
+    s = torch.zeros(1, 1, h.num_summaries, 8)
+    with pytest.raises(ValueError, match="outside the hierarchy"):
+        TritonBlockAttention.apply(q, k, k, s, s, h, True, 1 / math.sqrt(8), 3)
+    with pytest.raises(ValueError, match="extended keys"):
+        TritonBlockAttention.apply(q, k[:, :, :32], k[:, :, :32], s, s, h, True, 1.0, 0)

@@ -1,0 +1,145 @@
+"""Sequence-parallel fma on real gloo ranks against the single-process result in float64.
+
+Every rank builds the same full tensors from one seed, runs its chunk through
+``fma(..., group=...)`` and compares its chunk of the output and of dq, dk, dv
+with the single-process result; summary-parameter gradients are summed over the
+group first (each rank holds the part its tokens contribute). Tolerance 1e-12 as
+in tests/attention: exact algorithms differ by summation order only.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fmtrain.attention import fma
+from fmtrain.attention.summaries import build_summaries
+
+TOL64 = 1e-12
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_case(case, group, seed):
+    n, m, p, H, Hkv, causal, variant, kind, weighted = case
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    g = torch.Generator().manual_seed(seed)
+    d = 8
+    q = torch.randn(1, H, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(1, Hkv, n, d, generator=g, dtype=torch.float64)
+    v = torch.randn(1, Hkv, n, d, generator=g, dtype=torch.float64)
+    gout = torch.randn(1, H, n, d, generator=g, dtype=torch.float64)
+    summ = build_summaries(kind, n_kv_heads=Hkv, head_dim=d, block_size=m, rank=p, max_seq_len=n).double()
+    with torch.no_grad():  # random learned maps, far from averaging
+        for prm in summ.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g, dtype=prm.dtype) * 0.3)
+    params = list(summ.parameters())
+    kw = dict(block_size=m, rank=p, causal=causal, variant=variant, weighted=weighted, summaries=summ,
+              impl="torch")
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = fma(*full, **kw)
+    ref_g = [torch.zeros_like(t) if g_ is None else g_ for t, g_ in
+             zip(full + params, torch.autograd.grad(ref, full + params, gout, allow_unused=True))]
+    C = n // P
+    sl = slice(r * C, (r + 1) * C)
+    mine = [t[:, :, sl].clone().requires_grad_() for t in (q, k, v)]
+    out = fma(*mine, group=group, **kw)
+    got = list(torch.autograd.grad(out, mine + params, gout[:, :, sl].contiguous(), allow_unused=True))
+    errs = {"out": (out - ref[:, :, sl]).abs().max().item()}
+    for name, a, b in zip("qkv", got[:3], ref_g[:3]):
+        errs["d" + name] = (a - b[:, :, sl]).abs().max().item()
+    for i, (a, b) in enumerate(zip(got[3:], ref_g[3:])):
+        a = torch.zeros_like(b) if a is None else a.clone()
+        dist.all_reduce(a, group=group)
+        errs[f"dparam{i}"] = (a - b).abs().max().item()
+    bad = {k_: e for k_, e in errs.items() if not e < TOL64}
+    assert not bad, f"case {case} rank {r}/{P}: {bad}"
+
+
+def _worker(rank, world, port, cases, sub):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        group = dist.group.WORLD
+        if sub:  # contiguous groups of `sub` ranks (how the trainer lays out SP x DP)
+            groups = [dist.new_group(list(range(i, i + sub))) for i in range(0, world, sub)]
+            group = groups[rank // sub]
+        for i, case in enumerate(cases):
+            _one_case(case, group, seed=1000 + i)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world, cases, sub=0):
+    mp.spawn(_worker, args=(world, _port(), cases, sub), nprocs=world, join=True)
+
+
+# n, m, p, H, Hkv, causal, variant, summary, weighted
+def _grid(ns, P):
+    cases = []
+    for n, m, p in ns:
+        for causal in (True, False):
+            for variant in ("nlogn", "linear"):
+                for kind in ("m2m", "conv", "mean"):
+                    cases.append((n, m, p, 4, 2, causal, variant, kind, True))
+    return cases
+
+
+def test_sp2_all_masks_variants_kinds():
+    # n/2 = m * 2**K for K = 0 (one block per rank), 1, 3, 4 (levels halo'd, none gathered)
+    run_ranks(2, _grid([(16, 8, 2), (32, 8, 2), (128, 8, 4), (256, 16, 2)], 2)
+              + [(256, 8, 2, 2, 2, True, "nlogn", "m2m", False), (256, 8, 2, 2, 2, False, "linear", "m2m", False)])
+
+
+def test_sp4_all_masks_variants_kinds():
+    # P = 4: levels above K+1 are formed from the all-gathered chunk summaries
+    run_ranks(4, _grid([(32, 8, 2), (128, 8, 2), (512, 16, 4)], 4))
+
+
+def test_sp2_subgroups_of_a_4_rank_world():
+    run_ranks(4, [(256, 8, 2, 2, 1, True, "nlogn", "m2m", True), (128, 8, 2, 2, 2, False, "linear", "conv", True)],
+              sub=2)
+
+
+@pytest.mark.slow
+def test_sp_64k():
+    run_ranks(4, [(65536, 64, 2, 2, 1, True, "nlogn", "m2m", True),
+                  (65536, 64, 2, 2, 1, False, "linear", "m2m", True)])
+    run_ranks(2, [(65536, 64, 2, 2, 1, True, "linear", "m2m", True),
+                  (65536, 64, 2, 2, 1, False, "nlogn", "m2m", True)])
+
+
+def _refuse(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x = torch.randn(1, 1, 24, 8)
+        with pytest.raises(ValueError, match="power of two"):
+            fma(x, x, x, block_size=8, rank=2, group=dist.group.WORLD)  # 3 blocks per rank
+        x = torch.randn(1, 1, 20, 8)
+        with pytest.raises(ValueError, match="power of two"):
+            fma(x, x, x, block_size=8, rank=2, group=dist.group.WORLD)  # not whole blocks
+    finally:
+        dist.destroy_process_group()
+
+
+def test_refuses_chunks_that_do_not_align():
+    mp.spawn(_refuse, args=(2, _port()), nprocs=2, join=True)
+
+
+def test_group_of_one_is_the_local_path():
+    x = torch.randn(1, 2, 64, 8, dtype=torch.float64)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        try:
+            assert torch.equal(fma(x, x, x, block_size=8, group=dist.group.WORLD), fma(x, x, x, block_size=8))
+        finally:
+            dist.destroy_process_group()

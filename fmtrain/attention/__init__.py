@@ -15,7 +15,7 @@ from .hierarchy import Hierarchy, hierarchy, truncate
 from .reference import dense_attention
 from .summaries import MEAN, SUMMARY_KINDS, Summaries, build_summaries
 
-IMPLS = ("auto", "torch", "dense")
+IMPLS = ("auto", "torch", "triton", "dense")
 VARIANTS = ("nlogn", "linear")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -71,7 +71,8 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         causal: mask keys after the query.
         weighted: add ``log(tokens behind a summary)`` to its score (the paper's ``scale_attn``).
         scale: score scale, default ``1/sqrt(head_dim)``.
-        impl: ``"auto"`` (the fastest available), ``"torch"`` (blocked, O(n) memory),
+        impl: ``"auto"`` (Triton kernels on CUDA, else ``"torch"``), ``"triton"`` (fused
+            kernels; float64 falls back to ``"torch"``), ``"torch"`` (blocked, O(n) memory),
             ``"dense"`` (reference, O(n^2) memory: tests and small ``n`` only).
         variant: ``"nlogn"`` (default) or ``"linear"`` (queries summarised on coarse levels).
         summaries: how key/value summaries are formed; parameter-free means by default.
@@ -101,7 +102,7 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     ks, vs = (summaries or MEAN)(k, v, h)
     if impl == "dense":
         return dense_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant)
-    return blocked_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant)
+    return blocked_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant, impl=impl)
 
 
 from .module import MultipoleAttention  # noqa: E402  (needs fma)

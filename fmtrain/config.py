@@ -426,10 +426,13 @@ def _consistency_errors(cfg: Config) -> list[str]:
     if d.seq_len % p.sequence:
         e.append(f"data.seq_len={d.seq_len} is not divisible by parallel.sequence={p.sequence}; "
                  "each sequence-parallel rank takes an equal slice")
-    elif p.sequence > 1 and m.attention in ("fma", "local") and (d.seq_len // p.sequence) % m.block_size:
+    elif p.sequence > 1 and m.attention in ("fma", "local") and not _block_power_of_two(
+            d.seq_len // p.sequence, m.block_size):
+        # fmtrain/parallel/sequence.py: windows of every level must lie in one rank or span whole ranks.
         e.append(f"with parallel.sequence={p.sequence} each rank holds data.seq_len/sequence = "
-                 f"{d.seq_len // p.sequence} tokens, not a multiple of model.block_size={m.block_size}; "
-                 f"make data.seq_len a multiple of {p.sequence * m.block_size}")
+                 f"{d.seq_len // p.sequence} tokens, which must be model.block_size={m.block_size} times a "
+                 f"power of two; make data.seq_len {p.sequence} * {m.block_size} * 2**j, e.g. "
+                 f"{p.sequence * m.block_size * (1 << max(0, (d.seq_len // p.sequence // m.block_size).bit_length() - 1))}")
     if p.sequence > 1 and m.attention == "sdpa":
         e.append("parallel.sequence > 1 is implemented for attention='fma' and 'local' only; "
                  "use --parallel.sequence=1 for the sdpa baseline")
@@ -618,3 +621,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 __all__ = ["Config", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "CheckpointConfig",
            "ParallelConfig", "ConfigError", "CONFIG_FILE", "load_config", "save_config", "from_dict",
            "apply_overrides", "to_toml", "describe", "parse_args", "option"]
+
+
+def _block_power_of_two(chunk: int, block_size: int) -> bool:
+    """``chunk`` is ``block_size * 2**j`` (what sequence-parallel multipole attention needs)."""
+    blocks = chunk // block_size
+    return chunk % block_size == 0 and blocks > 0 and blocks & (blocks - 1) == 0

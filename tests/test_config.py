@@ -133,8 +133,8 @@ def test_bad_overrides_say_what_to_write(tmp_path, arg, expect):
     ("[train]\nbetas = [0.9, 1.5]", "train.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
     ("[parallel]\nsequence = 3", "data.seq_len=256 is not divisible by parallel.sequence=3"),
     ("[parallel]\nsequence = 32",
-     "each rank holds data.seq_len/sequence = 8 tokens, not a multiple of model.block_size=16; "
-     "make data.seq_len a multiple of 512"),
+     "each rank holds data.seq_len/sequence = 8 tokens, which must be model.block_size=16 times a "
+     "power of two; make data.seq_len 32 * 16 * 2**j, e.g. 512"),
     ("[parallel.deepspeed]\ntrain_batch_size = 8", "parallel.deepspeed.train_batch_size is generated"),
     ("[parallel.deepspeed.zero_optimization]\nstage = 3", "set parallel.zero_stage instead"),
 ])
@@ -154,6 +154,14 @@ def test_invalid_values_name_field_and_fix(tmp_path, extra, expect):
 def test_inconsistent_model_fields(model, expect):
     data = {"run": {"dir": "r"}, "model": {"dim": 64, "n_heads": 4, **model}, "data": {"seq_len": 256}}
     assert expect in error_of(from_dict, data)
+
+
+def test_sequence_parallel_slices_are_power_of_two_blocks():
+    data = {"run": {"dir": "r"}, "model": {"block_size": 16}, "data": {"seq_len": 768},
+            "parallel": {"sequence": 2}}
+    assert "384 tokens, which must be model.block_size=16 times a power of two" in error_of(from_dict, data)
+    data["data"]["seq_len"] = 1024
+    assert from_dict(data).parallel.sequence == 2
 
 
 def test_mlm_needs_mask_prob_and_sdpa_no_sequence_parallel():

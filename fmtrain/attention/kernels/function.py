@@ -16,6 +16,8 @@ from .triton_core import LOG2E, _delta_kernel, _dkv_kernel, _dq_kernel, _fwd_ker
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _tables: dict = {}
+# Elements of one fp32 buffer of partial summary gradients in the backward (1 GiB).
+PARTIAL_ELEMS = 1 << 28
 
 
 def _device_tables(h: Hierarchy, weighted: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,29 +138,39 @@ class TritonBlockAttention(torch.autograd.Function):
         launch = _launch(q, blk["BLOCK_M"], blk["BLOCK_D"])
         prec = _precision(q.dtype)
         dq = torch.empty_like(q)
-        # Per (query block, slot) partial summary gradients, fp32; reduced below.
-        part_shape = (B, H, nq, S, d) if S else (1,)
-        dks_p = torch.empty(part_shape, dtype=torch.float32, device=q.device)
-        dvs_p = torch.empty(part_shape, dtype=torch.float32, device=q.device)
-        _dq_kernel[(nq, B * H)](
-            q, k, v, ks, vs, index, bias, dout, lse, delta, dq, dks_p, dvs_p,
-            h.n, nq, a0, H, G, T, S, scale,
-            m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), **blk, **launch)
+        want_s = (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]) and S > 0
+        if want_s:
+            dks = torch.zeros(B, Hkv, T + 1, d, dtype=torch.float32, device=q.device)  # row T: the dummy
+            dvs = torch.zeros_like(dks)
+        # Chunks of query blocks bound the fp32 partial summary gradients (B, H, chunk, S, d) to
+        # about PARTIAL_ELEMS each; at n = 1M one buffer for all blocks would take ~10 GB.
+        chunk = max(1, PARTIAL_ELEMS // max(1, B * H * S * d)) if want_s else nq
+        for i0 in range(0, nq, chunk):
+            nc = min(chunk, nq - i0)
+            part = (B, H, nc, S, d) if want_s else (1,)
+            dks_p = torch.empty(part, dtype=torch.float32, device=q.device)
+            dvs_p = torch.empty(part, dtype=torch.float32, device=q.device)
+            _dq_kernel[(nc, B * H)](
+                q, k, v, ks, vs, index, bias, dout, lse, delta, dq, dks_p, dvs_p,
+                h.n, nq, a0, H, G, T, S, scale, i0, nc,
+                m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), PARTIALS=want_s,
+                **blk, **launch)
+            if want_s:  # sum over the G query heads of each kv head, then scatter slots into summaries
+                idx = index64[a0 + i0:a0 + i0 + nc].reshape(-1)
+                dks_p, dvs_p = (x.view(B, Hkv, G, nc * S, d) for x in (dks_p, dvs_p))
+                dks_p, dvs_p = (x.squeeze(2) if G == 1 else x.sum(2) for x in (dks_p, dvs_p))
+                dks.index_add_(2, idx, dks_p)
+                dvs.index_add_(2, idx, dvs_p)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         _dkv_kernel[(nq + F - 1, B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv,
             h.n, nq, a0, H, G, scale,
             m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype),
             BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"], **launch)
-        dks = dvs = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            dks = torch.zeros(B, Hkv, T + 1, d, dtype=torch.float32, device=q.device)  # row T: the dummy
-            dvs = torch.zeros_like(dks)
-            if S:
-                idx = index64[a0:a0 + nq].reshape(-1)
-                # Sum over the G query heads of each kv head, then scatter the slots into the summaries.
-                dks.index_add_(2, idx, dks_p.view(B, Hkv, G, nq * S, d).sum(2))
-                dvs.index_add_(2, idx, dvs_p.view(B, Hkv, G, nq * S, d).sum(2))
-            kd, vd = ctx.dtypes[2:]
-            dks, dvs = dks[:, :, :T].to(kd), dvs[:, :, :T].to(vd)
+        if want_s:
+            dks, dvs = dks[:, :, :T].to(ctx.dtypes[2]), dvs[:, :, :T].to(ctx.dtypes[3])
+        elif ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:  # no coarse slot: zero gradients
+            dks, dvs = (torch.zeros(B, Hkv, T, d, dtype=dt, device=q.device) for dt in ctx.dtypes[2:])
+        else:
+            dks = dvs = None
         return dq, dk.to(ctx.dtypes[0]), dv.to(ctx.dtypes[1]), dks, dvs, None, None, None, None

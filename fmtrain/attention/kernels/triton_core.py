@@ -114,12 +114,13 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
 
 @triton.jit
 def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, DO, LSE, DELTA, DQ, DKS_P, DVS_P,
-               n, nq, a0, H, G, T, S, scale,
+               n, nq, a0, H, G, T, S, scale, i0, nc,
                m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dq of one (query block, head), and its partial summary gradients DKS_P/DVS_P (B, H, nq, S, d)."""
-    i = tl.program_id(0).to(tl.int64)
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, PARTIALS: tl.constexpr):
+    """dq of one (query block i0 + program, head), and (PARTIALS) its partial summary gradients
+    DKS_P/DVS_P (B, H, nc, S, d) of the chunk of nc query blocks starting at i0."""
+    i = i0 + tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     bkv = (bh // H) * (H // G) + (bh % H) // G
     a = a0 + i
@@ -166,13 +167,13 @@ def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, DO, LSE, DELTA, DQ, DKS_P, DVS_P,
         dp = _mm(do, tl.trans(vc), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(kc.dtype), kc, PRECISION, UPCAST)
-        # Partials of this block's slots (scale folded in: s = scale * q.K).
-        dks = _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST) * scale  # (BLOCK_C, BLOCK_D)
-        dvs = _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
-        prow = ((bh * nq + i) * S + c0 + cs)[:, None] * d + c[None, :]
-        pmask = sok[:, None] & cok[None, :]
-        tl.store(DKS_P + prow, dks, mask=pmask)
-        tl.store(DVS_P + prow, dvs, mask=pmask)
+        if PARTIALS:  # this block's share of its slots' gradients (scale folded in: s = scale * q.K)
+            dks = _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST) * scale  # (BLOCK_C, BLOCK_D)
+            dvs = _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+            prow = ((bh * nc + i - i0) * S + c0 + cs)[:, None] * d + c[None, :]
+            pmask = sok[:, None] & cok[None, :]
+            tl.store(DKS_P + prow, dks, mask=pmask)
+            tl.store(DVS_P + prow, dvs, mask=pmask)
 
     tl.store(DQ + qrow, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 

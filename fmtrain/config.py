@@ -82,8 +82,9 @@ class ModelConfig:
                                  "length), 'conv' (the paper's, tied to max_seq_len) or 'mean'.",
                           choices=("m2m", "conv", "mean"))
     weighted: bool = option(True, "Add log(tokens behind a summary) to its attention score.")
-    impl: str = option("auto", "Multipole implementation: 'auto', 'torch' or 'dense' (tests only).",
-                       choices=("auto", "torch", "dense"))
+    impl: str = option("auto", "Multipole implementation: 'auto' (Triton on GPU, else torch), 'torch' "
+                               "(blocked PyTorch), 'triton' or 'dense' (reference, tests only).",
+                       choices=("auto", "torch", "triton", "dense"))
     rope_theta: float = option(10000.0, "RoPE base; raise it (e.g. 500000) for very long contexts.",
                                min=1.0)
     max_seq_len: int | None = option(None, "Longest sequence summary='conv' is built for (its "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fmtrain.config import (CONFIG_FILE, Config, ConfigError, apply_overrides, describe, from_dict,
+from fmtrain.config import (CONFIG_FILE, Config, ConfigError, ModelConfig, apply_overrides, describe, from_dict,
                             load_config, parse_args, save_config, to_toml, tomllib)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,3 +243,11 @@ def test_help_lists_every_field_with_its_doc(capsys):
             assert f.metadata["help"], f"{sec.name}.{f.name} has no help text"
             assert f"--{sec.name}.{f.name}  (" in out
     assert describe() in out
+
+
+def test_model_choices_follow_the_attention_package():
+    from fmtrain.attention import IMPLS, SUMMARY_KINDS, VARIANTS
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(ModelConfig)}
+    assert set(choices["impl"]) == set(IMPLS)
+    assert set(choices["variant"]) == set(VARIANTS)
+    assert set(choices["summary"]) == set(SUMMARY_KINDS)

@@ -8,9 +8,12 @@ over all of them, with the summaries' log-weights added to their scores.
 
 Backward (FlashAttention-2 style, scores recomputed from the saved lse):
 - ``_dq_kernel``: per (query block, head): dq, and per-(block, slot) partial
-  gradients of the summaries it saw; PyTorch sums those over the GQA group and
-  scatters them into the summaries with ``index_add_`` (the slots of many
-  blocks point at one coarse summary, so that reduction crosses programs).
+  gradients of the summaries it saw, in fp32, for a chunk of query blocks at a
+  time (bounded memory); PyTorch sums those over the GQA group and scatters them
+  into the summaries with ``index_add_`` (the slots of many blocks point at one
+  coarse summary, so that reduction crosses programs). ``index_add_`` is
+  deterministic on CPU, and on CUDA under ``torch.use_deterministic_algorithms``;
+  by default CUDA adds atomically (fp32 sum order may vary run to run).
 - ``_dkv_kernel``: per (extended key block, kv head): dk, dv, accumulated over
   the ``<= F`` query blocks that see the block and the ``G`` query heads of the
   kv head, in registers: no atomics, deterministic.
@@ -25,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Scores run in base 2 (exp2 is the fast instruction); the kernels spell log2(e) out as a
+# literal, since a jitted function may read only constexpr globals.
 LOG2E = 1.4426950408889634
 
 
@@ -45,6 +50,19 @@ def _fine_mask(qpos, kpos, n, CAUSAL: tl.constexpr):
     if CAUSAL:
         ok = ok & (kpos <= qpos)
     return ok
+
+
+@triton.jit
+def _softmax_step(s, v, mx, tot, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax over one more tile: base-2 scores s (rows, keys), values v (keys, d);
+    running row max mx, sum tot and unnormalised output acc. Returns the updated three."""
+    mx_new = tl.maximum(mx, tl.max(s, 1))
+    safe = tl.where(mx_new == float("-inf"), 0.0, mx_new)  # a row that has seen nothing yet
+    alpha = tl.exp2(mx - safe)
+    p = tl.exp2(s - safe[:, None])
+    tot = tot * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+    return mx_new, tot, acc
 
 
 @triton.jit
@@ -78,13 +96,7 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
         kpos = (a - 1 + f) * m + r
         ok = _fine_mask(qpos[:, None], kpos[None, :], n, CAUSAL) & rok[None, :]
         s = tl.where(ok, s, float("-inf"))
-        mx_new = tl.maximum(mx, tl.max(s, 1))
-        safe = tl.where(mx_new == float("-inf"), 0.0, mx_new)  # a row with nothing seen yet
-        alpha = tl.exp2(mx - safe)
-        p = tl.exp2(s - safe[:, None])
-        tot = tot * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
-        mx = mx_new
+        mx, tot, acc = _softmax_step(s, v, mx, tot, acc, PRECISION, UPCAST)
 
     cs = tl.arange(0, BLOCK_C)
     for c0 in range(0, S, BLOCK_C):  # coarse slots, gathered through the block's table row
@@ -96,13 +108,7 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
         kc = tl.load(KS + srow, mask=gok, other=0.0)
         vc = tl.load(VS + srow, mask=gok, other=0.0)
         s = _mm(q, tl.trans(kc), PRECISION, UPCAST) * qk_scale + (bias * 1.4426950408889634)[None, :]
-        mx_new = tl.maximum(mx, tl.max(s, 1))
-        safe = tl.where(mx_new == float("-inf"), 0.0, mx_new)
-        alpha = tl.exp2(mx - safe)
-        p = tl.exp2(s - safe[:, None])
-        tot = tot * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(vc.dtype), vc, PRECISION, UPCAST)
-        mx = mx_new
+        mx, tot, acc = _softmax_step(s, vc, mx, tot, acc, PRECISION, UPCAST)
 
     # lse in natural log, as the PyTorch core returns it; -inf (and out = 0) for a row that sees nothing.
     lse = tl.where(tot > 0, (mx + tl.log2(tot)) / 1.4426950408889634, float("-inf"))

@@ -114,10 +114,11 @@ class LocalAttention(ProjectedAttention):
     def __init__(self, dim, n_heads, n_kv_heads, rope_theta, causal, *, block_size, rank, impl):
         super().__init__(dim, n_heads, n_kv_heads, rope_theta, causal)
         self.block_size, self.rank, self.impl = block_size, rank, impl
+        self.sp_group = None  # sequence parallelism: see set_sequence_group
 
     def attend(self, q, k, v):
         return fma(q, k, v, block_size=self.block_size, rank=self.rank, causal=self.causal,
-                   impl=self.impl, max_level=0)
+                   impl=self.impl, max_level=0, group=self.sp_group)
 
 
 def make_attention(cfg: ModelConfig, causal: bool) -> nn.Module:
@@ -335,6 +336,18 @@ class MaskedLM(LanguageModel):
     causal = False
 
 
+def set_sequence_group(model: nn.Module, group) -> nn.Module:
+    """Make every attention layer of ``model`` sequence-parallel over ``group`` (None: local).
+
+    The model then takes this rank's slice of each sequence, with global
+    ``positions``; its loss is the slice's sum (the trainer divides by the global count).
+    """
+    for mod in model.modules():
+        if hasattr(mod, "sp_group"):
+            mod.sp_group = group
+    return model
+
+
 def build_model(cfg: ModelConfig) -> LanguageModel:
     """The model ``cfg.kind`` names, initialised (on the CPU, fp32)."""
     if cfg.kind == "causal":
@@ -399,6 +412,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) ->
     return 3 * forward if training else forward
 
 
-__all__ = ["RMSNorm", "SwiGLU", "ProjectedAttention", "FullAttention", "LocalAttention", "make_attention",
+__all__ = ["set_sequence_group", "RMSNorm", "SwiGLU", "ProjectedAttention", "FullAttention", "LocalAttention", "make_attention",
            "Block", "Transformer", "LMHead", "LanguageModel", "CausalLM", "MaskedLM", "build_model",
            "chunked_cross_entropy", "attention_scores_per_query", "flops_per_token", "IGNORE_INDEX"]

@@ -17,7 +17,7 @@ from .checkpoint import Checkpointer, TrainState
 from .config import Config, ConfigError, parse_args, save_config
 from .eval import evaluate
 from .metrics import Metrics, peak_flops
-from .model import build_model, flops_per_token
+from .model import build_model, flops_per_token, set_sequence_group
 from .parallel import World, init_world, shutdown
 from .signals import StopFlag
 
@@ -89,6 +89,10 @@ def train_step(engine, batches: list[dict], world: World) -> float:
     The loss is the token-weighted mean over every rank's and micro-batch's targets:
     each micro-step's summed loss is divided by the step's global target count and
     multiplied by what DeepSpeed divides by (ranks x accumulation steps).
+    Under sequence parallelism each rank's loss is its slice's sum and the global
+    count covers every slice; the SP collectives' backward routes each rank's
+    gradient contributions to the ranks whose tokens produced them, so DeepSpeed's
+    sum over SP x DP ranks (mean times ``world.size``) is the exact gradient.
     """
     dev = world.device
     counts = torch.tensor([float((b["targets"] >= 0).sum()) for b in batches], dtype=torch.float64)
@@ -128,7 +132,7 @@ def train(cfg: Config) -> dict:
                          text_field=cfg.data.text_field, val_fraction=cfg.data.val_fraction,
                          mask_prob=cfg.data.mask_prob, eval_max_batches=cfg.train.eval_batches,
                          progress=world.is_main)
-    model = build_model(cfg.model)
+    model = set_sequence_group(build_model(cfg.model), world.sp_group)  # None unless parallel.sequence > 1
     engine = build_engine(model, cfg, world, dtype)
     state = TrainState()
     ckpt = Checkpointer(cfg, world, data.tokenizer.path)

@@ -34,6 +34,9 @@ class MultipoleAttention(nn.Module):
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.wkv = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        # Sequence parallelism: set by the model (``set_sequence_group``); x is then this
+        # rank's slice of the sequence and ``positions`` its global positions.
+        self.sp_group = None
         self.summaries = build_summaries(summary, n_kv_heads=n_kv_heads, head_dim=self.head_dim,
                                          block_size=block_size, rank=rank, max_seq_len=max_seq_len)
 
@@ -47,5 +50,6 @@ class MultipoleAttention(nn.Module):
             cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = fma(q, k, v, block_size=self.block_size, rank=self.rank, causal=self.causal,
-                weighted=self.weighted, impl=self.impl, variant=self.variant, summaries=self.summaries)
+                weighted=self.weighted, impl=self.impl, variant=self.variant, summaries=self.summaries,
+                group=self.sp_group)
         return self.wo(y.transpose(1, 2).reshape(B, n, -1))

@@ -1,4 +1,4 @@
-"""Process groups: data parallelism now, sequence parallelism over the multipole hierarchy next."""
-from .groups import World, init_world, shutdown
+"""Process groups (data and sequence parallelism) and sequence-parallel multipole attention."""
+from .groups import World, init_world, sequence_groups, shutdown
 
-__all__ = ["World", "init_world", "shutdown"]
+__all__ = ["World", "init_world", "sequence_groups", "shutdown"]

@@ -25,6 +25,7 @@ class World:
     sp_size: int
     device: torch.device
     backend: str
+    sp_group: object = None  # this rank's sequence-parallel process group (None: no SP)
 
     @property
     def sp_rank(self) -> int:
@@ -91,7 +92,20 @@ def init_world(backend: str = "auto", sp_size: int = 1, timeout_minutes: float =
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
-    return World(rank=rank, local_rank=local, size=size, sp_size=sp_size, device=device, backend=backend)
+    return World(rank=rank, local_rank=local, size=size, sp_size=sp_size, device=device, backend=backend,
+                 sp_group=sequence_groups(rank, size, sp_size))
+
+
+def sequence_groups(rank: int, size: int, sp_size: int):
+    """This rank's group of ``sp_size`` contiguous ranks (None when ``sp_size == 1``).
+
+    ``new_group`` is collective over the whole world: every rank creates every group,
+    in the same order, and keeps its own.
+    """
+    if sp_size == 1:
+        return None
+    groups = [dist.new_group(list(range(g, g + sp_size))) for g in range(0, size, sp_size)]
+    return groups[rank // sp_size]
 
 
 def shutdown() -> None:

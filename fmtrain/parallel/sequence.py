@@ -92,6 +92,11 @@ class _Halo(torch.autograd.Function):
         return d_left, d_right, None
 
 
+# torch 2.13 renamed the flat-buffer collectives (the old names warn).
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _AllGather(torch.autograd.Function):
     """x -> (P, *x.shape) over the group; backward: reduce-scatter (sum) of the gradient."""
 
@@ -101,7 +106,7 @@ class _AllGather(torch.autograd.Function):
         P = dist.get_world_size(group)
         x = x.contiguous()
         out = x.new_empty(P * x.numel())  # gloo wants flat buffers
-        dist.all_gather_into_tensor(out, x.reshape(-1), group=group)
+        _all_gather(out, x.reshape(-1), group=group)
         # Ring all-gather: each rank sends and receives P-1 pieces.
         TRAFFIC["fwd_sent"] += (P - 1) * _nbytes(x)
         TRAFFIC["fwd_recv"] += (P - 1) * _nbytes(x)
@@ -112,7 +117,7 @@ class _AllGather(torch.autograd.Function):
         P = dist.get_world_size(ctx.group)
         g = g.contiguous()  # gloo scatters wrongly into non-contiguous buffers
         out = g.new_empty(g[0].numel())
-        dist.reduce_scatter_tensor(out, g.reshape(-1), op=dist.ReduceOp.SUM, group=ctx.group)
+        _reduce_scatter(out, g.reshape(-1), op=dist.ReduceOp.SUM, group=ctx.group)
         TRAFFIC["bwd_sent"] += (P - 1) * _nbytes(out)
         TRAFFIC["bwd_recv"] += (P - 1) * _nbytes(out)
         return out.view(g.shape[1:]), None

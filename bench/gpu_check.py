@@ -15,9 +15,9 @@
    bidirectional, n = 16k .. 1M: forward (no grad) and forward+backward
    (``torch.autograd.grad`` of out with a random dout) of ``fma(impl="triton")``
    (block 64, rank 2, mean summaries: the summaries' cost is included) and of
-   SDPA restricted to its flash backend. Median of ``triton.testing.do_bench``;
-   a call slower than 1 s is timed by CUDA events over 3 calls instead (do_bench
-   would make at least 8). SDPA is skipped above ``--sdpa-max`` (quadratic: at 1M
+   SDPA restricted to its flash backend. After one warm-up call: the median of
+   ``triton.testing.do_bench``, or, for a call slower than 1 s, the median of 3
+   synchronised wall-clock calls (do_bench would make at least 8). SDPA is skipped above ``--sdpa-max`` (quadratic: at 1M
    one causal fwd+bwd takes minutes) and when the time budget would be exceeded;
    the table says so. Peak memory: ``max_memory_allocated`` during one call,
    above what was allocated before it (inputs).
@@ -153,14 +153,15 @@ class Timer:
         return 1e3 * (time.perf_counter() - t0)
 
     def measure(self, fn) -> tuple[float, float, str]:
+        self.once_ms(fn)  # warm-up: Triton compiles, allocators settle
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        first = self.once_ms(fn)  # also the warm-up (Triton compiles here)
+        first = self.once_ms(fn)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if self.cuda else None
         if first > SLOW_MS or not self.cuda:
-            times = sorted(self.once_ms(fn) for _ in range(3 if self.cuda else 2))
-            return times[len(times) // 2], peak, f"median of {len(times)} (wall clock)"
+            times = sorted([first] + [self.once_ms(fn) for _ in range(2)])
+            return times[1], peak, "median of 3 (wall clock, synchronised)"
         import triton.testing
         return triton.testing.do_bench(fn, return_mode="median"), peak, "do_bench median"
 
@@ -203,7 +204,7 @@ def bench(dev, args, deadline: float) -> tuple[list[dict], list[str]]:
                         prev = est.get((impl, mode, d, causal))
                         # Predicted time of one call: quadratic for SDPA, ~linear for fma.
                         guess = prev[1] * (n / prev[0]) ** (2 if impl == "sdpa" else 1) if prev else 0.0
-                        calls = 4 if guess > SLOW_MS else 8
+                        calls = 4 if guess > SLOW_MS else 10  # warm-up + 3, or warm-up + do_bench
                         if impl == "sdpa" and n > args.sdpa_max:
                             row["skipped"] = f"n > --sdpa-max {args.sdpa_max} (quadratic: ~{guess / 1e3:.0f} s a call)"
                         elif time.time() + calls * guess / 1e3 > deadline:

@@ -41,6 +41,31 @@ def qkv(g, B, H, Hkv, n, d):
     return randn(g, B, H, n, d), randn(g, B, Hkv, n, d), randn(g, B, Hkv, n, d)
 
 
+class KernelSpy:
+    """Counts forward and backward calls of the Triton core, so a silent fallback fails the test."""
+
+    def __init__(self, monkeypatch):
+        from fmtrain.attention.kernels.function import TritonBlockAttention as T
+        self.fwd = self.bwd = 0
+        fwd, bwd = T.forward, T.backward
+
+        def forward(*a, **k):
+            self.fwd += 1
+            return fwd(*a, **k)
+
+        def backward(*a, **k):
+            self.bwd += 1
+            return bwd(*a, **k)
+
+        monkeypatch.setattr(T, "forward", staticmethod(forward))
+        monkeypatch.setattr(T, "backward", staticmethod(backward))
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    return KernelSpy(monkeypatch)
+
+
 def run(q, k, v, dtype, params=(), **kw):
     """Output and gradients (q, k, v, *params) of fma on ``dtype`` copies, in float64."""
     q, k, v = (t.to(DEV, dtype).requires_grad_() for t in (q, k, v))
@@ -58,9 +83,10 @@ def assert_close(got, want, tol, what):
     assert err < tol, f"{what}: error {err:.2e} > {tol:.0e}"
 
 
-def compare(q, k, v, dtype, **kw):
+def compare(spy, q, k, v, dtype, **kw):
     ref_o, ref_g = run(q, k, v, torch.float64, impl="dense", **kw)
     o, g = run(q, k, v, dtype, impl="triton", **kw)
+    assert spy.fwd == 1 and spy.bwd == 1, "fma(impl='triton') did not run the kernels"
     tol = TOL[dtype]
     assert_close(o, ref_o, tol, "out")
     for i, (a, b) in enumerate(zip(g, ref_g)):
@@ -78,20 +104,20 @@ CASES = [  # n, m, p, H, Hkv, d
 @pytest.mark.parametrize("variant", ["nlogn", "linear"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n,m,p,H,Hkv,d", CASES)
-def test_triton_matches_dense_fp32(rng, n, m, p, H, Hkv, d, causal, variant):
+def test_triton_matches_dense_fp32(rng, spy, n, m, p, H, Hkv, d, causal, variant):
     q, k, v = qkv(rng, 1, H, Hkv, n, d)
-    compare(q, k, v, torch.float32, block_size=m, rank=p, causal=causal, variant=variant)
+    compare(spy, q, k, v, torch.float32, block_size=m, rank=p, causal=causal, variant=variant)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_triton_half_precision_close_to_float64(rng, dtype, causal):
+def test_triton_half_precision_close_to_float64(rng, spy, dtype, causal):
     q, k, v = qkv(rng, 1, 2, 1, 150, 32)
-    compare(q, k, v, dtype, block_size=16, rank=2, causal=causal)
+    compare(spy, q, k, v, dtype, block_size=16, rank=2, causal=causal)
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_learned_summaries_train_through_the_kernels(rng, causal):
+def test_learned_summaries_train_through_the_kernels(rng, spy, causal):
     """Gradients of the m2m summary maps flow through the kernels' summary gradients."""
     n, m, p = 130, 16, 2
     summ = M2MSummaries(2, m, p).double()
@@ -105,6 +131,7 @@ def test_learned_summaries_train_through_the_kernels(rng, causal):
     summ.to(DEV, torch.float32)
     o, g = run(q, k, v, torch.float32, params, impl="triton", block_size=m, rank=p, causal=causal,
                summaries=summ)
+    assert spy.fwd == 1 and spy.bwd == 1
     assert_close(o, ref_o, 2e-5, "out")
     for name, a, b in zip(("q", "k", "v", "leaf", "up"), g, ref_g):
         assert b.abs().max() > 0, name  # the comparison means something
@@ -146,16 +173,16 @@ def test_core_range_and_lse_gradient_match_the_pytorch_core(rng, monkeypatch, ca
 
 
 @pytest.mark.parametrize("d", [32, 64])
-def test_head_dims(rng, d):
+def test_head_dims(rng, spy, d):
     q, k, v = qkv(rng, 1, 1, 1, 80, d)
-    compare(q, k, v, torch.float32, block_size=16, rank=2, causal=True)
+    compare(spy, q, k, v, torch.float32, block_size=16, rank=2, causal=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
-def test_head_dim_128_and_block_64(rng, causal):
+def test_head_dim_128_and_block_64(rng, spy, causal):
     q, k, v = qkv(rng, 1, 2, 1, 300, 128)
-    compare(q, k, v, torch.float32, block_size=64, rank=2, causal=causal)
+    compare(spy, q, k, v, torch.float32, block_size=64, rank=2, causal=causal)
 
 
 def test_causal_kernel_ignores_the_future_exactly(rng):

@@ -34,6 +34,7 @@ from .config import CONFIG_FILE, Config, save_config
 
 _NAME = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
+UNIVERSAL = "universal"  # a re-split resume's conversion of ds/, beside it
 
 
 class CheckpointError(RuntimeError):
@@ -193,23 +194,69 @@ class Checkpointer:
             return None
         meta = validate(path)
         w = self.world
-        if meta["world_size"] != w.size or meta["sp_size"] != w.sp_size:
+        if meta["sp_size"] != w.sp_size:
             raise CheckpointError(
-                f"{path} was written by {meta['world_size']} processes ({meta['dp_size']} data-parallel x "
-                f"{meta['sp_size']} sequence-parallel); this run has {w.size} ({w.dp_size} x {w.sp_size}). "
-                "Resume with the same layout, or start a new run.dir")
+                f"{path} was written with {meta['sp_size']}-way sequence parallelism; this run has "
+                f"parallel.sequence={w.sp_size}. Resume with the same parallel.sequence, or start a new run.dir")
         if meta["zero_stage"] != self.cfg.parallel.zero_stage:
             raise CheckpointError(f"{path} was written with ZeRO stage {meta['zero_stage']}, this run uses "
                                   f"parallel.zero_stage={self.cfg.parallel.zero_stage}; use the same stage")
-        load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        resplit = meta["world_size"] != w.size
+        if resplit and not self.cfg.checkpoint.resplit:
+            raise CheckpointError(
+                f"{path} was written by {meta['world_size']} processes ({meta['dp_size']} data-parallel x "
+                f"{meta['sp_size']} sequence-parallel); this run has {w.size} ({w.dp_size} x {w.sp_size}). "
+                "To continue it on the new number of ranks, set checkpoint.resplit = true "
+                "(--checkpoint.resplit=true): the checkpoint is converted to DeepSpeed's universal format "
+                "and the data position re-split. Or resume with the same layout, or start a new run.dir")
+        if resplit:
+            load_path = self._load_universal(engine, path)
+        else:
+            load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path / 'ds'}")
-        mine = torch.load(path / f"rank_{w.rank:05d}.pt", weights_only=False)
-        loader.load_state_dict(mine["loader"])
+        # A re-split run has no file of its own: every old rank saved the same stream position;
+        # the RNG of old rank r (or rank 0's) seeds new rank r (dropout/masking draws differ anyway).
+        old_rank = w.rank if w.rank < meta["world_size"] else 0
+        mine = torch.load(path / f"rank_{old_rank:05d}.pt", weights_only=False)
+        loader.load_state_dict(mine["loader"], allow_resplit=resplit)
         _set_rng_state(mine["rng"])
         state.step, state.tokens_seen = meta["step"], meta["tokens_seen"]
         return path
+
+    def _load_universal(self, engine, path: Path):
+        """Load ``path`` on a different number of ranks through DeepSpeed's universal checkpoint.
+
+        ``ds_to_universal`` merges the ZeRO shards into one file per parameter (fp32 weights and
+        Adam moments), which any number of ranks can partition anew. Rank 0 converts once, into
+        ``universal/`` beside ``ds/`` (written under a temporary name, then renamed, so a crash
+        mid-conversion is redone); the others wait at the barrier.
+        """
+        import subprocess
+        import sys
+
+        out = path / UNIVERSAL
+        if self.world.is_main and not out.is_dir():
+            tmp = path / f".{UNIVERSAL}.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(path / "ds"), "--output_folder", str(tmp), "--inject_missing_state",
+                   "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise CheckpointError(f"converting {path / 'ds'} to a universal checkpoint failed:\n"
+                                      f"{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+            os.replace(tmp, out)
+        self.world.barrier()
+        # The engine reads this setting when loading (not only at initialize): switch it for this load.
+        engine._config.load_universal_checkpoint = True
+        try:
+            load_path, _ = engine.load_checkpoint(str(path), tag=UNIVERSAL, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        finally:
+            engine._config.load_universal_checkpoint = False  # later saves are ordinary ones
+        return load_path
 
 
 # ---------------------------------------------------------------------- the model alone

@@ -164,6 +164,9 @@ class CheckpointConfig:
     interval: int = option(1000, "Steps between checkpoints (a final one is always written).", min=1)
     keep: int = option(3, "Newest checkpoints kept; older ones are deleted.", min=1)
     dir: str = option("", "Checkpoint directory. Default: <run.dir>/checkpoints.")
+    resplit: bool = option(False, "Resume a checkpoint written by a different number of data-parallel "
+                                  "ranks: converted once to DeepSpeed's universal format, the data "
+                                  "position re-split over the new ranks.")
 
 
 @dataclass

@@ -16,8 +16,14 @@ import torch
 
 
 @torch.no_grad()
-def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int | None = None) -> dict:
-    """Token-weighted held-out loss over ``loader`` (all ranks together)."""
+def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int | None = None,
+             stop=None) -> dict | None:
+    """Token-weighted held-out loss over ``loader`` (all ranks together).
+
+    ``stop``: a :class:`fmtrain.signals.StopFlag`, asked after every batch (all ranks
+    together) so that a long evaluation does not outlast SLURM's warning; None if it
+    fired (the evaluation is abandoned, the trainer checkpoints and exits).
+    """
     was_training = model.training
     model.eval()
     device = world.device
@@ -30,6 +36,9 @@ def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int |
         loss_sum, count = model(batch["input_ids"].to(device), targets, batch["positions"].to(device))
         scored = targets[targets >= 0]
         totals += torch.stack([loss_sum.double(), count.double(), token_bytes[scored].sum().double()])
+        if stop is not None and stop.should_stop():
+            model.train(was_training)
+            return None
     world.all_reduce(totals)
     model.train(was_training)
     loss, tokens, nbytes = totals.tolist()

@@ -4,9 +4,19 @@ preemption, Ctrl-C) or when the run's wall-clock budget is spent.
 A handler only sets a flag; the training loop asks :meth:`StopFlag.should_stop`
 at step boundaries, where all ranks agree (one all-reduce of a single number),
 so they all stop after the same step, checkpoint together and exit.
+
+Exit status (what ``slurm/train.sbatch`` acts on): 0 when the run finished its
+steps (or stopped at ``train.stop_at_step``, a planned stop), ``EXIT_STOPPED``
+(75, EX_TEMPFAIL) when a signal or ``train.max_minutes`` stopped it with a
+checkpoint (restart it to continue), anything else a failure. Under torchrun
+the agent would treat 75 as a worker failure and restart the workers, so when
+``FMTRAIN_STATUS_FILE`` is set (``launch/run.sh`` sets it) the trainer exits 0
+and writes its status (``finished`` or ``stopped``) to that file instead, and
+the wrapper turns it back into the exit status.
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -14,6 +24,21 @@ import torch
 
 # SIGUSR1: SLURM's --signal warning (torchrun forwards it with --signals-to-handle).
 HANDLED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run again to continue
+STATUS_ENV = "FMTRAIN_STATUS_FILE"
+
+
+def exit_status(stopped: bool) -> int:
+    """The process exit status for a run that finished (``stopped`` False) or was stopped
+    by a signal or the wall-clock budget; see the module docstring."""
+    status_file = os.environ.get(STATUS_ENV)
+    if not status_file:
+        return EXIT_STOPPED if stopped else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    if local_rank == 0:  # one writer per node; every rank agreed on the same outcome
+        with open(status_file, "w") as fh:
+            fh.write("stopped\n" if stopped else "finished\n")
+    return 0
 
 
 class StopFlag:
@@ -41,11 +66,15 @@ class StopFlag:
 
     def should_stop(self) -> bool:
         """Whether any rank wants to stop (collective: every rank must call it)."""
-        local = self.signal is not None or (self.deadline is not None and time.monotonic() >= self.deadline)
-        flag = torch.tensor([1.0 if local else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0])
         if self.world.backend == "nccl":
             flag = flag.to(self.world.device)
         return bool(self.world.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item() > 0)
+
+    @property
+    def requested(self) -> bool:
+        """Whether this rank saw a signal or the budget ran out (local: no collective)."""
+        return self.signal is not None or (self.deadline is not None and time.monotonic() >= self.deadline)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

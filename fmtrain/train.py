@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpointer, TrainState
+from .checkpoint import CheckpointError, Checkpointer, TrainState
 from .config import Config, ConfigError, parse_args, save_config
 from .eval import evaluate
 from .metrics import Metrics, peak_flops
 from .model import build_model, flops_per_token, set_sequence_group
 from .parallel import World, init_world, shutdown
-from .signals import StopFlag
+from .signals import StopFlag, exit_status
 
 
 def lr_factor(cfg: Config, step: int) -> float:
@@ -154,8 +154,9 @@ def train(cfg: Config) -> dict:
     def run_eval() -> dict | None:
         if data.val is None:
             return None
-        result = evaluate(engine, data.val, world, data.tokenizer.token_bytes, cfg.train.eval_batches)
-        log.eval(state.step, result)
+        result = evaluate(engine, data.val, world, data.tokenizer.token_bytes, cfg.train.eval_batches, stop)
+        if result is not None:  # None: a stop signal cut it short (the loop then checkpoints)
+            log.eval(state.step, result)
         return result
 
     last: dict = {}
@@ -190,6 +191,8 @@ def train(cfg: Config) -> dict:
     stop.restore()
     log.close()
     last["stopped"] = stopped
+    # Stopped by a signal or train.max_minutes (not the planned stop_at_step): main exits 75.
+    last["preempted"] = stopped and state.step != cfg.train.stop_at_step
     return last
 
 
@@ -197,12 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         result = train(cfg)
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         shutdown()
-    return 0 if result is not None else 1
+    return exit_status(result["preempted"])  # 0 finished, 75 stopped early (fmtrain/signals.py)
 
 
 if __name__ == "__main__":

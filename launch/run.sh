@@ -10,11 +10,18 @@
 #   RDZV_ID         job id shared by all nodes (default: $SLURM_JOB_ID, else "fmtrain")
 #   MAX_RESTARTS    torchrun restarts of the workers after a failure (default 0); a restarted
 #                   run resumes from its newest checkpoint by itself
+#   STOP_GRACE      seconds torchrun gives the workers to checkpoint and exit after a signal
+#                   (default 300), then SIGKILL
 #   PYTHON          interpreter (default python3)
+#
+# Exit status: 0 the run finished, 75 it stopped early with a checkpoint (a signal, e.g. SLURM's
+# --signal warning, or train.max_minutes: run the same command again to continue), else failed.
+# (If the caller sets FMTRAIN_STATUS_FILE, as slurm/train.sbatch does, torchrun's own status is
+# returned and the trainer's "finished"/"stopped" is in that file.)
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
     exit $(( $# < 1 ? 2 : 0 ))
 fi
 
@@ -41,6 +48,36 @@ fi
 if "$PYTHON" -m torch.distributed.run --help 2>/dev/null | grep -q -- "--signals-to-handle"; then
     args+=(--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
 fi
+# After forwarding a signal torchrun waits this long for the workers' checkpoint before SIGKILL.
+if "$PYTHON" -m torch.distributed.run --help 2>/dev/null | grep -q -- "--shutdown-timeout"; then
+    args+=(--shutdown-timeout="${STOP_GRACE:-300}")
+fi
 
 echo "launch/run.sh: $(hostname) nodes=$NNODES procs/node=$NGPU rdzv=${RDZV_ENDPOINT:-standalone} id=$RDZV_ID" >&2
-exec "$PYTHON" -m torch.distributed.run "${args[@]}" -m fmtrain.train "$@"
+cmd=("$PYTHON" -m torch.distributed.run "${args[@]}" -m fmtrain.train "$@")
+if [[ -n "${FMTRAIN_STATUS_FILE:-}" ]]; then
+    exec "${cmd[@]}"  # the caller reads the status file (and signals reach torchrun directly)
+fi
+
+# torchrun would restart workers that exit 75, so the trainer reports a stop through a file
+# (fmtrain/signals.py) and this wrapper turns it into the exit status.
+export FMTRAIN_STATUS_FILE
+FMTRAIN_STATUS_FILE=$(mktemp "${TMPDIR:-/tmp}/fmtrain-status.XXXXXX")
+trap 'rm -f "$FMTRAIN_STATUS_FILE"' EXIT
+"${cmd[@]}" &
+child=$!
+# Pass on signals sent to this script alone (kill -USR1 <pid>); Ctrl-C reaches torchrun by itself.
+for sig in USR1 TERM HUP QUIT; do
+    trap "kill -s $sig $child 2>/dev/null || true" "$sig"
+done
+trap '' INT
+while :; do
+    rc=0
+    wait "$child" || rc=$?
+    kill -0 "$child" 2>/dev/null || break  # else wait was cut short by a trapped signal
+done
+case "$(cat "$FMTRAIN_STATUS_FILE" 2>/dev/null)" in
+    finished) exit 0 ;;  # (even if a gloo thread aborted at teardown after the results)
+    stopped) echo "launch/run.sh: stopped early with a checkpoint; run again to continue" >&2; exit 75 ;;
+    *) exit $(( rc == 0 ? 1 : rc )) ;;
+esac

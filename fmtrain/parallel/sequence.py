@@ -211,9 +211,10 @@ def sp_fma(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted
         qsum = _window_sums(q, nq, Lo)
         if causal:
             to_r += [x[:, :, -1] for x in qsum]
-    dt = k.dtype
-    flat_l = _pack(to_l).to(dt) if to_l else k.new_zeros(0)
-    fl, fr = _Halo.apply(flat_l, _pack(to_r).to(dt), group)
+    # One buffer per direction; its dtype is the widest piece's (the linear variant's
+    # query sums stay in the accumulation dtype, as on one device).
+    flat_l = _pack(to_l) if to_l else k.new_zeros(0)
+    fl, fr = _Halo.apply(flat_l, _pack(to_r), group)
     from_l = _unpack(fl, to_r)
     from_r = _unpack(fr, to_l)
     # 3. Extended fine keys: blocks a0-1 .. a0+nq(+1).
@@ -244,7 +245,7 @@ def sp_fma(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted
                                                        for l in range(K + 2, L + 1)], dim=2)
                     for w, x in enumerate((k, v))]  # (B, Hkv, L-K, p, d)
         pieces = mine + ([qsum[K].squeeze(2)] if linear and L > K + 1 else [])
-        flat = _AllGather.apply(_pack(pieces).to(dt), group)  # (P, ...)
+        flat = _AllGather.apply(_pack(pieces), group)  # (P, ...)
         got = [_unpack(flat[i], pieces) for i in range(P)]  # per rank: its pieces
         for w in range(2):
             per_rank = torch.stack([g[w] for g in got])  # (P, B, Hkv, [L-K,] p, d)

@@ -31,6 +31,9 @@ import triton.language as tl
 # Scores run in base 2 (exp2 is the fast instruction); the kernels spell log2(e) out as a
 # literal, since a jitted function may read only constexpr globals.
 LOG2E = 1.4426950408889634
+# Shape arguments Triton would otherwise specialise on (== 1, divisible by 16): every new n,
+# summary count or range would compile the kernels again (seconds each); they gain nothing from it.
+_FWD_INTS = ["n", "nq", "a0", "H", "G", "T", "S"]
 
 
 @triton.jit
@@ -65,7 +68,7 @@ def _softmax_step(s, v, mx, tot, acc, PRECISION: tl.constexpr, UPCAST: tl.conste
     return mx_new, tot, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_FWD_INTS)
 def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
                 n, nq, a0, H, G, T, S, qk_scale,  # qk_scale = scale * log2(e)
                 m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
@@ -118,7 +121,7 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
     tl.store(LSE + bh * N + i * m + r, lse, mask=rok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_FWD_INTS + ["i0", "nc"])
 def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, DO, LSE, DELTA, DQ, DKS_P, DVS_P,
                n, nq, a0, H, G, T, S, scale, i0, nc,
                m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
@@ -184,7 +187,7 @@ def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, DO, LSE, DELTA, DQ, DKS_P, DVS_P,
     tl.store(DQ + qrow, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "nq", "a0", "H", "G"])
 def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                 n, nq, a0, H, G, scale,
                 m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
@@ -236,7 +239,7 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     tl.store(DV + krow, dv.to(DV.dtype.element_ty), mask=tmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _delta_kernel(OUT, DO, DLSE, DELTA, N, d: tl.constexpr, HAS_DLSE: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta = rowsum(dout * out) - dlse in fp32 (the softmax-backward row term), rows of (B*H*N, d)."""

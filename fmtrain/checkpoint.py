@@ -34,6 +34,7 @@ from .config import CONFIG_FILE, Config, save_config
 
 _NAME = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
+EXPORTED = "model.safetensors"  # the weights of a model-only export
 UNIVERSAL = "universal"  # a re-split resume's conversion of ds/, beside it
 
 
@@ -249,6 +250,11 @@ class Checkpointer:
                                       f"{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
             os.replace(tmp, out)
         self.world.barrier()
+        # DeepSpeed 0.19's ZeRO 3 universal load copies the first parameter group's settings onto
+        # every group (our no-decay group would get weight decay): keep what differs between groups.
+        groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
+        differing = {k for g in groups for k in g if k != "params" and any(g.get(k) != h.get(k) for h in groups)}
+        own = [{k: g[k] for k in differing if k in g} for g in groups]
         # The engine reads this setting when loading (not only at initialize): switch it for this load.
         engine._config.load_universal_checkpoint = True
         try:
@@ -256,6 +262,13 @@ class Checkpointer:
                                                   load_lr_scheduler_states=True)
         finally:
             engine._config.load_universal_checkpoint = False  # later saves are ordinary ones
+        for g, settings in zip(groups, own):
+            g.update(settings)
+        # ... and gives every group's Adam state one shared `step` tensor, which torch's AdamW then
+        # increments once per group per step (wrong bias correction): give each its own.
+        for st in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
         return load_path
 
 
@@ -275,6 +288,10 @@ def load_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     ckpt = resolve(ckpt)
     meta = validate(ckpt)
+    if (ckpt / EXPORTED).is_file():  # a model-only export (see export())
+        from safetensors.torch import load_file
+
+        return load_file(ckpt / EXPORTED)
     ds = ckpt / "ds"
     if meta["zero_stage"] == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -285,3 +302,50 @@ def load_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
     else:
         sd = torch.load(ds / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def export(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the model alone: ``model.safetensors`` (fp32, consolidated from any ZeRO stage),
+    ``config.toml``, the tokenizer and a ``meta.json``, a folder that ``fmtrain.eval`` and
+    ``fmtrain.generate`` load on one process like a checkpoint."""
+    from safetensors.torch import save_file
+
+    ckpt = resolve(ckpt)
+    meta = validate(ckpt)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Tied weights share storage, which safetensors refuses: store each tensor on its own.
+    sd = {k: v.detach().clone().contiguous() for k, v in load_model_state(ckpt).items()}
+    save_file(sd, out / EXPORTED, metadata={"step": str(meta["step"]), "source": str(ckpt)})
+    for name in (CONFIG_FILE, "tokenizer.model", "tokenizer.json"):
+        if (ckpt / name).is_file():
+            shutil.copy2(ckpt / name, out / name)
+    info = dict(step=meta["step"], tokens_seen=meta["tokens_seen"], source=str(ckpt), format="model-only",
+                world_size=1, dp_size=1, sp_size=1, zero_stage=None, files=_file_sizes(out))
+    (out / META).write_text(json.dumps(info, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m fmtrain.checkpoint",
+                                 description="Checkpoint tools. export: the model alone (safetensors, "
+                                             "config.toml, tokenizer) for fmtrain.eval / fmtrain.generate.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write a model-only copy of a checkpoint")
+    ex.add_argument("checkpoint", help="a checkpoint folder, a checkpoints folder or a run folder (newest)")
+    ex.add_argument("out", help="the folder to write")
+    args = ap.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {resolve(args.checkpoint)} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -94,7 +94,7 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
             raise ValueError("fma: impl='dense' has no sequence-parallel path; use impl='torch' or 'auto'")
         from ..parallel.sequence import sp_fma
         return sp_fma(q, k, v, group, block_size=block_size, rank=rank, causal=causal, weighted=weighted,
-                      scale=scale, variant=variant, summaries=summaries, max_level=max_level)
+                      scale=scale, variant=variant, summaries=summaries, max_level=max_level, impl=impl)
     # --- end sequence parallelism ---
     h = hierarchy(n, block_size, rank, causal)
     if max_level is not None:

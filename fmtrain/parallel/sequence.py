@@ -22,7 +22,9 @@ backward is a reduce-scatter. Per rank and layer that is ``O((m + s*p*K) d)``
 numbers for the halo plus ``O(P p d)`` for the gather: independent of ``n``
 except through ``K = log2(C/m)``. The core (:class:`BlockAttention`) then runs
 on the rank's query blocks with the global hierarchy's tables; the summary
-tensor it indexes is global-sized but filled only where the rank's blocks look.
+tensor it indexes is global-sized (``O(n p / m)`` rows: memory, not traffic) but
+filled only where the rank's blocks look. The core is the one ``impl`` picks on
+one device (the PyTorch core, or the Triton kernels on CUDA: same contract).
 
 :data:`TRAFFIC` counts the bytes the collectives here send and receive
 (``bench/sp.py`` reads it).
@@ -168,7 +170,8 @@ def _check_layout(C: int, m: int, P: int) -> int:
 
 
 def sp_fma(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted: bool, scale: float,
-           variant: str, summaries: Summaries | None, max_level: int | None) -> torch.Tensor:
+           variant: str, summaries: Summaries | None, max_level: int | None,
+           impl: str = "torch") -> torch.Tensor:
     """This rank's chunk of ``fma`` over the sequence the group holds: q (B, H, C, d),
     k, v (B, Hkv, C, d) -> (B, H, C, d). Called by :func:`fmtrain.attention.fma`."""
     P, r = dist.get_world_size(group), dist.get_rank(group)
@@ -269,8 +272,11 @@ def sp_fma(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted
     # 6. The core on this rank's blocks (the linear variant: fine level only, coarse merged below).
     hc = truncate(h, 0) if linear else h
     kc, vc = (ks[:, :, :0], vs[:, :, :0]) if linear else (ks, vs)
-    out, lse = BlockAttention.apply(q.contiguous(), ext[0].contiguous(), ext[1].contiguous(),
-                                    kc.contiguous(), vc.contiguous(), hc, weighted, scale, a0)
+    from ..attention.kernels import core as select_core  # impl: the same cores as one device (Triton on CUDA)
+
+    core = BlockAttention if impl == "torch" else select_core(impl, q)
+    out, lse = core.apply(q.contiguous(), ext[0].contiguous(), ext[1].contiguous(),
+                          kc.contiguous(), vc.contiguous(), hc, weighted, scale, a0)
     if not linear:
         return out
     qleft = from_l[2 + 2 * Lh:] if causal else None

@@ -2,6 +2,7 @@
 stops the trainer with a checkpoint and exit status 75 (EX_TEMPFAIL), which the SLURM
 script requeues on; a planned stop (train.stop_at_step) and a finished run exit 0."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,8 +53,9 @@ def test_wall_clock_budget_exits_75_with_a_checkpoint(tmp_path, corpus):  # noqa
     r = subprocess.run([sys.executable, "-m", "fmtrain.train", str(cfg), "--train.steps=100000",
                         "--train.max_minutes=0.001"], capture_output=True, text=True, env=env)
     assert r.returncode == EXIT_STOPPED == 75, r.stderr[-3000:]
-    assert "stopping after step 1: wall-clock budget" in r.stdout
-    assert [p.name for p in find_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000001"]
+    step = int(re.search(r"stopping after step (\d+): wall-clock budget", r.stdout).group(1))
+    assert step < 10  # a 0.06 s budget: the first step or two
+    assert find_checkpoints(tmp_path / "run" / "checkpoints")[-1].name == f"step_{step:08d}"
     # The same with a status file (as under launch/run.sh): exit 0, "stopped" in the file.
     status = tmp_path / "status"
     r = subprocess.run([sys.executable, "-m", "fmtrain.train", str(cfg), "--train.steps=100000",

@@ -54,13 +54,20 @@ def submit(env, cfg: Path, *overrides: str, log: Path) -> str:
 def wait_done(env, job: str, log: Path, timeout: float = 240, skip_begin_delay: bool = False) -> dict:
     """Wait until the job leaves the queue; its last `scontrol show job` fields."""
     deadline = time.monotonic() + timeout
+    held_since = None
     while time.monotonic() < deadline:
         info = job_info(env, job)
         if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return info
         if skip_begin_delay and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
             # SLURM holds a requeued job for ~2 minutes (BeginTime); the test need not wait for it.
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+            # But not at once: started while its previous run is still completing, the job fails
+            # ("Killing non-startable batch job: Job credential revoked"). Wait for an idle node.
+            held_since = held_since or time.monotonic()
+            node = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+            if time.monotonic() - held_since > 5 and node.strip() == "idle":
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+                held_since = None
         time.sleep(1)
     subprocess.run(["scancel", job], env=env)
     raise AssertionError(f"job {job} did not finish in {timeout} s: {job_info(env, job)}\n"

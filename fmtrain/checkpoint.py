@@ -221,7 +221,11 @@ class Checkpointer:
         # the RNG of old rank r (or rank 0's) seeds new rank r (dropout/masking draws differ anyway).
         old_rank = w.rank if w.rank < meta["world_size"] else 0
         mine = torch.load(path / f"rank_{old_rank:05d}.pt", weights_only=False)
-        loader.load_state_dict(mine["loader"], allow_resplit=resplit)
+        try:  # the same ranks with another data.batch_size also re-split the stream
+            loader.load_state_dict(mine["loader"], allow_resplit=self.cfg.checkpoint.resplit)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}" + ("" if self.cfg.checkpoint.resplit else
+                                  " (in fmtrain: set checkpoint.resplit = true, --checkpoint.resplit=true)")) from None
         _set_rng_state(mine["rng"])
         state.step, state.tokens_seen = meta["step"], meta["tokens_seen"]
         return path

@@ -467,6 +467,12 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [k for k in range(1, min(n, limit) + 1) if n % k == 0]
 
 
+def _block_power_of_two(chunk: int, block_size: int) -> bool:
+    """``chunk`` is ``block_size * 2**j`` (what sequence-parallel multipole attention needs)."""
+    blocks = chunk // block_size
+    return chunk % block_size == 0 and blocks > 0 and blocks & (blocks - 1) == 0
+
+
 # --------------------------------------------------------------------------- overrides
 _OVERRIDE = re.compile(r"^--([A-Za-z_][\w]*)\.([A-Za-z_][\w.\-]*)(?:=(.*))?$", re.S)
 
@@ -625,9 +631,3 @@ def parse_args(argv: list[str] | None = None) -> Config:
 __all__ = ["Config", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "CheckpointConfig",
            "ParallelConfig", "ConfigError", "CONFIG_FILE", "load_config", "save_config", "from_dict",
            "apply_overrides", "to_toml", "describe", "parse_args", "option"]
-
-
-def _block_power_of_two(chunk: int, block_size: int) -> bool:
-    """``chunk`` is ``block_size * 2**j`` (what sequence-parallel multipole attention needs)."""
-    blocks = chunk // block_size
-    return chunk % block_size == 0 and blocks > 0 and blocks & (blocks - 1) == 0

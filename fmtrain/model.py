@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import MultipoleAttention, fma
+from .attention import MultipoleAttention
+from .attention.module import ProjectedAttention
 from .attention.hierarchy import hierarchy
 from .attention.rope import apply_rope, rope_angles
 from .config import ModelConfig
@@ -62,41 +63,6 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
-class ProjectedAttention(nn.Module):
-    """Query/key/value projections with RoPE, shared by the two baselines.
-
-    Parameter names (``wq``, ``wkv``, ``wo``) match :class:`MultipoleAttention`,
-    so the three attentions initialise alike and their checkpoints line up.
-    Subclasses implement :meth:`attend`.
-    """
-
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, rope_theta: float, causal: bool):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
-        self.rope_theta, self.causal = rope_theta, causal
-        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.wkv = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
-
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor | None):
-        """Rotated q (B, H, n, d) and k, v (B, Hkv, n, d)."""
-        B, n, _ = x.shape
-        q = self.wq(x).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)
-        k, v = self.wkv(x).view(B, n, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if positions is None:
-            positions = torch.arange(n, device=x.device)
-        cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def attend(self, q, k, v) -> torch.Tensor:  # (B, H, n, d)
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        B, n, _ = x.shape
-        y = self.attend(*self.qkv(x, positions))  # (B, H, n, d)
-        return self.wo(y.transpose(1, 2).reshape(B, n, -1))
-
-
 class FullAttention(ProjectedAttention):
     """Full softmax attention by ``scaled_dot_product_attention`` (the dense baseline)."""
 
@@ -107,32 +73,16 @@ class FullAttention(ProjectedAttention):
         return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
 
 
-class LocalAttention(ProjectedAttention):
-    """Each query sees its own and the neighbouring ``block_size`` blocks only: the
-    fine level of multipole attention without its coarse levels (the local baseline)."""
-
-    def __init__(self, dim, n_heads, n_kv_heads, rope_theta, causal, *, block_size, rank, impl):
-        super().__init__(dim, n_heads, n_kv_heads, rope_theta, causal)
-        self.block_size, self.rank, self.impl = block_size, rank, impl
-        self.sp_group = None  # sequence parallelism: see set_sequence_group
-
-    def attend(self, q, k, v):
-        return fma(q, k, v, block_size=self.block_size, rank=self.rank, causal=self.causal,
-                   impl=self.impl, max_level=0, group=self.sp_group)
-
-
 def make_attention(cfg: ModelConfig, causal: bool) -> nn.Module:
     """The attention layer ``cfg.attention`` names: ``forward(x (B, n, dim), positions) -> (B, n, dim)``."""
-    if cfg.attention == "fma":
+    if cfg.attention in ("fma", "local"):  # local: the fine level of fma only
         return MultipoleAttention(
             cfg.dim, cfg.n_heads, cfg.kv_heads, block_size=cfg.block_size, rank=cfg.rank,
             causal=causal, variant=cfg.variant, summary=cfg.summary, weighted=cfg.weighted,
-            rope=True, rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len, impl=cfg.impl)
+            rope=True, rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len, impl=cfg.impl,
+            max_level=0 if cfg.attention == "local" else None)
     if cfg.attention == "sdpa":
-        return FullAttention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.rope_theta, causal)
-    if cfg.attention == "local":
-        return LocalAttention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.rope_theta, causal,
-                              block_size=cfg.block_size, rank=cfg.rank, impl=cfg.impl)
+        return FullAttention(cfg.dim, cfg.n_heads, cfg.kv_heads, causal=causal, rope_theta=cfg.rope_theta)
     raise ValueError(f"model.attention={cfg.attention!r} is not one of 'fma', 'sdpa', 'local'")
 
 
@@ -412,6 +362,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) ->
     return 3 * forward if training else forward
 
 
-__all__ = ["set_sequence_group", "RMSNorm", "SwiGLU", "ProjectedAttention", "FullAttention", "LocalAttention", "make_attention",
+__all__ = ["set_sequence_group", "RMSNorm", "SwiGLU", "FullAttention", "make_attention",
            "Block", "Transformer", "LMHead", "LanguageModel", "CausalLM", "MaskedLM", "build_model",
            "chunked_cross_entropy", "attention_scores_per_query", "flops_per_token", "IGNORE_INDEX"]

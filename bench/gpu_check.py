@@ -294,6 +294,22 @@ def floors(rows: list[dict]) -> list[str]:
     return out
 
 
+def save(args, meta: dict, result: dict) -> Path:
+    """Write (or overwrite) the JSON: after the correctness part, then with everything."""
+    out_dir = args.out or os.environ.get("OUT")
+    name = "gpu_check.json"
+    if not out_dir and args.dry_run:
+        out_dir = args.out = tempfile.mkdtemp(prefix="gpu_check-")
+    elif not out_dir:  # bench/results: name it by card and date, to commit as it is
+        out_dir = str(ROOT / "bench" / "results")
+        card = "".join(ch if ch.isalnum() else "-" for ch in meta["device"].lower()).strip("-")
+        name = f"gpu_check-{card}-{meta['date'][:10]}.json"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(out_dir) / name
+    path.write_text(json.dumps(dict(meta=meta, **result), indent=1))
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU under TRITON_INTERPRET=1, tiny sizes")
@@ -329,6 +345,7 @@ def main():
         print("1. correctness (Triton vs PyTorch path in float64, same device)", flush=True)
         checks = correctness(dev, args.dry_run)
         print(f"   ({time.time() - t0:.0f} s so far)", flush=True)
+        save(args, meta, dict(checks=checks, partial="correctness only: the timing did not finish"))
     print(f"2. time and memory (budget {args.budget:.0f} s in all)", flush=True)
     rows, _ = bench(dev, args, t0 + args.budget)
     print("\n" + table(rows))
@@ -339,18 +356,8 @@ def main():
     bad += [f"nonfinite fma n={r['n']} d={r['head_dim']} causal={r['causal']}" for r in rows if r.get("nonfinite")]
     bad += [f"range check n={r['n']} d={r['head_dim']} causal={r['causal']}: {r['range_check_err']:.1e}"
             for r in rows if r.get("range_check_err", 0) > TOL["bfloat16"]]
-    out_dir = args.out or os.environ.get("OUT")
-    name = "gpu_check.json"
-    if not out_dir and args.dry_run:
-        out_dir = tempfile.mkdtemp(prefix="gpu_check-")
-    elif not out_dir:  # bench/results: name it by card and date, to commit as it is
-        out_dir = str(ROOT / "bench" / "results")
-        card = "".join(ch if ch.isalnum() else "-" for ch in meta["device"].lower()).strip("-")
-        name = f"gpu_check-{card}-{meta['date'][:10]}.json"
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / name
-    path.write_text(json.dumps(dict(meta=meta, checks=checks, bench=rows, table=table(rows), floors=fl,
-                                    failures=bad, seconds=time.time() - t0), indent=1))
+    path = save(args, meta, dict(checks=checks, bench=rows, table=table(rows), floors=fl, failures=bad,
+                                 seconds=time.time() - t0))
     print(f"\nwrote {path}; {time.time() - t0:.0f} s; " + (f"FAILURES: {bad}" if bad else "all checks passed"))
     sys.exit(1 if bad else 0)
 

@@ -1,16 +1,34 @@
 #!/usr/bin/env bash
-# One-command GPU check of the Triton multipole kernels (see bench/gpu_check.py):
-#   bash bench/gpu_check.sh              # CUDA machine: correctness, then time/memory vs SDPA flash
-#   bash bench/gpu_check.sh --dry-run    # CPU plumbing check under TRITON_INTERPRET=1, tiny sizes
-# Needs only torch and triton in $PYTHON (default python3): the repo is used from this
-# checkout through PYTHONPATH, nothing is installed and nothing is downloaded.
-# Writes gpu_check.json to $OUT (else bench/results/; a temporary folder for --dry-run).
-set -euo pipefail
+# One-command GPU check (a CUDA machine, under 10 minutes; every part bounded by its own budget):
+#   1. bench/gpu_check.py: the Triton kernels against the PyTorch path in float64 (correctness),
+#      then time and memory against SDPA flash;
+#   2. bench/gpu_train.py: the trainer (DeepSpeed ZeRO 2, bf16) on the 125M causal config at
+#      131072 tokens, fma against sdpa, and a 1M-token fma step.
+#   bash bench/gpu_check.sh              # CUDA machine
+#   bash bench/gpu_check.sh --dry-run    # CPU plumbing check (TRITON_INTERPRET=1, tiny sizes)
+# The repo is used from this checkout through PYTHONPATH; nothing is downloaded. Wheels in .whl/
+# (bench/gpu_wheels.sh builds them: DeepSpeed and its missing requirements) are installed into
+# /tmp/site first where DeepSpeed is missing. JSON and the log go to $OUT (else bench/results/; a temporary folder for --dry-run).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)" \
+   && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "gpu_check: installing .whl/ failed" >&2; exit 2; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+DRY=()
 for a in "$@"; do
-  if [ "$a" = "--dry-run" ]; then export TRITON_INTERPRET=1; fi
+  if [ "$a" = "--dry-run" ]; then export TRITON_INTERPRET=1; DRY=(--dry-run); fi
 done
 "$PY" -c "import torch, triton" || { echo "gpu_check: $PY lacks torch or triton" >&2; exit 2; }
-exec "$PY" bench/gpu_check.py "$@"
+[ ${#DRY[@]} -eq 0 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+rc=0
+timeout "${KERNEL_BUDGET:-270}" "$PY" bench/gpu_check.py --budget "$((${KERNEL_BUDGET:-270} - 60))" "$@" || rc=1
+# The trainer's check runs without the interpreter: Triton on CPU would be far too slow for it.
+env -u TRITON_INTERPRET timeout "${TRAIN_BUDGET:-270}" "$PY" bench/gpu_train.py \
+  --budget "$((${TRAIN_BUDGET:-270} - 15))" "${DRY[@]}" || rc=1
+exit $rc

@@ -253,24 +253,33 @@ def test_core_rejects_bad_ranges(rng):
 _FP32_PTRS = {"BIAS", "LSE", "DELTA", "DKS_P", "DVS_P", "DLSE"}
 
 
-def _aot_compile(dtype: str, d: int, causal: bool) -> None:
+def _aot_compile(dtype: str, m: int, d: int, S: int, causal: bool) -> None:
     """Compile every kernel for sm_90 (Triton IR -> PTX -> cubin with Triton's bundled ptxas).
 
     The interpreter runs the kernels' Python semantics only; this catches what fails in
-    the real lowering (dot shapes, dtype mixes, layouts). Argument types: the kernels'
-    unspecialised ints are i32, ``scale``/``qk_scale`` fp32, every other argument a pointer.
+    the real lowering (dot shapes, dtype mixes, layouts, loop-carried types: a name bound
+    before a loop must keep its shape in it, which the interpreter never checks). Tiles and
+    launch options come from the launcher's own choice for (m, d, S coarse slots), so the
+    fine tile (BLOCK_M) and the coarse one (BLOCK_C) differ in some cases. Argument types:
+    the kernels' unspecialised ints are i32, ``scale``/``qk_scale`` fp32, the rest pointers.
     """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from fmtrain.attention.kernels import function as Fn
     from fmtrain.attention.kernels import triton_core as K
 
     F = 2 if causal else 3
+    blk = Fn._blocks(m, d, S)
     prec = "ieee" if dtype == "fp32" else "tf32"
-    tiles = dict(m=64, d=d, F=F, CAUSAL=causal, BLOCK_M=64, BLOCK_D=d, PRECISION=prec, UPCAST=False)
-    kernels = [(K._fwd_kernel, dict(tiles, BLOCK_C=64)), (K._dq_kernel, dict(tiles, BLOCK_C=64, PARTIALS=True)),
-               (K._dkv_kernel, tiles), (K._delta_kernel, dict(d=d, HAS_DLSE=True, BLOCK_R=64, BLOCK_D=d))]
+    tiles = dict(m=m, d=d, F=F, CAUSAL=causal, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"], PRECISION=prec,
+                 UPCAST=False)
+    kernels = [(K._fwd_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"]))]
+    kernels += [(K._dq_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"], PARTIALS=partials)) for partials in (True, False)]
+    kernels += [(K._dkv_kernel, tiles),
+                (K._delta_kernel, dict(d=d, HAS_DLSE=True, BLOCK_R=64, BLOCK_D=blk["BLOCK_D"]))]
+    launch = Fn._launch(None, blk["BLOCK_M"], blk["BLOCK_D"])
     for fn, consts in kernels:
         ints = {p.name for p in fn.params if p.do_not_specialize}
         sig = {}
@@ -283,20 +292,27 @@ def _aot_compile(dtype: str, d: int, causal: bool) -> None:
                 sig[name] = "fp32"
             else:
                 sig[name] = "*i32" if name == "IDX" else "*fp32" if name in _FP32_PTRS else "*" + dtype
-        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=4, num_stages=2))
+        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=launch)
 
 
+# (dtype, block size m, head_dim d, coarse slots S): tiles as the launcher picks them, the coarse
+# tile smaller than, equal to and larger than the fine one; fp32 (IEEE products) and half types.
+AOT_CASES = [("bf16", 64, 64, 5), ("bf16", 64, 128, 200), ("fp32", 64, 64, 40), ("fp16", 32, 32, 40),
+             ("bf16", 16, 16, 3)]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_kernels_compile_for_hopper(causal):
-    """bf16, head_dim 64: the real GPU lowering, in a process without TRITON_INTERPRET."""
+    """The real GPU lowering of every kernel for AOT_CASES, in a process without TRITON_INTERPRET."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when unset
-    code = f"import tests.attention.test_kernels as t; t._aot_compile('bf16', 64, {causal})"
+    code = (f"import tests.attention.test_kernels as t\n"
+            f"for c in t.AOT_CASES: t._aot_compile(*c, {causal})")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                        timeout=600)

@@ -110,8 +110,10 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
         srow = (bkv * T + idx)[:, None] * d + c[None, :]
         kc = tl.load(KS + srow, mask=gok, other=0.0)
         vc = tl.load(VS + srow, mask=gok, other=0.0)
-        s = _mm(q, tl.trans(kc), PRECISION, UPCAST) * qk_scale + (bias * 1.4426950408889634)[None, :]
-        mx, tot, acc = _softmax_step(s, vc, mx, tot, acc, PRECISION, UPCAST)
+        # Own names: a name bound before a loop is loop-carried in compiled Triton and must keep
+        # its shape, and the fine scores above are (BLOCK_M, BLOCK_M), these (BLOCK_M, BLOCK_C).
+        sc = _mm(q, tl.trans(kc), PRECISION, UPCAST) * qk_scale + (bias * 1.4426950408889634)[None, :]
+        mx, tot, acc = _softmax_step(sc, vc, mx, tot, acc, PRECISION, UPCAST)
 
     # lse in natural log, as the PyTorch core returns it; -inf (and out = 0) for a row that sees nothing.
     lse = tl.where(tot > 0, (mx + tl.log2(tot)) / 1.4426950408889634, float("-inf"))
@@ -171,14 +173,15 @@ def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, DO, LSE, DELTA, DQ, DKS_P, DVS_P,
         srow = (bkv * T + idx)[:, None] * d + c[None, :]
         kc = tl.load(KS + srow, mask=gok, other=0.0)
         vc = tl.load(VS + srow, mask=gok, other=0.0)
-        s = _mm(q, tl.trans(kc), PRECISION, UPCAST) * qk_scale + (bias * 1.4426950408889634)[None, :]
-        p = tl.where((bias > float("-inf"))[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _mm(do, tl.trans(vc), PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(kc.dtype), kc, PRECISION, UPCAST)
+        # Own names (not s, p, dp, ds): see the forward's coarse loop.
+        sc = _mm(q, tl.trans(kc), PRECISION, UPCAST) * qk_scale + (bias * 1.4426950408889634)[None, :]
+        pc = tl.where((bias > float("-inf"))[None, :], tl.exp2(sc - lse2[:, None]), 0.0)
+        dpc = _mm(do, tl.trans(vc), PRECISION, UPCAST)
+        dsc = pc * (dpc - delta[:, None])
+        dq += _mm(dsc.to(kc.dtype), kc, PRECISION, UPCAST)
         if PARTIALS:  # this block's share of its slots' gradients (scale folded in: s = scale * q.K)
-            dks = _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST) * scale  # (BLOCK_C, BLOCK_D)
-            dvs = _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+            dks = _mm(tl.trans(dsc.to(q.dtype)), q, PRECISION, UPCAST) * scale  # (BLOCK_C, BLOCK_D)
+            dvs = _mm(tl.trans(pc.to(do.dtype)), do, PRECISION, UPCAST)
             prow = ((bh * nc + i - i0) * S + c0 + cs)[:, None] * d + c[None, :]
             pmask = sok[:, None] & cok[None, :]
             tl.store(DKS_P + prow, dks, mask=pmask)

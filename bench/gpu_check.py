@@ -188,7 +188,7 @@ def check_range_at_scale(q, k, v, out_full, causal, m=64) -> float:
         return err(out_full[:, -1:, a0 * m:], ref[:, :, :rows].float())
 
 
-def bench(dev, args, deadline: float) -> tuple[list[dict], list[str]]:
+def bench(dev, args, deadline: float, save_partial=None) -> tuple[list[dict], list[str]]:
     timer = Timer(dev)
     dt = torch.bfloat16
     rows, notes = [], []
@@ -209,7 +209,9 @@ def bench(dev, args, deadline: float) -> tuple[list[dict], list[str]]:
                         calls = 4 if guess > SLOW_MS else 10  # warm-up + 3, or warm-up + do_bench
                         if impl == "sdpa" and n > args.sdpa_max:
                             row["skipped"] = f"n > --sdpa-max {args.sdpa_max} (quadratic: ~{guess / 1e3:.0f} s a call)"
-                        elif time.time() + calls * guess / 1e3 > deadline:
+                        elif time.time() + calls * guess / 1e3 > deadline or time.time() > deadline:
+                            # (the second test: a first call of a kind has no guess, and compiling
+                            # its kernels alone takes 10-30 s)
                             row["skipped"] = f"time budget (~{calls * guess / 1e3:.0f} s predicted)"
                         if "skipped" in row:
                             rows.append(row)
@@ -245,6 +247,8 @@ def bench(dev, args, deadline: float) -> tuple[list[dict], list[str]]:
                         if dev.type == "cuda":
                             torch.cuda.empty_cache()
                         rows.append(row)
+                        if save_partial:  # a run cut off by its time limit keeps what it measured
+                            save_partial(rows)
                         peak = f"{row['peak_mib']:9.0f} MiB" if row.get("peak_mib") is not None else "n/a (CPU)"
                         extra = f"  range check err {row['range_check_err']:.1e}" if "range_check_err" in row else ""
                         print(f"  {impl:4s} {mode:6s} n={n:8d} d={d:3d} causal={int(causal)} "
@@ -347,7 +351,8 @@ def main():
         print(f"   ({time.time() - t0:.0f} s so far)", flush=True)
         save(args, meta, dict(checks=checks, partial="correctness only: the timing did not finish"))
     print(f"2. time and memory (budget {args.budget:.0f} s in all)", flush=True)
-    rows, _ = bench(dev, args, t0 + args.budget)
+    rows, _ = bench(dev, args, t0 + args.budget, lambda rows: save(
+        args, meta, dict(checks=checks, bench=rows, table=table(rows), partial="cut off during the timing")))
     print("\n" + table(rows))
     fl = floors(rows) if not args.dry_run else []
     for line in fl:

@@ -1,0 +1,316 @@
+"""Long-range recall probe: what the coarse levels of multipole attention carry, and how far.
+
+    python bench/recall.py                 # CPU: train at 512 tokens, evaluate at 4k-128k, ~15-20 min
+    python bench/recall.py --quick         # CI smoke, ~1 min
+    python bench/recall.py --device cuda --train-len 16384 --steps 2000 --eval-lens 16384,131072,1048576
+
+The task is a passkey in filler: a sequence of random filler tokens holds one
+needle, a marker token followed by a value token (one of 16), and query tokens
+at several later positions; at each query the model must predict the value.
+Nothing near a query says what the value is, so the only way to answer is to
+attend back to the needle, ``distance`` tokens away. Loss is on query positions
+only; no answer ever follows a query, so later queries cannot copy earlier ones.
+
+Design (a short training run of each variant, CPU-sized):
+- The model is the product's :class:`fmtrain.model.CausalLM` (2 layers, dim 128,
+  4 heads, block 32, rank 2) on a 256-token synthetic vocabulary; only
+  ``model.attention`` / ``model.summary`` differ between variants. A dedicated
+  loop instead of the trainer: the data is synthetic and the loss sits on query
+  positions only.
+- Every variant trains at ``--train-len`` tokens (needle anywhere, queries at
+  log-uniform distances, so that short and long distances are trained alike) for
+  the same steps, seed and batches, then is evaluated, without further training,
+  at ``--eval-lens`` (4k to 128k) with the needle in the first eighth and queries
+  at log-uniform distances out to the end of the sequence. m2m summaries have no
+  length-dependent parameters (the parent map is shared by all levels), so one
+  model runs at every length; distances beyond ``--train-len`` are extrapolation
+  for every variant alike. RoPE uses base 500000 (the config's advice for long
+  contexts) so that its slowest dimensions do not wrap within 128k tokens.
+- ``sdpa`` (full attention) is evaluated only up to ``--sdpa-max-len`` (on CPU its
+  O(n^2) forward at 128k would take far longer than the rest of the probe).
+- Accuracy is counted per distance bucket ``[2^k, 2^(k+1))``, pooled over the
+  evaluation lengths and per length; chance is 1/16. The fine level reaches
+  back ``block_size`` to ``2*block_size - 1`` tokens (own and previous block), so
+  ``local`` is at chance from ``2*block_size`` on, and anything ``fma`` gets
+  right there came through its coarse summaries.
+
+Writes ``bench/results/recall-<tag>.{json,md,png}`` (accuracy against distance).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fmtrain.config import ModelConfig  # noqa: E402
+from fmtrain.model import IGNORE_INDEX, build_model  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+# Vocabulary: filler ids [0, N_FILLER), values [N_FILLER, N_FILLER + N_VALUES), marker, query.
+N_FILLER, N_VALUES = 192, 16
+MARKER, QUERY, VOCAB = 254, 255, 256
+VALUE_IDS = torch.arange(N_FILLER, N_FILLER + N_VALUES)
+
+VARIANTS = {  # name -> [model] fields
+    "fma-m2m": dict(attention="fma", summary="m2m"),
+    "fma-mean": dict(attention="fma", summary="mean"),
+    "sdpa": dict(attention="sdpa"),
+    "local": dict(attention="local"),
+}
+
+NOISE_NOTE = ("accuracies are deterministic given the seed; train_s and eval_s were measured on "
+              "a shared machine (other jobs ran beside this one) and are noisy.")
+
+
+# --------------------------------------------------------------------------- data
+def passkey_batch(gen: torch.Generator, batch: int, n: int, queries: int, needle_max: int | None = None):
+    """A batch of passkey sequences.
+
+    Returns ids (B, n), targets (B, n) (the value at query positions, -100
+    elsewhere) and distances (B, n) (query position minus value position, 0
+    elsewhere). The needle (marker, value) starts uniformly in ``[0, needle_max)``
+    (default: anywhere it fits); query distances are log-uniform in
+    ``[1, n - 1 - value position]``, duplicates dropped.
+    """
+    ids = torch.randint(0, N_FILLER, (batch, n), generator=gen)
+    targets = torch.full((batch, n), IGNORE_INDEX)
+    dist = torch.zeros((batch, n), dtype=torch.long)
+    for b in range(batch):
+        start = int(torch.randint(0, min(needle_max or n, n - 2), (1,), generator=gen))
+        value = N_FILLER + int(torch.randint(0, N_VALUES, (1,), generator=gen))
+        ids[b, start], ids[b, start + 1] = MARKER, value
+        far = n - 2 - start  # the farthest query is the last position
+        d = torch.exp(torch.rand(queries, generator=gen) * math.log(far)).round().long().clamp(1, far).unique()
+        pos = start + 1 + d
+        ids[b, pos], targets[b, pos], dist[b, pos] = QUERY, value, d
+    return ids, targets, dist
+
+
+# --------------------------------------------------------------------------- model
+def model_config(args, variant: str) -> ModelConfig:
+    return ModelConfig(kind="causal", vocab_size=VOCAB, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                       block_size=args.block_size, rank=args.rank, rope_theta=args.rope_theta,
+                       loss_chunk=4096, **VARIANTS[variant])
+
+
+def lr_at(args, step: int) -> float:
+    """Linear warmup, cosine decay to a tenth (the trainer's schedule)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(args, variant: str, device: torch.device) -> tuple[torch.nn.Module, list[dict]]:
+    """Train one variant at ``--train-len``; same init seed and batches for every variant."""
+    torch.manual_seed(args.seed)
+    model = build_model(model_config(args, variant)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    log = []
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(args, step)
+        ids, targets, _ = passkey_batch(gen, args.batch_size, args.train_len, args.queries)
+        with autocast(device):
+            loss_sum, count = model(ids.to(device), targets.to(device))
+        loss = loss_sum / count
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % args.log_interval == 0 or step + 1 == args.steps:
+            log.append(dict(step=step + 1, loss=loss.item()))
+            print(f"  {variant} step {step + 1}/{args.steps} | query loss {loss.item():.3f}", flush=True)
+    return model, log
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def evaluate(model, args, n: int, device: torch.device) -> list[tuple[int, bool]]:
+    """(distance, correct) for every query of ``--eval-tokens // n`` fresh sequences of length ``n``.
+
+    The same number of tokens at every length, so short lengths get many
+    sequences: within one sequence every query asks for the same value, so the
+    number of sequences, not of queries, is what makes a bucket's accuracy
+    trustworthy. The prediction is the most likely of the 16 values at the query
+    position; the sequences depend on the seed and ``n`` only, so every variant
+    sees the same ones.
+    """
+    model.eval()
+    gen = torch.Generator().manual_seed(args.seed + 1000 + n)
+    seqs, per_batch = max(1, args.eval_tokens // n), max(1, 131072 // n)
+    out = []
+    for first in range(0, seqs, per_batch):
+        ids, targets, dist = passkey_batch(gen, min(per_batch, seqs - first), n, args.eval_queries,
+                                           needle_max=max(1, n // 8))
+        with autocast(device):
+            h = model.trunk(ids.to(device))  # (B, n, dim)
+        sel = targets >= 0
+        values = model.head.weight.float()[VALUE_IDS.to(device)]  # (16, dim)
+        logits = h[sel.to(device)].float() @ values.t()  # (queries, 16)
+        pred = VALUE_IDS[logits.argmax(-1).cpu()]
+        out += list(zip(dist[sel].tolist(), (pred == targets[sel]).tolist()))
+    model.train()
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def bucket(d: int) -> int:
+    """Lower edge of the power-of-two distance bucket holding ``d``."""
+    return 1 << (d.bit_length() - 1)
+
+
+def accuracy_by_bucket(pairs: list[tuple[int, bool]]) -> dict[int, dict]:
+    acc: dict[int, list[bool]] = {}
+    for d, ok in pairs:
+        acc.setdefault(bucket(d), []).append(ok)
+    return {b: dict(accuracy=sum(v) / len(v), count=len(v)) for b, v in sorted(acc.items())}
+
+
+def floor_check(rows: dict, reach: int) -> dict:
+    """The issue's floor: fma (m2m) recall above local's at every distance bucket at or
+    beyond ``2*block_size`` (the fine level's reach)."""
+    if "fma-m2m" not in rows or "local" not in rows:
+        return {}
+    fma, loc = rows["fma-m2m"]["pooled"], rows["local"]["pooled"]
+    per = {b: dict(fma_m2m=fma[b]["accuracy"], local=loc[b]["accuracy"], above=fma[b]["accuracy"] > loc[b]["accuracy"])
+           for b in fma if b >= reach and b in loc}
+    return dict(reach=reach, buckets=per, met=all(v["above"] for v in per.values()),
+                missed_at=[b for b, v in per.items() if not v["above"]])
+
+
+def table(rows: dict, chance: float) -> str:
+    buckets = sorted({b for r in rows.values() for b in r["pooled"]})
+    lines = ["| variant | " + " | ".join(f"{b}-{2 * b - 1}" if b > 1 else "1" for b in buckets) + " |",
+             "|---|" + "---|" * len(buckets)]
+    for name, r in rows.items():
+        cells = [f"{r['pooled'][b]['accuracy']:.2f}" if b in r["pooled"] else "-" for b in buckets]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nAccuracy by query-to-needle distance (tokens), pooled over evaluation lengths; chance {chance:.3f}."
+
+
+def plot(rows: dict, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for name, r in rows.items():
+        bs = sorted(r["pooled"])
+        ax.plot([b * 1.41 for b in bs], [r["pooled"][b]["accuracy"] for b in bs], marker="o", label=name)
+    ax.axhline(1 / N_VALUES, color="gray", ls=":", label="chance")
+    ax.axvline(2 * args.block_size, color="gray", ls="--", lw=0.8)
+    ax.text(2 * args.block_size, 1.02, " fine reach", fontsize=8, color="gray")
+    ax.axvline(args.train_len, color="gray", ls="-.", lw=0.8)
+    ax.text(args.train_len, 1.02, " train length", fontsize=8, color="gray")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.08)
+    ax.set_xlabel("query-to-needle distance (tokens, bucket centre)")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_title(f"passkey recall: trained at {args.train_len}, evaluated at {args.eval_lens}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CI smoke: train at 256 for 30 steps, evaluate at 1k and 4k")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated among {', '.join(VARIANTS)}")
+    ap.add_argument("--train-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--queries", type=int, default=32, help="queries per training sequence")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--eval-lens", default="4096,16384,65536,131072")
+    ap.add_argument("--eval-tokens", type=int, default=524288,
+                    help="tokens per evaluation length (sequences = eval_tokens // length)")
+    ap.add_argument("--eval-queries", type=int, default=128, help="queries per evaluation sequence")
+    ap.add_argument("--sdpa-max-len", type=int, default=16384, help="longest evaluation length for sdpa")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=2)
+    ap.add_argument("--rope-theta", type=float, default=500000.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-interval", type=int, default=50)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for recall-<tag>.{json,md,png}")
+    ap.add_argument("--tag", default=None, help="results file suffix; default cpu, gpu or quick")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.train_len, args.steps, args.warmup, args.log_interval = 256, 30, 5, 10
+        args.eval_lens, args.eval_tokens, args.eval_queries, args.sdpa_max_len = "1024,4096", 16384, 64, 4096
+    args.tag = args.tag or ("quick" if args.quick else ("gpu" if args.device.startswith("cuda") else "cpu"))
+    for v in args.variants.split(","):
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; choose among {', '.join(VARIANTS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    eval_lens = [int(x) for x in args.eval_lens.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, t_start = {}, time.perf_counter()
+    for variant in args.variants.split(","):
+        t0 = time.perf_counter()
+        model, log = train(args, variant, device)
+        train_s = time.perf_counter() - t0
+        per_len, pairs = {}, []
+        for n in eval_lens:
+            if variant == "sdpa" and n > args.sdpa_max_len:
+                continue
+            res = evaluate(model, args, n, device)
+            per_len[n] = accuracy_by_bucket(res)
+            pairs += res
+        rows[variant] = dict(model=VARIANTS[variant], train_log=log, train_s=train_s,
+                             eval_s=time.perf_counter() - t0 - train_s, eval_lens=list(per_len),
+                             pooled=accuracy_by_bucket(pairs), by_len=per_len)
+        accs = " ".join(f"{b}:{v['accuracy']:.2f}" for b, v in rows[variant]["pooled"].items())
+        print(f"{variant:9s} | train {train_s:.0f} s | eval {rows[variant]['eval_s']:.0f} s | {accs}", flush=True)
+    wall = time.perf_counter() - t_start
+    floor = floor_check(rows, 2 * args.block_size)
+    result = dict(
+        meta=dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), host=platform.node(),
+                  cpus=os.cpu_count(), torch=torch.__version__, device=str(device), wall_s=wall,
+                  chance=1 / N_VALUES, fine_reach=2 * args.block_size, note=NOISE_NOTE, args=vars(args)),
+        rows=rows, floor=floor, table=table(rows, 1 / N_VALUES))
+    stem = out / f"recall-{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(result["table"] + "\n")
+    plot(rows, args, stem.with_suffix(".png"))
+    print(result["table"])
+    if floor:
+        print(f"floor (fma-m2m above local at every distance >= {floor['reach']}): "
+              f"{'met' if floor['met'] else 'MISSED at ' + ', '.join(map(str, floor['missed_at']))}")
+    print(f"wrote {stem}.json, .md, .png in {wall / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Smoke test of the quality benchmark and the recall probe (``--quick``, into a tmp folder).
+
+They train real (tiny) models, so the numbers only have to be there and finite;
+what they say is in bench/results/ and the README's Quality section.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(script: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--quick", "--out", str(out), *extra]
+    # Generous timeout: the script takes 1-2 minutes on a quiet 2-core machine, but CI machines are shared.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:  # SIGTERM: the script stops the trainer it runs, then exits
+            proc.terminate()
+            proc.communicate()
+    assert proc.returncode == 0, output[-5000:]
+    stem = out / f"{Path(script).stem}-quick"
+    assert stem.with_suffix(".png").stat().st_size > 0
+    assert stem.with_suffix(".md").read_text().startswith("| ")
+    return json.loads(stem.with_suffix(".json").read_text())
+
+
+@pytest.mark.slow
+def test_quality_quick(tmp_path):
+    result = run_bench("quality.py", tmp_path, "--work-dir", str(tmp_path / "runs"))
+    rows = {(r["kind"], r["variant"]) for r in result["rows"]}
+    variants = ("fma-m2m", "fma-mean", "fma-linear", "sdpa", "local")
+    assert rows == {(k, v) for k in ("causal", "mlm") for v in variants}
+    for r in result["rows"]:
+        for key in ("eval_bpb", "eval_loss", "tokens_per_s", "peak_memory_gib"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["kind"], r["variant"], key, r[key])
+        assert r["curve"][0]["step"] == 0 and r["curve"][-1]["step"] == r["steps"]
+    # Every variant saw the same number of tokens.
+    assert len({r["train_tokens"] for r in result["rows"]}) == 1
+    assert set(result["floors"]) == {"causal", "mlm"}
+    assert "sdpa" in result["table"]
+
+
+@pytest.mark.slow
+def test_recall_quick(tmp_path):
+    result = run_bench("recall.py", tmp_path)
+    assert set(result["rows"]) == {"fma-m2m", "fma-mean", "sdpa", "local"}
+    for name, row in result["rows"].items():
+        assert row["pooled"], name
+        for b, cell in row["pooled"].items():
+            assert 0.0 <= cell["accuracy"] <= 1.0 and cell["count"] > 0, (name, b, cell)
+        assert all(math.isfinite(e["loss"]) for e in row["train_log"]), name
+    # Buckets reach beyond the fine level (2 * block_size) out to the evaluation length.
+    assert max(int(b) for b in result["rows"]["fma-m2m"]["pooled"]) >= 1024
+    assert result["floor"]["reach"] == 64 and "met" in result["floor"]

@@ -34,6 +34,15 @@ MAX_RESTARTS=${MAX_RESTARTS:-0}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-fmtrain}}
 
 args=(--nnodes="$NNODES" --nproc-per-node="$NGPU" --max-restarts="$MAX_RESTARTS")
+# Restarted workers must not meet in the previous round's store. By default torchrun's agent
+# hosts one TCPStore that outlives its worker groups and hands every round the same address,
+# unprefixed, so a restarted rank can read a dead peer's gloo address from before the kill and
+# connectFullMesh fails or hangs (pytorch issue 135712; seen in about half the killed-worker
+# runs here). With sharing off, the rendezvous round (the same on every node) gives each
+# worker group a fresh store of its own on rank 0.
+if (( MAX_RESTARTS > 0 )); then
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+fi
 if [[ "$NNODES" == 1 && -z "${RDZV_ENDPOINT:-}" ]]; then
     args+=(--standalone)
 else

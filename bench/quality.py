@@ -1,6 +1,7 @@
 """Does it learn? Held-out quality of multipole attention against full and local attention.
 
-    python bench/quality.py                      # CPU: seq_len 4096, causal + masked, ~35-45 min on 2 cores
+    python bench/quality.py                      # CPU: seq_len 4096, causal + masked, 150 steps each
+    python bench/quality.py --jobs 2 --mlm-variants fma-m2m,sdpa,local     # the committed CPU results
     python bench/quality.py --quick              # CI smoke: seq_len 512, a few steps, ~1-2 min
     python bench/quality.py --kinds causal --variants fma-m2m,sdpa --seq-len 16384 --steps 2000 \\
         --set model.dim=512 --set model.n_layers=8 --launcher "torchrun --standalone --nproc_per_node=8 -m"
@@ -38,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,18 +198,20 @@ def meta(args, wall: float) -> dict:
                 host=platform.node(), cpus=os.cpu_count(), torch=torch.__version__,
                 cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
-                sweep_wall_s=wall, note=NOISE_NOTE,
+                omp_num_threads=os.environ.get("OMP_NUM_THREADS"), sweep_wall_s=wall, note=NOISE_NOTE,
                 args={k: v for k, v in vars(args).items()})
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CI smoke: seq_len 512, 8 steps, 2 eval batches")
+    ap.add_argument("--quick", action="store_true", help="CI smoke: seq_len 512, 6 steps, 2 eval batches")
     ap.add_argument("--kinds", default="causal,mlm", help="comma-separated: causal, mlm")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated among {', '.join(VARIANTS)}")
+    ap.add_argument("--mlm-variants", default="", help="variants of the masked LM if not all of --variants")
+    ap.add_argument("--jobs", type=int, default=1, help="variants trained at once (tokens/s is then shared)")
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=1, help="sequences per rank per step")
-    ap.add_argument("--steps", type=int, default=250, help="optimizer steps (every variant sees the same tokens)")
+    ap.add_argument("--steps", type=int, default=150, help="optimizer steps (every variant sees the same tokens)")
     ap.add_argument("--warmup-steps", type=int, default=None, help="default: the base config's")
     ap.add_argument("--eval-interval", type=int, default=25)
     ap.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation")
@@ -224,8 +228,8 @@ def parse_args(argv=None):
     ap.add_argument("--tag", default=None, help="results file suffix; default cpu, gpu or quick")
     args = ap.parse_args(argv)
     if args.quick:
-        args.seq_len, args.steps, args.eval_interval, args.eval_batches = 512, 8, 4, 2
-        args.log_interval, args.warmup_steps = 4, args.warmup_steps or 4
+        args.seq_len, args.steps, args.eval_interval, args.eval_batches = 512, 6, 3, 2
+        args.log_interval, args.warmup_steps = 3, args.warmup_steps or 3
     if args.tag is None:
         import torch
 
@@ -239,6 +243,16 @@ def parse_args(argv=None):
     return args
 
 
+def write_results(args, rows: list[dict], stem: Path, wall: float) -> dict:
+    """``<stem>.json``, ``.md`` and ``.png`` of the runs so far."""
+    result = dict(meta=meta(args, wall), rows=rows, floors=floors(rows), table=table(rows))
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(table(rows) + "\n")
+    plot(rows, stem.with_suffix(".png"),
+         f"seq_len {args.seq_len}, {rows[0]['train_tokens']:,} training tokens per run, seed {args.seed}")
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so that train_one stops the trainer it started.
@@ -246,20 +260,18 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.perf_counter()
-    for kind in args.kinds.split(","):
-        for variant in args.variants.split(","):
-            row = train_one(args, kind, variant)
-            rows.append(row)
-            print(f"{kind:6s} {variant:10s} | {METRIC[kind]} {row['score']:.4f} | bpb {row['eval_bpb']:.4f} | "
-                  f"{row['tokens_per_s']:,.0f} tok/s | {row['peak_memory_gib']:.2f} GiB | {row['wall_s']:.0f} s",
-                  flush=True)
-    wall = time.perf_counter() - t0
-    result = dict(meta=meta(args, wall), rows=rows, floors=floors(rows), table=table(rows))
     stem = out / f"quality-{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(table(rows) + "\n")
-    plot(rows, stem.with_suffix(".png"),
-         f"seq_len {args.seq_len}, {rows[0]['train_tokens']:,} training tokens per run, seed {args.seed}")
+    cases = [(kind, variant) for kind in args.kinds.split(",") for variant in args.variants.split(",")
+             if not (kind == "mlm" and args.mlm_variants and variant not in args.mlm_variants.split(","))]
+    # --jobs > 1 trains several variants at once (each a subprocess): for shared or many-core machines.
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for row in pool.map(lambda case: train_one(args, *case), cases):
+            rows.append(row)
+            print(f"{row['kind']:6s} {row['variant']:10s} | {METRIC[row['kind']]} {row['score']:.4f} | "
+                  f"bpb {row['eval_bpb']:.4f} | {row['tokens_per_s']:,.0f} tok/s | "
+                  f"{row['peak_memory_gib']:.2f} GiB | {row['wall_s']:.0f} s", flush=True)
+            result = write_results(args, rows, stem, time.perf_counter() - t0)  # after every run: partial results survive
+    wall = time.perf_counter() - t0
     print(table(rows))
     for kind, f in result["floors"].items():
         print(f"{kind}: fma-m2m {f['metric']} {f['fma_m2m']:.4f} vs sdpa {f['sdpa']:.4f} ({100 * f['gap_to_sdpa']:+.1f}%, "

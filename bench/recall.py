@@ -21,7 +21,8 @@ Design (a short training run of each variant, CPU-sized):
   log-uniform distances, so that short and long distances are trained alike) for
   the same steps, seed and batches, then is evaluated, without further training,
   at ``--eval-lens`` (4k to 128k) with the needle in the first eighth and queries
-  at log-uniform distances out to the end of the sequence. m2m summaries have no
+  at log-uniform distances out to the end of the sequence, ``--eval-tokens`` tokens
+  per length (many short sequences, a few long ones). m2m summaries have no
   length-dependent parameters (the parent map is shared by all levels), so one
   model runs at every length; distances beyond ``--train-len`` are extrapolation
   for every variant alike. RoPE uses base 500000 (the config's advice for long
@@ -235,7 +236,7 @@ def plot(rows: dict, args, path: Path) -> None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CI smoke: train at 256 for 30 steps, evaluate at 1k and 4k")
+    ap.add_argument("--quick", action="store_true", help="CI smoke: train at 256 for 20 steps, evaluate at 1k and 4k")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated among {', '.join(VARIANTS)}")
     ap.add_argument("--train-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=300)
@@ -261,13 +262,29 @@ def parse_args(argv=None):
     ap.add_argument("--tag", default=None, help="results file suffix; default cpu, gpu or quick")
     args = ap.parse_args(argv)
     if args.quick:
-        args.train_len, args.steps, args.warmup, args.log_interval = 256, 30, 5, 10
-        args.eval_lens, args.eval_tokens, args.eval_queries, args.sdpa_max_len = "1024,4096", 16384, 64, 4096
+        args.train_len, args.steps, args.batch_size, args.warmup, args.log_interval = 256, 20, 4, 5, 10
+        args.eval_lens, args.eval_tokens, args.eval_queries, args.sdpa_max_len = "1024,4096", 8192, 64, 4096
     args.tag = args.tag or ("quick" if args.quick else ("gpu" if args.device.startswith("cuda") else "cpu"))
     for v in args.variants.split(","):
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose among {', '.join(VARIANTS)}")
     return args
+
+
+def write_results(args, rows: dict, out: Path, wall: float, device) -> tuple[dict, Path]:
+    """``recall-<tag>.json``, ``.md`` and ``.png`` of the variants so far."""
+    result = dict(
+        meta=dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), host=platform.node(),
+                  cpus=os.cpu_count(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                  torch=torch.__version__, device=str(device), wall_s=wall,
+                  load_average=os.getloadavg(), chance=1 / N_VALUES, fine_reach=2 * args.block_size,
+                  note=NOISE_NOTE, args=vars(args)),
+        rows=rows, floor=floor_check(rows, 2 * args.block_size), table=table(rows, 1 / N_VALUES))
+    stem = out / f"recall-{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(result["table"] + "\n")
+    plot(rows, args, stem.with_suffix(".png"))
+    return result, stem
 
 
 def main(argv=None) -> int:
@@ -293,18 +310,11 @@ def main(argv=None) -> int:
                              pooled=accuracy_by_bucket(pairs), by_len=per_len)
         accs = " ".join(f"{b}:{v['accuracy']:.2f}" for b, v in rows[variant]["pooled"].items())
         print(f"{variant:9s} | train {train_s:.0f} s | eval {rows[variant]['eval_s']:.0f} s | {accs}", flush=True)
+        write_results(args, rows, out, time.perf_counter() - t_start, device)  # partial results survive
     wall = time.perf_counter() - t_start
-    floor = floor_check(rows, 2 * args.block_size)
-    result = dict(
-        meta=dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), host=platform.node(),
-                  cpus=os.cpu_count(), torch=torch.__version__, device=str(device), wall_s=wall,
-                  chance=1 / N_VALUES, fine_reach=2 * args.block_size, note=NOISE_NOTE, args=vars(args)),
-        rows=rows, floor=floor, table=table(rows, 1 / N_VALUES))
-    stem = out / f"recall-{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(result["table"] + "\n")
-    plot(rows, args, stem.with_suffix(".png"))
+    result, stem = write_results(args, rows, out, wall, device)
     print(result["table"])
+    floor = result["floor"]
     if floor:
         print(f"floor (fma-m2m above local at every distance >= {floor['reach']}): "
               f"{'met' if floor['met'] else 'MISSED at ' + ', '.join(map(str, floor['missed_at']))}")

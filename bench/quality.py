@@ -174,7 +174,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for ax, kind in zip(axes[0], kinds):
         for r in (r for r in rows if r["kind"] == kind):
             pts = [c for c in r["curve"] if c["step"] > 0]  # step 0 (untrained) squashes the axis
-            ax.plot([c["tokens"] for c in pts], [c[METRIC[kind]] for c in pts], marker=".", label=r["variant"])
+            ax.plot([c["tokens"] for c in pts], [c[METRIC[kind]] for c in pts], marker=".", label=r["variant"],
+                    color=f"C{list(VARIANTS).index(r['variant'])}")  # one colour per variant in every panel
         ax.set_xlabel("training tokens")
         ax.set_ylabel("held-out bits per byte" if kind == "causal" else "held-out masked-token loss (nats)")
         ax.set_title(f"{kind} LM")

@@ -8,7 +8,7 @@ A step is forward, backward and an AdamW update of the model (batch 1, fp32 on
 CPU, bf16 autocast on CUDA), on random tokens: the loader is not part of it
 (the trainer reports its share separately). Each case runs in a fresh
 subprocess so that its peak memory (resident set on CPU, allocations on CUDA)
-is its own. Prints a table and writes JSON to ``bench/results/train-<device>.json``.
+is its own; on CPU the peak comes from a second, one-step run (see ``spawn``). Prints a table and writes JSON to ``bench/results/train-<device>.json``.
 """
 from __future__ import annotations
 
@@ -84,9 +84,23 @@ def run_case(name: str, attention: str, seq_len: int, device: str, steps: int) -
 
 
 def spawn(args, name, attention, n) -> dict | None:
+    """Time the case in one process; on CPU measure its peak in a second one.
+
+    The peak run returns freed memory to the system at once (a low mmap threshold), so that its
+    resident-set peak is what the step really holds; that setting slows allocation-heavy code
+    down (page faults on every large buffer), so times come from a process without it.
+    """
+    row = _spawn(args, name, attention, n, args.steps, {})
+    if row and args.device == "cpu":
+        peak = _spawn(args, name, attention, n, 1, dict(MALLOC_MMAP_THRESHOLD_="65536"))
+        row["peak_gib"] = peak["peak_gib"] if peak else float("nan")
+    return row
+
+
+def _spawn(args, name, attention, n, steps, env_extra) -> dict | None:
     cmd = [sys.executable, __file__, "--case", f"{name},{attention},{n}", "--device", args.device,
-           "--steps", str(args.steps)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
+           "--steps", str(steps)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **env_extra)
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:

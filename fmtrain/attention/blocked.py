@@ -165,11 +165,12 @@ class _Bias:
         return s.add_(self.coarse[a0:a1, None, :])
 
 
-def _scores(L: _Layout, bias: _Bias, tables: BlockTables, qb, c: float, bh, i0, i1):
+def _scores(L: _Layout, bias: _Bias, tables: BlockTables, qb, scale: float, bh, i0, i1):
     """Fine (nb, G*m, F*m) and coarse (nb, G*m, S) base-2 scores of local blocks [i0, i1),
-    biased; and their keys/values. qb: (nb, G*m, d) queries; c = scale * log2(e), applied
+    biased; and their keys/values. qb: (nb, G*m, d) queries; scale * log2(e) is applied
     inside the products (no scaled copy of the queries).
     """
+    c = scale * LOG2E
     a0, a1 = L.a0 + i0, L.a0 + i1  # global blocks
     kf_t, vf_t = L.fine_t(L.kp, bh, i0, i1), L.fine_t(L.vp, bh, i0, i1)  # (nb, d, F*m)
     idx = tables.index[a0:a1].reshape(-1)
@@ -198,12 +199,11 @@ class BlockAttention(torch.autograd.Function):
         tables = block_tables(h, weighted, q.device)
         bias = _Bias(h, tables, acc, q.device)
         qs = L.q_blocks(q.to(acc))  # (BH, nblk, G*m, d)
-        c = scale * LOG2E  # base-2 scores
         out = torch.empty(qs.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(qs.shape[:-1], dtype=acc, device=q.device)
 
         def chunk(bh, i0, i1):
-            sf, sc, (_, vf_t, _, vc) = _scores(L, bias, tables, qs[bh, i0:i1], c, bh, i0, i1)
+            sf, sc, (_, vf_t, _, vc) = _scores(L, bias, tables, qs[bh, i0:i1], scale, bh, i0, i1)
             mx = torch.maximum(sf.amax(-1, keepdim=True), sc.amax(-1, keepdim=True)) if sc.shape[-1] \
                 else sf.amax(-1, keepdim=True)
             pf, pc = sf.sub_(mx).exp2_(), sc.sub_(mx).exp2_()
@@ -228,7 +228,6 @@ class BlockAttention(torch.autograd.Function):
         tables = block_tables(h, ctx.weighted, q.device)
         bias = _Bias(h, tables, acc, q.device)
         qs = L.q_blocks(q.to(acc))
-        c = scale * LOG2E
         dob = L.q_blocks(dout.to(acc)) if dout is not None else torch.zeros_like(qs)
         # delta_i = dO_i . O_i - dlse_i: the softmax-backward row term (lse's gradient folds in here).
         delta = (dob * out.to(acc)).sum(-1)
@@ -241,7 +240,7 @@ class BlockAttention(torch.autograd.Function):
 
         def chunk(bh, i0, i1):
             qc, do = qs[bh, i0:i1], dob[bh, i0:i1]
-            sf, sc, (kf_t, vf_t, kc, vc) = _scores(L, bias, tables, qc, c, bh, i0, i1)
+            sf, sc, (kf_t, vf_t, kc, vc) = _scores(L, bias, tables, qc, scale, bh, i0, i1)
             row = lse[bh, i0:i1, :, None] * LOG2E
             dl = delta[bh, i0:i1, :, None]
             pf, pc = sf.sub_(row).exp2_(), sc.sub_(row).exp2_()  # (nb, G*m, F*m), (nb, G*m, S)

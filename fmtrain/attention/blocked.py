@@ -229,41 +229,53 @@ class BlockAttention(torch.autograd.Function):
         bias = _Bias(h, tables, acc, q.device)
         qs = L.q_blocks(q.to(acc))
         dob = L.q_blocks(dout.to(acc)) if dout is not None else torch.zeros_like(qs)
-        # delta_i = dO_i . O_i - dlse_i: the softmax-backward row term (lse's gradient folds in here).
-        delta = (dob * out.to(acc)).sum(-1)
-        if dlse is not None:
-            delta = delta - L.q_blocks(dlse).to(acc)
-        m, T = L.m, ks.shape[2]
+        dlb = L.q_blocks(dlse.to(acc)) if dlse is not None else None
+        m, d, F_, T = L.m, L.d, L.F, ks.shape[2]
+        zero = qs.new_zeros(())
         dq = torch.empty(qs.shape, dtype=acc, device=q.device)  # contiguous: chunks write into it
-        dkp, dvp = torch.zeros_like(L.kp), torch.zeros_like(L.vp)
+        # Key/value gradients per extended block: no zero fill. Slot F-1 of a chunk reaches
+        # blocks no earlier chunk touched and writes them; the other slots add. Only the
+        # first F-1 blocks are only ever added to.
+        dkp, dvp = torch.empty_like(L.kp), torch.empty_like(L.vp)
+        for g in (dkp, dvp):
+            g.view(L.B * L.Hkv, -1, m, d)[:, :F_ - 1].zero_()
         dks, dvs = torch.zeros_like(L.ks), torch.zeros_like(L.vs)
 
         def chunk(bh, i0, i1):
             qc, do = qs[bh, i0:i1], dob[bh, i0:i1]
             sf, sc, (kf_t, vf_t, kc, vc) = _scores(L, bias, tables, qc, scale, bh, i0, i1)
             row = lse[bh, i0:i1, :, None] * LOG2E
-            dl = delta[bh, i0:i1, :, None]
+            # delta_i = dO_i . O_i - dlse_i: the softmax-backward row term (lse's gradient folds in here).
+            dl = (do * out[bh, i0:i1].to(acc)).sum(-1, keepdim=True)  # (nb, G*m, 1)
+            if dlb is not None:
+                dl.sub_(dlb[bh, i0:i1, :, None])
             pf, pc = sf.sub_(row).exp2_(), sc.sub_(row).exp2_()  # (nb, G*m, F*m), (nb, G*m, S)
             dsf = torch.bmm(do, vf_t).sub_(dl).mul_(pf)
             dsc = torch.bmm(do, vc.transpose(1, 2)).sub_(dl).mul_(pc)
-            torch.bmm(dsf, kf_t.transpose(1, 2), out=dq[bh, i0:i1]).baddbmm_(dsc, kc)
-            dkf = torch.bmm(dsf.transpose(1, 2), qc)  # (nb, F*m, d); times scale below
-            dvf = torch.bmm(pf.transpose(1, 2), do)
-            dkb, dvb = dkp[bh].view(-1, m, L.d), dvp[bh].view(-1, m, L.d)
-            for f in range(L.F):  # fine slot f of local block i is extended block i + f
-                dkb[i0 + f:i1 + f] += dkf[:, f * m:(f + 1) * m]
-                dvb[i0 + f:i1 + f] += dvf[:, f * m:(f + 1) * m]
+            # The score scale enters every gradient through the scores: applied in the products.
+            torch.baddbmm(zero, dsf, kf_t.transpose(1, 2), beta=0, alpha=scale, out=dq[bh, i0:i1])
+            dq[bh, i0:i1].baddbmm_(dsc, kc, alpha=scale)
+            dkb, dvb = dkp[bh].view(-1, m, d), dvp[bh].view(-1, m, d)
+            for f in reversed(range(F_)):  # fine slot f of local block i is extended block i + f
+                ds_t, p_t = dsf[:, :, f * m:(f + 1) * m].transpose(1, 2), pf[:, :, f * m:(f + 1) * m].transpose(1, 2)
+                dk_f, dv_f = dkb[i0 + f:i1 + f], dvb[i0 + f:i1 + f]  # (nb, m, d)
+                if f == F_ - 1:
+                    torch.baddbmm(zero, ds_t, qc, beta=0, alpha=scale, out=dk_f)
+                    torch.bmm(p_t, do, out=dv_f)
+                else:
+                    dk_f.baddbmm_(ds_t, qc, alpha=scale)
+                    dv_f.baddbmm_(p_t, do)
             if h.coarse_slots:  # scatter-add into the summaries the slots came from
                 idx = tables.index[L.a0 + i0:L.a0 + i1].reshape(-1)
-                dks[bh].index_add_(0, idx, torch.bmm(dsc.transpose(1, 2), qc).view(-1, L.d))
-                dvs[bh].index_add_(0, idx, torch.bmm(pc.transpose(1, 2), do).view(-1, L.d))
+                dks[bh].index_add_(0, idx, torch.baddbmm(zero, dsc.transpose(1, 2), qc, beta=0, alpha=scale)
+                                   .view(-1, d))
+                dvs[bh].index_add_(0, idx, torch.bmm(pc.transpose(1, 2), do).view(-1, d))
         _each_chunk(L, L.G * m, chunk)
-        B, Hkv, d = L.B, L.Hkv, L.d
-        dq = L.from_q_blocks(dq.mul_(scale)).to(q.dtype)
-        # The scale of the scores, left out of dq, dk and dks above, once for the whole tensors.
-        dk = dkp.mul_(scale).view(B, Hkv, -1, d).to(k.dtype)
+        B, Hkv = L.B, L.Hkv
+        dq = L.from_q_blocks(dq).to(q.dtype)
+        dk = dkp.view(B, Hkv, -1, d).to(k.dtype)
         dv = dvp.view(B, Hkv, -1, d).to(v.dtype)
-        dks = dks.mul_(scale).view(B, Hkv, -1, d)[:, :, :T].to(ks.dtype)
+        dks = dks.view(B, Hkv, -1, d)[:, :, :T].to(ks.dtype)
         dvs = dvs.view(B, Hkv, -1, d)[:, :, :T].to(vs.dtype)
         return dq, dk, dv, dks, dvs, None, None, None, None
 

@@ -47,9 +47,15 @@ class _Layout:
     zeros where outside the sequence (masked anyway). For each (batch, kv head)
     ``bh``, the fine keys of local blocks [i0, i1) are an overlapping strided
     view (nb, d, F*m) of the extended keys: no copy, and ``torch.bmm`` takes it.
+
+    ``extended=False``: ``k_ext, v_ext`` are only the query blocks' own keys (nq*m
+    tokens) and the blocks beyond them count as zeros (a whole sequence on one device).
+    That saves the caller a padded copy of the keys and values, which at 16k tokens cost
+    a sixth of the forward (the copy's fresh pages); only the chunks at the two ends then
+    assemble their fine keys in scratch.
     """
 
-    def __init__(self, q, k_ext, v_ext, ks, vs, h: Hierarchy, a0: int, dtype):
+    def __init__(self, q, k_ext, v_ext, ks, vs, h: Hierarchy, a0: int, dtype, extended: bool = True):
         B, H, N, d = q.shape  # N: whole query blocks
         Hkv = k_ext.shape[1]
         self.B, self.H, self.Hkv, self.G, self.d = B, H, Hkv, H // Hkv, d
@@ -57,10 +63,12 @@ class _Layout:
         self.nblk = N // self.m
         self.F = len(h.fine_blocks())
         self.Fm = self.F * self.m
-        if k_ext.shape[2] != (self.nblk + self.F - 1) * self.m:
-            raise ValueError(f"extended keys must hold {self.nblk + self.F - 1} blocks of {self.m} "
+        self.extended = extended
+        want = self.nblk + self.F - 1 if extended else self.nblk
+        if k_ext.shape[2] != want * self.m:
+            raise ValueError(f"{'extended ' if extended else ''}keys must hold {want} blocks of {self.m} "
                              f"for {self.nblk} query blocks, got {k_ext.shape[2]} tokens")
-        self.kp = k_ext.to(dtype).reshape(B * Hkv, -1, d)  # (BH, (nblk+F-1)*m, d)
+        self.kp = k_ext.to(dtype).reshape(B * Hkv, -1, d)  # (BH, (nblk+F-1)*m or nblk*m, d)
         self.vp = v_ext.to(dtype).reshape(B * Hkv, -1, d)
         # Dummy zero summary at index T for masked slots.
         self.ks = F.pad(ks.to(dtype), (0, 0, 0, 1)).reshape(B * Hkv, -1, d)
@@ -80,10 +88,25 @@ class _Layout:
         x = x.reshape(B, Hkv, self.nblk, G, m, *tail).permute(0, 1, 3, 2, 4, *range(5, 5 + len(tail)))
         return x.reshape(B, Hkv * G, self.nblk * m, *tail)
 
-    def fine_t(self, xp, bh, i0, i1):
-        """Transposed fine keys (or values) of local blocks [i0, i1): (nb, d, F*m), a view."""
-        m = self.m
-        return xp[bh, i0 * m:(i1 - 1) * m + self.Fm].unfold(0, self.Fm, m)
+    def key_blocks(self, e0: int, e1: int) -> tuple[int, int, int]:
+        """Extended blocks [e0, e1) -> the blocks [lo, hi) of ``kp`` they are, clipped, and
+        the offset of ``lo`` in [e0, e1) (blocks outside ``kp`` are zeros)."""
+        shift = 0 if self.extended else -1
+        nk = self.kp.shape[1] // self.m
+        lo, hi = max(e0 + shift, 0), min(e1 + shift, nk)
+        return lo, hi, lo - (e0 + shift)
+
+    def fine_t(self, xp, bh, i0, i1, ws: "_Scratch", name: str):
+        """Transposed fine keys (or values) of local blocks [i0, i1): (nb, d, F*m), a view
+        (of scratch, for an end chunk of unextended keys)."""
+        m, e1 = self.m, i1 + self.F - 1  # extended blocks [i0, e1)
+        lo, hi, off = self.key_blocks(i0, e1)
+        x = xp[bh, lo * m:hi * m]
+        if hi - lo < e1 - i0:
+            full = ws(name, ((e1 - i0) * m, self.d), xp)
+            full.zero_()[off * m:(off + hi - lo) * m] = x
+            x = full
+        return x.unfold(0, self.Fm, m)
 
     def chunks(self, rows_per_block: int, bh: int):
         """Local block ranges [i0, i1) of one (batch, kv head), a chunk of scores each."""
@@ -197,7 +220,7 @@ def _scores(L: _Layout, bias: _Bias, tables: BlockTables, qb, scale: float, bh, 
     """
     c = scale * LOG2E
     a0, a1 = L.a0 + i0, L.a0 + i1  # global blocks
-    kf_t, vf_t = L.fine_t(L.kp, bh, i0, i1), L.fine_t(L.vp, bh, i0, i1)  # (nb, d, F*m)
+    kf_t, vf_t = L.fine_t(L.kp, bh, i0, i1, ws, "kf"), L.fine_t(L.vp, bh, i0, i1, ws, "vf")  # (nb, d, F*m)
     idx = tables.index[a0:a1].reshape(-1)
     nb, Gm, S, d = i1 - i0, qb.shape[1], tables.index.shape[1], L.d
     kc = torch.index_select(L.ks[bh], 0, idx, out=ws("kc", (nb * S, d), qb)).view(nb, S, d)
@@ -211,16 +234,18 @@ def _scores(L: _Layout, bias: _Bias, tables: BlockTables, qb, scale: float, bh, 
 class BlockAttention(torch.autograd.Function):
     """(q, k_ext, v_ext, ks, vs) -> (out, lse) for query blocks ``[a0, a0 + nq)`` of ``h``.
 
-    q: (B, H, nq*m, d); k_ext, v_ext: (B, Hkv, (nq+F-1)*m, d), see :class:`_Layout`;
+    q: (B, H, nq*m, d); k_ext, v_ext: (B, Hkv, (nq+F-1)*m, d), see :class:`_Layout`
+    (with ``extended=False``: (B, Hkv, nq*m, d), zeros beyond);
     ks, vs: (B, Hkv, T, d) summaries of the whole hierarchy (indexed by its tables).
     out: (B, H, nq*m, d); lse: (B, H, nq*m) in fp32 (fp64 for fp64 inputs).
     The backward takes gradients of both and returns them for all five tensors.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, ks, vs, h: Hierarchy, weighted: bool, scale: float, a0: int = 0):
+    def forward(ctx, q, k, v, ks, vs, h: Hierarchy, weighted: bool, scale: float, a0: int = 0,
+                extended: bool = True):
         acc = _acc_dtype(q.dtype)
-        L = _Layout(q, k, v, ks, vs, h, a0, acc)
+        L = _Layout(q, k, v, ks, vs, h, a0, acc, extended)
         tables = block_tables(h, weighted, q.device)
         bias = _Bias(h, tables, acc, q.device)
         qs = L.q_blocks(q.to(acc))  # (BH, nblk, G*m, d)
@@ -241,7 +266,7 @@ class BlockAttention(torch.autograd.Function):
         _each_chunk(L, L.G * L.m, chunk)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, ks, vs, out, lse)
-        ctx.h, ctx.weighted, ctx.scale, ctx.a0 = h, weighted, scale, a0
+        ctx.h, ctx.weighted, ctx.scale, ctx.a0, ctx.extended = h, weighted, scale, a0, extended
         return L.from_q_blocks(out), L.from_q_blocks(lse)
 
     @staticmethod
@@ -249,7 +274,7 @@ class BlockAttention(torch.autograd.Function):
         q, k, v, ks, vs, out, lse = ctx.saved_tensors
         h, scale = ctx.h, ctx.scale
         acc = _acc_dtype(q.dtype)
-        L = _Layout(q, k, v, ks, vs, h, ctx.a0, acc)
+        L = _Layout(q, k, v, ks, vs, h, ctx.a0, acc, ctx.extended)
         tables = block_tables(h, ctx.weighted, q.device)
         bias = _Bias(h, tables, acc, q.device)
         qs = L.q_blocks(q.to(acc))
@@ -258,12 +283,12 @@ class BlockAttention(torch.autograd.Function):
         m, d, F_, T = L.m, L.d, L.F, ks.shape[2]
         zero = qs.new_zeros(())
         dq = torch.empty(qs.shape, dtype=acc, device=q.device)  # contiguous: chunks write into it
-        # Key/value gradients per extended block: no zero fill. Slot F-1 of a chunk reaches
-        # blocks no earlier chunk touched and writes them; the other slots add. Only the
-        # first F-1 blocks are only ever added to.
+        # Key/value gradients per block of kp: no zero fill. Slot F-1 of a chunk reaches
+        # blocks no earlier chunk touched and writes them; the other slots add. The first
+        # blocks, which no slot F-1 reaches, are only ever added to.
         dkp, dvp = torch.empty_like(L.kp), torch.empty_like(L.vp)
         for g in (dkp, dvp):
-            g.view(L.B * L.Hkv, -1, m, d)[:, :F_ - 1].zero_()
+            g.view(L.B * L.Hkv, -1, m, d)[:, :L.key_blocks(0, F_ - 1)[1]].zero_()
         dks, dvs = torch.zeros_like(L.ks), torch.zeros_like(L.vs)
 
         def chunk(bh, i0, i1, ws):
@@ -283,14 +308,17 @@ class BlockAttention(torch.autograd.Function):
             dq[bh, i0:i1].baddbmm_(dsc, kc, alpha=scale)
             dkb, dvb = dkp[bh].view(-1, m, d), dvp[bh].view(-1, m, d)
             for f in reversed(range(F_)):  # fine slot f of local block i is extended block i + f
-                ds_t, p_t = dsf[:, :, f * m:(f + 1) * m].transpose(1, 2), pf[:, :, f * m:(f + 1) * m].transpose(1, 2)
-                dk_f, dv_f = dkb[i0 + f:i1 + f], dvb[i0 + f:i1 + f]  # (nb, m, d)
+                lo, hi, off = L.key_blocks(i0 + f, i1 + f)  # blocks outside kp: zero keys, no gradient
+                rows = slice(off, off + hi - lo)
+                ds_t = dsf[rows, :, f * m:(f + 1) * m].transpose(1, 2)  # (nb', m, G*m)
+                p_t = pf[rows, :, f * m:(f + 1) * m].transpose(1, 2)
+                dk_f, dv_f = dkb[lo:hi], dvb[lo:hi]  # (nb', m, d)
                 if f == F_ - 1:
-                    torch.baddbmm(zero, ds_t, qc, beta=0, alpha=scale, out=dk_f)
-                    torch.bmm(p_t, do, out=dv_f)
+                    torch.baddbmm(zero, ds_t, qc[rows], beta=0, alpha=scale, out=dk_f)
+                    torch.bmm(p_t, do[rows], out=dv_f)
                 else:
-                    dk_f.baddbmm_(ds_t, qc, alpha=scale)
-                    dv_f.baddbmm_(p_t, do)
+                    dk_f.baddbmm_(ds_t, qc[rows], alpha=scale)
+                    dv_f.baddbmm_(p_t, do[rows])
             if S:  # scatter-add into the summaries the slots came from
                 idx = tables.index[L.a0 + i0:L.a0 + i1].reshape(-1)
                 dkc = torch.baddbmm(zero, dsc.transpose(1, 2), qc, beta=0, alpha=scale, out=ws("dkc", (nb, S, d), do))
@@ -303,7 +331,7 @@ class BlockAttention(torch.autograd.Function):
         dv = dvp.view(B, Hkv, -1, d).to(v.dtype)
         dks = dks.view(B, Hkv, -1, d)[:, :, :T].to(ks.dtype)
         dvs = dvs.view(B, Hkv, -1, d)[:, :, :T].to(vs.dtype)
-        return dq, dk, dv, dks, dvs, None, None, None, None
+        return dq, dk, dv, dks, dvs, None, None, None, None, None
 
 
 def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -339,8 +367,12 @@ def block_attention(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bo
         from .kernels import core as select_core  # lazy: imports triton only when asked
         core = select_core(impl, q)
     # ---
-    out, lse = core.apply(q.contiguous(), extend_keys(k, h).contiguous(), extend_keys(v, h).contiguous(),
-                          ks.contiguous(), vs.contiguous(), hh, weighted, scale, 0)
+    if core is BlockAttention:  # keys as they are (whole blocks): no extended copy
+        k, v, extra = _pad_seq(k, h.padded_len), _pad_seq(v, h.padded_len), (False,)
+    else:
+        k, v, extra = extend_keys(k, h), extend_keys(v, h), ()
+    out, lse = core.apply(q.contiguous(), k.contiguous(), v.contiguous(), ks.contiguous(), vs.contiguous(),
+                          hh, weighted, scale, 0, *extra)
     return out[:, :, :h.n], lse[:, :, :h.n]
 
 

@@ -59,6 +59,29 @@ def test_blocked_matches_dense_float64(rng, n, m, p, H, Hkv, causal, variant):
         assert (a - b).abs().max() < TOL64, f"d{name}"
 
 
+@pytest.mark.parametrize("blocks_per_chunk", [1, 3])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,G", [(200, 1), (93, 2)])
+def test_many_chunks_match_dense_float64(rng, monkeypatch, n, G, causal, blocks_per_chunk):
+    """The core walks query blocks in chunks; gradients of keys shared by neighbouring
+    chunks are written by one and added to by the next, and the first and last chunks
+    assemble their out-of-sequence neighbours: all of that only happens with many chunks."""
+    import fmtrain.attention.blocked as blocked
+
+    m, p = 8, 2
+    h = hierarchy(n, m, p, causal)
+    width = len(h.fine_blocks()) * m + h.coarse_slots
+    monkeypatch.setattr(blocked, "CHUNK_SCORES", blocks_per_chunk * G * m * width)
+    q, k, v = qkv(rng, 2, 2 * G, 2, n, 16)
+    kw = dict(block_size=m, rank=p, causal=causal)
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    o_ref, g_ref = outputs_and_grads(q, k, v, torch.Generator().manual_seed(seed), impl="dense", **kw)
+    o, g = outputs_and_grads(q, k, v, torch.Generator().manual_seed(seed), impl="torch", **kw)
+    assert (o - o_ref).abs().max() < TOL64
+    for name, a, b in zip("qkv", g, g_ref):
+        assert (a - b).abs().max() < TOL64, f"d{name}"
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("weighted", [True, False])
 def test_unweighted_and_learned_summaries_match_dense(rng, causal, weighted):

@@ -286,7 +286,10 @@ class BlockAttention(torch.autograd.Function):
         # Key/value gradients per block of kp: no zero fill. Slot F-1 of a chunk reaches
         # blocks no earlier chunk touched and writes them; the other slots add. The first
         # blocks, which no slot F-1 reaches, are only ever added to.
-        dkp, dvp = torch.empty_like(L.kp), torch.empty_like(L.vp)
+        # Allocated in the returned shape and returned as they are: a view would make autograd
+        # add the summaries' share of the key gradient out of place, into yet another buffer.
+        dk_out, dv_out = (torch.empty(t.shape, dtype=acc, device=t.device) for t in (k, v))
+        dkp, dvp = dk_out.view(L.kp.shape), dv_out.view(L.vp.shape)
         for g in (dkp, dvp):
             g.view(L.B * L.Hkv, -1, m, d)[:, :L.key_blocks(0, F_ - 1)[1]].zero_()
         dks, dvs = torch.zeros_like(L.ks), torch.zeros_like(L.vs)
@@ -327,8 +330,7 @@ class BlockAttention(torch.autograd.Function):
         _each_chunk(L, L.G * m, chunk)
         B, Hkv = L.B, L.Hkv
         dq = L.from_q_blocks(dq).to(q.dtype)
-        dk = dkp.view(B, Hkv, -1, d).to(k.dtype)
-        dv = dvp.view(B, Hkv, -1, d).to(v.dtype)
+        dk, dv = dk_out.to(k.dtype), dv_out.to(v.dtype)
         dks = dks.view(B, Hkv, -1, d)[:, :, :T].to(ks.dtype)
         dvs = dvs.view(B, Hkv, -1, d)[:, :, :T].to(vs.dtype)
         return dq, dk, dv, dks, dvs, None, None, None, None, None

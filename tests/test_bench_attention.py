@@ -1,0 +1,29 @@
+"""Smoke test of the attention benchmark at one small length, into a tmp file.
+
+Its speed figures are for bench/results/; here they only have to be there, well
+formed and consistent (quartiles around the median, both masks, both modes).
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_attention_bench_small_sweep(tmp_path):
+    out = tmp_path / "attention.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "attention.py"), "--n", "512", "--budget", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {(r["impl"], r["causal"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(i, c, m) for i in ("fma", "sdpa") for c in (True, False) for m in ("fwd", "fwdbwd")}
+    for r in rows.values():
+        lo, hi = r["ms_quartiles"]
+        assert 0 < lo <= r["ms"] <= hi, r
+        assert r["runs"] >= 1 and r["peak_extra_mib"] >= 0
+    assert "fma f+b" in result["table"] and "512" in proc.stdout

@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,9 +46,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repo without installing it (no network on the GPU machine)
 
 from fmtrain.attention import fma  # noqa: E402
-from fmtrain.attention.blocked import BlockAttention, block_attention, extend_keys  # noqa: E402
+from fmtrain.attention.blocked import BlockAttention, extend_keys  # noqa: E402
 from fmtrain.attention.hierarchy import hierarchy  # noqa: E402
 from fmtrain.attention.summaries import MEAN  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from _results import result_path  # noqa: E402
 
 TOL = {"bfloat16": 5e-2, "float32": 1e-4, "float16": 1e-2}
 SLOW_MS = 1000.0
@@ -300,18 +302,10 @@ def floors(rows: list[dict]) -> list[str]:
 
 def save(args, meta: dict, result: dict) -> Path:
     """Write (or overwrite) the JSON: after the correctness part, then with everything."""
-    out_dir = args.out or os.environ.get("OUT")
-    name = "gpu_check.json"
-    if not out_dir and args.dry_run:
-        out_dir = args.out = tempfile.mkdtemp(prefix="gpu_check-")
-    elif not out_dir:  # bench/results: name it by card and date, to commit as it is
-        out_dir = str(ROOT / "bench" / "results")
-        card = "".join(ch if ch.isalnum() else "-" for ch in meta["device"].lower()).strip("-")
-        name = f"gpu_check-{card}-{meta['date'][:10]}.json"
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / name
-    path.write_text(json.dumps(dict(meta=meta, **result), indent=1))
-    return path
+    if getattr(args, "path", None) is None:  # chosen once: later saves overwrite the same file
+        args.path = result_path("gpu_check", meta["device"], meta["date"], dry_run=args.dry_run, out=args.out)
+    args.path.write_text(json.dumps(dict(meta=meta, **result), indent=1))
+    return args.path
 
 
 def main():

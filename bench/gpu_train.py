@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from _results import result_path  # noqa: E402
 
 # (attention, seq_len) per case; sdpa at 1M is left out: one step would take minutes.
 CASES = [("fma", 131072), ("sdpa", 131072), ("fma", 1 << 20)]
@@ -126,15 +128,7 @@ def main():
             for line in row.get("log_tail", []):
                 print("    | " + line, flush=True)
     print("\n" + table(rows))
-    out_dir = args.out or os.environ.get("OUT")
-    name = "gpu_train.json"
-    if not out_dir and args.dry_run:
-        out_dir = tempfile.mkdtemp(prefix="gpu_train-")
-    elif not out_dir:
-        slug = "".join(ch if ch.isalnum() else "-" for ch in card.lower()).strip("-")
-        out_dir, name = str(ROOT / "bench" / "results"), f"gpu_train-{slug}-{meta['date'][:10]}.json"
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / name
+    path = result_path("gpu_train", card, meta["date"], dry_run=args.dry_run, out=args.out)
     path.write_text(json.dumps(dict(meta=meta, rows=rows, table=table(rows)), indent=1))
     print(f"wrote {path}")
     bad = [r for r in rows if r["status"] not in ("ok",) and not r["status"].startswith(("does not fit", "skipped"))]

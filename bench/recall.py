@@ -310,9 +310,9 @@ def main(argv=None) -> int:
                              pooled=accuracy_by_bucket(pairs), by_len=per_len)
         accs = " ".join(f"{b}:{v['accuracy']:.2f}" for b, v in rows[variant]["pooled"].items())
         print(f"{variant:9s} | train {train_s:.0f} s | eval {rows[variant]['eval_s']:.0f} s | {accs}", flush=True)
-        write_results(args, rows, out, time.perf_counter() - t_start, device)  # partial results survive
+        # After every variant, so that partial results survive; the last write is the whole result.
+        result, stem = write_results(args, rows, out, time.perf_counter() - t_start, device)
     wall = time.perf_counter() - t_start
-    result, stem = write_results(args, rows, out, wall, device)
     print(result["table"])
     floor = result["floor"]
     if floor:

@@ -8,7 +8,8 @@ A step is forward, backward and an AdamW update of the model (batch 1, fp32 on
 CPU, bf16 autocast on CUDA), on random tokens: the loader is not part of it
 (the trainer reports its share separately). Each case runs in a fresh
 subprocess so that its peak memory (resident set on CPU, allocations on CUDA)
-is its own; on CPU the peak comes from a second, one-step run (see ``spawn``). Prints a table and writes JSON to ``bench/results/train-<device>.json``.
+is its own; on CPU the peak comes from a second, one-step run (see ``spawn``).
+Prints a table and writes JSON to ``bench/results/train-<device>.json``.
 """
 from __future__ import annotations
 

@@ -58,11 +58,40 @@ def finish(zs: list[torch.Tensor], h: Hierarchy) -> torch.Tensor:
 
 
 class Summaries(nn.Module):
-    """Base class: ``forward(k, v, h) -> (ks, vs)``, each (B, H, num_summaries, d)."""
+    """Base class: ``forward(k, v, h) -> (ks, vs)``, each (B, H, num_summaries, d).
+
+    Two ways to form a window's ``z``, which the sequence-parallel path and the
+    decoding cache use piece by piece:
+    - bottom-up kinds (``bottom_up = True``: ``mean``, ``m2m``): level 1 by
+      :meth:`leaves` from a fine block's tokens, level ``l+1`` by :meth:`parents` from
+      its two children on level ``l``;
+    - the others (``conv``): every level from its window's tokens, a sum of
+      :meth:`window_part` over any split of the window.
+    """
+
+    bottom_up = True
+
+    def leaves(self, xb: torch.Tensor, rank: int, which: int) -> torch.Tensor:
+        """Level-1 ``z`` of whole fine blocks: (B, H, nb, m, d) -> (B, H, nb, rank, d)."""
+        raise NotImplementedError
+
+    def parents(self, z: torch.Tensor, windows_up: int, which: int) -> torch.Tensor:
+        """Parents from children: (B, H, w, p, d) -> (B, H, windows_up, p, d) (missing children: zeros)."""
+        raise NotImplementedError
+
+    def check(self, h: Hierarchy) -> None:
+        """Raise if these summaries cannot serve ``h``."""
 
     def zs(self, x: torch.Tensor, h: Hierarchy, which: int) -> list[torch.Tensor]:
         """Unscaled per-level summaries of ``x`` (0: keys, 1: values)."""
-        raise NotImplementedError
+        self.check(h)
+        B, H, _, d = x.shape
+        z = self.leaves(_pad_to(x, h.padded_len).view(B, H, h.n_blocks, h.block_size, d), h.rank, which)
+        zs = [z]
+        for nw in h.windows[1:]:
+            z = self.parents(z, nw, which)
+            zs.append(z)
+        return zs
 
     def forward(self, k: torch.Tensor, v: torch.Tensor, h: Hierarchy):
         if h.n_levels == 0:
@@ -74,16 +103,13 @@ class Summaries(nn.Module):
 class MeanSummaries(Summaries):
     """Parameter-free means of each sub-window."""
 
-    def zs(self, x, h, which):
-        B, H, _, d = x.shape
-        m, p = h.block_size, h.rank
-        xb = _pad_to(x, h.padded_len).view(B, H, h.n_blocks, p, m // p, d)
-        z = xb.mean(dim=4)  # (B, H, n_blocks, p, d): level 1 windows are the fine blocks
-        zs = [z]
-        for nw in h.windows[1:]:
-            z = _pair_children(z, nw).view(B, H, nw, p, 2, d).mean(dim=4)
-            zs.append(z)
-        return zs
+    def leaves(self, xb, rank, which):
+        B, H, nb, m, d = xb.shape
+        return xb.view(B, H, nb, rank, m // rank, d).mean(dim=4)
+
+    def parents(self, z, windows_up, which):
+        B, H, _, p, d = z.shape
+        return _pair_children(z, windows_up).view(B, H, windows_up, p, 2, d).mean(dim=4)
 
 
 class M2MSummaries(Summaries):
@@ -105,21 +131,18 @@ class M2MSummaries(Summaries):
         self.leaf.copy_(torch.eye(p).repeat_interleave(m // p, dim=1) / (m // p))
         self.up.copy_(torch.eye(p).repeat_interleave(2, dim=1) / 2)
 
-    def zs(self, x, h, which):
-        B, H, _, d = x.shape
+    def check(self, h):
         if (h.block_size, h.rank) != (self.block_size, self.rank):
             raise ValueError(
                 f"m2m summaries were built for block_size={self.block_size}, rank={self.rank}; "
                 f"called with block_size={h.block_size}, rank={h.rank}"
             )
-        xb = _pad_to(x, h.padded_len).view(B, H, h.n_blocks, h.block_size, d)
-        leaf, up = self.leaf[which].to(x.dtype), self.up[which].to(x.dtype)
-        z = torch.einsum("hjt,bhctd->bhcjd", leaf, xb)
-        zs = [z]
-        for nw in h.windows[1:]:
-            z = torch.einsum("hji,bhcid->bhcjd", up, _pair_children(z, nw))
-            zs.append(z)
-        return zs
+
+    def leaves(self, xb, rank, which):
+        return torch.einsum("hjt,bhctd->bhcjd", self.leaf[which].to(xb.dtype), xb)
+
+    def parents(self, z, windows_up, which):
+        return torch.einsum("hji,bhcid->bhcjd", self.up[which].to(z.dtype), _pair_children(z, windows_up))
 
 
 class ConvSummaries(Summaries):
@@ -128,6 +151,8 @@ class ConvSummaries(Summaries):
 
     Built for sequences up to ``max_seq_len`` (its parameters grow with it).
     """
+
+    bottom_up = False
 
     def __init__(self, head_dim: int, block_size: int, rank: int, max_seq_len: int):
         super().__init__()
@@ -146,8 +171,7 @@ class ConvSummaries(Summaries):
             sub = w.shape[-1] // p
             w.copy_(torch.eye(p).repeat_interleave(sub, dim=1) / sub)
 
-    def zs(self, x, h, which):
-        B, H, _, d = x.shape
+    def check(self, h):
         if h.n_levels > self.n_levels or (h.block_size, h.rank) != (self.block_size, self.rank):
             raise ValueError(
                 f"conv summaries were built for sequences up to {self.max_seq_len} tokens "
@@ -155,6 +179,17 @@ class ConvSummaries(Summaries):
                 f"(block_size={h.block_size}, rank={h.rank}). Build the model with a larger "
                 "max_seq_len, or use summary='m2m', which runs at any length"
             )
+
+    def window_part(self, x: torch.Tensor, level: int, offset: int, which: int) -> torch.Tensor:
+        """The share of tokens ``x`` (B, H, C, d), at offsets ``[offset, offset + C)`` of a
+        window of ``level``, in that window's ``z``: (B, H, p, d). Summed over the pieces of
+        a window it is the window's ``z``, since the map is linear."""
+        wt = self.weights[level - 1][which][:, :, offset:offset + x.shape[2]].to(x.dtype)  # (d, p, C)
+        return torch.einsum("bhtd,djt->bhjd", x, wt)
+
+    def zs(self, x, h, which):
+        self.check(h)
+        B, H, _, d = x.shape
         zs = []
         for l in range(1, h.n_levels + 1):
             w, nw = h.window_size(l), h.windows[l - 1]

@@ -37,8 +37,7 @@ import torch.nn.functional as F
 
 from ..attention.blocked import BlockAttention, _merge, _acc_dtype, _MASKED
 from ..attention.hierarchy import Hierarchy, hierarchy, level_slots, truncate
-from ..attention.summaries import (MEAN, ConvSummaries, M2MSummaries, MeanSummaries, Summaries,
-                                   _pair_children, finish)
+from ..attention.summaries import MEAN, Summaries, finish
 
 # Bytes this process sent/received through the collectives below, by phase.
 TRAFFIC = {"fwd_sent": 0, "fwd_recv": 0, "bwd_sent": 0, "bwd_recv": 0}
@@ -148,15 +147,6 @@ def _frame(n_blocks: int, m: int, p: int, causal: bool, levels: int) -> Hierarch
                      num_summaries=sum(w * p for w in windows))
 
 
-def _up(summ: Summaries, z: torch.Tensor, nw: int, which: int) -> torch.Tensor:
-    """Parents from children for the bottom-up kinds: (B, H, w, p, d) -> (B, H, nw, p, d).
-    The same maps as their ``zs`` (kept in step with summaries.py)."""
-    B, H, _, p, d = z.shape
-    if isinstance(summ, M2MSummaries):
-        return torch.einsum("hji,bhcid->bhcjd", summ.up[which].to(z.dtype), _pair_children(z, nw))
-    return _pair_children(z, nw).view(B, H, nw, p, 2, d).mean(dim=4)
-
-
 def _check_layout(C: int, m: int, P: int) -> int:
     nq = C // m
     if C % m or nq & (nq - 1):
@@ -183,17 +173,9 @@ def sp_fma(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted
     if max_level is not None:
         h = truncate(h, max_level)
     summ = summaries or MEAN
-    if isinstance(summ, ConvSummaries):
-        if h.n_levels > summ.n_levels or (m, p) != (summ.block_size, summ.rank):
-            raise ValueError(f"conv summaries were built for sequences up to {summ.max_seq_len} tokens "
-                             f"(block_size={summ.block_size}, rank={summ.rank}); got n={h.n} "
-                             f"(block_size={m}, rank={p}). Build the model with a larger max_seq_len, "
-                             "or use summary='m2m', which runs at any length")
-        s = 2
-    elif isinstance(summ, (MeanSummaries, M2MSummaries)):
-        s = 1
-    else:
-        raise ValueError(f"sequence parallelism supports summaries mean, m2m and conv, not {type(summ).__name__}")
+    if h.n_levels:
+        summ.check(h)
+    s = 1 if summ.bottom_up else 2  # halo windows per level (module docstring)
     L = h.n_levels
     Lh, Lo = min(K, L), min(K + 1, L)  # halo levels; levels summarised from own tokens
     Fb = len(h.fine_blocks())
@@ -231,7 +213,7 @@ def sp_fma(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted
         for l in range(1, Lh + 1):
             if s == 1:  # the windows next to the rank are parents of windows one level down
                 mid = (summ.zs(ext[w], _frame(nq + Fb - 1, m, p, causal, 1), w)[0] if l == 1
-                       else _up(summ, prev, prev.shape[2] // 2, w))
+                       else summ.parents(prev, prev.shape[2] // 2, w))
             else:
                 mid = own[w][l - 1]
             prev = torch.cat([left[l - 1], mid] + ([right[l - 1]] if right[l - 1] is not None else []), dim=2)
@@ -244,7 +226,7 @@ def sp_fma(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted
         if s == 1:
             mine = [own[w][K][:, :, 0] for w in range(2)]  # (B, Hkv, p, d): the rank's whole chunk
         else:
-            mine = [torch.stack([own[w][K][:, :, 0]] + [_conv_partial(summ, x, l, r * C, w)
+            mine = [torch.stack([own[w][K][:, :, 0]] + [summ.window_part(x, l, (r * C) % (m << (l - 1)), w)
                                                        for l in range(K + 2, L + 1)], dim=2)
                     for w, x in enumerate((k, v))]  # (B, Hkv, L-K, p, d)
         pieces = mine + ([qsum[K].squeeze(2)] if linear and L > K + 1 else [])
@@ -256,7 +238,7 @@ def sp_fma(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted
                 z = per_rank.permute(1, 2, 0, 3, 4)  # (B, Hkv, P, p, d): level K+1
                 zs[w].append(z)
                 for l in range(K + 2, L + 1):
-                    z = _up(summ, z, h.windows[l - 1], w)
+                    z = summ.parents(z, h.windows[l - 1], w)
                     zs[w].append(z)
             else:
                 for l in range(K + 1, L + 1):
@@ -285,15 +267,6 @@ def sp_fma(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted
     blk = torch.arange(C, device=q.device) // m
     _, merged = _merge(lse, out.to(c_out.dtype), c_lse[:, :, blk], c_out[:, :, blk])
     return merged.to(q.dtype)
-
-
-def _conv_partial(summ: ConvSummaries, x, l: int, start: int, which: int) -> torch.Tensor:
-    """This rank's tokens' share of its window on conv level ``l`` (the window spans ranks):
-    (B, H, p, d). ``start``: the rank's first global token."""
-    C, w = x.shape[2], summ.block_size << (l - 1)
-    off = start % w
-    wt = summ.weights[l - 1][which][:, :, off:off + C].to(x.dtype)  # (d, p, C)
-    return torch.einsum("bhtd,djt->bhjd", x, wt)
 
 
 def _window_sums(q, nq: int, levels: int) -> list[torch.Tensor]:

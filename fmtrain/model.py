@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +28,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import MultipoleAttention
+from .attention.cache import KVCache
 from .attention.module import ProjectedAttention
 from .attention.hierarchy import hierarchy
-from .attention.rope import apply_rope, rope_angles
 from .config import ModelConfig
 
 IGNORE_INDEX = -100
@@ -72,6 +73,9 @@ class FullAttention(ProjectedAttention):
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
 
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
 
 def make_attention(cfg: ModelConfig, causal: bool) -> nn.Module:
     """The attention layer ``cfg.attention`` names: ``forward(x (B, n, dim), positions) -> (B, n, dim)``."""
@@ -100,6 +104,17 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), positions)  # (B, n, dim)
         return x + self.mlp(self.norm2(x))
 
+    def prefill(self, x: torch.Tensor):
+        """The forward at positions ``0..n-1`` and the attention's decoding cache."""
+        y, cache = self.attn.prefill(self.norm1(x))
+        x = x + y
+        return x + self.mlp(self.norm2(x)), cache
+
+    def decode(self, x: torch.Tensor, cache) -> torch.Tensor:
+        """One token per sequence, ``x`` (B, 1, dim), at position ``cache.length``."""
+        x = x + self.attn.decode(self.norm1(x), cache)
+        return x + self.mlp(self.norm2(x))
+
 
 class Transformer(nn.Module):
     """Token embedding, blocks and the final norm: ids (B, n) -> hidden states (B, n, dim)."""
@@ -118,6 +133,18 @@ class Transformer(nn.Module):
             # Keep only each block's input; its activations are rebuilt in the backward.
             x = checkpoint(block, x, positions, use_reentrant=False) if recompute else block(x, positions)
         return self.norm(x)
+
+
+@dataclass
+class DecodeCache:
+    """A causal model's decoding state: one cache per block (:mod:`fmtrain.attention.cache`)
+    and the number of tokens each sequence of the batch holds."""
+
+    layers: list
+    length: int
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers)
 
 
 # --------------------------------------------------------------------------- loss
@@ -264,6 +291,41 @@ class LanguageModel(nn.Module):
         logits = self.head(self.trunk(input_ids, positions))
         return logits if logits.dtype == torch.float64 else logits.float()
 
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, DecodeCache]:
+        """One pass over prompts ``input_ids`` (B, n), all of one length, from position 0:
+        ``(logits of the next token (B, vocab), cache)``. Only the last position's logits are
+        formed. Prompts of different lengths: prefill them separately (or group them by length);
+        a batch shares one position in the hierarchy."""
+        self._check_decodable()
+        self._check_ids(input_ids)
+        x = self.trunk.tok_emb(input_ids)  # (B, n, dim)
+        caches = []
+        for block in self.trunk.blocks:
+            x, cache = block.prefill(x)
+            caches.append(cache)
+        return self._next_logits(x[:, -1:]), DecodeCache(caches, input_ids.shape[1])
+
+    @torch.no_grad()
+    def decode(self, next_ids: torch.Tensor, cache: DecodeCache) -> tuple[torch.Tensor, DecodeCache]:
+        """Append one token per sequence, ``next_ids`` (B,) or (B, 1), to ``cache`` (updated in
+        place) and return the logits of the token after it, (B, vocab), and the cache."""
+        ids = next_ids.reshape(-1, 1)
+        x = self.trunk.tok_emb(ids)  # (B, 1, dim)
+        for block, layer_cache in zip(self.trunk.blocks, cache.layers):
+            x = block.decode(x, layer_cache)
+        cache.length += 1
+        return self._next_logits(x), cache
+
+    def _next_logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.trunk.norm(x))[:, 0]  # (B, vocab)
+        return logits if logits.dtype == torch.float64 else logits.float()
+
+    def _check_decodable(self) -> None:
+        if not self.causal:
+            raise ValueError("prefill/decode need a causal LM; a masked LM (model.kind='mlm') predicts "
+                             "masked tokens in place and does not generate")
+
     def num_params(self, embedding: bool = True) -> int:
         """Parameters, shared ones once; without the input embedding if ``embedding=False``."""
         n = sum(p.numel() for p in self.parameters())
@@ -362,6 +424,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) ->
     return 3 * forward if training else forward
 
 
-__all__ = ["set_sequence_group", "RMSNorm", "SwiGLU", "FullAttention", "make_attention",
+__all__ = ["DecodeCache", "set_sequence_group", "RMSNorm", "SwiGLU", "FullAttention", "make_attention",
            "Block", "Transformer", "LMHead", "LanguageModel", "CausalLM", "MaskedLM", "build_model",
            "chunked_cross_entropy", "attention_scores_per_query", "flops_per_token", "IGNORE_INDEX"]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import fma
+from .cache import MultipoleCache
 from .rope import apply_rope, rope_angles
 from .summaries import build_summaries
 
@@ -48,10 +49,34 @@ class ProjectedAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # (B, H, n, d)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        B, n, _ = x.shape
-        y = self.attend(*self.qkv(x, positions))  # (B, H, n, d)
+    def new_cache(self):
+        """An empty decoding cache for this layer (:mod:`.cache`): ``prefill(q, k, v)``, ``step(q, k, v)``."""
+        raise NotImplementedError
+
+    def _project_out(self, y: torch.Tensor) -> torch.Tensor:
+        B, _, n, _ = y.shape  # (B, H, n, d) -> (B, n, dim)
         return self.wo(y.transpose(1, 2).reshape(B, n, -1))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self._project_out(self.attend(*self.qkv(x, positions)))
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor):
+        """The forward over a prompt ``x`` (B, n, dim) at positions ``0..n-1``, and the decoding
+        cache it leaves: ``(y (B, n, dim), cache)``."""
+        if not self.causal:
+            raise ValueError("decoding needs causal attention; this layer is bidirectional (a masked LM)")
+        if getattr(self, "sp_group", None) is not None:
+            raise ValueError("decoding runs on one device; build the model without a sequence-parallel group")
+        q, k, v = self.qkv(x, None)
+        return self._project_out(self.attend(q, k, v)), self.new_cache().prefill(q, k, v)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, cache) -> torch.Tensor:
+        """One new token per sequence, ``x`` (B, 1, dim) at position ``cache.length`` -> (B, 1, dim);
+        ``cache`` takes the token."""
+        q, k, v = self.qkv(x, torch.tensor([cache.length], device=x.device))
+        return self._project_out(cache.step(q, k, v))
 
 
 class MultipoleAttention(ProjectedAttention):
@@ -82,3 +107,7 @@ class MultipoleAttention(ProjectedAttention):
         return fma(q, k, v, block_size=self.block_size, rank=self.rank, causal=self.causal,
                    weighted=self.weighted, impl=self.impl, variant=self.variant, summaries=self.summaries,
                    max_level=self.max_level, group=self.sp_group)
+
+    def new_cache(self) -> MultipoleCache:
+        return MultipoleCache(self.summaries, block_size=self.block_size, rank=self.rank, weighted=self.weighted,
+                              variant=self.variant, max_level=self.max_level)

@@ -1,0 +1,324 @@
+"""Decoding caches: what one attention layer keeps to produce a sequence one token at a time.
+
+:class:`MultipoleCache` is multipole attention's. In the causal hierarchy
+(:mod:`.hierarchy`) the query at position ``t``, in fine block ``a``, sees exact
+keys only in blocks ``a-1`` and ``a`` (up to ``t``), and on each coarse level
+``l`` the summaries of the one or two windows ``coarse_windows(a >> (l-1))``,
+which are complete before block ``a`` starts. A complete window's summaries
+never change (every summary kind is a fixed linear map of its tokens), so the
+cache holds, per layer:
+
+- the keys and values of the last two fine blocks, ``2 m`` tokens;
+- per coarse level, the summaries of its last three complete windows (what the
+  next blocks' lists and the bottom-up kinds' next parents need);
+- ``conv`` only: each level's running share of the window being filled
+  (:meth:`ConvSummaries.window_part`); the linear variant: per level the query
+  sums of the last two complete windows, and the current block's queries.
+
+That is ``O((m + p log n) d)`` numbers per layer and key/value head, where a
+full-attention cache holds ``O(n d)``, and each token costs as many
+multiply-adds. Every output equals the full forward's at the same position (the
+causal output at ``t`` does not depend on what follows ``t``): the summaries come
+from the same :class:`~.summaries.Summaries` methods as the forward's, and the
+interaction lists from the same ``coarse_windows``.
+
+:class:`KVCache` is full attention's standard key/value cache (``O(n d)``), so that
+the ``sdpa`` baseline generates at its real speed.
+
+Both are filled by ``prefill(q, k, v)`` with the prompt's rotated queries, keys and
+values (the layer runs its ordinary forward over the prompt once), then
+``step(q, k, v)`` takes one new token per sequence, ``(B, H, 1, d)`` and
+``(B, Hkv, 1, d)``, and returns its attention output ``(B, H, 1, d)``. A batch
+holds sequences of one length (they share the hierarchy's position).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+from .hierarchy import coarse_windows, num_levels
+from .summaries import Summaries, hierarchy
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _attend(q, k, v, bias, extra=None):
+    """Softmax attention of ``q`` (B, Hkv, G, d), pre-scaled, over ``k, v`` (B, Hkv, S, d) with
+    additive ``bias`` (S,), in the accumulation dtype. ``extra``: a partial ``(lse (B, Hkv, G),
+    out (B, Hkv, G, d))`` over other keys, merged in exactly. Returns (B, Hkv, G, d)."""
+    s = q @ k.transpose(-1, -2) + bias  # (B, Hkv, G, S)
+    if extra is None:
+        return torch.softmax(s, dim=-1) @ v
+    lse_c, out_c = extra
+    lse_f = torch.logsumexp(s, dim=-1)  # finite: a query always sees itself
+    out_f = torch.softmax(s, dim=-1) @ v
+    lse = torch.logaddexp(lse_f, lse_c)
+    return torch.exp(lse_f - lse)[..., None] * out_f + torch.exp(lse_c - lse)[..., None] * out_c
+
+
+class MultipoleCache:
+    """One causal multipole-attention layer's decoding state (see the module docstring).
+
+    ``summaries``, ``block_size``, ``rank``, ``weighted``, ``variant``, ``max_level`` and
+    ``scale`` are the layer's own, as ``fma`` takes them.
+    """
+
+    def __init__(self, summaries: Summaries, *, block_size: int, rank: int, weighted: bool = True,
+                 variant: str = "nlogn", max_level: int | None = None, scale: float | None = None):
+        self.summaries, self.m, self.p = summaries, block_size, rank
+        self.weighted, self.linear, self.max_level = weighted, variant == "linear", max_level
+        self.scale = scale
+        self.length = 0
+
+    # ------------------------------------------------------------------ filling from a prompt
+    @torch.no_grad()
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> "MultipoleCache":
+        """State after the prompt: q (B, H, n, d), k, v (B, Hkv, n, d), rotated as the layer uses them."""
+        B, H, n, d = q.shape
+        Hkv, m = k.shape[1], self.m
+        if self.scale is None:
+            self.scale = 1.0 / math.sqrt(d)
+        self.B, self.H, self.Hkv, self.G, self.d = B, H, Hkv, H // Hkv, d
+        self.dtype, self.acc, self.device = k.dtype, _acc(k.dtype), k.device
+        self.length = n
+        a, r = divmod(n, m)  # the block being filled and its tokens so far
+        self._check_levels(n)
+        # Fine keys: slots [0, m) block a-1, [m, 2m) block a (tokens of a beyond r: not yet seen).
+        self.fine_k = k.new_zeros(B, Hkv, 2 * m, d)
+        self.fine_v = v.new_zeros(B, Hkv, 2 * m, d)
+        lo = max(0, (a - 1) * m)
+        self.fine_k[:, :, m - (a * m - lo):m + r] = k[:, :, lo:]
+        self.fine_v[:, :, m - (a * m - lo):m + r] = v[:, :, lo:]
+        self.fine_q = q.new_zeros(B, H, m, d) if self.linear else None
+        if self.linear:
+            self.fine_q[:, :, :r] = q[:, :, a * m:]
+        # Complete windows per level: levels[l-1] is a deque of (window, zk, zv), the last three.
+        self.levels: list[deque] = []
+        self.partial: list[list[torch.Tensor]] = []  # conv: [zk, zv] of each level's filling window
+        if self.summaries.bottom_up:
+            zk, zv = (self.summaries.leaves(x[:, :, :a * m].reshape(B, Hkv, a, m, d), self.p, w)
+                      for w, x in enumerate((k, v)))
+            for l in self._level_range(a):
+                self.levels.append(deque(((c, zk[:, :, c].clone(), zv[:, :, c].clone()) for c in range(max(0, zk.shape[2] - 3),
+                                                                                      zk.shape[2])), maxlen=3))
+                up = zk.shape[2] // 2
+                zk, zv = (self.summaries.parents(z[:, :, :2 * up], up, w) for w, z in enumerate((zk, zv)))
+        else:
+            for l in range(1, self._conv_levels() + 1):
+                w_l = m << (l - 1)
+                done = n // w_l
+                self.levels.append(deque((
+                    (c, *(self.summaries.window_part(x[:, :, c * w_l:(c + 1) * w_l], l, 0, w) for w, x in
+                          enumerate((k, v))))
+                    for c in range(max(0, done - 3), done)), maxlen=3))
+                self.partial.append([self.summaries.window_part(x[:, :, done * w_l:], l, 0, w)
+                                     for w, x in enumerate((k, v))])
+        # Linear variant: query sums of complete windows per level, the last two (a window's and its sibling's).
+        self.qsums: list[deque] = []
+        if self.linear:
+            s = q[:, :, :a * m].reshape(B, H, a, m, d).sum(dim=3)  # (B, H, a, d)
+            for l in self._level_range(a):
+                self.qsums.append(deque(((c, s[:, :, c].clone()) for c in range(max(0, s.shape[2] - 2), s.shape[2])),
+                                        maxlen=2))
+                up = s.shape[2] // 2
+                s = s[:, :, :2 * up].reshape(B, H, up, 2, d).sum(dim=3)
+        self.coarse, self.coarse_block = None, -1  # block a's coarse keys (or linear partial), built on first use
+        return self
+
+    def _level_range(self, complete_blocks: int):
+        """Levels that have a complete window after ``complete_blocks`` blocks (bottom-up kinds)."""
+        top = complete_blocks.bit_length()  # level l has one once complete_blocks >= 2**(l-1)
+        if self.max_level is not None:
+            top = min(top, self.max_level)
+        return range(1, top + 1)
+
+    def _conv_levels(self) -> int:
+        top = self.summaries.n_levels
+        return top if self.max_level is None else min(top, self.max_level)
+
+    def _check_levels(self, n: int) -> None:
+        """The forward at ``n`` tokens would refuse summaries that cannot serve it: so does the cache."""
+        levels = num_levels(n, self.m)
+        if self.max_level is not None:
+            levels = min(levels, self.max_level)
+        if levels and not self.summaries.bottom_up and levels > self.summaries.n_levels:
+            self.summaries.check(hierarchy(n, self.m, self.p, True))  # raises, naming the fix
+
+    # ------------------------------------------------------------------ one token
+    @torch.no_grad()
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention output of the token at position ``self.length``: q (B, H, 1, d), k, v
+        (B, Hkv, 1, d) -> (B, H, 1, d). Appends the token to the state."""
+        t, m = self.length, self.m
+        a, r = divmod(t, m)
+        self._check_levels(t + 1)
+        self.fine_k[:, :, m + r] = k[:, :, 0]
+        self.fine_v[:, :, m + r] = v[:, :, 0]
+        if self.linear:
+            self.fine_q[:, :, r] = q[:, :, 0]
+        if self.coarse_block != a:
+            self.coarse, self.coarse_block = self._coarse_of_block(a), a
+        qg = q.reshape(self.B, self.Hkv, self.G, self.d).to(self.acc) * self.scale
+        # Fine slots: block a-1 (if any) and block a up to t.
+        valid = torch.arange(2 * m, device=self.device)
+        valid = (valid < m + r + 1) & ((valid >= m) | (a > 0))
+        fine_bias = torch.zeros(2 * m, dtype=self.acc, device=self.device).masked_fill_(~valid, -math.inf)
+        kf, vf = self.fine_k.to(self.acc), self.fine_v.to(self.acc)
+        if self.linear:
+            out = _attend(qg, kf, vf, fine_bias, extra=self.coarse)
+        else:
+            ck, cv, cbias = self.coarse
+            out = _attend(qg, torch.cat([kf, ck], dim=2), torch.cat([vf, cv], dim=2),
+                          torch.cat([fine_bias, cbias]))
+        self._append(k, v)
+        return out.reshape(self.B, self.H, 1, self.d).to(q.dtype)
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Advance the state past the token just attended (its keys are in the fine slots)."""
+        t, m = self.length, self.m
+        self.length = t + 1
+        if not self.summaries.bottom_up:  # conv: every level's filling window takes the token's share
+            for l in range(1, self._conv_levels() + 1):
+                w_l = m << (l - 1)
+                part = self.partial[l - 1]
+                for w, x in enumerate((k, v)):
+                    part[w] = part[w] + self.summaries.window_part(x, l, t % w_l, w)
+                if (t + 1) % w_l == 0:
+                    if len(self.levels) < l:
+                        self.levels.append(deque(maxlen=3))
+                    self.levels[l - 1].append((t // w_l, part[0], part[1]))
+                    self.partial[l - 1] = [torch.zeros_like(part[0]), torch.zeros_like(part[1])]
+        if (t + 1) % m == 0:
+            self._finish_block(t // m)
+
+    def _finish_block(self, a: int) -> None:
+        """Block ``a`` is complete: its summaries and their complete ancestors join the levels."""
+        m, B, Hkv, d = self.m, self.B, self.Hkv, self.d
+        if self.summaries.bottom_up:
+            z = [self.summaries.leaves(x[:, :, m:].reshape(B, Hkv, 1, m, d), self.p, w)
+                 for w, x in enumerate((self.fine_k, self.fine_v))]  # (B, Hkv, 1, p, d)
+            self._climb(self.levels, a, z, lambda pair, w: self.summaries.parents(pair, 1, w))
+        if self.linear:
+            s = self.fine_q.sum(dim=2, keepdim=True)  # (B, H, 1, d)
+            self._climb(self.qsums, a, [s], lambda pair, w: pair.sum(dim=2, keepdim=True), keep=2)
+        self.fine_k[:, :, :m] = self.fine_k[:, :, m:]
+        self.fine_v[:, :, :m] = self.fine_v[:, :, m:]
+
+    def _climb(self, levels: list, a: int, z: list, parent, keep: int = 3) -> None:
+        """Add window ``a`` of level 1 with values ``z`` (a list of (B, *, 1, ...) tensors), then each
+        parent it completes (an odd window completes its parent), formed by ``parent(pair, which)``."""
+        c, l = a, 1
+        top = self.max_level if self.max_level is not None else None
+        while top is None or l <= top:
+            if len(levels) < l:
+                levels.append(deque(maxlen=keep))
+            levels[l - 1].append((c, *(x[:, :, 0] for x in z)))
+            if c % 2 == 0:
+                return
+            (c0, *left), (c1, *right) = levels[l - 1][-2], levels[l - 1][-1]
+            assert (c0, c1) == (c - 1, c), "a window's sibling must precede it"
+            z = [parent(torch.stack([x, y], dim=2), w) for w, (x, y) in enumerate(zip(left, right))]
+            c, l = c // 2, l + 1
+
+    def _window(self, levels: list, level: int, c: int):
+        for entry in levels[level - 1]:
+            if entry[0] == c:
+                return entry[1:]
+        raise AssertionError(f"window {c} of level {level} is not cached")
+
+    def _coarse_of_block(self, a: int):
+        """What block ``a``'s queries see on the coarse levels: nlogn ``(keys, values, bias)``,
+        (B, Hkv, S, d) and (S,); linear the merged partial ``(lse, out)`` of its levels."""
+        keys, vals, bias, scores = [], [], [], []
+        l = 1
+        while (a >> (l - 1)) >= 2 and (self.max_level is None or l <= self.max_level):
+            c = a >> (l - 1)  # block a's window on level l; its list holds complete windows only
+            ks, vs = [], []
+            for cw in coarse_windows(c, True):
+                if cw >= 0:
+                    zk, zv = self._window(self.levels, l, cw)
+                    ks.append(zk)
+                    vs.append(zv)
+            kl, vl = torch.cat(ks, dim=2).to(self.acc), torch.cat(vs, dim=2).to(self.acc)  # (B, Hkv, S_l, d)
+            # A complete window's summaries each stand for w_l / p tokens: the log-weight log(count).
+            b = math.log((self.m << (l - 1)) // self.p) if self.weighted else 0.0
+            bl = torch.full((kl.shape[2],), b, dtype=self.acc, device=self.device)
+            if self.linear:  # one mean query per window: the previous window's (causal)
+                w_l = self.m << (l - 1)
+                (qs,) = self._window(self.qsums, l, c - 1)
+                qbar = (qs.to(self.acc) / w_l).reshape(self.B, self.Hkv, self.G, self.d) * self.scale
+                scores.append(qbar @ kl.transpose(-1, -2) + bl)
+            keys.append(kl)
+            vals.append(vl)
+            bias.append(bl)
+            l += 1
+        S_shape = (self.B, self.Hkv, 0, self.d)
+        k = torch.cat(keys, dim=2) if keys else torch.zeros(S_shape, dtype=self.acc, device=self.device)
+        v = torch.cat(vals, dim=2) if vals else torch.zeros(S_shape, dtype=self.acc, device=self.device)
+        if not self.linear:
+            b = torch.cat(bias) if bias else torch.zeros(0, dtype=self.acc, device=self.device)
+            return k, v, b
+        if not scores:
+            return None
+        s = torch.cat(scores, dim=-1)  # (B, Hkv, G, S): each level's scores with its own mean query
+        lse = torch.logsumexp(s, dim=-1)
+        out = torch.softmax(s, dim=-1) @ v  # (B, Hkv, G, d)
+        return lse, out
+
+    def nbytes(self) -> int:
+        """Bytes of tensors this layer's cache holds."""
+        tensors = [self.fine_k, self.fine_v, self.fine_q]
+        for lv in (*self.levels, *self.qsums):
+            for entry in lv:
+                tensors += entry[1:]
+        for part in self.partial:
+            tensors += part
+        if self.coarse is not None:
+            tensors += list(self.coarse) if isinstance(self.coarse, tuple) else []
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class KVCache:
+    """Full attention's key/value cache: every key and value so far, ``O(n d)`` per layer."""
+
+    def __init__(self, scale: float | None = None, reserve: int = 256):
+        self.scale, self.reserve, self.length = scale, reserve, 0
+
+    @torch.no_grad()
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        B, H, n, d = q.shape
+        self.G = H // k.shape[1]
+        if self.scale is None:
+            self.scale = 1.0 / math.sqrt(d)
+        self.k = k.new_empty(B, k.shape[1], n + self.reserve, d)
+        self.v = v.new_empty(self.k.shape)
+        self.k[:, :, :n], self.v[:, :, :n] = k, v
+        self.length = n
+        return self
+
+    @torch.no_grad()
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        t = self.length
+        if t == self.k.shape[2]:  # grow by half again: amortised O(1) copies per token
+            grow = max(self.reserve, t // 2)
+            self.k = torch.cat([self.k, self.k.new_empty(*self.k.shape[:2], grow, self.k.shape[3])], dim=2)
+            self.v = torch.cat([self.v, self.v.new_empty(self.k.shape)], dim=2)
+        self.k[:, :, t], self.v[:, :, t] = k[:, :, 0], v[:, :, 0]
+        self.length = t + 1
+        B, H, _, d = q.shape
+        acc = _acc(q.dtype)
+        qg = q.reshape(B, -1, self.G, d).to(acc) * self.scale  # (B, Hkv, G, d)
+        kk, vv = self.k[:, :, :t + 1].to(acc), self.v[:, :, :t + 1].to(acc)
+        out = torch.softmax(qg @ kk.transpose(-1, -2), dim=-1) @ vv
+        return out.reshape(B, H, 1, d).to(q.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes of the keys and values so far (the reserve beyond them not counted)."""
+        return 2 * self.k[:, :, :self.length].numel() * self.k.element_size()
+
+
+__all__ = ["MultipoleCache", "KVCache"]

@@ -1,0 +1,139 @@
+"""The decoding caches against the full forward, float64.
+
+A causal output must not depend on the tokens after it (prefix consistency); the
+multipole cache's outputs then equal the full forward's at every decoded position.
+Tolerance 1e-10 in float64: the cache computes the same sums in another order
+(a single softmax per token instead of base-2 chunks and merged partials), so
+differences are rounding, ~1e-15 here; float32 to 1e-5 (rounding of 2m + p*L
+scores and values, ~1e-7, with margin for the accumulation order).
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fmtrain.attention import fma
+from fmtrain.attention.cache import KVCache, MultipoleCache
+from fmtrain.attention.hierarchy import num_levels
+from fmtrain.attention.summaries import SUMMARY_KINDS, build_summaries
+
+SEED = 1234
+
+
+def _inputs(n, B=2, H=4, Hkv=2, d=8, dtype=torch.float64, seed=SEED):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, n, d, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, n, d, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, n, d, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def _summaries(kind, m, p, Hkv=2, d=8, max_seq_len=4096, seed=SEED):
+    """Summaries with non-trivial learned maps (their init is the mean)."""
+    s = build_summaries(kind, n_kv_heads=Hkv, head_dim=d, block_size=m, rank=p, max_seq_len=max_seq_len).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for prm in s.parameters():
+            prm.add_(0.2 * torch.randn(prm.shape, generator=g, dtype=prm.dtype))
+    return s
+
+
+@pytest.mark.parametrize("variant", ["nlogn", "linear"])
+@pytest.mark.parametrize("kind", SUMMARY_KINDS)
+def test_prefix_consistency(kind, variant):
+    """fma's causal output at t is the same whatever follows t (the cache relies on it)."""
+    m, p, n = 4, 2, 160
+    q, k, v = _inputs(n)
+    s = _summaries(kind, m, p)
+    with torch.no_grad():
+        full = fma(q, k, v, block_size=m, rank=p, variant=variant, summaries=s, impl="torch")
+        for t in (1, 3, 4, 5, 8, 9, 16, 17, 31, 33, 64, 65, 100, 127, 128, 129, 159):
+            part = fma(q[:, :, :t], k[:, :, :t], v[:, :, :t], block_size=m, rank=p, variant=variant,
+                       summaries=s, impl="dense")
+            torch.testing.assert_close(part, full[:, :, :t], rtol=0, atol=1e-12,
+                                       msg=lambda e: f"t={t}, seed {SEED}: {e}")
+
+
+def _decode_all(cache, q, k, v, n0):
+    outs = []
+    for t in range(n0, q.shape[2]):
+        outs.append(cache.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]))
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["nlogn", "linear"])
+@pytest.mark.parametrize("kind", SUMMARY_KINDS)
+def test_cache_equals_forward_across_many_levels(kind, variant):
+    """Block 4, rank 2, 2100 tokens (9 coarse levels), prompts on and off block and window
+    boundaries, GQA: every decoded output equals the full forward's."""
+    m, p, n = 4, 2, 2100
+    assert num_levels(n, m) == 9
+    q, k, v = _inputs(n, B=1)
+    s = _summaries(kind, m, p)
+    with torch.no_grad():
+        full = fma(q, k, v, block_size=m, rank=p, variant=variant, summaries=s, impl="torch")
+        for n0 in (1, 64, 203):
+            cache = MultipoleCache(s, block_size=m, rank=p, variant=variant).prefill(
+                q[:, :, :n0], k[:, :, :n0], v[:, :, :n0])
+            got = _decode_all(cache, q, k, v, n0)
+            torch.testing.assert_close(got, full[:, :, n0:], rtol=0, atol=1e-10,
+                                       msg=lambda e: f"prompt {n0}, seed {SEED}: {e}")
+
+
+@pytest.mark.parametrize("variant,kind,max_level,weighted",
+                         [(v, k, ml, w) for v, k, ml, w in itertools.product(
+                             ("nlogn", "linear"), SUMMARY_KINDS, (None, 0, 2), (True, False))
+                          if w or ml is None])
+def test_cache_equals_forward(variant, kind, max_level, weighted):
+    """Short sequences, every prompt length from 1 to 3 blocks, truncated hierarchies and
+    the unweighted scores too."""
+    m, p, n = 4, 2, 150
+    q, k, v = _inputs(n)
+    s = _summaries(kind, m, p)
+    with torch.no_grad():
+        full = fma(q, k, v, block_size=m, rank=p, variant=variant, summaries=s, impl="torch",
+                   max_level=max_level, weighted=weighted)
+        for n0 in range(1, 3 * m + 1):
+            cache = MultipoleCache(s, block_size=m, rank=p, variant=variant, max_level=max_level,
+                                   weighted=weighted).prefill(q[:, :, :n0], k[:, :, :n0], v[:, :, :n0])
+            torch.testing.assert_close(_decode_all(cache, q, k, v, n0), full[:, :, n0:], rtol=0, atol=1e-10,
+                                       msg=lambda e: f"prompt {n0}, seed {SEED}: {e}")
+
+
+def test_cache_float32_and_memory():
+    """float32 within 1e-5 of the forward; the cache's bytes grow with log n, not n."""
+    m, p, n = 8, 2, 1100
+    q, k, v = _inputs(n, dtype=torch.float32)
+    s = build_summaries("m2m", n_kv_heads=2, head_dim=8, block_size=m, rank=p)
+    with torch.no_grad():
+        full = fma(q, k, v, block_size=m, rank=p, summaries=s, impl="torch")
+        cache = MultipoleCache(s, block_size=m, rank=p).prefill(q[:, :, :40], k[:, :, :40], v[:, :, :40])
+        small = cache.nbytes()
+        torch.testing.assert_close(_decode_all(cache, q, k, v, 40), full[:, :, 40:], rtol=0, atol=1e-5)
+    # Fine keys and values of 2 blocks, per level 3 complete windows of p summaries (keys and
+    # values) and the current block's 2p coarse slots (keys, values, bias): O((m + p L) d).
+    L, B, Hkv, d = num_levels(n, m), 2, 2, 8
+    bound = B * Hkv * d * 4 * (2 * 2 * m + L * (3 * 2 * p + 2 * 2 * p)) + 4 * 2 * p * L
+    assert small < cache.nbytes() <= bound
+    assert cache.nbytes() < 0.1 * (2 * B * Hkv * n * d * 4)  # a key/value cache of n tokens
+
+
+def test_kv_cache_equals_full_attention():
+    q, k, v = _inputs(70)
+    full = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), is_causal=True)
+    cache = KVCache(reserve=8).prefill(q[:, :, :5], k[:, :, :5], v[:, :, :5])  # grows several times
+    torch.testing.assert_close(_decode_all(cache, q, k, v, 5), full[:, :, 5:], rtol=0, atol=1e-12)
+    assert cache.nbytes() == 2 * 2 * 2 * 70 * 8 * 8
+
+
+def test_conv_beyond_its_length_is_refused():
+    m, p = 4, 2
+    s = _summaries("conv", m, p, max_seq_len=64)
+    q, k, v = _inputs(80)
+    cache = MultipoleCache(s, block_size=m, rank=p).prefill(q[:, :, :60], k[:, :, :60], v[:, :, :60])
+    with pytest.raises(ValueError, match="conv summaries were built for sequences up to 64 tokens"):
+        _decode_all(cache, q, k, v, 60)

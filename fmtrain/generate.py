@@ -1,67 +1,226 @@
-"""Sample text from a checkpoint of a causal LM.
+"""Generate text with a causal LM from a checkpoint.
 
-    python -m fmtrain.generate RUN_DIR_OR_CHECKPOINT --prompt "def main(" --tokens 200
+    python -m fmtrain.generate RUN_DIR_OR_CHECKPOINT --prompt "def main(" --max-new-tokens 200
+    python -m fmtrain.generate RUN_DIR --prompt-file long_prompt.py --greedy
 
-Each new token re-runs the model over the whole context (no key/value cache):
-multipole attention's cost per token is then O(n log n), fine for inspecting a run.
+The prompt goes through the model once (``model.prefill``); each new token then
+costs one step of the layers' decoding caches (``model.decode``): for multipole
+attention ``O(m + p log n)`` keys per layer and a cache of that size, for the
+``sdpa`` baseline a standard key/value cache. ``--no-cache`` re-runs the whole
+context for every token instead (the reference the cache is tested against).
+
+Prompts may be longer than the training ``seq_len`` for ``m2m`` and ``mean``
+summaries (their parameters do not depend on the length); ``conv`` summaries
+stop at the ``max_seq_len`` they were built for. Text is printed as it is
+produced; the prefill and decode speeds go to stderr.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from dataclasses import dataclass, field
 
 import torch
 
 
+# --------------------------------------------------------------------------- sampling
+def next_token(logits: torch.Tensor, *, temperature: float = 0.8, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample one token per row of ``logits`` (B, V); greedy when ``temperature == 0``. Returns (B,)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+
+
+@dataclass
+class Generation:
+    """Generated ids per sequence (without the prompt) and where the time went."""
+
+    ids: list[list[int]]
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decoded: int = 0  # decode steps taken
+    cache_bytes: int = 0
+    events: list = field(default_factory=list)
+
+
 @torch.no_grad()
-def sample(model, prompt_ids: list[int], n_tokens: int, *, temperature: float = 0.8, top_k: int | None = 50,
-           generator: torch.Generator | None = None, max_context: int | None = None) -> list[int]:
-    """Continue ``prompt_ids`` by ``n_tokens`` tokens (greedy when ``temperature == 0``)."""
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, use_cache: bool = True,
+             temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, generator: torch.Generator | None = None,
+             on_token=None) -> Generation:
+    """Continue ``prompt`` (B, n) token ids, all prompts of one length, by up to
+    ``max_new_tokens`` tokens each; a sequence stops at ``eos_id`` (kept in its ids).
+
+    ``use_cache=False`` runs the full forward over the context for every token (the
+    oracle). ``on_token(step, tokens (B,))`` is called after every new token.
+    Prompts of different lengths: call once per length (a batch shares its position
+    in the hierarchy, and left padding would move every position).
+    """
     device = next(model.parameters()).device
-    ids = list(prompt_ids)
-    for _ in range(n_tokens):
-        ctx = ids[-max_context:] if max_context else ids
-        logits = model.logits(torch.tensor([ctx], device=device))[0, -1].float()
-        if temperature == 0:
-            ids.append(int(logits.argmax()))
-            continue
-        logits = logits / temperature
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).cpu()
-        ids.append(int(torch.multinomial(probs, 1, generator=generator)))
-    return ids[len(prompt_ids):]
+    ids = prompt.to(device)
+    B = ids.shape[0]
+    out = Generation(ids=[[] for _ in range(B)])
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    if max_new_tokens <= 0:
+        return out
+    t0 = time.perf_counter()
+    if use_cache:
+        logits, cache = model.prefill(ids)
+    else:
+        logits = model.logits(ids)[:, -1]
+    _sync(device)
+    out.prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for step in range(max_new_tokens):
+        tok = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        for b in range(B):
+            if not done[b]:
+                out.ids[b].append(int(tok[b]))
+        if on_token is not None:
+            on_token(step, tok)
+        if eos_id is not None:
+            done |= tok == eos_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if use_cache:
+            logits, cache = model.decode(tok, cache)
+        else:
+            ids = torch.cat([ids, tok[:, None]], dim=1)
+            logits = model.logits(ids)[:, -1]
+        out.decoded += 1
+    _sync(device)
+    out.decode_s = time.perf_counter() - t0
+    if use_cache:
+        out.cache_bytes = cache.nbytes()
+    return out
 
 
-def main(argv=None) -> int:
-    from .checkpoint import load_config_of, load_model_state, resolve
-    from .data import load_tokenizer
-    from .model import build_model
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
+
+# --------------------------------------------------------------------------- text out
+class TextStream:
+    """Prints decoded text as tokens arrive. Pieces of one character can straddle tokens
+    (byte fallback), so text is printed up to the last complete character."""
+
+    def __init__(self, tokenizer, file=sys.stdout):
+        self.tok, self.file, self.ids, self.printed = tokenizer, file, [], ""
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        stable = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes to U+FFFD
+        if stable.startswith(self.printed) and len(stable) > len(self.printed):
+            self.file.write(stable[len(self.printed):])
+            self.file.flush()
+            self.printed = stable
+
+    def close(self) -> None:
+        text = self.tok.decode(self.ids)
+        if text.startswith(self.printed):
+            self.file.write(text[len(self.printed):])
+        self.file.write("\n")
+        self.file.flush()
+
+
+# --------------------------------------------------------------------------- command
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fmtrain.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a checkpoint folder, a checkpoints folder or a run folder (newest)")
-    ap.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    ap.add_argument("--tokens", type=int, default=200, help="tokens to generate")
-    ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    ap.add_argument("--top-k", type=int, default=50)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    ckpt = resolve(args.checkpoint)
-    cfg = load_config_of(ckpt)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="text to continue (default: the start of a document)")
+    src.add_argument("--prompt-file", default=None, help="a file whose text is the prompt")
+    ap.add_argument("--max-new-tokens", "--tokens", type=int, default=200, dest="max_new_tokens",
+                    help="tokens to generate at most (default 200)")
+    ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy (default 0.8)")
+    ap.add_argument("--greedy", action="store_true", help="the most likely token every step (= --temperature 0)")
+    ap.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0: all")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set with this "
+                                                              "probability (default 1.0: off)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="re-run the whole context for every token (slow; the reference the cache matches)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                    help="weights and activations (default: bf16 on CUDA, fp32 on CPU)")
+    return ap
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    from .attention.hierarchy import num_levels
+    from .checkpoint import CheckpointError, load_config_of, load_model_state, resolve
+    from .data import load_tokenizer
+    from .model import build_model
+
+    args = _parser().parse_args(argv)
+    if args.max_new_tokens < 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
+        return _fail("--max-new-tokens and --temperature must be >= 0 and --top-p in (0, 1]")
+    try:
+        ckpt = resolve(args.checkpoint)
+        cfg = load_config_of(ckpt)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
     if cfg.model.kind != "causal":
-        print(f"error: {ckpt} holds a masked LM (model.kind={cfg.model.kind!r}); generation needs a causal LM",
-              file=sys.stderr)
-        return 2
+        return _fail(f"{ckpt} holds a masked LM (model.kind={cfg.model.kind!r}): it fills in masked tokens "
+                     "and does not generate; use a causal LM's run")
+    if args.prompt_file is not None:
+        try:
+            prompt_text = open(args.prompt_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            return _fail(f"--prompt-file {args.prompt_file}: {e}")
+    else:
+        prompt_text = args.prompt or ""
     tok = load_tokenizer(ckpt / "tokenizer.model", vocab_size=cfg.model.vocab_size)
+    prompt = tok.encode(prompt_text) if prompt_text else [tok.eos_id]  # EOS: "a document starts here"
+    total = len(prompt) + args.max_new_tokens
+    m = cfg.model
+    if m.attention == "fma" and m.summary == "conv" and num_levels(total, m.block_size) > \
+            num_levels(m.max_seq_len or cfg.data.seq_len, m.block_size):
+        return _fail(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens ({args.max_new_tokens}) exceed "
+                     f"what the model's conv summaries were built for (max_seq_len="
+                     f"{m.max_seq_len or cfg.data.seq_len}); shorten them (summary='m2m' models run at any length)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model = build_model(cfg.model)
     model.load_state_dict(load_model_state(ckpt))
-    model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
-    prompt = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
-    out = sample(model, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
-                 generator=torch.Generator().manual_seed(args.seed), max_context=cfg.data.seq_len)
-    print(args.prompt + tok.decode(out))
+    model.eval().to(device=device, dtype=dtype)
+    if len(prompt) > cfg.data.seq_len:
+        print(f"note: the prompt has {len(prompt)} tokens, more than the {cfg.data.seq_len} the model was trained "
+              "on; it is used whole", file=sys.stderr)
+
+    stream = TextStream(tok)
+    sys.stdout.write(prompt_text)
+    temperature = 0.0 if args.greedy else args.temperature
+    result = generate(model, torch.tensor([prompt]), args.max_new_tokens, use_cache=not args.no_cache,
+                      temperature=temperature, top_k=args.top_k or None, top_p=args.top_p,
+                      eos_id=None if args.ignore_eos else tok.eos_id,
+                      generator=torch.Generator().manual_seed(args.seed),
+                      on_token=lambda step, t: stream.add(int(t[0])))
+    stream.close()
+    how = "recompute (no cache)" if args.no_cache else f"cache {result.cache_bytes / 2**20:.2f} MiB"
+    decode_rate = result.decoded / result.decode_s if result.decode_s > 0 else float("nan")
+    print(f"prefill {len(prompt)} tokens in {result.prefill_s:.2f} s ({len(prompt) / result.prefill_s:,.0f} tok/s); "
+          f"decode {result.decoded} tokens at {decode_rate:,.1f} tok/s; {how}", file=sys.stderr)
     return 0
 
 

@@ -87,12 +87,15 @@ class MultipoleCache:
         self.length = n
         a, r = divmod(n, m)  # the block being filled and its tokens so far
         self._check_levels(n)
-        # Fine keys: slots [0, m) block a-1, [m, 2m) block a (tokens of a beyond r: not yet seen).
-        self.fine_k = k.new_zeros(B, Hkv, 2 * m, d)
-        self.fine_v = v.new_zeros(B, Hkv, 2 * m, d)
+        # The keys and values a query of block a attends to, in the accumulation dtype: slots
+        # [0, m) block a-1, [m, 2m) block a (beyond the last token: not seen yet, masked by
+        # ``bias``), then the block's coarse summaries (nlogn; see _start_block).
+        self.keys = torch.zeros(B, Hkv, 2 * m, d, dtype=self.acc, device=self.device)
+        self.values = torch.zeros_like(self.keys)
         lo = max(0, (a - 1) * m)
-        self.fine_k[:, :, m - (a * m - lo):m + r] = k[:, :, lo:]
-        self.fine_v[:, :, m - (a * m - lo):m + r] = v[:, :, lo:]
+        self.keys[:, :, m - (a * m - lo):m + r] = k[:, :, lo:]
+        self.values[:, :, m - (a * m - lo):m + r] = v[:, :, lo:]
+        self.bias = None
         self.fine_q = q.new_zeros(B, H, m, d) if self.linear else None
         if self.linear:
             self.fine_q[:, :, :r] = q[:, :, a * m:]
@@ -126,7 +129,7 @@ class MultipoleCache:
                                         maxlen=2))
                 up = s.shape[2] // 2
                 s = s[:, :, :2 * up].reshape(B, H, up, 2, d).sum(dim=3)
-        self.coarse, self.coarse_block = None, -1  # block a's coarse keys (or linear partial), built on first use
+        self.coarse, self.block = None, -1  # the block whose coarse summaries the buffers hold; built on first use
         return self
 
     def _level_range(self, complete_blocks: int):
@@ -156,24 +159,15 @@ class MultipoleCache:
         t, m = self.length, self.m
         a, r = divmod(t, m)
         self._check_levels(t + 1)
-        self.fine_k[:, :, m + r] = k[:, :, 0]
-        self.fine_v[:, :, m + r] = v[:, :, 0]
+        if self.block != a:
+            self._start_block(a, r)
+        self.keys[:, :, m + r] = k[:, :, 0]
+        self.values[:, :, m + r] = v[:, :, 0]
+        self.bias[m + r] = 0.0
         if self.linear:
             self.fine_q[:, :, r] = q[:, :, 0]
-        if self.coarse_block != a:
-            self.coarse, self.coarse_block = self._coarse_of_block(a), a
         qg = q.reshape(self.B, self.Hkv, self.G, self.d).to(self.acc) * self.scale
-        # Fine slots: block a-1 (if any) and block a up to t.
-        valid = torch.arange(2 * m, device=self.device)
-        valid = (valid < m + r + 1) & ((valid >= m) | (a > 0))
-        fine_bias = torch.zeros(2 * m, dtype=self.acc, device=self.device).masked_fill_(~valid, -math.inf)
-        kf, vf = self.fine_k.to(self.acc), self.fine_v.to(self.acc)
-        if self.linear:
-            out = _attend(qg, kf, vf, fine_bias, extra=self.coarse)
-        else:
-            ck, cv, cbias = self.coarse
-            out = _attend(qg, torch.cat([kf, ck], dim=2), torch.cat([vf, cv], dim=2),
-                          torch.cat([fine_bias, cbias]))
+        out = _attend(qg, self.keys, self.values, self.bias, extra=self.coarse if self.linear else None)
         self._append(k, v)
         return out.reshape(self.B, self.H, 1, self.d).to(q.dtype)
 
@@ -198,15 +192,15 @@ class MultipoleCache:
     def _finish_block(self, a: int) -> None:
         """Block ``a`` is complete: its summaries and their complete ancestors join the levels."""
         m, B, Hkv, d = self.m, self.B, self.Hkv, self.d
-        if self.summaries.bottom_up:
-            z = [self.summaries.leaves(x[:, :, m:].reshape(B, Hkv, 1, m, d), self.p, w)
-                 for w, x in enumerate((self.fine_k, self.fine_v))]  # (B, Hkv, 1, p, d)
+        if self.summaries.bottom_up:  # from the block's keys in the model's dtype, as the forward's
+            z = [self.summaries.leaves(x[:, :, m:2 * m].to(self.dtype).reshape(B, Hkv, 1, m, d), self.p, w)
+                 for w, x in enumerate((self.keys, self.values))]  # (B, Hkv, 1, p, d)
             self._climb(self.levels, a, z, lambda pair, w: self.summaries.parents(pair, 1, w))
         if self.linear:
             s = self.fine_q.sum(dim=2, keepdim=True)  # (B, H, 1, d)
             self._climb(self.qsums, a, [s], lambda pair, w: pair.sum(dim=2, keepdim=True), keep=2)
-        self.fine_k[:, :, :m] = self.fine_k[:, :, m:]
-        self.fine_v[:, :, :m] = self.fine_v[:, :, m:]
+        self.keys[:, :, :m] = self.keys[:, :, m:2 * m]
+        self.values[:, :, :m] = self.values[:, :, m:2 * m]
 
     def _climb(self, levels: list, a: int, z: list, parent, keep: int = 3) -> None:
         """Add window ``a`` of level 1 with values ``z`` (a list of (B, *, 1, ...) tensors), then each
@@ -229,6 +223,22 @@ class MultipoleCache:
             if entry[0] == c:
                 return entry[1:]
         raise AssertionError(f"window {c} of level {level} is not cached")
+
+    def _start_block(self, a: int, r: int) -> None:
+        """Block ``a`` is being filled and holds ``r`` tokens: lay out what its queries see."""
+        m = self.m
+        slot = torch.arange(2 * m, device=self.device)
+        seen = (slot < m + r) & ((slot >= m) | (a > 0))  # block a-1 if any, block a's tokens so far
+        fine_bias = torch.zeros(2 * m, dtype=self.acc, device=self.device).masked_fill_(~seen, -math.inf)
+        coarse = self._coarse_of_block(a)
+        if self.linear:
+            self.coarse, self.bias = coarse, fine_bias
+        else:
+            ck, cv, cbias = coarse
+            self.keys = torch.cat([self.keys[:, :, :2 * m], ck], dim=2)
+            self.values = torch.cat([self.values[:, :, :2 * m], cv], dim=2)
+            self.bias = torch.cat([fine_bias, cbias])
+        self.block = a
 
     def _coarse_of_block(self, a: int):
         """What block ``a``'s queries see on the coarse levels: nlogn ``(keys, values, bias)``,
@@ -271,14 +281,14 @@ class MultipoleCache:
 
     def nbytes(self) -> int:
         """Bytes of tensors this layer's cache holds."""
-        tensors = [self.fine_k, self.fine_v, self.fine_q]
+        tensors = [self.keys, self.values, self.bias, self.fine_q]
         for lv in (*self.levels, *self.qsums):
             for entry in lv:
                 tensors += entry[1:]
         for part in self.partial:
             tensors += part
-        if self.coarse is not None:
-            tensors += list(self.coarse) if isinstance(self.coarse, tuple) else []
+        if self.linear and self.coarse is not None:
+            tensors += list(self.coarse)
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
@@ -290,8 +300,8 @@ class KVCache:
 
     @torch.no_grad()
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
-        B, H, n, d = q.shape
-        self.G = H // k.shape[1]
+        B, n, d = k.shape[0], k.shape[2], k.shape[3]
+        self.G = q.shape[1] // k.shape[1]
         if self.scale is None:
             self.scale = 1.0 / math.sqrt(d)
         self.k = k.new_empty(B, k.shape[1], n + self.reserve, d)

@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repo without installing it (no network on the GPU machine)
 
 from fmtrain.attention import fma  # noqa: E402
-from fmtrain.attention.blocked import BlockAttention, extend_keys  # noqa: E402
-from fmtrain.attention.hierarchy import hierarchy  # noqa: E402
+from fmtrain.attention.hierarchy import extend_keys, hierarchy  # noqa: E402
+from fmtrain.attention.torch_core import BlockAttention  # noqa: E402
 from fmtrain.attention.summaries import MEAN  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))

@@ -2,7 +2,7 @@
 per layer against DeepSpeed-Ulysses, on CPU gloo ranks.
 
 Bytes: one layer's forward and backward run for real on ``P`` gloo processes;
-the collectives in ``fmtrain/parallel/sequence.py`` count what they send and
+the collectives in ``fmtrain/attention/sequence_parallel.py`` count what they send and
 receive (ring all-gather / reduce-scatter volumes: ``P-1`` pieces each way). The
 counts do not depend on the machine. Next to them, per rank and layer, forward +
 backward, sent + received, for the same shapes and dtype:
@@ -57,7 +57,7 @@ def _init(rank, world, port):
 def _bytes_worker(rank, world, port, ns, causal, out_file):
     from fmtrain.attention import fma
     from fmtrain.attention.summaries import M2MSummaries
-    from fmtrain.parallel.sequence import TRAFFIC, reset_traffic
+    from fmtrain.attention.sequence_parallel import TRAFFIC, reset_traffic
 
     _init(rank, world, port)
     try:

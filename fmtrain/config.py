@@ -432,7 +432,7 @@ def _consistency_errors(cfg: Config) -> list[str]:
                  "each sequence-parallel rank takes an equal slice")
     elif p.sequence > 1 and m.attention in ("fma", "local") and not _block_power_of_two(
             d.seq_len // p.sequence, m.block_size):
-        # fmtrain/parallel/sequence.py: windows of every level must lie in one rank or span whole ranks.
+        # fmtrain/attention/sequence_parallel.py: windows of every level must lie in one rank or span whole ranks.
         e.append(f"with parallel.sequence={p.sequence} each rank holds data.seq_len/sequence = "
                  f"{d.seq_len // p.sequence} tokens, which must be model.block_size={m.block_size} times a "
                  f"power of two; make data.seq_len {p.sequence} * {m.block_size} * 2**j, e.g. "

@@ -13,6 +13,7 @@ import torch
 from .blocked import blocked_multipole
 from .hierarchy import Hierarchy, hierarchy, truncate
 from .reference import dense_attention
+from .sequence_parallel import sp_fma
 from .summaries import MEAN, SUMMARY_KINDS, Summaries, build_summaries
 
 IMPLS = ("auto", "torch", "triton", "dense")
@@ -80,7 +81,7 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
             block attention, a baseline); default all levels.
         group: a sequence-parallel process group: ``q, k, v`` are then this rank's
             contiguous chunk of the sequence and the result is this rank's chunk of the
-            global result (see ``fmtrain/parallel/sequence.py``); ``None`` or size 1: local.
+            global result (see ``sequence_parallel.py``); ``None`` or size 1: local.
 
     Returns:
         (batch, heads, n, head_dim), the dtype of ``q``.
@@ -88,14 +89,11 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     _check(q, k, v, block_size, rank, impl, variant)
     n, d = q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    # --- sequence parallelism (fmtrain/parallel/sequence.py) ---
     if group is not None and torch.distributed.get_world_size(group) > 1:
         if impl == "dense":
             raise ValueError("fma: impl='dense' has no sequence-parallel path; use impl='torch' or 'auto'")
-        from ..parallel.sequence import sp_fma
         return sp_fma(q, k, v, group, block_size=block_size, rank=rank, causal=causal, weighted=weighted,
                       scale=scale, variant=variant, summaries=summaries, max_level=max_level, impl=impl)
-    # --- end sequence parallelism ---
     h = hierarchy(n, block_size, rank, causal)
     if max_level is not None:
         h = truncate(h, max_level)

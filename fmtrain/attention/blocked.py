@@ -1,384 +1,43 @@
-"""Blocked PyTorch path: per fine query block, one joint softmax over its
-fine neighbours and its coarse summaries, never an ``n x n`` tensor.
+"""The whole-sequence driver of multipole attention on one device.
 
-The core (:class:`BlockAttention`) is a FlashAttention-style autograd function:
-the forward walks chunks of query blocks and keeps only the output and the
-log-sum-exp; the backward recomputes each chunk's scores from them. Peak memory
-beyond inputs, outputs and gradients is one chunk of scores, whatever ``n``.
-
-The core returns ``(out, lse)`` and accepts a gradient for ``lse``, so partial
-results over disjoint key sets can be merged exactly outside it (the linear
-variant's coarse term here; sequence parallelism's remote terms later).
+It pads the sequence to whole blocks, runs a core over all query blocks
+(:func:`fmtrain.attention.cores.select_core`: the PyTorch core or the Triton
+kernels, one contract) and, for the linear variant, merges in the coarse levels'
+per-window partials (:func:`linear_coarse`, shared with sequence parallelism).
 """
 from __future__ import annotations
 
-import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-
 import torch
-import torch.nn.functional as F
 
-from .hierarchy import BlockTables, Hierarchy, block_tables, level_slots, truncate
+from .cores import select_core
+from .hierarchy import Hierarchy, level_slots, pad_to, truncate
 from .summaries import window_means
+from .torch_core import acc_dtype
 
-# Scores per chunk of one (batch, kv head) (elements); the backward holds about
-# four tensors this size. Small enough to stay near the cache, large enough that
-# Python overhead per chunk does not matter.
-CHUNK_SCORES = 1 << 19
-_MASKED = -1e30
-# The core works in base 2 (scores times log2(e), exp2): on CPU, torch's exp2 is about 3x
-# faster than exp, and exp is 10-50x slower still on arguments that underflow (masked and
-# far keys), which exp2 is not.
-LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class _Layout:
-    """Keys/values and summaries, and the per-block views the core multiplies.
-
-    The core sees ``nq`` query blocks, global blocks ``[a0, a0 + nq)``, and their
-    fine keys as "extended" keys: the blocks ``[a0 - 1, a0 + nq + F - 2)`` (one
-    block before the first query block, one after the last when bidirectional),
-    zeros where outside the sequence (masked anyway). For each (batch, kv head)
-    ``bh``, the fine keys of local blocks [i0, i1) are an overlapping strided
-    view (nb, d, F*m) of the extended keys: no copy, and ``torch.bmm`` takes it.
-
-    ``extended=False``: ``k_ext, v_ext`` are only the query blocks' own keys (nq*m
-    tokens) and the blocks beyond them count as zeros (a whole sequence on one device).
-    That saves the caller a padded copy of the keys and values, which at 16k tokens cost
-    a sixth of the forward (the copy's fresh pages); only the chunks at the two ends then
-    assemble their fine keys in scratch.
-    """
-
-    def __init__(self, q, k_ext, v_ext, ks, vs, h: Hierarchy, a0: int, dtype, extended: bool = True):
-        B, H, N, d = q.shape  # N: whole query blocks
-        Hkv = k_ext.shape[1]
-        self.B, self.H, self.Hkv, self.G, self.d = B, H, Hkv, H // Hkv, d
-        self.m, self.h, self.a0 = h.block_size, h, a0
-        self.nblk = N // self.m
-        self.F = len(h.fine_blocks())
-        self.Fm = self.F * self.m
-        self.extended = extended
-        want = self.nblk + self.F - 1 if extended else self.nblk
-        if k_ext.shape[2] != want * self.m:
-            raise ValueError(f"{'extended ' if extended else ''}keys must hold {want} blocks of {self.m} "
-                             f"for {self.nblk} query blocks, got {k_ext.shape[2]} tokens")
-        self.kp = k_ext.to(dtype).reshape(B * Hkv, -1, d)  # (BH, (nblk+F-1)*m or nblk*m, d)
-        self.vp = v_ext.to(dtype).reshape(B * Hkv, -1, d)
-        # Dummy zero summary at index T for masked slots.
-        self.ks = F.pad(ks.to(dtype), (0, 0, 0, 1)).reshape(B * Hkv, -1, d)
-        self.vs = F.pad(vs.to(dtype), (0, 0, 0, 1)).reshape(B * Hkv, -1, d)
-
-    def q_blocks(self, q):
-        """(B, H, N, *t) -> (B*Hkv, nblk, G*m, *t): the G query heads of a kv head share keys."""
-        B, Hkv, G, m = self.B, self.Hkv, self.G, self.m
-        tail = q.shape[3:]
-        q = q.reshape(B, Hkv, G, self.nblk, m, *tail).permute(0, 1, 3, 2, 4, *range(5, 5 + len(tail)))
-        return q.reshape(B * Hkv, self.nblk, G * m, *tail)
-
-    def from_q_blocks(self, x):
-        """Inverse of :meth:`q_blocks`."""
-        B, Hkv, G, m = self.B, self.Hkv, self.G, self.m
-        tail = x.shape[3:]
-        x = x.reshape(B, Hkv, self.nblk, G, m, *tail).permute(0, 1, 3, 2, 4, *range(5, 5 + len(tail)))
-        return x.reshape(B, Hkv * G, self.nblk * m, *tail)
-
-    def key_blocks(self, e0: int, e1: int) -> tuple[int, int, int]:
-        """Extended blocks [e0, e1) -> the blocks [lo, hi) of ``kp`` they are, clipped, and
-        the offset of ``lo`` in [e0, e1) (blocks outside ``kp`` are zeros)."""
-        shift = 0 if self.extended else -1
-        nk = self.kp.shape[1] // self.m
-        lo, hi = max(e0 + shift, 0), min(e1 + shift, nk)
-        return lo, hi, lo - (e0 + shift)
-
-    def fine_t(self, xp, bh, i0, i1, ws: "_Scratch", name: str):
-        """Transposed fine keys (or values) of local blocks [i0, i1): (nb, d, F*m), a view
-        (of scratch, for an end chunk of unextended keys)."""
-        m, e1 = self.m, i1 + self.F - 1  # extended blocks [i0, e1)
-        lo, hi, off = self.key_blocks(i0, e1)
-        x = xp[bh, lo * m:hi * m]
-        if hi - lo < e1 - i0:
-            full = ws(name, ((e1 - i0) * m, self.d), xp)
-            full.zero_()[off * m:(off + hi - lo) * m] = x
-            x = full
-        return x.unfold(0, self.Fm, m)
-
-    def chunks(self, rows_per_block: int, bh: int):
-        """Local block ranges [i0, i1) of one (batch, kv head), a chunk of scores each."""
-        width = self.Fm + self.h.coarse_slots
-        step = max(1, CHUNK_SCORES // (rows_per_block * width))
-        for i0 in range(0, self.nblk, step):
-            yield i0, min(i0 + step, self.nblk)
-
-
-class _Scratch:
-    """One thread's buffers for a chunk's temporaries, reused by all its chunks.
-
-    A fresh megabyte-sized tensor per chunk would come from newly mapped memory (glibc
-    hands such blocks back to the kernel when they are freed) and fault its pages in
-    every time: measured at about a fifth of the CPU core's time. Every chunk of a core
-    call has at most the first chunk's shape, so each buffer is allocated once.
-    """
-
-    def __init__(self):
-        self.bufs: dict[str, torch.Tensor] = {}
-
-    def __call__(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        numel = math.prod(shape)
-        buf = self.bufs.get(name)
-        if buf is None or buf.numel() < numel:
-            buf = self.bufs[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return buf[:numel].view(shape)
-
-
-def _each_chunk(L: _Layout, rows_per_block: int, fn) -> None:
-    """``fn(bh, i0, i1, scratch)`` over every chunk; (batch, kv head) pairs in parallel
-    threads on CPU, each thread with its own :class:`_Scratch`.
-
-    A chunk's operations are small (tens of 64 x 64 matrices), too small for torch's
-    intra-op threads to pay off; independent heads are. Each head writes only its own
-    slices of the outputs and gradients, so threads never touch the same memory.
-    """
-    heads = range(L.B * L.Hkv)
-    grad = torch.is_grad_enabled()  # thread-local: the head threads must see the caller's
-    local = threading.local()
-
-    def one_head(bh):
-        if not hasattr(local, "scratch"):
-            local.scratch = _Scratch()
-        with torch.set_grad_enabled(grad):
-            for i0, i1 in L.chunks(rows_per_block, bh):
-                fn(bh, i0, i1, local.scratch)
-
-    workers = min(torch.get_num_threads(), len(heads))
-    if workers <= 1 or L.kp.device.type != "cpu":
-        for bh in heads:
-            one_head(bh)
-        return
-    with _single_op_thread(), ThreadPoolExecutor(workers) as pool:
-        list(pool.map(one_head, heads))
-
-
-@contextmanager
-def _single_op_thread():
-    """One intra-op thread while the head threads run (they are the parallelism)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-class _Bias:
-    """The additive score bias of a chunk, applied in place (no chunk-sized temporaries).
-
-    Fine scores (nb, G*m, F*m) get the causal pattern (shared by all blocks) and,
-    in the few blocks at the ends of the sequence, -inf for keys outside it;
-    coarse scores (nb, G*m, S) get the summaries' log-weights (-inf: masked slot), in base 2
-    as the core's scores are.
-    """
-
-    def __init__(self, h: Hierarchy, tables: BlockTables, dtype, device):
-        m, self.h = h.block_size, h
-        self.Fm = len(h.fine_blocks()) * m
-        self.causal = None
-        if h.causal:  # key slot j of a block is token (j - m) relative to the block start
-            rel = torch.arange(self.Fm, device=device) - m
-            ok = rel[None, :] <= torch.arange(m, device=device)[:, None]
-            self.causal = torch.zeros(m, self.Fm, dtype=dtype, device=device).masked_fill_(~ok, -math.inf)
-        self.coarse = tables.bias.to(device=device, dtype=dtype) * LOG2E  # (n_blocks, S)
-        # Blocks whose fine slots reach outside [0, n): the first and the last few.
-        last_ok = (h.n - (self.Fm - m)) // m  # blocks a <= last_ok see only keys < n
-        self.edges = sorted({0} | set(range(max(0, last_ok + 1), h.n_blocks)))
-        self.device = device
-
-    def fine_(self, s: torch.Tensor, a0: int, a1: int) -> torch.Tensor:
-        nb, Gm, Fm = s.shape
-        m = self.h.block_size
-        if self.causal is not None:
-            s.view(nb, Gm // m, m, Fm).add_(self.causal)
-        for a in self.edges:
-            if a0 <= a < a1:
-                key = (a - 1) * m + torch.arange(Fm, device=self.device)
-                s[a - a0].masked_fill_((key < 0) | (key >= self.h.n), -math.inf)
-        return s
-
-    def coarse_(self, s: torch.Tensor, a0: int, a1: int) -> torch.Tensor:
-        return s.add_(self.coarse[a0:a1, None, :])
-
-
-def _scores(L: _Layout, bias: _Bias, tables: BlockTables, qb, scale: float, bh, i0, i1, ws: _Scratch):
-    """Fine (nb, G*m, F*m) and coarse (nb, G*m, S) base-2 scores of local blocks [i0, i1),
-    biased; and their keys/values. qb: (nb, G*m, d) queries; scale * log2(e) is applied
-    inside the products (no scaled copy of the queries). All four live in ``ws``.
-    """
-    c = scale * LOG2E
-    a0, a1 = L.a0 + i0, L.a0 + i1  # global blocks
-    kf_t, vf_t = L.fine_t(L.kp, bh, i0, i1, ws, "kf"), L.fine_t(L.vp, bh, i0, i1, ws, "vf")  # (nb, d, F*m)
-    idx = tables.index[a0:a1].reshape(-1)
-    nb, Gm, S, d = i1 - i0, qb.shape[1], tables.index.shape[1], L.d
-    kc = torch.index_select(L.ks[bh], 0, idx, out=ws("kc", (nb * S, d), qb)).view(nb, S, d)
-    vc = torch.index_select(L.vs[bh], 0, idx, out=ws("vc", (nb * S, d), qb)).view(nb, S, d)
-    zero = qb.new_zeros(())
-    sf = torch.baddbmm(zero, qb, kf_t, beta=0, alpha=c, out=ws("sf", (nb, Gm, L.Fm), qb))
-    sc = torch.baddbmm(zero, qb, kc.transpose(1, 2), beta=0, alpha=c, out=ws("sc", (nb, Gm, S), qb))
-    return bias.fine_(sf, a0, a1), bias.coarse_(sc, a0, a1), (kf_t, vf_t, kc, vc)
-
-
-class BlockAttention(torch.autograd.Function):
-    """(q, k_ext, v_ext, ks, vs) -> (out, lse) for query blocks ``[a0, a0 + nq)`` of ``h``.
-
-    q: (B, H, nq*m, d); k_ext, v_ext: (B, Hkv, (nq+F-1)*m, d), see :class:`_Layout`
-    (with ``extended=False``: (B, Hkv, nq*m, d), zeros beyond);
-    ks, vs: (B, Hkv, T, d) summaries of the whole hierarchy (indexed by its tables).
-    out: (B, H, nq*m, d); lse: (B, H, nq*m) in fp32 (fp64 for fp64 inputs).
-    The backward takes gradients of both and returns them for all five tensors.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, ks, vs, h: Hierarchy, weighted: bool, scale: float, a0: int = 0,
-                extended: bool = True):
-        acc = _acc_dtype(q.dtype)
-        L = _Layout(q, k, v, ks, vs, h, a0, acc, extended)
-        tables = block_tables(h, weighted, q.device)
-        bias = _Bias(h, tables, acc, q.device)
-        qs = L.q_blocks(q.to(acc))  # (BH, nblk, G*m, d)
-        out = torch.empty(qs.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(qs.shape[:-1], dtype=acc, device=q.device)
-
-        def chunk(bh, i0, i1, ws):
-            sf, sc, (_, vf_t, _, vc) = _scores(L, bias, tables, qs[bh, i0:i1], scale, bh, i0, i1, ws)
-            mx = torch.maximum(sf.amax(-1, keepdim=True), sc.amax(-1, keepdim=True)) if sc.shape[-1] \
-                else sf.amax(-1, keepdim=True)
-            pf, pc = sf.sub_(mx).exp2_(), sc.sub_(mx).exp2_()
-            tot = pf.sum(-1, keepdim=True) + pc.sum(-1, keepdim=True)
-            o = out[bh, i0:i1] if out.dtype == acc else ws("o", out[bh, i0:i1].shape, sf)  # in place if it can be
-            o = torch.bmm(pf, vf_t.transpose(1, 2), out=o).baddbmm_(pc, vc).div_(tot)  # (nb, G*m, d)
-            if out.dtype != acc:
-                out[bh, i0:i1] = o
-            lse[bh, i0:i1] = ((mx + tot.log2()) * LN2).squeeze(-1)  # natural log, as the contract says
-        _each_chunk(L, L.G * L.m, chunk)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, ks, vs, out, lse)
-        ctx.h, ctx.weighted, ctx.scale, ctx.a0, ctx.extended = h, weighted, scale, a0, extended
-        return L.from_q_blocks(out), L.from_q_blocks(lse)
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, ks, vs, out, lse = ctx.saved_tensors
-        h, scale = ctx.h, ctx.scale
-        acc = _acc_dtype(q.dtype)
-        L = _Layout(q, k, v, ks, vs, h, ctx.a0, acc, ctx.extended)
-        tables = block_tables(h, ctx.weighted, q.device)
-        bias = _Bias(h, tables, acc, q.device)
-        qs = L.q_blocks(q.to(acc))
-        dob = L.q_blocks(dout.to(acc)) if dout is not None else torch.zeros_like(qs)
-        dlb = L.q_blocks(dlse.to(acc)) if dlse is not None else None
-        m, d, F_, T = L.m, L.d, L.F, ks.shape[2]
-        zero = qs.new_zeros(())
-        dq = torch.empty(qs.shape, dtype=acc, device=q.device)  # contiguous: chunks write into it
-        # Key/value gradients per block of kp: no zero fill. Slot F-1 of a chunk reaches
-        # blocks no earlier chunk touched and writes them; the other slots add. The first
-        # blocks, which no slot F-1 reaches, are only ever added to.
-        # Allocated in the returned shape and returned as they are: a view would make autograd
-        # add the summaries' share of the key gradient out of place, into yet another buffer.
-        dk_out, dv_out = (torch.empty(t.shape, dtype=acc, device=t.device) for t in (k, v))
-        dkp, dvp = dk_out.view(L.kp.shape), dv_out.view(L.vp.shape)
-        for g in (dkp, dvp):
-            g.view(L.B * L.Hkv, -1, m, d)[:, :L.key_blocks(0, F_ - 1)[1]].zero_()
-        dks, dvs = torch.zeros_like(L.ks), torch.zeros_like(L.vs)
-
-        def chunk(bh, i0, i1, ws):
-            qc, do = qs[bh, i0:i1], dob[bh, i0:i1]
-            nb, Gm, S = i1 - i0, qc.shape[1], tables.index.shape[1]
-            sf, sc, (kf_t, vf_t, kc, vc) = _scores(L, bias, tables, qc, scale, bh, i0, i1, ws)
-            row = lse[bh, i0:i1, :, None] * LOG2E
-            # delta_i = dO_i . O_i - dlse_i: the softmax-backward row term (lse's gradient folds in here).
-            dl = torch.mul(do, out[bh, i0:i1], out=ws("do_o", do.shape, do)).sum(-1, keepdim=True)  # (nb, G*m, 1)
-            if dlb is not None:
-                dl.sub_(dlb[bh, i0:i1, :, None])
-            pf, pc = sf.sub_(row).exp2_(), sc.sub_(row).exp2_()  # (nb, G*m, F*m), (nb, G*m, S)
-            dsf = torch.bmm(do, vf_t, out=ws("dsf", (nb, Gm, L.Fm), do)).sub_(dl).mul_(pf)
-            dsc = torch.bmm(do, vc.transpose(1, 2), out=ws("dsc", (nb, Gm, S), do)).sub_(dl).mul_(pc)
-            # The score scale enters every gradient through the scores: applied in the products.
-            torch.baddbmm(zero, dsf, kf_t.transpose(1, 2), beta=0, alpha=scale, out=dq[bh, i0:i1])
-            dq[bh, i0:i1].baddbmm_(dsc, kc, alpha=scale)
-            dkb, dvb = dkp[bh].view(-1, m, d), dvp[bh].view(-1, m, d)
-            for f in reversed(range(F_)):  # fine slot f of local block i is extended block i + f
-                lo, hi, off = L.key_blocks(i0 + f, i1 + f)  # blocks outside kp: zero keys, no gradient
-                rows = slice(off, off + hi - lo)
-                ds_t = dsf[rows, :, f * m:(f + 1) * m].transpose(1, 2)  # (nb', m, G*m)
-                p_t = pf[rows, :, f * m:(f + 1) * m].transpose(1, 2)
-                dk_f, dv_f = dkb[lo:hi], dvb[lo:hi]  # (nb', m, d)
-                if f == F_ - 1:
-                    torch.baddbmm(zero, ds_t, qc[rows], beta=0, alpha=scale, out=dk_f)
-                    torch.bmm(p_t, do[rows], out=dv_f)
-                else:
-                    dk_f.baddbmm_(ds_t, qc[rows], alpha=scale)
-                    dv_f.baddbmm_(p_t, do[rows])
-            if S:  # scatter-add into the summaries the slots came from
-                idx = tables.index[L.a0 + i0:L.a0 + i1].reshape(-1)
-                dkc = torch.baddbmm(zero, dsc.transpose(1, 2), qc, beta=0, alpha=scale, out=ws("dkc", (nb, S, d), do))
-                dks[bh].index_add_(0, idx, dkc.view(-1, d))
-                dvs[bh].index_add_(0, idx, torch.bmm(pc.transpose(1, 2), do, out=ws("dvc", (nb, S, d), do)).view(-1, d))
-        _each_chunk(L, L.G * m, chunk)
-        B, Hkv = L.B, L.Hkv
-        dq = L.from_q_blocks(dq).to(q.dtype)
-        dk, dv = dk_out.to(k.dtype), dv_out.to(v.dtype)
-        dks = dks.view(B, Hkv, -1, d)[:, :, :T].to(ks.dtype)
-        dvs = dvs.view(B, Hkv, -1, d)[:, :, :T].to(vs.dtype)
-        return dq, dk, dv, dks, dvs, None, None, None, None, None
-
-
-def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
-    n = x.shape[2]
-    return x if n == length else F.pad(x, (0, 0, 0, length - n))
-
-
-def extend_keys(x: torch.Tensor, h: Hierarchy) -> torch.Tensor:
-    """Keys (B, Hkv, n, d) of the whole sequence -> the extended keys of all its blocks:
-    zero-padded to whole blocks, plus one zero block in front (and one behind when
-    bidirectional)."""
-    m = h.block_size
-    return F.pad(x, (0, 0, m, h.padded_len - h.n + (len(h.fine_blocks()) - 2) * m))
+# Masked slots of the linear variant's partials get this score rather than -inf: a window
+# with an empty list then has a finite lse whose weight underflows to exactly 0 when merged,
+# without NaN gradients through logsumexp.
+MASKED_SCORE = -1e30
 
 
 def block_attention(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool,
                     fine_only: bool = False, impl: str = "torch"):
-    """:class:`BlockAttention` over a whole sequence; returns ``(out, lse)`` for its ``n`` tokens.
+    """A core over all query blocks of a whole sequence: ``(out, lse)`` for its ``n`` tokens.
 
     ``fine_only`` drops the coarse levels (the linear variant adds them itself).
-    ``impl`` picks the core: "torch" (:class:`BlockAttention`), "triton" (the fused
-    kernels, same contract) or "auto" (Triton on CUDA); see ``kernels.core``.
+    ``impl``: "torch", "triton" or "auto" (:func:`~.cores.select_core`).
     """
-    hh = h
     if fine_only and h.n_levels:
-        hh = truncate(h, 0)
+        h = truncate(h, 0)
         ks, vs = ks[:, :, :0], vs[:, :, :0]
-    q = _pad_seq(q, h.padded_len)
-    # --- core dispatch (Triton kernels, issue 5) ---
-    if impl == "torch":
-        core = BlockAttention
-    else:
-        from .kernels import core as select_core  # lazy: imports triton only when asked
-        core = select_core(impl, q)
-    # ---
-    if core is BlockAttention:  # keys as they are (whole blocks): no extended copy
-        k, v, extra = _pad_seq(k, h.padded_len), _pad_seq(v, h.padded_len), (False,)
-    else:
-        k, v, extra = extend_keys(k, h), extend_keys(v, h), ()
-    out, lse = core.apply(q.contiguous(), k.contiguous(), v.contiguous(), ks.contiguous(), vs.contiguous(),
-                          hh, weighted, scale, 0, *extra)
+    q, k, v = (pad_to(x, h.padded_len).contiguous() for x in (q, k, v))
+    core = select_core(impl, q)
+    # extended=False: the keys are the sequence's own, zeros beyond it (no padded copy).
+    out, lse = core.apply(q, k, v, ks.contiguous(), vs.contiguous(), h, weighted, scale, 0, False)
     return out[:, :, :h.n], lse[:, :, :h.n]
 
 
-def _merge(l1, o1, l2, o2):
+def merge(l1, o1, l2, o2):
     """Merge two softmax partials given as (lse, normalised output); -inf lse = empty."""
     lse = torch.logaddexp(l1, l2)
     safe = torch.where(lse.isinf(), torch.zeros_like(lse), lse)
@@ -387,47 +46,64 @@ def _merge(l1, o1, l2, o2):
     return lse, w1 * o1 + w2 * o2
 
 
+def _window_partial(qbar, ks, vs, h: Hierarchy, level: int, windows: torch.Tensor, *, scale: float,
+                    weighted: bool):
+    """One partial softmax per window of ``level`` (the indices ``windows``, (W,)) from its
+    mean query ``qbar`` (B, H, W, d) over its interaction list: lse (B, H, W), out (B, H, W, d)."""
+    B, H, W, d = qbar.shape
+    Hkv = ks.shape[1]
+    idx, bias = level_slots(h, level, weighted)
+    idx = idx.to(qbar.device)[windows].clamp(max=h.num_summaries - 1)  # masked slots: any row, weight 0
+    bias = bias.to(qbar.device)[windows].clamp(min=MASKED_SCORE).to(qbar.dtype)
+    ql = qbar.view(B, Hkv, H // Hkv, W, 1, d)
+    kl = ks[:, :, idx].view(B, Hkv, 1, W, -1, d)
+    vl = vs[:, :, idx].view(B, Hkv, 1, W, -1, d)
+    s = (ql @ kl.transpose(-1, -2)).squeeze(-2) * scale + bias  # (B, Hkv, G, W, S)
+    lse = torch.logsumexp(s, dim=-1)
+    safe = torch.where(lse.isinf(), torch.zeros_like(lse), lse)
+    out = (torch.exp(s - safe[..., None]).unsqueeze(-2) @ vl).squeeze(-2)  # (B, Hkv, G, W, d)
+    return lse.view(B, H, W), out.view(B, H, W, d)
+
+
+def coarse_top_down(h: Hierarchy, level_queries, ks, vs, *, scale: float, weighted: bool):
+    """The linear variant's coarse term: per-window partials merged from the top level down.
+
+    ``level_queries(l) -> (windows (W,), qbar (B, H, W, d))``: the consecutive windows of
+    level ``l`` wanted and their mean queries, in the accumulation dtype (one device: all
+    windows; a sequence-parallel rank: the windows its blocks lie in). Each window's partial
+    is merged with its parent's; returns level 1's ``(lse, out)``, (B, H, W_1[, d]).
+    """
+    top, top_first = None, 0
+    for l in range(h.n_levels, 0, -1):
+        windows, qbar = level_queries(l)
+        lse, out = _window_partial(qbar, ks, vs, h, l, windows, scale=scale, weighted=weighted)
+        if top is not None:
+            parent = windows // 2 - top_first
+            lse, out = merge(lse, out, top[0][:, :, parent], top[1][:, :, parent])
+        top, top_first = (lse, out), int(windows[0])
+    return top
+
+
 def linear_coarse(q, ks, vs, h: Hierarchy, *, scale: float, weighted: bool):
     """The linear variant's coarse term per fine block: ``(lse, out)``, (B, H, n_blocks[, d]).
 
-    Each window's queries share one mean query per level, so each window has one
-    partial softmax over its list; partials are merged top-down (parent into
-    children) and the level-1 result is per fine block. O(n/m * p * L) work.
+    Each window's queries share one mean query per level (causal: the previous
+    window's, see :meth:`Hierarchy.query_window`), so each window has one partial
+    softmax over its list. O(n/m * p * L) work.
     """
-    B, H, _, d = q.shape
-    Hkv, G = ks.shape[1], H // ks.shape[1]
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     qbar = window_means(q.to(acc), h)
-    ks, vs = ks.to(acc), vs.to(acc)
-    top = None
-    for l in range(h.n_levels, 0, -1):
-        nw = h.windows[l - 1]
-        # Masked slots get a large finite negative score, not -inf: windows with an
-        # empty list must give a finite lse whose weight underflows to exactly 0
-        # when merged, without NaN gradients through logsumexp.
-        idx, bias = level_slots(h, l, weighted)
-        idx = idx.clamp(max=h.num_summaries - 1).to(q.device)  # masked slots: any row, weight 0
-        bias = bias.clamp(min=_MASKED).to(device=q.device, dtype=acc)
-        qwin = h.query_window(l).to(q.device).clamp(min=0)
-        ql = qbar[l - 1][:, :, qwin].view(B, Hkv, G, nw, 1, d)
-        kl = ks[:, :, idx].view(B, Hkv, 1, nw, -1, d)
-        vl = vs[:, :, idx].view(B, Hkv, 1, nw, -1, d)
-        s = (ql @ kl.transpose(-1, -2)).squeeze(-2) * scale + bias  # (B, Hkv, G, nw, S)
-        lse = torch.logsumexp(s, dim=-1)
-        safe = torch.where(lse.isinf(), torch.zeros_like(lse), lse)
-        o = (torch.exp(s - safe[..., None]).unsqueeze(-2) @ vl).squeeze(-2)  # (B, Hkv, G, nw, d)
-        lse, o = lse.view(B, H, nw), o.view(B, H, nw, d)
-        if top is not None:
-            up_l, up_o = top
-            parent = torch.arange(nw, device=q.device) // 2
-            lse, o = _merge(lse, o, up_l[:, :, parent], up_o[:, :, parent])
-        top = (lse, o)
-    return top
+
+    def level_queries(l):
+        qwin = h.query_window(l).to(q.device).clamp(min=0)  # windows without a list are masked anyway
+        return torch.arange(h.windows[l - 1], device=q.device), qbar[l - 1][:, :, qwin]
+
+    return coarse_top_down(h, level_queries, ks.to(acc), vs.to(acc), scale=scale, weighted=weighted)
 
 
 def blocked_multipole(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool,
                       variant: str = "nlogn", impl: str = "torch") -> torch.Tensor:
-    """Multipole attention by the blocked PyTorch path: (B, H, n, d)."""
+    """Multipole attention over a whole sequence on one device: (B, H, n, d)."""
     if variant == "nlogn" or h.n_levels == 0:
         out, _ = block_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, impl=impl)
         return out
@@ -435,5 +111,8 @@ def blocked_multipole(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: 
                                impl=impl)
     c_lse, c_out = linear_coarse(q, ks, vs, h, scale=scale, weighted=weighted)
     blk = torch.arange(h.n, device=q.device) // h.block_size
-    _, merged = _merge(lse, out.to(c_out.dtype), c_lse[:, :, blk], c_out[:, :, blk])
+    _, merged = merge(lse, out.to(c_out.dtype), c_lse[:, :, blk], c_out[:, :, blk])
     return merged.to(q.dtype)
+
+
+__all__ = ["block_attention", "blocked_multipole", "linear_coarse", "coarse_top_down", "merge", "MASKED_SCORE"]

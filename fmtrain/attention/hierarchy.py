@@ -1,9 +1,10 @@
 """The multipole hierarchy: levels, windows and interaction lists.
 
 This is the one definition every implementation (dense reference, blocked
-PyTorch, Triton, sequence-parallel) reads. Nothing here touches keys or values:
-it only says which positions and which summaries a query sees, and with which
-log-weight.
+PyTorch, Triton, sequence-parallel, the decoding cache) reads. It says which
+positions and which summaries a query sees, and with which log-weight; the only
+tensors of tokens it touches are padded into its block layout (:func:`pad_to`,
+:func:`extend_keys`).
 
 Conventions (see the design page "Multipole attention"):
 - level 0 is the fine level: blocks of ``m`` tokens, block ``a`` covers
@@ -25,6 +26,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 
 def coarse_windows(c: int, causal: bool) -> tuple[int, ...]:
@@ -234,18 +236,35 @@ def _block_tables_cpu(h: Hierarchy, weighted: bool) -> BlockTables:
     return BlockTables(index, bias)
 
 
-_device_tables: dict = {}
+_converted_tables: dict = {}
 
 
-def block_tables(h: Hierarchy, weighted: bool, device: torch.device | str = "cpu") -> BlockTables:
-    """:class:`BlockTables` for ``h`` on ``device`` (cached per device)."""
+def block_tables(h: Hierarchy, weighted: bool, device: torch.device | str = "cpu",
+                 index_dtype: torch.dtype = torch.int64, bias_dtype: torch.dtype = torch.float64) -> BlockTables:
+    """:class:`BlockTables` for ``h`` on ``device`` in the given dtypes (cached per device and
+    dtypes: the Triton kernels read int32 indices and fp32 log-weights)."""
     t = _block_tables_cpu(h, weighted)
     device = torch.device(device)
-    if device.type == "cpu":
+    if device.type == "cpu" and (index_dtype, bias_dtype) == (torch.int64, torch.float64):
         return t
-    key = (h, weighted, device)
-    if key not in _device_tables:
-        if len(_device_tables) > 256:
-            _device_tables.clear()
-        _device_tables[key] = BlockTables(t.index.to(device), t.bias.to(device))
-    return _device_tables[key]
+    key = (h, weighted, device, index_dtype, bias_dtype)
+    if key not in _converted_tables:
+        if len(_converted_tables) > 256:
+            _converted_tables.clear()
+        _converted_tables[key] = BlockTables(t.index.to(device, index_dtype), t.bias.to(device, bias_dtype))
+    return _converted_tables[key]
+
+
+# --- the block layout of tokens -------------------------------------------------
+def pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad ``x`` (B, H, n, d) along the sequence to ``length`` tokens."""
+    n = x.shape[2]
+    return x if n == length else F.pad(x, (0, 0, 0, length - n))
+
+
+def extend_keys(x: torch.Tensor, h: Hierarchy) -> torch.Tensor:
+    """Keys (B, Hkv, n', d) of a whole sequence (``n' <= h.padded_len``) -> the "extended" keys
+    of all its blocks, which a core reads as its fine neighbourhoods: zero-padded to whole
+    blocks, plus one zero block in front (and one behind when bidirectional)."""
+    m = h.block_size
+    return F.pad(x, (0, 0, m, h.padded_len - x.shape[2] + (len(h.fine_blocks()) - 2) * m))

@@ -22,15 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hierarchy import Hierarchy, hierarchy, num_levels
+from .hierarchy import Hierarchy, hierarchy, num_levels, pad_to
 
 SUMMARY_KINDS = ("m2m", "conv", "mean")
-
-
-def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad ``x`` (B, H, n, d) along the sequence to ``length``."""
-    n = x.shape[2]
-    return x if n == length else F.pad(x, (0, 0, 0, length - n))
 
 
 def _pair_children(z: torch.Tensor, windows_up: int) -> torch.Tensor:
@@ -86,7 +80,7 @@ class Summaries(nn.Module):
         """Unscaled per-level summaries of ``x`` (0: keys, 1: values)."""
         self.check(h)
         B, H, _, d = x.shape
-        z = self.leaves(_pad_to(x, h.padded_len).view(B, H, h.n_blocks, h.block_size, d), h.rank, which)
+        z = self.leaves(pad_to(x, h.padded_len).view(B, H, h.n_blocks, h.block_size, d), h.rank, which)
         zs = [z]
         for nw in h.windows[1:]:
             z = self.parents(z, nw, which)
@@ -193,7 +187,7 @@ class ConvSummaries(Summaries):
         zs = []
         for l in range(1, h.n_levels + 1):
             w, nw = h.window_size(l), h.windows[l - 1]
-            xw = _pad_to(x, nw * w).view(B, H, nw, w, d)
+            xw = pad_to(x, nw * w).view(B, H, nw, w, d)
             zs.append(torch.einsum("bhctd,djt->bhcjd", xw, self.weights[l - 1][which].to(x.dtype)))
         return zs
 
@@ -221,7 +215,7 @@ def window_means(x: torch.Tensor, h: Hierarchy) -> list[torch.Tensor]:
     Used for the queries of the linear variant (padding never counts).
     """
     B, H, _, d = x.shape
-    s = _pad_to(x, h.padded_len).view(B, H, h.n_blocks, h.block_size, d).sum(dim=3)
+    s = pad_to(x, h.padded_len).view(B, H, h.n_blocks, h.block_size, d).sum(dim=3)
     out = []
     for l, nw in enumerate(h.windows, start=1):
         if l > 1:

@@ -66,12 +66,12 @@ def test_many_chunks_match_dense_float64(rng, monkeypatch, n, G, causal, blocks_
     """The core walks query blocks in chunks; gradients of keys shared by neighbouring
     chunks are written by one and added to by the next, and the first and last chunks
     assemble their out-of-sequence neighbours: all of that only happens with many chunks."""
-    import fmtrain.attention.blocked as blocked
+    import fmtrain.attention.torch_core as torch_core
 
     m, p = 8, 2
     h = hierarchy(n, m, p, causal)
     width = len(h.fine_blocks()) * m + h.coarse_slots
-    monkeypatch.setattr(blocked, "CHUNK_SCORES", blocks_per_chunk * G * m * width)
+    monkeypatch.setattr(torch_core, "CHUNK_SCORES", blocks_per_chunk * G * m * width)
     q, k, v = qkv(rng, 2, 2 * G, 2, n, 16)
     kw = dict(block_size=m, rank=p, causal=causal)
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
@@ -215,7 +215,8 @@ def test_block_attention_is_a_function_of_its_inputs_only(rng):
 def test_core_on_a_range_of_blocks_equals_the_whole(rng, causal):
     """The seam of sequence parallelism and of kernels: query blocks [a0, a0+nq) with
     their extended keys give that slice of the whole-sequence result, gradients included."""
-    from fmtrain.attention.blocked import BlockAttention, extend_keys
+    from fmtrain.attention.hierarchy import extend_keys
+    from fmtrain.attention.torch_core import BlockAttention
 
     n, m = 200, 8
     h = hierarchy(n, m, 2, causal)

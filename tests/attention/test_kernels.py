@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from fmtrain.attention import fma
-from fmtrain.attention.blocked import BlockAttention, extend_keys
-from fmtrain.attention.hierarchy import hierarchy
+from fmtrain.attention.cores import select_core
+from fmtrain.attention.hierarchy import extend_keys, hierarchy
+from fmtrain.attention.torch_core import BlockAttention
 from fmtrain.attention.summaries import M2MSummaries
 
 from .conftest import randn
@@ -215,14 +216,14 @@ def test_dispatch(monkeypatch):
     from fmtrain.attention.kernels.function import TritonBlockAttention
 
     x = torch.zeros(1, 1, 16, 8)
-    assert kernels.core("torch", x) is BlockAttention
-    assert kernels.core("auto", x) is BlockAttention  # CPU tensors: the PyTorch core
-    assert kernels.core("auto", x.double()) is BlockAttention
-    assert kernels.core("triton", x) is TritonBlockAttention
+    assert select_core("torch", x) is BlockAttention
+    assert select_core("auto", x) is BlockAttention  # CPU tensors: the PyTorch core
+    assert select_core("auto", x.double()) is BlockAttention
+    assert select_core("triton", x) is TritonBlockAttention
     with pytest.warns(UserWarning, match="float64"):
-        assert kernels.core("triton", x.double()) is BlockAttention
+        assert select_core("triton", x.double()) is BlockAttention
     if torch.cuda.is_available():
-        assert kernels.core("auto", x.cuda()) is TritonBlockAttention
+        assert select_core("auto", x.cuda()) is TritonBlockAttention
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         fma(x, x, x, block_size=8, impl="triton")

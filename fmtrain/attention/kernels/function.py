@@ -1,4 +1,4 @@
-"""``TritonBlockAttention``: the Triton kernels behind ``blocked.BlockAttention``'s contract.
+"""``TritonBlockAttention``: the Triton kernels behind ``torch_core.BlockAttention``'s contract.
 
 Same arguments, same outputs, same gradients (dlse included), so any caller of
 the PyTorch core (whole sequences, the linear variant's lse merge, sequence
@@ -10,29 +10,24 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..hierarchy import Hierarchy, block_tables
+from ..hierarchy import Hierarchy, block_tables, extend_keys
+from . import triton_interpreting
 from .triton_core import LOG2E, _delta_kernel, _dkv_kernel, _dq_kernel, _fwd_kernel
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_tables: dict = {}
 # Elements of one fp32 buffer of partial summary gradients in the backward (1 GiB).
 PARTIAL_ELEMS = 1 << 28
 
 
-def _device_tables(h: Hierarchy, weighted: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block tables as the kernels read them: int32 index, fp32 bias; cached per device."""
-    key = (h, weighted, torch.device(device))
-    if key not in _tables:
-        if len(_tables) > 256:
-            _tables.clear()
-        t = block_tables(h, weighted, "cpu")
-        index = t.index.to(torch.int32)
-        bias = t.bias.to(torch.float32)
-        if index.numel() == 0:  # no coarse level: the kernels never read them, but need a pointer
-            index, bias = torch.zeros(1, dtype=torch.int32), torch.zeros(1)
-        _tables[key] = (index.to(device), bias.to(device), t.index.to(device))
-    return _tables[key]
+def _device_tables(h: Hierarchy, weighted: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block tables as the kernels read them: int32 index, fp32 bias; and the int64 index."""
+    t = block_tables(h, weighted, device, torch.int32, torch.float32)
+    index, bias = t.index, t.bias
+    if index.numel() == 0:  # no coarse level: the kernels never read them, but need a pointer
+        index = torch.zeros(1, dtype=torch.int32, device=device)
+        bias = torch.zeros(1, device=device)
+    return index, bias, block_tables(h, weighted, device).index
 
 
 def _blocks(m: int, d: int, S: int) -> dict:
@@ -82,16 +77,19 @@ def _check(q, k, v, ks, vs, h: Hierarchy, a0: int):
                          f"got ks {tuple(ks.shape)}, vs {tuple(vs.shape)}")
 
 
-def triton_interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 class TritonBlockAttention(torch.autograd.Function):
-    """(q, k_ext, v_ext, ks, vs) -> (out, lse): see ``blocked.BlockAttention`` for the contract."""
+    """(q, k_ext, v_ext, ks, vs) -> (out, lse): see ``torch_core.BlockAttention`` for the contract.
+
+    ``extended=False`` (a whole sequence's own keys): the kernels read extended keys, so
+    they are padded here and their gradients cut back to the keys given.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, ks, vs, h: Hierarchy, weighted: bool, scale: float, a0: int = 0):
+    def forward(ctx, q, k, v, ks, vs, h: Hierarchy, weighted: bool, scale: float, a0: int = 0,
+                extended: bool = True):
+        ctx.unextended = None if extended else k.shape[2]
+        if not extended:
+            k, v = extend_keys(k, h), extend_keys(v, h)
         _check(q, k, v, ks, vs, h, a0)
         dt = q.dtype
         ctx.dtypes = tuple(t.dtype for t in (k, v, ks, vs))  # gradients go back in these
@@ -173,4 +171,6 @@ class TritonBlockAttention(torch.autograd.Function):
             dks, dvs = (torch.zeros(B, Hkv, T, d, dtype=dt, device=q.device) for dt in ctx.dtypes[2:])
         else:
             dks = dvs = None
-        return dq, dk.to(ctx.dtypes[0]), dv.to(ctx.dtypes[1]), dks, dvs, None, None, None, None
+        if ctx.unextended is not None:  # the gradients of the keys given, not of their padded copy
+            dk, dv = (x[:, :, m:m + ctx.unextended] for x in (dk, dv))
+        return dq, dk.to(ctx.dtypes[0]), dv.to(ctx.dtypes[1]), dks, dvs, None, None, None, None, None

@@ -11,7 +11,7 @@ import math
 import torch
 
 from .blocked import blocked_multipole
-from .hierarchy import Hierarchy, hierarchy, truncate
+from .hierarchy import Hierarchy, hierarchy, sizes_error, truncate
 from .reference import dense_attention
 from .sequence_parallel import sp_fma
 from .summaries import MEAN, SUMMARY_KINDS, Summaries, build_summaries
@@ -47,11 +47,8 @@ def _check(q, k, v, block_size, rank, impl, variant):
         raise TypeError(f"fma: dtype {q.dtype} is not supported; use one of {', '.join(map(str, _DTYPES))}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"fma: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
-    if not isinstance(block_size, int) or not isinstance(rank, int) or block_size < 1 or rank < 1 \
-            or block_size % rank:
-        raise ValueError(
-            f"fma: block_size={block_size} must be a positive multiple of rank={rank} "
-            "(each block is split into `rank` equal sub-windows); e.g. block_size=64, rank=2")
+    if (err := sizes_error(block_size, rank)) is not None:
+        raise ValueError(f"fma: {err}")
     if impl not in IMPLS:
         raise ValueError(f"fma: unknown impl {impl!r}; choose one of {IMPLS}")
     if variant not in VARIANTS:

@@ -41,6 +41,15 @@ def coarse_windows(c: int, causal: bool) -> tuple[int, ...]:
     return (c - 3, c - 2) if causal else (c - 3, c - 2, c + 2)
 
 
+def sizes_error(block_size, rank) -> str | None:
+    """What is wrong with ``(block_size, rank)``, or None: every path checks with this."""
+    if not isinstance(block_size, int) or not isinstance(rank, int) or block_size < 1 or rank < 1 \
+            or block_size % rank:
+        return (f"block_size={block_size} must be a positive multiple of rank={rank} (each fine block is "
+                "split into `rank` equal sub-windows); e.g. block_size=64, rank=2")
+    return None
+
+
 def num_levels(n: int, block_size: int) -> int:
     """Number of coarse levels ``L`` for a sequence of ``n`` tokens."""
     n_blocks = -(-n // block_size)
@@ -67,14 +76,6 @@ class Hierarchy:
     windows: tuple[int, ...]  # windows per coarse level, level 1 first
     offsets: tuple[int, ...]  # start of each level in the concatenated summaries
     num_summaries: int
-
-    @property
-    def m(self) -> int:
-        return self.block_size
-
-    @property
-    def p(self) -> int:
-        return self.rank
 
     @property
     def padded_len(self) -> int:
@@ -154,12 +155,8 @@ def hierarchy(n: int, block_size: int, rank: int, causal: bool) -> Hierarchy:
     """The hierarchy for ``n`` tokens (cached: it depends on shapes only)."""
     if n < 1:
         raise ValueError(f"multipole attention needs a sequence of at least 1 token, got n={n}")
-    if block_size < 1 or rank < 1 or block_size % rank != 0:
-        raise ValueError(
-            f"block_size={block_size} must be a positive multiple of rank={rank} "
-            "(each fine block is split into `rank` equal sub-windows); "
-            "choose e.g. block_size=64, rank=2"
-        )
+    if (err := sizes_error(block_size, rank)) is not None:
+        raise ValueError(err)
     L = num_levels(n, block_size)
     windows = _levels(n, block_size, L)
     offsets, total = [], 0

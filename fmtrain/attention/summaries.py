@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hierarchy import Hierarchy, hierarchy, num_levels, pad_to
+from .hierarchy import Hierarchy, hierarchy, num_levels, pad_to, sizes_error
 
 SUMMARY_KINDS = ("m2m", "conv", "mean")
 
@@ -111,8 +111,8 @@ class M2MSummaries(Summaries):
 
     def __init__(self, n_heads: int, block_size: int, rank: int):
         super().__init__()
-        if block_size % rank:
-            raise ValueError(f"block_size={block_size} must be a multiple of rank={rank}")
+        if (err := sizes_error(block_size, rank)) is not None:
+            raise ValueError(f"m2m summaries: {err}")
         self.block_size, self.rank = block_size, rank
         # leaf[which, h]: (p, m) tokens -> summaries; up[which, h]: (p, 2p) children -> parent.
         self.leaf = nn.Parameter(torch.empty(2, n_heads, rank, block_size))

@@ -65,7 +65,7 @@ def test_block_tables_agree_with_the_per_query_lists(n, causal, weighted):
     t = block_tables(h, weighted)
     _, coarse = interaction_mask(h)
     for a in range(h.n_blocks):
-        want = {s: (v if weighted else 0.0) for s, v in enumerate(coarse[a * h.m].tolist()) if not math.isinf(v)}
+        want = {s: (v if weighted else 0.0) for s, v in enumerate(coarse[a * h.block_size].tolist()) if not math.isinf(v)}
         got = {int(s): float(b) for s, b in zip(t.index[a], t.bias[a]) if not math.isinf(b)}
         assert got == pytest.approx(want)
         assert all(int(s) == h.num_summaries for s, b in zip(t.index[a], t.bias[a]) if math.isinf(b))

@@ -280,7 +280,7 @@ def _aot_compile(dtype: str, m: int, d: int, S: int, causal: bool) -> None:
     kernels += [(K._dq_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"], PARTIALS=partials)) for partials in (True, False)]
     kernels += [(K._dkv_kernel, tiles),
                 (K._delta_kernel, dict(d=d, HAS_DLSE=True, BLOCK_R=64, BLOCK_D=blk["BLOCK_D"]))]
-    launch = Fn._launch(None, blk["BLOCK_M"], blk["BLOCK_D"])
+    launch = Fn._launch(blk["BLOCK_M"], blk["BLOCK_D"])
     for fn, consts in kernels:
         ints = {p.name for p in fn.params if p.do_not_specialize}
         sig = {}

@@ -38,7 +38,7 @@ def _blocks(m: int, d: int, S: int) -> dict:
     return dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_C=bc)
 
 
-def _launch(q: torch.Tensor, bm: int, bd: int) -> dict:
+def _launch(bm: int, bd: int) -> dict:
     # Not tuned on a GPU yet (none in the session that wrote this): FlashAttention-2's defaults.
     return dict(num_warps=4 if bm * bd <= 64 * 64 else 8, num_stages=2)
 
@@ -109,7 +109,7 @@ class TritonBlockAttention(torch.autograd.Function):
         _fwd_kernel[(nq, B * H)](
             q, k, v, ks, vs, index, bias, out, lse,
             h.n, nq, a0, H, H // Hkv, T, S, scale * LOG2E,
-            m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), **blk, **_launch(q, blk["BLOCK_M"], blk["BLOCK_D"]))
+            m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), **blk, **_launch(blk["BLOCK_M"], blk["BLOCK_D"]))
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, ks, vs, out, lse)
         ctx.h, ctx.weighted, ctx.scale, ctx.a0, ctx.T = h, weighted, scale, a0, T
@@ -133,7 +133,7 @@ class TritonBlockAttention(torch.autograd.Function):
             d=d, HAS_DLSE=dlse is not None, BLOCK_R=BR, BLOCK_D=max(16, triton.next_power_of_2(d)))
         index, bias, index64 = _device_tables(h, ctx.weighted, q.device)
         blk = _blocks(m, d, S)
-        launch = _launch(q, blk["BLOCK_M"], blk["BLOCK_D"])
+        launch = _launch(blk["BLOCK_M"], blk["BLOCK_D"])
         prec = _precision(q.dtype)
         dq = torch.empty_like(q)
         want_s = (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]) and S > 0

@@ -32,8 +32,7 @@ from .attention.cache import KVCache
 from .attention.module import ProjectedAttention
 from .attention.hierarchy import hierarchy
 from .config import ModelConfig
-
-IGNORE_INDEX = -100
+from .data.masking import IGNORE_INDEX  # the targets the data pipeline marks "no loss here"
 
 
 # --------------------------------------------------------------------------- layers

@@ -31,6 +31,9 @@ rc=0
 KB="${KERNEL_BUDGET:-270}" TB="${TRAIN_BUDGET:-270}"
 if [ "$KB" -gt 0 ]; then
   timeout "$KB" "$PY" bench/gpu_check.py --budget "$((KB - 60))" "$@" || rc=1
+  # What the timed cases must compute and move, and the fraction of the roofline they reach.
+  [ ${#DRY[@]} -eq 0 ] && [ -n "${OUT:-}" ] && [ -f "$OUT/gpu_check.json" ] \
+    && "$PY" bench/roofline.py "$OUT/gpu_check.json" --out "$OUT/roofline.json"
 fi
 # The trainer's check runs without the interpreter: Triton on CPU would be far too slow for it.
 if [ "$TB" -gt 0 ]; then

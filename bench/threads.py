@@ -1,0 +1,92 @@
+"""CPU thread settings on a shared machine: the blocked core with and without a competing process.
+
+    python bench/threads.py                 # 16k causal forward+backward, 3 interleaved rounds
+    python bench/threads.py --n 4096 --rounds 5
+
+A laptop or a login node runs other work beside a training run. Each round times
+``bench/attention.py``'s fma case (a fresh process per case) under every setting, on an
+idle machine and beside one busy-looping process per ``--compete``, interleaved so that
+the machine's drift hits every setting alike. Settings: fmtrain's defaults, and the
+environment variables a user might set by hand. Prints medians over rounds and writes
+``bench/results/threads-cpu.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+SETTINGS = {
+    "default": {},
+    "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
+    "OMP_WAIT_POLICY=ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
+}
+
+
+def _case(n: int, budget: float, env: dict) -> float | None:
+    cmd = [sys.executable, str(HERE / "attention.py"), "--case", f"fma,{n},1,fwdbwd", "--device", "cpu",
+           "--dtype", "float32", "--heads", "4", "--head-dim", "64", "--budget", str(budget)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        print(r.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])["ms"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=6.0, help="seconds per case")
+    ap.add_argument("--compete", type=int, default=1, help="busy processes beside the run in the loaded rounds")
+    ap.add_argument("--out", default=str(HERE / "results" / "threads-cpu.json"))
+    args = ap.parse_args(argv)
+    times: dict[tuple[str, str], list[float]] = {}
+    for rnd in range(args.rounds):
+        for load in ("idle", f"{args.compete} busy"):
+            busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.compete)] \
+                if load != "idle" else []
+            try:
+                time.sleep(0.5 if busy else 0)
+                for name, extra in SETTINGS.items():
+                    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+                    ms = _case(args.n, args.budget, dict(env, **extra))
+                    if ms is not None:
+                        times.setdefault((name, load), []).append(ms)
+                        print(f"round {rnd + 1} {load:>7} {name:>24}: {ms:8.1f} ms", flush=True)
+            finally:
+                for p in busy:
+                    p.kill()
+                    p.wait()
+    loads = ["idle", f"{args.compete} busy"]
+    rows = [dict(setting=name, load=load, ms=statistics.median(times[(name, load)]), runs=times[(name, load)])
+            for name in SETTINGS for load in loads if (name, load) in times]
+    best = {load: min(r["ms"] for r in rows if r["load"] == load) for load in loads}
+    lines = [f"{'setting':>24} | " + " | ".join(f"{load + ' ms':>12} {'/best':>6}" for load in loads)]
+    for name in SETTINGS:
+        cells = []
+        for load in loads:
+            r = next((r for r in rows if r["setting"] == name and r["load"] == load), None)
+            cells.append(f"{r['ms']:12.1f} {r['ms'] / best[load]:6.2f}" if r else f"{'-':>12} {'-':>6}")
+        lines.append(f"{name:>24} | " + " | ".join(cells))
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(meta=dict(date=time.strftime("%Y-%m-%d %H:%M"), n=args.n, causal=True,
+                                             mode="fwdbwd", compete=args.compete, cpus=os.cpu_count()),
+                                   rows=rows, table=text), indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@ from torch import nn
 
 from . import fma
 from .cache import MultipoleCache
+from .cpu import adapt_torch_threads
 from .rope import apply_rope, rope_angles
 from .summaries import build_summaries
 
@@ -68,6 +69,8 @@ class ProjectedAttention(nn.Module):
             raise ValueError("decoding needs causal attention; this layer is bidirectional (a masked LM)")
         if getattr(self, "sp_group", None) is not None:
             raise ValueError("decoding runs on one device; build the model without a sequence-parallel group")
+        if x.device.type == "cpu":
+            adapt_torch_threads()  # decoding is many small operations: no threads beside a busy process
         q, k, v = self.qkv(x, None)
         return self._project_out(self.attend(q, k, v)), self.new_cache().prefill(q, k, v)
 
@@ -75,6 +78,8 @@ class ProjectedAttention(nn.Module):
     def decode(self, x: torch.Tensor, cache) -> torch.Tensor:
         """One new token per sequence, ``x`` (B, 1, dim) at position ``cache.length`` -> (B, 1, dim);
         ``cache`` takes the token."""
+        if x.device.type == "cpu":
+            adapt_torch_threads()
         q, k, v = self.qkv(x, torch.tensor([cache.length], device=x.device))
         return self._project_out(cache.step(q, k, v))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -155,10 +155,12 @@ def _each_chunk(L: _Layout, rows_per_block: int, fn) -> None:
             for i0, i1 in L.chunks(rows_per_block, bh):
                 fn(bh, i0, i1, local.scratch)
 
-    workers = min(torch.get_num_threads(), len(heads))
-    if workers <= 1 or L.kp.device.type != "cpu":
-        for bh in heads:
-            one_head(bh)
+    on_cpu = L.kp.device.type == "cpu"
+    workers = min(torch.get_num_threads(), len(heads)) if on_cpu else 1
+    if workers <= 1:
+        with _single_op_thread() if on_cpu else nullcontext():
+            for bh in heads:
+                one_head(bh)
         return
     with _single_op_thread(), ThreadPoolExecutor(workers) as pool:
         list(pool.map(one_head, heads))

@@ -25,9 +25,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 SETTINGS = {
-    "default": {},
+    "default (adaptive)": {},
+    "FMTRAIN_FIXED_THREADS=1": {"FMTRAIN_FIXED_THREADS": "1"},  # torch's count whatever the load (before)
     "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
-    "OMP_WAIT_POLICY=ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
 }
 
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
             try:
                 time.sleep(0.5 if busy else 0)
                 for name, extra in SETTINGS.items():
-                    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+                    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "FMTRAIN_FIXED_THREADS")}
                     ms = _case(args.n, args.budget, dict(env, **extra))
                     if ms is not None:
                         times.setdefault((name, load), []).append(ms)

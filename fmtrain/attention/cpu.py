@@ -11,7 +11,8 @@ member that lost its core: on 2 cores beside one busy process the blocked core r
 cores left, at most the thread count torch was given (``OMP_NUM_THREADS`` or
 ``torch.set_num_threads``, which it never exceeds). :func:`adapt_torch_threads` applies
 it to torch: ``fma`` does so on CPU tensors, the trainer and ``generate`` at every step.
-Linux only; elsewhere both return torch's own count.
+``FMTRAIN_FIXED_THREADS=1`` turns the adaptation off (torch's own count, as in a
+benchmark that pins it). Linux only; elsewhere both return torch's own count.
 """
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ def _ceiling() -> int:
 def usable_threads() -> int:
     """Cores of this process's CPUs that other processes left free lately (>= 1)."""
     ceiling = _ceiling()
-    if ceiling <= 1:
-        return 1
+    if ceiling <= 1 or os.environ.get("FMTRAIN_FIXED_THREADS", "0") not in ("", "0"):
+        return ceiling
     with _lock:
         now = time.monotonic()
         last = _state.get("last")

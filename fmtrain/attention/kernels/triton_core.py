@@ -68,6 +68,21 @@ def _softmax_step(s, v, mx, tot, acc, PRECISION: tl.constexpr, UPCAST: tl.conste
     return mx_new, tot, acc
 
 
+@triton.jit
+def _coarse_tile(KS, VS, IDX, BIAS, a, c0, S, T, bkv, cs, c, cok, d: tl.constexpr):
+    """Coarse slots [c0, c0 + BLOCK_C) of block ``a``'s table row: their summaries' keys and
+    values (BLOCK_C, BLOCK_D), gathered (the dummy slot T reads as zeros), their natural-log
+    weights (-inf: masked or past S) and which slots exist."""
+    sok = (c0 + cs) < S
+    idx = tl.load(IDX + a * S + c0 + cs, mask=sok, other=T).to(tl.int64)
+    bias = tl.load(BIAS + a * S + c0 + cs, mask=sok, other=float("-inf"))
+    gok = (idx < T)[:, None] & cok[None, :]
+    srow = (bkv * T + idx)[:, None] * d + c[None, :]
+    kc = tl.load(KS + srow, mask=gok, other=0.0)
+    vc = tl.load(VS + srow, mask=gok, other=0.0)
+    return kc, vc, bias, sok
+
+
 @triton.jit(do_not_specialize=_FWD_INTS)
 def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
                 n, nq, a0, H, G, T, S, qk_scale,  # qk_scale = scale * log2(e)
@@ -103,13 +118,7 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
 
     cs = tl.arange(0, BLOCK_C)
     for c0 in range(0, S, BLOCK_C):  # coarse slots, gathered through the block's table row
-        sok = (c0 + cs) < S
-        idx = tl.load(IDX + a * S + c0 + cs, mask=sok, other=T).to(tl.int64)
-        bias = tl.load(BIAS + a * S + c0 + cs, mask=sok, other=float("-inf"))
-        gok = (idx < T)[:, None] & cok[None, :]  # the dummy slot T reads as zeros
-        srow = (bkv * T + idx)[:, None] * d + c[None, :]
-        kc = tl.load(KS + srow, mask=gok, other=0.0)
-        vc = tl.load(VS + srow, mask=gok, other=0.0)
+        kc, vc, bias, sok = _coarse_tile(KS, VS, IDX, BIAS, a, c0, S, T, bkv, cs, c, cok, d)
         # Own names: a name bound before a loop is loop-carried in compiled Triton and must keep
         # its shape, and the fine scores above are (BLOCK_M, BLOCK_M), these (BLOCK_M, BLOCK_C).
         sc = _mm(q, tl.trans(kc), PRECISION, UPCAST) * qk_scale + (bias * 1.4426950408889634)[None, :]
@@ -166,13 +175,7 @@ def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, DO, LSE, DELTA, DQ, DKS_P, DVS_P,
 
     cs = tl.arange(0, BLOCK_C)
     for c0 in range(0, S, BLOCK_C):
-        sok = (c0 + cs) < S
-        idx = tl.load(IDX + a * S + c0 + cs, mask=sok, other=T).to(tl.int64)
-        bias = tl.load(BIAS + a * S + c0 + cs, mask=sok, other=float("-inf"))
-        gok = (idx < T)[:, None] & cok[None, :]
-        srow = (bkv * T + idx)[:, None] * d + c[None, :]
-        kc = tl.load(KS + srow, mask=gok, other=0.0)
-        vc = tl.load(VS + srow, mask=gok, other=0.0)
+        kc, vc, bias, sok = _coarse_tile(KS, VS, IDX, BIAS, a, c0, S, T, bkv, cs, c, cok, d)
         # Own names (not s, p, dp, ds): see the forward's coarse loop.
         sc = _mm(q, tl.trans(kc), PRECISION, UPCAST) * qk_scale + (bias * 1.4426950408889634)[None, :]
         pc = tl.where((bias > float("-inf"))[None, :], tl.exp2(sc - lse2[:, None]), 0.0)

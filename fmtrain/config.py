@@ -71,6 +71,14 @@ class ModelConfig:
                                           "model.mlp_multiple.", min=1)
     mlp_multiple: int = option(64, "The default mlp_hidden is rounded up to a multiple of this.", min=1)
     tie_embeddings: bool = option(True, "Share the input embedding and output projection weights.")
+    qkv_bias: bool = option(False, "Biases on the query/key/value projections (Qwen2 has them).")
+    out_bias: bool = option(False, "A bias on the attention output projection.")
+    mlp_bias: bool = option(False, "Biases on the SwiGLU projections.")
+    init_from: str = option("", "Start from these weights: a Hugging Face folder (config.json, "
+                                "*.safetensors; Llama, Mistral, Qwen2) or an fmtrain checkpoint, run or "
+                                "model-only export (weights only: fresh optimizer, schedule and data "
+                                "position). The architecture fields of [model] and data.tokenizer are "
+                                "filled from it; the attention fields stay yours.")
     attention: str = option("fma", "'fma' (multipole attention), 'sdpa' (full attention, baseline) or "
                                    "'local' (fine level of fma only, baseline).",
                             choices=("fma", "sdpa", "local"))
@@ -363,6 +371,10 @@ def from_dict(data: dict[str, Any]) -> Config:
                 errors.append(str(e))
         sections[sec_name] = sec_cls(**kwargs)
     cfg = Config(**sections)
+    if not errors and cfg.model.init_from:  # fill [model] from the weights' own config (fmtrain/pretrained.py)
+        from .pretrained import fill_config
+
+        errors = fill_config(cfg, {s: set(v) for s, v in data.items() if isinstance(v, dict)})
     if not errors:
         errors = _range_errors(cfg)
     if not errors:

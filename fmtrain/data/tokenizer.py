@@ -250,14 +250,51 @@ class _Counted:
         return s
 
 
+def is_hf_tokenizer_file(path: str | Path) -> bool:
+    """``path`` is a Hugging Face ``tokenizer.json`` (see fmtrain/data/hf_tokenizer.py)."""
+    from fmtrain.data.hf_tokenizer import is_hf_tokenizer_file as check
+
+    return check(path)
+
+
+def _hf_tokenizer_file(path: Path) -> Path | None:
+    """The Hugging Face tokenizer ``path`` names: a tokenizer.json, a folder holding one, or the
+    ``tokenizer.model`` a checkpoint of a run on a Hugging Face tokenizer does not have."""
+    if path.is_dir():
+        candidate = path / "tokenizer.json"
+    elif path.suffix == ".json" or (path.name == "tokenizer.model" and not path.exists()):
+        candidate = path.with_name("tokenizer.json") if path.suffix != ".json" else path
+    else:
+        return None
+    return candidate if is_hf_tokenizer_file(candidate) else None
+
+
+def tokenizer_files(path: str | Path) -> list[tuple[Path, str]]:
+    """(file, name in a checkpoint) of every file the tokenizer at ``path`` is made of."""
+    path = Path(path)
+    if is_hf_tokenizer_file(path):
+        from fmtrain.data.hf_tokenizer import FILES
+
+        return [(path, FILES[0])] + [(path.parent / n, n) for n in FILES[1:] if (path.parent / n).is_file()]
+    return [(p, "tokenizer" + p.suffix) for p in (path, path.with_suffix(".json")) if p.is_file()]
+
+
 def load_tokenizer(path: str | Path, *, vocab_size: int | None = None, need_mask: bool = False) -> Tokenizer:
-    """Load `<path>` (a `.model` file, its name without `.model`, or a folder holding `tokenizer.model`).
+    """Load `<path>` (a `.model` file, its name without `.model`, or a folder holding `tokenizer.model`),
+    or a Hugging Face tokenizer: a `tokenizer.json`, or a folder holding one (preferred over a
+    `tokenizer.model` beside it), with its `tokenizer_config.json`.
 
     Args:
-        vocab_size: the model config's vocabulary size; a different tokenizer size is an error.
+        vocab_size: the model config's vocabulary size; a different tokenizer size is an error
+            (a Hugging Face tokenizer may be smaller: pretrained embeddings are often padded).
         need_mask: the objective is masked LM, so the tokenizer must have a `<mask>` piece.
     """
     path = Path(path)
+    hf = _hf_tokenizer_file(path)
+    if hf is not None:
+        from fmtrain.data.hf_tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(hf, vocab_size=vocab_size, need_mask=need_mask)
     if path.is_dir():
         path = path / "tokenizer.model"
     elif not path.exists() and path.suffix != ".model":

@@ -381,3 +381,137 @@ def test_init_from_an_fmtrain_run_takes_the_weights_only(tmp_path, hf_tokenizer,
     assert first_eval < losses(tmp_path / "first")[0] - 0.3
     saved = (tmp_path / "cont" / "config.toml").read_text()
     assert 'attention = "fma"' in saved and "dim = 64" in saved
+
+
+# --------------------------------------------------------------------------- export
+SP_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizer" / "stdlib-4k.model"
+
+
+def model_only(folder: Path, corpus: Path, tokenizer: Path, seed: int = 0, **model) -> Path:
+    """A model-only export (what ``python -m fmtrain.checkpoint export`` writes) of a random fmtrain
+    model with perturbed norms, without a training run."""
+    from safetensors.torch import save_file
+
+    from fmtrain.checkpoint import META, _file_sizes
+    from fmtrain.config import save_config
+    from fmtrain.data.tokenizer import load_tokenizer, tokenizer_files
+    from fmtrain.model import build_model
+
+    tok = load_tokenizer(tokenizer)
+    cfg = from_dict({"run": {"dir": str(folder)}, "model": {"vocab_size": tok.vocab_size, "dim": 64, "n_layers": 2,
+                                                             "n_heads": 4, "n_kv_heads": 2, "block_size": 16,
+                                                             **model},
+                     "data": {"corpus": [f"{corpus}/*.txt"], "seq_len": 256, "tokenizer": str(tokenizer)}})
+    torch.manual_seed(seed)
+    net = build_model(cfg.model)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    folder.mkdir(parents=True)
+    save_config(cfg, folder)
+    save_file({k: v.clone().contiguous() for k, v in net.state_dict().items()}, folder / "model.safetensors")
+    for src, name in tokenizer_files(tok.path):
+        shutil.copy2(src, folder / name)
+    (folder / META).write_text(json.dumps(dict(step=0, tokens_seen=0, format="model-only", world_size=1, dp_size=1,
+                                               sp_size=1, zero_stage=None, files=_file_sizes(folder))))
+    return folder
+
+
+def fmtrain_model(ckpt: Path):
+    from fmtrain.checkpoint import load_config_of, load_model_state
+    from fmtrain.model import build_model
+
+    net = build_model(load_config_of(ckpt).model)
+    net.load_state_dict(load_model_state(ckpt))
+    return net.double().eval()
+
+
+PLAIN = """
+import sys, torch
+sys.modules["fmtrain"] = None  # plain transformers: any import of fmtrain fails
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float64).eval()
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = model(ids).logits
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+torch.save({"logits": logits, "class": type(model).__name__, "ids": tok(sys.argv[3], add_special_tokens=False)["input_ids"]},
+           sys.argv[4])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["sentencepiece-tied", "hf-tokenizer-untied-biases"])
+def test_sdpa_export_loads_in_plain_transformers(tmp_path, corpus, hf_tokenizer, case):
+    from fmtrain.data.tokenizer import load_tokenizer
+    from fmtrain.hf import export
+
+    if case == "sentencepiece-tied":  # the SentencePiece model is converted to a tokenizer.json
+        ckpt = model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="sdpa")
+    else:  # q/k/v and MLP biases (no o_proj bias: written as zeros), untied embeddings
+        ckpt = model_only(tmp_path / "ckpt", corpus, hf_tokenizer, attention="sdpa", tie_embeddings=False,
+                          qkv_bias=True, mlp_bias=True)
+    out = export(ckpt, tmp_path / "out")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"} <= {p.name for p in out.iterdir()}
+    assert "fmtrain" not in (out / "config.json").read_text()
+    tok = load_tokenizer(ckpt)
+    ids = torch.randint(0, tok.vocab_size, (2, 96), generator=torch.Generator().manual_seed(3))
+    torch.save(ids, tmp_path / "ids.pt")
+    text = (sorted(corpus.glob("*.txt"))[0].read_text())[:3000] + " é ✓\t\t x  "
+    subprocess.run([sys.executable, "-c", PLAIN, out, tmp_path / "ids.pt", text, tmp_path / "got.pt"], check=True,
+                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    got = torch.load(tmp_path / "got.pt")
+    assert got["class"] == "LlamaForCausalLM"
+    assert rel(got["logits"], fmtrain_model(ckpt).logits(ids)) < REL
+    want = tok.sp.encode(text) if case == "sentencepiece-tied" else tok.encode(text)
+    assert got["ids"] == want
+
+
+def test_fma_export_loads_through_the_auto_classes_and_generates(tmp_path, corpus):
+    import fmtrain.hf  # noqa: F401  (registers model_type "fmtrain")
+    from fmtrain.hf import export
+
+    ckpt = model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma", summary="m2m")
+    net = fmtrain_model(ckpt)
+    with torch.no_grad():  # trained-looking summaries: exported as they are
+        for s in net.modules():
+            if hasattr(s, "leaf"):
+                s.leaf.add_(0.05 * torch.randn_like(s.leaf))
+    out = export(ckpt, tmp_path / "out")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "fmtrain" and cfg["architectures"] == ["FmtrainForCausalLM"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
+    assert type(model).__name__ == "FmtrainForCausalLM"
+    net = fmtrain_model(ckpt)
+    ids = torch.randint(0, 4096, (1, 200), generator=torch.Generator().manual_seed(4))  # 13 blocks: coarse levels
+    with torch.no_grad():
+        assert rel(model(ids).logits, net.logits(ids)) < 1e-12
+    # Greedy generate() equals a greedy loop over fmtrain's logits (fmtrain.generate's oracle path).
+    prompt = ids[:, :40]
+    got = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, 40:].tolist()
+    seq = prompt[0].tolist()
+    for _ in range(12):
+        seq.append(int(net.logits(torch.tensor([seq]))[0, -1].argmax()))
+    assert got == seq[40:]
+
+
+def test_export_refusals_write_nothing(tmp_path, corpus):
+    from fmtrain.hf import ExportError, export
+
+    mlm = model_only(tmp_path / "mlm", corpus, SP_TOKENIZER, kind="mlm")
+    with pytest.raises(ExportError, match="masked LMs are not exported"):
+        export(mlm, tmp_path / "out")
+    causal = model_only(tmp_path / "causal", corpus, SP_TOKENIZER)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(ExportError, match="exists and is not empty"):
+        export(causal, tmp_path / "full")
+    (causal / "tokenizer.model").write_bytes(b"not a model")  # a damaged checkpoint
+    with pytest.raises(ExportError, match="tokenizer.model has 11 bytes"):
+        export(causal, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    # The command line: exit status 2 and the message.
+    r = fmtrain("fmtrain.hf", "export", mlm, tmp_path / "out", check=False)
+    assert r.returncode == 2 and "masked LMs are not exported" in r.stderr, r.stderr

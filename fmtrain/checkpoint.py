@@ -226,7 +226,7 @@ class Checkpointer:
         try:  # the same ranks with another data.batch_size also re-split the stream
             loader.load_state_dict(mine["loader"], allow_resplit=self.cfg.checkpoint.resplit)
         except ValueError as exc:
-            raise CheckpointError(f"{path}: {exc}" + ("" if self.cfg.checkpoint.resplit else
+            raise CheckpointError(f"{path}: {exc}" + ("" if self.cfg.checkpoint.resplit or "init_from" in str(exc) else
                                   " (in fmtrain: set checkpoint.resplit = true, --checkpoint.resplit=true)")) from None
         _set_rng_state(mine["rng"])
         state.step, state.tokens_seen = meta["step"], meta["tokens_seen"]

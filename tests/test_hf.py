@@ -1,6 +1,7 @@
 """Hugging Face interop with the real transformers library: tiny random Llama, Qwen2 and
 Mistral models are built and saved here, imported into fmtrain (model.init_from), trained
 on, and exported back (python -m fmtrain.hf export)."""
+import importlib
 import json
 import os
 import shutil
@@ -359,6 +360,15 @@ def test_continued_pretraining_from_hf_trains_and_resumes_bitwise(tmp_path, hf_t
     gen = fmtrain("fmtrain.generate", tmp_path / "split", "--prompt", "def ", "--tokens", "8",
                   "--temperature", "0")
     assert gen.stdout.startswith("def ")
+    # Exported (fma: model_type "fmtrain") and loaded through the Auto classes: fmtrain's logits.
+    importlib.import_module("fmtrain.hf")  # registers model_type "fmtrain"
+    fmtrain("fmtrain.hf", "export", tmp_path / "split", tmp_path / "exported")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float64).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    ids = torch.tensor([tok("def main(argv):\n    return 0\n" * 8, add_special_tokens=False)["input_ids"]])
+    assert ids.shape[1] > 64  # beyond the fine level's reach
+    with torch.no_grad():
+        assert rel(model(ids).logits, fmtrain_model(ckpt).logits(ids)) < 1e-12
 
 
 @pytest.mark.slow
@@ -366,11 +376,15 @@ def test_init_from_an_fmtrain_run_takes_the_weights_only(tmp_path, hf_tokenizer,
     hf = make_hf(tmp_path / "hf", "llama", tokenizer=hf_tokenizer)
     first = run_config(tmp_path, "first", hf, corpus, attention="sdpa")
     fmtrain("fmtrain.train", first)
-    # A new run from it: another corpus (half the files), another length, another attention.
+    # Continuing the run itself on other data is refused, with the way to do it.
     other = tmp_path / "other"
     other.mkdir()
     for f in sorted(corpus.glob("*.txt"))[::2]:
         shutil.copy2(f, other / f.name)
+    r = fmtrain("fmtrain.train", first, f"--data.corpus={other}/*.txt", "--train.steps=8", check=False)
+    assert r.returncode == 2 and "start a new run.dir with model.init_from" in r.stderr, r.stderr[-2000:]
+    assert "checkpoint.resplit" not in r.stderr
+    # A new run from it: another corpus (half the files), another length, another attention.
     cont = run_config(tmp_path, "cont", tmp_path / "first", other, attention="fma", seq_len=256)
     r = fmtrain("fmtrain.train", cont, "--train.steps=2")
     assert f"weights from {tmp_path / 'first'}" in r.stdout and "resumed" not in r.stdout
@@ -436,8 +450,8 @@ ids = torch.load(sys.argv[2])
 with torch.no_grad():
     logits = model(ids).logits
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
-torch.save({"logits": logits, "class": type(model).__name__, "ids": tok(sys.argv[3], add_special_tokens=False)["input_ids"]},
-           sys.argv[4])
+ids = tok(sys.argv[3], add_special_tokens=False)["input_ids"]
+torch.save({"logits": logits, "class": type(model).__name__, "ids": ids}, sys.argv[4])
 """
 
 

@@ -9,7 +9,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fmtrain.hf", description="Hugging Face interop.")
     sub = ap.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="write a Hugging Face folder (config.json, model.safetensors, tokenizer)",
-                        description="sdpa models become LlamaForCausalLM (or Qwen2ForCausalLM), loadable by plain "
+                        description="sdpa models become LlamaForCausalLM, loadable by plain "
                                     "transformers; fma/local models become model_type 'fmtrain', loadable by "
                                     "AutoModelForCausalLM after `import fmtrain.hf`.")
     ex.add_argument("checkpoint", help="a checkpoint folder, a checkpoints folder or a run folder (newest)")

@@ -483,6 +483,7 @@ def test_sdpa_export_loads_in_plain_transformers(tmp_path, corpus, hf_tokenizer,
     assert got["ids"] == want
 
 
+@pytest.mark.slow
 def test_fma_export_loads_through_the_auto_classes_and_generates(tmp_path, corpus):
     import fmtrain.hf  # noqa: F401  (registers model_type "fmtrain")
     from fmtrain.hf import export
@@ -503,12 +504,17 @@ def test_fma_export_loads_through_the_auto_classes_and_generates(tmp_path, corpu
     with torch.no_grad():
         assert rel(model(ids).logits, net.logits(ids)) < 1e-12
     # Greedy generate() equals a greedy loop over fmtrain's logits (fmtrain.generate's oracle path).
+    # Through fmtrain's multipole cache (use_cache, the default) and recomputing every step.
     prompt = ids[:, :40]
-    got = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, 40:].tolist()
     seq = prompt[0].tolist()
-    for _ in range(12):
+    for _ in range(30):  # 40 + 30 tokens: past the fine level's reach (2 blocks of 16), coarse levels in use
         seq.append(int(net.logits(torch.tensor([seq]))[0, -1].argmax()))
-    assert got == seq[40:]
+    decode, steps = model.model.decode, []
+    model.model.decode = lambda *a: steps.append(1) or decode(*a)  # count the cache's steps
+    for use_cache in (True, False):
+        got = model.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=None, use_cache=use_cache)
+        assert got[0, 40:].tolist() == seq[40:], use_cache
+        assert len(steps) == 29  # prefill gives the first token, 29 decode steps the rest; none without cache
 
 
 def test_export_refusals_write_nothing(tmp_path, corpus):

@@ -162,8 +162,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fp32
 
         config = _hf_config(cfg, arch, tok, DTYPES[dtype])
         config.save_pretrained(tmp)
-        GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                         use_cache=arch != "FmtrainForCausalLM").save_pretrained(tmp)
+        GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                         pad_token_id=tok.pad_id).save_pretrained(tmp)
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "source": str(ckpt)})
         _write_tokenizer(tok, tmp, cfg.data.seq_len, _sample_texts(cfg))
         if out.exists():

@@ -6,9 +6,12 @@ parameters are ``model.<fmtrain name>``), so multipole (``fma``) and local
 attention run in transformers exactly as in fmtrain. :func:`register` adds both
 to transformers' Auto classes; ``import fmtrain.hf`` calls it.
 
-Generation: every new token re-runs the model over the whole context (no key/value
-cache yet: ``use_cache`` is ignored). Padding masks are not supported: give
-sequences of one length (batch of one for prompts of different lengths).
+Generation: ``generate()`` goes through fmtrain's decoding cache (``model.prefill``
+once over the prompt, then ``model.decode`` per token: the multipole cache for
+``fma``/``local``, a key/value cache for ``sdpa``); with ``use_cache=False`` every
+new token re-runs the model over the whole context. Padding masks are not
+supported: give sequences of one length (batch of one for prompts of different
+lengths).
 """
 from __future__ import annotations
 
@@ -77,14 +80,26 @@ class FmtrainForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.model.trunk.tok_emb
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # fmtrain's own cache (DecodeCache), made by the first generation step
+
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
+                cache=None, use_cache: bool | None = None, fmtrain_generation: bool = False,
                 **kwargs) -> CausalLMOutputWithPast:
         """Logits (B, n, vocab) for every position; with ``labels`` (transformers' convention: the
-        inputs, shifted inside) also the mean cross-entropy of the next tokens."""
+        inputs, shifted inside) also the mean cross-entropy of the next tokens. Within ``generate()``
+        with ``use_cache``: the next token's logits (B, 1, vocab) and the decoding ``cache``."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise NotImplementedError("fmtrain models take no padding mask: pass sequences of one length "
                                       "(prompts of different lengths one at a time)")
+        if fmtrain_generation and use_cache:
+            if cache is None:
+                logits, cache = self.model.prefill(input_ids)
+            else:
+                logits, cache = self.model.decode(input_ids[:, -1], cache)
+            return CausalLMOutputWithPast(logits=logits[:, None], cache=cache)
         positions = position_ids[0] if position_ids is not None and position_ids.dim() == 2 \
             and bool((position_ids == position_ids[:1]).all()) else position_ids
         logits = self.model.head(self.model.trunk(input_ids, positions))  # (B, n, V)
@@ -94,9 +109,11 @@ class FmtrainForCausalLM(PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask=None, **kwargs):
-        # No cache: the whole context every step.
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask=None, cache=None,
+                                      use_cache: bool | None = None, **kwargs):
+        # The whole context on the first step (and on every step without the cache); then the new token.
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache,
+                "use_cache": use_cache, "fmtrain_generation": True}
 
 
 def register() -> None:

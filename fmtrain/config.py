@@ -95,6 +95,11 @@ class ModelConfig:
                        choices=("auto", "torch", "triton", "dense"))
     rope_theta: float = option(10000.0, "RoPE base; raise it (e.g. 500000) for very long contexts.",
                                min=1.0)
+    rope_scaling: dict[str, Any] = option(help="RoPE frequency scaling as in transformers' rope_parameters: "
+                                               "{rope_type = 'llama3', factor = 8.0, low_freq_factor = 1.0, "
+                                               "high_freq_factor = 4.0, original_max_position_embeddings = "
+                                               "8192} (Llama 3.1) or {rope_type = 'linear', factor = F}; "
+                                               "empty: plain RoPE.", factory=dict)
     max_seq_len: int | None = option(None, "Longest sequence summary='conv' is built for (its "
                                            "parameters grow with it); unused otherwise.", min=1)
     norm_eps: float = option(1e-5, "RMSNorm epsilon.", min=0.0)
@@ -429,6 +434,17 @@ def _consistency_errors(cfg: Config) -> list[str]:
     if m.n_heads % m.kv_heads:
         e.append(f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads={m.n_heads}; "
                  f"choose among {_divisors(m.n_heads, m.n_heads)}")
+    if m.rope_scaling:
+        from .attention.rope import ROPE_SCALINGS
+
+        need = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                "linear": ("factor",)}.get(m.rope_scaling.get("rope_type"))
+        if need is None:
+            e.append(f"model.rope_scaling.rope_type={m.rope_scaling.get('rope_type')!r} is not one of "
+                     f"{', '.join(map(repr, ROPE_SCALINGS))}")
+        elif missing := [k for k in need if not isinstance(m.rope_scaling.get(k), (int, float))]:
+            e.append(f"model.rope_scaling of rope_type {m.rope_scaling['rope_type']!r} needs the numbers "
+                     f"{', '.join(missing)}")
     if m.attention in ("fma", "local") and m.block_size % m.rank:
         e.append(f"model.rank={m.rank} does not divide model.block_size={m.block_size} (each block "
                  "is split into rank sub-windows); e.g. block_size=64, rank=2")

@@ -83,10 +83,11 @@ def make_attention(cfg: ModelConfig, causal: bool) -> nn.Module:
             cfg.dim, cfg.n_heads, cfg.kv_heads, block_size=cfg.block_size, rank=cfg.rank,
             causal=causal, variant=cfg.variant, summary=cfg.summary, weighted=cfg.weighted,
             rope=True, rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len, impl=cfg.impl,
-            max_level=0 if cfg.attention == "local" else None, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias)
+            max_level=0 if cfg.attention == "local" else None, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
+            rope_scaling=cfg.rope_scaling)
     if cfg.attention == "sdpa":
         return FullAttention(cfg.dim, cfg.n_heads, cfg.kv_heads, causal=causal, rope_theta=cfg.rope_theta,
-                             qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias)
+                             qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, rope_scaling=cfg.rope_scaling)
     raise ValueError(f"model.attention={cfg.attention!r} is not one of 'fma', 'sdpa', 'local'")
 
 

@@ -46,13 +46,14 @@ from .config import Config, ConfigError, ModelConfig
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 # [model] fields that describe the weights: filled from the source.
 ARCH_FIELDS = ("kind", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "tie_embeddings",
-               "norm_eps", "rope_theta", "qkv_bias", "out_bias", "mlp_bias")
-# Of those, the ones an explicit value may change: raising the RoPE base is how contexts are extended.
-OVERRIDABLE = {"rope_theta"}
+               "norm_eps", "rope_theta", "rope_scaling", "qkv_bias", "out_bias", "mlp_bias")
+# Of those, the ones an explicit value may change: a new RoPE base or scaling is how contexts are extended.
+OVERRIDABLE = {"rope_theta", "rope_scaling"}
 # config.json's name of each field, for messages.
 _HF_NAMES = dict(kind="architectures", vocab_size="vocab_size", dim="hidden_size", n_layers="num_hidden_layers",
                  n_heads="num_attention_heads", n_kv_heads="num_key_value_heads", mlp_hidden="intermediate_size",
                  tie_embeddings="tie_word_embeddings", norm_eps="rms_norm_eps", rope_theta="rope_theta",
+                 rope_scaling="rope_parameters",
                  qkv_bias="attention_bias", out_bias="attention_bias", mlp_bias="mlp_bias")
 # Tensors of Hugging Face checkpoints that hold no weights (older Llama exports saved RoPE's table).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -94,13 +95,16 @@ def hf_model_fields(hf: dict[str, Any], where: str) -> tuple[dict[str, Any], int
             f"hidden_size={dim}; fmtrain's attention needs head_dim = hidden_size / num_attention_heads")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"model.init_from={where!r}: hidden_act={hf['hidden_act']!r}; fmtrain's MLP is SwiGLU (silu)")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
+    rope = dict(hf.get("rope_scaling") or {}, **(hf.get("rope_parameters") or {}))  # transformers 4 / 5 names
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    scaling_keys = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                    "linear": ("factor",), "default": ()}
+    if rope_type not in scaling_keys:
         raise ConfigError(
-            f"model.init_from={where!r}: RoPE scaling {rope_type!r} is not supported (fmtrain's RoPE is the "
-            "plain one with a base model.rope_theta); models with rope_type 'default' import")
+            f"model.init_from={where!r}: RoPE scaling {rope_type!r} is not supported; fmtrain has plain RoPE "
+            "(rope_type 'default') and the 'llama3' and 'linear' scalings")
+    scaling = {"rope_type": rope_type, **{k: rope[k] for k in scaling_keys[rope_type]}} if rope_type != "default" \
+        else {}
     if float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
         raise ConfigError(f"model.init_from={where!r}: partial rotary embeddings are not supported")
     theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
@@ -115,7 +119,7 @@ def hf_model_fields(hf: dict[str, Any], where: str) -> tuple[dict[str, Any], int
         window = hf.get("sliding_window")
     fields = dict(kind="causal", vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv,
                   mlp_hidden=hidden, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                  norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+                  norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
                   qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=mlp_bias)
     return fields, (int(window) if window else None)
 
@@ -453,7 +457,7 @@ def load_model(path: str | os.PathLike, *, seq_len: int = 2048, **model_fields):
     from .model import build_model
 
     cfg = from_dict({"run": {"dir": "."}, "model": {"init_from": str(path), **model_fields},
-                     "data": {"seq_len": seq_len}})
+                     "data": {"seq_len": seq_len, "tokenizer": "(not needed)"}})
     files = check_hf_weights(Path(path), cfg.model) if is_hf_folder(path) else None
     init = Init(str(path), "hf", files=files) if files else Init(str(path), "fmtrain",
                                                                   checkpoint=_fmtrain_source(Path(path))[0])

@@ -60,8 +60,8 @@ def make_hf(folder: Path, arch: str = "llama", *, tied: bool = True, kv_heads: i
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
-                  tie_word_embeddings=tied, max_position_embeddings=512, rope_theta=1000.0,
-                  bos_token_id=0, eos_token_id=1, pad_token_id=2, **extra)
+                  tie_word_embeddings=tied, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
+                  pad_token_id=2, **{"rope_theta": 1000.0, **extra})
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(attention_bias=bias, mlp_bias=bias, **common))
     elif arch == "qwen2":
@@ -93,6 +93,9 @@ CASES = {  # id: (arch, keyword arguments of make_hf)
     "qwen2-untied-gqa-padded": ("qwen2", dict(tied=False, kv_heads=1, vocab=VOCAB + 16)),
     "qwen2-tied-gqa": ("qwen2", dict(tied=True, kv_heads=2)),
     "mistral-gqa": ("mistral", dict(tied=False, kv_heads=2, sliding_window=None)),
+    "llama-rope-llama3": ("llama", dict(rope_parameters=dict(  # Llama 3.1's scaling, at a small original length
+        rope_type="llama3", rope_theta=1000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64))),
 }
 
 
@@ -109,6 +112,9 @@ def test_imported_logits_equal_transformers(tmp_path, hf_tokenizer, case):
         got = model.logits(ids)
         assert got.shape == ref.shape
         assert rel(got, ref) < REL, (attention, rel(got, ref))
+    if "rope_parameters" in kw:  # the scaling matters here: plain RoPE would differ
+        plain = load_model(folder, attention="sdpa", rope_scaling={}).double().eval()
+        assert rel(plain.logits(ids), ref) > 100 * REL
     # The mapping is what makes them equal: swap two heads of one k/v projection and they differ.
     model = load_model(folder, attention="sdpa").double().eval()
     with torch.no_grad():
@@ -461,8 +467,10 @@ def test_sdpa_export_loads_in_plain_transformers(tmp_path, corpus, hf_tokenizer,
     from fmtrain.data.tokenizer import load_tokenizer
     from fmtrain.hf import export
 
-    if case == "sentencepiece-tied":  # the SentencePiece model is converted to a tokenizer.json
-        ckpt = model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="sdpa")
+    if case == "sentencepiece-tied":  # the SentencePiece model is converted to a tokenizer.json; Llama 3.1's RoPE
+        ckpt = model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="sdpa", rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=64))
     else:  # q/k/v and MLP biases (no o_proj bias: written as zeros), untied embeddings
         ckpt = model_only(tmp_path / "ckpt", corpus, hf_tokenizer, attention="sdpa", tie_embeddings=False,
                           qkv_bias=True, mlp_bias=True)

@@ -67,7 +67,7 @@ def _hf_config(cfg: Config, arch: str, tok: Tokenizer, dtype: torch.dtype):
                   num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads,
                   rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
                   max_position_embeddings=cfg.data.seq_len,
-                  rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+                  rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta, **m.rope_scaling},
                   hidden_act="silu", architectures=[arch], dtype=dtype_name, **special)
     return transformers.LlamaConfig(head_dim=m.head_dim, attention_bias=m.qkv_bias or m.out_bias,
                                     mlp_bias=m.mlp_bias, **common)

@@ -300,25 +300,38 @@ def check_hf_weights(folder: Path, m: ModelConfig) -> dict[str, Path]:
     return files
 
 
-def hf_to_fmtrain(get, m: ModelConfig) -> dict[str, torch.Tensor]:
-    """fmtrain state dict from Llama-style tensors (``get(name)``): k/v and gate/up are fused."""
-    sd = {"trunk.tok_emb.weight": get("model.embed_tokens.weight"), "trunk.norm.weight": get("model.norm.weight")}
-    sd["head.weight"] = sd["trunk.tok_emb.weight"] if m.tie_embeddings else get("lm_head.weight")
+def hf_recipes(m: ModelConfig) -> dict[str, list[str]]:
+    """fmtrain tensor -> the Llama-style tensors it is made of, concatenated along rows
+    (k/v into ``wkv``, gate/up into ``w13``)."""
+    out = {"trunk.tok_emb.weight": ["model.embed_tokens.weight"], "trunk.norm.weight": ["model.norm.weight"],
+           "head.weight": ["model.embed_tokens.weight" if m.tie_embeddings else "lm_head.weight"]}
     for i in range(m.n_layers):
         p, q = f"model.layers.{i}.", f"trunk.blocks.{i}."
         a, mlp = p + "self_attn.", p + "mlp."
-        sd[q + "norm1.weight"] = get(p + "input_layernorm.weight")
-        sd[q + "norm2.weight"] = get(p + "post_attention_layernorm.weight")
+        out[q + "norm1.weight"] = [p + "input_layernorm.weight"]
+        out[q + "norm2.weight"] = [p + "post_attention_layernorm.weight"]
         for kind in ("weight",) + (("bias",) if m.qkv_bias else ()):
-            sd[q + f"attn.wq.{kind}"] = get(a + f"q_proj.{kind}")
-            sd[q + f"attn.wkv.{kind}"] = torch.cat([get(a + f"k_proj.{kind}"), get(a + f"v_proj.{kind}")])
-        sd[q + "attn.wo.weight"] = get(a + "o_proj.weight")
+            out[q + f"attn.wq.{kind}"] = [a + f"q_proj.{kind}"]
+            out[q + f"attn.wkv.{kind}"] = [a + f"k_proj.{kind}", a + f"v_proj.{kind}"]
+        out[q + "attn.wo.weight"] = [a + "o_proj.weight"]
         if m.out_bias:
-            sd[q + "attn.wo.bias"] = get(a + "o_proj.bias")
+            out[q + "attn.wo.bias"] = [a + "o_proj.bias"]
         for kind in ("weight",) + (("bias",) if m.mlp_bias else ()):
-            sd[q + f"mlp.w13.{kind}"] = torch.cat([get(mlp + f"gate_proj.{kind}"), get(mlp + f"up_proj.{kind}")])
-            sd[q + f"mlp.w2.{kind}"] = get(mlp + f"down_proj.{kind}")
-    return sd
+            out[q + f"mlp.w13.{kind}"] = [mlp + f"gate_proj.{kind}", mlp + f"up_proj.{kind}"]
+            out[q + f"mlp.w2.{kind}"] = [mlp + f"down_proj.{kind}"]
+    return out
+
+
+def hf_to_fmtrain(get, m: ModelConfig, lazy: bool = False) -> dict:
+    """fmtrain state dict from Llama-style tensors (``get(name)``). ``lazy``: each value is a
+    function that forms the tensor, so that weights are converted one at a time."""
+    def form(names):
+        return get(names[0]) if len(names) == 1 else torch.cat([get(n) for n in names])
+
+    recipes = hf_recipes(m)
+    if lazy:
+        return {k: (lambda names=names: form(names)) for k, names in recipes.items()}
+    return {k: form(names) for k, names in recipes.items()}
 
 
 def fmtrain_to_hf(sd: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
@@ -345,8 +358,9 @@ def fmtrain_to_hf(sd: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torc
 
 
 def load_hf_state(folder: str | os.PathLike, m: ModelConfig, files: dict[str, Path] | None = None,
-                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """fmtrain state dict (``dtype``) of a Hugging Face folder (checked by :func:`check_hf_weights`)."""
+                  dtype: torch.dtype = torch.float32, lazy: bool = False) -> dict:
+    """fmtrain state dict (``dtype``) of a Hugging Face folder (checked by :func:`check_hf_weights`);
+    ``lazy``: values are functions reading their tensor when called (see :func:`load_weights`)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -359,7 +373,7 @@ def load_hf_state(folder: str | os.PathLike, m: ModelConfig, files: dict[str, Pa
             handles[f] = safe_open(str(f), framework="pt")
         return handles[f].get_tensor(name).to(dtype)
 
-    return hf_to_fmtrain(get, m)
+    return hf_to_fmtrain(get, m, lazy=lazy)
 
 
 # --------------------------------------------------------------------------- the run's start
@@ -373,8 +387,8 @@ class Init:
     checkpoint: Path | None = None  # fmtrain: the checkpoint folder
 
     def state_dict(self, m: ModelConfig) -> dict[str, torch.Tensor]:
-        if self.kind == "hf":
-            return load_hf_state(self.source, m, self.files)
+        if self.kind == "hf":  # read and converted one tensor at a time: no second copy of the model
+            return load_hf_state(self.source, m, self.files, lazy=True)
         from .checkpoint import load_model_state
 
         return load_model_state(self.checkpoint)
@@ -385,11 +399,13 @@ class Init:
         return load_weights(model, self.state_dict(model.cfg), self.source)
 
 
-def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> str:
-    """Load ``sd`` into ``model``: every tensor but the multipole summaries must be there with its
-    shape; summaries of another shape or absent keep their (mean-equivalent) initialisation."""
-    own = model.state_dict()
-    kept, load = [], {}
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, sd: dict, source: str) -> str:
+    """Copy ``sd`` (tensors, or functions returning them) into ``model`` in place: every tensor but
+    the multipole summaries must be there with its shape; summaries of another shape or absent
+    keep their (mean-equivalent) initialisation."""
+    own = model.state_dict()  # shares storage with the parameters
+    kept = []
     for name, t in own.items():
         is_summary = ".summaries." in name
         if name not in sd:
@@ -397,14 +413,14 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: st
                 kept.append(name)
                 continue
             raise ConfigError(f"model.init_from={source!r}: tensor {name} is missing from the weights")
-        if tuple(sd[name].shape) != tuple(t.shape):
+        value = sd[name]() if callable(sd[name]) else sd[name]
+        if tuple(value.shape) != tuple(t.shape):
             if is_summary:
                 kept.append(name)
                 continue
-            raise ConfigError(f"model.init_from={source!r}: tensor {name} has shape {list(sd[name].shape)}, "
+            raise ConfigError(f"model.init_from={source!r}: tensor {name} has shape {list(value.shape)}, "
                               f"the model needs {list(t.shape)}")
-        load[name] = sd[name]
-    model.load_state_dict(load, strict=False)
+        t.copy_(value)
     dropped = sorted(set(sd) - set(own))
     note = f"weights from {source}"
     if kept:
@@ -467,5 +483,5 @@ def load_model(path: str | os.PathLike, *, seq_len: int = 2048, **model_fields):
 
 
 __all__ = ["load_model", "HF_ARCHITECTURES", "ARCH_FIELDS", "fill_config", "prepare", "Init", "load_weights",
-           "hf_model_fields", "expected_hf_tensors", "check_hf_weights", "hf_to_fmtrain", "fmtrain_to_hf",
-           "load_hf_state", "is_hf_folder", "read_hf_config", "fmtrain_model_fields"]
+           "hf_model_fields", "expected_hf_tensors", "check_hf_weights", "hf_recipes", "hf_to_fmtrain",
+           "fmtrain_to_hf", "load_hf_state", "is_hf_folder", "read_hf_config", "fmtrain_model_fields"]

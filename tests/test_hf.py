@@ -378,6 +378,21 @@ def test_continued_pretraining_from_hf_trains_and_resumes_bitwise(tmp_path, hf_t
 
 
 @pytest.mark.slow
+def test_init_from_hf_under_zero3_on_two_ranks(tmp_path, hf_tokenizer, corpus):
+    """Every rank reads the weights before DeepSpeed partitions them (ZeRO 3, 2 gloo ranks): the
+    first loss is the imported model's, as on one process without partitioning."""
+    hf = make_hf(tmp_path / "hf", "llama", tied=True, tokenizer=hf_tokenizer)
+    zero3 = run_config(tmp_path, "zero3", hf, corpus)
+    fmtrain("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fmtrain.train", zero3,
+            "--parallel.zero_stage=3", "--train.steps=2")
+    single = run_config(tmp_path, "single", hf, corpus)
+    fmtrain("fmtrain.train", single, "--train.steps=1", "--data.batch_size=4")  # the same 4 sequences
+    first = losses(tmp_path / "zero3")
+    assert len(first) == 2 and losses(tmp_path / "single")[0] == pytest.approx(first[0], rel=1e-5)
+    assert first[0] < 7.0  # not a diverged start (ln 400 = 6.0 for a uniform guess)
+
+
+@pytest.mark.slow
 def test_init_from_an_fmtrain_run_takes_the_weights_only(tmp_path, hf_tokenizer, corpus):
     hf = make_hf(tmp_path / "hf", "llama", tokenizer=hf_tokenizer)
     first = run_config(tmp_path, "first", hf, corpus, attention="sdpa")

@@ -139,6 +139,18 @@ def test_config_is_filled_from_the_checkpoint(tmp_path, hf_tokenizer):
         from_dict({"run": {"dir": "r"}, "model": {"init_from": str(folder), "dim": 128}})
     with pytest.raises(ConfigError, match=r"model.tie_embeddings=True contradicts.*tie_word_embeddings is False"):
         from_dict({"run": {"dir": "r"}, "model": {"init_from": str(folder), "tie_embeddings": True}})
+    # The resolved config round-trips through TOML (a run's saved config.toml), also without the source.
+    import tomllib
+
+    from fmtrain.config import to_toml
+
+    llama3 = make_hf(tmp_path / "llama3", "llama", tokenizer=hf_tokenizer, **CASES["llama-rope-llama3"][1])
+    resolved = from_dict({"run": {"dir": "r"}, "model": {"init_from": str(llama3)}})
+    assert resolved.model.rope_scaling["rope_type"] == "llama3"
+    again = tomllib.loads(to_toml(resolved))
+    assert from_dict(again) == resolved
+    shutil.rmtree(llama3)
+    assert from_dict(again) == resolved
     # The RoPE base may be raised (how contexts are extended).
     assert from_dict({"run": {"dir": "r"}, "model": {"init_from": str(folder),
                                                       "rope_theta": 5e5}}).model.rope_theta == 5e5

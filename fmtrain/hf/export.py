@@ -124,6 +124,8 @@ def _sample_texts(cfg: Config) -> list[str]:
     """Text to check a tokenizer conversion on: the run's corpus (some documents) and fixed strings."""
     fixed = ["def f(x):\n\treturn  x ** 2  # 12345\n", "  leading and trailing  ", "\n\n\nx", "é ✓ 中文 🙂",
              "a\u00a0b", ""]
+    if any(c.startswith("hf:") for c in cfg.data.corpus):  # a hub dataset: no download for this
+        return fixed
     try:
         from ..data.corpus import Corpus
 

@@ -376,17 +376,23 @@ def from_dict(data: dict[str, Any]) -> Config:
                 errors.append(str(e))
         sections[sec_name] = sec_cls(**kwargs)
     cfg = Config(**sections)
-    if not errors and cfg.model.init_from:  # fill [model] from the weights' own config (fmtrain/pretrained.py)
-        from .pretrained import fill_config
-
-        errors = fill_config(cfg, {s: set(v) for s, v in data.items() if isinstance(v, dict)})
+    # The keys given explicitly: model.init_from fills the others from the weights and refuses
+    # given ones that contradict them (fmtrain/pretrained.py, when the run starts).
+    cfg._given = {s: set(v) for s, v in data.items() if isinstance(v, dict)}
     if not errors:
         errors = _range_errors(cfg)
-    if not errors:
+    if not errors and not cfg.model.init_from:  # with init_from: once [model] is filled (check_config)
         errors = _consistency_errors(cfg)
     if errors:
         raise ConfigError(_format(errors))
     return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """Every check of :func:`from_dict` on a built config; raises :class:`ConfigError`."""
+    errors = _range_errors(cfg) or _consistency_errors(cfg)
+    if errors:
+        raise ConfigError(_format(errors))
 
 
 def _format(errors: list[str]) -> str:
@@ -658,4 +664,4 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 __all__ = ["Config", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "CheckpointConfig",
            "ParallelConfig", "ConfigError", "CONFIG_FILE", "load_config", "save_config", "from_dict",
-           "apply_overrides", "to_toml", "describe", "parse_args", "option"]
+           "apply_overrides", "to_toml", "describe", "parse_args", "option", "check_config"]

@@ -16,7 +16,7 @@ not read PATH again (resume stays bitwise).
 
 Three steps, each at the point of the run where it belongs:
 
-    fill_config(cfg, given)   at config load: the architecture fields of [model]
+    resolve_config(cfg)       when the run starts: the architecture fields of [model]
                               (:data:`ARCH_FIELDS`) and data.tokenizer from PATH;
                               an explicit value that contradicts PATH is an error
     init = prepare(cfg)       at the start of training, before anything is written:
@@ -142,7 +142,7 @@ def fmtrain_model_fields(m: ModelConfig) -> dict[str, Any]:
 
 
 def _tokenizer_of(folder: Path) -> str | None:
-    from .data.tokenizer import is_hf_tokenizer_file
+    from .data.hf_tokenizer import is_hf_tokenizer_file
 
     if is_hf_tokenizer_file(folder / "tokenizer.json") or (folder / "tokenizer.model").is_file():
         return str(folder)
@@ -150,6 +150,25 @@ def _tokenizer_of(folder: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------- config
+def resolve_config(cfg: Config) -> Config:
+    """``cfg`` with [model]'s architecture fields and data.tokenizer filled from ``model.init_from``,
+    validated again; ConfigError naming every problem. A config without init_from is returned as is."""
+    if not cfg.model.init_from:
+        return cfg
+    from .config import _format, check_config
+
+    given = getattr(cfg, "_given", None)
+    if given is None:  # built without from_dict: the fields that differ from their defaults
+        given = {sec: {k for k, v in vals.items() if v != getattr(type(getattr(cfg, sec))(), k)}
+                 for sec, vals in cfg.to_dict().items()}
+    errors = fill_config(cfg, given)
+    if errors:
+        raise ConfigError(_format(errors))
+    check_config(cfg)
+    cfg._given = {sec: set(vals) for sec, vals in cfg.to_dict().items()}  # everything is explicit now
+    return cfg
+
+
 def fill_config(cfg: Config, given: dict[str, set[str]]) -> list[str]:
     """Fill ``cfg.model``'s architecture fields (and ``data.tokenizer``) from ``model.init_from``.
 
@@ -472,8 +491,8 @@ def load_model(path: str | os.PathLike, *, seq_len: int = 2048, **model_fields):
     from .config import from_dict
     from .model import build_model
 
-    cfg = from_dict({"run": {"dir": "."}, "model": {"init_from": str(path), **model_fields},
-                     "data": {"seq_len": seq_len, "tokenizer": "(not needed)"}})
+    cfg = resolve_config(from_dict({"run": {"dir": "."}, "model": {"init_from": str(path), **model_fields},
+                                    "data": {"seq_len": seq_len, "tokenizer": "(not needed)"}}))
     files = check_hf_weights(Path(path), cfg.model) if is_hf_folder(path) else None
     init = Init(str(path), "hf", files=files) if files else Init(str(path), "fmtrain",
                                                                   checkpoint=_fmtrain_source(Path(path))[0])
@@ -482,6 +501,6 @@ def load_model(path: str | os.PathLike, *, seq_len: int = 2048, **model_fields):
     return model
 
 
-__all__ = ["load_model", "HF_ARCHITECTURES", "ARCH_FIELDS", "fill_config", "prepare", "Init", "load_weights",
+__all__ = ["load_model", "HF_ARCHITECTURES", "ARCH_FIELDS", "resolve_config", "fill_config", "prepare", "Init", "load_weights",
            "hf_model_fields", "expected_hf_tensors", "check_hf_weights", "hf_recipes", "hf_to_fmtrain",
            "fmtrain_to_hf", "load_hf_state", "is_hf_folder", "read_hf_config", "fmtrain_model_fields"]

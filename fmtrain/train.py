@@ -19,7 +19,7 @@ from .eval import evaluate
 from .metrics import Metrics, peak_flops
 from .model import build_model, flops_per_token, set_sequence_group
 from .parallel import World, init_world, shutdown
-from .pretrained import prepare as prepare_init
+from .pretrained import prepare as prepare_init, resolve_config
 from .signals import StopFlag, exit_status
 
 
@@ -122,6 +122,7 @@ def train(cfg: Config) -> dict:
     """Run (or resume) the training ``cfg`` describes; returns the last metrics."""
     from .data import build_loaders
 
+    cfg = resolve_config(cfg)  # model.init_from: [model] and data.tokenizer from the weights' config
     world = init_world(cfg.parallel.backend, cfg.parallel.sequence)
     cfg.check_world(world.size)
     dtype = _dtype(cfg, world)

@@ -17,8 +17,14 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fmtrain.config import ConfigError, from_dict  # noqa: E402
-from fmtrain.pretrained import load_model  # noqa: E402
+from fmtrain.config import ConfigError  # noqa: E402
+from fmtrain.config import from_dict as plain_from_dict  # noqa: E402
+from fmtrain.pretrained import load_model, resolve_config  # noqa: E402
+
+
+def from_dict(data: dict):
+    """A config as a run sees it when it starts: model.init_from resolved."""
+    return resolve_config(plain_from_dict(data))
 
 VOCAB = 400  # the tokenizer's size; models may pad the embedding beyond it
 REL = 1e-6  # float64 logits: relative (Frobenius) difference allowed against transformers

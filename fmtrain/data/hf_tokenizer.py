@@ -22,8 +22,7 @@ from typing import Sequence
 
 import torch
 
-from fmtrain.data.tokenizer import MASK_PIECE, Tokenizer
-
+MASK_PIECE = "<mask>"  # as fmtrain's SentencePiece models name it (fmtrain/data/tokenizer.py)
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 FILES = ("tokenizer.json",) + CONFIG_FILES  # what a checkpoint keeps of a Hugging Face tokenizer
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -87,8 +86,9 @@ def _decoder_types(decoder: dict | None) -> set[str]:
     return {decoder.get("type")}
 
 
-class HFTokenizer(Tokenizer):
-    """A ``tokenizer.json`` with the special ids of its ``tokenizer_config.json``."""
+class HFTokenizer:
+    """A ``tokenizer.json`` with the special ids of its ``tokenizer_config.json``; it counts as a
+    :class:`fmtrain.data.tokenizer.Tokenizer` (registered there)."""
 
     def __init__(self, path: str | Path):
         try:
@@ -138,6 +138,16 @@ class HFTokenizer(Tokenizer):
             else:  # SentencePiece-style pieces: "\u2581" is a space
                 counts[i] = len(token.replace("\u2581", " ").encode("utf-8"))
         return counts
+
+    @property
+    def special_ids(self) -> dict[str, int | None]:
+        """The special ids as keyword arguments for `PackedLoader`."""
+        return dict(bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id,
+                    mask_id=self.mask_id, unk_id=self.unk_id)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text (no BOS/EOS added)."""
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
         """Token ids of many texts (no BOS/EOS added); ``tokenizers`` spreads them over its threads.

@@ -5,7 +5,8 @@ A checkpoint is a folder ``<checkpoint dir>/step_NNNNNNNN/``:
     ds/                 DeepSpeed's engine state (model, optimizer, scheduler; ZeRO shards)
     rank_00000.pt ...   per rank: data position and every RNG
     config.toml         the resolved config of the run
-    tokenizer.model     the tokenizer (and its settings, tokenizer.json, when present)
+    tokenizer.model     the tokenizer (and its settings, tokenizer.json, when present), or a
+                        Hugging Face tokenizer's tokenizer.json and tokenizer_config.json
     meta.json           step, tokens seen, world layout, and the size of every file above
 
 It is written as ``.step_NNNNNNNN.partial/``, flushed to disk, then renamed by
@@ -162,9 +163,10 @@ class Checkpointer:
         w.barrier()
         if w.is_main:
             save_config(self.cfg, tmp)
-            for src in (self.tokenizer_path, self.tokenizer_path.with_suffix(".json")):
-                if src.is_file():
-                    shutil.copy2(src, tmp / ("tokenizer" + src.suffix))
+            from .data.tokenizer import tokenizer_files  # SentencePiece or Hugging Face files
+
+            for src, name in tokenizer_files(self.tokenizer_path):
+                shutil.copy2(src, tmp / name)
             for stray in tmp.glob("*.py"):  # DeepSpeed's zero_to_fp32 copies; not ours to ship
                 stray.unlink()
             meta = dict(asdict(state), world_size=w.size, dp_size=w.dp_size, sp_size=w.sp_size,
@@ -224,7 +226,7 @@ class Checkpointer:
         try:  # the same ranks with another data.batch_size also re-split the stream
             loader.load_state_dict(mine["loader"], allow_resplit=self.cfg.checkpoint.resplit)
         except ValueError as exc:
-            raise CheckpointError(f"{path}: {exc}" + ("" if self.cfg.checkpoint.resplit else
+            raise CheckpointError(f"{path}: {exc}" + ("" if self.cfg.checkpoint.resplit or "init_from" in str(exc) else
                                   " (in fmtrain: set checkpoint.resplit = true, --checkpoint.resplit=true)")) from None
         _set_rng_state(mine["rng"])
         state.step, state.tokens_seen = meta["step"], meta["tokens_seen"]
@@ -321,7 +323,8 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     # Tied weights share storage, which safetensors refuses: store each tensor on its own.
     sd = {k: v.detach().clone().contiguous() for k, v in load_model_state(ckpt).items()}
     save_file(sd, out / EXPORTED, metadata={"step": str(meta["step"]), "source": str(ckpt)})
-    for name in (CONFIG_FILE, "tokenizer.model", "tokenizer.json"):
+    for name in (CONFIG_FILE, "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json"):
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, out / name)
     info = dict(step=meta["step"], tokens_seen=meta["tokens_seen"], source=str(ckpt), format="model-only",

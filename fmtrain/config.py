@@ -71,6 +71,14 @@ class ModelConfig:
                                           "model.mlp_multiple.", min=1)
     mlp_multiple: int = option(64, "The default mlp_hidden is rounded up to a multiple of this.", min=1)
     tie_embeddings: bool = option(True, "Share the input embedding and output projection weights.")
+    qkv_bias: bool = option(False, "Biases on the query/key/value projections (Qwen2 has them).")
+    out_bias: bool = option(False, "A bias on the attention output projection.")
+    mlp_bias: bool = option(False, "Biases on the SwiGLU projections.")
+    init_from: str = option("", "Start from these weights: a Hugging Face folder (config.json, "
+                                "*.safetensors; Llama, Mistral, Qwen2) or an fmtrain checkpoint, run or "
+                                "model-only export (weights only: fresh optimizer, schedule and data "
+                                "position). The architecture fields of [model] and data.tokenizer are "
+                                "filled from it; the attention fields stay yours.")
     attention: str = option("fma", "'fma' (multipole attention), 'sdpa' (full attention, baseline) or "
                                    "'local' (fine level of fma only, baseline).",
                             choices=("fma", "sdpa", "local"))
@@ -87,6 +95,11 @@ class ModelConfig:
                        choices=("auto", "torch", "triton", "dense"))
     rope_theta: float = option(10000.0, "RoPE base; raise it (e.g. 500000) for very long contexts.",
                                min=1.0)
+    rope_scaling: dict[str, Any] = option(help="RoPE frequency scaling as in transformers' rope_parameters: "
+                                               "{rope_type = 'llama3', factor = 8.0, low_freq_factor = 1.0, "
+                                               "high_freq_factor = 4.0, original_max_position_embeddings = "
+                                               "8192} (Llama 3.1) or {rope_type = 'linear', factor = F}; "
+                                               "empty: plain RoPE.", factory=dict)
     max_seq_len: int | None = option(None, "Longest sequence summary='conv' is built for (its "
                                            "parameters grow with it); unused otherwise.", min=1)
     norm_eps: float = option(1e-5, "RMSNorm epsilon.", min=0.0)
@@ -363,13 +376,23 @@ def from_dict(data: dict[str, Any]) -> Config:
                 errors.append(str(e))
         sections[sec_name] = sec_cls(**kwargs)
     cfg = Config(**sections)
+    # The keys given explicitly: model.init_from fills the others from the weights and refuses
+    # given ones that contradict them (fmtrain/pretrained.py, when the run starts).
+    cfg._given = {s: set(v) for s, v in data.items() if isinstance(v, dict)}
     if not errors:
         errors = _range_errors(cfg)
-    if not errors:
+    if not errors and not cfg.model.init_from:  # with init_from: once [model] is filled (check_config)
         errors = _consistency_errors(cfg)
     if errors:
         raise ConfigError(_format(errors))
     return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """Every check of :func:`from_dict` on a built config; raises :class:`ConfigError`."""
+    errors = _range_errors(cfg) or _consistency_errors(cfg)
+    if errors:
+        raise ConfigError(_format(errors))
 
 
 def _format(errors: list[str]) -> str:
@@ -417,6 +440,17 @@ def _consistency_errors(cfg: Config) -> list[str]:
     if m.n_heads % m.kv_heads:
         e.append(f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads={m.n_heads}; "
                  f"choose among {_divisors(m.n_heads, m.n_heads)}")
+    if m.rope_scaling:
+        from .attention.rope import ROPE_SCALINGS
+
+        need = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                "linear": ("factor",)}.get(m.rope_scaling.get("rope_type"))
+        if need is None:
+            e.append(f"model.rope_scaling.rope_type={m.rope_scaling.get('rope_type')!r} is not one of "
+                     f"{', '.join(map(repr, ROPE_SCALINGS))}")
+        elif missing := [k for k in need if not isinstance(m.rope_scaling.get(k), (int, float))]:
+            e.append(f"model.rope_scaling of rope_type {m.rope_scaling['rope_type']!r} needs the numbers "
+                     f"{', '.join(missing)}")
     if m.attention in ("fma", "local") and m.block_size % m.rank:
         e.append(f"model.rank={m.rank} does not divide model.block_size={m.block_size} (each block "
                  "is split into rank sub-windows); e.g. block_size=64, rank=2")
@@ -630,4 +664,4 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 __all__ = ["Config", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "CheckpointConfig",
            "ParallelConfig", "ConfigError", "CONFIG_FILE", "load_config", "save_config", "from_dict",
-           "apply_overrides", "to_toml", "describe", "parse_args", "option"]
+           "apply_overrides", "to_toml", "describe", "parse_args", "option", "check_config"]

@@ -53,10 +53,10 @@ class RMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     """``w2(silu(x W_gate) * x W_up)``; gate and up share one matmul."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)  # residual projection (scaled init)
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.w2 = nn.Linear(hidden, dim, bias=bias)  # residual projection (scaled init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)  # (B, n, hidden) each
@@ -83,9 +83,11 @@ def make_attention(cfg: ModelConfig, causal: bool) -> nn.Module:
             cfg.dim, cfg.n_heads, cfg.kv_heads, block_size=cfg.block_size, rank=cfg.rank,
             causal=causal, variant=cfg.variant, summary=cfg.summary, weighted=cfg.weighted,
             rope=True, rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len, impl=cfg.impl,
-            max_level=0 if cfg.attention == "local" else None)
+            max_level=0 if cfg.attention == "local" else None, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
+            rope_scaling=cfg.rope_scaling)
     if cfg.attention == "sdpa":
-        return FullAttention(cfg.dim, cfg.n_heads, cfg.kv_heads, causal=causal, rope_theta=cfg.rope_theta)
+        return FullAttention(cfg.dim, cfg.n_heads, cfg.kv_heads, causal=causal, rope_theta=cfg.rope_theta,
+                             qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, rope_scaling=cfg.rope_scaling)
     raise ValueError(f"model.attention={cfg.attention!r} is not one of 'fma', 'sdpa', 'local'")
 
 
@@ -97,7 +99,7 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = make_attention(cfg, causal)
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.hidden)
+        self.mlp = SwiGLU(cfg.dim, cfg.hidden, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), positions)  # (B, n, dim)

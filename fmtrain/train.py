@@ -19,6 +19,7 @@ from .eval import evaluate
 from .metrics import Metrics, peak_flops
 from .model import build_model, flops_per_token, set_sequence_group
 from .parallel import World, init_world, shutdown
+from .pretrained import prepare as prepare_init, resolve_config
 from .signals import StopFlag, exit_status
 
 
@@ -121,9 +122,11 @@ def train(cfg: Config) -> dict:
     """Run (or resume) the training ``cfg`` describes; returns the last metrics."""
     from .data import build_loaders
 
+    cfg = resolve_config(cfg)  # model.init_from: [model] and data.tokenizer from the weights' config
     world = init_world(cfg.parallel.backend, cfg.parallel.sequence)
     cfg.check_world(world.size)
     dtype = _dtype(cfg, world)
+    init = prepare_init(cfg)  # model.init_from's weights, checked before anything is written; None: resume
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = build_loaders(cfg.data.corpus, cfg.data.tokenizer or None, cfg.data.cache_dir,
                          seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=cfg.train.seed,
@@ -133,6 +136,7 @@ def train(cfg: Config) -> dict:
                          mask_prob=cfg.data.mask_prob, eval_max_batches=cfg.train.eval_batches,
                          progress=world.is_main)
     model = set_sequence_group(build_model(cfg.model), world.sp_group)  # None unless parallel.sequence > 1
+    init_note = init.load(model) if init else ""  # weights only: optimizer, schedule and data start fresh
     engine = build_engine(model, cfg, world, dtype)
     state = TrainState()
     ckpt = Checkpointer(cfg, world, data.tokenizer.path)
@@ -148,7 +152,7 @@ def train(cfg: Config) -> dict:
              f"{cfg.model.attention} | {world.size} process(es), dp {world.dp_size} x sp {world.sp_size}, "
              f"ZeRO {cfg.parallel.zero_stage}, {dtype}, {world.device.type} | seq_len {cfg.data.seq_len} | "
              f"{tokens_per_step:,} tokens/step | MFU against {peak / 1e12:.2f} TFLOP/s ({peak_src})"
-             + (f" | resumed from {resumed}" if resumed else ""))
+             + (f" | resumed from {resumed}" if resumed else "") + (f" | {init_note}" if init_note else ""))
     stop = StopFlag(world, cfg.train.max_minutes)
 
     def run_eval() -> dict | None:

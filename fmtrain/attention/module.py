@@ -22,7 +22,8 @@ class ProjectedAttention(nn.Module):
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *, causal: bool = True,
-                 rope: bool = True, rope_theta: float = 10000.0):
+                 rope: bool = True, rope_theta: float = 10000.0, qkv_bias: bool = False,
+                 out_bias: bool = False, rope_scaling: dict | None = None):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         if dim % n_heads:
@@ -31,9 +32,11 @@ class ProjectedAttention(nn.Module):
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
         self.causal, self.rope, self.rope_theta = causal, rope, rope_theta
-        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.wkv = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.rope_scaling = rope_scaling or None  # e.g. Llama 3.1's {"rope_type": "llama3", ...}
+        # Biases: off in fmtrain's own models; Qwen2 has q/k/v biases, Llama's attention_bias all four.
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=qkv_bias)
+        self.wkv = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=out_bias)
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor | None):
         """Rotated q (B, H, n, d) and k, v (B, Hkv, n, d)."""
@@ -43,7 +46,7 @@ class ProjectedAttention(nn.Module):
         if self.rope:
             if positions is None:
                 positions = torch.arange(n, device=x.device)
-            cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
+            cos, sin = rope_angles(positions, self.head_dim, self.rope_theta, self.rope_scaling)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
@@ -96,8 +99,10 @@ class MultipoleAttention(ProjectedAttention):
                  block_size: int = 64, rank: int = 2, causal: bool = True, variant: str = "nlogn",
                  summary: str = "m2m", weighted: bool = True, rope: bool = True,
                  rope_theta: float = 10000.0, max_seq_len: int | None = None, impl: str = "auto",
-                 max_level: int | None = None):
-        super().__init__(dim, n_heads, n_kv_heads, causal=causal, rope=rope, rope_theta=rope_theta)
+                 max_level: int | None = None, qkv_bias: bool = False, out_bias: bool = False,
+                 rope_scaling: dict | None = None):
+        super().__init__(dim, n_heads, n_kv_heads, causal=causal, rope=rope, rope_theta=rope_theta,
+                         qkv_bias=qkv_bias, out_bias=out_bias, rope_scaling=rope_scaling)
         self.block_size, self.rank, self.variant = block_size, rank, variant
         self.weighted, self.impl, self.max_level = weighted, impl, max_level
         # Sequence parallelism: set by the model (``set_sequence_group``); x is then this

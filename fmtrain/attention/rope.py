@@ -1,18 +1,46 @@
 """Rotary position embeddings from explicit (global) positions."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0):
+ROPE_SCALINGS = ("llama3", "linear")
+
+
+def scale_frequencies(inv: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    """RoPE's inverse frequencies ``inv`` with a frequency scaling, as transformers defines it:
+    ``{"rope_type": "linear", "factor": f}`` divides them all by ``f``; ``"llama3"`` (Llama 3.1)
+    divides the low ones by ``factor``, keeps the high ones and interpolates between, by wavelength
+    against ``original_max_position_embeddings / {low,high}_freq_factor``."""
+    if not scaling:
+        return inv
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind != "llama3":
+        raise ValueError(f"RoPE scaling {kind!r} is not one of {ROPE_SCALINGS}")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
     """cos, sin of shape (..., n, head_dim/2) for integer ``positions`` (..., n).
 
     Angles are formed in float64 and rounded once, so that positions near 1M
-    keep their precision whatever the activation dtype.
+    keep their precision whatever the activation dtype. ``scaling``: see
+    :func:`scale_frequencies` (None: plain RoPE).
     """
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
     inv = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    inv = scale_frequencies(inv, scaling)
     ang = positions.to(torch.float64)[..., None] * inv
     return ang.cos(), ang.sin()
 

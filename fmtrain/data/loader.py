@@ -240,15 +240,17 @@ class PackedLoader:
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"cannot resume the data loader from state version {state.get('version')!r}")
+        fresh = ("; to continue the model on other data or at another length, start a new run.dir with "
+                 "model.init_from set to this run (its weights, with a fresh optimizer and data position)")
         for key in ("seed", "seq_len", "objective"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume the data loader: saved {key}={state.get(key)!r}, "
-                                 f"now {getattr(self, key)!r}")
+                                 f"now {getattr(self, key)!r}{fresh}")
         if (state["n_tokens"], state["n_docs"]) != (self.data.n_tokens, self.data.n_docs):
             raise ValueError(
                 f"cannot resume the data loader: it was saved on data of {state['n_tokens']} tokens in "
                 f"{state['n_docs']} documents, now {self.data.n_tokens} in {self.data.n_docs} "
-                f"(a different corpus or tokenizer)")
+                f"(a different corpus or tokenizer){fresh}")
         resplit = (state["dp_size"], state["batch_size"]) != (self.dp_size, self.batch_size)
         if resplit and not allow_resplit:
             raise ValueError(

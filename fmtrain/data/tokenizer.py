@@ -14,6 +14,7 @@ Command line: ``python -m fmtrain.data.tokenizer --help``.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import io
 import json
@@ -25,6 +26,8 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 import torch
+
+from fmtrain.data.hf_tokenizer import FILES as HF_FILES, HFTokenizer, is_hf_tokenizer_file, load_hf_tokenizer
 
 # Fixed ids of the special pieces, the same for every model this module trains.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -54,8 +57,11 @@ def default_num_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class Tokenizer:
-    """A loaded SentencePiece model with the ids and byte counts the trainer needs."""
+class Tokenizer(abc.ABC):
+    """A loaded SentencePiece model with the ids and byte counts the trainer needs.
+
+    A Hugging Face tokenizer (:class:`fmtrain.data.hf_tokenizer.HFTokenizer`) has the same
+    interface and counts as one (``isinstance``)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -250,14 +256,40 @@ class _Counted:
         return s
 
 
+def _hf_tokenizer_file(path: Path) -> Path | None:
+    """The Hugging Face tokenizer ``path`` names: a tokenizer.json, a folder holding one, or the
+    ``tokenizer.model`` a checkpoint of a run on a Hugging Face tokenizer does not have."""
+    if path.is_dir():
+        candidate = path / "tokenizer.json"
+    elif path.suffix == ".json" or (path.name == "tokenizer.model" and not path.exists()):
+        candidate = path.with_name("tokenizer.json") if path.suffix != ".json" else path
+    else:
+        return None
+    return candidate if is_hf_tokenizer_file(candidate) else None
+
+
+def tokenizer_files(path: str | Path) -> list[tuple[Path, str]]:
+    """(file, name in a checkpoint) of every file the tokenizer at ``path`` is made of."""
+    path = Path(path)
+    if is_hf_tokenizer_file(path):
+        return [(path, HF_FILES[0])] + [(path.parent / n, n) for n in HF_FILES[1:] if (path.parent / n).is_file()]
+    return [(p, "tokenizer" + p.suffix) for p in (path, path.with_suffix(".json")) if p.is_file()]
+
+
 def load_tokenizer(path: str | Path, *, vocab_size: int | None = None, need_mask: bool = False) -> Tokenizer:
-    """Load `<path>` (a `.model` file, its name without `.model`, or a folder holding `tokenizer.model`).
+    """Load `<path>` (a `.model` file, its name without `.model`, or a folder holding `tokenizer.model`),
+    or a Hugging Face tokenizer: a `tokenizer.json`, or a folder holding one (preferred over a
+    `tokenizer.model` beside it), with its `tokenizer_config.json`.
 
     Args:
-        vocab_size: the model config's vocabulary size; a different tokenizer size is an error.
+        vocab_size: the model config's vocabulary size; a different tokenizer size is an error
+            (a Hugging Face tokenizer may be smaller: pretrained embeddings are often padded).
         need_mask: the objective is masked LM, so the tokenizer must have a `<mask>` piece.
     """
     path = Path(path)
+    hf = _hf_tokenizer_file(path)
+    if hf is not None:
+        return load_hf_tokenizer(hf, vocab_size=vocab_size, need_mask=need_mask)
     if path.is_dir():
         path = path / "tokenizer.model"
     elif not path.exists() and path.suffix != ".model":
@@ -280,6 +312,9 @@ def load_tokenizer(path: str | Path, *, vocab_size: int | None = None, need_mask
             f"tokenizer {str(path)!r} has no {MASK_PIECE} piece, which the masked LM needs; "
             f"train one without --no-mask")
     return tok
+
+
+Tokenizer.register(HFTokenizer)
 
 
 # ---------------------------------------------------------------- command line

@@ -109,6 +109,7 @@ def cache_key(corpus: Corpus, tokenizer: Tokenizer) -> str:
     h.update(f"fmtrain-tokens-v{FORMAT_VERSION}\n".encode())
     h.update(corpus.fingerprint().encode())
     h.update(hashlib.sha256(Path(tokenizer.path).read_bytes()).digest())
+    h.update(getattr(tokenizer, "cache_extra", b""))  # a Hugging Face tokenizer's EOS is in its config
     return h.hexdigest()[:20]
 
 

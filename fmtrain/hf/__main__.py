@@ -1,0 +1,31 @@
+"""``python -m fmtrain.hf export RUN_OR_CHECKPOINT OUT [--dtype fp32|bf16|fp16]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fmtrain.hf", description="Hugging Face interop.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write a Hugging Face folder (config.json, model.safetensors, tokenizer)",
+                        description="sdpa models become LlamaForCausalLM, loadable by plain "
+                                    "transformers; fma/local models become model_type 'fmtrain', loadable by "
+                                    "AutoModelForCausalLM after `import fmtrain.hf`.")
+    ex.add_argument("checkpoint", help="a checkpoint folder, a checkpoints folder or a run folder (newest)")
+    ex.add_argument("out", help="the folder to write (new or empty)")
+    ex.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights' dtype (default fp32)")
+    args = ap.parse_args(argv)
+    from . import ExportError, export
+
+    try:
+        out = export(args.checkpoint, args.out, dtype=args.dtype)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

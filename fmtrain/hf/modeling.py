@@ -1,0 +1,131 @@
+"""fmtrain's models as transformers classes: ``model_type = "fmtrain"``.
+
+:class:`FmtrainConfig` carries fmtrain's ``[model]`` section (``config.fmtrain``);
+:class:`FmtrainForCausalLM` wraps :class:`fmtrain.model.CausalLM` unchanged (its
+parameters are ``model.<fmtrain name>``), so multipole (``fma``) and local
+attention run in transformers exactly as in fmtrain. :func:`register` adds both
+to transformers' Auto classes; ``import fmtrain.hf`` calls it.
+
+Generation: ``generate()`` goes through fmtrain's decoding cache (``model.prefill``
+once over the prompt, then ``model.decode`` per token: the multipole cache for
+``fma``/``local``, a key/value cache for ``sdpa``); with ``use_cache=False`` every
+new token re-runs the model over the whole context. Padding masks are not
+supported: give sequences of one length (batch of one for prompts of different
+lengths).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..config import ModelConfig
+from ..model import IGNORE_INDEX, build_model
+
+MODEL_TYPE = "fmtrain"
+
+
+class FmtrainConfig(PreTrainedConfig):
+    """transformers' view of an fmtrain model; ``fmtrain`` is the ``[model]`` section."""
+
+    model_type = MODEL_TYPE
+    fmtrain: dict | None = None
+    vocab_size: int = 32768
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.fmtrain:  # the standard names transformers looks for, from the fmtrain section
+            m = self.model_config()
+            self.vocab_size, self.hidden_size = m.vocab_size, m.dim
+            self.num_hidden_layers, self.num_attention_heads = m.n_layers, m.n_heads
+            self.tie_word_embeddings = m.tie_embeddings
+        super().__post_init__(**kwargs)
+
+    def model_config(self) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.fmtrain or {}) - names)
+        if unknown:
+            raise ValueError(f"this fmtrain model's config has fields {unknown} that this fmtrain does not know; "
+                             "upgrade fmtrain")
+        return ModelConfig(**{k: v for k, v in (self.fmtrain or {}).items()})
+
+
+class FmtrainForCausalLM(PreTrainedModel, GenerationMixin):
+    """fmtrain's causal LM (any attention: ``fma``, ``local``, ``sdpa``) behind transformers' API."""
+
+    config_class = FmtrainConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"model.head.weight": "model.trunk.tok_emb.weight"}  # used when tie_word_embeddings
+
+    def __init__(self, config: FmtrainConfig):
+        super().__init__(config)
+        m = config.model_config()
+        if m.kind != "causal":
+            raise ValueError(f"FmtrainForCausalLM needs model.kind='causal', this config has {m.kind!r}")
+        self.model = build_model(m)
+        self.post_init()
+
+    def _init_weights(self, module):
+        """fmtrain's own initialisation is done by ``build_model`` (summaries start as means)."""
+
+    def get_input_embeddings(self):
+        return self.model.trunk.tok_emb
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # fmtrain's own cache (DecodeCache), made by the first generation step
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, labels: torch.LongTensor | None = None,
+                cache=None, use_cache: bool | None = None, fmtrain_generation: bool = False,
+                **kwargs) -> CausalLMOutputWithPast:
+        """Logits (B, n, vocab) for every position; with ``labels`` (transformers' convention: the
+        inputs, shifted inside) also the mean cross-entropy of the next tokens. Within ``generate()``
+        with ``use_cache``: the next token's logits (B, 1, vocab) and the decoding ``cache``."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise NotImplementedError("fmtrain models take no padding mask: pass sequences of one length "
+                                      "(prompts of different lengths one at a time)")
+        if fmtrain_generation and use_cache:
+            if cache is None:
+                logits, cache = self.model.prefill(input_ids)
+            else:
+                logits, cache = self.model.decode(input_ids[:, -1], cache)
+            return CausalLMOutputWithPast(logits=logits[:, None], cache=cache)
+        positions = position_ids[0] if position_ids is not None and position_ids.dim() == 2 \
+            and bool((position_ids == position_ids[:1]).all()) else position_ids
+        logits = self.model.head(self.model.trunk(input_ids, positions))  # (B, n, V)
+        loss = None
+        if labels is not None:
+            shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask=None, cache=None,
+                                      use_cache: bool | None = None, **kwargs):
+        # The whole context on the first step (and on every step without the cache); then the new token.
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache,
+                "use_cache": use_cache, "fmtrain_generation": True}
+
+
+def register() -> None:
+    """Make ``AutoConfig`` / ``AutoModelForCausalLM`` know ``model_type = "fmtrain"`` (idempotent)."""
+    try:
+        AutoConfig.register(MODEL_TYPE, FmtrainConfig)
+    except ValueError:  # already registered (by an earlier import)
+        pass
+    try:
+        AutoModelForCausalLM.register(FmtrainConfig, FmtrainForCausalLM)
+    except ValueError:
+        pass
+
+
+__all__ = ["FmtrainConfig", "FmtrainForCausalLM", "register", "MODEL_TYPE"]

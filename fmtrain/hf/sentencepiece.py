@@ -1,0 +1,82 @@
+"""fmtrain's SentencePiece models as a Hugging Face ``tokenizer.json``.
+
+fmtrain trains SentencePiece with identity normalisation, whitespace kept (spaces
+become "\u2581"), no dummy prefix and byte fallback (fmtrain/data/tokenizer.py).
+Such a model is the ``tokenizers`` model of the same kind with the same pieces:
+
+- BPE: the pieces, and merges ``(left, right)`` for every split of every piece into
+  two pieces, ranked by the merged piece's score (SentencePiece merges the
+  best-scoring adjacent pair; its ids are in score order);
+- unigram: the pieces with their scores (the same Viterbi segmentation);
+
+with a ``Replace(" ", "\u2581")`` normaliser, no pre-tokeniser (pieces were learned
+within SentencePiece's word and script boundaries, so none cross them), byte
+fallback, and a decoder that undoes both. Control pieces (``<s>``, ``</s>``,
+``<pad>``, ``<mask>``) are special tokens. The export checks the result against
+SentencePiece on sample text before writing it.
+"""
+from __future__ import annotations
+
+from ..data.tokenizer import Tokenizer
+
+
+def _pieces(tok: Tokenizer):
+    sp = tok.sp
+    return [(sp.id_to_piece(i), sp.get_score(i)) for i in range(tok.vocab_size)]
+
+
+def convert(tok: Tokenizer):
+    """A ``tokenizers.Tokenizer`` that encodes like the SentencePiece model ``tok``."""
+    from tokenizers import AddedToken, Regex, Tokenizer as RustTokenizer, decoders, models, normalizers
+
+    sp = tok.sp
+    pieces = _pieces(tok)
+    vocab = {p: i for i, (p, _) in enumerate(pieces)}
+    unk = sp.id_to_piece(tok.unk_id) if tok.unk_id is not None else None
+    kind = _model_type(tok)
+    if kind == "bpe":
+        normal = {p for i, (p, _) in enumerate(pieces)
+                  if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
+        merges = []
+        for p in normal:
+            for k in range(1, len(p)):
+                left, right = p[:k], p[k:]
+                if left in normal and right in normal:
+                    merges.append((vocab[p], vocab[left], vocab[right], left, right))
+        merges.sort()
+        model = models.BPE(vocab=vocab, merges=[(l, r) for *_, l, r in merges], unk_token=unk,
+                           byte_fallback=True, fuse_unk=True)
+    else:
+        model = models.Unigram([(p, s) for p, s in pieces], unk_id=tok.unk_id, byte_fallback=True)
+    out = RustTokenizer(model)
+    out.normalizer = normalizers.Replace(Regex(" "), "\u2581")
+    out.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = [sp.id_to_piece(i) for i in range(tok.vocab_size) if sp.is_control(i) or sp.is_unknown(i)]
+    out.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in specials])
+    return out
+
+
+def _model_type(tok: Tokenizer) -> str:
+    """'bpe' or 'unigram', from the model's own proto (its trainer_spec)."""
+    proto = tok.sp.serialized_model_proto()
+    # trainer_spec (field 2) holds model_type (field 3, an enum: 1 unigram, 2 bpe); read it without protobuf.
+    from .._protobuf import field_varint
+
+    t = field_varint(proto, [2, 3], default=1)
+    if t not in (1, 2):
+        raise ValueError(f"SentencePiece model type {t} (word/char) is not converted; bpe and unigram are")
+    return "bpe" if t == 2 else "unigram"
+
+
+def special_tokens_config(tok: Tokenizer, seq_len: int) -> dict:
+    """tokenizer_config.json naming the special tokens, as transformers writes it."""
+    sp = tok.sp
+    name = {k: (sp.id_to_piece(i) if i is not None else None) for k, i in
+            dict(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id, unk=tok.unk_id, mask=tok.mask_id).items()}
+    cfg = {"backend": "tokenizers", "tokenizer_class": "TokenizersBackend", "model_max_length": seq_len,
+           "clean_up_tokenization_spaces": False}
+    cfg |= {f"{k}_token": v for k, v in name.items() if v is not None}
+    return cfg
+
+
+__all__ = ["convert", "special_tokens_config"]

@@ -105,7 +105,8 @@ def test_causal_lm_trains_and_logs(tmp_path, corpus):
     evals = [m for m in rows if "eval_loss" in m]
     assert len(evals) == 2 and evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert 0 < evals[1]["eval_bpb"] < evals[0]["eval_bpb"]
-    assert "step 8/8" in r.stdout and "tok/s" in r.stdout and "mfu" in r.stdout
+    assert "step 8/8" in r.stdout and "tok/s" in r.stdout and "GFLOP/s" in r.stdout
+    assert "finished run: step 8/8" in r.stdout  # the summary line
     run = tmp_path / "run"
     assert (run / "config.toml").is_file()
     assert [p.name for p in find_checkpoints(run / "checkpoints")] == ["step_00000006", "step_00000008"]

@@ -1,0 +1,74 @@
+"""One way to fail: a problem the user can fix is one ``error:`` line, exit status 2, no traceback.
+
+    from fmtrain.errors import UserError, run_main
+
+    def main(argv=None) -> int:
+        ...
+        raise UserError("data.corpus: no files match 'data/*.txt'; give paths that exist")
+
+    if __name__ == "__main__":
+        sys.exit(run_main(main))
+
+The exception classes of the project's layers (``ConfigError``, ``CheckpointError``,
+``CorpusError``, ...) derive from :class:`UserError`, so every command catches them
+all in one place. Under torchrun every rank hits the same problem (they read the
+same config, data and checkpoints), so only global rank 0 prints it: the message
+appears once, not once per rank. A full disk is one of these problems too (it is
+not a bug): :func:`describe_os_error` names it.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from typing import Callable
+
+EXIT_USAGE = 2  # a problem with what the user gave (config, data, checkpoint, world size)
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message names the file or field and the fix."""
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 (or the only process); readable before any init."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "") != "":
+            return os.environ[name] == "0"
+    return True
+
+
+def report(message: str) -> None:
+    """Print ``error: message`` on stderr, once per job (rank 0)."""
+    if is_rank_zero():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk or an exhausted quota.
+
+    ``torch.save`` reports a failed write as a RuntimeError without an errno, so the
+    text is read too.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return True
+        text = str(exc).lower()
+        if "no space left" in text or "quota exceeded" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def run_main(main: Callable[..., int], *args, **kwargs) -> int:
+    """Call ``main``; a :class:`UserError` becomes one ``error:`` line and exit status 2."""
+    try:
+        return main(*args, **kwargs)
+    except UserError as exc:
+        report(str(exc))
+        return EXIT_USAGE

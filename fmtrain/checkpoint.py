@@ -335,11 +335,12 @@ class Checkpointer:
                             device=self.world.device if self.world.backend == "nccl" else "cpu")
         if self.world.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item() == 0:
             return
+        full = error is not None and no_space(error, tmp)  # before the cleanup frees the space
         if self.world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_valid_by_size(self.root)
         kept = f"the previous checkpoint {previous} is kept" if previous else "there is no earlier checkpoint"
-        if error is not None and no_space(error):
+        if full:
             raise CheckpointError(
                 f"no space left on device while writing checkpoint {tmp} ({error}); removed what was "
                 f"written, {kept}. Free space on the file system of {self.root} (df -h {self.root}) "

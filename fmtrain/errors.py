@@ -47,13 +47,14 @@ def report(message: str) -> None:
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def no_space(exc: BaseException) -> bool:
+def no_space(exc: BaseException, where: str | os.PathLike | None = None) -> bool:
     """Whether ``exc`` (or what caused it) is a full disk or an exhausted quota.
 
-    ``torch.save`` reports a failed write as a RuntimeError without an errno, so the
-    text is read too.
+    ``torch.save`` reports a failed write as a RuntimeError without an errno or words
+    ("unexpected pos 376384 vs 376276"), so the text is read, and when ``where`` is given
+    its file system's free space is looked at (before anything is cleaned up).
     """
-    seen = set()
+    seen, first = set(), exc
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in NO_SPACE:
@@ -62,7 +63,22 @@ def no_space(exc: BaseException) -> bool:
         if "no space left" in text or "quota exceeded" in text:
             return True
         exc = exc.__cause__ or exc.__context__
-    return False
+    return where is not None and isinstance(first, (OSError, RuntimeError)) and disk_full(where)
+
+
+def disk_full(where: str | os.PathLike) -> bool:
+    """Whether the file system holding ``where`` (or its nearest existing parent) is (nearly) full."""
+    import shutil
+    from pathlib import Path
+
+    path = Path(where)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return False
+    return usage.free < min(1 << 20, usage.total // 16)
 
 
 def run_main(main: Callable[..., int], *args, **kwargs) -> int:

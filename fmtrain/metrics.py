@@ -62,7 +62,7 @@ class Metrics:
         self.flops_per_token, self.peak = flops_per_token, peak
         self.start_step, self.t_start = start_step, time.perf_counter()
         self.tb = None
-        self._append_failed = False
+        self._append_failed = self._tb_failed = False
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -121,11 +121,17 @@ class Metrics:
 
     def _write(self, row: dict) -> None:
         self._append(json.dumps(row))
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.tb.add_scalar(key.replace("eval_", "eval/", 1) if key.startswith("eval_")
-                                   else f"train/{key}", value, row["step"])
-        self.tb.flush()
+        try:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key.replace("eval_", "eval/", 1) if key.startswith("eval_")
+                                       else f"train/{key}", value, row["step"])
+            self.tb.flush()
+        except OSError as exc:  # a full disk: the logs pause, training goes on (a checkpoint then says it)
+            if not self._tb_failed:
+                self._tb_failed = True
+                print(f"warning: cannot write TensorBoard logs ({exc}); they pause while this lasts",
+                      file=sys.stderr, flush=True)
 
     def step(self, *, step: int, loss: float, lr: float, grad_norm: float, tokens_seen: int,
              tokens_per_s: float, step_time: float, data_time: float, device: torch.device) -> None:
@@ -159,4 +165,7 @@ class Metrics:
 
     def close(self) -> None:
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError:  # a full disk (already warned about)
+                pass

@@ -153,9 +153,8 @@ def _diverged(cfg: Config, step: int, what: str) -> Diverged:
     kept = (f"the last checkpoint, {last}, is finite and kept" if last else "there is no checkpoint yet")
     return Diverged(
         f"training diverged at step {step}: {what}. No checkpoint was written after it; {kept}. A restart "
-        f"repeats the same steps bitwise: to go on from it, change what diverged, e.g. a lower train.lr or a "
-        f"longer train.warmup_steps with --checkpoint.allow_changes=train.lr,train.warmup_steps, or a lower "
-        f"train.grad_clip with --checkpoint.allow_changes=train.grad_clip")
+        f"from it with the same settings repeats the same steps: to go on, change what diverged, e.g. a lower "
+        f"train.lr or a longer train.warmup_steps, with --checkpoint.allow_changes=train.lr,train.warmup_steps")
 
 
 def _dtype(cfg: Config, world: World) -> torch.dtype:

@@ -120,23 +120,27 @@ def test_pruning_never_deletes_the_newest_valid_checkpoint(run, base):
     assert losses(cfg) == losses(base)
 
 
-def test_divergence_stops_without_a_checkpoint_and_keeps_the_last_finite_one(run):
+def test_divergence_stops_without_a_checkpoint_and_keeps_the_last_finite_one(run, base):
     import torch
 
     from fmtrain.checkpoint import load_model_state
 
     cfg, rundir, ckpts = run
-    # A huge learning rate from step 7 on: step 8's gradients are NaN.
+    before = snapshot(ckpts)
+    # A huge learning rate from step 7 on: step 8's gradients are NaN (step 9 would checkpoint).
     r = run_train(cfg, "--train.steps=12", "--train.lr=1e30", "--train.min_lr=1e29",
-                  "--checkpoint.allow_changes=train.lr,train.min_lr", "--checkpoint.interval=1")
+                  "--checkpoint.allow_changes=train.lr,train.min_lr")
     assert r.returncode == 3, (r.returncode, r.stderr[-3000:])
     assert "Traceback" not in r.stderr and "error: training diverged at step 8" in r.stderr, r.stderr[-3000:]
     assert "gradient norm nan" in r.stderr
-    assert [p.name for p in find_checkpoints(ckpts)] == ["step_00000006", "step_00000007"]  # keep = 2
-    assert f"the last checkpoint, {ckpts / 'step_00000007'}, is finite and kept" in r.stderr
-    validate(ckpts / "step_00000007")
-    assert all(bool(torch.isfinite(t).all()) for t in load_model_state(ckpts / "step_00000007").values())
+    assert f"the last checkpoint, {ckpts / 'step_00000006'}, is finite and kept" in r.stderr
+    assert snapshot(ckpts) == before
+    assert all(bool(torch.isfinite(t).all()) for t in load_model_state(ckpts / "step_00000006").values())
     assert [m["step"] for m in metrics(cfg) if "loss" in m][-1] == 8  # the diverged step is on record
+    # The hint holds: with a learning rate that does not diverge (the original one) it goes on.
+    r = train(cfg, "--train.steps=12", "--checkpoint.allow_changes=train.lr,train.min_lr")
+    assert f"resumed from {ckpts / 'step_00000006'}" in r.stdout
+    assert losses(cfg)[:6] == losses(base) and len(losses(cfg)) == 12
 
 
 def _mount_tmpfs(folder: Path, size: str) -> bool:
@@ -162,6 +166,10 @@ def test_full_disk_during_a_checkpoint_says_so_and_cleans_up(tmp_path, corpus, s
     assert_one_error_line(r, "no space left on device", ".step_00000006.partial", "step_00000003 is kept")
     assert sorted(p.name for p in small_disk.iterdir()) == [".lock", "step_00000003"]  # the partial folder is gone
     validate(small_disk / "step_00000003")
+    # The hint holds: with space freed (here: a larger file system), a restart resumes and finishes.
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    r = train(cfg, "--train.steps=6", f"--checkpoint.dir={small_disk}")
+    assert f"resumed from {small_disk / 'step_00000003'}" in r.stdout and "finished run: step 6/6" in r.stdout
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's writer thread
@@ -248,6 +256,8 @@ def test_changed_settings_on_resume_are_applied_or_refused_by_name(run):
     r = run_train(cfg, "--model.dim=64")
     assert_one_error_line(r, "model.dim: 32 -> 64", "model's shape")
     assert "size mismatch" not in r.stderr
+    r = run_train(cfg, "--data.batch_size=1")
+    assert_one_error_line(r, "data.batch_size: 2 -> 1", "--checkpoint.resplit=true")
     r = run_train(cfg, "--data.seq_len=64")
     assert_one_error_line(r, "data.seq_len", "start a new run.dir")
     assert "resplit" not in r.stderr  # it cannot help there, so it is not suggested
@@ -268,6 +278,21 @@ def test_changed_settings_on_resume_are_applied_or_refused_by_name(run):
     lrs = {m["step"]: m["lr"] for m in metrics(cfg) if "loss" in m}
     assert lrs[7] == pytest.approx(0.02 * lr_factor(new, 6), rel=1e-12)
     assert time.monotonic() - t0 < 120
+    # The batch-size hint holds too: with checkpoint.resplit the data position is re-split.
+    r = train(cfg, "--train.steps=9", "--data.batch_size=1", "--checkpoint.resplit=true",
+              "--train.lr=0.02", "--checkpoint.allow_changes=train.lr")
+    assert "data.batch_size: 2 -> 1 (allowed" in r.stdout and "finished run: step 9/9" in r.stdout
+
+
+def test_evaluation_off_is_said_at_the_start_and_by_the_eval_command(tmp_path, corpus):  # noqa: F811
+    cfg = make_config(tmp_path, corpus)
+    r = train(cfg, "--train.steps=1", "--data.val_fraction=0")
+    head = r.stdout.split("step 1/1")[0]
+    assert "evaluation: off: data.corpus holds no documents out (data.val_fraction = 0.0" in head
+    assert "no evaluation (nothing held out)" in r.stdout
+    ev = subprocess.run([sys.executable, "-m", "fmtrain.eval", str(tmp_path / "run")], capture_output=True,
+                        text=True, env=ENV)
+    assert_one_error_line(ev, "holds no documents out", "data.val_fraction = 0.0 selected none")
 
 
 # ---------------------------------------------------------------------- one way to fail

@@ -1,7 +1,9 @@
 """Faults produced for real (truncated and corrupted files, a full tmpfs, a kill, two trainers,
 changed settings, bad input): nothing good is lost, and the message names the problem.
 
-Most tests copy one trained run (checkpoints at steps 3 and 6) and break the copy.
+Most tests copy one trained run (checkpoints at steps 3 and 6) and break the copy. Those that
+run the trainer several times are marked slow (5-25 s each here); the others take ~30 s together.
+The full-disk tests mount a tmpfs (root only; skipped elsewhere).
 """
 import json
 import os
@@ -107,6 +109,7 @@ def test_flipped_block_is_caught_by_checksum_and_the_previous_checkpoint_used(ru
     validate(ckpts / "step_00000006")  # rewritten whole
 
 
+@pytest.mark.slow
 def test_pruning_never_deletes_the_newest_valid_checkpoint(run, base):
     cfg, rundir, ckpts = run
     victim = largest_file(ckpts / "step_00000006")
@@ -120,6 +123,7 @@ def test_pruning_never_deletes_the_newest_valid_checkpoint(run, base):
     assert losses(cfg) == losses(base)
 
 
+@pytest.mark.slow
 def test_divergence_stops_without_a_checkpoint_and_keeps_the_last_finite_one(run, base):
     import torch
 
@@ -159,6 +163,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_says_so_and_cleans_up(tmp_path, corpus, small_disk):  # noqa: F811
     cfg = make_config(tmp_path, corpus)
     # One checkpoint of this model (~650 KB) fits in 1 MB, a second does not.
@@ -248,6 +253,7 @@ def test_two_trainers_on_one_run_dir_and_a_killed_run_restarts(run):
 
 
 # ---------------------------------------------------------------------- changed settings
+@pytest.mark.slow
 def test_changed_settings_on_resume_are_applied_or_refused_by_name(run):
     cfg, rundir, ckpts = run
     before = snapshot(ckpts)
@@ -284,6 +290,7 @@ def test_changed_settings_on_resume_are_applied_or_refused_by_name(run):
     assert "data.batch_size: 2 -> 1 (allowed" in r.stdout and "finished run: step 9/9" in r.stdout
 
 
+@pytest.mark.slow
 def test_evaluation_off_is_said_at_the_start_and_by_the_eval_command(tmp_path, corpus):  # noqa: F811
     cfg = make_config(tmp_path, corpus)
     r = train(cfg, "--train.steps=1", "--data.val_fraction=0")
@@ -296,6 +303,7 @@ def test_evaluation_off_is_said_at_the_start_and_by_the_eval_command(tmp_path, c
 
 
 # ---------------------------------------------------------------------- one way to fail
+@pytest.mark.slow
 def test_data_and_checkpoint_errors_are_one_line_without_a_traceback(tmp_path, corpus, run):  # noqa: F811
     (tmp_path / "other").mkdir()
     cfg = make_config(tmp_path / "other", corpus)

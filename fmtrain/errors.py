@@ -81,10 +81,26 @@ def disk_full(where: str | os.PathLike) -> bool:
     return usage.free < min(1 << 20, usage.total // 16)
 
 
+def as_user_error(exc: BaseException) -> UserError | None:
+    """``exc`` as a problem the user can fix, or None (a bug: let its traceback show).
+
+    A full disk anywhere (logs, config, an export) is one: it is said in words.
+    """
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, OSError) and no_space(exc):
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return UserError(f"no space left on device{where} ({exc}); free space there and run again")
+    return None
+
+
 def run_main(main: Callable[..., int], *args, **kwargs) -> int:
-    """Call ``main``; a :class:`UserError` becomes one ``error:`` line and exit status 2."""
+    """Call ``main``; a :class:`UserError` (or a full disk) becomes one ``error:`` line and exit 2."""
     try:
         return main(*args, **kwargs)
-    except UserError as exc:
-        report(str(exc))
+    except (UserError, OSError) as exc:
+        user = as_user_error(exc)
+        if user is None:
+            raise
+        report(str(user))
         return EXIT_USAGE

@@ -35,8 +35,12 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock now or raise RunDirInUse naming the holder (never waits)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children (O_CLOEXEC)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children (O_CLOEXEC)
+        except OSError as exc:
+            raise UserError(f"cannot write the run directory {self.path.parent} ({exc}); give a run.dir "
+                            "(and checkpoint.dir) this user can write") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -58,16 +62,16 @@ class RunLock:
 
 
 def lock_run(directories: list[Path], world) -> list[RunLock]:
-    """Rank 0 locks each directory; all ranks raise RunDirInUse if any lock is held elsewhere."""
+    """Rank 0 locks each directory; all ranks raise (RunDirInUse if a lock is held elsewhere)."""
     locks: list[RunLock] = []
-    error: RunDirInUse | None = None
+    error: UserError | None = None
     if world.is_main:
         try:
             for d in directories:
                 lock = RunLock(d)
                 lock.acquire()
                 locks.append(lock)
-        except RunDirInUse as exc:
+        except UserError as exc:
             error = exc
             for lock in locks:
                 lock.release()

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import Checkpointer, TrainState, all_finite, find_resume, validate
 from .config import Config, config_from_argv, save_config
-from .errors import UserError, no_space, report
+from .errors import UserError, as_user_error, no_space, report
 from .eval import evaluate
 from .metrics import Metrics, peak_flops
 from .model import build_model, flops_per_token, set_sequence_group
@@ -332,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as exc:
         report(str(exc))
         return exit_status("diverged")
-    except UserError as exc:
-        report(str(exc))
+    except (UserError, OSError) as exc:
+        user = as_user_error(exc)
+        if user is None:
+            raise
+        report(str(user))
         return exit_status("error")
     finally:
         shutdown()

@@ -13,8 +13,15 @@ The exception classes of the project's layers (``ConfigError``, ``CheckpointErro
 ``CorpusError``, ...) derive from :class:`UserError`, so every command catches them
 all in one place. Under torchrun every rank hits the same problem (they read the
 same config, data and checkpoints), so only global rank 0 prints it: the message
-appears once, not once per rank. A full disk is one of these problems too (it is
-not a bug): :func:`describe_os_error` names it.
+appears once, not once per rank. Under ``launch/run.sh`` the trainer then exits 0
+with the outcome ``error`` in the status file (fmtrain/signals.py), so torchrun
+adds no failure dump and restarts nothing; under a plain ``torchrun`` the workers
+exit 2 and torchrun prints its own summary after the line. A full disk is one of
+these problems too (not a bug): :func:`as_user_error` says so in words.
+
+A problem seen by one rank only (a node-local file) is printed by no one if that
+rank is not 0; such checks should agree across ranks first (see
+``fmtrain.runlock.lock_run`` and ``fmtrain.checkpoint.find_resume``).
 """
 from __future__ import annotations
 

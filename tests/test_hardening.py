@@ -252,6 +252,30 @@ def test_two_trainers_on_one_run_dir_and_a_killed_run_restarts(run):
     assert f"resumed from {last}" in r.stdout and "in use" not in r.stderr
 
 
+@pytest.mark.slow
+def test_under_torchrun_one_lock_per_run_not_per_rank(tmp_path, corpus):  # noqa: F811
+    cfg, rundir = make6(tmp_path, corpus), tmp_path / "run"
+    long = ("--train.steps=100000", "--checkpoint.interval=100000")
+    # Two ranks share the run: neither refuses the other (rank 0 alone holds the lock) ...
+    first = subprocess.Popen(["bash", "launch/run.sh", str(cfg), *long], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=dict(ENV, NPROC_PER_NODE="2"))
+    try:
+        deadline = time.monotonic() + 180
+        while not (rundir / "metrics.jsonl").is_file() or len(metrics(cfg)) < 3:  # training, past eval
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.3)
+        holder = (rundir / ".lock").read_text()
+        # ... and a second trainer is refused, naming the holder.
+        second = run_train(cfg, *long)
+        assert_one_error_line(second, "is in use by another trainer", holder.split(" since")[0])
+        first.send_signal(signal.SIGTERM)  # the wrapper forwards it: checkpoint, exit 75
+        out, err = first.communicate(timeout=180)
+    finally:
+        first.kill()
+    assert first.returncode == 75, err[-3000:]
+    assert "in use" not in err
+
+
 # ---------------------------------------------------------------------- changed settings
 @pytest.mark.slow
 def test_changed_settings_on_resume_are_applied_or_refused_by_name(run):

@@ -288,7 +288,6 @@ class Checkpointer:
         failed (a full disk) does not leave the others waiting; the partial folder is then
         removed and the previous checkpoint stays the newest.
         """
-        w = self.world
         final = step_dir(self.root, state.step)
         tmp = self.root / f".{final.name}.partial"
         self._phase(tmp, self._prepare, tmp)
@@ -517,14 +516,14 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, out / name)
     info = dict(step=meta["step"], tokens_seen=meta["tokens_seen"], source=str(ckpt), format="model-only",
-                world_size=1, dp_size=1, sp_size=1, zero_stage=None, files=_file_sizes(out))
+                world_size=1, dp_size=1, sp_size=1, zero_stage=None, files=_file_sizes(out),
+                crc32=_checksums(out))
     (out / META).write_text(json.dumps(info, indent=1))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
     ap = argparse.ArgumentParser(prog="python -m fmtrain.checkpoint",
                                  description="Checkpoint tools. export: the model alone (safetensors, "

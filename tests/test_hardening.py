@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fmtrain.checkpoint import CheckpointError, find_checkpoints, validate
-from tests.test_train import GLOO_TEARDOWN, corpus, losses, make_config, metrics, train  # noqa: F401
+from tests.test_train import corpus, losses, make_config, metrics, train  # noqa: F401 (corpus: a fixture)
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
 

@@ -85,7 +85,7 @@ def import_deepspeed():
 
 def init_world(backend: str = "auto", sp_size: int = 1, timeout_minutes: float = 30) -> World:
     """Initialise torch.distributed (through DeepSpeed, which the engine needs) and the device."""
-    from ..config import ConfigError
+    from ..errors import UserError  # (not config.ConfigError: config imports this module)
 
     deepspeed = import_deepspeed()  # imported here: a world of one for tools that never train needs no DeepSpeed
 
@@ -100,10 +100,10 @@ def init_world(backend: str = "auto", sp_size: int = 1, timeout_minutes: float =
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
     if backend == "nccl" and not cuda:
-        raise ConfigError("parallel.backend='nccl' needs CUDA GPUs; this machine has none: "
+        raise UserError("parallel.backend='nccl' needs CUDA GPUs; this machine has none: "
                            "use --parallel.backend=gloo (or auto)")
     if size % sp_size:
-        raise ConfigError(f"parallel.sequence={sp_size} does not divide the world size {size}")
+        raise UserError(f"parallel.sequence={sp_size} does not divide the world size {size}")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

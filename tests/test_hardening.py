@@ -354,6 +354,23 @@ def test_an_error_under_torchrun_is_printed_once_with_exit_2(tmp_path, corpus): 
     assert "ChildFailedError" not in r.stderr and "rank" not in r.stderr.split("error:")[1]
 
 
+def test_launcher_help_is_help_only():
+    r = subprocess.run(["bash", "launch/run.sh", "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "NPROC_PER_NODE" in r.stdout and "NNODES" in r.stdout
+    assert "set -euo" not in r.stdout and not r.stderr
+    r = subprocess.run(["bash", "launch/run.sh"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "NPROC_PER_NODE" in r.stderr
+
+
+@pytest.mark.slow
+def test_launcher_takes_nproc_and_a_config_error_is_one_line(tmp_path, corpus):  # noqa: F811
+    cfg = make_config(tmp_path, corpus)
+    r = subprocess.run(["bash", "launch/run.sh", str(cfg), "--train.stepz=4"], capture_output=True, text=True,
+                       timeout=300, env=dict(ENV, NPROC="2"))
+    assert "procs/node=2" in r.stderr
+    assert_one_error_line(r, "train.stepz", "Did you mean 'steps'")
+
+
 # ---------------------------------------------------------------------- data
 def test_a_truncated_token_cache_is_detected_and_rebuilt(tmp_path, capfd):
     from fmtrain.data.tokens import cached_tokens

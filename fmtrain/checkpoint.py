@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import zlib
 import re
@@ -389,19 +390,28 @@ class Checkpointer:
                 "To continue it on the new number of ranks, set checkpoint.resplit = true "
                 "(--checkpoint.resplit=true): the checkpoint is converted to DeepSpeed's universal format "
                 "and the data position re-split. Or resume with the same layout, or start a new run.dir")
-        if resplit and meta["zero_stage"] != 0:
-            load_path = self._load_universal(engine, path)
-        else:  # ZeRO 0 keeps the whole model and optimizer in one file: any number of ranks loads it
-            load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+        try:
+            if resplit and meta["zero_stage"] != 0:
+                load_path = self._load_universal(engine, path)
+            else:  # ZeRO 0 keeps the whole model and optimizer in one file: any number of ranks loads it
+                load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+            # A re-split run has no file of its own: every old rank saved the same stream position;
+            # the RNG of old rank r (or rank 0's) seeds new rank r (dropout/masking draws differ anyway).
+            old_rank = w.rank if w.rank < meta["world_size"] else 0
+            mine = torch.load(path / f"rank_{old_rank:05d}.pt", weights_only=False)
+        except CheckpointError:
+            raise
+        except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as exc:
+            # Its files are whole (sizes and CRC-32s match): written by another version, or a bug.
+            raise CheckpointError(
+                f"{path} is intact but does not load: {type(exc).__name__}: {str(exc)[:500]}. To resume from "
+                f"the previous checkpoint instead, move it away (mv {path} {path.parent / ('bad-' + path.name)})"
+            ) from exc
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path / 'ds'}")
-        # A re-split run has no file of its own: every old rank saved the same stream position;
-        # the RNG of old rank r (or rank 0's) seeds new rank r (dropout/masking draws differ anyway).
-        old_rank = w.rank if w.rank < meta["world_size"] else 0
         from .data.loader import ResplitNeeded
 
-        mine = torch.load(path / f"rank_{old_rank:05d}.pt", weights_only=False)
         try:  # the same ranks with another data.batch_size also re-split the stream
             loader.load_state_dict(mine["loader"], allow_resplit=self.cfg.checkpoint.resplit)
         except ResplitNeeded as exc:

@@ -110,6 +110,25 @@ def test_flipped_block_is_caught_by_checksum_and_the_previous_checkpoint_used(ru
 
 
 @pytest.mark.slow
+def test_an_intact_checkpoint_that_does_not_load_is_named_with_the_way_back(run, base):
+    from fmtrain.checkpoint import META, crc32
+
+    cfg, rundir, ckpts = run
+    newest = ckpts / "step_00000006"
+    (newest / "rank_00000.pt").write_bytes(b"not a pickle " * 100)  # as if from another version ...
+    meta = json.loads((newest / META).read_text())  # ... whose meta.json matches it
+    meta["files"]["rank_00000.pt"] = (newest / "rank_00000.pt").stat().st_size
+    meta["crc32"]["rank_00000.pt"] = crc32(newest / "rank_00000.pt")
+    (newest / META).write_text(json.dumps(meta))
+    r = run_train(cfg, "--train.steps=8")
+    assert_one_error_line(r, f"{newest} is intact but does not load", "mv ")
+    hint = r.stderr.split("(mv ")[1].split(")")[0]
+    subprocess.run(["mv", *hint.split()], check=True)  # the hint, as given
+    r = train(cfg)
+    assert f"resumed from {ckpts / 'step_00000003'}" in r.stdout
+
+
+@pytest.mark.slow
 def test_pruning_never_deletes_the_newest_valid_checkpoint(run, base):
     cfg, rundir, ckpts = run
     victim = largest_file(ckpts / "step_00000006")

@@ -6,7 +6,7 @@ A checkpoint is a folder ``<checkpoint dir>/step_NNNNNNNN/``:
     rank_00000.pt ...   per rank: data position and every RNG
     config.toml         the resolved config of the run
     tokenizer.model     the tokenizer (and its settings, tokenizer.json, when present)
-    meta.json           step, tokens seen, world layout, and the size of every file above
+    meta.json           step, tokens seen, world layout, and the size and CRC-32 of every file above
 
 It is written as ``.step_NNNNNNNN.partial/``, flushed to disk, then renamed by
 rank 0: a crash mid-save leaves only a ``.partial`` folder, which is never

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -35,7 +37,7 @@ else:  # pragma: no cover - Python 3.10
 CONFIG_FILE = "config.toml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message says what to change."""
 
 
@@ -144,8 +146,6 @@ class DataConfig:
                                        "package directories).", min=0.0, max=0.5)
     mask_prob: float = option(0.15, "MLM: fraction of tokens selected for prediction (BERT's 80/10/10 "
                                     "corruption).", min=0.0, max=1.0)
-    num_workers: int = option(0, "DataLoader worker processes (0: load in the training process).",
-                              min=0)
 
 
 @dataclass
@@ -180,6 +180,11 @@ class CheckpointConfig:
     resplit: bool = option(False, "Resume a checkpoint written by a different number of data-parallel "
                                   "ranks: converted once to DeepSpeed's universal format, the data "
                                   "position re-split over the new ranks.")
+    allow_changes: list[str] = option(help="Fields that may differ from the checkpoint's config on resume "
+                                           "although the saved state was made with the old value (e.g. "
+                                           "--checkpoint.allow_changes=train.lr,train.warmup_steps): applied "
+                                           "from the resumed step on. Others are refused, each named "
+                                           "(fmtrain/resume.py).", factory=list)
 
 
 @dataclass
@@ -194,6 +199,12 @@ class ParallelConfig:
                                             "JSON (e.g. [parallel.deepspeed.zero_optimization] "
                                             "overlap_comm = true).", factory=dict)
 
+
+# Fields of earlier versions: named as such (not "unknown") when a config still sets them.
+_REMOVED_FIELDS = {
+    "data.num_workers": "it was never used (the loader reads memory-mapped tokens in the training "
+                        "process; data loading is ~1% of a step, see the data share of the step lines)",
+}
 
 # Keys of the DeepSpeed JSON that fmtrain derives from its own fields.
 _DERIVED_DS_KEYS = {
@@ -366,6 +377,9 @@ def from_dict(data: dict[str, Any]) -> Config:
         kwargs = {}
         for key, value in values.items():
             where = f"{sec_name}.{key}"
+            if where in _REMOVED_FIELDS:
+                errors.append(f"{where} was removed: {_REMOVED_FIELDS[where]}; delete it from the config")
+                continue
             if key not in hints:
                 errors.append(f"unknown field {where}.{_did_you_mean(key, hints)} "
                               f"Fields of [{sec_name}]: {', '.join(hints)}.")
@@ -494,7 +508,89 @@ def _consistency_errors(cfg: Config) -> list[str]:
     if isinstance(zero, dict) and "stage" in zero:
         e.append("parallel.deepspeed.zero_optimization.stage duplicates parallel.zero_stage; "
                  "set parallel.zero_stage instead")
+    elif p.deepspeed:
+        e += deepspeed_key_errors(p.deepspeed)
+    known = {f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    for name in cfg.checkpoint.allow_changes:
+        if name not in known:
+            e.append(f"checkpoint.allow_changes: {name!r} is not a field.{_did_you_mean(name, known)}")
     return e
+
+
+# DeepSpeed sections whose own pydantic schema (extra keys forbidden) checks them.
+_DS_SCHEMAS = {
+    "zero_optimization": "deepspeed.runtime.zero.config:DeepSpeedZeroConfig",
+    "bf16": "deepspeed.runtime.precision_config:DeepSpeedBF16Config",
+    "tensorboard": "deepspeed.monitor.config:TensorBoardConfig",
+    "wandb": "deepspeed.monitor.config:WandbConfig",
+    "csv_monitor": "deepspeed.monitor.config:CSVConfig",
+    "comms_logger": "deepspeed.comm.config:CommsLoggerConfig",
+    "compile": "deepspeed.compile.config:CompileConfig",
+}
+# Modules whose string constants name every top-level key DeepSpeed reads.
+_DS_KEY_MODULES = ("deepspeed.runtime.constants", "deepspeed.runtime.zero.config",
+                   "deepspeed.runtime.activation_checkpointing.config", "deepspeed.runtime.data_pipeline.constants",
+                   "deepspeed.autotuning.constants", "deepspeed.monitor.config", "deepspeed.profiling.constants",
+                   "deepspeed.runtime.swap_tensor.constants", "deepspeed.checkpoint.constants",
+                   "deepspeed.runtime.precision_config", "deepspeed.comm.constants", "deepspeed.runtime.config")
+
+
+def _deepspeed_top_level_keys() -> set[str]:
+    import importlib
+
+    keys = set()
+    for name in _DS_KEY_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        keys |= {v for k, v in vars(mod).items() if k.isupper() and isinstance(v, str)
+                 and re.fullmatch(r"[a-z][a-z0-9_]*", v)}
+    return keys
+
+
+def deepspeed_key_errors(extra: dict[str, Any]) -> list[str]:
+    """Keys of ``[parallel.deepspeed]`` that DeepSpeed does not know (it would ignore them silently).
+
+    Top-level keys are checked against the names DeepSpeed's config modules read; sections with a
+    schema of their own (``zero_optimization``, ``bf16``, monitors, ...) are validated by it.
+    """
+    import importlib
+
+    from .parallel.groups import import_deepspeed
+
+    import_deepspeed()
+    known = _deepspeed_top_level_keys()
+    errors = []
+    for key, value in extra.items():
+        where = f"parallel.deepspeed.{key}"
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known | set(_DERIVED_DS_KEYS)), n=1, cutoff=0.75)
+            hint = ""
+            if close:
+                hint = f" Did you mean {close[0]!r}" + (f" (set by {_DERIVED_DS_KEYS[close[0]]})"
+                                                         if close[0] in _DERIVED_DS_KEYS else "") + "?"
+            errors.append(f"{where} is not a DeepSpeed config key.{hint}")
+            continue
+        if key in _DS_SCHEMAS and isinstance(value, dict):
+            module, cls = _DS_SCHEMAS[key].split(":")
+            try:
+                schema = getattr(importlib.import_module(module), cls)
+            except (ImportError, AttributeError):
+                continue
+            fields = {n for n, f in schema.model_fields.items()} | {
+                f.alias for f in schema.model_fields.values() if f.alias}
+            for sub in value:
+                if sub not in fields:
+                    errors.append(f"{where}.{sub} is not a DeepSpeed {key} key."
+                                  f"{_did_you_mean(sub, sorted(fields))}")
+            if not any(sub not in fields for sub in value):
+                try:
+                    schema(**value)
+                except Exception as exc:  # pydantic's ValidationError: the value is wrong
+                    first = str(exc).splitlines()
+                    errors.append(f"{where}: DeepSpeed refuses it: {' '.join(first[:3])}")
+    return errors
 
 
 def _divisors(n: int, limit: int) -> list[int]:
@@ -539,6 +635,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                               f"Sections: {', '.join(SECTIONS)}.")
         hints = _hints(SECTIONS[sec])
         name, _, rest = path.partition(".")
+        if f"{sec}.{name}" in _REMOVED_FIELDS:
+            raise ConfigError(f"{sec}.{name} was removed: {_REMOVED_FIELDS[f'{sec}.{name}']}; drop {arg}")
         if name not in hints:
             raise ConfigError(f"unknown field {sec}.{name} in {arg}.{_did_you_mean(name, hints)} "
                               f"Fields of [{sec}]: {', '.join(hints)}.")
@@ -642,26 +740,35 @@ USAGE = ("usage: python -m fmtrain.train CONFIG.toml [--section.field=value ...]
          "  e.g. python -m fmtrain.train configs/tiny-gpt.toml --train.steps=100 --model.attention=sdpa\n")
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """``CONFIG [--section.field=value ...]`` -> validated :class:`Config`.
+def config_from_argv(argv: list[str] | None = None) -> Config:
+    """``CONFIG [--section.field=value ...]`` -> validated :class:`Config`; ConfigError if not.
 
-    ``-h``/``--help`` prints the field listing and exits; errors exit with status
-    2 and the message (as argparse does).
+    ``-h``/``--help`` prints the field listing and exits 0.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + "\nFields (TOML [section] key = value, or --section.field=value):\n\n" + describe())
         raise SystemExit(0)
     if not argv or argv[0].startswith("--"):
-        print(USAGE + "error: the first argument must be a TOML config file", file=sys.stderr)
-        raise SystemExit(2)
+        raise ConfigError("the first argument must be a TOML config file\n" + USAGE.rstrip())
+    return load_config(argv[0], argv[1:])
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """``CONFIG [--section.field=value ...]`` -> validated :class:`Config`.
+
+    ``-h``/``--help`` prints the field listing and exits; errors exit with status
+    2 and the message (as argparse does), printed once under torchrun (rank 0).
+    """
+    from .errors import EXIT_USAGE, report
+
     try:
-        return load_config(argv[0], argv[1:])
+        return config_from_argv(argv)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        report(str(exc))
+        raise SystemExit(EXIT_USAGE) from None
 
 
 __all__ = ["Config", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "CheckpointConfig",
            "ParallelConfig", "ConfigError", "CONFIG_FILE", "load_config", "save_config", "from_dict",
-           "apply_overrides", "to_toml", "describe", "parse_args", "option", "check_config"]
+           "apply_overrides", "to_toml", "describe", "parse_args", "config_from_argv", "option", "check_config"]

@@ -17,7 +17,7 @@ import torch
 
 @torch.no_grad()
 def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int | None = None,
-             stop=None) -> dict | None:
+             stop=None, progress=None) -> dict | None:
     """Token-weighted held-out loss over ``loader`` (all ranks together).
 
     ``stop``: a :class:`fmtrain.signals.StopFlag`, asked after every batch (all ranks
@@ -36,6 +36,8 @@ def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int |
         loss_sum, count = model(batch["input_ids"].to(device), targets, batch["positions"].to(device))
         scored = targets[targets >= 0]
         totals += torch.stack([loss_sum.double(), count.double(), token_bytes[scored].sum().double()])
+        if progress is not None:
+            progress(i + 1)
         if stop is not None and stop.should_stop():
             model.train(was_training)
             return None
@@ -50,13 +52,15 @@ def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int |
 def main(argv=None) -> int:
     from .checkpoint import load_config_of, load_model_state, resolve
     from .data import build_loaders
+    from .errors import UserError
     from .model import build_model
     from .parallel import World
 
     ap = argparse.ArgumentParser(prog="python -m fmtrain.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a checkpoint folder, a checkpoints folder or a run folder (newest)")
-    ap.add_argument("--batches", type=int, default=None, help="evaluate at most this many batches")
+    ap.add_argument("--batches", type=int, default=None, help="evaluate at most this many batches "
+                                                              "(default: the whole held-out set)")
     ap.add_argument("--batch-size", type=int, default=None)
     args = ap.parse_args(argv)
     ckpt = resolve(args.checkpoint)
@@ -64,21 +68,50 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     world = World(rank=0, local_rank=0, size=1, sp_size=1, device=device, backend="none")
     tok = ckpt / "tokenizer.model"
-    data = build_loaders(cfg.data.corpus, str(tok), cfg.data.cache_dir, seq_len=cfg.data.seq_len,
-                         batch_size=args.batch_size or cfg.data.batch_size, seed=cfg.train.seed,
-                         objective=cfg.model.kind, vocab_size=cfg.model.vocab_size,
-                         text_field=cfg.data.text_field, val_fraction=cfg.data.val_fraction,
-                         mask_prob=cfg.data.mask_prob)
+    try:
+        data = build_loaders(cfg.data.corpus, str(tok), cfg.data.cache_dir, seq_len=cfg.data.seq_len,
+                             batch_size=args.batch_size or cfg.data.batch_size, seed=cfg.train.seed,
+                             objective=cfg.model.kind, vocab_size=cfg.model.vocab_size,
+                             text_field=cfg.data.text_field, val_fraction=cfg.data.val_fraction,
+                             mask_prob=cfg.data.mask_prob)
+    except UserError:
+        raise
+    except (ValueError, OSError) as exc:
+        raise UserError(f"the data of {ckpt / 'config.toml'} (data.corpus = {cfg.data.corpus}): {exc}") from None
     if data.val is None:
-        print("error: the corpus holds nothing out for evaluation (data.val_fraction = 0)", file=sys.stderr)
-        return 2
+        raise UserError(f"data.corpus = {cfg.data.corpus} holds no documents out for evaluation "
+                        f"(data.val_fraction = {cfg.data.val_fraction} selected none)")
     model = build_model(cfg.model)
     model.load_state_dict(load_model_state(ckpt))
     model.to(device)
-    result = evaluate(model, data.val, world, data.tokenizer.token_bytes, args.batches)
+    n = len(data.val) if args.batches is None else min(args.batches, len(data.val))
+    rows = n * (args.batch_size or cfg.data.batch_size)
+    print(f"evaluating {ckpt} on {n} held-out batches ({rows} sequences of {cfg.data.seq_len} tokens), on one "
+          f"process. Training evaluated train.eval_batches = {cfg.train.eval_batches} batches per "
+          f"data-parallel rank: the numbers agree when both cover the same sequences (the same batches, "
+          f"batch size and ranks), and differ by the sample otherwise.", file=sys.stderr, flush=True)
+    result = evaluate(model, data.val, world, data.tokenizer.token_bytes, args.batches,
+                      progress=_progress(n))
     print(json.dumps(dict(checkpoint=str(ckpt), **result), indent=1))
     return 0
 
 
+def _progress(total: int, every: float = 10.0):
+    """A callback printing ``batch i/total`` to stderr every few seconds."""
+    import time
+
+    last = [time.monotonic()]
+
+    def report(i: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every or i == total:
+            last[0] = now
+            print(f"eval batch {i}/{total}", file=sys.stderr, flush=True)
+
+    return report
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from .errors import run_main
+
+    sys.exit(run_main(main))

@@ -6,8 +6,10 @@ resumed run's logs read as one run.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -20,28 +22,21 @@ _GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12
                   "L40S": 362e12, "A10": 125e12, "GH200": 989e12, "B200": 2250e12}
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s per process, where the number comes from).
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
+    """(peak FLOP/s per process or None, where the number comes from).
 
     GPUs: the datasheet's dense bf16 (fp32 runs are measured against it too, as is
-    customary). CPUs have no datasheet figure here: a short fp32 matmul measures
-    what this process can reach, so CPU MFU reads "share of attainable matmul rate".
+    customary). CPUs have no datasheet figure here, and a matmul timed at start-up
+    moves with the machine's load (on a busy machine MFU read over 100%), so CPU runs
+    report achieved FLOP/s and no MFU.
     """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in _GPU_PEAK_BF16.items():
             if key in name:
                 return peak, f"{name} datasheet bf16"
-    a = torch.randn(1024, 1024, device=device, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(4):  # best of a few: other load on the machine only slows a trial down
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ a
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 1024**3 * 4 / best, "measured fp32 matmul"
+        return None, f"no datasheet peak known for {name}"
+    return None, "no fixed peak known for CPUs"
 
 
 def memory_gib(device: torch.device) -> float:
@@ -62,11 +57,12 @@ class Metrics:
     """Rank 0's logs of one run."""
 
     def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int, enabled: bool,
-                 flops_per_token: float, peak: float):
+                 flops_per_token: float, peak: float | None):
         self.enabled, self.total = enabled, total_steps
         self.flops_per_token, self.peak = flops_per_token, peak
         self.start_step, self.t_start = start_step, time.perf_counter()
         self.tb = None
+        self._append_failed = self._tb_failed = False
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -78,35 +74,82 @@ class Metrics:
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def _truncate_after(self, step: int) -> None:
+        """Drop the lines past ``step`` (a resume rewrites them) and any torn line.
+
+        A line is written whole by one ``write`` (see :meth:`_append`), but a kill or a full
+        disk mid-write can still leave a torn last line; it is dropped with a warning rather
+        than blocking the restart. The file is replaced atomically.
+        """
         if not self.jsonl.exists():
             return
-        keep = [line for line in self.jsonl.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.jsonl.write_text("".join(line + "\n" for line in keep))
+        keep, torn = [], 0
+        for line in self.jsonl.read_text(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        if torn:
+            print(f"warning: {self.jsonl}: dropped {torn} unreadable line(s) (torn by a kill or a full disk)",
+                  file=sys.stderr, flush=True)
+        tmp = self.jsonl.with_name(f".{self.jsonl.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.jsonl)
+
+    def _append(self, line: str) -> None:
+        """Append one line whole or not at all: one ``write`` on an O_APPEND file, cut back to the
+        old length if it fails part-way (a full disk); the failure is then a warning, once."""
+        data = (line + "\n").encode()
+        fd = os.open(self.jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError as exc:
+                os.ftruncate(fd, size)
+                if not self._append_failed:
+                    self._append_failed = True
+                    print(f"warning: cannot write {self.jsonl} ({exc}); metrics are not recorded while "
+                          "this lasts (the console still shows them)", file=sys.stderr, flush=True)
+        finally:
+            os.close(fd)
 
     def _write(self, row: dict) -> None:
-        with open(self.jsonl, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.tb.add_scalar(key.replace("eval_", "eval/", 1) if key.startswith("eval_")
-                                   else f"train/{key}", value, row["step"])
-        self.tb.flush()
+        self._append(json.dumps(row))
+        try:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key.replace("eval_", "eval/", 1) if key.startswith("eval_")
+                                       else f"train/{key}", value, row["step"])
+            self.tb.flush()
+        except OSError as exc:  # a full disk: the logs pause, training goes on (a checkpoint then says it)
+            if not self._tb_failed:
+                self._tb_failed = True
+                print(f"warning: cannot write TensorBoard logs ({exc}); they pause while this lasts",
+                      file=sys.stderr, flush=True)
 
     def step(self, *, step: int, loss: float, lr: float, grad_norm: float, tokens_seen: int,
              tokens_per_s: float, step_time: float, data_time: float, device: torch.device) -> None:
         if not self.enabled:
             return
-        mfu = tokens_per_s * self.flops_per_token / self.peak if self.peak else float("nan")
+        flops = tokens_per_s * self.flops_per_token  # model FLOP/s of the whole job
         done = step - self.start_step
         eta = (time.perf_counter() - self.t_start) / max(done, 1) * (self.total - step)
         mem = memory_gib(device)
         row = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                   tokens_seen=tokens_seen, mfu=mfu, data_share=data_time / max(step_time, 1e-9),
+                   tokens_seen=tokens_seen, flops_per_s=flops, data_share=data_time / max(step_time, 1e-9),
                    step_time=step_time, memory_gib=mem)
+        if self.peak:
+            row["mfu"] = flops / self.peak
         self._write(row)
+        rate = f"mfu {100 * row['mfu']:.2f}%" if self.peak else f"{flops / 1e9:,.1f} GFLOP/s"
         print(f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
-              f"{tokens_per_s:,.0f} tok/s | mfu {100 * mfu:.2f}% | data {100 * row['data_share']:.1f}% | "
+              f"{tokens_per_s:,.0f} tok/s | {rate} | data {100 * row['data_share']:.1f}% | "
               f"mem {mem:.2f} GiB | eta {_duration(eta)}", flush=True)
 
     def eval(self, step: int, result: dict) -> None:
@@ -122,4 +165,7 @@ class Metrics:
 
     def close(self) -> None:
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError:  # a full disk (already warned about)
+                pass

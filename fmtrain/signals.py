@@ -8,11 +8,15 @@ so they all stop after the same step, checkpoint together and exit.
 Exit status (what ``slurm/train.sbatch`` acts on): 0 when the run finished its
 steps (or stopped at ``train.stop_at_step``, a planned stop), ``EXIT_STOPPED``
 (75, EX_TEMPFAIL) when a signal or ``train.max_minutes`` stopped it with a
-checkpoint (restart it to continue), anything else a failure. Under torchrun
-the agent would treat 75 as a worker failure and restart the workers, so when
+checkpoint (restart it to continue), ``EXIT_USAGE`` (2) for a problem the user
+can fix (config, data, checkpoint, a full disk: one ``error:`` line says which),
+``EXIT_DIVERGED`` (3) when the loss or gradient norm stopped being finite
+(the last finite checkpoint is kept), anything else a failure (a bug: a
+traceback). Under torchrun the agent would treat a non-zero status as a worker
+failure (restart the workers, print a failure dump per rank), so when
 ``FMTRAIN_STATUS_FILE`` is set (``launch/run.sh`` sets it) the trainer exits 0
-and writes its status (``finished`` or ``stopped``) to that file instead, and
-the wrapper turns it back into the exit status.
+and writes its outcome (``finished``, ``stopped``, ``error`` or ``diverged``)
+to that file instead, and the wrapper turns it back into the exit status.
 """
 from __future__ import annotations
 
@@ -28,16 +32,23 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run again to 
 STATUS_ENV = "FMTRAIN_STATUS_FILE"
 
 
-def exit_status(stopped: bool) -> int:
-    """The process exit status for a run that finished (``stopped`` False) or was stopped
-    by a signal or the wall-clock budget; see the module docstring."""
+EXIT_DIVERGED = 3  # the loss or gradient norm was not finite; the last finite checkpoint is kept
+EXIT_USAGE = 2  # fmtrain.errors.EXIT_USAGE: an error: line says what to fix
+OUTCOMES = {"finished": 0, "stopped": EXIT_STOPPED, "error": EXIT_USAGE, "diverged": EXIT_DIVERGED}
+
+
+def exit_status(outcome: str | bool) -> int:
+    """The process exit status for a run's outcome (see the module docstring): one of
+    ``OUTCOMES``, or a bool for "stopped early" (True) or "finished" (False)."""
+    if isinstance(outcome, bool):
+        outcome = "stopped" if outcome else "finished"
     status_file = os.environ.get(STATUS_ENV)
     if not status_file:
-        return EXIT_STOPPED if stopped else 0
+        return OUTCOMES[outcome]
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
     if local_rank == 0:  # one writer per node; every rank agreed on the same outcome
         with open(status_file, "w") as fh:
-            fh.write("stopped\n" if stopped else "finished\n")
+            fh.write(outcome + "\n")
     return 0
 
 

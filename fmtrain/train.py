@@ -13,13 +13,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, Checkpointer, TrainState
-from .config import Config, ConfigError, parse_args, save_config
+from .checkpoint import Checkpointer, TrainState, all_finite, find_resume, validate
+from .config import Config, config_from_argv, save_config
+from .errors import UserError, as_user_error, no_space, report
 from .eval import evaluate
 from .metrics import Metrics, peak_flops
 from .model import build_model, flops_per_token, set_sequence_group
 from .parallel import World, init_world, shutdown
 from .pretrained import prepare as prepare_init, resolve_config
+from .resume import reconcile
+from .runlock import lock_run
 from .signals import StopFlag, exit_status
 
 
@@ -112,48 +115,148 @@ def train_step(engine, batches: list[dict], world: World) -> float:
     return world.all_reduce(loss_total.reshape(1)).item() / max(total, 1.0)
 
 
+def apply_hyperparameters(engine, cfg: Config) -> None:
+    """Give the resumed optimizer and schedule the config's values (a resume with changed settings).
+
+    A checkpoint restores the optimizer's groups (lr, betas, eps, weight decay) and the
+    schedule's base learning rate as they were saved; this sets them from ``cfg``, the
+    learning rate of the resumed step included. With an unchanged config it changes nothing:
+    LambdaLR computes the same ``base_lr * factor(step)``.
+    """
+    from .checkpoint import _inner_optimizer
+
+    t = cfg.train
+    sched = engine.lr_scheduler
+    groups = _inner_optimizer(engine).param_groups
+    for i, g in enumerate(groups):  # build_engine: group 0 decays, group 1 does not
+        g.update(initial_lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay if i == 0 else 0.0)
+    sched.base_lrs = [t.lr] * len(groups)
+    for g in groups:
+        g["lr"] = t.lr * lr_factor(cfg, sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in groups]
+
+
+class Diverged(Exception):
+    """The loss or the gradient norm stopped being finite (exit status 3, no checkpoint written)."""
+
+
+def _finite_everywhere(world: World, *values: float) -> bool:
+    """Whether every value is finite on every rank (collective: all ranks stop together)."""
+    bad = 0.0 if all(math.isfinite(v) for v in values) else 1.0
+    flag = torch.tensor([bad], device=world.device if world.backend == "nccl" else "cpu")
+    return world.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item() == 0
+
+
+def _diverged(cfg: Config, step: int, what: str) -> Diverged:
+    from .checkpoint import latest_valid_by_size
+
+    last = latest_valid_by_size(cfg.checkpoint_dir)
+    kept = (f"the last checkpoint, {last}, is finite and kept" if last else "there is no checkpoint yet")
+    return Diverged(
+        f"training diverged at step {step}: {what}. No checkpoint was written after it; {kept}. A restart "
+        f"from it with the same settings repeats the same steps: to go on, change what diverged, e.g. a lower "
+        f"train.lr or a longer train.warmup_steps, with --checkpoint.allow_changes=train.lr,train.warmup_steps")
+
+
 def _dtype(cfg: Config, world: World) -> torch.dtype:
     if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and world.device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) the training ``cfg`` describes; returns the last metrics."""
+class DataError(UserError):
+    """The corpus, tokenizer or token cache cannot be used; the message says which and why."""
+
+
+def _build_data(cfg: Config, world: World):
     from .data import build_loaders
 
+    d = cfg.data
+    try:
+        return build_loaders(d.corpus, d.tokenizer or None, d.cache_dir, seq_len=d.seq_len,
+                             batch_size=d.batch_size, seed=cfg.train.seed, dp_rank=world.dp_rank,
+                             dp_size=world.dp_size, sp_rank=world.sp_rank, sp_size=world.sp_size,
+                             objective=cfg.model.kind, vocab_size=cfg.model.vocab_size, text_field=d.text_field,
+                             val_fraction=d.val_fraction, mask_prob=d.mask_prob,
+                             eval_max_batches=cfg.train.eval_batches, progress=world.is_main)
+    except UserError:
+        raise
+    except (ValueError, OSError) as exc:  # the tokenizer's and loader's input checks, unreadable files
+        if no_space(exc):
+            raise DataError(f"no space left on device while writing the data cache under {d.cache_dir} ({exc}); "
+                            f"free space there (df -h {d.cache_dir}) or set data.cache_dir elsewhere") from None
+        raise DataError(f"data (data.corpus = {d.corpus}, data.tokenizer = {d.tokenizer or 'trained on it'}): "
+                        f"{exc}") from None
+
+
+def _run_dirs(cfg: Config) -> list[Path]:
+    """The folders one run writes: run.dir, and checkpoint.dir when it lies elsewhere."""
+    run, ckpt = Path(cfg.run.dir).resolve(), cfg.checkpoint_dir.resolve()
+    return [run] if ckpt.is_relative_to(run) else [run, ckpt]
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) the training ``cfg`` describes; returns the last metrics."""
     cfg = resolve_config(cfg)  # model.init_from: [model] and data.tokenizer from the weights' config
     world = init_world(cfg.parallel.backend, cfg.parallel.sequence)
     cfg.check_world(world.size)
+    locks = lock_run(_run_dirs(cfg), world)  # before anything is written to the run
+    try:
+        return _train(cfg, world)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _say(world: World, text: str) -> None:
+    if world.is_main:
+        print(text, flush=True)
+
+
+def _train(cfg: Config, world: World) -> dict:
+    # What to resume, and whether the new config may continue it: before any data or engine.
+    found = find_resume(cfg.checkpoint_dir, world)
+    changes = reconcile(found, cfg) if found else None
+    if found:
+        for note in changes.notes:
+            _say(world, f"resume: {note}")
+        done = validate(found, checksums=False)["step"]
+        if done >= cfg.train.steps:
+            _say(world, f"{cfg.run.dir} already finished: its checkpoint {found} is at step {done} of "
+                        f"train.steps = {cfg.train.steps}; nothing to do. To train on, raise it "
+                        f"(--train.steps=N); to evaluate: python -m fmtrain.eval {cfg.run.dir}")
+            return dict(step=done, stopped=False, preempted=False, finished_before=True)
     dtype = _dtype(cfg, world)
     init = prepare_init(cfg)  # model.init_from's weights, checked before anything is written; None: resume
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    data = build_loaders(cfg.data.corpus, cfg.data.tokenizer or None, cfg.data.cache_dir,
-                         seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=cfg.train.seed,
-                         dp_rank=world.dp_rank, dp_size=world.dp_size, sp_rank=world.sp_rank,
-                         sp_size=world.sp_size, objective=cfg.model.kind, vocab_size=cfg.model.vocab_size,
-                         text_field=cfg.data.text_field, val_fraction=cfg.data.val_fraction,
-                         mask_prob=cfg.data.mask_prob, eval_max_batches=cfg.train.eval_batches,
-                         progress=world.is_main)
+    data = _build_data(cfg, world)
     model = set_sequence_group(build_model(cfg.model), world.sp_group)  # None unless parallel.sequence > 1
     init_note = init.load(model) if init else ""  # weights only: optimizer, schedule and data start fresh
     engine = build_engine(model, cfg, world, dtype)
     state = TrainState()
     ckpt = Checkpointer(cfg, world, data.tokenizer.path)
-    resumed = ckpt.resume(engine, data.train, state)
+    resumed = ckpt.resume(engine, data.train, state, found) if found else None
+    if changes and changes.notes:
+        apply_hyperparameters(engine, cfg)
     if world.is_main:
         save_config(cfg, cfg.run.dir)
     tokens_per_step = cfg.data.seq_len * cfg.data.batch_size * cfg.train.grad_accum * world.dp_size
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak, peak_src = peak_flops(world.device, dtype)
     log = Metrics(cfg.run.dir, total_steps=cfg.train.steps, start_step=state.step, enabled=world.is_main,
-                  flops_per_token=fpt, peak=peak * world.size)
+                  flops_per_token=fpt, peak=peak * world.size if peak else None)
+    rate = f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_src})" if peak else f"achieved FLOP/s ({peak_src})"
     log.note(f"fmtrain: {cfg.name} | {model.num_params() / 1e6:.2f}M parameters | {cfg.model.kind} "
              f"{cfg.model.attention} | {world.size} process(es), dp {world.dp_size} x sp {world.sp_size}, "
              f"ZeRO {cfg.parallel.zero_stage}, {dtype}, {world.device.type} | seq_len {cfg.data.seq_len} | "
-             f"{tokens_per_step:,} tokens/step | MFU against {peak / 1e12:.2f} TFLOP/s ({peak_src})"
-             + (f" | resumed from {resumed}" if resumed else "") + (f" | {init_note}" if init_note else ""))
+             f"{tokens_per_step:,} tokens/step | {rate}" + (f" | resumed from {resumed}" if resumed else "")
+             + (f" | {init_note}" if init_note else ""))
+    if data.val is None:
+        log.note(f"evaluation: off: data.corpus holds no documents out (data.val_fraction = "
+                 f"{cfg.data.val_fraction} selected none); raise data.val_fraction or add documents")
     stop = StopFlag(world, cfg.train.max_minutes)
+    t_start = time.perf_counter()
+    start_step = state.step
 
     def run_eval() -> dict | None:
         if data.val is None:
@@ -167,24 +270,31 @@ def train(cfg: Config) -> dict:
     if not resumed:
         last["first_eval"] = run_eval()
     stopped = False
+    path = resumed
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
         batches = [data.train.next_batch() for _ in range(cfg.train.grad_accum)]
         t_data = time.perf_counter() - t0
         lr = engine.lr_scheduler.get_last_lr()[0]
         loss = train_step(engine, batches, world)
+        gnorm = grad_norm(engine)
         state.step += 1
         state.tokens_seen += tokens_per_step
         dt = time.perf_counter() - t0
         last.update(step=state.step, loss=loss)
-        if state.step % cfg.train.log_interval == 0 or state.step == cfg.train.steps:
-            log.step(step=state.step, loss=loss, lr=lr, grad_norm=grad_norm(engine),
+        finite = _finite_everywhere(world, loss, gnorm)
+        if not finite or state.step % cfg.train.log_interval == 0 or state.step == cfg.train.steps:
+            log.step(step=state.step, loss=loss, lr=lr, grad_norm=gnorm,
                      tokens_seen=state.tokens_seen, tokens_per_s=tokens_per_step / dt, step_time=dt,
                      data_time=t_data, device=world.device)
+        if not finite:
+            raise _diverged(cfg, state.step, f"loss {loss}, gradient norm {gnorm}")
         if cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0 and state.step < cfg.train.steps:
             last["eval"] = run_eval()
         stopped = stop.should_stop() or state.step == cfg.train.stop_at_step
         if state.step % cfg.checkpoint.interval == 0 or state.step == cfg.train.steps or stopped:
+            if not all_finite(engine, world):  # never save what cannot be trained on
+                raise _diverged(cfg, state.step, "the weights or optimizer state hold non-finite values")
             path = ckpt.save(engine, data.train, state)
             log.note(f"checkpoint {path}")
         if stopped:
@@ -192,6 +302,7 @@ def train(cfg: Config) -> dict:
             break
     if not stopped:
         last["eval"] = run_eval()
+        log.note(_summary(cfg, state, start_step, time.perf_counter() - t_start, last.get("eval"), path))
     stop.restore()
     log.close()
     last["stopped"] = stopped
@@ -200,16 +311,41 @@ def train(cfg: Config) -> dict:
     return last
 
 
+def _summary(cfg: Config, state: TrainState, start_step: int, seconds: float, ev: dict | None,
+             ckpt: Path | None) -> str:
+    """The last line of a finished run: what was done and where everything is."""
+    run = Path(cfg.run.dir)
+    done = f"{state.step - start_step} steps this time" if start_step else f"{state.step} steps"
+    result = (f"eval loss {ev['eval_loss']:.4f}, bpb {ev['eval_bpb']:.4f}" if ev else "no evaluation "
+              "(nothing held out)")
+    return (f"finished {cfg.name}: step {state.step}/{cfg.train.steps} ({done}), {state.tokens_seen:,} tokens, "
+            f"{_clock(seconds)} | final {result} | checkpoint {ckpt} | logs {run / 'metrics.jsonl'}, "
+            f"tensorboard --logdir {run / 'tb'}")
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    """The command: exit 0 finished, 75 stopped early, 2 a problem to fix (one error: line),
+    3 diverged (see fmtrain/signals.py; under launch/run.sh the status goes through a file)."""
+    result = None
     try:
-        result = train(cfg)
-    except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        result = train(config_from_argv(argv))
+    except Diverged as exc:
+        report(str(exc))
+        return exit_status("diverged")
+    except (UserError, OSError) as exc:
+        user = as_user_error(exc)
+        if user is None:
+            raise
+        report(str(user))
+        return exit_status("error")
     finally:
         shutdown()
-    return exit_status(result["preempted"])  # 0 finished, 75 stopped early (fmtrain/signals.py)
+    return exit_status("stopped" if result["preempted"] else "finished")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 #   launch/run.sh CONFIG.toml [--section.field=value ...]
 #
 # Environment (all optional on one node):
-#   NGPU            processes on this node (default: the GPUs visible, else 1)
+#   NPROC_PER_NODE  processes on this node (torchrun's --nproc-per-node; default: the GPUs
+#                   visible, else 1). NPROC and NGPU are accepted as other names for it.
 #   NNODES          nodes in the job (default 1)
 #   RDZV_ENDPOINT   host:port of the c10d rendezvous on the first node (required when NNODES > 1)
 #   RDZV_ID         job id shared by all nodes (default: $SLURM_JOB_ID, else "fmtrain")
@@ -15,20 +16,30 @@
 #   PYTHON          interpreter (default python3)
 #
 # Exit status: 0 the run finished, 75 it stopped early with a checkpoint (a signal, e.g. SLURM's
-# --signal warning, or train.max_minutes: run the same command again to continue), else failed.
+# --signal warning, or train.max_minutes: run the same command again to continue), 2 a problem to
+# fix (config, data, checkpoint, full disk: one "error:" line above says which), 3 the training
+# diverged (the last finite checkpoint is kept), else failed.
 # (If the caller sets FMTRAIN_STATUS_FILE, as slurm/train.sbatch does, torchrun's own status is
-# returned and the trainer's "finished"/"stopped" is in that file.)
+# returned and the trainer's outcome, "finished", "stopped", "error" or "diverged", is in that file.)
 set -euo pipefail
 
-if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
-    exit $(( $# < 1 ? 2 : 0 ))
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+if [[ $# -lt 1 ]]; then
+    usage >&2
+    exit 2
+fi
+if [[ "$1" == -h || "$1" == --help ]]; then
+    usage  # help only: the trainer's own field list is python -m fmtrain.train --help
+    exit 0
 fi
 
 PYTHON=${PYTHON:-python3}
-if [[ -z "${NGPU:-}" ]]; then
-    NGPU=$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
+# torchrun's own name first; NPROC and NGPU (this script's earlier name) as aliases.
+NPROC_PER_NODE=${NPROC_PER_NODE:-${NPROC:-${NGPU:-}}}
+if [[ -z "$NPROC_PER_NODE" ]]; then
+    NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
+NGPU=$NPROC_PER_NODE
 NNODES=${NNODES:-1}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-fmtrain}}
@@ -88,5 +99,7 @@ done
 case "$(cat "$FMTRAIN_STATUS_FILE" 2>/dev/null)" in
     finished) exit 0 ;;  # (even if a gloo thread aborted at teardown after the results)
     stopped) echo "launch/run.sh: stopped early with a checkpoint; run again to continue" >&2; exit 75 ;;
+    error) exit 2 ;;  # the trainer printed one error: line (rank 0)
+    diverged) exit 3 ;;
     *) exit $(( rc == 0 ? 1 : rc )) ;;
 esac

@@ -1,5 +1,6 @@
 """Resuming on a different number of ranks (checkpoint.resplit, through DeepSpeed's universal
-checkpoint) and the model-only export, through the command lines.
+checkpoint for ZeRO 1-3; ZeRO 0 checkpoints hold the whole state and load as they are) and the
+model-only export, through the command lines.
 
 The check for the re-split: 2 ranks x batch 2 and 1 rank x batch 4 (or 4 ranks x batch 1)
 read the same 4 sequences per step, so a run stopped at step 3 on 2 ranks and resumed on
@@ -26,7 +27,7 @@ def stopped_two_rank_run(tmp_path, corpus, zero):  # noqa: F811
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [1, 2, 3])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])  # 0: the demos' stage (no universal conversion needed)
 def test_two_rank_checkpoint_resumes_on_one_and_four_ranks(tmp_path, corpus, zero):  # noqa: F811
     straight, split = stopped_two_rank_run(tmp_path, corpus, zero)
     # Without the option: a clear refusal that names it, and nothing trained.
@@ -57,6 +58,8 @@ def test_model_only_export_loads_in_eval_and_generate(tmp_path, corpus):  # noqa
                         capture_output=True, text=True)
     assert ex.returncode == 0, ex.stderr[-3000:]
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.toml", "tokenizer.model", "meta.json"}
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.toml"] == modes["meta.json"], modes  # not 0600
     assert not (out / "ds").exists()
 
     def evaluate(path):  # 4 batches on 1 process: the 2 x 2 that each of the 2 ranks scored in training

@@ -105,7 +105,9 @@ def test_causal_lm_trains_and_logs(tmp_path, corpus):
     evals = [m for m in rows if "eval_loss" in m]
     assert len(evals) == 2 and evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert 0 < evals[1]["eval_bpb"] < evals[0]["eval_bpb"]
-    assert "step 8/8" in r.stdout and "tok/s" in r.stdout and "mfu" in r.stdout
+    assert "step 8/8" in r.stdout and "tok/s" in r.stdout and "GFLOP/s" in r.stdout
+    assert "finished run: step 8/8" in r.stdout  # the summary line
+    assert "Setting accelerator to CPU" not in r.stderr and "built successfully" not in r.stdout
     run = tmp_path / "run"
     assert (run / "config.toml").is_file()
     assert [p.name for p in find_checkpoints(run / "checkpoints")] == ["step_00000006", "step_00000008"]
@@ -165,6 +167,7 @@ def test_eval_and_generate_from_a_checkpoint(tmp_path, corpus):
                         capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout[ev.stdout.index("{"):])
+    assert "eval batch 2/2" in ev.stderr and "train.eval_batches = 2" in ev.stderr  # progress, and why it differs
     assert result["eval_loss"] == pytest.approx(metrics(cfg)[-1]["eval_loss"], rel=1e-6)
     gen = subprocess.run([sys.executable, "-m", "fmtrain.generate", str(run), "--prompt", "def ",
                           "--tokens", "20", "--temperature", "0"], capture_output=True, text=True)

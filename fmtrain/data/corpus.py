@@ -21,7 +21,9 @@ that are not UTF-8 become U+FFFD in text files and stdlib sources
 (``encoding_errors="replace"``, set ``"strict"`` to fail instead), while JSON
 lines must be UTF-8 (a `CorpusError` says so); a missing file, a glob that
 matches nothing, a missing text field, or a corpus without any text raise
-`CorpusError` naming it.
+`CorpusError` naming it. Binary files among text files (a NUL byte in their
+first 8 KB, as git and grep decide) are skipped with one warning that counts
+them and names a few; a corpus of nothing but binary files is a `CorpusError`.
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
+
+from fmtrain.errors import UserError
 
 SPLITS = ("train", "validation")
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -42,7 +47,7 @@ _PARQUET_SUFFIXES = (".parquet",)
 _STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__"}
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """A corpus that cannot be read: missing files, wrong fields, no text."""
 
 
@@ -179,7 +184,7 @@ class Corpus:
 
     def _texts(self, train: bool) -> Iterator[str]:
         if self.source == "files":
-            paths = expand_paths(self.paths if train else self.val_paths)
+            paths = _without_binary(expand_paths(self.paths if train else self.val_paths), self.format)
             for fmt, group in _group_by_format(paths, self.format):
                 yield from _read_files(fmt, group, self)
         else:
@@ -267,6 +272,34 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
         else:
             raise CorpusError(f"corpus file {pattern!r} does not exist")
     return out
+
+
+_SNIFF_BYTES = 8192
+_warned_binary: set[tuple[str, ...]] = set()  # one warning per file list and process
+
+
+def is_binary(path: Path) -> bool:
+    """A NUL byte in the first 8 KB: no text encoding fmtrain reads (UTF-8) produces one."""
+    with open(path, "rb") as fh:
+        return b"\0" in fh.read(_SNIFF_BYTES)
+
+
+def _without_binary(paths: list[Path], forced: str | None) -> list[Path]:
+    """``paths`` less the binary files among those read as text or JSON lines (a warning counts them)."""
+    binary = [p for p in paths if _file_format(p, forced) != "parquet" and is_binary(p)]
+    if not binary:
+        return paths
+    kept = [p for p in paths if p not in set(binary)]
+    if not kept:
+        raise CorpusError(f"every corpus file is binary (a NUL byte in its first {_SNIFF_BYTES} bytes), "
+                          f"e.g. {binary[0]}: give text, .jsonl or .parquet files")
+    key = tuple(map(str, binary))
+    if key not in _warned_binary:
+        _warned_binary.add(key)
+        shown = ", ".join(map(str, binary[:3])) + (", ..." if len(binary) > 3 else "")
+        print(f"warning: skipped {len(binary)} binary file(s) of {len(paths)} in the corpus (a NUL byte in "
+              f"the first {_SNIFF_BYTES} bytes): {shown}", file=sys.stderr, flush=True)
+    return kept
 
 
 def _file_format(path: Path, forced: str | None) -> str:

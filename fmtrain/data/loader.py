@@ -253,11 +253,15 @@ class PackedLoader:
                 f"(a different corpus or tokenizer){fresh}")
         resplit = (state["dp_size"], state["batch_size"]) != (self.dp_size, self.batch_size)
         if resplit and not allow_resplit:
-            raise ValueError(
+            raise ResplitNeeded(
                 f"cannot resume the data loader: saved with dp_size={state['dp_size']}, "
                 f"batch_size={state['batch_size']}, now dp_size={self.dp_size}, batch_size={self.batch_size}; "
                 f"pass allow_resplit=True to continue at the same sequence, split over the new ranks")
         self.consumed = int(state["consumed"])
+
+
+class ResplitNeeded(ValueError):
+    """A saved position of another data-parallel layout or batch size (see `allow_resplit`)."""
 
 
 class EvalLoader:

@@ -221,6 +221,42 @@ def _complete(folder: Path) -> bool:
     return (folder / "meta.json").is_file()
 
 
+def damage(folder: Path) -> str | None:
+    """What is wrong with a built entry's files (a size that differs from what meta.json counts), or None.
+
+    A truncated or extended ``.bin`` would otherwise surface as a raw mmap error, or as
+    documents silently cut short.
+    """
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split, counts in meta["splits"].items():
+            bin_path, idx_path = folder / f"{split}.bin", folder / f"{split}.idx.npy"
+            want = counts["n_tokens"] * itemsize
+            if not bin_path.is_file() or bin_path.stat().st_size != want:
+                got = bin_path.stat().st_size if bin_path.is_file() else "no"
+                return f"{bin_path} has {got} bytes, {want} were written"
+            offsets = np.load(idx_path, mmap_mode="r")
+            if offsets.shape != (counts["n_docs"] + 1,) or int(offsets[-1]) != counts["n_tokens"]:
+                return f"{idx_path} does not index {counts['n_docs']} documents of {counts['n_tokens']} tokens"
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable meta.json or index
+        return f"{folder}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _usable(folder: Path) -> bool:
+    """A complete entry whose files are intact; a damaged one is removed (it is then rebuilt)."""
+    if not _complete(folder):
+        return False
+    problem = damage(folder)
+    if problem is None:
+        return True
+    print(f"warning: the token cache {folder} is damaged ({problem}); rebuilding it", file=sys.stderr,
+          flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    return False
+
+
 def cached_tokens(corpus: Corpus | str, tokenizer: Tokenizer | str | Path, cache_dir: str | Path, *,
                   progress: bool = True, rebuild: bool = False) -> tuple[Path, dict[str, TokenData]]:
     """The tokenised corpus, built once and reused: (entry folder, {"train": ..., "validation": ...}).
@@ -234,7 +270,13 @@ def cached_tokens(corpus: Corpus | str, tokenizer: Tokenizer | str | Path, cache
     folder = Path(cache_dir) / cache_key(corpus, tokenizer)
     if rebuild and _rank() == 0 and folder.exists():
         shutil.rmtree(folder)
-    _build_once(lambda: _build_into_place(corpus, tokenizer, folder, progress), lambda: _complete(folder))
+    # Rank 0 checks the entry (and removes a damaged one); the others only look for it afterwards.
+    _build_once(lambda: _build_into_place(corpus, tokenizer, folder, progress),
+                lambda: _usable(folder) if _rank() == 0 else _complete(folder))
+    problem = damage(folder)
+    if problem is not None:  # damaged since (another process), or on a node-local copy
+        raise CorpusError(f"the token cache {folder} is damaged: {problem}. Delete {folder} (it is rebuilt "
+                          "from the corpus on the next start)")
     return folder, {s: TokenData.open(folder, s) for s in SPLITS}
 
 

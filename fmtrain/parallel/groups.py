@@ -8,7 +8,9 @@ holds a group); data-parallel ranks are the groups' counterparts.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import os
 import socket
 from dataclasses import dataclass
@@ -67,9 +69,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def import_deepspeed():
+    """``deepspeed``, imported without its console noise on CPU machines.
+
+    Without an accelerator DeepSpeed warns "Setting accelerator to CPU" on every start; naming
+    the CPU accelerator (``DS_ACCELERATOR=cpu``, DeepSpeed's own setting) says the same without
+    the warning. A user's own DS_ACCELERATOR is kept.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
 def init_world(backend: str = "auto", sp_size: int = 1, timeout_minutes: float = 30) -> World:
     """Initialise torch.distributed (through DeepSpeed, which the engine needs) and the device."""
-    import deepspeed  # imported here: a world of one for tools that never train needs no DeepSpeed
+    from ..errors import UserError  # (not config.ConfigError: config imports this module)
+
+    deepspeed = import_deepspeed()  # imported here: a world of one for tools that never train needs no DeepSpeed
 
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
@@ -82,16 +100,19 @@ def init_world(backend: str = "auto", sp_size: int = 1, timeout_minutes: float =
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
     if backend == "nccl" and not cuda:
-        raise RuntimeError("parallel.backend='nccl' needs CUDA GPUs; this machine has none: "
+        raise UserError("parallel.backend='nccl' needs CUDA GPUs; this machine has none: "
                            "use --parallel.backend=gloo (or auto)")
     if size % sp_size:
-        raise RuntimeError(f"parallel.sequence={sp_size} does not divide the world size {size}")
+        raise UserError(f"parallel.sequence={sp_size} does not divide the world size {size}")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+        # On CPU DeepSpeed builds its shared-memory collectives and prints "... built successfully"
+        # on every start: nothing the user needs (a failed build still raises or warns on stderr).
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                       timeout=datetime.timedelta(minutes=timeout_minutes))
     return World(rank=rank, local_rank=local, size=size, sp_size=sp_size, device=device, backend=backend,
                  sp_group=sequence_groups(rank, size, sp_size))
 

@@ -1,0 +1,82 @@
+"""One trainer per run directory: an exclusive lock on ``<run.dir>/.lock``.
+
+Two trainers on one ``run.dir`` would interleave their checkpoints and metrics.
+The lock is ``flock(2)`` on an open file: the kernel releases it when the process
+dies, however it dies, so a SIGKILLed or OOM-killed run never blocks its own
+restart (no stale lock files to delete). Under torchrun only global rank 0 holds
+it (one lock per run, not per rank), and every rank learns whether it got it.
+The file records who holds it (pid, host, start time) for the message a second
+trainer gets. flock works across nodes on NFSv4 and on Lustre/GPFS mounted with
+flock support; where a file system ignores it, the lock is only per node.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+LOCK_FILE = ".lock"
+
+
+class RunDirInUse(UserError):
+    """Another trainer holds the run directory."""
+
+
+class RunLock:
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock now or raise RunDirInUse naming the holder (never waits)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children (O_CLOEXEC)
+        except OSError as exc:
+            raise UserError(f"cannot write the run directory {self.path.parent} ({exc}); give a run.dir "
+                            "(and checkpoint.dir) this user can write") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirInUse(
+                f"{self.path.parent} is in use by another trainer ({holder}): two trainers on one run.dir "
+                "would interleave their checkpoints and metrics. Wait for it to finish, stop it (kill -TERM "
+                "its pid: it checkpoints and exits), or give this run another run.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+def lock_run(directories: list[Path], world) -> list[RunLock]:
+    """Rank 0 locks each directory; all ranks raise (RunDirInUse if a lock is held elsewhere)."""
+    locks: list[RunLock] = []
+    error: UserError | None = None
+    if world.is_main:
+        try:
+            for d in directories:
+                lock = RunLock(d)
+                lock.acquire()
+                locks.append(lock)
+        except UserError as exc:
+            error = exc
+            for lock in locks:
+                lock.release()
+            locks = []
+    flag = torch.tensor([0.0 if error is None else 1.0], device=world.device if world.backend == "nccl" else "cpu")
+    if world.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item() > 0:
+        raise error or RunDirInUse("the run directory is in use by another trainer (rank 0 says which)")
+    return locks

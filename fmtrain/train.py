@@ -200,9 +200,10 @@ def train(cfg: Config) -> dict:
     cfg = resolve_config(cfg)  # model.init_from: [model] and data.tokenizer from the weights' config
     world = init_world(cfg.parallel.backend, cfg.parallel.sequence)
     cfg.check_world(world.size)
+    init = prepare_init(cfg)  # model.init_from's weights, checked before anything is written; None: resume
     locks = lock_run(_run_dirs(cfg), world)  # before anything is written to the run
     try:
-        return _train(cfg, world)
+        return _train(cfg, world, init)
     finally:
         for lock in locks:
             lock.release()
@@ -213,7 +214,7 @@ def _say(world: World, text: str) -> None:
         print(text, flush=True)
 
 
-def _train(cfg: Config, world: World) -> dict:
+def _train(cfg: Config, world: World, init) -> dict:
     # What to resume, and whether the new config may continue it: before any data or engine.
     found = find_resume(cfg.checkpoint_dir, world)
     changes = reconcile(found, cfg) if found else None
@@ -227,7 +228,6 @@ def _train(cfg: Config, world: World) -> dict:
                         f"(--train.steps=N); to evaluate: python -m fmtrain.eval {cfg.run.dir}")
             return dict(step=done, stopped=False, preempted=False, finished_before=True)
     dtype = _dtype(cfg, world)
-    init = prepare_init(cfg)  # model.init_from's weights, checked before anything is written; None: resume
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = _build_data(cfg, world)
     model = set_sequence_group(build_model(cfg.model), world.sp_group)  # None unless parallel.sequence > 1

@@ -84,6 +84,10 @@ def main(argv=None) -> int:
     model = build_model(cfg.model)
     model.load_state_dict(load_model_state(ckpt))
     model.to(device)
+    if device.type == "cpu":
+        from .attention.cpu import adapt_torch_threads
+
+        adapt_torch_threads()  # the cores other processes leave free
     n = len(data.val) if args.batches is None else min(args.batches, len(data.val))
     rows = n * (args.batch_size or cfg.data.batch_size)
     print(f"evaluating {ckpt} on {n} held-out batches ({rows} sequences of {cfg.data.seq_len} tokens), on one "

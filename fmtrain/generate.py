@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import UserError, run_main
+
 
 # --------------------------------------------------------------------------- sampling
 def next_token(logits: torch.Tensor, *, temperature: float = 0.8, top_k: int | None = None,
@@ -161,33 +163,25 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
 def main(argv=None) -> int:
     from .attention.hierarchy import num_levels
-    from .checkpoint import CheckpointError, load_config_of, load_model_state, resolve
+    from .checkpoint import load_config_of, load_model_state, resolve
     from .data import load_tokenizer
     from .model import build_model
 
     args = _parser().parse_args(argv)
     if args.max_new_tokens < 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
-        return _fail("--max-new-tokens and --temperature must be >= 0 and --top-p in (0, 1]")
-    try:
-        ckpt = resolve(args.checkpoint)
-        cfg = load_config_of(ckpt)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        return _fail(str(e))
+        raise UserError("--max-new-tokens and --temperature must be >= 0 and --top-p in (0, 1]")
+    ckpt = resolve(args.checkpoint)
+    cfg = load_config_of(ckpt)
     if cfg.model.kind != "causal":
-        return _fail(f"{ckpt} holds a masked LM (model.kind={cfg.model.kind!r}): it fills in masked tokens "
-                     "and does not generate; use a causal LM's run")
+        raise UserError(f"{ckpt} holds a masked LM (model.kind={cfg.model.kind!r}): it fills in masked tokens "
+                        "and does not generate; use a causal LM's run")
     if args.prompt_file is not None:
         try:
             prompt_text = open(args.prompt_file, encoding="utf-8").read()
         except (OSError, UnicodeDecodeError) as e:
-            return _fail(f"--prompt-file {args.prompt_file}: {e}")
+            raise UserError(f"--prompt-file {args.prompt_file}: {e}") from None
     else:
         prompt_text = args.prompt or ""
     tok = load_tokenizer(ckpt / "tokenizer.model", vocab_size=cfg.model.vocab_size)
@@ -195,10 +189,10 @@ def main(argv=None) -> int:
     total = len(prompt) + args.max_new_tokens
     m = cfg.model
     if m.attention == "fma" and m.summary == "conv" and num_levels(total, m.block_size) > \
-            num_levels(m.max_seq_len or cfg.data.seq_len, m.block_size):
-        return _fail(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens ({args.max_new_tokens}) exceed "
-                     f"what the model's conv summaries were built for (max_seq_len="
-                     f"{m.max_seq_len or cfg.data.seq_len}); shorten them (summary='m2m' models run at any length)")
+            num_levels(m.max_seq_len, m.block_size):
+        raise UserError(f"the prompt ({len(prompt)} tokens) plus --max-new-tokens ({args.max_new_tokens}) exceed "
+                        f"what the model's conv summaries were built for (max_seq_len={m.max_seq_len}); shorten "
+                        "them (summary='m2m' models run at any length)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model = build_model(cfg.model)
@@ -225,4 +219,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -76,15 +76,18 @@ class FullAttention(ProjectedAttention):
         return KVCache()
 
 
-def make_attention(cfg: ModelConfig, causal: bool) -> nn.Module:
-    """The attention layer ``cfg.attention`` names: ``forward(x (B, n, dim), positions) -> (B, n, dim)``."""
+def make_attention(cfg: ModelConfig, causal: bool, sp_group=None) -> nn.Module:
+    """The attention layer ``cfg.attention`` names: ``forward(x (B, n, dim), positions) -> (B, n, dim)``.
+    ``sp_group``: the sequence-parallel group whose ranks hold the sequence's slices (fma, local)."""
     if cfg.attention in ("fma", "local"):  # local: the fine level of fma only
         return MultipoleAttention(
             cfg.dim, cfg.n_heads, cfg.kv_heads, block_size=cfg.block_size, rank=cfg.rank,
             causal=causal, variant=cfg.variant, summary=cfg.summary, weighted=cfg.weighted,
             rope=True, rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len, impl=cfg.impl,
             max_level=0 if cfg.attention == "local" else None, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
-            rope_scaling=cfg.rope_scaling)
+            rope_scaling=cfg.rope_scaling, sp_group=sp_group)
+    if sp_group is not None:
+        raise ValueError("sequence parallelism is implemented for attention 'fma' and 'local', not 'sdpa'")
     if cfg.attention == "sdpa":
         return FullAttention(cfg.dim, cfg.n_heads, cfg.kv_heads, causal=causal, rope_theta=cfg.rope_theta,
                              qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, rope_scaling=cfg.rope_scaling)
@@ -94,10 +97,10 @@ def make_attention(cfg: ModelConfig, causal: bool) -> nn.Module:
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool):
+    def __init__(self, cfg: ModelConfig, causal: bool, sp_group=None):
         super().__init__()
         self.norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = make_attention(cfg, causal)
+        self.attn = make_attention(cfg, causal, sp_group)
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.hidden, cfg.mlp_bias)
 
@@ -120,10 +123,10 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Token embedding, blocks and the final norm: ids (B, n) -> hidden states (B, n, dim)."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool):
+    def __init__(self, cfg: ModelConfig, causal: bool, sp_group=None):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, causal, sp_group) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.activation_checkpointing = cfg.activation_checkpointing
 
@@ -241,10 +244,10 @@ class LanguageModel(nn.Module):
 
     causal: bool = True
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, sp_group=None):
         super().__init__()
         self.cfg = cfg
-        self.trunk = Transformer(cfg, causal=self.causal)
+        self.trunk = Transformer(cfg, causal=self.causal, sp_group=sp_group)
         self.head = LMHead(cfg.dim, cfg.vocab_size, cfg.loss_chunk)
         if cfg.tie_embeddings:
             self.head.weight = self.trunk.tok_emb.weight  # one Parameter, two users
@@ -349,24 +352,14 @@ class MaskedLM(LanguageModel):
     causal = False
 
 
-def set_sequence_group(model: nn.Module, group) -> nn.Module:
-    """Make every attention layer of ``model`` sequence-parallel over ``group`` (None: local).
-
-    The model then takes this rank's slice of each sequence, with global
-    ``positions``; its loss is the slice's sum (the trainer divides by the global count).
-    """
-    for mod in model.modules():
-        if hasattr(mod, "sp_group"):
-            mod.sp_group = group
-    return model
-
-
-def build_model(cfg: ModelConfig) -> LanguageModel:
-    """The model ``cfg.kind`` names, initialised (on the CPU, fp32)."""
+def build_model(cfg: ModelConfig, sp_group=None) -> LanguageModel:
+    """The model ``cfg.kind`` names, initialised (on the CPU, fp32). With ``sp_group`` (sequence
+    parallelism) it takes this rank's slice of each sequence with global ``positions``, and its
+    loss is the slice's sum (the trainer divides by the global count)."""
     if cfg.kind == "causal":
-        return CausalLM(cfg)
+        return CausalLM(cfg, sp_group)
     if cfg.kind == "mlm":
-        return MaskedLM(cfg)
+        return MaskedLM(cfg, sp_group)
     raise ValueError(f"model.kind={cfg.kind!r} is not one of 'causal', 'mlm'")
 
 
@@ -425,6 +418,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) ->
     return 3 * forward if training else forward
 
 
-__all__ = ["DecodeCache", "set_sequence_group", "RMSNorm", "SwiGLU", "FullAttention", "make_attention",
+__all__ = ["DecodeCache", "RMSNorm", "SwiGLU", "FullAttention", "make_attention",
            "Block", "Transformer", "LMHead", "LanguageModel", "CausalLM", "MaskedLM", "build_model",
            "chunked_cross_entropy", "attention_scores_per_query", "flops_per_token", "IGNORE_INDEX"]

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
+from .attention.cpu import adapt_torch_threads
 from .checkpoint import Checkpointer, TrainState, all_finite, find_resume, validate
 from .config import Config, config_from_argv, save_config
 from .errors import UserError, as_user_error, no_space, report
 from .eval import evaluate
 from .metrics import Metrics, peak_flops
-from .model import build_model, flops_per_token, set_sequence_group
+from .model import build_model, flops_per_token
 from .parallel import World, init_world, shutdown
 from .pretrained import prepare as prepare_init, resolve_config
 from .resume import reconcile
@@ -79,16 +80,9 @@ def build_engine(model: torch.nn.Module, cfg: Config, world: World, dtype: torch
     return engine
 
 
-def grad_norm(engine) -> float:
-    """The global gradient norm before clipping of the step just taken."""
-    norm = engine.get_global_grad_norm()
-    if norm is None:  # ZeRO stage 0 does not keep it: train_step measures it
-        norm = getattr(engine, "_fmtrain_grad_norm", float("nan"))
-    return float(norm)
-
-
-def train_step(engine, batches: list[dict], world: World) -> float:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the step's mean loss.
+def train_step(engine, batches: list[dict], world: World) -> tuple[float, float]:
+    """One optimizer step over ``grad_accum`` micro-batches: the step's mean loss and the
+    global gradient norm before clipping.
 
     The loss is the token-weighted mean over every rank's and micro-batch's targets:
     each micro-step's summed loss is divided by the step's global target count and
@@ -103,16 +97,20 @@ def train_step(engine, batches: list[dict], world: World) -> float:
     total = world.all_reduce(counts.sum().reshape(1).to(dev)).item()
     scale = world.size * len(batches) / max(total, 1.0)
     loss_total = torch.zeros((), dtype=torch.float64, device=dev)
+    norm = None
     for b in batches:
         loss_sum, _ = engine(b["input_ids"].to(dev), b["targets"].to(dev), b["positions"].to(dev))
         engine.backward(loss_sum * scale)
         loss_total += loss_sum.detach().double()
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+            # ZeRO stage 0 keeps no norm: measure it before the step clips the gradients.
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            engine._fmtrain_grad_norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         engine.step()
-    return world.all_reduce(loss_total.reshape(1)).item() / max(total, 1.0)
+    if norm is None:
+        norm = engine.get_global_grad_norm()
+    loss = world.all_reduce(loss_total.reshape(1)).item() / max(total, 1.0)
+    return loss, float(norm) if norm is not None else float("nan")
 
 
 def apply_hyperparameters(engine, cfg: Config) -> None:
@@ -209,6 +207,17 @@ def train(cfg: Config) -> dict:
             lock.release()
 
 
+def _cpu_threads(world: World) -> str:
+    """On CPU, take the cores other processes leave free now, and keep that count for the run:
+    a changing count could round matrix products differently and break a bitwise resume."""
+    if world.device.type != "cpu":
+        return ""
+    ceiling = torch.get_num_threads()
+    n = adapt_torch_threads()
+    return f" ({n} thread{'s' if n > 1 else ''}" + (f"; {ceiling - n} of {ceiling} cores busy elsewhere)"
+                                                   if n < ceiling else ")")
+
+
 def _say(world: World, text: str) -> None:
     if world.is_main:
         print(text, flush=True)
@@ -228,9 +237,10 @@ def _train(cfg: Config, world: World, init) -> dict:
                         f"(--train.steps=N); to evaluate: python -m fmtrain.eval {cfg.run.dir}")
             return dict(step=done, stopped=False, preempted=False, finished_before=True)
     dtype = _dtype(cfg, world)
+    threads = _cpu_threads(world)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = _build_data(cfg, world)
-    model = set_sequence_group(build_model(cfg.model), world.sp_group)  # None unless parallel.sequence > 1
+    model = build_model(cfg.model, sp_group=world.sp_group)  # None unless parallel.sequence > 1
     init_note = init.load(model) if init else ""  # weights only: optimizer, schedule and data start fresh
     engine = build_engine(model, cfg, world, dtype)
     state = TrainState()
@@ -248,7 +258,7 @@ def _train(cfg: Config, world: World, init) -> dict:
     rate = f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_src})" if peak else f"achieved FLOP/s ({peak_src})"
     log.note(f"fmtrain: {cfg.name} | {model.num_params() / 1e6:.2f}M parameters | {cfg.model.kind} "
              f"{cfg.model.attention} | {world.size} process(es), dp {world.dp_size} x sp {world.sp_size}, "
-             f"ZeRO {cfg.parallel.zero_stage}, {dtype}, {world.device.type} | seq_len {cfg.data.seq_len} | "
+             f"ZeRO {cfg.parallel.zero_stage}, {dtype}, {world.device.type}{threads} | seq_len {cfg.data.seq_len} | "
              f"{tokens_per_step:,} tokens/step | {rate}" + (f" | resumed from {resumed}" if resumed else "")
              + (f" | {init_note}" if init_note else ""))
     if data.val is None:
@@ -276,8 +286,7 @@ def _train(cfg: Config, world: World, init) -> dict:
         batches = [data.train.next_batch() for _ in range(cfg.train.grad_accum)]
         t_data = time.perf_counter() - t0
         lr = engine.lr_scheduler.get_last_lr()[0]
-        loss = train_step(engine, batches, world)
-        gnorm = grad_norm(engine)
+        loss, gnorm = train_step(engine, batches, world)
         state.step += 1
         state.tokens_seen += tokens_per_step
         dt = time.perf_counter() - t0

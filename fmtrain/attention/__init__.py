@@ -11,7 +11,6 @@ import math
 import torch
 
 from .blocked import blocked_multipole
-from .cpu import adapt_torch_threads
 from .hierarchy import Hierarchy, hierarchy, sizes_error, truncate
 from .reference import dense_attention
 from .sequence_parallel import sp_fma
@@ -85,8 +84,6 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         (batch, heads, n, head_dim), the dtype of ``q``.
     """
     _check(q, k, v, block_size, rank, impl, variant)
-    if q.device.type == "cpu":
-        adapt_torch_threads()  # the cores other processes leave free (cpu.py)
     n, d = q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if group is not None and torch.distributed.get_world_size(group) > 1:

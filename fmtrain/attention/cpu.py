@@ -9,8 +9,13 @@ member that lost its core: on 2 cores beside one busy process the blocked core r
 ``MIN_INTERVAL_S``), how many of this process's CPUs the other processes kept busy
 (``/proc/stat`` minus this process's own time from ``/proc/self/stat``), and returns the
 cores left, at most the thread count torch was given (``OMP_NUM_THREADS`` or
-``torch.set_num_threads``, which it never exceeds). :func:`adapt_torch_threads` applies
-it to torch: ``fma`` does so on CPU tensors, the trainer and ``generate`` at every step.
+``torch.set_num_threads``, which it never exceeds). The blocked core sizes its pool of
+head threads by it (the numbers do not depend on that count).
+
+:func:`adapt_torch_threads` sets torch's own intra-op threads to it. Matrix products
+can round differently with another thread count (a 4096-long reduction did here), so
+only what owns the process and needs no bitwise repeatability calls it often (decoding,
+``bench/``); the trainer calls it once at its start and keeps that count for the run.
 ``FMTRAIN_FIXED_THREADS=1`` turns the adaptation off (torch's own count, as in a
 benchmark that pins it). Linux only; elsewhere both return torch's own count.
 """

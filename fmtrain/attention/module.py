@@ -100,14 +100,14 @@ class MultipoleAttention(ProjectedAttention):
                  summary: str = "m2m", weighted: bool = True, rope: bool = True,
                  rope_theta: float = 10000.0, max_seq_len: int | None = None, impl: str = "auto",
                  max_level: int | None = None, qkv_bias: bool = False, out_bias: bool = False,
-                 rope_scaling: dict | None = None):
+                 rope_scaling: dict | None = None, sp_group=None):
         super().__init__(dim, n_heads, n_kv_heads, causal=causal, rope=rope, rope_theta=rope_theta,
                          qkv_bias=qkv_bias, out_bias=out_bias, rope_scaling=rope_scaling)
         self.block_size, self.rank, self.variant = block_size, rank, variant
         self.weighted, self.impl, self.max_level = weighted, impl, max_level
-        # Sequence parallelism: set by the model (``set_sequence_group``); x is then this
-        # rank's slice of the sequence and ``positions`` its global positions.
-        self.sp_group = None
+        # Sequence parallelism: x is then this rank's slice of the sequence and ``positions``
+        # its global positions (None: the whole sequence is here).
+        self.sp_group = sp_group
         if max_level == 0:
             summary = "mean"  # no coarse level: nothing to learn
         self.summaries = build_summaries(summary, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,

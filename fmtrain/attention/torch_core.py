@@ -21,6 +21,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
+from .cpu import usable_threads
 from .hierarchy import BlockTables, Hierarchy, block_tables
 
 # Scores per chunk of one (batch, kv head) (elements); the backward holds about
@@ -156,7 +157,9 @@ def _each_chunk(L: _Layout, rows_per_block: int, fn) -> None:
                 fn(bh, i0, i1, local.scratch)
 
     on_cpu = L.kp.device.type == "cpu"
-    workers = min(torch.get_num_threads(), len(heads)) if on_cpu else 1
+    # Head threads on the cores other processes leave free (cpu.py); each head's result is the
+    # same whatever the count, so this never changes the numbers.
+    workers = min(usable_threads(), len(heads)) if on_cpu else 1
     if workers <= 1:
         with _single_op_thread() if on_cpu else nullcontext():
             for bh in heads:

@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from fmtrain.config import ModelConfig  # noqa: E402
 from fmtrain.model import IGNORE_INDEX, build_model  # noqa: E402
+from fmtrain.schedule import warmup_cosine  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -106,11 +107,8 @@ def model_config(args, variant: str) -> ModelConfig:
 
 
 def lr_at(args, step: int) -> float:
-    """Linear warmup, cosine decay to a tenth (the trainer's schedule)."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    """The trainer's schedule: linear warmup, cosine decay to a tenth."""
+    return warmup_cosine(step, steps=args.steps, warmup_steps=args.warmup, lr=args.lr, min_lr=0.1 * args.lr)
 
 
 def train(args, variant: str, device: torch.device) -> tuple[torch.nn.Module, list[dict]]:

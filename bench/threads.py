@@ -1,14 +1,16 @@
-"""CPU thread settings on a shared machine: the blocked core with and without a competing process.
+"""CPU thread settings on a shared machine: the blocked core and the demo trainer, with and
+without a competing process.
 
-    python bench/threads.py                 # 16k causal forward+backward, 3 interleaved rounds
-    python bench/threads.py --n 4096 --rounds 5
+    python bench/threads.py                 # 16k causal forward+backward and the demo, 2 rounds
+    python bench/threads.py --n 4096 --rounds 5 --no-train
 
-A laptop or a login node runs other work beside a training run. Each round times
-``bench/attention.py``'s fma case (a fresh process per case) under every setting, on an
+A laptop or a login node runs other work beside a training run. Each round times, in a
+fresh process per case, ``bench/attention.py``'s fma case and (``--train``) the CPU demo
+(``configs/tiny-gpt.toml``, 12 steps; tokens/s of its last 10) under every setting, on an
 idle machine and beside one busy-looping process per ``--compete``, interleaved so that
-the machine's drift hits every setting alike. Settings: fmtrain's defaults, and the
-environment variables a user might set by hand. Prints medians over rounds and writes
-``bench/results/threads-cpu.json``.
+the machine's drift hits every setting alike. Settings: fmtrain's defaults (free cores:
+``fmtrain/attention/cpu.py``), torch's fixed count (``FMTRAIN_FIXED_THREADS=1``, as
+before) and one thread. Prints medians over rounds and writes ``bench/results/threads-cpu.json``.
 """
 from __future__ import annotations
 
@@ -41,15 +43,37 @@ def _case(n: int, budget: float, env: dict) -> float | None:
     return json.loads(r.stdout.strip().splitlines()[-1])["ms"]
 
 
+def _train_case(env: dict, tmp: Path) -> float | None:
+    """tokens/s of the CPU demo over its last 10 of 12 steps (a fresh run each time)."""
+    import shutil
+
+    run = tmp / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [sys.executable, "-m", "fmtrain.train", str(HERE.parent / "configs" / "tiny-gpt.toml"), f"--run.dir={run}",
+           "--train.steps=12", "--train.log_interval=1", "--train.eval_interval=0", "--checkpoint.interval=1000"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent)
+    if r.returncode:
+        print(r.stderr[-2000:], file=sys.stderr)
+        return None
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [m["tokens_per_s"] for m in rows if "tokens_per_s" in m][2:]
+    return statistics.median(rates) if rates else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=float, default=6.0, help="seconds per case")
     ap.add_argument("--compete", type=int, default=1, help="busy processes beside the run in the loaded rounds")
+    ap.add_argument("--no-train", dest="train", action="store_false", help="time the attention case only")
     ap.add_argument("--out", default=str(HERE / "results" / "threads-cpu.json"))
     args = ap.parse_args(argv)
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="threads-"))
     times: dict[tuple[str, str], list[float]] = {}
+    rates: dict[tuple[str, str], list[float]] = {}
     for rnd in range(args.rounds):
         for load in ("idle", f"{args.compete} busy"):
             busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.compete)] \
@@ -62,20 +86,33 @@ def main(argv=None) -> int:
                     if ms is not None:
                         times.setdefault((name, load), []).append(ms)
                         print(f"round {rnd + 1} {load:>7} {name:>24}: {ms:8.1f} ms", flush=True)
+                    if args.train:
+                        tps = _train_case(dict(env, **extra), tmp)
+                        if tps is not None:
+                            rates.setdefault((name, load), []).append(tps)
+                            print(f"round {rnd + 1} {load:>7} {name:>24}: {tps:8.0f} tok/s (demo)", flush=True)
             finally:
                 for p in busy:
                     p.kill()
                     p.wait()
     loads = ["idle", f"{args.compete} busy"]
-    rows = [dict(setting=name, load=load, ms=statistics.median(times[(name, load)]), runs=times[(name, load)])
+    rows = [dict(setting=name, load=load, ms=statistics.median(times[(name, load)]), runs=times[(name, load)],
+                 demo_tokens_per_s=statistics.median(rates[(name, load)]) if (name, load) in rates else None)
             for name in SETTINGS for load in loads if (name, load) in times]
     best = {load: min(r["ms"] for r in rows if r["load"] == load) for load in loads}
-    lines = [f"{'setting':>24} | " + " | ".join(f"{load + ' ms':>12} {'/best':>6}" for load in loads)]
+    best_tps = {load: max((r["demo_tokens_per_s"] or 0) for r in rows if r["load"] == load) for load in loads}
+    lines = [f"{'setting':>24} | " + " | ".join(f"{load + ' ms':>12} {'/best':>6} {'demo tok/s':>10} {'/best':>6}"
+                                               for load in loads)]
     for name in SETTINGS:
         cells = []
         for load in loads:
             r = next((r for r in rows if r["setting"] == name and r["load"] == load), None)
-            cells.append(f"{r['ms']:12.1f} {r['ms'] / best[load]:6.2f}" if r else f"{'-':>12} {'-':>6}")
+            if r is None:
+                cells.append(f"{'-':>12} {'-':>6} {'-':>10} {'-':>6}")
+                continue
+            tps = r["demo_tokens_per_s"]
+            demo = f"{tps:10.0f} {best_tps[load] / tps:6.2f}" if tps else f"{'-':>10} {'-':>6}"
+            cells.append(f"{r['ms']:12.1f} {r['ms'] / best[load]:6.2f} {demo}")
         lines.append(f"{name:>24} | " + " | ".join(cells))
     text = "\n".join(lines)
     print(text)

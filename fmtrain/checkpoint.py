@@ -270,8 +270,7 @@ def all_finite(engine, world) -> bool:
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             ok = False
             break
-    flag = torch.tensor([0.0 if ok else 1.0], device=world.device if world.backend == "nccl" else "cpu")
-    return world.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item() == 0
+    return not world.any(not ok)
 
 
 class Checkpointer:
@@ -335,9 +334,7 @@ class Checkpointer:
             fn(*args)
         except Exception as exc:  # reach the agreement below, or the other ranks would hang
             error = exc
-        flag = torch.tensor([0.0 if error is None else 1.0],
-                            device=self.world.device if self.world.backend == "nccl" else "cpu")
-        if self.world.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item() == 0:
+        if not self.world.any(error is not None):
             return
         full = error is not None and no_space(error, tmp)  # before the cleanup frees the space
         if self.world.is_main:
@@ -478,6 +475,19 @@ def load_config_of(ckpt: Path) -> Config:
     from .config import load_config
 
     return load_config(ckpt / CONFIG_FILE)
+
+
+def load_model(ckpt: str | os.PathLike):
+    """The model of a checkpoint, a run (its newest) or a model-only export, with its weights
+    (fp32, on the CPU, in eval mode), and the config it was trained with: ``(model, config)``.
+    What ``fmtrain.eval`` and ``fmtrain.generate`` run."""
+    from .model import build_model
+
+    ckpt = resolve(ckpt)
+    cfg = load_config_of(ckpt)
+    model = build_model(cfg.model)
+    model.load_state_dict(load_model_state(ckpt))
+    return model.eval(), cfg
 
 
 def load_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:

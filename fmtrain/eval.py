@@ -50,10 +50,9 @@ def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int |
 
 
 def main(argv=None) -> int:
-    from .checkpoint import load_config_of, load_model_state, resolve
+    from .checkpoint import load_config_of, load_model, resolve
     from .data import build_loaders
     from .errors import UserError
-    from .model import build_model
     from .parallel import World
 
     ap = argparse.ArgumentParser(prog="python -m fmtrain.eval", description=__doc__,
@@ -81,8 +80,7 @@ def main(argv=None) -> int:
     if data.val is None:
         raise UserError(f"data.corpus = {cfg.data.corpus} holds no documents out for evaluation "
                         f"(data.val_fraction = {cfg.data.val_fraction} selected none)")
-    model = build_model(cfg.model)
-    model.load_state_dict(load_model_state(ckpt))
+    model, _ = load_model(ckpt)
     model.to(device)
     if device.type == "cpu":
         from .attention.cpu import adapt_torch_threads

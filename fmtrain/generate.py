@@ -165,9 +165,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from .attention.hierarchy import num_levels
-    from .checkpoint import load_config_of, load_model_state, resolve
+    from .checkpoint import load_config_of, load_model, resolve
     from .data import load_tokenizer
-    from .model import build_model
 
     args = _parser().parse_args(argv)
     if args.max_new_tokens < 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
@@ -195,9 +194,8 @@ def main(argv=None) -> int:
                         "them (summary='m2m' models run at any length)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    model = build_model(cfg.model)
-    model.load_state_dict(load_model_state(ckpt))
-    model.eval().to(device=device, dtype=dtype)
+    model, _ = load_model(ckpt)
+    model.to(device=device, dtype=dtype)
     if len(prompt) > cfg.data.seq_len:
         print(f"note: the prompt has {len(prompt)} tokens, more than the {cfg.data.seq_len} the model was trained "
               "on; it is used whole", file=sys.stderr)

@@ -17,8 +17,6 @@ import socket
 import time
 from pathlib import Path
 
-import torch
-
 from .errors import UserError
 
 LOCK_FILE = ".lock"
@@ -76,7 +74,6 @@ def lock_run(directories: list[Path], world) -> list[RunLock]:
             for lock in locks:
                 lock.release()
             locks = []
-    flag = torch.tensor([0.0 if error is None else 1.0], device=world.device if world.backend == "nccl" else "cpu")
-    if world.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item() > 0:
+    if world.any(error is not None):
         raise error or RunDirInUse("the run directory is in use by another trainer (rank 0 says which)")
     return locks

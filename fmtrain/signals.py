@@ -24,7 +24,6 @@ import os
 import signal
 import time
 
-import torch
 
 # SIGUSR1: SLURM's --signal warning (torchrun forwards it with --signals-to-handle).
 HANDLED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -45,8 +44,9 @@ def exit_status(outcome: str | bool) -> int:
     status_file = os.environ.get(STATUS_ENV)
     if not status_file:
         return OUTCOMES[outcome]
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    if local_rank == 0:  # one writer per node; every rank agreed on the same outcome
+    from .parallel.groups import local_rank
+
+    if local_rank() == 0:  # one writer per node; every rank agreed on the same outcome
         with open(status_file, "w") as fh:
             fh.write(outcome + "\n")
     return 0
@@ -77,10 +77,7 @@ class StopFlag:
 
     def should_stop(self) -> bool:
         """Whether any rank wants to stop (collective: every rank must call it)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if self.world.backend == "nccl":
-            flag = flag.to(self.world.device)
-        return bool(self.world.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item() > 0)
+        return self.world.any(self.requested)
 
     @property
     def requested(self) -> bool:

@@ -24,17 +24,16 @@ from .parallel import World, init_world, shutdown
 from .pretrained import prepare as prepare_init, resolve_config
 from .resume import reconcile
 from .runlock import lock_run
+from .schedule import warmup_cosine
 from .signals import StopFlag, exit_status
 
 
 def lr_factor(cfg: Config, step: int) -> float:
     """Linear warmup to ``train.lr``, cosine decay to ``train.min_lr`` at the last step."""
     t = cfg.train
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return (t.min_lr + (t.lr - t.min_lr) * cosine) / t.lr if t.lr else 0.0
+    if not t.lr:
+        return 0.0
+    return warmup_cosine(step, steps=t.steps, warmup_steps=t.warmup_steps, lr=t.lr, min_lr=t.min_lr) / t.lr
 
 
 def deepspeed_config(cfg: Config, world: World, dtype: torch.dtype) -> dict:
@@ -140,9 +139,7 @@ class Diverged(Exception):
 
 def _finite_everywhere(world: World, *values: float) -> bool:
     """Whether every value is finite on every rank (collective: all ranks stop together)."""
-    bad = 0.0 if all(math.isfinite(v) for v in values) else 1.0
-    flag = torch.tensor([bad], device=world.device if world.backend == "nccl" else "cpu")
-    return world.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item() == 0
+    return not world.any(not all(math.isfinite(v) for v in values))
 
 
 def _diverged(cfg: Config, step: int, what: str) -> Diverged:

@@ -324,7 +324,9 @@ def _build_once(build: Callable[[], None], exists: Callable[[], bool]) -> None:
     # A node-local cache dir: nodes other than rank 0's build their own copy.
     missing = not exists()
     if _any_rank(missing):
-        _build_where(build, missing and int(os.environ.get("LOCAL_RANK", "0")) == 0)
+        from ..parallel.groups import local_rank
+
+        _build_where(build, missing and local_rank() == 0)
     if not exists():
         raise RuntimeError("the data cache is still missing on this rank after building; "
                            "is LOCAL_RANK set correctly?")

@@ -55,6 +55,16 @@ class World:
             dist.all_reduce(x, op=op)
         return x
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (collective: every rank must call it)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.backend == "nccl" else "cpu")
+        return bool(self.all_reduce(t, op=dist.ReduceOp.MAX).item() > 0)
+
+
+def local_rank() -> int:
+    """This process's rank on its node: torchrun's ``LOCAL_RANK``, else SLURM's, else 0."""
+    return _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+
 
 def _env_int(*names: str, default: int) -> int:
     for name in names:
@@ -91,7 +101,7 @@ def init_world(backend: str = "auto", sp_size: int = 1, timeout_minutes: float =
 
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    local = local_rank()
     if size == 1:  # a plain process: give torch.distributed a world of one on loopback
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -27,6 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The attention options' allowed values and rules are the attention package's own.
+from .attention import IMPLS, SUMMARY_KINDS, VARIANTS
+from .attention.hierarchy import sizes_error
+from .attention.sequence_parallel import layout_ok as sp_layout_ok
 from .errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -87,14 +91,14 @@ class ModelConfig:
     block_size: int = option(64, "Multipole fine block size m (fma, local).", min=1)
     rank: int = option(2, "Multipole summaries per coarse window p; must divide block_size.", min=1)
     variant: str = option("nlogn", "Multipole variant: 'nlogn' or 'linear' (queries summarised too).",
-                          choices=("nlogn", "linear"))
+                          choices=VARIANTS)
     summary: str = option("m2m", "How coarse key/value summaries are formed: 'm2m' (learned, any "
                                  "length), 'conv' (the paper's, tied to max_seq_len) or 'mean'.",
-                          choices=("m2m", "conv", "mean"))
+                          choices=SUMMARY_KINDS)
     weighted: bool = option(True, "Add log(tokens behind a summary) to its attention score.")
     impl: str = option("auto", "Multipole implementation: 'auto' (Triton on GPU, else torch), 'torch' "
                                "(blocked PyTorch), 'triton' or 'dense' (reference, tests only).",
-                       choices=("auto", "torch", "triton", "dense"))
+                       choices=IMPLS)
     rope_theta: float = option(10000.0, "RoPE base; raise it (e.g. 500000) for very long contexts.",
                                min=1.0)
     rope_scaling: dict[str, Any] = option(help="RoPE frequency scaling as in transformers' rope_parameters: "
@@ -465,7 +469,7 @@ def _consistency_errors(cfg: Config) -> list[str]:
         elif missing := [k for k in need if not isinstance(m.rope_scaling.get(k), (int, float))]:
             e.append(f"model.rope_scaling of rope_type {m.rope_scaling['rope_type']!r} needs the numbers "
                      f"{', '.join(missing)}")
-    if m.attention in ("fma", "local") and m.block_size % m.rank:
+    if m.attention in ("fma", "local") and sizes_error(m.block_size, m.rank) is not None:
         e.append(f"model.rank={m.rank} does not divide model.block_size={m.block_size} (each block "
                  "is split into rank sub-windows); e.g. block_size=64, rank=2")
     if m.attention == "fma" and m.summary == "conv":
@@ -478,9 +482,8 @@ def _consistency_errors(cfg: Config) -> list[str]:
     if d.seq_len % p.sequence:
         e.append(f"data.seq_len={d.seq_len} is not divisible by parallel.sequence={p.sequence}; "
                  "each sequence-parallel rank takes an equal slice")
-    elif p.sequence > 1 and m.attention in ("fma", "local") and not _block_power_of_two(
-            d.seq_len // p.sequence, m.block_size):
-        # fmtrain/attention/sequence_parallel.py: windows of every level must lie in one rank or span whole ranks.
+    elif p.sequence > 1 and m.attention in ("fma", "local") and not sp_layout_ok(d.seq_len // p.sequence,
+                                                                                  m.block_size):
         e.append(f"with parallel.sequence={p.sequence} each rank holds data.seq_len/sequence = "
                  f"{d.seq_len // p.sequence} tokens, which must be model.block_size={m.block_size} times a "
                  f"power of two; make data.seq_len {p.sequence} * {m.block_size} * 2**j, e.g. "
@@ -595,12 +598,6 @@ def deepspeed_key_errors(extra: dict[str, Any]) -> list[str]:
 
 def _divisors(n: int, limit: int) -> list[int]:
     return [k for k in range(1, min(n, limit) + 1) if n % k == 0]
-
-
-def _block_power_of_two(chunk: int, block_size: int) -> bool:
-    """``chunk`` is ``block_size * 2**j`` (what sequence-parallel multipole attention needs)."""
-    blocks = chunk // block_size
-    return chunk % block_size == 0 and blocks > 0 and blocks & (blocks - 1) == 0
 
 
 # --------------------------------------------------------------------------- overrides

@@ -151,11 +151,18 @@ def _frame(n_blocks: int, m: int, p: int, causal: bool, levels: int) -> Hierarch
                      num_summaries=sum(w * p for w in windows))
 
 
-def check_layout(chunk: int, block_size: int, n_ranks: int) -> int:
-    """Raise unless a rank's ``chunk`` of tokens is ``block_size * 2**j``; returns ``j``, the
-    number of levels whose windows lie inside one rank."""
+def layout_ok(chunk: int, block_size: int) -> bool:
+    """Whether a rank's ``chunk`` of tokens is ``block_size * 2**j``: then every window of the
+    hierarchy lies inside one rank or spans whole ranks (the trainer's config checks this too)."""
     own_blocks = chunk // block_size
-    if chunk % block_size or own_blocks & (own_blocks - 1) or own_blocks == 0:
+    return chunk % block_size == 0 and own_blocks > 0 and own_blocks & (own_blocks - 1) == 0
+
+
+def check_layout(chunk: int, block_size: int, n_ranks: int) -> int:
+    """Raise unless :func:`layout_ok`; returns ``j``, the number of levels whose windows lie
+    inside one rank."""
+    own_blocks = chunk // block_size
+    if not layout_ok(chunk, block_size):
         good = n_ranks * block_size * (1 << max(0, max(1, own_blocks).bit_length() - 1))
         raise ValueError(
             f"fma with sequence parallelism: each rank holds n/P = {chunk} tokens, which must be "
@@ -325,4 +332,4 @@ def _linear_coarse(q, ks, vs, h: Hierarchy, q_sums, q_left, gathered_q, rank_lev
     return coarse_top_down(h, level_queries, ks.to(acc), vs.to(acc), scale=scale, weighted=weighted)
 
 
-__all__ = ["sp_fma", "check_layout", "TRAFFIC", "reset_traffic"]
+__all__ = ["sp_fma", "check_layout", "layout_ok", "TRAFFIC", "reset_traffic"]

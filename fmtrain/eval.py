@@ -51,7 +51,7 @@ def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int |
 
 def main(argv=None) -> int:
     from .checkpoint import load_config_of, load_model, resolve
-    from .data import build_loaders
+    from .data import loaders_for
     from .errors import UserError
     from .parallel import World
 
@@ -68,11 +68,7 @@ def main(argv=None) -> int:
     world = World(rank=0, local_rank=0, size=1, sp_size=1, device=device, backend="none")
     tok = ckpt / "tokenizer.model"
     try:
-        data = build_loaders(cfg.data.corpus, str(tok), cfg.data.cache_dir, seq_len=cfg.data.seq_len,
-                             batch_size=args.batch_size or cfg.data.batch_size, seed=cfg.train.seed,
-                             objective=cfg.model.kind, vocab_size=cfg.model.vocab_size,
-                             text_field=cfg.data.text_field, val_fraction=cfg.data.val_fraction,
-                             mask_prob=cfg.data.mask_prob)
+        data = loaders_for(cfg, world, tokenizer=str(tok), batch_size=args.batch_size, progress=True)
     except UserError:
         raise
     except (ValueError, OSError) as exc:

@@ -164,16 +164,11 @@ class DataError(UserError):
 
 
 def _build_data(cfg: Config, world: World):
-    from .data import build_loaders
+    from .data import loaders_for
 
     d = cfg.data
     try:
-        return build_loaders(d.corpus, d.tokenizer or None, d.cache_dir, seq_len=d.seq_len,
-                             batch_size=d.batch_size, seed=cfg.train.seed, dp_rank=world.dp_rank,
-                             dp_size=world.dp_size, sp_rank=world.sp_rank, sp_size=world.sp_size,
-                             objective=cfg.model.kind, vocab_size=cfg.model.vocab_size, text_field=d.text_field,
-                             val_fraction=d.val_fraction, mask_prob=d.mask_prob,
-                             eval_max_batches=cfg.train.eval_batches, progress=world.is_main)
+        return loaders_for(cfg, world, eval_max_batches=cfg.train.eval_batches, progress=world.is_main)
     except UserError:
         raise
     except (ValueError, OSError) as exc:  # the tokenizer's and loader's input checks, unreadable files

@@ -360,3 +360,21 @@ def build_loaders(corpus: Corpus | str | list | dict, tokenizer: Tokenizer | str
         val = EvalLoader(data["validation"], batch_size=eval_batch_size or batch_size,
                          max_batches=eval_max_batches, mask_prob=mask_prob, **common)
     return DataLoaders(train=train, val=val, tokenizer=tokenizer, cache=folder)
+
+
+def loaders_for(cfg, world=None, *, tokenizer: Tokenizer | str | Path | None = None,
+                batch_size: int | None = None, eval_max_batches: int | None = None,
+                progress: bool = False) -> DataLoaders:
+    """:func:`build_loaders` for a run's :class:`~fmtrain.config.Config` (``data``, with the
+    train seed and the model's objective and vocabulary) and this process's place in
+    ``world`` (None: one process). ``tokenizer`` and ``batch_size`` replace the config's (a
+    checkpoint's own tokenizer, an evaluation's batch size)."""
+    d = cfg.data
+    ranks = {} if world is None else dict(dp_rank=world.dp_rank, dp_size=world.dp_size, sp_rank=world.sp_rank,
+                                          sp_size=world.sp_size)
+    return build_loaders(d.corpus, tokenizer if tokenizer is not None else (d.tokenizer or None), d.cache_dir,
+                         seq_len=d.seq_len, batch_size=batch_size or d.batch_size, seed=cfg.train.seed,
+                         objective=cfg.model.kind, vocab_size=cfg.model.vocab_size, text_field=d.text_field,
+                         val_fraction=d.val_fraction, mask_prob=d.mask_prob,
+                         eval_max_batches=eval_max_batches, progress=progress, **ranks)
+

@@ -92,14 +92,15 @@ def train_step(engine, batches: list[dict], world: World) -> tuple[float, float]
     sum over SP x DP ranks (mean times ``world.size``) is the exact gradient.
     """
     dev = world.device
+    # The global target count stays on the device: no host sync before the forward.
     counts = torch.tensor([float((b["targets"] >= 0).sum()) for b in batches], dtype=torch.float64)
-    total = world.all_reduce(counts.sum().reshape(1).to(dev)).item()
-    scale = world.size * len(batches) / max(total, 1.0)
+    total = world.all_reduce(counts.sum().reshape(1).to(dev)).clamp(min=1.0).reshape(())
+    scale = world.size * len(batches) / total
     loss_total = torch.zeros((), dtype=torch.float64, device=dev)
     norm = None
     for b in batches:
         loss_sum, _ = engine(b["input_ids"].to(dev), b["targets"].to(dev), b["positions"].to(dev))
-        engine.backward(loss_sum * scale)
+        engine.backward(loss_sum * scale.to(loss_sum.dtype))
         loss_total += loss_sum.detach().double()
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
             # ZeRO stage 0 keeps no norm: measure it before the step clips the gradients.
@@ -108,7 +109,7 @@ def train_step(engine, batches: list[dict], world: World) -> tuple[float, float]
         engine.step()
     if norm is None:
         norm = engine.get_global_grad_norm()
-    loss = world.all_reduce(loss_total.reshape(1)).item() / max(total, 1.0)
+    loss = (world.all_reduce(loss_total.reshape(1)).reshape(()) / total).item()
     return loss, float(norm) if norm is not None else float("nan")
 
 

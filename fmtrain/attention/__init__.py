@@ -28,6 +28,9 @@ def _check(q, k, v, block_size, rank, impl, variant):
             raise ValueError(f"fma: {name} must be a 4-D tensor (batch, heads, n, head_dim), got {shape}")
     if k.shape != v.shape:
         raise ValueError(f"fma: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if min(q.shape[1], k.shape[1], q.shape[3]) < 1:
+        raise ValueError(f"fma: q {tuple(q.shape)} and k/v {tuple(k.shape)} need at least one head each and "
+                         "head_dim >= 1")
     B, H, n, d = q.shape
     if k.shape[0] != B or k.shape[2] != n:
         raise ValueError(
@@ -84,6 +87,8 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         (batch, heads, n, head_dim), the dtype of ``q``.
     """
     _check(q, k, v, block_size, rank, impl, variant)
+    if q.shape[0] == 0:  # an empty batch: an empty result, still in the graph of q, k and v
+        return q * 0 + (k.sum() + v.sum()) * 0
     n, d = q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if group is not None and torch.distributed.get_world_size(group) > 1:

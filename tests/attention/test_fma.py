@@ -187,6 +187,8 @@ def test_no_quadratic_allocation(rng):
     (dict(q=(1, 2, 10, 8), k=(1, 2, 12, 8)), ValueError, "sequence length"),
     (dict(q=(2, 10, 8), k=(2, 10, 8)), ValueError, "4-D"),
     (dict(q=(1, 2, 0, 8), k=(1, 2, 0, 8)), ValueError, "n=0"),
+    (dict(q=(1, 0, 10, 8), k=(1, 0, 10, 8)), ValueError, "at least one head"),
+    (dict(q=(1, 2, 10, 0), k=(1, 2, 10, 0)), ValueError, "head_dim >= 1"),
     (dict(block_size=10, rank=3), ValueError, "multiple of rank"),
     (dict(impl="cuda"), ValueError, "unknown impl"),
     (dict(variant="fast"), ValueError, "unknown variant"),
@@ -195,6 +197,16 @@ def test_bad_arguments_raise_clear_errors(kwargs, exc, msg):
     qs, ks = kwargs.pop("q", (1, 2, 10, 8)), kwargs.pop("k", (1, 2, 10, 8))
     with pytest.raises(exc, match=msg):
         fma(torch.randn(qs), torch.randn(ks), torch.randn(ks), **kwargs)
+
+
+@pytest.mark.parametrize("impl", ["torch", "dense"])
+def test_an_empty_batch_gives_an_empty_result(impl):
+    q = torch.randn(0, 4, 40, 8, requires_grad=True)
+    k, v = (torch.randn(0, 2, 40, 8, requires_grad=True) for _ in range(2))
+    out = fma(q, k, v, block_size=8, impl=impl)
+    assert out.shape == q.shape
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
 
 
 def test_dtype_mix_is_refused():

@@ -45,7 +45,7 @@ FREE = {
 _SHAPE = ("changes the model's shape (its parameters would not load); resume with the checkpoint's value, "
           "or start a new run.dir")
 _STREAM = ("changes the data stream the saved position refers to; resume with the checkpoint's value, or "
-           "start a new run.dir")
+           "start a new run.dir with model.init_from set to this run to continue its weights on the new data")
 FIXED = {
     **{f"model.{name}": _SHAPE for name in ("kind", "vocab_size", "dim", "n_layers", "n_heads", "kv_heads",
                                             "hidden", "tie_embeddings", "attention", "summary", "max_seq_len",

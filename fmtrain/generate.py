@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -54,7 +54,6 @@ class Generation:
     decode_s: float = 0.0
     decoded: int = 0  # decode steps taken
     cache_bytes: int = 0
-    events: list = field(default_factory=list)
 
 
 @torch.no_grad()

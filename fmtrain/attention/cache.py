@@ -40,10 +40,7 @@ import torch
 
 from .hierarchy import coarse_windows, num_levels
 from .summaries import Summaries, hierarchy
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .torch_core import acc_dtype
 
 
 def _attend(q, k, v, bias, extra=None):
@@ -83,7 +80,7 @@ class MultipoleCache:
         if self.scale is None:
             self.scale = 1.0 / math.sqrt(d)
         self.B, self.H, self.Hkv, self.G, self.d = B, H, Hkv, H // Hkv, d
-        self.dtype, self.acc, self.device = k.dtype, _acc(k.dtype), k.device
+        self.dtype, self.acc, self.device = k.dtype, acc_dtype(k.dtype), k.device
         self.length = n
         a, r = divmod(n, m)  # the block being filled and its tokens so far
         self._check_levels(n)
@@ -206,8 +203,7 @@ class MultipoleCache:
         """Add window ``a`` of level 1 with values ``z`` (a list of (B, *, 1, ...) tensors), then each
         parent it completes (an odd window completes its parent), formed by ``parent(pair, which)``."""
         c, l = a, 1
-        top = self.max_level if self.max_level is not None else None
-        while top is None or l <= top:
+        while self.max_level is None or l <= self.max_level:
             if len(levels) < l:
                 levels.append(deque(maxlen=keep))
             levels[l - 1].append((c, *(x[:, :, 0] for x in z)))
@@ -320,7 +316,7 @@ class KVCache:
         self.k[:, :, t], self.v[:, :, t] = k[:, :, 0], v[:, :, 0]
         self.length = t + 1
         B, H, _, d = q.shape
-        acc = _acc(q.dtype)
+        acc = acc_dtype(q.dtype)
         qg = q.reshape(B, -1, self.G, d).to(acc) * self.scale  # (B, Hkv, G, d)
         kk, vv = self.k[:, :, :t + 1].to(acc), self.v[:, :, :t + 1].to(acc)
         out = torch.softmax(qg @ kk.transpose(-1, -2), dim=-1) @ vv

@@ -1,4 +1,4 @@
-"""Checkpoints: save, find the newest valid one, load, read the model back alone.
+"""Checkpoints: save, find the newest valid one, load (the model alone: :mod:`fmtrain.export`).
 
 A checkpoint is a folder ``<checkpoint dir>/step_NNNNNNNN/``:
 
@@ -45,12 +45,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import CONFIG_FILE, Config, save_config
+from .config import Config, save_config
 from .errors import UserError, no_space
 
 _NAME = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
-EXPORTED = "model.safetensors"  # the weights of a model-only export
 UNIVERSAL = "universal"  # a re-split resume's conversion of ds/, beside it
 
 
@@ -468,104 +467,3 @@ class Checkpointer:
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()
         return load_path
-
-
-# ---------------------------------------------------------------------- the model alone
-def load_config_of(ckpt: Path) -> Config:
-    from .config import load_config
-
-    return load_config(ckpt / CONFIG_FILE)
-
-
-def load_model(ckpt: str | os.PathLike):
-    """The model of a checkpoint, a run (its newest) or a model-only export, with its weights
-    (fp32, on the CPU, in eval mode), and the config it was trained with: ``(model, config)``.
-    What ``fmtrain.eval`` and ``fmtrain.generate`` run."""
-    from .model import build_model
-
-    ckpt = resolve(ckpt)
-    cfg = load_config_of(ckpt)
-    model = build_model(cfg.model)
-    model.load_state_dict(load_model_state(ckpt))
-    return model.eval(), cfg
-
-
-def load_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The full fp32 model state dict of a checkpoint, on the CPU, in one process.
-
-    ZeRO 3 shards the parameters over the ranks: DeepSpeed's own consolidation
-    (``get_fp32_state_dict_from_zero_checkpoint``) gathers them. Other stages keep
-    the whole module in ``mp_rank_00_model_states.pt``.
-    """
-    ckpt = resolve(ckpt)
-    meta = validate(ckpt)
-    if (ckpt / EXPORTED).is_file():  # a model-only export (see export())
-        from safetensors.torch import load_file
-
-        return load_file(ckpt / EXPORTED)
-    ds = ckpt / "ds"
-    if meta["zero_stage"] == 3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
-    else:
-        sd = torch.load(ds / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def export(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the model alone: ``model.safetensors`` (fp32, consolidated from any ZeRO stage),
-    ``config.toml``, the tokenizer and a ``meta.json``, a folder that ``fmtrain.eval`` and
-    ``fmtrain.generate`` load on one process like a checkpoint."""
-    from safetensors.torch import save_file
-
-    ckpt = resolve(ckpt)
-    meta = validate(ckpt)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # Tied weights share storage, which safetensors refuses: store each tensor on its own.
-    sd = {k: v.detach().clone().contiguous() for k, v in load_model_state(ckpt).items()}
-    save_file(sd, out / EXPORTED, metadata={"step": str(meta["step"]), "source": str(ckpt)})
-    os.chmod(out / EXPORTED, 0o666 & ~_umask())  # safetensors creates it 0600; the rest of the export is 0644
-    for name in (CONFIG_FILE, "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json"):
-        if (ckpt / name).is_file():
-            shutil.copy2(ckpt / name, out / name)
-    info = dict(step=meta["step"], tokens_seen=meta["tokens_seen"], source=str(ckpt), format="model-only",
-                world_size=1, dp_size=1, sp_size=1, zero_stage=None, files=_file_sizes(out),
-                crc32=_checksums(out))
-    (out / META).write_text(json.dumps(info, indent=1))
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m fmtrain.checkpoint",
-                                 description="Checkpoint tools. export: the model alone (safetensors, "
-                                             "config.toml, tokenizer) for fmtrain.eval / fmtrain.generate.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="write a model-only copy of a checkpoint")
-    ex.add_argument("checkpoint", help="a checkpoint folder, a checkpoints folder or a run folder (newest)")
-    ex.add_argument("out", help="the folder to write")
-    args = ap.parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out)
-    except OSError as exc:  # the output folder cannot be written (a full disk, no permission)
-        raise CheckpointError(f"cannot write the export to {args.out}: {exc}") from None
-    print(f"exported {resolve(args.checkpoint)} to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    from .errors import run_main
-
-    raise SystemExit(run_main(main))

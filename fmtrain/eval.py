@@ -50,7 +50,8 @@ def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int |
 
 
 def main(argv=None) -> int:
-    from .checkpoint import load_config_of, load_model, resolve
+    from .checkpoint import resolve
+    from .export import load_config_of, load_model
     from .data import loaders_for
     from .errors import UserError
     from .parallel import World

@@ -164,7 +164,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from .attention.hierarchy import num_levels
-    from .checkpoint import load_config_of, load_model, resolve
+    from .checkpoint import resolve
+    from .export import load_config_of, load_model
     from .data import load_tokenizer
 
     args = _parser().parse_args(argv)

@@ -85,7 +85,8 @@ def make_attention(cfg: ModelConfig, causal: bool, sp_group=None) -> nn.Module:
             causal=causal, variant=cfg.variant, summary=cfg.summary, weighted=cfg.weighted,
             rope=True, rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len, impl=cfg.impl,
             max_level=0 if cfg.attention == "local" else None, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
-            rope_scaling=cfg.rope_scaling, sp_group=sp_group)
+            rope_scaling=cfg.rope_scaling, sp_group=sp_group, level_offset=cfg.level_offset,
+            summary_rope=cfg.summary_rope)
     if sp_group is not None:
         raise ValueError("sequence parallelism is implemented for attention 'fma' and 'local', not 'sdpa'")
     if cfg.attention == "sdpa":

@@ -7,7 +7,7 @@ PATH is either
   ``model.safetensors`` or shards with their ``model.safetensors.index.json``, and
   the tokenizer files (``tokenizer.json`` + ``tokenizer_config.json``); or
 - an fmtrain checkpoint, checkpoints folder, run folder (its newest valid
-  checkpoint) or model-only export (``python -m fmtrain.checkpoint export``).
+  checkpoint) or model-only export (``python -m fmtrain.export``).
 
 Only the weights are taken: the optimizer, the schedule and the data position
 start fresh, so a model continues on new data or at a new length in a new
@@ -126,7 +126,8 @@ def hf_model_fields(hf: dict[str, Any], where: str) -> tuple[dict[str, Any], int
 
 def _fmtrain_source(path: Path):
     """(checkpoint folder, its Config) of an fmtrain checkpoint, run or model-only export."""
-    from .checkpoint import CheckpointError, load_config_of, resolve
+    from .checkpoint import CheckpointError, resolve
+    from .export import load_config_of
 
     try:
         ckpt = resolve(path)
@@ -155,7 +156,7 @@ def resolve_config(cfg: Config) -> Config:
     validated again; ConfigError naming every problem. A config without init_from is returned as is."""
     if not cfg.model.init_from:
         return cfg
-    from .config import _format, check_config
+    from .config.schema import _format, check_config
 
     given = getattr(cfg, "_given", None)
     if given is None:  # built without from_dict: the fields that differ from their defaults
@@ -408,7 +409,7 @@ class Init:
     def state_dict(self, m: ModelConfig) -> dict[str, torch.Tensor]:
         if self.kind == "hf":  # read and converted one tensor at a time: no second copy of the model
             return load_hf_state(self.source, m, self.files, lazy=True)
-        from .checkpoint import load_model_state
+        from .export import load_model_state
 
         return load_model_state(self.checkpoint)
 

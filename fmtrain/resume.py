@@ -49,7 +49,8 @@ _STREAM = ("changes the data stream the saved position refers to; resume with th
 FIXED = {
     **{f"model.{name}": _SHAPE for name in ("kind", "vocab_size", "dim", "n_layers", "n_heads", "kv_heads",
                                             "hidden", "tie_embeddings", "attention", "summary", "max_seq_len",
-                                            "block_size", "rank", "qkv_bias", "out_bias", "mlp_bias")},
+                                            "block_size", "rank", "qkv_bias", "out_bias", "mlp_bias",
+                                            "level_offset")},
     **{f"data.{name}": _STREAM for name in ("corpus", "text_field", "tokenizer", "seq_len", "val_fraction")},
     "train.seed": "sets the data order and the RNG streams the checkpoint continues; resume with its value",
     "train.dtype": "sets the precision of the saved weights and optimizer state; resume with the checkpoint's value",

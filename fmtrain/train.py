@@ -68,7 +68,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, world: World, dtype: torch
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or "summaries" in name else decay).append(p)
+        (no_decay if p.dim() < 2 or "summaries" in name or "level_offset" in name else decay).append(p)
     t = cfg.train
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps,

@@ -54,7 +54,7 @@ def test_model_only_export_loads_in_eval_and_generate(tmp_path, corpus):  # noqa
     cfg = make_config(tmp_path, corpus)
     train(cfg, "--train.steps=3", "--parallel.zero_stage=3", nproc=2)
     run, out = tmp_path / "run", tmp_path / "export"
-    ex = subprocess.run([sys.executable, "-m", "fmtrain.checkpoint", "export", str(run), str(out)],
+    ex = subprocess.run([sys.executable, "-m", "fmtrain.export", str(run), str(out)],
                         capture_output=True, text=True)
     assert ex.returncode == 0, ex.stderr[-3000:]
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.toml", "tokenizer.model", "meta.json"}

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fmtrain.config import (CONFIG_FILE, Config, ConfigError, ModelConfig, apply_overrides, describe, from_dict,
-                            load_config, parse_args, save_config, to_toml, tomllib)
+                            load_config, parse_args, save_config, to_toml)
+from fmtrain.config.loading import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
@@ -170,6 +171,16 @@ def test_mlm_needs_mask_prob_and_sdpa_no_sequence_parallel():
     msg = error_of(from_dict, {"run": {"dir": "r"}, "model": {"attention": "sdpa"},
                                "parallel": {"sequence": 2}})
     assert "use --parallel.sequence=1 for the sdpa baseline" in msg
+
+
+def test_level_offsets_and_window_rope_are_single_device_for_now():
+    for model in ({"level_offset": True}, {"summary_rope": "window"}):
+        data = {"run": {"dir": "r"}, "model": {"block_size": 16, **model}, "data": {"seq_len": 1024},
+                "parallel": {"sequence": 2}}
+        assert "have no sequence-parallel path yet; use parallel.sequence=1" in error_of(from_dict, data)
+        data["parallel"]["sequence"] = 1
+        assert from_dict(data).model.level_offset == model.get("level_offset", False)
+    assert "model.summary_rope" in error_of(from_dict, {"run": {"dir": "r"}, "model": {"summary_rope": "mid"}})
 
 
 def test_corpus_list():

@@ -146,7 +146,7 @@ def test_pruning_never_deletes_the_newest_valid_checkpoint(run, base):
 def test_divergence_stops_without_a_checkpoint_and_keeps_the_last_finite_one(run, base):
     import torch
 
-    from fmtrain.checkpoint import load_model_state
+    from fmtrain.export import load_model_state
 
     cfg, rundir, ckpts = run
     before = snapshot(ckpts)
@@ -358,7 +358,7 @@ def test_data_and_checkpoint_errors_are_one_line_without_a_traceback(tmp_path, c
                         text=True, env=ENV)
     assert_one_error_line(ev, "no valid checkpoint", "missing")
     _, rundir, _ = run
-    ex = subprocess.run([sys.executable, "-m", "fmtrain.checkpoint", "export", str(rundir), "/proc/no/such"],
+    ex = subprocess.run([sys.executable, "-m", "fmtrain.export", str(rundir), "/proc/no/such"],
                         capture_output=True, text=True, env=ENV)
     assert_one_error_line(ex, "/proc/no/such")
 

@@ -441,7 +441,7 @@ SP_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizer" / "stdlib-4k.mo
 
 
 def model_only(folder: Path, corpus: Path, tokenizer: Path, seed: int = 0, **model) -> Path:
-    """A model-only export (what ``python -m fmtrain.checkpoint export`` writes) of a random fmtrain
+    """A model-only export (what ``python -m fmtrain.export`` writes) of a random fmtrain
     model with perturbed norms, without a training run."""
     from safetensors.torch import save_file
 
@@ -472,7 +472,7 @@ def model_only(folder: Path, corpus: Path, tokenizer: Path, seed: int = 0, **mod
 
 
 def fmtrain_model(ckpt: Path):
-    from fmtrain.checkpoint import load_config_of, load_model_state
+    from fmtrain.export import load_config_of, load_model_state
     from fmtrain.model import build_model
 
     net = build_model(load_config_of(ckpt).model)

@@ -61,7 +61,7 @@ def _check(q, k, v, block_size, rank, impl, variant):
 def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 64, rank: int = 2,
         causal: bool = True, weighted: bool = True, scale: float | None = None, impl: str = "auto",
         variant: str = "nlogn", summaries: Summaries | None = None,
-        max_level: int | None = None, group=None) -> torch.Tensor:
+        max_level: int | None = None, group=None, level_offset: torch.Tensor | None = None) -> torch.Tensor:
     """Fast multipole attention.
 
     Args:
@@ -82,6 +82,9 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         group: a sequence-parallel process group: ``q, k, v`` are then this rank's
             contiguous chunk of the sequence and the result is this rank's chunk of the
             global result (see ``sequence_parallel.py``); ``None`` or size 1: local.
+        level_offset: (heads, levels or more) added to the scores of each coarse level's
+            summaries on top of the log-weights (learned by the layer, see
+            ``MultipoleAttention(level_offset=True)``); None: no offset.
 
     Returns:
         (batch, heads, n, head_dim), the dtype of ``q``.
@@ -91,7 +94,12 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         return q * 0 + (k.sum() + v.sum()) * 0
     n, d = q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if level_offset is not None and (level_offset.dim() != 2 or level_offset.shape[0] != q.shape[1]):
+        raise ValueError(f"fma: level_offset must be (heads={q.shape[1]}, levels), got {tuple(level_offset.shape)}")
     if group is not None and torch.distributed.get_world_size(group) > 1:
+        if level_offset is not None:
+            raise ValueError("fma: level_offset has no sequence-parallel path yet; train it with "
+                             "parallel.sequence=1")
         if impl == "dense":
             raise ValueError("fma: impl='dense' has no sequence-parallel path; use impl='torch' or 'auto'")
         return sp_fma(q, k, v, group, block_size=block_size, rank=rank, causal=causal, weighted=weighted,
@@ -99,13 +107,18 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     h = hierarchy(n, block_size, rank, causal)
     if max_level is not None:
         h = truncate(h, max_level)
+    if level_offset is not None and level_offset.shape[1] < h.n_levels:
+        raise ValueError(f"fma: level_offset has {level_offset.shape[1]} levels, the sequence ({n} tokens) "
+                         f"has {h.n_levels}")
     ks, vs = (summaries or MEAN)(k, v, h)
     if impl == "dense":
-        return dense_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant)
-    return blocked_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant, impl=impl)
+        return dense_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant,
+                               level_offset=level_offset)
+    return blocked_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant, impl=impl,
+                             level_offset=level_offset)
 
 
-from .module import MultipoleAttention  # noqa: E402  (needs fma)
+from .module import SUMMARY_ROPES, MultipoleAttention  # noqa: E402  (needs fma)
 
-__all__ = ["fma", "MultipoleAttention", "Hierarchy", "hierarchy", "build_summaries", "SUMMARY_KINDS",
+__all__ = ["fma", "MultipoleAttention", "SUMMARY_ROPES", "Hierarchy", "hierarchy", "build_summaries", "SUMMARY_KINDS",
            "IMPLS", "VARIANTS"]

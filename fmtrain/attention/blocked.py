@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .cores import select_core
-from .hierarchy import Hierarchy, level_slots, pad_to, truncate
+from .hierarchy import Hierarchy, block_tables, level_slots, pad_to, truncate
 from .summaries import window_means
 from .torch_core import acc_dtype
 
@@ -47,9 +47,10 @@ def merge(l1, o1, l2, o2):
 
 
 def _window_partial(qbar, ks, vs, h: Hierarchy, level: int, windows: torch.Tensor, *, scale: float,
-                    weighted: bool):
+                    weighted: bool, level_offset=None):
     """One partial softmax per window of ``level`` (the indices ``windows``, (W,)) from its
-    mean query ``qbar`` (B, H, W, d) over its interaction list: lse (B, H, W), out (B, H, W, d)."""
+    mean query ``qbar`` (B, H, W, d) over its interaction list: lse (B, H, W), out (B, H, W, d).
+    ``level_offset``: (H, >= levels) added to the scores of each level, or None."""
     B, H, W, d = qbar.shape
     Hkv = ks.shape[1]
     idx, bias = level_slots(h, level, weighted)
@@ -59,13 +60,15 @@ def _window_partial(qbar, ks, vs, h: Hierarchy, level: int, windows: torch.Tenso
     kl = ks[:, :, idx].view(B, Hkv, 1, W, -1, d)
     vl = vs[:, :, idx].view(B, Hkv, 1, W, -1, d)
     s = (ql @ kl.transpose(-1, -2)).squeeze(-2) * scale + bias  # (B, Hkv, G, W, S)
+    if level_offset is not None:
+        s = s + level_offset[:, level - 1].to(s.dtype).view(Hkv, H // Hkv, 1, 1)
     lse = torch.logsumexp(s, dim=-1)
     safe = torch.where(lse.isinf(), torch.zeros_like(lse), lse)
     out = (torch.exp(s - safe[..., None]).unsqueeze(-2) @ vl).squeeze(-2)  # (B, Hkv, G, W, d)
     return lse.view(B, H, W), out.view(B, H, W, d)
 
 
-def coarse_top_down(h: Hierarchy, level_queries, ks, vs, *, scale: float, weighted: bool):
+def coarse_top_down(h: Hierarchy, level_queries, ks, vs, *, scale: float, weighted: bool, level_offset=None):
     """The linear variant's coarse term: per-window partials merged from the top level down.
 
     ``level_queries(l) -> (windows (W,), qbar (B, H, W, d))``: the consecutive windows of
@@ -76,7 +79,8 @@ def coarse_top_down(h: Hierarchy, level_queries, ks, vs, *, scale: float, weight
     top, top_first = None, 0
     for l in range(h.n_levels, 0, -1):
         windows, qbar = level_queries(l)
-        lse, out = _window_partial(qbar, ks, vs, h, l, windows, scale=scale, weighted=weighted)
+        lse, out = _window_partial(qbar, ks, vs, h, l, windows, scale=scale, weighted=weighted,
+                                   level_offset=level_offset)
         if top is not None:
             parent = windows // 2 - top_first
             lse, out = merge(lse, out, top[0][:, :, parent], top[1][:, :, parent])
@@ -84,7 +88,7 @@ def coarse_top_down(h: Hierarchy, level_queries, ks, vs, *, scale: float, weight
     return top
 
 
-def linear_coarse(q, ks, vs, h: Hierarchy, *, scale: float, weighted: bool):
+def linear_coarse(q, ks, vs, h: Hierarchy, *, scale: float, weighted: bool, level_offset=None):
     """The linear variant's coarse term per fine block: ``(lse, out)``, (B, H, n_blocks[, d]).
 
     Each window's queries share one mean query per level (causal: the previous
@@ -98,18 +102,45 @@ def linear_coarse(q, ks, vs, h: Hierarchy, *, scale: float, weighted: bool):
         qwin = h.query_window(l).to(q.device).clamp(min=0)  # windows without a list are masked anyway
         return torch.arange(h.windows[l - 1], device=q.device), qbar[l - 1][:, :, qwin]
 
-    return coarse_top_down(h, level_queries, ks.to(acc), vs.to(acc), scale=scale, weighted=weighted)
+    return coarse_top_down(h, level_queries, ks.to(acc), vs.to(acc), scale=scale, weighted=weighted,
+                           level_offset=level_offset)
+
+
+def offset_coarse(q, ks, vs, h: Hierarchy, *, scale: float, weighted: bool, level_offset):
+    """The nlogn coarse term with per-head level offsets, per query: ``(lse, out)``, (B, H, n[, d]).
+
+    Every query of a fine block sees the same ``coarse_slots`` summaries (the block
+    tables), so the scores are a small (B, H, n, coarse_slots) tensor formed by autograd;
+    the fused cores keep only the fixed log-weights. Masked slots score ``MASKED_SCORE``.
+    """
+    acc = acc_dtype(q.dtype)
+    B, H, n, d = q.shape
+    Hkv, G, m, S = ks.shape[1], H // ks.shape[1], h.block_size, h.coarse_slots
+    t = block_tables(h, weighted, q.device, bias_dtype=acc)
+    idx = t.index.clamp(max=h.num_summaries - 1)  # masked slots: any row, weight 0
+    level = torch.arange(S, device=q.device) // h.slots_per_level  # (S,)
+    offset = level_offset[:, :h.n_levels].to(acc)[:, level].view(Hkv, G, 1, 1, S)
+    qb = pad_to(q, h.padded_len).to(acc).view(B, Hkv, G, h.n_blocks, m, d)
+    kb, vb = ks.to(acc)[:, :, idx], vs.to(acc)[:, :, idx]  # (B, Hkv, n_blocks, S, d)
+    s = torch.einsum("bkgnmd,bknsd->bkgnms", qb, kb) * scale + t.bias.clamp(min=MASKED_SCORE)[:, None] + offset
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.einsum("bkgnms,bknsd->bkgnmd", torch.exp(s - lse[..., None]), vb)
+    return lse.reshape(B, H, -1)[:, :, :n], out.reshape(B, H, -1, d)[:, :, :n]
 
 
 def blocked_multipole(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool,
-                      variant: str = "nlogn", impl: str = "torch") -> torch.Tensor:
+                      variant: str = "nlogn", impl: str = "torch", level_offset=None) -> torch.Tensor:
     """Multipole attention over a whole sequence on one device: (B, H, n, d)."""
-    if variant == "nlogn" or h.n_levels == 0:
+    if h.n_levels == 0 or (variant == "nlogn" and level_offset is None):
         out, _ = block_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, impl=impl)
         return out
     out, lse = block_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, fine_only=True,
                                impl=impl)
-    c_lse, c_out = linear_coarse(q, ks, vs, h, scale=scale, weighted=weighted)
+    if variant == "nlogn":  # per query (n, d) partials
+        c_lse, c_out = offset_coarse(q, ks, vs, h, scale=scale, weighted=weighted, level_offset=level_offset)
+        _, merged = merge(lse, out.to(c_out.dtype), c_lse, c_out)
+        return merged.to(q.dtype)
+    c_lse, c_out = linear_coarse(q, ks, vs, h, scale=scale, weighted=weighted, level_offset=level_offset)
     blk = torch.arange(h.n, device=q.device) // h.block_size
     _, merged = merge(lse, out.to(c_out.dtype), c_lse[:, :, blk], c_out[:, :, blk])
     return merged.to(q.dtype)

@@ -9,7 +9,13 @@ from . import fma
 from .cache import MultipoleCache
 from .cpu import adapt_torch_threads
 from .rope import apply_rope, rope_angles
-from .summaries import build_summaries
+from .summaries import WindowRotated, build_summaries
+
+# How RoPE reaches the coarse summaries: "keys" summarises rotated keys; "window" summarises
+# un-rotated keys and rotates each summary at its sub-window's mean position.
+SUMMARY_ROPES = ("keys", "window")
+
+MAX_LEVELS = 32  # coarse levels a learned level offset covers: 2**33 fine blocks
 
 
 class ProjectedAttention(nn.Module):
@@ -100,7 +106,8 @@ class MultipoleAttention(ProjectedAttention):
                  summary: str = "m2m", weighted: bool = True, rope: bool = True,
                  rope_theta: float = 10000.0, max_seq_len: int | None = None, impl: str = "auto",
                  max_level: int | None = None, qkv_bias: bool = False, out_bias: bool = False,
-                 rope_scaling: dict | None = None, sp_group=None):
+                 rope_scaling: dict | None = None, sp_group=None, level_offset: bool = False,
+                 summary_rope: str = "keys"):
         super().__init__(dim, n_heads, n_kv_heads, causal=causal, rope=rope, rope_theta=rope_theta,
                          qkv_bias=qkv_bias, out_bias=out_bias, rope_scaling=rope_scaling)
         self.block_size, self.rank, self.variant = block_size, rank, variant
@@ -110,14 +117,33 @@ class MultipoleAttention(ProjectedAttention):
         self.sp_group = sp_group
         if max_level == 0:
             summary = "mean"  # no coarse level: nothing to learn
+        # A learned score offset per query head and coarse level, on top of the log-weights
+        # (zero at init: the fixed prior). MAX_LEVELS covers 2**MAX_LEVELS blocks; levels a
+        # training length never reaches keep their zero.
+        self.level_offset = nn.Parameter(torch.zeros(n_heads, MAX_LEVELS)) if level_offset and max_level != 0 \
+            else None
         self.summaries = build_summaries(summary, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
                                          block_size=block_size, rank=rank, max_seq_len=max_seq_len)
+        if summary_rope not in SUMMARY_ROPES:
+            raise ValueError(f"summary_rope={summary_rope!r} is not one of {SUMMARY_ROPES}")
+        # summary_rope="window": a wrapper rotating the summaries at their windows (a plain object,
+        # not a submodule: the parameters stay ``summaries.*``).
+        self.window_rope = WindowRotated(self.summaries, self.head_dim, rope_theta, self.rope_scaling) \
+            if summary_rope == "window" and rope and max_level != 0 else None
+
+    @property
+    def summarise(self):
+        """What fma forms the summaries with."""
+        return self.window_rope or self.summaries
 
     def attend(self, q, k, v):
         return fma(q, k, v, block_size=self.block_size, rank=self.rank, causal=self.causal,
-                   weighted=self.weighted, impl=self.impl, variant=self.variant, summaries=self.summaries,
-                   max_level=self.max_level, group=self.sp_group)
+                   weighted=self.weighted, impl=self.impl, variant=self.variant, summaries=self.summarise,
+                   max_level=self.max_level, group=self.sp_group, level_offset=self.level_offset)
 
     def new_cache(self) -> MultipoleCache:
-        return MultipoleCache(self.summaries, block_size=self.block_size, rank=self.rank, weighted=self.weighted,
+        if self.level_offset is not None:
+            raise ValueError("the decoding cache does not take learned level offsets (model.level_offset) yet; "
+                             "generate with --no-cache")
+        return MultipoleCache(self.summarise, block_size=self.block_size, rank=self.rank, weighted=self.weighted,
                               variant=self.variant, max_level=self.max_level)

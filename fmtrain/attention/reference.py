@@ -42,10 +42,11 @@ def interaction_mask(h: Hierarchy, device=None) -> tuple[torch.Tensor, torch.Ten
 
 
 def dense_attention(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool,
-                    variant: str = "nlogn") -> torch.Tensor:
+                    variant: str = "nlogn", level_offset=None) -> torch.Tensor:
     """Multipole attention by one softmax over an ``n x (n + T)`` score matrix.
 
-    q: (B, H, n, d); k, v: (B, Hkv, n, d); ks, vs: (B, Hkv, T, d). Returns (B, H, n, d).
+    q: (B, H, n, d); k, v: (B, Hkv, n, d); ks, vs: (B, Hkv, T, d); ``level_offset``: (H, >= L)
+    added to the scores of each coarse level's summaries, or None. Returns (B, H, n, d).
     """
     B, H, n, d = q.shape
     G = H // k.shape[1]
@@ -69,6 +70,9 @@ def dense_attention(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bo
             parts.append((ql @ ks[:, :, lo:lo + h.windows[l - 1] * h.rank].transpose(-1, -2)) * scale)
         s_coarse = torch.cat(parts, dim=-1) if parts else q.new_zeros(B, H, n, 0)
     s_coarse = s_coarse + coarse.to(s_coarse.dtype)
+    if level_offset is not None and h.n_levels:
+        level_of = torch.cat([torch.full((h.windows[l] * h.rank,), l, device=q.device) for l in range(h.n_levels)])
+        s_coarse = s_coarse + level_offset.to(s_coarse.dtype)[:, level_of][None, :, None, :]  # (1, H, 1, T)
     s = torch.cat([s_fine, s_coarse], dim=-1)
     if s.dtype in (torch.float16, torch.bfloat16):
         s = s.float()

@@ -209,6 +209,53 @@ def build_summaries(kind: str, *, n_kv_heads: int, head_dim: int, block_size: in
     raise ValueError(f"unknown summary kind {kind!r}; choose one of {SUMMARY_KINDS}")
 
 
+def summary_positions(h: Hierarchy) -> torch.Tensor:
+    """(num_summaries,) float64: the mean position of the real tokens behind each summary."""
+    out = []
+    for l in range(1, h.n_levels + 1):
+        sub = h.window_size(l) // h.rank
+        count = h.summary_counts(l).flatten()
+        start = torch.arange(count.numel(), dtype=torch.float64) * sub
+        out.append(start + (count.clamp(min=1) - 1) / 2)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+class WindowRotated:
+    """Summaries of un-rotated keys, each rotated at its sub-window's mean position.
+
+    The layer's keys arrive rotated by RoPE at their own positions; a mean of keys rotated
+    at different positions averages RoPE's high frequencies away. This wraps a
+    :class:`Summaries` (whose parameters stay the layer's own): it undoes the rotation
+    (positions ``0..n-1``), summarises, and rotates each key summary at
+    :func:`summary_positions`. Values are not rotated. Whole sequences only: the
+    piecewise methods (sequence parallelism, the decoding cache) are not available.
+    """
+
+    def __init__(self, inner: Summaries, head_dim: int, theta: float, scaling: dict | None):
+        self.inner, self.head_dim, self.theta, self.scaling = inner, head_dim, theta, scaling
+        self.bottom_up = inner.bottom_up
+
+    def check(self, h):
+        self.inner.check(h)
+
+    def _piecewise(self, *_):
+        raise ValueError("summaries rotated at their windows (model.summary_rope='window') run on whole "
+                         "sequences only: no sequence parallelism or decoding cache yet")
+
+    leaves = parents = window_part = _piecewise
+
+    def __call__(self, k, v, h):
+        from .rope import apply_rope, rope_angles
+
+        if h.n_levels == 0:
+            return self.inner(k, v, h)
+        n = k.shape[2]
+        cos, sin = rope_angles(torch.arange(n, device=k.device), self.head_dim, self.theta, self.scaling)
+        ks, vs = self.inner(apply_rope(k, cos, -sin), v, h)
+        cos, sin = rope_angles(summary_positions(h).to(k.device), self.head_dim, self.theta, self.scaling)
+        return apply_rope(ks, cos, sin), vs
+
+
 def window_means(x: torch.Tensor, h: Hierarchy) -> list[torch.Tensor]:
     """Mean of the real tokens of every window, per coarse level: [(B, H, windows_l, d)].
 
@@ -225,5 +272,5 @@ def window_means(x: torch.Tensor, h: Hierarchy) -> list[torch.Tensor]:
     return out
 
 
-__all__ = ["SUMMARY_KINDS", "Summaries", "MeanSummaries", "M2MSummaries", "ConvSummaries",
+__all__ = ["SUMMARY_KINDS", "WindowRotated", "summary_positions", "Summaries", "MeanSummaries", "M2MSummaries", "ConvSummaries",
            "MEAN", "build_summaries", "window_means", "finish", "hierarchy"]

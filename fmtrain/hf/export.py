@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_config_of, load_model_state, resolve
+from ..checkpoint import CheckpointError, resolve
+from ..export import load_config_of, load_model_state
 from ..config import Config
 from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from ..pretrained import fmtrain_to_hf
@@ -44,7 +45,7 @@ def hf_architecture(cfg: Config) -> str:
     m = cfg.model
     if m.kind != "causal":
         raise ExportError(f"model.kind={m.kind!r}: masked LMs are not exported (transformers has no encoder with "
-                          "fmtrain's architecture); export a causal LM, or use python -m fmtrain.checkpoint export")
+                          "fmtrain's architecture); export a causal LM, or use python -m fmtrain.export")
     # sdpa: Llama, whatever the biases (Llama's attention_bias puts them on q, k, v and o: the ones
     # fmtrain's model lacks are written as zeros). Not Qwen2 for q/k/v biases: transformers loads
     # model_type "qwen2" folders with Qwen2's own tokenizer class, whatever tokenizer.json says.

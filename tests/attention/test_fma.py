@@ -253,3 +253,35 @@ def test_core_on_a_range_of_blocks_equals_the_whole(rng, causal):
         for name, a, b in zip(("q", "k", "v", "ks", "vs"), got, want):
             a = torch.zeros_like(b) if a is None else a
             assert (a - b).abs().max() < TOL64, (a0, name)
+
+
+@pytest.mark.parametrize("variant", ["nlogn", "linear"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,m,p,H,Hkv", [(203, 8, 2, 4, 2), (93, 8, 4, 3, 3), (40, 8, 2, 2, 1)])
+def test_level_offsets_match_dense_float64(rng, n, m, p, H, Hkv, causal, variant):
+    """Learned per-head level offsets: the blocked path (fine core + per-query coarse term)
+    against the dense reference, outputs and gradients, the offsets' own included."""
+    q, k, v = qkv(rng, 2, H, Hkv, n, 8)
+    offset = randn(rng, H, 32, requires_grad=True)
+    kw = dict(block_size=m, rank=p, causal=causal, variant=variant, level_offset=offset)
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    o_ref, g_ref = outputs_and_grads(q, k, v, torch.Generator().manual_seed(seed), (offset,), impl="dense", **kw)
+    o, g = outputs_and_grads(q, k, v, torch.Generator().manual_seed(seed), (offset,), impl="torch", **kw)
+    assert (o - o_ref).abs().max() < TOL64
+    for name, a, b in zip(["q", "k", "v", "offset"], g, g_ref):
+        assert (a - b).abs().max() < TOL64, f"d{name}"
+    levels = hierarchy(n, m, p, causal).n_levels
+    assert g[3][:, levels:].abs().max() == 0, "levels the sequence does not have got a gradient"
+    assert g[3][:, :levels].abs().min() > 0, "a level's offset did not reach the output"
+    with torch.no_grad():  # a zero offset is the fixed prior exactly
+        plain = fma(q, k, v, block_size=m, rank=p, causal=causal, variant=variant, impl="torch")
+        zero = fma(q, k, v, impl="torch", **{**kw, "level_offset": torch.zeros_like(offset)})
+    assert (plain - zero).abs().max() < TOL64
+
+
+def test_level_offset_errors(rng):
+    q, k, v = qkv(rng, 1, 2, 2, 300, 8)
+    with pytest.raises(ValueError, match="level_offset must be"):
+        fma(q, k, v, block_size=8, level_offset=torch.zeros(3, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="has 2 levels"):
+        fma(q, k, v, block_size=8, level_offset=torch.zeros(2, 2, dtype=torch.float64))

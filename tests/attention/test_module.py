@@ -79,3 +79,34 @@ def test_rope_preserves_norms_and_takes_per_sample_positions():
 def test_layer_argument_errors(kw, msg):
     with pytest.raises(ValueError, match=msg):
         layer(**kw)
+
+
+@pytest.mark.parametrize("kw", [dict(level_offset=True), dict(summary_rope="window"),
+                                dict(level_offset=True, summary_rope="window", summary="mean")])
+@pytest.mark.parametrize("causal", [True, False])
+def test_level_offsets_and_window_rope_match_dense_and_train(kw, causal):
+    att = layer(causal=causal, **kw)
+    x = torch.randn(2, 200, 32, dtype=torch.float64)
+    y = att(x)
+    att_ref = layer(causal=causal, impl="dense", **kw)
+    att_ref.load_state_dict(att.state_dict())
+    y_ref = att_ref(x)
+    assert (y - y_ref).abs().max() < 1e-12
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, p), p_ref in zip(att.named_parameters(), att_ref.parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert (p.grad - p_ref.grad).abs().max() < 1e-10, name
+    if kw.get("level_offset"):
+        assert att.level_offset.shape == (4, 32)
+    if kw.get("summary_rope") == "window":  # the summaries really differ from summarising rotated keys
+        plain = layer(causal=causal, **{**kw, "summary_rope": "keys"})
+        plain.load_state_dict(att.state_dict())
+        assert (plain(x) - y).abs().max() > 1e-3
+
+
+def test_decoding_refuses_what_the_cache_does_not_take():
+    for kw, msg in ((dict(level_offset=True), "level offsets"), (dict(summary_rope="window"), "whole sequences")):
+        att = layer(**kw)
+        with pytest.raises(ValueError, match=msg):
+            att.prefill(torch.randn(1, 40, 32, dtype=torch.float64))

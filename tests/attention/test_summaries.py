@@ -96,3 +96,34 @@ def test_conv_parameter_count_grows_with_length():
     big = sum(p.numel() for p in ConvSummaries(64, 64, 2, 131072).parameters())
     assert big > 30 * small
     assert 15e6 < big < 18e6  # the design page's "about 17M per layer" at n = 131072, d = 64, p = 2
+
+
+def test_window_rotated_summaries_rotate_the_mean_of_unrotated_keys(rng):
+    """Each key summary is the mean of the un-rotated keys behind it, rotated at their mean
+    position; values are the plain means. Checked summary by summary against that formula."""
+    from fmtrain.attention.rope import apply_rope, rope_angles
+    from fmtrain.attention.summaries import WindowRotated, summary_positions
+
+    n, m, p, d = 203, 8, 2, 8
+    h = hierarchy(n, m, p, True)
+    k, v = randn(rng, 1, 2, n, d), randn(rng, 1, 2, n, d)
+    cos, sin = rope_angles(torch.arange(n), d)
+    ks, vs = WindowRotated(MeanSummaries(), d, 10000.0, None)(apply_rope(k, cos, sin), v, h)
+    _, vs_plain = MeanSummaries()(k, v, h)
+    assert (vs - vs_plain).abs().max() < 1e-12
+    pos = summary_positions(h)
+    checked = 0
+    for l in range(1, h.n_levels + 1):
+        sub = h.window_size(l) // p
+        for s, count in enumerate(h.summary_counts(l).flatten().tolist()):
+            if count == 0:
+                continue
+            start = s * sub
+            assert pos[h.offsets[l - 1] + s] == start + (count - 1) / 2
+            c, sn = rope_angles(pos[h.offsets[l - 1] + s:h.offsets[l - 1] + s + 1], d)
+            want = apply_rope(k[:, :, start:start + count].mean(dim=2, keepdim=True), c, sn)
+            assert (ks[:, :, h.offsets[l - 1] + s] - want[:, :, 0]).abs().max() < 1e-12
+            checked += 1
+    assert checked == sum(int((h.summary_counts(l) > 0).sum()) for l in range(1, h.n_levels + 1))
+    with pytest.raises(ValueError, match="whole sequences only"):
+        WindowRotated(MeanSummaries(), d, 10000.0, None).leaves(k, p, 0)

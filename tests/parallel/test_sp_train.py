@@ -13,7 +13,8 @@ A constant factor also shows directly in the gradient norms.
 import pytest
 import torch
 
-from fmtrain.checkpoint import latest_valid, load_model_state
+from fmtrain.checkpoint import latest_valid
+from fmtrain.export import load_model_state
 
 from ..test_train import corpus, make_config, metrics, train  # noqa: F401  (fixture)
 

@@ -1,42 +1,31 @@
-"""Run configuration: typed sections, TOML files, dotted overrides, validation.
+"""The run configuration's schema: typed sections whose fields document themselves, and
+the checks of a built config.
 
 One TOML file describes one run; every table is a section below and every key a
-field. Fields document themselves through ``field(metadata={"help": ...})`` (see
-:func:`option`), which is what ``python -m fmtrain.train --help`` lists.
-
-    cfg = load_config("configs/tiny-gpt.toml", ["--train.steps=50", "--model.attention=sdpa"])
-    save_config(cfg, cfg.run.dir)             # writes <run.dir>/config.toml
-    assert load_config(Path(cfg.run.dir) / "config.toml") == cfg
-
-Everything is checked on load and every problem is reported at once, each with
-what to change: unknown names (with a did-you-mean), wrong types, out-of-range
+field. Fields carry their help, allowed values and bounds through :func:`option`,
+which is what ``python -m fmtrain.train --help`` lists. Every problem is reported
+at once, each with what to change: unknown names (with a did-you-mean), out-of-range
 values and inconsistent combinations. Checks that need the runtime (the world
-size) are in :meth:`Config.check_world`.
+size) are in :meth:`Config.check_world`. Reading and writing configs (TOML, dotted
+overrides, the command line) is :mod:`.loading`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
-import os
 import re
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 # The attention options' allowed values and rules are the attention package's own.
-from .attention import IMPLS, SUMMARY_KINDS, VARIANTS
-from .attention.hierarchy import sizes_error
-from .attention.sequence_parallel import layout_ok as sp_layout_ok
-from .errors import UserError
+from ..attention import IMPLS, SUMMARY_KINDS, SUMMARY_ROPES, VARIANTS
+from ..attention.hierarchy import sizes_error
+from ..attention.sequence_parallel import layout_ok as sp_layout_ok
+from ..errors import UserError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 CONFIG_FILE = "config.toml"
 
@@ -96,6 +85,11 @@ class ModelConfig:
                                  "length), 'conv' (the paper's, tied to max_seq_len) or 'mean'.",
                           choices=SUMMARY_KINDS)
     weighted: bool = option(True, "Add log(tokens behind a summary) to its attention score.")
+    level_offset: bool = option(False, "Learn a score offset per head and coarse level, added to the "
+                                       "summaries' log-weights (starts at 0: the fixed prior); fma only.")
+    summary_rope: str = option("keys", "RoPE of the coarse summaries: 'keys' (summarise rotated keys) or "
+                                       "'window' (summarise un-rotated keys, rotate each summary at its "
+                                       "sub-window's mean position).", choices=SUMMARY_ROPES)
     impl: str = option("auto", "Multipole implementation: 'auto' (Triton on GPU, else torch), 'torch' "
                                "(blocked PyTorch), 'triton' or 'dense' (reference, tests only).",
                        choices=IMPLS)
@@ -257,153 +251,9 @@ class Config:
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 
-# --------------------------------------------------------------------------- types
-def _hints(section_cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(section_cls)
-
-
-def _unwrap_optional(tp) -> tuple[Any, bool]:
-    """(inner type, is_optional) for ``X | None``."""
-    args = typing.get_args(tp)
-    if type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return tp, False
-
-
-def _type_name(tp) -> str:
-    inner, opt = _unwrap_optional(tp)
-    origin = typing.get_origin(inner)
-    if origin is list:
-        name = f"list of {typing.get_args(inner)[0].__name__}"
-    elif origin is dict:
-        name = "table"
-    else:
-        name = inner.__name__
-    return f"{name} or none" if opt else name
-
-
-def _coerce(value: Any, tp, where: str) -> Any:
-    """Check a TOML value against field type ``tp``; ints are accepted for floats."""
-    inner, optional = _unwrap_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{where}: none is not allowed; give a {_type_name(tp)}")
-    origin = typing.get_origin(inner)
-    if origin is list:
-        (elem,) = typing.get_args(inner)
-        if not isinstance(value, list):
-            if elem is str and isinstance(value, str):
-                return [value]  # a single string where a list of strings is expected
-            raise ConfigError(f"{where}: expected a {_type_name(tp)}, got {value!r}; e.g. [0.9, 0.95]")
-        return [_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table (e.g. [{where}] in TOML), got {value!r}")
-        return value
-    if inner is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if inner is bool and not isinstance(value, bool) or \
-            inner is not bool and (not isinstance(value, inner) or isinstance(value, bool)):
-        hint = ' (quote strings in TOML: key = "value")' if inner is str else \
-            f" (write it without quotes: {value})" if isinstance(value, str) and inner in (int, float) else ""
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}{hint}")
-    return value
-
-
-def _parse_cli_value(text: str, tp, where: str) -> Any:
-    """Parse the text of ``--section.field=text`` to the field's type."""
-    inner, optional = _unwrap_optional(tp)
-    if optional and text.strip().lower() in ("none", "null", ""):
-        return None
-    origin = typing.get_origin(inner)
-    if origin is dict:
-        return _parse_toml_value(text, where, table=True)
-    if origin is list:
-        (elem,) = typing.get_args(inner)
-        s = text.strip()
-        if s.startswith("["):
-            return _coerce(_parse_toml_value(s, where), inner, where)
-        items = [t.strip() for t in s.split(",")] if s else []
-        return [_parse_cli_value(t, elem, f"{where}[{i}]") for i, t in enumerate(items)]
-    if inner is bool:
-        low = text.strip().lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{where}: expected true or false, got {text!r}")
-    if inner is int:
-        try:
-            return int(text.replace("_", ""))
-        except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {text!r}") from None
-    if inner is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {text!r}") from None
-    return text
-
-
-def _parse_toml_value(text: str, where: str, table: bool = False) -> Any:
-    """A TOML literal (number, bool, string, array, inline table); a bare word stays a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        if table:
-            raise ConfigError(f"{where}: expected a TOML inline table like {{key = 1}}, got {text!r}") \
-                from None
-        return text
-
-
 def _did_you_mean(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
-
-
-# --------------------------------------------------------------------------- building
-def from_dict(data: dict[str, Any]) -> Config:
-    """A validated :class:`Config` from nested ``{section: {field: value}}``."""
-    errors: list[str] = []
-    sections = {}
-    for key in data:
-        if key not in SECTIONS:
-            errors.append(f"unknown section [{key}].{_did_you_mean(key, SECTIONS)} "
-                          f"Sections: {', '.join(SECTIONS)}.")
-    for sec_name, sec_cls in SECTIONS.items():
-        values = data.get(sec_name, {})
-        if not isinstance(values, dict):
-            errors.append(f"{sec_name}: expected a table [{sec_name}], got {values!r}")
-            values = {}
-        hints = _hints(sec_cls)
-        kwargs = {}
-        for key, value in values.items():
-            where = f"{sec_name}.{key}"
-            if where in _REMOVED_FIELDS:
-                errors.append(f"{where} was removed: {_REMOVED_FIELDS[where]}; delete it from the config")
-                continue
-            if key not in hints:
-                errors.append(f"unknown field {where}.{_did_you_mean(key, hints)} "
-                              f"Fields of [{sec_name}]: {', '.join(hints)}.")
-                continue
-            try:
-                kwargs[key] = _coerce(value, hints[key], where)
-            except ConfigError as e:
-                errors.append(str(e))
-        sections[sec_name] = sec_cls(**kwargs)
-    cfg = Config(**sections)
-    # The keys given explicitly: model.init_from fills the others from the weights and refuses
-    # given ones that contradict them (fmtrain/pretrained.py, when the run starts).
-    cfg._given = {s: set(v) for s, v in data.items() if isinstance(v, dict)}
-    if not errors:
-        errors = _range_errors(cfg)
-    if not errors and not cfg.model.init_from:  # with init_from: once [model] is filled (check_config)
-        errors = _consistency_errors(cfg)
-    if errors:
-        raise ConfigError(_format(errors))
-    return cfg
 
 
 def check_config(cfg: Config) -> None:
@@ -459,7 +309,7 @@ def _consistency_errors(cfg: Config) -> list[str]:
         e.append(f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads={m.n_heads}; "
                  f"choose among {_divisors(m.n_heads, m.n_heads)}")
     if m.rope_scaling:
-        from .attention.rope import ROPE_SCALINGS
+        from ..attention.rope import ROPE_SCALINGS
 
         need = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
                 "linear": ("factor",)}.get(m.rope_scaling.get("rope_type"))
@@ -488,6 +338,9 @@ def _consistency_errors(cfg: Config) -> list[str]:
                  f"{d.seq_len // p.sequence} tokens, which must be model.block_size={m.block_size} times a "
                  f"power of two; make data.seq_len {p.sequence} * {m.block_size} * 2**j, e.g. "
                  f"{p.sequence * m.block_size * (1 << max(0, (d.seq_len // p.sequence // m.block_size).bit_length() - 1))}")
+    if p.sequence > 1 and m.attention == "fma" and (m.level_offset or m.summary_rope != "keys"):
+        e.append("model.level_offset and model.summary_rope='window' have no sequence-parallel path yet; "
+                 "use parallel.sequence=1 with them")
     if p.sequence > 1 and m.attention == "sdpa":
         e.append("parallel.sequence > 1 is implemented for attention='fma' and 'local' only; "
                  "use --parallel.sequence=1 for the sdpa baseline")
@@ -560,7 +413,7 @@ def deepspeed_key_errors(extra: dict[str, Any]) -> list[str]:
     """
     import importlib
 
-    from .parallel.groups import import_deepspeed
+    from ..parallel.groups import import_deepspeed
 
     import_deepspeed()
     known = _deepspeed_top_level_keys()
@@ -600,172 +453,6 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [k for k in range(1, min(n, limit) + 1) if n % k == 0]
 
 
-# --------------------------------------------------------------------------- overrides
-_OVERRIDE = re.compile(r"^--([A-Za-z_][\w]*)\.([A-Za-z_][\w.\-]*)(?:=(.*))?$", re.S)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--section.field=value`` (or ``--section.field value``) to nested ``data``.
-
-    Values are parsed to the field's type; a table field (``parallel.deepspeed``)
-    takes deeper keys, ``--parallel.deepspeed.zero_optimization.overlap_comm=true``,
-    whose values are read as TOML literals. Returns a new dict.
-    """
-    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    args = list(overrides)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        mo = _OVERRIDE.match(arg)
-        if not mo:
-            raise ConfigError(f"cannot read the argument {arg!r}: overrides look like "
-                              "--section.field=value, e.g. --train.steps=100")
-        sec, path, text = mo.group(1), mo.group(2), mo.group(3)
-        if text is None:  # "--section.field value"
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise ConfigError(f"{arg} has no value: write {arg}=VALUE")
-            text = args[i + 1]
-            i += 1
-        i += 1
-        if sec not in SECTIONS:
-            raise ConfigError(f"unknown section in {arg}.{_did_you_mean(sec, SECTIONS)} "
-                              f"Sections: {', '.join(SECTIONS)}.")
-        hints = _hints(SECTIONS[sec])
-        name, _, rest = path.partition(".")
-        if f"{sec}.{name}" in _REMOVED_FIELDS:
-            raise ConfigError(f"{sec}.{name} was removed: {_REMOVED_FIELDS[f'{sec}.{name}']}; drop {arg}")
-        if name not in hints:
-            raise ConfigError(f"unknown field {sec}.{name} in {arg}.{_did_you_mean(name, hints)} "
-                              f"Fields of [{sec}]: {', '.join(hints)}.")
-        where = f"{sec}.{name}"
-        section = data.setdefault(sec, {})
-        if rest:
-            if typing.get_origin(hints[name]) is not dict:
-                raise ConfigError(f"{arg}: {where} is a {_type_name(hints[name])}, not a table; "
-                                  f"write --{where}=VALUE")
-            table = section.setdefault(name, {})
-            table = section[name] = json.loads(json.dumps(table))  # deep copy, don't alias the file's
-            *parents, leaf = rest.split(".")
-            for key in parents:
-                table = table.setdefault(key, {})
-            table[leaf] = _parse_toml_value(text, f"{where}.{rest}")
-        else:
-            section[name] = _parse_cli_value(text, hints[name], where)
-    return data
-
-
-# --------------------------------------------------------------------------- files
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
-    """Read a TOML config, apply ``--section.field=value`` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        hint = f" Configs in configs/: {', '.join(sorted(p.name for p in Path('configs').glob('*.toml')))}." \
-            if Path("configs").is_dir() else ""
-        raise ConfigError(f"config file {str(path)!r} does not exist.{hint}")
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    try:
-        return from_dict(apply_overrides(data, list(overrides)))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-
-
-def save_config(cfg: Config, directory: str | os.PathLike) -> Path:
-    """Write the resolved ``cfg`` to ``directory/config.toml`` atomically; returns the path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / CONFIG_FILE
-    tmp = directory / f".{CONFIG_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(to_toml(cfg))
-    os.replace(tmp, target)
-    return target
-
-
-def to_toml(cfg: Config) -> str:
-    """TOML text that :func:`load_config` reads back to an equal config."""
-    lines = ["# Resolved fmtrain config (written by fmtrain.config.save_config)."]
-    for sec_name, values in cfg.to_dict().items():
-        lines.append(f"\n[{sec_name}]")
-        for key, value in values.items():
-            if value is None:
-                continue  # TOML has no null; an absent optional field loads as None
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
-    if isinstance(v, str):
-        return json.dumps(v)  # JSON string escapes are valid TOML basic-string escapes
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise ConfigError(f"cannot write {v!r} ({type(v).__name__}) to TOML")
-
-
-# --------------------------------------------------------------------------- command line
-def describe() -> str:
-    """Every section and field with its type, default and help (the ``--help`` listing)."""
-    out = []
-    for sec_name, sec_cls in SECTIONS.items():
-        out.append(f"[{sec_name}]")
-        hints = _hints(sec_cls)
-        default = sec_cls()
-        for f in dataclasses.fields(sec_cls):
-            value = getattr(default, f.name)
-            shown = "none" if value is None else _toml_value(value)
-            out.append(f"  --{sec_name}.{f.name}  ({_type_name(hints[f.name])}, default {shown})")
-            out.append(f"      {f.metadata.get('help', '')}")
-        out.append("")
-    return "\n".join(out)
-
-
-USAGE = ("usage: python -m fmtrain.train CONFIG.toml [--section.field=value ...]\n"
-         "  e.g. python -m fmtrain.train configs/tiny-gpt.toml --train.steps=100 --model.attention=sdpa\n")
-
-
-def config_from_argv(argv: list[str] | None = None) -> Config:
-    """``CONFIG [--section.field=value ...]`` -> validated :class:`Config`; ConfigError if not.
-
-    ``-h``/``--help`` prints the field listing and exits 0.
-    """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE + "\nFields (TOML [section] key = value, or --section.field=value):\n\n" + describe())
-        raise SystemExit(0)
-    if not argv or argv[0].startswith("--"):
-        raise ConfigError("the first argument must be a TOML config file\n" + USAGE.rstrip())
-    return load_config(argv[0], argv[1:])
-
-
-def parse_args(argv: list[str] | None = None) -> Config:
-    """``CONFIG [--section.field=value ...]`` -> validated :class:`Config`.
-
-    ``-h``/``--help`` prints the field listing and exits; errors exit with status
-    2 and the message (as argparse does), printed once under torchrun (rank 0).
-    """
-    from .errors import EXIT_USAGE, report
-
-    try:
-        return config_from_argv(argv)
-    except ConfigError as exc:
-        report(str(exc))
-        raise SystemExit(EXIT_USAGE) from None
-
-
 __all__ = ["Config", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "CheckpointConfig",
-           "ParallelConfig", "ConfigError", "CONFIG_FILE", "load_config", "save_config", "from_dict",
-           "apply_overrides", "to_toml", "describe", "parse_args", "config_from_argv", "option", "check_config"]
+           "ParallelConfig", "ConfigError", "CONFIG_FILE", "SECTIONS", "option", "check_config",
+           "deepspeed_key_errors"]

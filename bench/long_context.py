@@ -1,0 +1,339 @@
+"""Does it use long context? Held-out loss by position within a document.
+
+    python bench/long_context.py                 # the committed CPU study (see --help for sizes)
+    python bench/long_context.py --quick         # CI smoke: seq_len 256, a few steps, ~1-2 min
+    python bench/long_context.py --arms local,sdpa,fma-m2m --seq-len 8192 --steps 4000 \\
+        --eval-len 131072 --launcher "torchrun --standalone --nproc_per_node=8 -m"   # a GPU node
+
+Every arm trains the tiny causal model (``configs/tiny-gpt.toml`` or ``--config``)
+from scratch with the real trainer, on the same tokens of the embedded corpus with
+the same seed; an arm changes only what its name says:
+
+- ``local``, ``sdpa``: the fine level of fma alone, and full attention;
+- ``fma-m2m`` (the product's default summaries), ``fma-mean``, ``fma-conv``;
+- any arm followed by ``+section.field=value`` overrides, e.g.
+  ``fma-m2m+model.weighted=false`` or ``local+train.lr=1.5e-3``.
+
+Then each trained model reads every held-out document that has at least
+``--min-doc-len`` tokens from its start, one document at a time, up to
+``--eval-len`` tokens (``sdpa``: ``--sdpa-eval-len``, as its cost is quadratic;
+``conv``: its ``max_seq_len``). A position is the distance of the predicted token
+from its document's start, so no target crosses a document boundary. Held-out
+loss (nats per token) is reported in log-spaced position buckets, each with the
+number of tokens and documents it averages over. Positions past ``--seq-len`` were
+never trained on: that is extrapolation, which only the arms whose reach does not
+depend on ``n`` can do.
+
+A run whose folder already holds a finished run of the same command is reused, so
+the study can be extended arm by arm (``--arms``) across sittings; ``--retrain``
+starts over. Writes ``bench/results/long_context-<tag>.{json,md,png}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+
+# base arm -> [model] overrides; every other field comes from the base config.
+BASE_ARMS = {
+    "local": dict(attention="local"),
+    "sdpa": dict(attention="sdpa"),
+    "fma-m2m": dict(attention="fma", summary="m2m"),
+    "fma-mean": dict(attention="fma", summary="mean"),
+    "fma-conv": dict(attention="fma", summary="conv"),
+}
+# Bucket edges of the predicted token's position in its document: [1, 64), [64, 256), ...
+EDGES = (1, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
+
+
+def bucket_name(lo: int, hi: int) -> str:
+    k = lambda x: f"{x // 1024}k" if x >= 1024 else str(x)  # noqa: E731
+    return f"{k(lo)}-{k(hi)}"
+
+
+# --------------------------------------------------------------------------- arms
+def parse_arm(spec: str) -> tuple[str, dict[str, str]]:
+    """``"fma-m2m+model.weighted=false"`` -> (base arm, {dotted key: value}) of its trainer overrides."""
+    base, *extras = spec.split("+")
+    if base not in BASE_ARMS:
+        raise SystemExit(f"error: unknown arm {base!r} in {spec!r}; the bases are {', '.join(BASE_ARMS)}")
+    over = {f"model.{k}": str(v) for k, v in BASE_ARMS[base].items()}
+    for e in extras:
+        key, eq, value = e.partition("=")
+        if not eq or "." not in key:
+            raise SystemExit(f"error: arm {spec!r}: {e!r} is not section.field=value")
+        over[key] = value
+    return base, over
+
+
+def arm_dir_name(spec: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in spec)
+
+
+def run_command(args, spec: str, run_dir: Path) -> list[str]:
+    base, over = parse_arm(spec)
+    shared = {
+        "run.dir": str(run_dir), "data.seq_len": args.seq_len, "data.batch_size": args.batch_size,
+        "train.steps": args.steps, "train.seed": args.seed, "train.eval_interval": args.steps,
+        "train.eval_batches": args.eval_batches, "train.log_interval": args.log_interval,
+        "checkpoint.interval": args.steps, "checkpoint.keep": 1,
+    }
+    if base == "fma-conv":  # its parameters are sized for the longest sequence it will read
+        shared["model.max_seq_len"] = max(args.seq_len, args.conv_eval_len)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        shared[key] = value
+    shared.update(over)  # the arm's own settings win
+    return shlex.split(args.launcher) + ["fmtrain.train", args.config] + [f"--{k}={v}" for k, v in shared.items()]
+
+
+def train(args, spec: str) -> Path:
+    """Train one arm (or reuse its finished run of the same command); its run folder."""
+    run_dir = Path(args.work_dir) / arm_dir_name(spec)
+    cmd = run_command(args, spec, run_dir)
+    done = run_dir / "long_context_run.json"
+    if not args.retrain and done.is_file() and json.loads(done.read_text()).get("command") == cmd:
+        print(f"{spec}: reusing {run_dir}", flush=True)
+        return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of a different one
+    run_dir.mkdir(parents=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # arms side by side share the cores
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    t0 = time.perf_counter()
+    with open(run_dir / "stdout.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait()
+        finally:  # interrupted: do not leave the trainer running
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+    if rc != 0:
+        tail = (run_dir / "stdout.log").read_text()[-3000:]
+        raise RuntimeError(f"{spec} failed (exit {rc}): {shlex.join(cmd)}\n{tail}")
+    done.write_text(json.dumps(dict(command=cmd, train_wall_s=time.perf_counter() - t0), indent=1))
+    print(f"{spec}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    return run_dir
+
+
+# --------------------------------------------------------------------------- evaluation
+def held_out_documents(cfg, min_len: int) -> list[np.ndarray]:
+    """The held-out documents of the run's corpus with at least ``min_len`` tokens (the same
+    tokenizer and split the trainer used), longest first."""
+    from fmtrain.data.tokens import cached_tokens
+
+    _, splits = cached_tokens(cfg.data.corpus, cfg.data.tokenizer, cfg.data.cache_dir, progress=False)
+    val = splits["validation"]
+    docs = [np.asarray(val.document(d), dtype=np.int64) for d in range(val.n_docs)]
+    return sorted((d for d in docs if len(d) >= min_len), key=len, reverse=True)
+
+
+def eval_len_of(args, spec: str, model_cfg) -> int:
+    if model_cfg.attention == "sdpa":
+        return args.sdpa_eval_len
+    if model_cfg.summary == "conv" and model_cfg.attention == "fma":
+        return min(args.eval_len, model_cfg.max_seq_len or args.seq_len)
+    return args.eval_len
+
+
+def nll_by_position(model, ids: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Per-token negative log-likelihood (nats) of ``ids[1:]`` given everything before, float64."""
+    import torch
+
+    x = torch.from_numpy(ids[None, :-1])
+    y = torch.from_numpy(ids[1:])
+    with torch.no_grad():
+        h = model.trunk(x, None)[0]  # (n-1, dim)
+        out = []
+        for i in range(0, h.shape[0], chunk):
+            logits = (h[i:i + chunk] @ model.head.weight.t()).double()
+            out.append(torch.nn.functional.cross_entropy(logits, y[i:i + chunk], reduction="none"))
+    return torch.cat(out).numpy()
+
+
+def evaluate(args, spec: str, run_dir: Path) -> dict:
+    """Loss by position bucket of one trained arm: sums and counts, so buckets can be merged."""
+    from fmtrain.attention.cpu import adapt_torch_threads
+    from fmtrain.export import load_model
+
+    model, cfg = load_model(run_dir)
+    adapt_torch_threads()
+    length = eval_len_of(args, spec, cfg.model)
+    docs = held_out_documents(cfg, args.min_doc_len)
+    if not docs:
+        raise SystemExit(f"error: no held-out document has {args.min_doc_len} tokens; lower --min-doc-len")
+    sums = np.zeros(len(EDGES) - 1)
+    counts = np.zeros(len(EDGES) - 1, dtype=np.int64)
+    doc_counts = np.zeros(len(EDGES) - 1, dtype=np.int64)
+    t0 = time.perf_counter()
+    for doc in docs:
+        ids = doc[:length + 1]
+        nll = nll_by_position(model, ids)
+        pos = np.arange(1, len(ids))  # the predicted token's distance from the document's start
+        b = np.searchsorted(EDGES, pos, side="right") - 1
+        np.add.at(sums, b, nll)
+        np.add.at(counts, b, 1)
+        doc_counts[np.unique(b)] += 1
+    train_log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    final_eval = [r for r in train_log if "eval_loss" in r][-1]
+    train_rows = [r for r in train_log if "loss" in r]
+    return dict(arm=spec, run_dir=str(run_dir), eval_len=length, n_docs=len(docs),
+                train_tokens=int(train_rows[-1]["tokens_seen"]), trainer_eval_loss=final_eval["eval_loss"],
+                trainer_eval_bpb=final_eval["eval_bpb"], sums=sums.tolist(), counts=counts.tolist(),
+                doc_counts=doc_counts.tolist(), eval_wall_s=time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- report
+def buckets(rows: list[dict]) -> list[tuple[int, int]]:
+    """The buckets any row has tokens in, as (lo, hi) edge indices."""
+    used = [i for i in range(len(EDGES) - 1) if any(r["counts"][i] for r in rows)]
+    return [(i, i + 1) for i in used]
+
+
+def mean_loss(row: dict, lo: int, hi: int) -> tuple[float, int, int]:
+    s, c = sum(row["sums"][lo:hi]), sum(row["counts"][lo:hi])
+    return (s / c if c else math.nan), c, max(row["doc_counts"][lo:hi], default=0)
+
+
+def table(rows: list[dict], groups: list[tuple[int, int]], seq_len: int) -> str:
+    """Markdown: one line per bucket, one column per arm; tokens and documents per bucket."""
+    head = "| positions | " + " | ".join(r["arm"] for r in rows) + " | tokens (docs) |"
+    lines = [head, "|---" * (len(rows) + 2) + "|"]
+    for lo, hi in groups:
+        name = bucket_name(EDGES[lo], EDGES[hi])
+        if EDGES[lo] >= seq_len:
+            name += " (beyond training length)"
+        cells, support = [], ""
+        for r in rows:
+            m, c, d = mean_loss(r, lo, hi)
+            cells.append("-" if math.isnan(m) else f"{m:.3f}")
+            if c and not support:
+                support = f"{c:,} ({d})"
+        best = min((float(x) for x in cells if x != "-"), default=None)
+        cells = [f"**{x}**" if x != "-" and float(x) == best else x for x in cells]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {support} |")
+    lines.append("| trainer's held-out loss | " + " | ".join(f"{r['trainer_eval_loss']:.3f}" for r in rows) + " | |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str, seq_len: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for r in rows:
+        pts = [(math.sqrt(EDGES[i] * EDGES[i + 1]), mean_loss(r, i, i + 1)[0])
+               for i in range(len(EDGES) - 1) if r["counts"][i]]
+        ax.plot(*zip(*pts), marker="o", label=r["arm"])
+    ax.axvline(seq_len, color="grey", linestyle=":", label="training length")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in the document (tokens, bucket midpoint)")
+    ax.set_ylabel("held-out loss (nats per token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def meta(args) -> dict:
+    import platform
+
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    return dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit, host=platform.node(),
+                cpus=os.cpu_count(), torch=torch.__version__,
+                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None, args=vars(args))
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CI smoke: seq_len 256, 4 steps, short documents")
+    ap.add_argument("--arms", default="local,sdpa,fma-m2m",
+                    help="comma-separated arms: a base (" + ", ".join(BASE_ARMS) + ") and optional "
+                         "+section.field=value overrides")
+    ap.add_argument("--jobs", type=int, default=1, help="arms trained at once (each gets cpus/jobs threads)")
+    ap.add_argument("--seq-len", type=int, default=2048, help="training length")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps (600 x 2 x 2048: 2.4M tokens)")
+    ap.add_argument("--eval-batches", type=int, default=8, help="the trainer's own held-out evaluation")
+    ap.add_argument("--log-interval", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="a trainer override for every arm (repeatable)")
+    ap.add_argument("--config", default="configs/tiny-gpt.toml")
+    ap.add_argument("--eval-len", type=int, default=65536, help="tokens read from each held-out document")
+    ap.add_argument("--sdpa-eval-len", type=int, default=8192, help="the same for sdpa (quadratic)")
+    ap.add_argument("--conv-eval-len", type=int, default=8192, help="the same for conv (sets its max_seq_len)")
+    ap.add_argument("--min-doc-len", type=int, default=8193,
+                    help="documents shorter than this are left out, so that every bucket below it "
+                         "averages over the same documents")
+    ap.add_argument("--launcher", default=f"{shlex.quote(sys.executable)} -m")
+    ap.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-long-context"))
+    ap.add_argument("--retrain", action="store_true", help="train every arm again")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--tag", default=None, help="results file suffix; default cpu, gpu or quick")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seq_len, args.steps, args.batch_size, args.eval_batches, args.log_interval = 256, 4, 2, 2, 2
+        args.eval_len, args.sdpa_eval_len, args.conv_eval_len, args.min_doc_len = 1024, 1024, 1024, 1025
+        args.set = ["train.warmup_steps=2", *args.set]
+    if args.tag is None:
+        import torch
+
+        args.tag = "quick" if args.quick else ("gpu" if torch.cuda.is_available() else "cpu")
+    for spec in args.arms.split(","):
+        parse_arm(spec)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    arms = args.arms.split(",")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        run_dirs = list(pool.map(lambda s: train(args, s), arms))
+    rows = []
+    for spec, run_dir in zip(arms, run_dirs):
+        rows.append(evaluate(args, spec, run_dir))
+        print(f"{spec}: evaluated {rows[-1]['n_docs']} documents up to {rows[-1]['eval_len']:,} tokens in "
+              f"{rows[-1]['eval_wall_s']:.0f} s", flush=True)
+    groups = buckets(rows)
+    md = table(rows, groups, args.seq_len)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"long_context-{args.tag}"
+    tokens = rows[0]["train_tokens"]
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta(args), edges=EDGES, rows=rows, table=md), indent=1))
+    stem.with_suffix(".md").write_text(md + "\n")
+    plot(rows, stem.with_suffix(".png"), f"trained at {args.seq_len:,} tokens, {tokens:,} tokens per arm, seed "
+         f"{args.seed}; {rows[0]['n_docs']} held-out documents", args.seq_len)
+    print(md)
+    print(f"wrote {stem}.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

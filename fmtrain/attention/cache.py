@@ -45,7 +45,7 @@ from .torch_core import acc_dtype
 
 def _attend(q, k, v, bias, extra=None):
     """Softmax attention of ``q`` (B, Hkv, G, d), pre-scaled, over ``k, v`` (B, Hkv, S, d) with
-    additive ``bias`` (S,), in the accumulation dtype. ``extra``: a partial ``(lse (B, Hkv, G),
+    additive ``bias`` (S,) or per head (Hkv, G, S), in the accumulation dtype. ``extra``: a partial ``(lse (B, Hkv, G),
     out (B, Hkv, G, d))`` over other keys, merged in exactly. Returns (B, Hkv, G, d)."""
     s = q @ k.transpose(-1, -2) + bias  # (B, Hkv, G, S)
     if extra is None:
@@ -60,13 +60,15 @@ def _attend(q, k, v, bias, extra=None):
 class MultipoleCache:
     """One causal multipole-attention layer's decoding state (see the module docstring).
 
-    ``summaries``, ``block_size``, ``rank``, ``weighted``, ``variant``, ``max_level`` and
-    ``scale`` are the layer's own, as ``fma`` takes them.
+    ``summaries``, ``block_size``, ``rank``, ``weighted``, ``variant``, ``max_level``,
+    ``scale`` and ``level_offset`` are the layer's own, as ``fma`` takes them.
     """
 
     def __init__(self, summaries: Summaries, *, block_size: int, rank: int, weighted: bool = True,
-                 variant: str = "nlogn", max_level: int | None = None, scale: float | None = None):
+                 variant: str = "nlogn", max_level: int | None = None, scale: float | None = None,
+                 level_offset: torch.Tensor | None = None):
         self.summaries, self.m, self.p = summaries, block_size, rank
+        self.level_offset = level_offset
         self.weighted, self.linear, self.max_level = weighted, variant == "linear", max_level
         self.scale = scale
         self.length = 0
@@ -160,7 +162,7 @@ class MultipoleCache:
             self._start_block(a, r)
         self.keys[:, :, m + r] = k[:, :, 0]
         self.values[:, :, m + r] = v[:, :, 0]
-        self.bias[m + r] = 0.0
+        self.bias[..., m + r] = 0.0
         if self.linear:
             self.fine_q[:, :, r] = q[:, :, 0]
         qg = q.reshape(self.B, self.Hkv, self.G, self.d).to(self.acc) * self.scale
@@ -233,12 +235,13 @@ class MultipoleCache:
             ck, cv, cbias = coarse
             self.keys = torch.cat([self.keys[:, :, :2 * m], ck], dim=2)
             self.values = torch.cat([self.values[:, :, :2 * m], cv], dim=2)
-            self.bias = torch.cat([fine_bias, cbias])
+            self.bias = torch.cat([fine_bias.expand(*cbias.shape[:-1], -1), cbias], dim=-1)
         self.block = a
 
     def _coarse_of_block(self, a: int):
         """What block ``a``'s queries see on the coarse levels: nlogn ``(keys, values, bias)``,
-        (B, Hkv, S, d) and (S,); linear the merged partial ``(lse, out)`` of its levels."""
+        (B, Hkv, S, d) and (S,) (per head (Hkv, G, S) with level offsets); linear the merged
+        partial ``(lse, out)`` of its levels."""
         keys, vals, bias, scores = [], [], [], []
         l = 1
         while (a >> (l - 1)) >= 2 and (self.max_level is None or l <= self.max_level):
@@ -253,6 +256,9 @@ class MultipoleCache:
             # A complete window's summaries each stand for w_l / p tokens: the log-weight log(count).
             b = math.log((self.m << (l - 1)) // self.p) if self.weighted else 0.0
             bl = torch.full((kl.shape[2],), b, dtype=self.acc, device=self.device)
+            if self.level_offset is not None:  # (H,) of this level -> (Hkv, G, S_l)
+                off = self.level_offset[:, l - 1].to(self.device, self.acc).view(self.Hkv, self.G, 1)
+                bl = bl + off
             if self.linear:  # one mean query per window: the previous window's (causal)
                 w_l = self.m << (l - 1)
                 (qs,) = self._window(self.qsums, l, c - 1)
@@ -266,8 +272,9 @@ class MultipoleCache:
         k = torch.cat(keys, dim=2) if keys else torch.zeros(S_shape, dtype=self.acc, device=self.device)
         v = torch.cat(vals, dim=2) if vals else torch.zeros(S_shape, dtype=self.acc, device=self.device)
         if not self.linear:
-            b = torch.cat(bias) if bias else torch.zeros(0, dtype=self.acc, device=self.device)
-            return k, v, b
+            if not bias:
+                return k, v, torch.zeros(0, dtype=self.acc, device=self.device)
+            return k, v, torch.cat([x.expand(*bias[-1].shape[:-1], -1) for x in bias], dim=-1)
         if not scores:
             return None
         s = torch.cat(scores, dim=-1)  # (B, Hkv, G, S): each level's scores with its own mean query

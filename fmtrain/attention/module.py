@@ -142,8 +142,6 @@ class MultipoleAttention(ProjectedAttention):
                    max_level=self.max_level, group=self.sp_group, level_offset=self.level_offset)
 
     def new_cache(self) -> MultipoleCache:
-        if self.level_offset is not None:
-            raise ValueError("the decoding cache does not take learned level offsets (model.level_offset) yet; "
-                             "generate with --no-cache")
         return MultipoleCache(self.summarise, block_size=self.block_size, rank=self.rank, weighted=self.weighted,
-                              variant=self.variant, max_level=self.max_level)
+                              variant=self.variant, max_level=self.max_level,
+                              level_offset=None if self.level_offset is None else self.level_offset.detach())

@@ -137,3 +137,20 @@ def test_conv_beyond_its_length_is_refused():
     cache = MultipoleCache(s, block_size=m, rank=p).prefill(q[:, :, :60], k[:, :, :60], v[:, :, :60])
     with pytest.raises(ValueError, match="conv summaries were built for sequences up to 64 tokens"):
         _decode_all(cache, q, k, v, 60)
+
+
+@pytest.mark.parametrize("variant", ["nlogn", "linear"])
+@pytest.mark.parametrize("kind", ["m2m", "conv"])
+def test_cache_with_level_offsets_equals_forward(variant, kind):
+    """Learned per-head level offsets (random here) enter the cached coarse scores as in the forward."""
+    m, p, n = 4, 2, 300
+    q, k, v = _inputs(n)
+    s = _summaries(kind, m, p)
+    offset = torch.randn(4, 32, generator=torch.Generator().manual_seed(SEED), dtype=torch.float64)
+    with torch.no_grad():
+        full = fma(q, k, v, block_size=m, rank=p, variant=variant, summaries=s, impl="torch", level_offset=offset)
+        for n0 in (1, 5, 37, 128):
+            cache = MultipoleCache(s, block_size=m, rank=p, variant=variant, level_offset=offset).prefill(
+                q[:, :, :n0], k[:, :, :n0], v[:, :, :n0])
+            torch.testing.assert_close(_decode_all(cache, q, k, v, n0), full[:, :, n0:], rtol=0, atol=1e-10,
+                                       msg=lambda e: f"prompt {n0}, seed {SEED}: {e}")

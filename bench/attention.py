@@ -10,7 +10,8 @@ allocated (measured in a second run, see ``spawn``), on CUDA ``max_memory_alloca
 above the inputs. Times are medians
 of up to 21 runs after a warm-up, within ``--budget`` seconds per case (single runs
 where one run takes minutes); the JSON keeps their quartiles too.
-Prints a table and writes JSON to ``bench/results/attention-<device>.json``.
+Prints a table and writes JSON to ``<--out>/attention-<tag>.json`` (bench/_results.py: ``$OUT``,
+else ``bench/results/``; the tag ``cpu``, ``quick``, or the CUDA card and the date).
 """
 from __future__ import annotations
 
@@ -18,14 +19,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _results import add_result_arguments, meta, result_stem, write_results
+
 MAX_RUNS = 21  # timed runs per case at most (after one warm-up), within --budget seconds
 
 
@@ -198,7 +198,7 @@ def main():
     ap.add_argument("--n", type=int, nargs="*", help="sequence lengths (default: the standard sweep)")
     ap.add_argument("--sdpa-max", type=int, default=65536, help="largest n that also runs SDPA (with --n)")
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of repeated runs per case")
-    ap.add_argument("--out", type=Path, help="JSON output path")
+    add_result_arguments(ap)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
@@ -214,14 +214,9 @@ def main():
     print(table(rows))
     for line in growth(rows):
         print(line)
-    out = args.out or RESULTS / f"attention-{args.device}{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(date=time.strftime("%Y-%m-%d"), host=platform.node(), machine=platform.machine(),
-                processor=platform.processor(), threads=torch.get_num_threads(), torch=torch.__version__,
-                device=args.device, dtype=args.dtype, heads=args.heads, head_dim=args.head_dim, batch=1)
-    if args.device == "cuda":
-        meta["card"] = torch.cuda.get_device_name()
-    out.write_text(json.dumps(dict(meta=meta, rows=rows, table=table(rows), growth=growth(rows)), indent=1))
+    stem = result_stem("attention", args, args.device)
+    info = meta(args, device=args.device, dtype=args.dtype, heads=args.heads, head_dim=args.head_dim, batch=1)
+    out = write_results(stem, dict(meta=info, rows=rows, table=table(rows), growth=growth(rows)))
     print(f"wrote {out}")
 
 

@@ -9,7 +9,8 @@ Measures, on this machine's CPUs:
 - batch latency: `PackedLoader.next_batch()` at seq_len = 131072 for the causal
   and masked objectives, whole sequences and one sequence-parallel slice.
 
-Prints a table and writes bench/results/data-<device>.json.
+Prints a table and writes ``<--out>/data-<tag>.json`` (bench/_results.py: ``$OUT``, else
+``bench/results/``; the tag ``cpu``, or ``quick``).
 """
 
 from __future__ import annotations
@@ -17,17 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _results import add_result_arguments, meta, result_stem, write_results  # noqa: E402
 
 from fmtrain.data.corpus import Corpus  # noqa: E402
 from fmtrain.data.loader import PackedLoader  # noqa: E402
@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=131072)
     p.add_argument("--batches", type=int, default=20, help="timed batches per configuration")
     p.add_argument("--quick", action="store_true", help="1 encode repeat, 5 batches")
-    p.add_argument("--out", default=None, help="default: bench/results/data-<device>.json")
+    add_result_arguments(p)
     args = p.parse_args()
     repeats, n_batches = (1, 5) if args.quick else (2, args.batches)
 
@@ -117,15 +117,10 @@ def main() -> None:
         print(f"{r['objective']:<9} {r['seq_len']:>8} {r['batch_size']:>3} {r['sp_size']:>3} "
               f"{r['tokens_per_batch']:>12} {r['median_ms']:>10.1f} {r['p90_ms']:>8.1f} {r['mtokens_per_s']:>8.1f}")
 
-    device = "cpu"
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"data-{device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = dict(
-        benchmark="data", device=device, cpu_threads=default_num_threads(), machine=platform.machine(),
-        python=platform.python_version(), torch=torch.__version__, load_average=os.getloadavg()[0],
-        tokenizer=tok.path.name, vocab_size=tok.vocab_size, tokenisation=enc, batches=batches,
-        time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    stem = result_stem("data", args, "cpu")
+    info = meta(args, device="cpu", cpu_threads=default_num_threads(), tokenizer=tok.path.name,
+                vocab_size=tok.vocab_size)
+    out = write_results(stem, dict(meta=info, tokenisation=enc, batches=batches))
     print(f"\nwrote {out}")
 
 

@@ -14,13 +14,12 @@ and bytes do not depend on the weights. For each context ``n``:
   its bytes by formula;
 - ``recompute``: one full forward over ``n`` tokens per new token, for ``n <= --recompute-max``.
 Per-token latency is the median over the decode steps, after 4 warm-up steps. Prints a table
-and writes ``bench/results/generate-<device>.json`` and a plot beside it.
+and writes ``<--out>/generate-<tag>.json`` and a plot beside it (bench/_results.py: ``$OUT``, else
+``bench/results/``; the tag ``cpu``, ``quick``, or the CUDA card and the date).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -28,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from _results import add_result_arguments, beside, meta, result_stem, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "bench" / "results"
 WARMUP = 4
 
 
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--quick", action="store_true", help="contexts 1k and 4k, 16 tokens")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/generate-<device>.json)")
+    add_result_arguments(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.contexts, args.tokens = [1024, 4096], 16
@@ -222,18 +222,16 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"  {kind:>9} {n:>8}: {row['ms_per_token'] or float('nan'):.2f} ms/token, "
                   f"{row['cache_bytes'] / 2**20:.2f} MiB", flush=True)
-    meta = dict(date=time.strftime("%Y-%m-%d"), config=str(Path(args.config).relative_to(ROOT))
-                if Path(args.config).resolve().is_relative_to(ROOT) else args.config,
+    stem = result_stem("generate", args, device)
+    config = Path(args.config).resolve()
+    info = meta(args, config=str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config,
                 device=args.device if device.type == "cpu" else torch.cuda.get_device_name(device),
-                dtype=args.dtype, batch=1, torch=torch.__version__, threads=torch.get_num_threads(),
-                machine=platform.machine())
+                dtype=args.dtype, batch=1)
     text, fl = table(rows), floors(rows)
     print(text)
     print("\n".join(fl))
-    out = Path(args.out) if args.out else RESULTS / f"generate-{args.device}{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, rows=rows, table=text, floors=fl), indent=1))
-    plot(rows, out.with_suffix(".png"))
+    out = write_results(stem, dict(meta=info, rows=rows, table=text, floors=fl))
+    plot(rows, beside(stem, ".png"))
     print(f"wrote {out}")
     return 0
 

@@ -23,18 +23,16 @@
    above what was allocated before it (inputs).
    At n = 1M the kernels' output for the last query blocks of the last head is
    also checked against the PyTorch core on that range (int64 offsets).
-3. One table on stdout, and JSON to ``$OUT/gpu_check.json`` (``bench/results/``
-   when ``$OUT`` is unset; a temporary folder for ``--dry-run``).
+3. One table on stdout, and JSON to ``<--out>/gpu_check-<tag>.json`` (bench/_results.py: ``$OUT``,
+   else ``bench/results/``, a temporary folder for ``--dry-run``; the tag is the card and the
+   date, ``nvidia-h200-2026-11-28``, or ``dry-run``).
 Exit status 1 if a correctness check failed.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -51,7 +49,7 @@ from fmtrain.attention.torch_core import BlockAttention  # noqa: E402
 from fmtrain.attention.summaries import MEAN  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from _results import result_path  # noqa: E402
+from _results import add_result_arguments, meta as common_meta, result_stem, write_results  # noqa: E402
 
 TOL = {"bfloat16": 5e-2, "float32": 1e-4, "float16": 1e-2}
 SLOW_MS = 1000.0
@@ -300,12 +298,9 @@ def floors(rows: list[dict]) -> list[str]:
     return out
 
 
-def save(args, meta: dict, result: dict) -> Path:
+def save(stem: Path, meta: dict, result: dict) -> Path:
     """Write (or overwrite) the JSON: after the correctness part, then with everything."""
-    if getattr(args, "path", None) is None:  # chosen once: later saves overwrite the same file
-        args.path = result_path("gpu_check", meta["device"], meta["date"], dry_run=args.dry_run, out=args.out)
-    args.path.write_text(json.dumps(dict(meta=meta, **result), indent=1))
-    return args.path
+    return write_results(stem, dict(meta=meta, **result))
 
 
 def main():
@@ -318,7 +313,7 @@ def main():
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole script; SDPA skipped beyond")
     ap.add_argument("--impl", default="triton")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--out", default=None, help="folder for gpu_check.json (default $OUT, else bench/results)")
+    add_result_arguments(ap)
     args = ap.parse_args()
     t0 = time.time()
     if args.dry_run:
@@ -332,10 +327,10 @@ def main():
         dev = torch.device("cuda")
     import triton
 
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (TRITON_INTERPRET=1 dry run)",
-                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-                dry_run=args.dry_run, tolerances=TOL, block_size=64, rank=2, summaries="mean")
+    stem = result_stem("gpu_check", args, dev)  # chosen once: later saves overwrite the same file
+    meta = common_meta(args, device=torch.cuda.get_device_name() if dev.type == "cuda"
+                       else "cpu (TRITON_INTERPRET=1 dry run)", triton=triton.__version__,
+                       dry_run=args.dry_run, tolerances=TOL, block_size=64, rank=2, summaries="mean")
     print(f"gpu_check: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}", flush=True)
 
     checks = []
@@ -343,10 +338,10 @@ def main():
         print("1. correctness (Triton vs PyTorch path in float64, same device)", flush=True)
         checks = correctness(dev, args.dry_run)
         print(f"   ({time.time() - t0:.0f} s so far)", flush=True)
-        save(args, meta, dict(checks=checks, partial="correctness only: the timing did not finish"))
+        save(stem, meta, dict(checks=checks, partial="correctness only: the timing did not finish"))
     print(f"2. time and memory (budget {args.budget:.0f} s in all)", flush=True)
     rows, _ = bench(dev, args, t0 + args.budget, lambda rows: save(
-        args, meta, dict(checks=checks, bench=rows, table=table(rows), partial="cut off during the timing")))
+        stem, meta, dict(checks=checks, bench=rows, table=table(rows), partial="cut off during the timing")))
     print("\n" + table(rows))
     fl = floors(rows) if not args.dry_run else []
     for line in fl:
@@ -355,7 +350,7 @@ def main():
     bad += [f"nonfinite fma n={r['n']} d={r['head_dim']} causal={r['causal']}" for r in rows if r.get("nonfinite")]
     bad += [f"range check n={r['n']} d={r['head_dim']} causal={r['causal']}: {r['range_check_err']:.1e}"
             for r in rows if r.get("range_check_err", 0) > TOL["bfloat16"]]
-    path = save(args, meta, dict(checks=checks, bench=rows, table=table(rows), floors=fl, failures=bad,
+    path = save(stem, meta, dict(checks=checks, bench=rows, table=table(rows), floors=fl, failures=bad,
                                  seconds=time.time() - t0))
     print(f"\nwrote {path}; {time.time() - t0:.0f} s; " + (f"FAILURES: {bad}" if bad else "all checks passed"))
     sys.exit(1 if bad else 0)

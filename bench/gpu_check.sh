@@ -8,7 +8,9 @@
 #   bash bench/gpu_check.sh --dry-run    # CPU plumbing check (TRITON_INTERPRET=1, tiny sizes)
 # The repo is used from this checkout through PYTHONPATH; nothing is downloaded. Wheels in .whl/
 # (bench/gpu_wheels.sh builds them: DeepSpeed and its missing requirements) are installed into
-# /tmp/site first where DeepSpeed is missing. JSON and the log go to $OUT (else bench/results/; a temporary folder for --dry-run).
+# /tmp/site first where DeepSpeed is missing. JSON goes to $OUT (else bench/results/; a temporary folder for
+# --dry-run) as gpu_check-<tag>.json, gpu_train-<tag>.json and roofline-<tag>.json, the tag the card and
+# the date (nvidia-h200-2026-11-28) or dry-run (bench/_results.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -32,8 +34,11 @@ KB="${KERNEL_BUDGET:-270}" TB="${TRAIN_BUDGET:-270}"
 if [ "$KB" -gt 0 ]; then
   timeout "$KB" "$PY" bench/gpu_check.py --budget "$((KB - 60))" "$@" || rc=1
   # What the timed cases must compute and move, and the fraction of the roofline they reach.
-  [ ${#DRY[@]} -eq 0 ] && [ -n "${OUT:-}" ] && [ -f "$OUT/gpu_check.json" ] \
-    && "$PY" bench/roofline.py "$OUT/gpu_check.json" --out "$OUT/roofline.json"
+  if [ ${#DRY[@]} -eq 0 ] && [ -n "${OUT:-}" ]; then
+    for f in "$OUT"/gpu_check-*.json; do
+      [ -f "$f" ] && "$PY" bench/roofline.py "$f" --out "$OUT"
+    done
+  fi
 fi
 # The trainer's check runs without the interpreter: Triton on CPU would be far too slow for it.
 if [ "$TB" -gt 0 ]; then

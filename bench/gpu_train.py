@@ -14,12 +14,13 @@ A case that runs out of memory is reported as "does not fit", not as a failure.
 
 DeepSpeed is not installed on the GPU machines this project is checked on: carry
 it as wheels (``bench/gpu_wheels.sh`` builds them into ``.whl/``).
-Writes ``gpu_train.json`` to ``$OUT`` (else ``bench/results/gpu_train-<card>-<date>.json``).
+Writes ``<--out>/gpu_train-<tag>.json`` (bench/_results.py: ``$OUT``, else ``bench/results/``, a
+temporary folder for ``--dry-run``; the tag is the card and the date, ``nvidia-h200-2026-11-28``,
+or ``dry-run``).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -31,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _results import result_path  # noqa: E402
+from _results import add_result_arguments, meta, result_stem, write_results  # noqa: E402
 
 # (attention, seq_len) per case; sdpa at 1M is left out: one step would take minutes.
 CASES = [("fma", 131072), ("sdpa", 131072), ("fma", 1 << 20)]
@@ -97,7 +98,7 @@ def main():
     ap.add_argument("--config", default=None, help="default configs/gpt-125m-128k.toml (tiny-gpt for --dry-run)")
     ap.add_argument("--steps", type=int, default=5, help="steps per case; the first is not timed")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for all cases")
-    ap.add_argument("--out", default=None, help="folder for gpu_train.json (default $OUT, else bench/results)")
+    add_result_arguments(ap)
     args = ap.parse_args()
     import torch
 
@@ -111,9 +112,9 @@ def main():
         cases, card = CASES, torch.cuda.get_device_name()
     import deepspeed  # fail here, not in every case, when the wheels were not carried
 
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=card,
-                torch=torch.__version__, deepspeed=deepspeed.__version__, config=args.config, steps=args.steps)
-    print(f"gpu_train: {card}, torch {meta['torch']}, deepspeed {meta['deepspeed']}, {args.config}", flush=True)
+    stem = result_stem("gpu_train", args, "cpu" if args.dry_run else "cuda")
+    info = meta(args, device=card, deepspeed=deepspeed.__version__, config=args.config, steps=args.steps)
+    print(f"gpu_train: {card}, torch {info['torch']}, deepspeed {info['deepspeed']}, {args.config}", flush=True)
     deadline = time.time() + args.budget
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpu_train-") as tmp:
@@ -128,8 +129,7 @@ def main():
             for line in row.get("log_tail", []):
                 print("    | " + line, flush=True)
     print("\n" + table(rows))
-    path = result_path("gpu_train", card, meta["date"], dry_run=args.dry_run, out=args.out)
-    path.write_text(json.dumps(dict(meta=meta, rows=rows, table=table(rows)), indent=1))
+    path = write_results(stem, dict(meta=info, rows=rows, table=table(rows)))
     print(f"wrote {path}")
     bad = [r for r in rows if r["status"] not in ("ok",) and not r["status"].startswith(("does not fit", "skipped"))]
     sys.exit(1 if bad else 0)

@@ -21,7 +21,8 @@ its peak memory is its own) and the numbers come from its ``metrics.jsonl``:
 held-out bits per byte (causal) or masked-token loss (masked) every
 ``--eval-interval`` steps, tokens/s (median over the logged steps after the
 first) and peak memory (resident set on CPU, allocations on GPU). Writes
-``bench/results/quality-<tag>.{json,md,png}``; the PNG plots held-out loss
+``<--out>/quality-<tag>.{json,md,png}`` (bench/_results.py: ``$OUT``, else ``bench/results/``;
+the tag ``cpu``, ``quick``, or the CUDA card and the date); the PNG plots held-out loss
 against training tokens.
 """
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -41,8 +41,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _results import add_result_arguments, beside, meta, result_stem, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 
 # variant name -> [model] overrides; every other field comes from the base config.
 VARIANTS = {
@@ -186,22 +187,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def meta(args, wall: float) -> dict:
-    import torch
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit,
-                host=platform.node(), cpus=os.cpu_count(), torch=torch.__version__,
-                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
-                omp_num_threads=os.environ.get("OMP_NUM_THREADS"), sweep_wall_s=wall, note=NOISE_NOTE,
-                args={k: v for k, v in vars(args).items()})
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI smoke: seq_len 512, 6 steps, 2 eval batches")
@@ -224,16 +209,11 @@ def parse_args(argv=None):
     ap.add_argument("--launcher", default=f"{shlex.quote(sys.executable)} -m",
                     help="what runs 'fmtrain.train CONFIG ...', e.g. 'torchrun --standalone --nproc_per_node=8 -m'")
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-quality"), help="run folders go here")
-    ap.add_argument("--out", default=str(RESULTS), help="folder for quality-<tag>.{json,md,png}")
-    ap.add_argument("--tag", default=None, help="results file suffix; default cpu, gpu or quick")
+    add_result_arguments(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_len, args.steps, args.eval_interval, args.eval_batches = 512, 6, 3, 2
         args.log_interval, args.warmup_steps = 3, args.warmup_steps or 3
-    if args.tag is None:
-        import torch
-
-        args.tag = "quick" if args.quick else ("gpu" if torch.cuda.is_available() else "cpu")
     for v in args.variants.split(","):
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose among {', '.join(VARIANTS)}")
@@ -243,12 +223,12 @@ def parse_args(argv=None):
     return args
 
 
-def write_results(args, rows: list[dict], stem: Path, wall: float) -> dict:
+def save(args, rows: list[dict], stem: Path, wall: float) -> dict:
     """``<stem>.json``, ``.md`` and ``.png`` of the runs so far."""
-    result = dict(meta=meta(args, wall), rows=rows, floors=floors(rows), table=table(rows))
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(table(rows) + "\n")
-    plot(rows, stem.with_suffix(".png"),
+    result = dict(meta=meta(args, sweep_wall_s=wall, note=NOISE_NOTE), rows=rows, floors=floors(rows),
+                  table=table(rows))
+    write_results(stem, result, markdown=result["table"])
+    plot(rows, beside(stem, ".png"),
          f"seq_len {args.seq_len}, {rows[0]['train_tokens']:,} training tokens per run, seed {args.seed}")
     return result
 
@@ -257,10 +237,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so that train_one stops the trainer it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
     rows, t0 = [], time.perf_counter()
-    stem = out / f"quality-{args.tag}"
+    stem = result_stem("quality", args, "cuda" if torch.cuda.is_available() else "cpu")
     cases = [(kind, variant) for kind in args.kinds.split(",") for variant in args.variants.split(",")
              if not (kind == "mlm" and args.mlm_variants and variant not in args.mlm_variants.split(","))]
     # --jobs > 1 trains several variants at once (each a subprocess): for shared or many-core machines.
@@ -270,7 +250,7 @@ def main(argv=None) -> int:
             print(f"{row['kind']:6s} {row['variant']:10s} | {METRIC[row['kind']]} {row['score']:.4f} | "
                   f"bpb {row['eval_bpb']:.4f} | {row['tokens_per_s']:,.0f} tok/s | "
                   f"{row['peak_memory_gib']:.2f} GiB | {row['wall_s']:.0f} s", flush=True)
-            result = write_results(args, rows, stem, time.perf_counter() - t0)  # after every run: partial results survive
+            result = save(args, rows, stem, time.perf_counter() - t0)  # after every run: partial results survive
     wall = time.perf_counter() - t0
     print(table(rows))
     for kind, f in result["floors"].items():

@@ -35,15 +35,13 @@ Design (a short training run of each variant, CPU-sized):
   ``local`` is at chance from ``2*block_size`` on, and anything ``fma`` gets
   right there came through its coarse summaries.
 
-Writes ``bench/results/recall-<tag>.{json,md,png}`` (accuracy against distance).
+Writes ``<--out>/recall-<tag>.{json,md,png}`` (accuracy against distance; bench/_results.py:
+``$OUT``, else ``bench/results/``; the tag ``cpu``, ``quick``, or the CUDA card and the date).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -56,8 +54,7 @@ sys.path.insert(0, str(ROOT))
 from fmtrain.config import ModelConfig  # noqa: E402
 from fmtrain.model import IGNORE_INDEX, build_model  # noqa: E402
 from fmtrain.schedule import warmup_cosine  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
+from _results import add_result_arguments, beside, meta, result_stem, write_results  # noqa: E402
 
 # Vocabulary: filler ids [0, N_FILLER), values [N_FILLER, N_FILLER + N_VALUES), marker, query.
 N_FILLER, N_VALUES = 192, 16
@@ -256,41 +253,33 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-interval", type=int, default=50)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=str(RESULTS), help="folder for recall-<tag>.{json,md,png}")
-    ap.add_argument("--tag", default=None, help="results file suffix; default cpu, gpu or quick")
+    add_result_arguments(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.train_len, args.steps, args.batch_size, args.warmup, args.log_interval = 256, 20, 4, 5, 10
         args.eval_lens, args.eval_tokens, args.eval_queries, args.sdpa_max_len = "1024,4096", 8192, 64, 4096
-    args.tag = args.tag or ("quick" if args.quick else ("gpu" if args.device.startswith("cuda") else "cpu"))
     for v in args.variants.split(","):
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose among {', '.join(VARIANTS)}")
     return args
 
 
-def write_results(args, rows: dict, out: Path, wall: float, device) -> tuple[dict, Path]:
+def save(args, rows: dict, stem: Path, wall: float, device) -> dict:
     """``recall-<tag>.json``, ``.md`` and ``.png`` of the variants so far."""
     result = dict(
-        meta=dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), host=platform.node(),
-                  cpus=os.cpu_count(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
-                  torch=torch.__version__, device=str(device), wall_s=wall,
-                  load_average=os.getloadavg(), chance=1 / N_VALUES, fine_reach=2 * args.block_size,
-                  note=NOISE_NOTE, args=vars(args)),
+        meta=meta(args, device=str(device), wall_s=wall, chance=1 / N_VALUES, fine_reach=2 * args.block_size,
+                  note=NOISE_NOTE),
         rows=rows, floor=floor_check(rows, 2 * args.block_size), table=table(rows, 1 / N_VALUES))
-    stem = out / f"recall-{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(result["table"] + "\n")
-    plot(rows, args, stem.with_suffix(".png"))
-    return result, stem
+    write_results(stem, result, markdown=result["table"])
+    plot(rows, args, beside(stem, ".png"))
+    return result
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     eval_lens = [int(x) for x in args.eval_lens.split(",")]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    stem = result_stem("recall", args, device)
     rows, t_start = {}, time.perf_counter()
     for variant in args.variants.split(","):
         t0 = time.perf_counter()
@@ -309,7 +298,7 @@ def main(argv=None) -> int:
         accs = " ".join(f"{b}:{v['accuracy']:.2f}" for b, v in rows[variant]["pooled"].items())
         print(f"{variant:9s} | train {train_s:.0f} s | eval {rows[variant]['eval_s']:.0f} s | {accs}", flush=True)
         # After every variant, so that partial results survive; the last write is the whole result.
-        result, stem = write_results(args, rows, out, time.perf_counter() - t_start, device)
+        result = save(args, rows, stem, time.perf_counter() - t_start, device)
     wall = time.perf_counter() - t_start
     print(result["table"])
     floor = result["floor"]

@@ -1,7 +1,7 @@
 """What multipole attention must compute and move, and the time that allows on a card.
 
-    python bench/roofline.py bench/results/gpu_check-nvidia-h200-2026-11-28.json
-    python bench/roofline.py --n 131072 1048576 --heads 16 --head-dim 128
+    python bench/roofline.py bench/results/gpu_check-nvidia-h200-2026-11-28.json  # roofline-nvidia-h200-2026-11-28
+    python bench/roofline.py --n 131072 1048576 --heads 16 --head-dim 128           # roofline-nvidia-h200
 
 For one case (batch 1, ``heads`` query and key/value heads, bf16 inputs):
 - FLOPs: 2 per multiply-add of the scores ``q.k`` and of ``p.v`` over the keys and
@@ -15,6 +15,10 @@ For one case (batch 1, ``heads`` query and key/value heads, bf16 inputs):
   gradients dq, dk, dv and of the summaries.
 - Bounds: FLOPs at the card's matrix rate and bytes at its copy bandwidth (measured on
   such cards: see ``CARDS``); the achieved fraction is the better bound over the time.
+
+Prints a table and writes ``<--out>/roofline-<tag>.json`` (bench/_results.py: ``$OUT``, else
+``bench/results/``). The tag is that of the gpu_check JSON read (``gpu_check-<tag>.json``: the
+card and the date), or without one the ``--card``'s name slugged (``nvidia-h200``).
 """
 from __future__ import annotations
 
@@ -26,8 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fmtrain.attention.hierarchy import block_tables, hierarchy  # noqa: E402
+from _results import add_result_arguments, meta, result_stem, slug, write_results  # noqa: E402
 
 # Measured bf16 dense matmul rate (8192^3) and device copy bandwidth (shared/notes/environment.md).
 CARDS = {"NVIDIA H200": dict(tflops=790.0, tbps=4.3), "NVIDIA H100 80GB HBM3": dict(tflops=790.0, tbps=3.0)}
@@ -102,6 +108,14 @@ def from_gpu_check(path: Path) -> list[dict]:
     return rows
 
 
+def gpu_check_tag(path: Path) -> str:
+    """The tag of ``gpu_check-<tag>.json``; for another name, its card and date as gpu_check names them."""
+    if path.stem.startswith("gpu_check-"):
+        return path.stem[len("gpu_check-"):]
+    m = json.loads(path.read_text())["meta"]
+    return f"{slug(m['device'])}-{m['date'][:10]}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="?", help="a gpu_check JSON: its fma rows with their bounds")
@@ -109,18 +123,20 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--card", default="NVIDIA H200", choices=sorted(CARDS))
-    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    add_result_arguments(ap)
     args = ap.parse_args(argv)
     if args.results:
         rows = from_gpu_check(Path(args.results))
+        tag = gpu_check_tag(Path(args.results))
     else:
         rows = [dict(n=n, **bounds(case(n, args.heads, args.head_dim, True), mode, None, CARDS[args.card]))
                 for n in args.n for mode in ("fwd", "fwdbwd")]
+        tag = slug(args.card)
     text = table(rows)
     print(text)
-    if args.out:
-        Path(args.out).write_text(json.dumps(dict(source=args.results, cards=CARDS, rows=rows, table=text), indent=1))
-        print(f"wrote {args.out}")
+    stem = result_stem("roofline", args, tag=tag)
+    path = write_results(stem, dict(meta=meta(args), source=args.results, cards=CARDS, rows=rows, table=text))
+    print(f"wrote {path}")
     return 0
 
 

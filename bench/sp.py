@@ -15,14 +15,15 @@ scattered over the ranks) against ``fma(..., group=...)``, forward + backward of
 one layer at P = 4, largest-n both run in the time limit.
 
     python bench/sp.py            # table + bench/results/sp-cpu.json
-    python bench/sp.py --quick    # small n only (a smoke test)
+    python bench/sp.py --quick    # small n only (a smoke test): sp-quick.json
+
+Writes ``<--out>/sp-<tag>.json`` (bench/_results.py: ``$OUT``, else ``bench/results/``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -35,6 +36,8 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout, whatever is installed
+
+from _results import add_result_arguments, meta, result_stem, write_results  # noqa: E402
 
 M, RANK_P, D, ELEM = 64, 2, 16, 4  # block size, summaries per window, head_dim, fp32 bytes
 
@@ -145,7 +148,7 @@ def closed_forms(n: int, P: int, H: int = 1, Hkv: int = 1, d: int = D, elem: int
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sp-cpu.json"))
+    add_result_arguments(ap)
     ap.add_argument("--time-n", type=int, nargs="*", default=[8192, 16384, 32768, 65536])
     ap.add_argument("--time-limit", type=float, default=150.0, help="stop growing n past this many seconds")
     args = ap.parse_args(argv)
@@ -194,14 +197,12 @@ def main(argv=None) -> int:
         sys.stdout.flush()
         if entry["ulysses_wall"] > args.time_limit:
             break
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-              "settings": {"block_size": M, "rank": RANK_P, "head_dim": D, "dtype": "float32", "kv_heads": 1,
-                           "summary": "m2m", "variant": "nlogn"},
+    settings = {"block_size": M, "rank": RANK_P, "head_dim": D, "dtype": "float32", "kv_heads": 1,
+                "summary": "m2m", "variant": "nlogn"}
+    stem = result_stem("sp", args, "cpu")
+    result = {"meta": meta(args, device="cpu"), "settings": settings,
               "bytes": rows, "floors": floors, "timing_P4": timing}
-    if not args.quick:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+    print(f"wrote {write_results(stem, result)}")
     return 0
 
 

@@ -10,7 +10,8 @@ fresh process per case, ``bench/attention.py``'s fma case and (``--train``) the 
 idle machine and beside one busy-looping process per ``--compete``, interleaved so that
 the machine's drift hits every setting alike. Settings: fmtrain's defaults (free cores:
 ``fmtrain/attention/cpu.py``), torch's fixed count (``FMTRAIN_FIXED_THREADS=1``, as
-before) and one thread. Prints medians over rounds and writes ``bench/results/threads-cpu.json``.
+before) and one thread. Prints medians over rounds and writes ``<--out>/threads-<tag>.json``
+(bench/_results.py: ``$OUT``, else ``bench/results/``; the tag ``cpu``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from _results import add_result_arguments, meta, result_stem, write_results  # noqa: E402
 
 SETTINGS = {
     "default (adaptive)": {},
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=6.0, help="seconds per case")
     ap.add_argument("--compete", type=int, default=1, help="busy processes beside the run in the loaded rounds")
     ap.add_argument("--no-train", dest="train", action="store_false", help="time the attention case only")
-    ap.add_argument("--out", default=str(HERE / "results" / "threads-cpu.json"))
+    add_result_arguments(ap)
     args = ap.parse_args(argv)
     import tempfile
 
@@ -116,12 +119,9 @@ def main(argv=None) -> int:
         lines.append(f"{name:>24} | " + " | ".join(cells))
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=dict(date=time.strftime("%Y-%m-%d %H:%M"), n=args.n, causal=True,
-                                             mode="fwdbwd", compete=args.compete, cpus=os.cpu_count()),
-                                   rows=rows, table=text), indent=1))
-    print(f"wrote {out}")
+    stem = result_stem("threads", args, "cpu")
+    info = meta(args, device="cpu", n=args.n, causal=True, mode="fwdbwd", compete=args.compete)
+    print(f"wrote {write_results(stem, dict(meta=info, rows=rows, table=text))}")
     return 0
 
 

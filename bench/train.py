@@ -9,21 +9,22 @@ CPU, bf16 autocast on CUDA), on random tokens: the loader is not part of it
 (the trainer reports its share separately). Each case runs in a fresh
 subprocess so that its peak memory (resident set on CPU, allocations on CUDA)
 is its own; on CPU the peak comes from a second, one-step run (see ``spawn``).
-Prints a table and writes JSON to ``bench/results/train-<device>.json``.
+Prints a table and writes JSON to ``<--out>/train-<tag>.json`` (bench/_results.py: ``$OUT``,
+else ``bench/results/``; the tag ``cpu``, ``quick``, or the CUDA card and the date).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _results import add_result_arguments, meta, result_stem, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 
 MODELS = {  # name -> (config file or None, overrides of [model])
@@ -136,7 +137,7 @@ def main():
     ap.add_argument("--steps", type=int, default=2, help="timed steps per case (after one warm-up)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per case")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path)
+    add_result_arguments(ap)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
@@ -161,13 +162,8 @@ def main():
                           f"{row['peak_gib']:6.2f} GiB", flush=True)
     print()
     print(table(rows))
-    out = args.out or RESULTS / f"train-{args.device}{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.machine(), processor=platform.processor(),
-                threads=torch.get_num_threads(), torch=torch.__version__, device=args.device)
-    if args.device == "cuda":
-        meta["card"] = torch.cuda.get_device_name()
-    out.write_text(json.dumps(dict(meta=meta, rows=rows, table=table(rows)), indent=1))
+    stem = result_stem("train", args, args.device)
+    out = write_results(stem, dict(meta=meta(args, device=args.device), rows=rows, table=table(rows)))
     print(f"wrote {out}")
 
 

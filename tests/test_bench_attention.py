@@ -1,4 +1,4 @@
-"""Smoke test of the attention benchmark at one small length, into a tmp file.
+"""Smoke test of the attention benchmark at one small length, into a tmp folder.
 
 Its speed figures are for bench/results/; here they only have to be there, well
 formed and consistent (quartiles around the median, both masks, both modes).
@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_attention_bench_small_sweep(tmp_path):
-    out = tmp_path / "attention.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "attention.py"), "--n", "512", "--budget", "1", "--out", str(out)]
+    out = tmp_path / "attention-cpu.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "attention.py"), "--n", "512", "--budget", "1",
+           "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

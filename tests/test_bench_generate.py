@@ -1,4 +1,4 @@
-"""Smoke test of the decoding benchmark (--quick), into a tmp file: the rows are there and
+"""Smoke test of the decoding benchmark (--quick), into a tmp folder: the rows are there and
 consistent (every kind at every context, the multipole cache far smaller than the KV cache)."""
 import json
 import subprocess
@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_generate_bench_quick(tmp_path):
-    out = tmp_path / "generate.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "generate.py"), "--quick", "--out", str(out)],
+    out = tmp_path / "generate-quick.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "generate.py"), "--quick", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -1,4 +1,4 @@
-"""How every benchmark in bench/ names and writes its results (bench/long_context.py aside).
+"""How every benchmark in bench/ names and writes its results.
 
 A benchmark writes ``<folder>/<name>-<tag>.json``, and ``.md`` (its table) and ``.png`` (its
 plot) beside it where it has them; ``<name>`` is the script's name (``attention``, ``gpu_check``,

@@ -26,7 +26,7 @@ depend on ``n`` can do.
 
 A run whose folder already holds a finished run of the same command is reused, so
 the study can be extended arm by arm (``--arms``) across sittings; ``--retrain``
-starts over. Writes ``bench/results/long_context-<tag>.{json,md,png}``.
+starts over. Writes ``long_context-<tag>.{json,md,png}`` (``bench/_results.py``: ``--out``, ``--tag``).
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))
+from _results import add_result_arguments, beside, meta, result_stem, write_results  # noqa: E402
 
 # base arm -> [model] overrides; every other field comes from the base config.
 BASE_ARMS = {
@@ -255,18 +256,6 @@ def plot(rows: list[dict], path: Path, title: str, seq_len: int) -> None:
     plt.close(fig)
 
 
-def meta(args) -> dict:
-    import platform
-
-    import torch
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    return dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit, host=platform.node(),
-                cpus=os.cpu_count(), torch=torch.__version__,
-                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None, args=vars(args))
-
-
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -293,17 +282,12 @@ def parse_args(argv=None):
     ap.add_argument("--launcher", default=f"{shlex.quote(sys.executable)} -m")
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-long-context"))
     ap.add_argument("--retrain", action="store_true", help="train every arm again")
-    ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--tag", default=None, help="results file suffix; default cpu, gpu or quick")
+    add_result_arguments(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_len, args.steps, args.batch_size, args.eval_batches, args.log_interval = 256, 4, 2, 2, 2
         args.eval_len, args.sdpa_eval_len, args.conv_eval_len, args.min_doc_len = 1024, 1024, 1024, 1025
         args.set = ["train.warmup_steps=2", *args.set]
-    if args.tag is None:
-        import torch
-
-        args.tag = "quick" if args.quick else ("gpu" if torch.cuda.is_available() else "cpu")
     for spec in args.arms.split(","):
         parse_arm(spec)
     return args
@@ -322,16 +306,15 @@ def main(argv=None) -> int:
               f"{rows[-1]['eval_wall_s']:.0f} s", flush=True)
     groups = buckets(rows)
     md = table(rows, groups, args.seq_len)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"long_context-{args.tag}"
+    import torch
+
+    stem = result_stem("long_context", args, device="cuda" if torch.cuda.is_available() else "cpu")
     tokens = rows[0]["train_tokens"]
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta(args), edges=EDGES, rows=rows, table=md), indent=1))
-    stem.with_suffix(".md").write_text(md + "\n")
-    plot(rows, stem.with_suffix(".png"), f"trained at {args.seq_len:,} tokens, {tokens:,} tokens per arm, seed "
+    write_results(stem, dict(meta=meta(args), edges=EDGES, rows=rows, table=md), md)
+    plot(rows, beside(stem, ".png"), f"trained at {args.seq_len:,} tokens, {tokens:,} tokens per arm, seed "
          f"{args.seed}; {rows[0]['n_docs']} held-out documents", args.seq_len)
     print(md)
-    print(f"wrote {stem}.json, .md, .png")
+    print(f"wrote {beside(stem, '.json')}, .md, .png")
     return 0
 
 

@@ -15,7 +15,7 @@ bpb, the gap of ``fma-m2m`` to the best-tuned ``sdpa``, and whether the ordering
 along the whole curve or only early; the plot shows each variant's mean curve with a
 band of one standard deviation. A run folder that already holds the same finished run
 is reused, so a sweep can be extended across sittings.
-Writes ``bench/results/sweep-<tag>.{json,md,png}``.
+Writes ``sweep-<tag>.{json,md,png}`` (``bench/_results.py``: ``--out``, ``--tag``).
 """
 from __future__ import annotations
 
@@ -30,8 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (bench/quality.py: one trainer run per variant)
-
-RESULTS = quality.RESULTS
+from _results import add_result_arguments, beside, meta, result_stem, write_results  # noqa: E402
 
 
 def lr_tag(lr: float) -> str:
@@ -155,16 +154,11 @@ def parse_args(argv=None):
     ap.add_argument("--launcher", default=quality.parse_args([]).launcher)
     ap.add_argument("--work-dir", default=str(quality.ROOT / "runs" / "bench-sweep"))
     ap.add_argument("--retrain", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--tag", default=None, help="results file suffix; default cpu, gpu or quick")
+    add_result_arguments(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_len, args.steps, args.eval_interval, args.eval_batches, args.log_interval = 512, 4, 2, 2, 2
         args.warmup_steps, args.lrs, args.seeds = 2, "3e-3,6e-3", "0,1"
-    if args.tag is None:
-        import torch
-
-        args.tag = "quick" if args.quick else ("gpu" if torch.cuda.is_available() else "cpu")
     for v in args.variants.split(","):
         if v not in quality.VARIANTS:
             ap.error(f"unknown variant {v!r}; choose among {', '.join(quality.VARIANTS)}")
@@ -185,21 +179,19 @@ def main(argv=None) -> int:
     summary = summarise(rows, variants, lrs, seeds)
     v = verdict(summary)
     md = table(summary, lrs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"sweep-{args.tag}"
-    meta = quality.meta(args, time.perf_counter() - t0)
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, summary=summary, verdict=v, rows=rows,
-                                                         table=md), indent=1))
-    stem.with_suffix(".md").write_text(md + "\n")
+    import torch
+
+    stem = result_stem("sweep", args, device="cuda" if torch.cuda.is_available() else "cpu")
+    write_results(stem, dict(meta=meta(args, sweep_wall_s=time.perf_counter() - t0), summary=summary, verdict=v,
+                             rows=rows, table=md), md)
     tokens = rows[0]["train_tokens"]
-    plot(summary, stem.with_suffix(".png"), f"causal LM, seq_len {args.seq_len}, {tokens:,} tokens per run")
+    plot(summary, beside(stem, ".png"), f"causal LM, seq_len {args.seq_len}, {tokens:,} tokens per run")
     print(md)
     if v:
         print(f"fma-m2m {v['fma_mean']:.4f} vs best-tuned sdpa {v['sdpa_mean']:.4f}: {100 * v['gap_to_sdpa']:+.1f}% "
               f"(floor <= +3%: {'met' if v['within_3pct'] else 'MISSED'}); fma ahead at the end: "
               f"{v['fma_ahead_at_end']}")
-    print(f"wrote {stem}.json, .md, .png")
+    print(f"wrote {beside(stem, '.json')}, .md, .png")
     return 0
 
 

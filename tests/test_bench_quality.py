@@ -60,3 +60,30 @@ def test_recall_quick(tmp_path):
     # Buckets reach beyond the fine level (2 * block_size) out to the evaluation length.
     assert max(int(b) for b in result["rows"]["fma-m2m"]["pooled"]) >= 1024
     assert result["floor"]["reach"] == 64 and "met" in result["floor"]
+
+
+@pytest.mark.slow
+def test_long_context_quick_buckets_every_position_once_and_reuses_runs(tmp_path):
+    arms = "local,fma-m2m+model.level_offset=true"
+    work = str(tmp_path / "runs")
+    result = run_bench("long_context.py", tmp_path, "--arms", arms, "--work-dir", work)
+    assert [r["arm"] for r in result["rows"]] == arms.split(",")
+    for r in result["rows"]:
+        # Every document read to eval_len (or its end): positions 1..len-1, each in one bucket.
+        assert sum(r["counts"]) == r["n_docs"] * r["eval_len"], r["arm"]
+        assert all(math.isfinite(s) and s > 0 for s, c in zip(r["sums"], r["counts"]) if c)
+        assert all(s == 0 for s, c in zip(r["sums"], r["counts"]) if not c)
+        assert math.isfinite(r["trainer_eval_loss"])
+    again = run_bench("long_context.py", tmp_path, "--arms", arms, "--work-dir", work)  # reuses the runs
+    assert [r["sums"] for r in again["rows"]] == [r["sums"] for r in result["rows"]]
+
+
+@pytest.mark.slow
+def test_sweep_quick_picks_each_variants_best_lr_and_adds_seeds(tmp_path):
+    result = run_bench("sweep.py", tmp_path, "--variants", "fma-m2m,local", "--work-dir", str(tmp_path / "runs"))
+    s = result["summary"]
+    for v in ("fma-m2m", "local"):
+        sweep = s[v]["lr_sweep"]
+        assert s[v]["best_lr"] == float(min(sweep, key=sweep.get))
+        assert s[v]["seeds"] == [0, 1] and len(s[v]["bpb"]) == 2 and math.isfinite(s[v]["std"])
+    assert len(result["rows"]) == 2 * 2 + 2  # two lrs per variant, then one more seed each

@@ -2,11 +2,15 @@
 
     python bench/recall.py                 # CPU: train at 512 tokens, evaluate at 4k-128k, ~15-20 min
     python bench/recall.py --quick         # CI smoke, ~1 min
+    python bench/recall.py --train-len 4096 --curriculum 512,1024,2048 --keys 4 --tag cpu-4k-multikey
     python bench/recall.py --device cuda --train-len 16384 --steps 2000 --eval-lens 16384,131072,1048576
 
 The task is a passkey in filler: a sequence of random filler tokens holds one
 needle, a marker token followed by a value token (one of 16), and query tokens
 at several later positions; at each query the model must predict the value.
+``--keys K`` is the harder multi-key variant (RULER's): K needles (marker, key, value)
+with distinct keys, and each query (query token, key) asks for one of them, so
+attending to "the" needle is not enough: the model must match the key.
 Nothing near a query says what the value is, so the only way to answer is to
 attend back to the needle, ``distance`` tokens away. Loss is on query positions
 only; no answer ever follows a query, so later queries cannot copy earlier ones.
@@ -56,8 +60,10 @@ from fmtrain.model import IGNORE_INDEX, build_model  # noqa: E402
 from fmtrain.schedule import warmup_cosine  # noqa: E402
 from _results import add_result_arguments, beside, meta, result_stem, write_results  # noqa: E402
 
-# Vocabulary: filler ids [0, N_FILLER), values [N_FILLER, N_FILLER + N_VALUES), marker, query.
+# Vocabulary: filler ids [0, N_FILLER), values [N_FILLER, N_FILLER + N_VALUES), the multi-key
+# variant's keys [KEY0, KEY0 + N_KEYS), marker, query.
 N_FILLER, N_VALUES = 192, 16
+KEY0, N_KEYS = N_FILLER + N_VALUES, 16
 MARKER, QUERY, VOCAB = 254, 255, 256
 VALUE_IDS = torch.arange(N_FILLER, N_FILLER + N_VALUES)
 
@@ -96,6 +102,60 @@ def passkey_batch(gen: torch.Generator, batch: int, n: int, queries: int, needle
     return ids, targets, dist
 
 
+def multikey_batch(gen: torch.Generator, batch: int, n: int, queries: int, keys: int,
+                   needle_max: int | None = None):
+    """RULER's multi-key needle: ``keys`` needles (marker, key, value) with distinct keys, one of
+    them asked for by each query (query token, key; the value is the target at the key).
+
+    Returns ids, targets, distances as :func:`passkey_batch`; a query's distance is from the
+    value of the needle it asks for. Needles start uniformly in ``[0, needle_max)``; each query
+    picks a needle and a log-uniform distance after it; queries that would land on a needle
+    or another query are dropped.
+    """
+    ids = torch.randint(0, N_FILLER, (batch, n), generator=gen)
+    targets = torch.full((batch, n), IGNORE_INDEX)
+    dist = torch.zeros((batch, n), dtype=torch.long)
+    limit = min(needle_max or n, n - 4)
+    for b in range(batch):
+        used = torch.zeros(n, dtype=torch.bool)
+        key_ids = KEY0 + torch.randperm(N_KEYS, generator=gen)[:keys]
+        needles = []
+        for key in key_ids.tolist():
+            for _ in range(100):  # a free start (needles do not overlap)
+                start = int(torch.randint(0, limit, (1,), generator=gen))
+                if not used[start:start + 3].any():
+                    break
+            value = N_FILLER + int(torch.randint(0, N_VALUES, (1,), generator=gen))
+            ids[b, start:start + 3] = torch.tensor([MARKER, key, value])
+            used[start:start + 3] = True
+            needles.append((start + 2, key, value))
+        for _ in range(queries):
+            vpos, key, value = needles[int(torch.randint(0, len(needles), (1,), generator=gen))]
+            far = n - 1 - vpos
+            if far < 2:
+                continue
+            d = int(torch.exp(torch.rand(1, generator=gen) * math.log(far)).round().clamp(2, far))
+            pos = vpos + d  # the key token; the query token before it
+            if used[pos - 1:pos + 1].any():
+                continue
+            ids[b, pos - 1], ids[b, pos], targets[b, pos], dist[b, pos] = QUERY, key, value, d
+            used[pos - 1:pos + 1] = True
+    return ids, targets, dist
+
+
+def make_batch(args, gen, batch: int, n: int, queries: int, needle_max: int | None = None):
+    if args.keys == 1:
+        return passkey_batch(gen, batch, n, queries, needle_max)
+    return multikey_batch(gen, batch, n, queries, args.keys, needle_max)
+
+
+def train_length(args, step: int) -> int:
+    """The training length at ``step``: ``--curriculum`` lengths in equal shares of the steps, each
+    ending at ``--train-len``; without one, ``--train-len`` throughout."""
+    lens = [int(x) for x in args.curriculum.split(",")] + [args.train_len] if args.curriculum else [args.train_len]
+    return lens[min(len(lens) - 1, step * len(lens) // args.steps)]
+
+
 # --------------------------------------------------------------------------- model
 def model_config(args, variant: str) -> ModelConfig:
     return ModelConfig(kind="causal", vocab_size=VOCAB, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
@@ -118,7 +178,8 @@ def train(args, variant: str, device: torch.device) -> tuple[torch.nn.Module, li
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)
-        ids, targets, _ = passkey_batch(gen, args.batch_size, args.train_len, args.queries)
+        n = train_length(args, step)  # the same tokens per step at every length of a curriculum
+        ids, targets, _ = make_batch(args, gen, max(1, args.batch_size * args.train_len // n), n, args.queries)
         with autocast(device):
             loss_sum, count = model(ids.to(device), targets.to(device))
         loss = loss_sum / count
@@ -154,8 +215,8 @@ def evaluate(model, args, n: int, device: torch.device) -> list[tuple[int, bool]
     seqs, per_batch = max(1, args.eval_tokens // n), max(1, 131072 // n)
     out = []
     for first in range(0, seqs, per_batch):
-        ids, targets, dist = passkey_batch(gen, min(per_batch, seqs - first), n, args.eval_queries,
-                                           needle_max=max(1, n // 8))
+        ids, targets, dist = make_batch(args, gen, min(per_batch, seqs - first), n, args.eval_queries,
+                                        needle_max=max(1, n // 8))
         with autocast(device):
             h = model.trunk(ids.to(device))  # (B, n, dim)
         sel = targets >= 0
@@ -190,6 +251,23 @@ def floor_check(rows: dict, reach: int) -> dict:
            for b in fma if b >= reach and b in loc}
     return dict(reach=reach, buckets=per, met=all(v["above"] for v in per.values()),
                 missed_at=[b for b, v in per.items() if not v["above"]])
+
+
+def span_accuracy(pooled: dict, lo: int, hi: int) -> float | None:
+    """Accuracy over the distance buckets in ``[lo, hi)``, weighted by their query counts."""
+    sel = [v for b, v in pooled.items() if lo <= int(b) < hi]
+    n = sum(v["count"] for v in sel)
+    return sum(v["accuracy"] * v["count"] for v in sel) / n if n else None
+
+
+def long_floor(rows: dict, lo: int = 1024, hi: int = 4096) -> dict:
+    """Trained at long context: fma (m2m) accuracy >= 0.5 at distances [lo, hi), where local
+    (the fine level alone) can only guess."""
+    if "fma-m2m" not in rows:
+        return {}
+    acc = {v: span_accuracy(r["pooled"], lo, hi) for v, r in rows.items()}
+    fma = acc["fma-m2m"]
+    return dict(span=[lo, hi], accuracy=acc, met=fma is not None and fma >= 0.5)
 
 
 def table(rows: dict, chance: float) -> str:
@@ -234,6 +312,10 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="CI smoke: train at 256 for 20 steps, evaluate at 1k and 4k")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated among {', '.join(VARIANTS)}")
     ap.add_argument("--train-len", type=int, default=512)
+    ap.add_argument("--curriculum", default="", help="shorter lengths trained first, e.g. 512,1024,2048 "
+                                                     "(equal shares of the steps, then --train-len)")
+    ap.add_argument("--keys", type=int, default=1, help="needles per sequence: 1 is the passkey, more is "
+                                                        f"RULER's multi-key needle (at most {N_KEYS})")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--queries", type=int, default=32, help="queries per training sequence")
@@ -261,6 +343,8 @@ def parse_args(argv=None):
     for v in args.variants.split(","):
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose among {', '.join(VARIANTS)}")
+    if not 1 <= args.keys <= N_KEYS:
+        ap.error(f"--keys {args.keys}: choose 1 (the passkey) to {N_KEYS}")
     return args
 
 
@@ -269,7 +353,8 @@ def save(args, rows: dict, stem: Path, wall: float, device) -> dict:
     result = dict(
         meta=meta(args, device=str(device), wall_s=wall, chance=1 / N_VALUES, fine_reach=2 * args.block_size,
                   note=NOISE_NOTE),
-        rows=rows, floor=floor_check(rows, 2 * args.block_size), table=table(rows, 1 / N_VALUES))
+        rows=rows, floor=floor_check(rows, 2 * args.block_size), floor_1k_4k=long_floor(rows),
+        table=table(rows, 1 / N_VALUES))
     write_results(stem, result, markdown=result["table"])
     plot(rows, args, beside(stem, ".png"))
     return result
@@ -305,6 +390,10 @@ def main(argv=None) -> int:
     if floor:
         print(f"floor (fma-m2m above local at every distance >= {floor['reach']}): "
               f"{'met' if floor['met'] else 'MISSED at ' + ', '.join(map(str, floor['missed_at']))}")
+    lf = result["floor_1k_4k"]
+    if lf:
+        accs = ", ".join(f"{v} {a:.2f}" for v, a in lf["accuracy"].items() if a is not None)
+        print(f"floor (fma-m2m >= 0.5 at distances 1k-4k): {'met' if lf['met'] else 'MISSED'} ({accs})")
     print(f"wrote {stem}.json, .md, .png in {wall / 60:.1f} min")
     return 0
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,3 +88,23 @@ def test_sweep_quick_picks_each_variants_best_lr_and_adds_seeds(tmp_path):
         assert s[v]["best_lr"] == float(min(sweep, key=sweep.get))
         assert s[v]["seeds"] == [0, 1] and len(s[v]["bpb"]) == 2 and math.isfinite(s[v]["std"])
     assert len(result["rows"]) == 2 * 2 + 2  # two lrs per variant, then one more seed each
+
+
+def test_multikey_needles_are_where_their_queries_point():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import recall
+
+    g = torch.Generator().manual_seed(0)
+    ids, targets, dist = recall.multikey_batch(g, 3, 400, 24, keys=4)
+    for b in range(3):
+        assert (ids[b] == recall.MARKER).sum() == 4  # four needles, distinct keys
+        keys = ids[b][(ids[b] == recall.MARKER).nonzero().flatten() + 1]
+        assert len(set(keys.tolist())) == 4
+        queries = (targets[b] >= 0).nonzero().flatten().tolist()
+        assert len(queries) >= 12
+        for p in queries:  # query token, key; the needle (marker, key, value) `dist` back
+            v = p - int(dist[b, p])
+            assert ids[b, p - 1] == recall.QUERY and ids[b, v - 2] == recall.MARKER
+            assert ids[b, v - 1] == ids[b, p] and ids[b, v] == targets[b, p]
+    assert recall.train_length(recall.parse_args(["--train-len", "4096", "--curriculum", "512,1024",
+                                                  "--steps", "30"]), 29) == 4096

@@ -15,7 +15,9 @@ the same seed; an arm changes only what its name says:
   ``fma-m2m+model.weighted=false`` or ``local+train.lr=1.5e-3``.
 
 Then each trained model reads every held-out document that has at least
-``--min-doc-len`` tokens from its start, one document at a time, up to
+``--min-doc-len`` tokens (or, ``--eval-docs packages``, up to ``--max-docs`` of the
+installed torch and numpy source directories, long documents that exist wherever
+fmtrain is installed and no corpus trains on) from its start, one document at a time, up to
 ``--eval-len`` tokens (``sdpa``: ``--sdpa-eval-len``, as its cost is quadratic;
 ``conv``: its ``max_seq_len``). A position is the distance of the predicted token
 from its document's start, so no target crosses a document boundary. Held-out
@@ -145,6 +147,29 @@ def held_out_documents(cfg, min_len: int) -> list[np.ndarray]:
     return sorted((d for d in docs if len(d) >= min_len), key=len, reverse=True)
 
 
+_PACKAGE_DOCS: dict = {}  # tokenizer path -> tokenised package documents (one tokenisation per study)
+
+
+def package_documents_tokens(cfg, min_len: int, max_docs: int) -> list[np.ndarray]:
+    """``--eval-docs packages``: the installed torch/numpy source directories of at least
+    ``min_len`` tokens (``fmtrain.data.corpus.package_documents``), in name order, at most
+    ``max_docs``; tokenised with the run's tokenizer."""
+    from fmtrain.data.corpus import package_documents
+    from fmtrain.data.tokenizer import load_tokenizer
+
+    key = (str(cfg.data.tokenizer), min_len, max_docs)
+    if key not in _PACKAGE_DOCS:
+        tok, docs, out = load_tokenizer(cfg.data.tokenizer), package_documents(), []
+        for name in sorted(docs):
+            ids = np.asarray(tok.encode(docs[name]), dtype=np.int64)
+            if len(ids) >= min_len:
+                out.append(ids)
+            if len(out) == max_docs:
+                break
+        _PACKAGE_DOCS[key] = out
+    return _PACKAGE_DOCS[key]
+
+
 def eval_len_of(args, spec: str, model_cfg) -> int:
     if model_cfg.attention == "sdpa":
         return args.sdpa_eval_len
@@ -176,7 +201,8 @@ def evaluate(args, spec: str, run_dir: Path) -> dict:
     model, cfg = load_model(run_dir)
     adapt_torch_threads()
     length = eval_len_of(args, spec, cfg.model)
-    docs = held_out_documents(cfg, args.min_doc_len)
+    docs = (held_out_documents(cfg, args.min_doc_len) if args.eval_docs == "heldout"
+            else package_documents_tokens(cfg, args.min_doc_len, args.max_docs))
     if not docs:
         raise SystemExit(f"error: no held-out document has {args.min_doc_len} tokens; lower --min-doc-len")
     sums = np.zeros(len(EDGES) - 1)
@@ -279,6 +305,10 @@ def parse_args(argv=None):
     ap.add_argument("--min-doc-len", type=int, default=8193,
                     help="documents shorter than this are left out, so that every bucket below it "
                          "averages over the same documents")
+    ap.add_argument("--eval-docs", choices=("heldout", "packages"), default="heldout",
+                    help="heldout: the run's held-out documents; packages: the installed torch and numpy "
+                         "sources grouped by directory (long documents on every machine, never trained on)")
+    ap.add_argument("--max-docs", type=int, default=16, help="documents read with --eval-docs packages")
     ap.add_argument("--launcher", default=f"{shlex.quote(sys.executable)} -m")
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-long-context"))
     ap.add_argument("--retrain", action="store_true", help="train every arm again")

@@ -242,10 +242,30 @@ def _stdlib_documents(val_fraction: float) -> Iterator[tuple[str, str]]:
         raise CorpusError(f"no Python sources under the standard library path {root}")
     held = stdlib_held_out(groups, val_fraction)
     for d, files in groups.items():
-        # Some test files are deliberately not UTF-8: decode with replacement.
-        parts = [f"# {rel}\n" + path.read_bytes().decode("utf-8", errors="replace") for rel, path in files]
-        text = "\n".join(p if p.endswith("\n") else p + "\n" for p in parts)
-        yield ("validation" if d in held else "train"), text
+        yield ("validation" if d in held else "train"), directory_text(files)
+
+
+def directory_text(files: list[tuple[str, Path]]) -> str:
+    """One document of a directory's files: each with a ``# relative/path`` header, in order."""
+    # Some test files are deliberately not UTF-8: decode with replacement.
+    parts = [f"# {rel}\n" + path.read_bytes().decode("utf-8", errors="replace") for rel, path in files]
+    return "\n".join(p if p.endswith("\n") else p + "\n" for p in parts)
+
+
+def package_documents(packages: Sequence[str] = ("torch", "numpy"), min_bytes: int = 400_000) -> dict[str, str]:
+    """Long documents found wherever fmtrain is installed: every directory of the installed
+    ``packages``' Python sources holding at least ``min_bytes`` of them, as one document (grouped
+    as the stdlib corpus groups its files), keyed ``package/dir``. No corpus trains on them: an
+    evaluation set of long documents (``bench/long_context.py --eval-docs packages``)."""
+    import importlib
+
+    out = {}
+    for name in packages:
+        root = Path(importlib.import_module(name).__file__).parent
+        for d, files in stdlib_directories(root).items():
+            if sum(p.stat().st_size for _, p in files) >= min_bytes:
+                out[f"{name}/{d}".rstrip("/.")] = directory_text(files)
+    return out
 
 
 # ------------------------------------------------------------------ files and hub

@@ -181,3 +181,13 @@ def test_hub_dataset_offline_fails_clearly():
     c = Corpus.parse("hf:someone/not-a-dataset-xyz")
     with pytest.raises(CorpusError, match="could not load hub dataset 'someone/not-a-dataset-xyz'"):
         list(c.documents())
+
+
+def test_package_documents_are_long_directories_of_installed_sources():
+    from fmtrain.data.corpus import package_documents
+
+    docs = package_documents(("numpy",), min_bytes=200_000)
+    assert docs and all(name.startswith("numpy") for name in docs)
+    for name, text in docs.items():
+        assert len(text.encode()) >= 200_000 * 0.99, name  # decoded with replacement: about its bytes
+        assert text.startswith("# "), name  # each file under its relative path

@@ -210,7 +210,7 @@ def evaluate(args, spec: str, run_dir: Path) -> dict:
     doc_counts = np.zeros(len(EDGES) - 1, dtype=np.int64)
     t0 = time.perf_counter()
     for doc in docs:
-        ids = doc[:length + 1]
+        ids = doc[:length]  # positions 1 .. length-1: bucket edges at powers of two stay whole
         nll = nll_by_position(model, ids)
         pos = np.arange(1, len(ids))  # the predicted token's distance from the document's start
         b = np.searchsorted(EDGES, pos, side="right") - 1
@@ -302,7 +302,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-len", type=int, default=65536, help="tokens read from each held-out document")
     ap.add_argument("--sdpa-eval-len", type=int, default=8192, help="the same for sdpa (quadratic)")
     ap.add_argument("--conv-eval-len", type=int, default=8192, help="the same for conv (sets its max_seq_len)")
-    ap.add_argument("--min-doc-len", type=int, default=8193,
+    ap.add_argument("--min-doc-len", type=int, default=8192,
                     help="documents shorter than this are left out, so that every bucket below it "
                          "averages over the same documents")
     ap.add_argument("--eval-docs", choices=("heldout", "packages"), default="heldout",
@@ -316,7 +316,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_len, args.steps, args.batch_size, args.eval_batches, args.log_interval = 256, 4, 2, 2, 2
-        args.eval_len, args.sdpa_eval_len, args.conv_eval_len, args.min_doc_len = 1024, 1024, 1024, 1025
+        args.eval_len, args.sdpa_eval_len, args.conv_eval_len, args.min_doc_len = 1024, 1024, 1024, 1024
         args.set = ["train.warmup_steps=2", *args.set]
     for spec in args.arms.split(","):
         parse_arm(spec)

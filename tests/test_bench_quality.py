@@ -70,8 +70,8 @@ def test_long_context_quick_buckets_every_position_once_and_reuses_runs(tmp_path
     result = run_bench("long_context.py", tmp_path, "--arms", arms, "--work-dir", work)
     assert [r["arm"] for r in result["rows"]] == arms.split(",")
     for r in result["rows"]:
-        # Every document read to eval_len (or its end): positions 1..len-1, each in one bucket.
-        assert sum(r["counts"]) == r["n_docs"] * r["eval_len"], r["arm"]
+        # Every document read to eval_len tokens: positions 1..eval_len-1, each in one bucket.
+        assert sum(r["counts"]) == r["n_docs"] * (r["eval_len"] - 1), r["arm"]
         assert all(math.isfinite(s) and s > 0 for s, c in zip(r["sums"], r["counts"]) if c)
         assert all(s == 0 for s, c in zip(r["sums"], r["counts"]) if not c)
         assert math.isfinite(r["trainer_eval_loss"])

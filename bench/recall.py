@@ -70,6 +70,7 @@ VALUE_IDS = torch.arange(N_FILLER, N_FILLER + N_VALUES)
 VARIANTS = {  # name -> [model] fields
     "fma-m2m": dict(attention="fma", summary="m2m"),
     "fma-mean": dict(attention="fma", summary="mean"),
+    "fma-m2m-unweighted": dict(attention="fma", summary="m2m", weighted=False),  # no log(w/p) prior
     "sdpa": dict(attention="sdpa"),
     "local": dict(attention="local"),
 }
@@ -310,7 +311,8 @@ def plot(rows: dict, args, path: Path) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI smoke: train at 256 for 20 steps, evaluate at 1k and 4k")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated among {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="fma-m2m,fma-mean,sdpa,local",
+                    help=f"comma-separated among {', '.join(VARIANTS)}")
     ap.add_argument("--train-len", type=int, default=512)
     ap.add_argument("--curriculum", default="", help="shorter lengths trained first, e.g. 512,1024,2048 "
                                                      "(equal shares of the steps, then --train-len)")

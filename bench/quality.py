@@ -11,6 +11,7 @@ Every variant trains the same model (configs/tiny-gpt.toml or tiny-mlm.toml, or
 embedded corpus; only the attention differs:
 
 - ``fma-m2m``    multipole attention, learned bottom-up summaries (the product's default)
+- ``fma-m2m-weighted`` the same with the paper's log(tokens) prior on summary scores (the old default)
 - ``fma-mean``   multipole attention, parameter-free mean summaries
 - ``fma-linear`` the O(n) variant (queries summarised on coarse levels too), m2m summaries
 - ``sdpa``       full attention (the quality ceiling, O(n^2))
@@ -48,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # variant name -> [model] overrides; every other field comes from the base config.
 VARIANTS = {
     "fma-m2m": dict(attention="fma", summary="m2m", variant="nlogn"),
+    "fma-m2m-weighted": dict(attention="fma", summary="m2m", variant="nlogn", weighted=True),
     "fma-mean": dict(attention="fma", summary="mean", variant="nlogn"),
     "fma-linear": dict(attention="fma", summary="m2m", variant="linear"),
     "sdpa": dict(attention="sdpa"),
@@ -191,7 +193,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI smoke: seq_len 512, 6 steps, 2 eval batches")
     ap.add_argument("--kinds", default="causal,mlm", help="comma-separated: causal, mlm")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated among {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="fma-m2m,fma-mean,fma-linear,sdpa,local",
+                    help=f"comma-separated among {', '.join(VARIANTS)}")
     ap.add_argument("--mlm-variants", default="", help="variants of the masked LM if not all of --variants")
     ap.add_argument("--jobs", type=int, default=1, help="variants trained at once (tokens/s is then shared)")
     ap.add_argument("--seq-len", type=int, default=4096)

@@ -84,7 +84,11 @@ class ModelConfig:
     summary: str = option("m2m", "How coarse key/value summaries are formed: 'm2m' (learned, any "
                                  "length), 'conv' (the paper's, tied to max_seq_len) or 'mean'.",
                           choices=SUMMARY_KINDS)
-    weighted: bool = option(True, "Add log(tokens behind a summary) to its attention score.")
+    weighted: bool = option(False, "Add log(tokens behind a summary) to its attention score (the paper's "
+                                   "scale_attn). Off by default: the prior puts ~n tokens' worth of "
+                                   "mass on blurred summaries, which cost held-out loss at every "
+                                   "position and halved long-range recall on CPU studies "
+                                   "(bench/results/long_context-cpu.md).")
     level_offset: bool = option(False, "Learn a score offset per head and coarse level, added to the "
                                        "summaries' log-weights (starts at 0: the fixed prior); fma only.")
     summary_rope: str = option("keys", "RoPE of the coarse summaries: 'keys' (summarise rotated keys) or "

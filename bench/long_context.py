@@ -239,23 +239,22 @@ def mean_loss(row: dict, lo: int, hi: int) -> tuple[float, int, int]:
 
 
 def table(rows: list[dict], groups: list[tuple[int, int]], seq_len: int) -> str:
-    """Markdown: one line per bucket, one column per arm; tokens and documents per bucket."""
-    head = "| positions | " + " | ".join(r["arm"] for r in rows) + " | tokens (docs) |"
-    lines = [head, "|---" * (len(rows) + 2) + "|"]
-    for lo, hi in groups:
-        name = bucket_name(EDGES[lo], EDGES[hi])
-        if EDGES[lo] >= seq_len:
-            name += " (beyond training length)"
-        cells, support = [], ""
-        for r in rows:
-            m, c, d = mean_loss(r, lo, hi)
-            cells.append("-" if math.isnan(m) else f"{m:.3f}")
-            if c and not support:
-                support = f"{c:,} ({d})"
-        best = min((float(x) for x in cells if x != "-"), default=None)
-        cells = [f"**{x}**" if x != "-" and float(x) == best else x for x in cells]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {support} |")
-    lines.append("| trainer's held-out loss | " + " | ".join(f"{r['trainer_eval_loss']:.3f}" for r in rows) + " | |")
+    """Markdown: one line per arm, one column per position bucket (the best in bold, ``*``: beyond
+    the training length), then the tokens and documents each bucket averages over."""
+    names = [bucket_name(EDGES[lo], EDGES[hi]) + ("*" if EDGES[lo] >= seq_len else "") for lo, hi in groups]
+    lines = ["| arm | " + " | ".join(names) + " | trainer's held-out loss |", "|---" * (len(groups) + 2) + "|"]
+    means = [[mean_loss(r, lo, hi)[0] for lo, hi in groups] for r in rows]
+    best = [min((m[i] for m in means if not math.isnan(m[i])), default=None) for i in range(len(groups))]
+    for r, m in zip(rows, means):
+        cells = ["-" if math.isnan(x) else (f"**{x:.3f}**" if x == best[i] else f"{x:.3f}") for i, x in enumerate(m)]
+        lines.append(f"| {r['arm']} | " + " | ".join(cells) + f" | {r['trainer_eval_loss']:.3f} |")
+    support = []
+    for lo, hi in groups:  # from the arm that read the most: every arm reads the same documents
+        c, d = max((mean_loss(r, lo, hi)[1:] for r in rows), key=lambda t: t[0])
+        support.append(f"{c:,} ({d})")
+    lines.append("| tokens (documents) | " + " | ".join(support) + " | |")
+    lines.append(f"\nHeld-out loss (nats per token) by the predicted token's position in its document; "
+                 f"* beyond the training length ({seq_len:,}), never trained on.")
     return "\n".join(lines)
 
 

@@ -264,18 +264,19 @@ def plot(rows: list[dict], path: Path, title: str, seq_len: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for r in rows:
-        pts = [(math.sqrt(EDGES[i] * EDGES[i + 1]), mean_loss(r, i, i + 1)[0])
-               for i in range(len(EDGES) - 1) if r["counts"][i]]
-        ax.plot(*zip(*pts), marker="o", label=r["arm"])
+    fig, ax = plt.subplots(figsize=(11, 5))
+    colours = plt.cm.tab20.colors
+    for i, r in enumerate(rows):
+        pts = [(math.sqrt(EDGES[j] * EDGES[j + 1]), mean_loss(r, j, j + 1)[0])
+               for j in range(len(EDGES) - 1) if r["counts"][j]]
+        ax.plot(*zip(*pts), marker="o", label=r["arm"], color=colours[(2 * i) % 20 + (2 * i) // 20 % 2])
     ax.axvline(seq_len, color="grey", linestyle=":", label="training length")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position in the document (tokens, bucket midpoint)")
     ax.set_ylabel("held-out loss (nats per token)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -341,7 +342,7 @@ def main(argv=None) -> int:
     tokens = rows[0]["train_tokens"]
     write_results(stem, dict(meta=meta(args), edges=EDGES, rows=rows, table=md), md)
     plot(rows, beside(stem, ".png"), f"trained at {args.seq_len:,} tokens, {tokens:,} tokens per arm, seed "
-         f"{args.seed}; {rows[0]['n_docs']} held-out documents", args.seq_len)
+         f"{args.seed} unless the arm sets train.seed; {rows[0]['n_docs']} documents", args.seq_len)
     print(md)
     print(f"wrote {beside(stem, '.json')}, .md, .png")
     return 0

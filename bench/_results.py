@@ -151,3 +151,19 @@ def write_results(stem: Path, result: dict, markdown: str | None = None) -> Path
     if markdown is not None:
         beside(stem, ".md").write_text(markdown.rstrip("\n") + "\n")
     return path
+
+
+def save_plot(fig, ax, path, *, xlabel: str, ylabel: str, title: str, **legend) -> None:
+    """Label, grid and legend ``ax`` (``legend``: ``ax.legend``'s options, default a small font),
+    then write ``fig`` to ``path`` and close it: how every benchmark's plot ends."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(**{"fontsize": 8, **legend})
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

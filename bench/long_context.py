@@ -50,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from _results import add_result_arguments, beside, meta, result_stem, write_results  # noqa: E402
+from _results import add_result_arguments, beside, meta, result_stem, save_plot, write_results  # noqa: E402
 
 # base arm -> [model] overrides; every other field comes from the base config.
 BASE_ARMS = {
@@ -272,14 +272,9 @@ def plot(rows: list[dict], path: Path, title: str, seq_len: int) -> None:
         ax.plot(*zip(*pts), marker="o", label=r["arm"], color=colours[(2 * i) % 20 + (2 * i) // 20 % 2])
     ax.axvline(seq_len, color="grey", linestyle=":", label="training length")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("position in the document (tokens, bucket midpoint)")
-    ax.set_ylabel("held-out loss (nats per token)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path, xlabel="position in the document (tokens, bucket midpoint)",
+              ylabel="held-out loss (nats per token)", title=title, fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
 
 
 # --------------------------------------------------------------------------- main

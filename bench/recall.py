@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 from fmtrain.config import ModelConfig  # noqa: E402
 from fmtrain.model import IGNORE_INDEX, build_model  # noqa: E402
 from fmtrain.schedule import warmup_cosine  # noqa: E402
-from _results import add_result_arguments, beside, meta, result_stem, write_results  # noqa: E402
+from _results import add_result_arguments, beside, meta, result_stem, save_plot, write_results  # noqa: E402
 
 # Vocabulary: filler ids [0, N_FILLER), values [N_FILLER, N_FILLER + N_VALUES), the multi-key
 # variant's keys [KEY0, KEY0 + N_KEYS), marker, query.
@@ -298,14 +298,8 @@ def plot(rows: dict, args, path: Path) -> None:
     ax.text(args.train_len, 1.02, " train length", fontsize=8, color="gray")
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.02, 1.08)
-    ax.set_xlabel("query-to-needle distance (tokens, bucket centre)")
-    ax.set_ylabel("passkey accuracy")
-    ax.set_title(f"passkey recall: trained at {args.train_len}, evaluated at {args.eval_lens}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path, xlabel="query-to-needle distance (tokens, bucket centre)", ylabel="passkey accuracy",
+              title=f"passkey recall: trained at {args.train_len}, evaluated at {args.eval_lens}")
 
 
 def parse_args(argv=None):

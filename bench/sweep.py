@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (bench/quality.py: one trainer run per variant)
-from _results import add_result_arguments, beside, meta, result_stem, write_results  # noqa: E402
+from _results import add_result_arguments, beside, meta, result_stem, save_plot, write_results  # noqa: E402
 
 
 def lr_tag(lr: float) -> str:
@@ -125,14 +125,8 @@ def plot(summary: dict, path: Path, title: str) -> None:
         sd = [c["std"] for c in pts]
         ax.plot(x, m, marker=".", color=f"C{i}", label=f"{v} (lr {s['best_lr']:g}, {len(s['bpb'])} seeds)")
         ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], color=f"C{i}", alpha=0.2)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("held-out bits per byte (mean ± std over seeds)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path, xlabel="training tokens", ylabel="held-out bits per byte (mean ± std over seeds)",
+              title=title)
 
 
 def parse_args(argv=None):

@@ -238,11 +238,16 @@ def mean_loss(row: dict, lo: int, hi: int) -> tuple[float, int, int]:
     return (s / c if c else math.nan), c, max(row["doc_counts"][lo:hi], default=0)
 
 
+def headers(groups: list[tuple[int, int]], seq_len: int) -> list[str]:
+    """Column names of the buckets; ``*``: beyond the training length."""
+    return [bucket_name(EDGES[lo], EDGES[hi]) + ("*" if EDGES[lo] >= seq_len else "") for lo, hi in groups]
+
+
 def table(rows: list[dict], groups: list[tuple[int, int]], seq_len: int) -> str:
     """Markdown: one line per arm, one column per position bucket (the best in bold, ``*``: beyond
     the training length), then the tokens and documents each bucket averages over."""
-    names = [bucket_name(EDGES[lo], EDGES[hi]) + ("*" if EDGES[lo] >= seq_len else "") for lo, hi in groups]
-    lines = ["| arm | " + " | ".join(names) + " | trainer's held-out loss |", "|---" * (len(groups) + 2) + "|"]
+    lines = ["| arm | " + " | ".join(headers(groups, seq_len)) + " | trainer's held-out loss |",
+             "|---" * (len(groups) + 2) + "|"]
     means = [[mean_loss(r, lo, hi)[0] for lo, hi in groups] for r in rows]
     best = [min((m[i] for m in means if not math.isnan(m[i])), default=None) for i in range(len(groups))]
     for r, m in zip(rows, means):
@@ -255,6 +260,62 @@ def table(rows: list[dict], groups: list[tuple[int, int]], seq_len: int) -> str:
     lines.append("| tokens (documents) | " + " | ".join(support) + " | |")
     lines.append(f"\nHeld-out loss (nats per token) by the predicted token's position in its document; "
                  f"* beyond the training length ({seq_len:,}), never trained on.")
+    return "\n".join(lines)
+
+
+def seed_of(spec: str, default: int) -> tuple[str, int]:
+    """``"fma-m2m+train.seed=2"`` -> ("fma-m2m", 2): the arm without its seed, and the seed."""
+    kept, seed = [], default
+    for part in spec.split("+"):
+        key, _, value = part.partition("=")
+        if key == "train.seed":
+            seed = int(value)
+        else:
+            kept.append(part)
+    return "+".join(kept), seed
+
+
+def seed_summary(rows: list[dict], groups: list[tuple[int, int]], default_seed: int) -> dict:
+    """Arms trained at several seeds: per bucket, the mean and standard deviation (ddof 1) over
+    seeds of each arm's loss, and of its difference from ``local`` at the same seeds (paired: the
+    seed also sets the data order, which moves every arm alike). An arm "beats local by more than
+    the seed spread" in a bucket when its mean difference is below minus its std."""
+    by_arm: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        arm, seed = seed_of(r["arm"], default_seed)
+        by_arm.setdefault(arm, {})[seed] = [mean_loss(r, lo, hi)[0] for lo, hi in groups]
+    names = [bucket_name(EDGES[lo], EDGES[hi]) for lo, hi in groups]
+    out = {}
+    for arm, seeds in by_arm.items():
+        if len(seeds) < 2:
+            continue
+        loss = np.array([seeds[k] for k in sorted(seeds)])  # (seeds, buckets)
+        entry = dict(seeds=sorted(seeds), buckets=names, mean=np.nanmean(loss, 0).tolist(),
+                     std=np.nanstd(loss, 0, ddof=1).tolist())
+        shared = sorted(set(seeds) & set(by_arm.get("local", {})))
+        if arm != "local" and len(shared) >= 2:
+            diff = np.array([np.subtract(seeds[k], by_arm["local"][k]) for k in shared])
+            mean, std = np.nanmean(diff, 0), np.nanstd(diff, 0, ddof=1)
+            entry.update(vs_local_seeds=shared, vs_local_mean=mean.tolist(), vs_local_std=std.tolist(),
+                         below_local_beyond_spread=[bool(m < -s) for m, s in zip(mean, std)])
+        out[arm] = entry
+    return out
+
+
+def seed_table(summary: dict, groups: list[tuple[int, int]], seq_len: int) -> str:
+    """Markdown of :func:`seed_summary`: mean ± std over seeds, then the paired difference from local."""
+    names = headers(groups, seq_len)
+    head = "| arm | seeds | " + " | ".join(names) + " |"
+    lines = ["Over seeds (mean ± std of the loss; then the paired difference from `local`, **bold** where it "
+             "is below zero by more than its std):", "", head, "|---" * (len(names) + 2) + "|"]
+    cell = lambda m, s: "-" if math.isnan(m) else f"{m:.3f} ± {s:.3f}"  # noqa: E731
+    for arm, e in summary.items():
+        lines.append(f"| {arm} | {len(e['seeds'])} | " + " | ".join(map(cell, e["mean"], e["std"])) + " |")
+    for arm, e in summary.items():
+        if "vs_local_mean" in e:
+            cells = [("**{}**" if b else "{}").format(cell(m, s)) if not math.isnan(m) else "-"
+                     for m, s, b in zip(e["vs_local_mean"], e["vs_local_std"], e["below_local_beyond_spread"])]
+            lines.append(f"| {arm} - local | {len(e['vs_local_seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -330,12 +391,13 @@ def main(argv=None) -> int:
         print(f"{spec}: evaluated {rows[-1]['n_docs']} documents up to {rows[-1]['eval_len']:,} tokens in "
               f"{rows[-1]['eval_wall_s']:.0f} s", flush=True)
     groups = buckets(rows)
-    md = table(rows, groups, args.seq_len)
+    seeds = seed_summary(rows, groups, args.seed)
+    md = table(rows, groups, args.seq_len) + ("\n\n" + seed_table(seeds, groups, args.seq_len) if seeds else "")
     import torch
 
     stem = result_stem("long_context", args, device="cuda" if torch.cuda.is_available() else "cpu")
     tokens = rows[0]["train_tokens"]
-    write_results(stem, dict(meta=meta(args), edges=EDGES, rows=rows, table=md), md)
+    write_results(stem, dict(meta=meta(args), edges=EDGES, rows=rows, seeds=seeds, table=md), md)
     plot(rows, beside(stem, ".png"), f"trained at {args.seq_len:,} tokens, {tokens:,} tokens per arm, seed "
          f"{args.seed} unless the arm sets train.seed; {rows[0]['n_docs']} documents", args.seq_len)
     print(md)

@@ -108,3 +108,26 @@ def test_multikey_needles_are_where_their_queries_point():
             assert ids[b, v - 1] == ids[b, p] and ids[b, v] == targets[b, p]
     assert recall.train_length(recall.parse_args(["--train-len", "4096", "--curriculum", "512,1024",
                                                   "--steps", "30"]), 29) == 4096
+
+
+def test_long_context_seed_summary_pairs_each_arm_with_local_at_the_same_seeds():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import long_context as lc
+
+    def row(arm, losses):  # one token per bucket, so a bucket's mean is its loss
+        n = len(lc.EDGES) - 1
+        return dict(arm=arm, sums=losses + [0.0] * (n - 2), counts=[1, 1] + [0] * (n - 2), doc_counts=[1] * n)
+
+    rows = [row("local", [5.0, 4.0]), row("fma-m2m", [4.9, 3.5]),
+            row("local+train.seed=1", [5.4, 4.4]), row("fma-m2m+train.seed=1", [5.1, 3.9]),
+            row("local+train.seed=2", [6.0, 6.0]), row("sdpa", [7.0, 7.0])]  # seed 2 has no fma run
+    s = lc.seed_summary(rows, lc.buckets(rows), default_seed=0)
+    assert set(s) == {"local", "fma-m2m"}  # sdpa ran at one seed only
+    assert s["local"]["seeds"] == [0, 1, 2] and s["local"]["mean"] == pytest.approx([5.4667, 4.8], abs=1e-4)
+    f = s["fma-m2m"]
+    assert f["vs_local_seeds"] == [0, 1]  # paired: local's seed 2 is left out
+    assert f["vs_local_mean"] == pytest.approx([-0.2, -0.5])
+    assert f["vs_local_std"] == pytest.approx([0.1414, 0.0], abs=1e-4)
+    assert f["below_local_beyond_spread"] == [True, True]
+    assert "fma-m2m - local" in lc.seed_table(s, lc.buckets(rows), seq_len=2048)
+    assert lc.seed_of("fma-m2m+model.weighted=false+train.seed=3", 0) == ("fma-m2m+model.weighted=false", 3)

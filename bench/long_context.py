@@ -26,6 +26,10 @@ number of tokens and documents it averages over. Positions past ``--seq-len`` we
 never trained on: that is extrapolation, which only the arms whose reach does not
 depend on ``n`` can do.
 
+An arm also given at other seeds (``local,local+train.seed=1,...``) gets the mean and
+standard deviation over its seeds per bucket, and the paired difference from ``local`` at the
+same seeds (the seed also sets the data order, which moves every arm alike).
+
 A run whose folder already holds a finished run of the same command is reused, so
 the study can be extended arm by arm (``--arms``) across sittings; ``--retrain``
 starts over. Writes ``long_context-<tag>.{json,md,png}`` (``bench/_results.py``: ``--out``, ``--tag``).

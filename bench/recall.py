@@ -281,6 +281,21 @@ def table(rows: dict, chance: float) -> str:
     return "\n".join(lines) + f"\n\nAccuracy by query-to-needle distance (tokens), pooled over evaluation lengths; chance {chance:.3f}."
 
 
+def length_table(rows: dict) -> str:
+    """Accuracy by distance at each evaluation length. The needle sits in the first eighth, so at a
+    longer length a query at the same distance sits later, above more coarse levels; what the
+    pooled table averages over shows here."""
+    buckets = sorted({int(b) for r in rows.values() for v in r["by_len"].values() for b in v})
+    lines = ["| variant | length | " + " | ".join(f"{b}-{2 * b - 1}" if b > 1 else "1" for b in buckets) + " |",
+             "|---|---|" + "---|" * len(buckets)]
+    for name, r in rows.items():
+        for n, acc in r["by_len"].items():
+            acc = {int(b): v for b, v in acc.items()}
+            cells = [f"{acc[b]['accuracy']:.2f}" if b in acc else "-" for b in buckets]
+            lines.append(f"| {name} | {int(n):,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nThe same, per evaluation length (queries per cell: the JSON's counts)."
+
+
 def plot(rows: dict, args, path: Path) -> None:
     import matplotlib
 
@@ -350,7 +365,7 @@ def save(args, rows: dict, stem: Path, wall: float, device) -> dict:
         meta=meta(args, device=str(device), wall_s=wall, chance=1 / N_VALUES, fine_reach=2 * args.block_size,
                   note=NOISE_NOTE),
         rows=rows, floor=floor_check(rows, 2 * args.block_size), floor_1k_4k=long_floor(rows),
-        table=table(rows, 1 / N_VALUES))
+        table=table(rows, 1 / N_VALUES) + "\n\n" + length_table(rows))
     write_results(stem, result, markdown=result["table"])
     plot(rows, args, beside(stem, ".png"))
     return result

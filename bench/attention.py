@@ -35,7 +35,7 @@ def _rss_bytes() -> int:
 
 
 def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str, heads: int,
-             head_dim: int, budget_s: float) -> dict:
+             head_dim: int, budget_s: float, block_size: int = 64, rank: int = 2) -> dict:
     """Time one case in this process; returns a result row."""
     import torch
     import torch.nn.functional as F
@@ -51,7 +51,7 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
         if impl == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
-            o = fma(q, k, v, causal=causal, impl="auto")
+            o = fma(q, k, v, causal=causal, impl="auto", block_size=block_size, rank=rank)
         if grad:
             o.backward(torch.ones_like(o))
             q.grad = k.grad = v.grad = None
@@ -64,7 +64,7 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
     # Warm up the libraries (thread pools, kernels) at a tiny size before the baseline.
     with torch.set_grad_enabled(grad):
         small = [t[:, :, :256].detach().requires_grad_(grad) for t in (q, k, v)]
-        o = fma(*small, causal=causal) if impl == "fma" else F.scaled_dot_product_attention(*small, is_causal=causal)
+        o = fma(*small, causal=causal, block_size=block_size, rank=rank) if impl == "fma" else F.scaled_dot_product_attention(*small, is_causal=causal)
         if grad:
             o.sum().backward()
     del small, o
@@ -96,16 +96,16 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
     timed.sort()
     elem = torch.finfo(dt).bits // 8
     return dict(impl=impl, n=n, causal=causal, mode=mode, device=device, dtype=dtype, heads=heads,
-                head_dim=head_dim, ms=1e3 * timed[len(timed) // 2], runs=len(timed),
+                head_dim=head_dim, block_size=block_size, rank=rank if impl == "fma" else None, ms=1e3 * timed[len(timed) // 2], runs=len(timed),
                 ms_quartiles=[1e3 * timed[len(timed) // 4], 1e3 * timed[(3 * len(timed)) // 4]],
                 peak_extra_mib=max(0, peak) / 2**20,
                 io_mib=(3 if not grad else 7) * n * heads * head_dim * elem / 2**20)
 
 
-def _run(args, impl, n, causal, mode, budget, env) -> dict | None:
-    cmd = [sys.executable, __file__, "--case", f"{impl},{n},{int(causal)},{mode}", "--device", args.device,
+def _run(args, impl, n, causal, mode, budget, env, rank) -> dict | None:
+    cmd = [sys.executable, __file__, "--case", f"{impl},{n},{int(causal)},{mode},{rank}", "--device", args.device,
            "--dtype", args.dtype, "--heads", str(args.heads), "--head-dim", str(args.head_dim),
-           "--budget", str(budget)]
+           "--budget", str(budget), "--block-size", str(args.block_size)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
         print(f"  {impl} n={n} {mode}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode})")
@@ -113,17 +113,17 @@ def _run(args, impl, n, causal, mode, budget, env) -> dict | None:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def spawn(args, impl, n, causal, mode) -> dict | None:
+def spawn(args, impl, n, causal, mode, rank) -> dict | None:
     """Time in one process, measure peak memory in another (CPU).
 
     For the peak, large blocks come from mmap, so that freed memory leaves the resident
     set and its high-water mark is the real peak; that makes every large allocation
     fault its pages in afresh, which would distort the times, so they are taken apart.
     """
-    row = _run(args, impl, n, causal, mode, args.budget, dict(os.environ))
+    row = _run(args, impl, n, causal, mode, args.budget, dict(os.environ), rank)
     if row is None or args.device == "cuda":
         return row
-    mem = _run(args, impl, n, causal, mode, 0.0, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
+    mem = _run(args, impl, n, causal, mode, 0.0, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"), rank)
     if mem:
         row["peak_extra_mib"] = mem["peak_extra_mib"]
     return row
@@ -139,37 +139,45 @@ def sweep(args) -> list[dict]:
     rows = []
     for causal in (True, False) if not args.causal_only else (True,):
         for n in both + alone:
-            impls = ("fma", "sdpa") if n in both else ("fma",)
-            for impl in impls:
+            # fma once per --rank (interleaved, so drift hits every rank alike), sdpa once
+            cases = [("fma", r) for r in args.rank] + ([("sdpa", args.rank[0])] if n in both else [])
+            for impl, rank in cases:
                 for mode in ("fwd", "fwdbwd"):
-                    row = spawn(args, impl, n, causal, mode)
+                    row = spawn(args, impl, n, causal, mode, rank)
                     if row:
                         rows.append(row)
-                        print(f"  {impl:5s} n={n:7d} causal={int(causal)} {mode:6s} {row['ms']:10.1f} ms"
+                        print(f"  {impl:5s} n={n:7d} causal={int(causal)} {mode:6s} rank {rank} {row['ms']:10.1f} ms"
                               f"  peak+{row['peak_extra_mib']:8.1f} MiB", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    key = {(r["impl"], r["n"], r["causal"], r["mode"]): r for r in rows}
-    lines = [f"{'n':>8} {'causal':>6} | {'fma fwd':>9} {'sdpa fwd':>9} {'x':>6} | {'fma f+b':>9} {'sdpa f+b':>9}"
-             f" {'x':>6} | {'fma peak':>9} {'sdpa peak':>9} {'fma io':>8}",
-             f"{'':>8} {'':>6} | {'ms':>9} {'ms':>9} {'':>6} | {'ms':>9} {'ms':>9} {'':>6} | {'MiB':>9} {'MiB':>9}"
-             f" {'MiB':>8}"]
+    """One line per (n, mask, fma rank); sdpa's columns repeat on each rank's line. A ``rank``
+    column only when several ranks ran."""
+    key = {(r["impl"], r["n"], r["causal"], r["mode"], r["rank"]): r for r in rows}
+    ranks = sorted({r["rank"] for r in rows if r["impl"] == "fma"})
+    many = len(ranks) > 1
+    lines = [f"{'n':>8} {'causal':>6}{' rank' if many else ''} | {'fma fwd':>9} {'sdpa fwd':>9} {'x':>6} |"
+             f" {'fma f+b':>9} {'sdpa f+b':>9} {'x':>6} | {'fma peak':>9} {'sdpa peak':>9} {'fma io':>8}",
+             f"{'':>8} {'':>6}{'     ' if many else ''} | {'ms':>9} {'ms':>9} {'':>6} | {'ms':>9} {'ms':>9} {'':>6} |"
+             f" {'MiB':>9} {'MiB':>9} {'MiB':>8}"]
     for n, causal in sorted({(r["n"], r["causal"]) for r in rows}, key=lambda t: (not t[1], t[0])):
-        def get(impl, mode, field="ms"):
-            r = key.get((impl, n, causal, mode))
-            return r[field] if r else None
+        for rank in ranks:
+            def get(impl, mode, field="ms"):
+                r = key.get((impl, n, causal, mode, rank if impl == "fma" else None))
+                return r[field] if r else None
 
-        def fmt(x, spec="9.1f"):
-            return format(x, spec) if x is not None else f"{'-':>{spec.split('.')[0]}}"
+            def fmt(x, spec="9.1f"):
+                return format(x, spec) if x is not None else f"{'-':>{spec.split('.')[0]}}"
 
-        fx = get("sdpa", "fwd") / get("fma", "fwd") if get("sdpa", "fwd") and get("fma", "fwd") else None
-        bx = get("sdpa", "fwdbwd") / get("fma", "fwdbwd") if get("sdpa", "fwdbwd") and get("fma", "fwdbwd") else None
-        lines.append(f"{n:8d} {int(causal):6d} | {fmt(get('fma', 'fwd'))} {fmt(get('sdpa', 'fwd'))} {fmt(fx, '6.1f')}"
-                     f" | {fmt(get('fma', 'fwdbwd'))} {fmt(get('sdpa', 'fwdbwd'))} {fmt(bx, '6.1f')}"
-                     f" | {fmt(get('fma', 'fwdbwd', 'peak_extra_mib'))} {fmt(get('sdpa', 'fwdbwd', 'peak_extra_mib'))}"
-                     f" {fmt(get('fma', 'fwdbwd', 'io_mib'), '8.1f')}")
+            fx = get("sdpa", "fwd") / get("fma", "fwd") if get("sdpa", "fwd") and get("fma", "fwd") else None
+            bx = (get("sdpa", "fwdbwd") / get("fma", "fwdbwd") if get("sdpa", "fwdbwd") and get("fma", "fwdbwd")
+                  else None)
+            lines.append(f"{n:8d} {int(causal):6d}{f' {rank:4d}' if many else ''} | {fmt(get('fma', 'fwd'))}"
+                         f" {fmt(get('sdpa', 'fwd'))} {fmt(fx, '6.1f')} | {fmt(get('fma', 'fwdbwd'))}"
+                         f" {fmt(get('sdpa', 'fwdbwd'))} {fmt(bx, '6.1f')} |"
+                         f" {fmt(get('fma', 'fwdbwd', 'peak_extra_mib'))} {fmt(get('sdpa', 'fwdbwd', 'peak_extra_mib'))}"
+                         f" {fmt(get('fma', 'fwdbwd', 'io_mib'), '8.1f')}")
     return "\n".join(lines)
 
 
@@ -178,7 +186,8 @@ def growth(rows: list[dict]) -> list[str]:
     out = []
     for causal in (True, False):
         pts = sorted((r["n"], r["ms"], r["peak_extra_mib"]) for r in rows
-                     if r["impl"] == "fma" and r["mode"] == "fwdbwd" and r["causal"] == causal and r["n"] >= 16384)
+                     if r["impl"] == "fma" and r["mode"] == "fwdbwd" and r["causal"] == causal and r["n"] >= 16384
+                     and r["rank"] == rows[0]["rank"])
         if len(pts) >= 2:
             (n0, t0, m0), (n1, t1, m1) = pts[0], pts[-1]
             nlogn = (n1 * math.log(n1)) / (n0 * math.log(n0))
@@ -198,13 +207,16 @@ def main():
     ap.add_argument("--n", type=int, nargs="*", help="sequence lengths (default: the standard sweep)")
     ap.add_argument("--sdpa-max", type=int, default=65536, help="largest n that also runs SDPA (with --n)")
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of repeated runs per case")
+    ap.add_argument("--block-size", type=int, default=64, help="fma's fine block (model.block_size)")
+    ap.add_argument("--rank", type=int, nargs="+", default=[2],
+                    help="fma's summaries per window (model.rank); several are timed side by side")
     add_result_arguments(ap)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
-        impl, n, causal, mode = args.case.split(",")
+        impl, n, causal, mode, rank = args.case.split(",")
         print(json.dumps(run_case(impl, int(n), bool(int(causal)), mode, args.device, args.dtype, args.heads,
-                                  args.head_dim, args.budget)))
+                                  args.head_dim, args.budget, args.block_size, int(rank))))
         return
     import torch
     print(f"fmtrain attention benchmark: {args.device}, {args.dtype}, batch 1, {args.heads} heads, "
@@ -215,7 +227,8 @@ def main():
     for line in growth(rows):
         print(line)
     stem = result_stem("attention", args, args.device)
-    info = meta(args, device=args.device, dtype=args.dtype, heads=args.heads, head_dim=args.head_dim, batch=1)
+    info = meta(args, device=args.device, dtype=args.dtype, heads=args.heads, head_dim=args.head_dim, batch=1,
+                block_size=args.block_size)
     out = write_results(stem, dict(meta=info, rows=rows, table=table(rows), growth=growth(rows)))
     print(f"wrote {out}")
 

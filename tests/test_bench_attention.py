@@ -28,3 +28,19 @@ def test_attention_bench_small_sweep(tmp_path):
         assert 0 < lo <= r["ms"] <= hi, r
         assert r["runs"] >= 1 and r["peak_extra_mib"] >= 0
     assert "fma f+b" in result["table"] and "512" in proc.stdout
+
+
+@pytest.mark.slow
+def test_attention_bench_times_each_rank_and_sdpa_once(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "attention.py"), "--n", "512", "--budget", "0.5", "--causal-only",
+           "--block-size", "32", "--rank", "2", "8", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "attention-cpu.json").read_text())
+    got = sorted((r["impl"], r["rank"] or 0, r["mode"]) for r in result["rows"])
+    assert got == sorted([("fma", 2, m) for m in ("fwd", "fwdbwd")] + [("fma", 8, m) for m in ("fwd", "fwdbwd")]
+                         + [("sdpa", 0, m) for m in ("fwd", "fwdbwd")])
+    assert all(r["block_size"] == 32 for r in result["rows"])
+    lines = [line.split() for line in result["table"].splitlines()[2:]]
+    assert [line[2] for line in lines] == ["2", "8"]  # one line per rank, sdpa's time on both
+    assert lines[0][5] == lines[1][5]

@@ -64,7 +64,8 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
     # Warm up the libraries (thread pools, kernels) at a tiny size before the baseline.
     with torch.set_grad_enabled(grad):
         small = [t[:, :, :256].detach().requires_grad_(grad) for t in (q, k, v)]
-        o = fma(*small, causal=causal, block_size=block_size, rank=rank) if impl == "fma" else F.scaled_dot_product_attention(*small, is_causal=causal)
+        o = (fma(*small, causal=causal, block_size=block_size, rank=rank) if impl == "fma"
+             else F.scaled_dot_product_attention(*small, is_causal=causal))
         if grad:
             o.sum().backward()
     del small, o
@@ -96,7 +97,8 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
     timed.sort()
     elem = torch.finfo(dt).bits // 8
     return dict(impl=impl, n=n, causal=causal, mode=mode, device=device, dtype=dtype, heads=heads,
-                head_dim=head_dim, block_size=block_size, rank=rank if impl == "fma" else None, ms=1e3 * timed[len(timed) // 2], runs=len(timed),
+                head_dim=head_dim, block_size=block_size, rank=rank if impl == "fma" else None,
+                ms=1e3 * timed[len(timed) // 2], runs=len(timed),
                 ms_quartiles=[1e3 * timed[len(timed) // 4], 1e3 * timed[(3 * len(timed)) // 4]],
                 peak_extra_mib=max(0, peak) / 2**20,
                 io_mib=(3 if not grad else 7) * n * heads * head_dim * elem / 2**20)
@@ -161,33 +163,36 @@ def table(rows: list[dict]) -> str:
              f" {'fma f+b':>9} {'sdpa f+b':>9} {'x':>6} | {'fma peak':>9} {'sdpa peak':>9} {'fma io':>8}",
              f"{'':>8} {'':>6}{'     ' if many else ''} | {'ms':>9} {'ms':>9} {'':>6} | {'ms':>9} {'ms':>9} {'':>6} |"
              f" {'MiB':>9} {'MiB':>9} {'MiB':>8}"]
+    def fmt(x, spec="9.1f"):
+        return format(x, spec) if x is not None else f"{'-':>{spec.split('.')[0]}}"
+
     for n, causal in sorted({(r["n"], r["causal"]) for r in rows}, key=lambda t: (not t[1], t[0])):
         for rank in ranks:
             def get(impl, mode, field="ms"):
                 r = key.get((impl, n, causal, mode, rank if impl == "fma" else None))
                 return r[field] if r else None
 
-            def fmt(x, spec="9.1f"):
-                return format(x, spec) if x is not None else f"{'-':>{spec.split('.')[0]}}"
+            def speedup(mode):  # sdpa's time over fma's
+                return get("sdpa", mode) / get("fma", mode) if get("sdpa", mode) and get("fma", mode) else None
 
-            fx = get("sdpa", "fwd") / get("fma", "fwd") if get("sdpa", "fwd") and get("fma", "fwd") else None
-            bx = (get("sdpa", "fwdbwd") / get("fma", "fwdbwd") if get("sdpa", "fwdbwd") and get("fma", "fwdbwd")
-                  else None)
+            fx, bx = speedup("fwd"), speedup("fwdbwd")
             lines.append(f"{n:8d} {int(causal):6d}{f' {rank:4d}' if many else ''} | {fmt(get('fma', 'fwd'))}"
                          f" {fmt(get('sdpa', 'fwd'))} {fmt(fx, '6.1f')} | {fmt(get('fma', 'fwdbwd'))}"
                          f" {fmt(get('sdpa', 'fwdbwd'))} {fmt(bx, '6.1f')} |"
-                         f" {fmt(get('fma', 'fwdbwd', 'peak_extra_mib'))} {fmt(get('sdpa', 'fwdbwd', 'peak_extra_mib'))}"
+                         f" {fmt(get('fma', 'fwdbwd', 'peak_extra_mib'))}"
+                         f" {fmt(get('sdpa', 'fwdbwd', 'peak_extra_mib'))}"
                          f" {fmt(get('fma', 'fwdbwd', 'io_mib'), '8.1f')}")
     return "\n".join(lines)
 
 
 def growth(rows: list[dict]) -> list[str]:
-    """Time and memory growth of fma forward+backward against n log n, per mask."""
+    """Time and memory growth of fma forward+backward against n log n, per mask (the first rank)."""
+    rank = next((r["rank"] for r in rows if r["impl"] == "fma"), None)
     out = []
     for causal in (True, False):
         pts = sorted((r["n"], r["ms"], r["peak_extra_mib"]) for r in rows
                      if r["impl"] == "fma" and r["mode"] == "fwdbwd" and r["causal"] == causal and r["n"] >= 16384
-                     and r["rank"] == rows[0]["rank"])
+                     and r["rank"] == rank)
         if len(pts) >= 2:
             (n0, t0, m0), (n1, t1, m1) = pts[0], pts[-1]
             nlogn = (n1 * math.log(n1)) / (n0 * math.log(n0))

@@ -71,6 +71,10 @@ VARIANTS = {  # name -> [model] fields
     "fma-m2m": dict(attention="fma", summary="m2m"),
     "fma-mean": dict(attention="fma", summary="mean"),
     "fma-m2m-unweighted": dict(attention="fma", summary="m2m", weighted=False),  # no log(w/p) prior
+    # Adaptive refinement: each query opens its K best-scoring far blocks (fmtrain/attention/refine.py).
+    "fma-m2m-refine2": dict(attention="fma", summary="m2m", refine=2),
+    "fma-m2m-refine4": dict(attention="fma", summary="m2m", refine=4),
+    "fma-m2m-refine8": dict(attention="fma", summary="m2m", refine=8),
     "sdpa": dict(attention="sdpa"),
     "local": dict(attention="local"),
 }

@@ -200,6 +200,10 @@ def main(argv=None) -> int:
         print(f"note: the prompt has {len(prompt)} tokens, more than the {cfg.data.seq_len} the model was trained "
               "on; it is used whole", file=sys.stderr)
 
+    if not args.no_cache and not model.has_decoding_cache:
+        print("note: model.refine > 0 has no decoding cache yet; recomputing the context for every token "
+              "(as --no-cache)", file=sys.stderr)
+        args.no_cache = True
     stream = TextStream(tok)
     sys.stdout.write(prompt_text)
     temperature = 0.0 if args.greedy else args.temperature

@@ -86,7 +86,7 @@ def make_attention(cfg: ModelConfig, causal: bool, sp_group=None) -> nn.Module:
             rope=True, rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len, impl=cfg.impl,
             max_level=0 if cfg.attention == "local" else None, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
             rope_scaling=cfg.rope_scaling, sp_group=sp_group, level_offset=cfg.level_offset,
-            summary_rope=cfg.summary_rope)
+            summary_rope=cfg.summary_rope, refine=cfg.refine)
     if sp_group is not None:
         raise ValueError("sequence parallelism is implemented for attention 'fma' and 'local', not 'sdpa'")
     if cfg.attention == "sdpa":
@@ -330,6 +330,14 @@ class LanguageModel(nn.Module):
         if not self.causal:
             raise ValueError("prefill/decode need a causal LM; a masked LM (model.kind='mlm') predicts "
                              "masked tokens in place and does not generate")
+        if not self.has_decoding_cache:
+            raise ValueError("model.refine > 0 has no decoding cache yet: generate by recomputing the context "
+                             "(generate(..., use_cache=False), fmtrain.generate --no-cache)")
+
+    @property
+    def has_decoding_cache(self) -> bool:
+        """Whether :meth:`prefill`/:meth:`decode` work; otherwise decode by recomputing the context."""
+        return not (self.cfg.attention == "fma" and self.cfg.refine)
 
     def num_params(self, embedding: bool = True) -> int:
         """Parameters, shared ones once; without the input embedding if ``embedding=False``."""

@@ -262,3 +262,15 @@ def test_model_choices_follow_the_attention_package():
     assert set(choices["impl"]) == set(IMPLS)
     assert set(choices["variant"]) == set(VARIANTS)
     assert set(choices["summary"]) == set(SUMMARY_KINDS)
+
+
+def test_refine_needs_single_device_nlogn_multipole_attention():
+    base = {"run": {"dir": "r"}, "data": {"seq_len": 1024}}
+    assert from_dict({**base, "model": {"refine": 4}}).model.refine == 4
+    msg = error_of(from_dict, {**base, "model": {"refine": 4, "attention": "local"}})
+    assert "model.refine=4 refines multipole attention; it needs model.attention='fma'" in msg
+    msg = error_of(from_dict, {**base, "model": {"refine": 4, "variant": "linear"}})
+    assert "model.refine > 0 needs model.variant='nlogn'" in msg
+    msg = error_of(from_dict, {**base, "model": {"refine": 4, "block_size": 16}, "parallel": {"sequence": 2}})
+    assert "model.refine > 0 has no sequence-parallel path yet" in msg
+    assert "model.refine" in error_of(from_dict, {**base, "model": {"refine": -1}})

@@ -384,3 +384,21 @@ def test_decoding_refuses_a_masked_lm():
     model = build(kind="mlm")
     with pytest.raises(ValueError, match="causal LM"):
         model.prefill(batch(n=8, B=1)[0])
+
+
+def test_refined_model_trains_and_generates_without_a_cache():
+    """model.refine reaches every layer: the same weights give other logits and their own
+    gradients; the decoding cache refuses it with the way out, and recomputation generates."""
+    from fmtrain.generate import generate
+    plain, refined = build(), build(refine=2)
+    refined.load_state_dict(plain.state_dict())
+    ids, targets = batch(n=200)
+    assert (plain.logits(ids) - refined.logits(ids)).abs().max() > 1e-4
+    loss_sum, count = refined(ids, targets)
+    (loss_sum / count).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in refined.parameters() if p.requires_grad)
+    assert plain.has_decoding_cache and not refined.has_decoding_cache
+    with pytest.raises(ValueError, match="no decoding cache yet.*use_cache=False"):
+        refined.prefill(ids[:1])
+    out = generate(refined, ids[:1, :150], 3, use_cache=False, temperature=0.0)
+    assert len(out.ids[0]) == 3

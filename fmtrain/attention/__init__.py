@@ -12,7 +12,8 @@ import torch
 
 from .blocked import blocked_multipole
 from .hierarchy import Hierarchy, hierarchy, sizes_error, truncate
-from .reference import dense_attention
+from .refine import refined_multipole
+from .reference import dense_attention, dense_refined
 from .sequence_parallel import sp_fma
 from .summaries import MEAN, SUMMARY_KINDS, Summaries, build_summaries
 
@@ -61,7 +62,8 @@ def _check(q, k, v, block_size, rank, impl, variant):
 def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 64, rank: int = 2,
         causal: bool = True, weighted: bool = True, scale: float | None = None, impl: str = "auto",
         variant: str = "nlogn", summaries: Summaries | None = None,
-        max_level: int | None = None, group=None, level_offset: torch.Tensor | None = None) -> torch.Tensor:
+        max_level: int | None = None, group=None, level_offset: torch.Tensor | None = None,
+        refine: int = 0) -> torch.Tensor:
     """Fast multipole attention.
 
     Args:
@@ -85,11 +87,19 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         level_offset: (heads, levels or more) added to the scores of each coarse level's
             summaries on top of the log-weights (learned by the layer, see
             ``MultipoleAttention(level_offset=True)``); None: no offset.
+        refine: ``K``, far fine blocks each query opens and attends to token by token
+            (adaptive refinement, :mod:`.refine`): 0 is plain multipole attention, ``K``
+            at least the number of fine blocks is exact softmax attention. nlogn only.
 
     Returns:
         (batch, heads, n, head_dim), the dtype of ``q``.
     """
     _check(q, k, v, block_size, rank, impl, variant)
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"fma: refine must be a count of fine blocks >= 0, got {refine!r}")
+    if refine and variant != "nlogn":
+        raise ValueError("fma: refine > 0 needs variant='nlogn' (the linear variant shares one query per "
+                         "window on coarse levels, so there is no per-query selection); set refine=0")
     if q.shape[0] == 0:  # an empty batch: an empty result, still in the graph of q, k and v
         return q * 0 + (k.sum() + v.sum()) * 0
     n, d = q.shape[2], q.shape[3]
@@ -97,6 +107,9 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     if level_offset is not None and (level_offset.dim() != 2 or level_offset.shape[0] != q.shape[1]):
         raise ValueError(f"fma: level_offset must be (heads={q.shape[1]}, levels), got {tuple(level_offset.shape)}")
     if group is not None and torch.distributed.get_world_size(group) > 1:
+        if refine:
+            raise ValueError("fma: refine > 0 has no sequence-parallel path yet (opened blocks may lie on "
+                             "other ranks); use refine=0 or one rank per sequence")
         if level_offset is not None:
             raise ValueError("fma: level_offset has no sequence-parallel path yet; train it with "
                              "parallel.sequence=1")
@@ -111,6 +124,12 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         raise ValueError(f"fma: level_offset has {level_offset.shape[1]} levels, the sequence ({n} tokens) "
                          f"has {h.n_levels}")
     ks, vs = (summaries or MEAN)(k, v, h)
+    if refine and h.n_levels:
+        if impl == "dense":
+            return dense_refined(q, k, v, ks, vs, h, scale=scale, weighted=weighted, refine=refine,
+                                 level_offset=level_offset)
+        return refined_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, refine=refine, impl=impl,
+                                 level_offset=level_offset)
     if impl == "dense":
         return dense_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant,
                                level_offset=level_offset)

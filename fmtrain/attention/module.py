@@ -107,11 +107,13 @@ class MultipoleAttention(ProjectedAttention):
                  rope_theta: float = 10000.0, max_seq_len: int | None = None, impl: str = "auto",
                  max_level: int | None = None, qkv_bias: bool = False, out_bias: bool = False,
                  rope_scaling: dict | None = None, sp_group=None, level_offset: bool = False,
-                 summary_rope: str = "keys"):
+                 summary_rope: str = "keys", refine: int = 0):
         super().__init__(dim, n_heads, n_kv_heads, causal=causal, rope=rope, rope_theta=rope_theta,
                          qkv_bias=qkv_bias, out_bias=out_bias, rope_scaling=rope_scaling)
         self.block_size, self.rank, self.variant = block_size, rank, variant
         self.weighted, self.impl, self.max_level = weighted, impl, max_level
+        # Adaptive refinement: far fine blocks each query opens (fma's ``refine``); none without coarse levels.
+        self.refine = refine if max_level != 0 else 0
         # Sequence parallelism: x is then this rank's slice of the sequence and ``positions``
         # its global positions (None: the whole sequence is here).
         self.sp_group = sp_group
@@ -139,9 +141,14 @@ class MultipoleAttention(ProjectedAttention):
     def attend(self, q, k, v):
         return fma(q, k, v, block_size=self.block_size, rank=self.rank, causal=self.causal,
                    weighted=self.weighted, impl=self.impl, variant=self.variant, summaries=self.summarise,
-                   max_level=self.max_level, group=self.sp_group, level_offset=self.level_offset)
+                   max_level=self.max_level, group=self.sp_group, level_offset=self.level_offset,
+                   refine=self.refine)
 
     def new_cache(self) -> MultipoleCache:
+        if self.refine:
+            raise ValueError("refine > 0 has no decoding cache yet (the opened blocks need the fine keys of "
+                             "the whole context); decode by recomputing the context (use_cache=False, "
+                             "fmtrain.generate --no-cache)")
         return MultipoleCache(self.summarise, block_size=self.block_size, rank=self.rank, weighted=self.weighted,
                               variant=self.variant, max_level=self.max_level,
                               level_offset=None if self.level_offset is None else self.level_offset.detach())

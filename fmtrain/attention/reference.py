@@ -78,3 +78,82 @@ def dense_attention(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bo
         s = s.float()
     prob = torch.softmax(s, dim=-1).to(v.dtype)
     return prob[..., :n] @ v + prob[..., n:] @ vs
+
+
+def refined_masks(q, ks, h: Hierarchy, refine: int, scale: float):
+    """Adaptive refinement read per query (see :mod:`.refine`): ``(fine, coarse)`` masks per key/value
+    head, fine (B, Hkv, n, n) bool (fine neighbours and the opened blocks' tokens), coarse
+    (B, Hkv, n, T) float64 log-weights of the summaries of the windows left unopened, -inf elsewhere.
+
+    A loop over queries with a dictionary of candidate windows, written from the rule rather
+    than from the vectorised selection, so that the tests compare two readings of it.
+    """
+    B, H, n, d = q.shape
+    Hkv, m, p = ks.shape[1], h.block_size, h.rank
+    G = H // Hkv
+    base_fine, _ = interaction_mask(h, q.device)
+    fine = base_fine.expand(B, Hkv, n, n).clone()
+    coarse = torch.full((B, Hkv, n, h.num_summaries), -math.inf, dtype=torch.float64, device=q.device)
+    counts = {l: h.summary_counts(l) for l in range(1, h.n_levels + 1)}
+
+    def summaries(l, c):  # the (index, count) of window c's summaries with real tokens
+        if not 0 <= c < h.windows[l - 1]:
+            return []
+        return [(h.offsets[l - 1] + c * p + j, int(counts[l][c, j])) for j in range(p) if counts[l][c, j] > 0]
+
+    for b in range(B):
+        for g in range(Hkv):
+            qs = q[b, g * G:(g + 1) * G].detach().double()  # (G, n, d)
+            kg = ks[b, g].detach().double()
+
+            def score(i, l, c):
+                idx = [t for t, _ in summaries(l, c)]
+                if not idx:
+                    return -math.inf
+                return float((qs[:, i] @ kg[idx].T * scale).amax(-1).mean())
+
+            for i in range(n):
+                cand = {}
+                for l in range(1, h.n_levels + 1):
+                    for c in coarse_windows(i // h.window_size(l), h.causal):
+                        if (s := score(i, l, c)) > -math.inf:
+                            cand[(l, c)] = s
+                for _ in range(refine):
+                    if not cand:
+                        break
+                    l, c = max(cand, key=cand.get)
+                    del cand[(l, c)]
+                    while l > 1:
+                        left, right = score(i, l - 1, 2 * c), score(i, l - 1, 2 * c + 1)
+                        keep, other, s_other = (2 * c + 1, 2 * c, left) if right > left else (2 * c, 2 * c + 1, right)
+                        if s_other > -math.inf:
+                            cand[(l - 1, other)] = s_other
+                        l, c = l - 1, keep
+                    fine[b, g, i, c * m:min((c + 1) * m, n)] = True
+                for (l, c) in cand:
+                    for t, cnt in summaries(l, c):
+                        coarse[b, g, i, t] = math.log(cnt)
+    return fine, coarse
+
+
+def dense_refined(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool, refine: int,
+                  level_offset=None) -> torch.Tensor:
+    """Multipole attention with adaptive refinement by one dense softmax per query: (B, H, n, d)."""
+    B, H, n, d = q.shape
+    G = H // k.shape[1]
+    fine, coarse = refined_masks(q, ks, h, refine, scale)
+    fine, coarse = fine.repeat_interleave(G, dim=1), coarse.repeat_interleave(G, dim=1)  # (B, H, n, .)
+    if not weighted:
+        coarse = torch.where(coarse.isinf(), coarse, torch.zeros_like(coarse))
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    ks, vs = ks.repeat_interleave(G, dim=1), vs.repeat_interleave(G, dim=1)
+    s_fine = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~fine, -math.inf)
+    s_coarse = (q @ ks.transpose(-1, -2)) * scale + coarse.to(q.dtype)
+    if level_offset is not None and h.n_levels:
+        level_of = torch.cat([torch.full((h.windows[l] * h.rank,), l, device=q.device) for l in range(h.n_levels)])
+        s_coarse = s_coarse + level_offset.to(s_coarse.dtype)[:, level_of][None, :, None, :]
+    s = torch.cat([s_fine, s_coarse], dim=-1)
+    if s.dtype in (torch.float16, torch.bfloat16):
+        s = s.float()
+    prob = torch.softmax(s, dim=-1).to(v.dtype)
+    return prob[..., :n] @ v + prob[..., n:] @ vs

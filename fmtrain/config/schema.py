@@ -97,6 +97,11 @@ class ModelConfig:
     summary_rope: str = option("keys", "RoPE of the coarse summaries: 'keys' (summarise rotated keys) or "
                                        "'window' (summarise un-rotated keys, rotate each summary at its "
                                        "sub-window's mean position).", choices=SUMMARY_ROPES)
+    refine: int = option(0, "Adaptive refinement (fma): per query, open the K far fine blocks whose "
+                            "summaries score highest and attend to them token by token (descending the "
+                            "hierarchy: O(K log n) to choose them). 0: plain multipole attention. Costs about "
+                            "K * (block_size + rank * levels) more keys per query. No decoding cache and no "
+                            "sequence parallelism yet (README, Adaptive refinement).", min=0)
     impl: str = option("auto", "Multipole implementation: 'auto' (Triton on GPU, else torch), 'torch' "
                                "(blocked PyTorch), 'triton' or 'dense' (reference, tests only).",
                        choices=IMPLS)
@@ -348,6 +353,14 @@ def _consistency_errors(cfg: Config) -> list[str]:
     if p.sequence > 1 and m.attention == "fma" and (m.level_offset or m.summary_rope != "keys"):
         e.append("model.level_offset and model.summary_rope='window' have no sequence-parallel path yet; "
                  "use parallel.sequence=1 with them")
+    if m.refine and m.attention != "fma":
+        e.append(f"model.refine={m.refine} refines multipole attention; it needs model.attention='fma' "
+                 f"(got {m.attention!r}): set model.refine=0")
+    elif m.refine and m.variant != "nlogn":
+        e.append("model.refine > 0 needs model.variant='nlogn' (the linear variant shares one query per window "
+                 "on coarse levels); set model.refine=0 or model.variant='nlogn'")
+    elif m.refine and p.sequence > 1:
+        e.append("model.refine > 0 has no sequence-parallel path yet; use parallel.sequence=1 or model.refine=0")
     if p.sequence > 1 and m.attention == "sdpa":
         e.append("parallel.sequence > 1 is implemented for attention='fma' and 'local' only; "
                  "use --parallel.sequence=1 for the sdpa baseline")

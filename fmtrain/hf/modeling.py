@@ -94,7 +94,8 @@ class FmtrainForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise NotImplementedError("fmtrain models take no padding mask: pass sequences of one length "
                                       "(prompts of different lengths one at a time)")
-        if fmtrain_generation and use_cache:
+        # Without a decoding cache (refine > 0) every step recomputes the context: input_ids is all of it.
+        if fmtrain_generation and use_cache and self.model.has_decoding_cache:
             if cache is None:
                 logits, cache = self.model.prefill(input_ids)
             else:

@@ -1,0 +1,332 @@
+"""Adaptive refinement of the far field: the few far blocks that matter, at full resolution.
+
+Plain multipole attention lets a query see a window of ``m * 2**(l-1)`` tokens only
+through ``p`` summaries, so one relevant token far away is blurred into them. The
+fast multipole method's answer is adaptive refinement: where a far interaction is
+strong, descend the tree. ``refine = K`` does that per query (shared by the query
+heads of one key/value head, as NSA shares its selection across a GQA group):
+
+1. Every coarse window of the query's interaction list is a candidate, scored by
+   its summaries: ``max_j q . K_j * scale`` over its ``p`` summaries, averaged over
+   the group's query heads (no log-weight, no level offset: the key match alone).
+2. ``K`` times: take the best candidate and descend from it to a fine block, at each
+   level keeping the better-scoring child and leaving its sibling as a candidate;
+   the fine block reached is *opened*.
+3. The query then attends, in one joint softmax, to its fine neighbours, to the
+   tokens of its opened blocks, and to the summaries of every candidate still
+   unopened (the interaction list's windows and the siblings left on the way down).
+
+So the sequence stays partitioned exactly (every key counts once, itself or inside
+one summary), ``K = 0`` is plain multipole attention and ``K >= n_blocks`` is exact
+softmax attention; every candidate of a causal query lies before its own window,
+so nothing after it is seen. The selection is discrete (no gradient); scores,
+keys, values and the summaries that stay get gradients as usual.
+
+The design page states the rule as "open the best window into its two children until
+``K`` fine blocks are open"; descending straight to a fine block from the best window
+makes the work per query fixed, ``K * (L - 1)`` two-window steps, where the open-ended
+rule can split windows without reaching a block.
+
+Cost per query: selection ``O(p L + K p L)`` summary scores, attention
+``O(m + p L + K (m + p L))`` keys (``L ~ log2(n/m)`` levels); at ``m = 64``, ``p = 2``
+causal, per query head: 16k (L 7): K=2 420, K=4 616, K=8 1008 keys against 156 without
+refinement and 16384 for full attention; 128k (L 10): 520 / 764 / 1252 (vs 168 and
+131072); 1M (L 13): 620 / 912 / 1496 (vs 180 and 1048576). The key counts are from
+:func:`keys_per_query`.
+
+Implementation here: the selection runs vectorised over chunks of queries, and the
+far field (opened blocks plus candidates) is one autograd function, :class:`FarField`,
+that gathers each query's keys, keeps only ``(out, lse)`` and recomputes its scores in
+the backward, so memory beyond inputs and outputs is one chunk. The fine neighbours
+come from the core (``block_attention(fine_only=True)``), merged by their log-sum-exp.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .hierarchy import Hierarchy
+from .torch_core import _Scratch, acc_dtype
+
+# Elements of the largest per-chunk gather (queries x keys x head_dim, 16 MB in fp32): bounds the
+# scratch memory of selection and of the far field whatever n.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def keys_per_query(h: Hierarchy, refine: int) -> int:
+    """Scores one query head computes with ``refine`` opened blocks, at most: fine neighbours,
+    opened blocks' tokens, and the candidates' summaries (causal: two windows per level)."""
+    fine = len(h.fine_blocks()) * h.block_size
+    return fine + refine * h.block_size + num_candidates(h, refine) * h.rank
+
+
+def num_candidates(h: Hierarchy, refine: int) -> int:
+    """Candidate slots per query: the interaction list's windows plus one sibling per descent step."""
+    return h.n_levels * (h.slots_per_level // h.rank) + refine * max(h.n_levels - 1, 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _tables_cpu(h: Hierarchy):
+    """Per summary: whether it has real tokens and its log count; per level: offset and window count;
+    per fine block: the interaction list's windows as (level, window) pairs, -1 where none."""
+    counts = torch.cat([h.summary_counts(l).reshape(-1) for l in range(1, h.n_levels + 1)])
+    has = counts > 0
+    logc = torch.where(has, counts.clamp(min=1).double().log(), 0.0)
+    offsets = torch.tensor((0,) + h.offsets, dtype=torch.long)  # level l at offsets[l]
+    windows = torch.tensor((0,) + h.windows, dtype=torch.long)
+    width = h.slots_per_level // h.rank
+    blocks = torch.arange(h.n_blocks)
+    lv = torch.arange(1, h.n_levels + 1).repeat_interleave(width).expand(h.n_blocks, -1)
+    win = torch.cat([h.window_lists(l)[blocks >> (l - 1)] for l in range(1, h.n_levels + 1)], dim=1)
+    return has, logc, offsets, windows, lv.contiguous(), win
+
+
+_device_tables: dict = {}
+
+
+def _tables(h: Hierarchy, device):
+    key = (h, torch.device(device))
+    if key not in _device_tables:
+        if len(_device_tables) > 256:
+            _device_tables.clear()
+        _device_tables[key] = tuple(t.to(device) for t in _tables_cpu(h))
+    return _device_tables[key]
+
+
+def _flat_gather(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, Hkv, T, r), idx (B, Hkv, *s) in [0, T) -> (B, Hkv, *s, r), one index_select of rows
+    (into ``out``, a reused buffer, where given: fresh megabyte buffers cost their page faults)."""
+    B, Hkv, T, d = x.shape
+    base = (torch.arange(B * Hkv, device=x.device) * T).view(B, Hkv, *([1] * (idx.dim() - 2)))
+    flat = (idx + base).reshape(-1)
+    if out is None:
+        return x.reshape(-1, d).index_select(0, flat).view(*idx.shape, d)
+    return torch.index_select(x.reshape(-1, d), 0, flat, out=out.view(-1, d)).view(*idx.shape, d)
+
+
+def _summary_slots(h: Hierarchy, tabs, lv: torch.Tensor, win: torch.Tensor):
+    """Candidates (level, window), any shape ``s`` -> their summaries' indices (s, p), clamped to
+    a real slot, and whether each summary exists (window in range, real tokens)."""
+    has, _, offsets, windows, _, _ = tabs
+    lvc = lv.clamp(min=0)
+    ok_win = (win >= 0) & (lv >= 1) & (win < windows[lvc])
+    idx = (offsets[lvc] + win.clamp(min=0) * h.rank).unsqueeze(-1) + torch.arange(h.rank, device=lv.device)
+    idx = idx.clamp(max=max(h.num_summaries - 1, 0))
+    return idx, ok_win.unsqueeze(-1) & has[idx]
+
+
+def _window_scores(qg, ks, h: Hierarchy, tabs, lv, win, scale: float) -> torch.Tensor:
+    """qg (B, Hkv, nq, G, d); candidates lv, win (B, Hkv, nq, X) -> scores (B, Hkv, nq, X):
+    the best of a window's summaries for each query head, averaged over the group; -inf where
+    the window does not exist."""
+    idx, ok = _summary_slots(h, tabs, lv, win)  # (B, Hkv, nq, X, p)
+    B, Hkv, nq, X, p = idx.shape
+    kc = _flat_gather(ks, idx.view(B, Hkv, nq, X * p))  # (B, Hkv, nq, X*p, d)
+    s = (qg @ kc.transpose(-1, -2)) * scale  # (B, Hkv, nq, G, X*p)
+    s = s.view(B, Hkv, nq, -1, X, p).masked_fill(~ok.unsqueeze(3), -math.inf)
+    return s.amax(-1).mean(3)
+
+
+@torch.no_grad()
+def select(q: torch.Tensor, ks: torch.Tensor, h: Hierarchy, refine: int, scale: float, i0: int = 0):
+    """The refinement of queries ``[i0, i0 + nq)`` (q: (B, H, nq, d), ks: (B, Hkv, T, d)).
+
+    Returns ``opened`` (B, Hkv, nq, refine): the fine blocks opened, -1 where none was left to
+    open; ``lv, win`` (B, Hkv, nq, C): the candidates left unopened as (level, window),
+    ``win = -1`` in unused slots (C = :func:`num_candidates`).
+    """
+    B, H, nq, d = q.shape
+    Hkv, G, L = ks.shape[1], H // ks.shape[1], h.n_levels
+    tabs = _tables(h, q.device)
+    qg = q.view(B, Hkv, G, nq, d).transpose(2, 3).to(ks.dtype)  # (B, Hkv, nq, G, d)
+    blk = torch.arange(i0, i0 + nq, device=q.device) // h.block_size
+    lv0, win0 = tabs[4][blk], tabs[5][blk]  # (nq, W0)
+    W0, C = lv0.shape[1], num_candidates(h, refine)
+    lv = torch.zeros(B, Hkv, nq, C, dtype=torch.long, device=q.device)
+    win = torch.full((B, Hkv, nq, C), -1, dtype=torch.long, device=q.device)
+    lv[..., :W0], win[..., :W0] = lv0, win0
+    score = torch.full((B, Hkv, nq, C), -math.inf, dtype=ks.dtype, device=q.device)
+    score[..., :W0] = _window_scores(qg, ks, h, tabs, lv[..., :W0], win[..., :W0], scale)
+    opened = torch.full((B, Hkv, nq, refine), -1, dtype=torch.long, device=q.device)
+    for t in range(refine):
+        best = score.argmax(-1, keepdim=True)  # (B, Hkv, nq, 1)
+        ok = score.gather(-1, best) > -math.inf
+        cur_l, cur_w = lv.gather(-1, best), win.gather(-1, best)
+        score.scatter_(-1, best, -math.inf)  # taken: no longer a candidate
+        for s in range(L - 1):
+            split = ok & (cur_l > 1)
+            if not bool(split.any()):
+                break
+            kids = torch.cat([2 * cur_w, 2 * cur_w + 1], dim=-1)  # (B, Hkv, nq, 2)
+            kid_l = (cur_l - 1).clamp(min=1).expand(-1, -1, -1, 2)
+            ks_ = _window_scores(qg, ks, h, tabs, kid_l, kids, scale)
+            right = ks_[..., 1:] > ks_[..., :1]  # ties keep the left child
+            keep = torch.where(right, kids[..., 1:], kids[..., :1])
+            slot = W0 + t * (L - 1) + s
+            lv[..., slot:slot + 1] = kid_l[..., :1]
+            win[..., slot:slot + 1] = torch.where(split, torch.where(right, kids[..., :1], kids[..., 1:]), -1)
+            score[..., slot:slot + 1] = torch.where(split, torch.where(right, ks_[..., :1], ks_[..., 1:]),
+                                                    -math.inf)
+            cur_w = torch.where(split, keep, cur_w)
+            cur_l = torch.where(split, cur_l - 1, cur_l)
+        opened[..., t:t + 1] = torch.where(ok, cur_w, -1)
+    win = torch.where(score > -math.inf, win, -1)  # siblings without tokens are no candidates
+    return opened, lv, win
+
+
+def _far_inputs(q, n: int, off, h: Hierarchy, tabs, opened, lv, win, weighted: bool, acc):
+    """One chunk's far field: the opened blocks, then the candidates' summaries.
+
+    Returns qg (B, Hkv, nq, G, d); the opened blocks (B, Hkv, nq, K), clamped to a real block;
+    the candidates' summaries (B, Hkv, nq, C*p), clamped to a real slot; the score bias
+    (B, Hkv, nq, G or 1, K*m + C*p), -inf where masked; and each summary slot's level.
+    """
+    B, H, nq, d = q.shape
+    Hkv, m = opened.shape[1], h.block_size
+    G = H // Hkv
+    qg = q.view(B, Hkv, G, nq, d).transpose(2, 3).to(acc)
+    tok = (opened.unsqueeze(-1) * m + torch.arange(m, device=q.device)).flatten(-2)  # (B, Hkv, nq, K*m)
+    tok_ok = (tok >= 0) & (tok < n) & (opened >= 0).repeat_interleave(m, dim=-1)
+    sidx, s_ok = _summary_slots(h, tabs, lv, win)  # (B, Hkv, nq, C, p)
+    s_ok = s_ok & (win >= 0).unsqueeze(-1)
+    logc = tabs[1][sidx] if weighted else torch.zeros((), dtype=torch.float64, device=q.device)
+    sbias = torch.where(s_ok, logc, -math.inf).flatten(-2).to(acc)  # (B, Hkv, nq, C*p)
+    tbias = torch.where(tok_ok, 0.0, -math.inf).to(acc)
+    bias = torch.cat([tbias, sbias], dim=-1).unsqueeze(3)  # (B, Hkv, nq, 1, K*m + C*p)
+    slv = lv.unsqueeze(-1).expand(sidx.shape).flatten(-2)  # level of each summary slot
+    if off is not None:  # (H, L) per-head level offsets on the summaries' scores
+        offg = off.to(acc).reshape(Hkv, G, -1).transpose(1, 2)  # (Hkv, L, G)
+        head = torch.arange(Hkv, device=q.device).view(1, Hkv, 1, 1)
+        o = offg[head, (slv - 1).clamp(min=0)].transpose(-1, -2)  # (B, Hkv, nq, G, C*p)
+        bias = torch.cat([tbias.unsqueeze(3).expand(-1, -1, -1, G, -1), sbias.unsqueeze(3) + o], dim=-1)
+    return qg, opened.clamp(min=0), sidx.flatten(-2), bias, slv
+
+
+def _blocks(x: torch.Tensor, h: Hierarchy, acc) -> torch.Tensor:
+    """Keys or values (B, Hkv, n, d) -> whole fine blocks as rows (B, Hkv, n_blocks, m*d), zero-padded,
+    so that an opened block is gathered as one row."""
+    B, Hkv, n, d = x.shape
+    return F.pad(x.to(acc), (0, 0, 0, h.padded_len - n)).reshape(B, Hkv, h.n_blocks, h.block_size * d)
+
+
+def _gather(xb, xs, blocks, sidx, ws, name: str):
+    """Opened blocks' tokens (B, Hkv, nq, K*m, d) and candidates' summaries (B, Hkv, nq, C*p, d),
+    in the scratch buffers ``ws`` (a :class:`~.torch_core._Scratch`) under ``name``."""
+    d = xs.shape[-1]
+    B, Hkv, nq, K = blocks.shape
+    tok = _flat_gather(xb, blocks, ws(name + "t", (*blocks.shape, xb.shape[-1]), xb))
+    return tok.view(B, Hkv, nq, -1, d), _flat_gather(xs, sidx, ws(name + "s", (*sidx.shape, d), xs))
+
+
+class FarField(torch.autograd.Function):
+    """(q, k, v, ks, vs, off) -> (out, lse) over each query's opened blocks and candidates.
+
+    q: (B, H, n, d); k, v: (B, Hkv, n, d); ks, vs: (B, Hkv, T, d); off: (H, L) per-head level
+    offsets or None. out: (B, H, n, d) in the accumulation dtype, lse: (B, H, n) (-inf where a
+    query has no far field). Selection per chunk (:func:`select`) is kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, ks, vs, off, h: Hierarchy, refine: int, weighted: bool, scale: float):
+        acc = acc_dtype(q.dtype)
+        B, H, n, d = q.shape
+        tabs = _tables(h, q.device)
+        kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
+        out = torch.empty(B, H, n, d, dtype=acc, device=q.device)
+        lse = torch.empty(B, H, n, dtype=acc, device=q.device)
+        sels, ws = [], _Scratch()
+        for i0, i1 in _chunks(q, ks, h, refine):
+            sel = select(q[:, :, i0:i1], ksa, h, refine, scale, i0)
+            qg, blocks, sidx, bias, _ = _far_inputs(q[:, :, i0:i1], n, off, h, tabs, *sel, weighted, acc)
+            kt, kc = _gather(kb, ksa, blocks, sidx, ws, "k")
+            s = torch.cat([qg @ kt.transpose(-1, -2), qg @ kc.transpose(-1, -2)], dim=-1) * scale + bias
+            l = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, Hkv, nq, G, 1)
+            p = torch.exp(s - torch.where(l.isinf(), 0.0, l))
+            vt, vc = _gather(vb, vsa, blocks, sidx, ws, "v")
+            Km = kt.shape[3]
+            o = p[..., :Km] @ vt + p[..., Km:] @ vc  # (B, Hkv, nq, G, d)
+            nq = i1 - i0
+            out[:, :, i0:i1] = o.transpose(2, 3).reshape(B, H, nq, d)
+            lse[:, :, i0:i1] = l.squeeze(-1).transpose(2, 3).reshape(B, H, nq)
+            sels.append((i0, i1) + tuple(x.to(torch.int32) for x in sel))
+        ctx.save_for_backward(q, k, v, ks, vs, off, out, lse)
+        ctx.sels, ctx.h, ctx.weighted, ctx.scale = sels, h, weighted, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, ks, vs, off, out, lse = ctx.saved_tensors
+        h, scale, acc = ctx.h, ctx.scale, acc_dtype(q.dtype)
+        B, H, n, d = q.shape
+        Hkv = k.shape[1]
+        G = H // Hkv
+        tabs = _tables(h, q.device)
+        kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
+        dq = torch.empty(B, H, n, d, dtype=acc, device=q.device)
+        dkb, dvb, dks, dvs = (torch.zeros_like(x) for x in (kb, vb, ksa, vsa))
+        doff = torch.zeros(off.shape, dtype=acc, device=q.device) if off is not None else None
+        ws = _Scratch()
+        for i0, i1, *sel in ctx.sels:
+            sel = [x.long() for x in sel]
+            qg, blocks, sidx, bias, slv = _far_inputs(q[:, :, i0:i1], n, off, h, tabs, *sel, ctx.weighted, acc)
+            (kt, kc), (vt, vc) = _gather(kb, ksa, blocks, sidx, ws, "k"), _gather(vb, vsa, blocks, sidx, ws, "v")
+            nq, Km = i1 - i0, kt.shape[3]
+            l = lse[:, :, i0:i1].view(B, Hkv, G, nq).transpose(2, 3).unsqueeze(-1)  # (B, Hkv, nq, G, 1)
+            s = torch.cat([qg @ kt.transpose(-1, -2), qg @ kc.transpose(-1, -2)], dim=-1) * scale + bias
+            p = torch.exp(s - torch.where(l.isinf(), 0.0, l))
+            do = (dout[:, :, i0:i1] if dout is not None else torch.zeros_like(out[:, :, i0:i1])).to(acc)
+            do = do.view(B, Hkv, G, nq, d).transpose(2, 3)  # (B, Hkv, nq, G, d)
+            o = out[:, :, i0:i1].view(B, Hkv, G, nq, d).transpose(2, 3)
+            delta = (do * o).sum(-1, keepdim=True)
+            if dlse is not None:
+                delta = delta - dlse[:, :, i0:i1].to(acc).view(B, Hkv, G, nq).transpose(2, 3).unsqueeze(-1)
+            dp = torch.cat([do @ vt.transpose(-1, -2), do @ vc.transpose(-1, -2)], dim=-1)
+            ds = p * (dp - delta)  # (B, Hkv, nq, G, K*m + C*p)
+            dst, dsc, pt, pc = ds[..., :Km], ds[..., Km:], p[..., :Km], p[..., Km:]
+            dq[:, :, i0:i1] = ((dst @ kt + dsc @ kc) * scale).transpose(2, 3).reshape(B, H, nq, d)
+            _flat_add(dkb, blocks, (dst.transpose(-1, -2) @ qg * scale).view(*blocks.shape, -1))
+            _flat_add(dvb, blocks, (pt.transpose(-1, -2) @ do).view(*blocks.shape, -1))
+            _flat_add(dks, sidx, dsc.transpose(-1, -2) @ qg * scale)
+            _flat_add(dvs, sidx, pc.transpose(-1, -2) @ do)
+            if doff is not None:  # each summary slot's score gradient to its (head, level)
+                dsum = dsc.permute(1, 3, 0, 2, 4)  # (Hkv, G, B, nq, C*p)
+                lvl = (slv - 1).clamp(min=0).permute(1, 0, 2, 3).unsqueeze(1).expand_as(dsum)
+                doff.view(Hkv, G, -1).scatter_add_(2, lvl.reshape(Hkv, G, -1), dsum.reshape(Hkv, G, -1))
+        dk = dkb.view(B, Hkv, -1, d)[:, :, :n]
+        dv = dvb.view(B, Hkv, -1, d)[:, :, :n]
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dks.to(ks.dtype), dvs.to(vs.dtype),
+                None if doff is None else doff.to(off.dtype), None, None, None, None)
+
+
+def _flat_add(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """dst (B, Hkv, T, r) += src (B, Hkv, *s, r) at rows idx (B, Hkv, *s)."""
+    B, Hkv, T, r = dst.shape
+    base = (torch.arange(B * Hkv, device=dst.device) * T).view(B, Hkv, *([1] * (idx.dim() - 2)))
+    dst.view(-1, r).index_add_(0, (idx + base).reshape(-1), src.reshape(-1, r))
+
+
+def _chunks(q, ks, h: Hierarchy, refine: int):
+    """Query ranges whose gathered keys stay within CHUNK_ELEMENTS, in whole fine blocks."""
+    B, H, n, d = q.shape
+    per_query = B * ks.shape[1] * d * (refine * h.block_size + num_candidates(h, refine) * h.rank)
+    step = max(h.block_size, CHUNK_ELEMENTS // max(per_query, 1) // h.block_size * h.block_size)
+    for i0 in range(0, n, step):
+        yield i0, min(i0 + step, n)
+
+
+def refined_multipole(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool, refine: int,
+                      impl: str = "torch", level_offset=None) -> torch.Tensor:
+    """Multipole attention with ``refine`` opened blocks per query, on one device: (B, H, n, d)."""
+    from .blocked import block_attention, merge
+    out, lse = block_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, fine_only=True, impl=impl)
+    off = None if level_offset is None else level_offset[:, :h.n_levels]
+    c_out, c_lse = FarField.apply(q, k, v, ks, vs, off, h, refine, weighted, scale)
+    _, merged = merge(lse.to(c_lse.dtype), out.to(c_out.dtype), c_lse, c_out)
+    return merged.to(q.dtype)
+
+
+__all__ = ["refined_multipole", "select", "FarField", "keys_per_query", "num_candidates"]

@@ -1,0 +1,159 @@
+"""Adaptive refinement (fma's ``refine``): the blocked path against the per-query dense reference,
+exactness when every block is opened, causality, retrieval of a far key, gradients, errors.
+
+Tolerances as in test_fma.py: two exact float64 algorithms differ by summation order only
+(~1e-15 seen); 1e-12 leaves three orders of margin and is far below a missing or doubled
+key (~1e-2). The selection is discrete: random float64 inputs have no ties between window
+scores, so both readings of the rule open the same blocks.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fmtrain.attention import fma
+from fmtrain.attention.hierarchy import hierarchy
+from fmtrain.attention.reference import dense_attention, dense_refined
+from fmtrain.attention.refine import keys_per_query, select
+from fmtrain.attention.summaries import MEAN, build_summaries
+
+from .conftest import randn
+from .test_fma import TOL64, outputs_and_grads, qkv
+
+CASES = [  # n, m, p, H, Hkv
+    (64, 8, 2, 2, 2),        # power of two times m
+    (93, 8, 4, 4, 2),        # partial last block, GQA
+    (130, 8, 2, 3, 1),       # multi-query, partial coarse windows
+    (200, 16, 8, 2, 2),      # p = m/2
+]
+
+
+def _compare(rng, q, k, v, extra=(), **kw):
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    o_ref, g_ref = outputs_and_grads(q, k, v, torch.Generator().manual_seed(seed), extra, impl="dense", **kw)
+    o, g = outputs_and_grads(q, k, v, torch.Generator().manual_seed(seed), extra, impl="torch", **kw)
+    assert (o - o_ref).abs().max() < TOL64
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert (a - b).abs().max() < TOL64, f"gradient {i}"
+    return o
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("refine", [1, 3])
+@pytest.mark.parametrize("n,m,p,H,Hkv", CASES)
+def test_blocked_matches_dense_float64(rng, n, m, p, H, Hkv, refine, causal):
+    q, k, v = qkv(rng, 2, H, Hkv, n, 16)
+    o = _compare(rng, q, k, v, block_size=m, rank=p, causal=causal, refine=refine)
+    plain = fma(q, k, v, block_size=m, rank=p, causal=causal)
+    assert (o - plain).abs().max() > 1e-3  # the refinement changed something: the test is not vacuous
+
+
+@pytest.mark.parametrize("kind", ["m2m", "conv"])
+def test_learned_summaries_and_level_offsets_get_the_reference_gradients(rng, kind):
+    n, m, p, H, Hkv = 150, 8, 2, 4, 2
+    q, k, v = qkv(rng, 2, H, Hkv, n, 8)
+    summ = build_summaries(kind, n_kv_heads=Hkv, head_dim=8, block_size=m, rank=p, max_seq_len=256).double()
+    with torch.no_grad():
+        for t in summ.parameters():
+            t.add_(torch.randn(t.shape, generator=rng, dtype=t.dtype) * 0.3)
+    off = randn(rng, H, 6, requires_grad=True)
+    params = (off, *summ.parameters())
+    _compare(rng, q, k, v, params, block_size=m, rank=p, causal=True, refine=2, summaries=summ,
+             level_offset=off, weighted=True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_without_refinement_is_plain_multipole(rng, causal):
+    q, k, v = qkv(rng, 1, 2, 2, 100, 8)
+    h = hierarchy(100, 8, 2, causal)
+    ks, vs = MEAN(k, v, h)
+    a = dense_refined(q, k, v, ks, vs, h, scale=0.3, weighted=True, refine=0)
+    b = dense_attention(q, k, v, ks, vs, h, scale=0.3, weighted=True)
+    assert (a - b).abs().max() < TOL64
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,m,p,H,Hkv", [(100, 8, 2, 4, 2), (64, 4, 2, 2, 2), (37, 4, 1, 1, 1)])
+def test_opening_every_block_is_exact_softmax_attention(rng, n, m, p, H, Hkv, causal):
+    q, k, v = qkv(rng, 2, H, Hkv, n, 8)
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    o, g = outputs_and_grads(q, k, v, torch.Generator().manual_seed(seed), block_size=m, rank=p, causal=causal,
+                             refine=-(-n // m))
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
+                                         is_causal=causal)
+    g_ref = torch.autograd.grad(ref, (q, k, v), torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed),
+                                                           dtype=ref.dtype))
+    assert (o - ref).abs().max() < TOL64
+    for name, a, b in zip("qkv", g, g_ref):
+        assert (a - b).abs().max() < TOL64, f"d{name}"
+
+
+def test_nothing_after_a_query_changes_it(rng):
+    n, m, i = 160, 8, 97
+    q, k, v = qkv(rng, 1, 4, 2, n, 8)
+    kw = dict(block_size=m, rank=2, causal=True, refine=3, impl="torch")
+    out = fma(q, k, v, **kw)
+    q2, k2, v2 = (x.detach().clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[:, :, i + 1:] += torch.randn(x[:, :, i + 1:].shape, generator=rng, dtype=x.dtype)
+    out2 = fma(q2, k2, v2, **kw)
+    assert (out[:, :, :i + 1] - out2[:, :, :i + 1]).abs().max() < TOL64
+    assert (out[:, :, i + 1:] - out2[:, :, i + 1:]).abs().max() > 1e-3
+    gq, gk, gv = torch.autograd.grad(out[:, :, :i + 1].sum(), (q, k, v))
+    for name, gr in (("q", gq), ("k", gk), ("v", gv)):
+        assert gr[:, :, i + 1:].abs().max() == 0, f"d{name} reaches past the query"
+
+
+def test_a_far_key_that_matches_is_opened_and_read_exactly(rng):
+    """One key far back aligned with the last query: refinement opens its block, and the output
+    carries its value, which plain multipole attention blurs into a summary."""
+    n, m, d = 512, 16, 16
+    q = randn(rng, 1, 1, n, d) * 0.1
+    k = randn(rng, 1, 1, n, d) * 0.1
+    v = randn(rng, 1, 1, n, d)
+    needle = 37  # block 2, at distance 474 from the last query
+    q[0, 0, -1] = k[0, 0, needle] = torch.ones(d) * 2
+    v[0, 0, needle] = torch.full((d,), 5.0)
+    h = hierarchy(n, m, 2, True)
+    ks, vs = MEAN(k, v, h)
+    opened, lv, win = select(q[:, :, -1:], ks, h, 1, 1 / math.sqrt(d), n - 1)
+    assert opened[0, 0, 0, 0].item() == needle // m
+    refined = fma(q, k, v, block_size=m, rank=2, refine=1)[0, 0, -1]
+    plain = fma(q, k, v, block_size=m, rank=2)[0, 0, -1]
+    assert (refined - 5).abs().max() < 0.05  # the needle's own value, nearly all the weight
+    assert (plain - 5).abs().max() > 1.0
+
+
+def test_low_precision_follows_float64(rng):
+    q, k, v = qkv(rng, 1, 4, 2, 300, 16)
+    o64 = fma(q, k, v, block_size=16, rank=2, refine=2)
+    o32 = fma(q.float(), k.float(), v.float(), block_size=16, rank=2, refine=2)
+    # float32 scores can swap near-tied windows; those queries differ, the rest agree to rounding.
+    close = (o32.double() - o64).abs().amax(-1) < 1e-4
+    assert close.float().mean() > 0.95
+
+
+def test_cost_per_query_grows_with_log_n():
+    for K in (2, 4, 8):
+        small, large = (keys_per_query(hierarchy(n, 64, 2, True), K) for n in (16384, 1 << 20))
+        assert small < large < 2 * small  # 64x the tokens, less than twice the keys
+
+
+def test_bad_refine_is_refused(rng):
+    q, k, v = qkv(rng, 1, 2, 2, 64, 8)
+    with pytest.raises(ValueError, match="refine must be a count"):
+        fma(q, k, v, block_size=8, refine=-1)
+    with pytest.raises(ValueError, match="needs variant='nlogn'"):
+        fma(q, k, v, block_size=8, refine=2, variant="linear")
+
+
+def test_strided_inputs_as_a_layer_passes_them(rng):
+    """Projections hand fma permuted views; the refined path reads them as they are."""
+    B, n, H, Hkv, d = 2, 130, 4, 2, 8
+    q, k, v = qkv(rng, B, H, Hkv, n, d)
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert not kt.is_contiguous()
+    a = fma(q, k, v, block_size=8, rank=2, refine=2)
+    b = fma(qt, kt, vt, block_size=8, rank=2, refine=2)
+    assert (a - b).abs().max() < TOL64

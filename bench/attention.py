@@ -35,7 +35,7 @@ def _rss_bytes() -> int:
 
 
 def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str, heads: int,
-             head_dim: int, budget_s: float, block_size: int = 64, rank: int = 2) -> dict:
+             head_dim: int, budget_s: float, block_size: int = 64, rank: int = 2, refine: int = 0) -> dict:
     """Time one case in this process; returns a result row."""
     import torch
     import torch.nn.functional as F
@@ -51,7 +51,7 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
         if impl == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
-            o = fma(q, k, v, causal=causal, impl="auto", block_size=block_size, rank=rank)
+            o = fma(q, k, v, causal=causal, impl="auto", block_size=block_size, rank=rank, refine=refine)
         if grad:
             o.backward(torch.ones_like(o))
             q.grad = k.grad = v.grad = None
@@ -64,7 +64,7 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
     # Warm up the libraries (thread pools, kernels) at a tiny size before the baseline.
     with torch.set_grad_enabled(grad):
         small = [t[:, :, :256].detach().requires_grad_(grad) for t in (q, k, v)]
-        o = (fma(*small, causal=causal, block_size=block_size, rank=rank) if impl == "fma"
+        o = (fma(*small, causal=causal, block_size=block_size, rank=rank, refine=refine) if impl == "fma"
              else F.scaled_dot_product_attention(*small, is_causal=causal))
         if grad:
             o.sum().backward()
@@ -98,14 +98,16 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
     elem = torch.finfo(dt).bits // 8
     return dict(impl=impl, n=n, causal=causal, mode=mode, device=device, dtype=dtype, heads=heads,
                 head_dim=head_dim, block_size=block_size, rank=rank if impl == "fma" else None,
+                refine=refine if impl == "fma" else None,
                 ms=1e3 * timed[len(timed) // 2], runs=len(timed),
                 ms_quartiles=[1e3 * timed[len(timed) // 4], 1e3 * timed[(3 * len(timed)) // 4]],
                 peak_extra_mib=max(0, peak) / 2**20,
                 io_mib=(3 if not grad else 7) * n * heads * head_dim * elem / 2**20)
 
 
-def _run(args, impl, n, causal, mode, budget, env, rank) -> dict | None:
-    cmd = [sys.executable, __file__, "--case", f"{impl},{n},{int(causal)},{mode},{rank}", "--device", args.device,
+def _run(args, impl, n, causal, mode, budget, env, variant) -> dict | None:
+    rank, refine = variant
+    cmd = [sys.executable, __file__, "--case", f"{impl},{n},{int(causal)},{mode},{rank},{refine}", "--device", args.device,
            "--dtype", args.dtype, "--heads", str(args.heads), "--head-dim", str(args.head_dim),
            "--budget", str(budget), "--block-size", str(args.block_size)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -115,17 +117,17 @@ def _run(args, impl, n, causal, mode, budget, env, rank) -> dict | None:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def spawn(args, impl, n, causal, mode, rank) -> dict | None:
+def spawn(args, impl, n, causal, mode, variant) -> dict | None:
     """Time in one process, measure peak memory in another (CPU).
 
     For the peak, large blocks come from mmap, so that freed memory leaves the resident
     set and its high-water mark is the real peak; that makes every large allocation
     fault its pages in afresh, which would distort the times, so they are taken apart.
     """
-    row = _run(args, impl, n, causal, mode, args.budget, dict(os.environ), rank)
+    row = _run(args, impl, n, causal, mode, args.budget, dict(os.environ), variant)
     if row is None or args.device == "cuda":
         return row
-    mem = _run(args, impl, n, causal, mode, 0.0, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"), rank)
+    mem = _run(args, impl, n, causal, mode, 0.0, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"), variant)
     if mem:
         row["peak_extra_mib"] = mem["peak_extra_mib"]
     return row
@@ -141,42 +143,52 @@ def sweep(args) -> list[dict]:
     rows = []
     for causal in (True, False) if not args.causal_only else (True,):
         for n in both + alone:
-            # fma once per --rank (interleaved, so drift hits every rank alike), sdpa once
-            cases = [("fma", r) for r in args.rank] + ([("sdpa", args.rank[0])] if n in both else [])
-            for impl, rank in cases:
+            # fma once per --rank and --refine (interleaved, so drift hits every one alike), sdpa once
+            cases = [("fma", (r, K)) for r in args.rank for K in args.refine] + \
+                ([("sdpa", (args.rank[0], 0))] if n in both else [])
+            for impl, variant in cases:
                 for mode in ("fwd", "fwdbwd"):
-                    row = spawn(args, impl, n, causal, mode, rank)
+                    row = spawn(args, impl, n, causal, mode, variant)
                     if row:
                         rows.append(row)
-                        print(f"  {impl:5s} n={n:7d} causal={int(causal)} {mode:6s} rank {rank} {row['ms']:10.1f} ms"
+                        print(f"  {impl:5s} n={n:7d} causal={int(causal)} {mode:6s} rank {variant[0]} "
+                              f"refine {variant[1]} {row['ms']:10.1f} ms"
                               f"  peak+{row['peak_extra_mib']:8.1f} MiB", flush=True)
     return rows
 
 
+def _variant(r: dict):
+    """(rank, refine) of an fma row (rows from before refinement have no refine: 0); None for sdpa."""
+    return (r["rank"], r.get("refine") or 0) if r["impl"] == "fma" else None
+
+
 def table(rows: list[dict]) -> str:
-    """One line per (n, mask, fma rank); sdpa's columns repeat on each rank's line. A ``rank``
-    column only when several ranks ran."""
-    key = {(r["impl"], r["n"], r["causal"], r["mode"], r["rank"]): r for r in rows}
-    ranks = sorted({r["rank"] for r in rows if r["impl"] == "fma"})
-    many = len(ranks) > 1
-    lines = [f"{'n':>8} {'causal':>6}{' rank' if many else ''} | {'fma fwd':>9} {'sdpa fwd':>9} {'x':>6} |"
+    """One line per (n, mask, fma rank and refine); sdpa's columns repeat on each line. A ``rank``
+    (``refine``) column only when several ranks (refines) ran."""
+    key = {(r["impl"], r["n"], r["causal"], r["mode"], _variant(r)): r for r in rows}
+    variants = sorted({_variant(r) for r in rows if r["impl"] == "fma"})
+    many = len({v[0] for v in variants}) > 1
+    refines = len({v[1] for v in variants}) > 1
+    extra = (" rank" if many else "") + (" refine" if refines else "")
+    lines = [f"{'n':>8} {'causal':>6}{extra} | {'fma fwd':>9} {'sdpa fwd':>9} {'x':>6} |"
              f" {'fma f+b':>9} {'sdpa f+b':>9} {'x':>6} | {'fma peak':>9} {'sdpa peak':>9} {'fma io':>8}",
-             f"{'':>8} {'':>6}{'     ' if many else ''} | {'ms':>9} {'ms':>9} {'':>6} | {'ms':>9} {'ms':>9} {'':>6} |"
+             f"{'':>8} {'':>6}{' ' * len(extra)} | {'ms':>9} {'ms':>9} {'':>6} | {'ms':>9} {'ms':>9} {'':>6} |"
              f" {'MiB':>9} {'MiB':>9} {'MiB':>8}"]
     def fmt(x, spec="9.1f"):
         return format(x, spec) if x is not None else f"{'-':>{spec.split('.')[0]}}"
 
     for n, causal in sorted({(r["n"], r["causal"]) for r in rows}, key=lambda t: (not t[1], t[0])):
-        for rank in ranks:
+        for variant in variants:
             def get(impl, mode, field="ms"):
-                r = key.get((impl, n, causal, mode, rank if impl == "fma" else None))
+                r = key.get((impl, n, causal, mode, variant if impl == "fma" else None))
                 return r[field] if r else None
 
             def speedup(mode):  # sdpa's time over fma's
                 return get("sdpa", mode) / get("fma", mode) if get("sdpa", mode) and get("fma", mode) else None
 
             fx, bx = speedup("fwd"), speedup("fwdbwd")
-            lines.append(f"{n:8d} {int(causal):6d}{f' {rank:4d}' if many else ''} | {fmt(get('fma', 'fwd'))}"
+            cols = (f" {variant[0]:4d}" if many else "") + (f" {variant[1]:6d}" if refines else "")
+            lines.append(f"{n:8d} {int(causal):6d}{cols} | {fmt(get('fma', 'fwd'))}"
                          f" {fmt(get('sdpa', 'fwd'))} {fmt(fx, '6.1f')} | {fmt(get('fma', 'fwdbwd'))}"
                          f" {fmt(get('sdpa', 'fwdbwd'))} {fmt(bx, '6.1f')} |"
                          f" {fmt(get('fma', 'fwdbwd', 'peak_extra_mib'))}"
@@ -186,13 +198,13 @@ def table(rows: list[dict]) -> str:
 
 
 def growth(rows: list[dict]) -> list[str]:
-    """Time and memory growth of fma forward+backward against n log n, per mask (the first rank)."""
-    rank = next((r["rank"] for r in rows if r["impl"] == "fma"), None)
+    """Time and memory growth of fma forward+backward against n log n, per mask (the first rank and refine)."""
+    variant = next((_variant(r) for r in rows if r["impl"] == "fma"), None)
     out = []
     for causal in (True, False):
         pts = sorted((r["n"], r["ms"], r["peak_extra_mib"]) for r in rows
                      if r["impl"] == "fma" and r["mode"] == "fwdbwd" and r["causal"] == causal and r["n"] >= 16384
-                     and r["rank"] == rank)
+                     and _variant(r) == variant)
         if len(pts) >= 2:
             (n0, t0, m0), (n1, t1, m1) = pts[0], pts[-1]
             nlogn = (n1 * math.log(n1)) / (n0 * math.log(n0))
@@ -215,13 +227,15 @@ def main():
     ap.add_argument("--block-size", type=int, default=64, help="fma's fine block (model.block_size)")
     ap.add_argument("--rank", type=int, nargs="+", default=[2],
                     help="fma's summaries per window (model.rank); several are timed side by side")
+    ap.add_argument("--refine", type=int, nargs="+", default=[0],
+                    help="fma's opened far blocks per query (model.refine); several are timed side by side")
     add_result_arguments(ap)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
-        impl, n, causal, mode, rank = args.case.split(",")
+        impl, n, causal, mode, rank, refine = args.case.split(",")
         print(json.dumps(run_case(impl, int(n), bool(int(causal)), mode, args.device, args.dtype, args.heads,
-                                  args.head_dim, args.budget, args.block_size, int(rank))))
+                                  args.head_dim, args.budget, args.block_size, int(rank), int(refine))))
         return
     import torch
     print(f"fmtrain attention benchmark: {args.device}, {args.dtype}, batch 1, {args.heads} heads, "

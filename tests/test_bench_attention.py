@@ -44,3 +44,18 @@ def test_attention_bench_times_each_rank_and_sdpa_once(tmp_path):
     lines = [line.split() for line in result["table"].splitlines()[2:]]
     assert [line[2] for line in lines] == ["2", "8"]  # one line per rank, sdpa's time on both
     assert lines[0][5] == lines[1][5]
+
+
+@pytest.mark.slow
+def test_attention_bench_times_each_refine_side_by_side(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "attention.py"), "--n", "512", "--budget", "0.5", "--causal-only",
+           "--block-size", "32", "--refine", "0", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "attention-cpu.json").read_text())
+    got = sorted((r["impl"], r["refine"] or 0, r["mode"]) for r in result["rows"])
+    assert got == sorted([("fma", K, m) for K in (0, 2) for m in ("fwd", "fwdbwd")]
+                         + [("sdpa", 0, m) for m in ("fwd", "fwdbwd")])
+    lines = [line.split() for line in result["table"].splitlines()[2:]]
+    assert [line[2] for line in lines] == ["0", "2"]  # one line per refine, no rank column
+    assert lines[0][5] == lines[1][5]  # sdpa's time on both

@@ -198,6 +198,28 @@ def train(args, variant: str, device: torch.device) -> tuple[torch.nn.Module, li
     return model, log
 
 
+def trained(args, variant: str, device: torch.device) -> tuple[torch.nn.Module, list[dict]]:
+    """:func:`train`, or the weights ``--models`` holds from a run with the same training arguments."""
+    if not args.models:
+        return train(args, variant, device)
+    keys = ("train_len", "curriculum", "keys", "steps", "batch_size", "queries", "lr", "warmup", "dim", "layers",
+            "heads", "block_size", "rank", "rope_theta", "seed")
+    setup = {k: getattr(args, k) for k in keys}
+    path = Path(args.models) / f"{variant}.pt"
+    if path.exists():
+        saved = torch.load(path, map_location=device)
+        if saved["setup"] == setup:
+            model = build_model(model_config(args, variant)).to(device)
+            model.load_state_dict(saved["state"])
+            print(f"  {variant}: weights from {path}", flush=True)
+            return model, saved["log"]
+        print(f"  {variant}: {path} was trained with other arguments; training again", flush=True)
+    model, log = train(args, variant, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(setup=setup, state=model.state_dict(), log=log), path)
+    return model, log
+
+
 def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -218,10 +240,13 @@ def evaluate(model, args, n: int, device: torch.device) -> list[tuple[int, bool]
     model.eval()
     gen = torch.Generator().manual_seed(args.seed + 1000 + n)
     seqs, per_batch = max(1, args.eval_tokens // n), max(1, 131072 // n)
+    # --needle-at start: every needle at the sequence's start, so a distance is one query position at
+    # every length (a causal model's output there cannot depend on the tokens after it).
+    needle_max = 1 if args.needle_at == "start" else max(1, n // 8)
     out = []
     for first in range(0, seqs, per_batch):
         ids, targets, dist = make_batch(args, gen, min(per_batch, seqs - first), n, args.eval_queries,
-                                        needle_max=max(1, n // 8))
+                                        needle_max=needle_max)
         with autocast(device):
             h = model.trunk(ids.to(device))  # (B, n, dim)
         sel = targets >= 0
@@ -286,9 +311,9 @@ def table(rows: dict, chance: float) -> str:
 
 
 def length_table(rows: dict) -> str:
-    """Accuracy by distance at each evaluation length. The needle sits in the first eighth, so at a
-    longer length a query at the same distance sits later, above more coarse levels; what the
-    pooled table averages over shows here."""
+    """Accuracy by distance at each evaluation length. The needle sits in the first eighth (by
+    default), so at a longer length a query at the same distance sits later, above more coarse
+    levels; what the pooled table averages over shows here."""
     buckets = sorted({int(b) for r in rows.values() for v in r["by_len"].values() for b in v})
     lines = ["| variant | length | " + " | ".join(f"{b}-{2 * b - 1}" if b > 1 else "1" for b in buckets) + " |",
              "|---|---|" + "---|" * len(buckets)]
@@ -347,6 +372,11 @@ def parse_args(argv=None):
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--rank", type=int, default=2)
     ap.add_argument("--rope-theta", type=float, default=500000.0)
+    ap.add_argument("--needle-at", default="eighth", choices=("eighth", "start"),
+                    help="where evaluation needles sit: anywhere in the first eighth (default), or at the "
+                         "start, so that a distance is also a query position (a control)")
+    ap.add_argument("--models", default="", help="a folder: save each trained variant's weights there, and "
+                                                 "load them instead of training when present (same arguments)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-interval", type=int, default=50)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -383,7 +413,7 @@ def main(argv=None) -> int:
     rows, t_start = {}, time.perf_counter()
     for variant in args.variants.split(","):
         t0 = time.perf_counter()
-        model, log = train(args, variant, device)
+        model, log = trained(args, variant, device)
         train_s = time.perf_counter() - t0
         per_len, pairs = {}, []
         for n in eval_lens:

@@ -64,6 +64,31 @@ def test_recall_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_recall_refined_variant_saves_its_weights_and_the_needle_at_start_control_reuses_them(tmp_path):
+    models = str(tmp_path / "models")
+    first = run_bench("recall.py", tmp_path, "--variants", "fma-m2m-refine2", "--models", models)
+    assert (tmp_path / "models" / "fma-m2m-refine2.pt").exists()
+    again = run_bench("recall.py", tmp_path, "--variants", "fma-m2m-refine2", "--models", models)
+    assert again["rows"]["fma-m2m-refine2"]["pooled"] == first["rows"]["fma-m2m-refine2"]["pooled"]
+    assert again["rows"]["fma-m2m-refine2"]["train_log"] == first["rows"]["fma-m2m-refine2"]["train_log"]
+    control = run_bench("recall.py", tmp_path, "--variants", "fma-m2m-refine2", "--models", models,
+                        "--needle-at", "start")
+    assert control["rows"]["fma-m2m-refine2"]["train_log"] == first["rows"]["fma-m2m-refine2"]["train_log"]
+    assert control["meta"]["args"]["needle_at"] == "start"
+    # The needle at the start: every distance out to the end of the longest sequence is asked for.
+    assert max(int(b) for b in control["rows"]["fma-m2m-refine2"]["pooled"]) >= 2048
+
+
+def test_needle_at_start_puts_every_needle_first():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import recall
+    ids, targets, dist = recall.passkey_batch(torch.Generator().manual_seed(0), 4, 300, 16, needle_max=1)
+    assert (ids[:, 0] == recall.MARKER).all()
+    pos = torch.arange(300).expand(4, -1)
+    assert ((pos - dist)[targets >= 0] == 1).all()  # every query's distance is from position 1, the value
+
+
+@pytest.mark.slow
 def test_long_context_quick_buckets_every_position_once_and_reuses_runs(tmp_path):
     arms = "local,fma-m2m+model.level_offset=true"
     work = str(tmp_path / "runs")

@@ -28,11 +28,13 @@ makes the work per query fixed, ``K * (L - 1)`` two-window steps, where the open
 rule can split windows without reaching a block.
 
 Cost per query: selection ``O(p L + K p L)`` summary scores, attention
-``O(m + p L + K (m + p L))`` keys (``L ~ log2(n/m)`` levels); at ``m = 64``, ``p = 2``
-causal, per query head: 16k (L 7): K=2 420, K=4 616, K=8 1008 keys against 156 without
-refinement and 16384 for full attention; 128k (L 10): 520 / 764 / 1252 (vs 168 and
-131072); 1M (L 13): 620 / 912 / 1496 (vs 180 and 1048576). The key counts are from
-:func:`keys_per_query`.
+``O(m + p L + K (m + p L))`` keys (``L ~ log2(n/m)`` levels): causal, ``2m + K m +
+(2L + K (L - 1)) p`` scores. At ``m = 64``, ``p = 2``, per query head (:func:`keys_per_query`):
+
+    n     levels   K=0   K=2   K=4   K=8   full attention
+    16k      7     156   308   460   764        16,384
+    128k    10     168   332   496   824       131,072
+    1M      13     180   356   532   884     1,048,576
 
 Implementation here: the selection runs vectorised over chunks of queries, and the
 far field (opened blocks plus candidates) is one autograd function, :class:`FarField`,

@@ -576,3 +576,34 @@ def test_export_refusals_write_nothing(tmp_path, corpus):
     # The command line: exit status 2 and the message.
     r = fmtrain("fmtrain.hf", "export", mlm, tmp_path / "out", check=False)
     assert r.returncode == 2 and "masked LMs are not exported" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_converted_sentencepiece_encodes_the_whole_corpus_and_control_strings_as_text(tmp_path):
+    """Every document of the embedded corpus, and text holding the control pieces literally
+    (the stdlib has '<s>' in lib2to3), encodes as SentencePiece encodes it: through the converted
+    tokenizers object and through transformers reading the exported files."""
+    from transformers import AutoTokenizer
+
+    from fmtrain.data.corpus import Corpus
+    from fmtrain.data.tokenizer import load_tokenizer
+    from fmtrain.hf.sentencepiece import convert, special_tokens_config
+
+    tok = load_tokenizer(SP_TOKENIZER)
+    converted = convert(tok)
+    docs = [text for _, text in Corpus.parse(["stdlib"]).documents()]
+    assert len(docs) > 100 and any("<s>" in d for d in docs)  # the stdlib grouped by directory
+    controls = "x = '<s>' + '</s>'<pad> <mask><unk>\n"
+    docs.append(controls * 3)
+    got = [e.ids for e in converted.encode_batch(docs, add_special_tokens=False)]
+    want = tok.sp.encode(docs)
+    differ = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    assert not differ, f"{len(differ)} of {len(docs)} documents encode differently, first {differ[:5]}"
+    converted.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(special_tokens_config(tok, 1024)))
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    lib2to3 = next(d for d in docs if "<s>" in d)
+    for text in (controls, lib2to3):
+        assert hf(text, add_special_tokens=False)["input_ids"] == tok.sp.encode(text)
+    assert hf.decode(hf(controls)["input_ids"]) == controls
+    assert hf.eos_token == "</s>" and hf.eos_token_id == tok.eos_id

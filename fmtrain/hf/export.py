@@ -124,7 +124,7 @@ def _write_tokenizer(tok: Tokenizer, folder: Path, seq_len: int, sample: str) ->
 def _sample_texts(cfg: Config) -> list[str]:
     """Text to check a tokenizer conversion on: the run's corpus (some documents) and fixed strings."""
     fixed = ["def f(x):\n\treturn  x ** 2  # 12345\n", "  leading and trailing  ", "\n\n\nx", "é ✓ 中文 🙂",
-             "a\u00a0b", ""]
+             "a\u00a0b", "", "x = '<s>' + '</s>' <pad><mask><unk> <|endoftext|>"]  # control strings are text
     if any(c.startswith("hf:") for c in cfg.data.corpus):  # a hub dataset: no download for this
         return fixed
     try:

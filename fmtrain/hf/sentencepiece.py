@@ -12,8 +12,15 @@ Such a model is the ``tokenizers`` model of the same kind with the same pieces:
 with a ``Replace(" ", "\u2581")`` normaliser, no pre-tokeniser (pieces were learned
 within SentencePiece's word and script boundaries, so none cross them), byte
 fallback, and a decoder that undoes both. Control pieces (``<s>``, ``</s>``,
-``<pad>``, ``<mask>``) are special tokens. The export checks the result against
-SentencePiece on sample text before writing it.
+``<pad>``, ``<mask>``, ``<unk>``) are special tokens, and, as in SentencePiece, never
+matched inside text: a literal ``<s>`` in a document (the stdlib has some) is ordinary
+characters. ``tokenizers`` matches added tokens in text unless the tokenizer's
+``encode_special_tokens`` is set, which ``tokenizer.json`` cannot hold; transformers sets
+it from ``split_special_tokens`` in ``tokenizer_config.json``, which
+:func:`special_tokens_config` writes. (A program reading ``tokenizer.json`` with
+``tokenizers`` alone sets ``tok.encode_special_tokens = True`` itself; without it, only text
+holding a literal control string encodes differently.) The export checks the result against
+SentencePiece on sample text, the control strings included, before writing it.
 """
 from __future__ import annotations
 
@@ -53,6 +60,7 @@ def convert(tok: Tokenizer):
     out.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     specials = [sp.id_to_piece(i) for i in range(tok.vocab_size) if sp.is_control(i) or sp.is_unknown(i)]
     out.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in specials])
+    out.encode_special_tokens = True  # control strings in text are text, as in SentencePiece
     return out
 
 
@@ -74,7 +82,8 @@ def special_tokens_config(tok: Tokenizer, seq_len: int) -> dict:
     name = {k: (sp.id_to_piece(i) if i is not None else None) for k, i in
             dict(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id, unk=tok.unk_id, mask=tok.mask_id).items()}
     cfg = {"backend": "tokenizers", "tokenizer_class": "TokenizersBackend", "model_max_length": seq_len,
-           "clean_up_tokenization_spaces": False}
+           "clean_up_tokenization_spaces": False,
+           "split_special_tokens": True}  # control strings in text are text (SentencePiece's rule)
     cfg |= {f"{k}_token": v for k, v in name.items() if v is not None}
     return cfg
 

@@ -53,9 +53,9 @@ import torch.nn.functional as F
 from .hierarchy import Hierarchy
 from .torch_core import _Scratch, acc_dtype
 
-# Elements of the largest per-chunk gather (queries x keys x head_dim, 16 MB in fp32): bounds the
+# Elements of the largest per-chunk gather (queries x keys x head_dim, 32 MB in fp32): bounds the
 # scratch memory of selection and of the far field whatever n.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 23
 
 
 def keys_per_query(h: Hierarchy, refine: int) -> int:
@@ -189,7 +189,7 @@ def _far_inputs(q, n: int, off, h: Hierarchy, tabs, opened, lv, win, weighted: b
     B, H, nq, d = q.shape
     Hkv, m = opened.shape[1], h.block_size
     G = H // Hkv
-    qg = q.view(B, Hkv, G, nq, d).transpose(2, 3).to(acc)
+    qg = q.view(B, Hkv, G, nq, d).transpose(2, 3).to(acc).contiguous()
     tok = (opened.unsqueeze(-1) * m + torch.arange(m, device=q.device)).flatten(-2)  # (B, Hkv, nq, K*m)
     tok_ok = (tok >= 0) & (tok < n) & (opened >= 0).repeat_interleave(m, dim=-1)
     sidx, s_ok = _summary_slots(h, tabs, lv, win)  # (B, Hkv, nq, C, p)
@@ -239,9 +239,8 @@ class FarField(torch.autograd.Function):
         kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
         out = torch.empty(B, H, n, d, dtype=acc, device=q.device)
         lse = torch.empty(B, H, n, dtype=acc, device=q.device)
-        sels, ws = [], _Scratch()
-        for i0, i1 in _chunks(q, ks, h, refine):
-            sel = select(q[:, :, i0:i1], ksa, h, refine, scale, i0)
+        sels, ws = _select_all(q, ksa, h, refine, scale), _Scratch()
+        for i0, i1, *sel in _far_chunks(sels, q, ks, h, refine):
             qg, blocks, sidx, bias, _ = _far_inputs(q[:, :, i0:i1], n, off, h, tabs, *sel, weighted, acc)
             kt, kc = _gather(kb, ksa, blocks, sidx, ws, "k")
             s = torch.cat([qg @ kt.transpose(-1, -2), qg @ kc.transpose(-1, -2)], dim=-1) * scale + bias
@@ -253,9 +252,8 @@ class FarField(torch.autograd.Function):
             nq = i1 - i0
             out[:, :, i0:i1] = o.transpose(2, 3).reshape(B, H, nq, d)
             lse[:, :, i0:i1] = l.squeeze(-1).transpose(2, 3).reshape(B, H, nq)
-            sels.append((i0, i1) + tuple(x.to(torch.int32) for x in sel))
         ctx.save_for_backward(q, k, v, ks, vs, off, out, lse)
-        ctx.sels, ctx.h, ctx.weighted, ctx.scale = sels, h, weighted, scale
+        ctx.sels, ctx.h, ctx.weighted, ctx.scale, ctx.refine = sels, h, weighted, scale, refine
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -272,8 +270,7 @@ class FarField(torch.autograd.Function):
         dkb, dvb, dks, dvs = (torch.zeros_like(x) for x in (kb, vb, ksa, vsa))
         doff = torch.zeros(off.shape, dtype=acc, device=q.device) if off is not None else None
         ws = _Scratch()
-        for i0, i1, *sel in ctx.sels:
-            sel = [x.long() for x in sel]
+        for i0, i1, *sel in _far_chunks(ctx.sels, q, ks, h, ctx.refine):
             qg, blocks, sidx, bias, slv = _far_inputs(q[:, :, i0:i1], n, off, h, tabs, *sel, ctx.weighted, acc)
             (kt, kc), (vt, vc) = _gather(kb, ksa, blocks, sidx, ws, "k"), _gather(vb, vsa, blocks, sidx, ws, "v")
             nq, Km = i1 - i0, kt.shape[3]
@@ -281,27 +278,38 @@ class FarField(torch.autograd.Function):
             s = torch.cat([qg @ kt.transpose(-1, -2), qg @ kc.transpose(-1, -2)], dim=-1) * scale + bias
             p = torch.exp(s - torch.where(l.isinf(), 0.0, l))
             do = (dout[:, :, i0:i1] if dout is not None else torch.zeros_like(out[:, :, i0:i1])).to(acc)
-            do = do.view(B, Hkv, G, nq, d).transpose(2, 3)  # (B, Hkv, nq, G, d)
+            do = do.view(B, Hkv, G, nq, d).transpose(2, 3).contiguous()  # (B, Hkv, nq, G, d)
             o = out[:, :, i0:i1].view(B, Hkv, G, nq, d).transpose(2, 3)
             delta = (do * o).sum(-1, keepdim=True)
             if dlse is not None:
                 delta = delta - dlse[:, :, i0:i1].to(acc).view(B, Hkv, G, nq).transpose(2, 3).unsqueeze(-1)
             dp = torch.cat([do @ vt.transpose(-1, -2), do @ vc.transpose(-1, -2)], dim=-1)
             ds = p * (dp - delta)  # (B, Hkv, nq, G, K*m + C*p)
-            dst, dsc, pt, pc = ds[..., :Km], ds[..., Km:], p[..., :Km], p[..., Km:]
-            dq[:, :, i0:i1] = ((dst @ kt + dsc @ kc) * scale).transpose(2, 3).reshape(B, H, nq, d)
-            _flat_add(dkb, blocks, (dst.transpose(-1, -2) @ qg * scale).view(*blocks.shape, -1))
-            _flat_add(dvb, blocks, (pt.transpose(-1, -2) @ do).view(*blocks.shape, -1))
-            _flat_add(dks, sidx, dsc.transpose(-1, -2) @ qg * scale)
-            _flat_add(dvs, sidx, pc.transpose(-1, -2) @ do)
             if doff is not None:  # each summary slot's score gradient to its (head, level)
-                dsum = dsc.permute(1, 3, 0, 2, 4)  # (Hkv, G, B, nq, C*p)
+                dsum = ds[..., Km:].permute(1, 3, 0, 2, 4)  # (Hkv, G, B, nq, C*p)
                 lvl = (slv - 1).clamp(min=0).permute(1, 0, 2, 3).unsqueeze(1).expand_as(dsum)
                 doff.view(Hkv, G, -1).scatter_add_(2, lvl.reshape(Hkv, G, -1), dsum.reshape(Hkv, G, -1))
+            ds.mul_(scale)  # the score scale, applied to the small factor of every product below
+            dst, dsc, pt, pc = ds[..., :Km], ds[..., Km:], p[..., :Km], p[..., Km:]
+            dq[:, :, i0:i1] = (dst @ kt + dsc @ kc).transpose(2, 3).reshape(B, H, nq, d)
+            tok_shape, sum_shape = (*blocks.shape[:3], Km, d), (*sidx.shape, d)
+            _flat_add(dkb, blocks, _outer(dst, qg, ws("dkt", tok_shape, qg)).view(*blocks.shape, -1))
+            _flat_add(dvb, blocks, _outer(pt, do, ws("dvt", tok_shape, qg)).view(*blocks.shape, -1))
+            _flat_add(dks, sidx, _outer(dsc, qg, ws("dks", sum_shape, qg)))
+            _flat_add(dvs, sidx, _outer(pc, do, ws("dvs", sum_shape, qg)))
         dk = dkb.view(B, Hkv, -1, d)[:, :, :n]
         dv = dvb.view(B, Hkv, -1, d)[:, :, :n]
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dks.to(ks.dtype), dvs.to(vs.dtype),
                 None if doff is None else doff.to(off.dtype), None, None, None, None)
+
+
+def _outer(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``w^T @ x`` summed over the group's query heads into ``out``: w (..., G, S), x (..., G, d) ->
+    (..., S, d). One head (G = 1) is an outer product, which broadcasting does far faster than a
+    batched matmul of rank-one products."""
+    if w.shape[-2] == 1:
+        return torch.mul(w.squeeze(-2).unsqueeze(-1), x, out=out)
+    return torch.matmul(w.transpose(-1, -2), x, out=out)
 
 
 def _flat_add(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
@@ -311,13 +319,32 @@ def _flat_add(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
     dst.view(-1, r).index_add_(0, (idx + base).reshape(-1), src.reshape(-1, r))
 
 
-def _chunks(q, ks, h: Hierarchy, refine: int):
-    """Query ranges whose gathered keys stay within CHUNK_ELEMENTS, in whole fine blocks."""
-    B, H, n, d = q.shape
-    per_query = B * ks.shape[1] * d * (refine * h.block_size + num_candidates(h, refine) * h.rank)
+def _chunks(n: int, per_query: int, h: Hierarchy):
+    """Query ranges whose largest temporary (``per_query`` elements a query) stays within
+    CHUNK_ELEMENTS, in whole fine blocks. Python's cost per chunk is fixed, so chunks are as
+    large as that allows."""
     step = max(h.block_size, CHUNK_ELEMENTS // max(per_query, 1) // h.block_size * h.block_size)
     for i0 in range(0, n, step):
         yield i0, min(i0 + step, n)
+
+
+def _select_all(q, ks, h: Hierarchy, refine: int, scale: float) -> list[tuple]:
+    """:func:`select` over the whole sequence in chunks of its own size (its temporaries are the
+    initial candidates' summaries), as ``(i0, i1, opened, lv, win)`` in int32."""
+    B, H, n, d = q.shape
+    per_query = B * ks.shape[1] * d * max(num_candidates(h, 0), 2) * h.rank * max(H // ks.shape[1], 1)
+    return [(i0, i1) + tuple(x.to(torch.int32) for x in select(q[:, :, i0:i1], ks, h, refine, scale, i0))
+            for i0, i1 in _chunks(n, per_query, h)]
+
+
+def _far_chunks(sels: list[tuple], q, ks, h: Hierarchy, refine: int):
+    """The selection re-cut into the far field's chunks (its temporaries are each query's gathered
+    keys): ``(i0, i1, opened, lv, win)`` in int64."""
+    B, H, n, d = q.shape
+    per_query = B * ks.shape[1] * d * (refine * h.block_size + num_candidates(h, refine) * h.rank)
+    opened, lv, win = (torch.cat([s[k] for s in sels], dim=2) for k in (2, 3, 4))
+    for i0, i1 in _chunks(n, per_query, h):
+        yield (i0, i1) + tuple(x[:, :, i0:i1].long() for x in (opened, lv, win))
 
 
 def refined_multipole(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool, refine: int,

@@ -3,6 +3,7 @@ Mistral models are built and saved here, imported into fmtrain (model.init_from)
 on, and exported back (python -m fmtrain.hf export)."""
 import importlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -607,3 +608,102 @@ def test_converted_sentencepiece_encodes_the_whole_corpus_and_control_strings_as
         assert hf(text, add_special_tokens=False)["input_ids"] == tok.sp.encode(text)
     assert hf.decode(hf(controls)["input_ids"]) == controls
     assert hf.eos_token == "</s>" and hf.eos_token_id == tok.eos_id
+
+
+LM_EVAL_TASKS = {
+    "fmtrain_docs.yaml": """task: fmtrain_docs
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {docs}}}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
+""",
+    "fmtrain_choice.yaml": """task: fmtrain_choice
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {choice}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+""",
+}
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_reads_an_fma_export_through_remote_code(tmp_path, corpus):
+    """What a researcher runs: the lm_eval CLI on an fma export with trust_remote_code=True, a
+    rolling-loglikelihood task over held-out text and a multiple-choice task, both local files. Its
+    bits per byte and every choice's log-likelihood equal fmtrain's own model on the same tokens."""
+    from fmtrain.data.tokenizer import load_tokenizer
+    from fmtrain.hf import export
+
+    ckpt = model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma", summary="m2m")
+    out = export(ckpt, tmp_path / "out")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_fmtrain.FmtrainForCausalLM"
+    texts = [f.read_text()[:1500] for f in sorted(corpus.glob("*.txt"))[:4]]
+    rng = torch.Generator().manual_seed(5)
+    words = "def class return import lambda yield while assert".split()
+    questions = [dict(question=f"Which keyword comes {i}?", answer=int(torch.randint(0, 3, (1,), generator=rng)),
+                      choices=[words[int(j)] for j in torch.randperm(len(words), generator=rng)[:3]])
+                 for i in range(6)]
+    data = tmp_path / "tasks"
+    data.mkdir()
+    for name, rows in (("docs", [dict(text=t) for t in texts]), ("choice", questions)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, yaml in LM_EVAL_TASKS.items():
+        (data / name).write_text(yaml.format(docs=data / "docs.jsonl", choice=data / "choice.jsonl"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+           f"pretrained={out},trust_remote_code=True,dtype=float64,max_length=4096", "--tasks",
+           "fmtrain_docs,fmtrain_choice", "--include_path", str(data), "--device", "cpu", "--batch_size", "1",
+           "--output_path", str(tmp_path / "results"), "--log_samples"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = json.loads(next((tmp_path / "results").rglob("results_*.json")).read_text())["results"]
+    samples = [json.loads(line) for f in (tmp_path / "results").rglob("samples_fmtrain_choice_*.jsonl")
+               for line in f.read_text().splitlines()]
+
+    net, sp = fmtrain_model(ckpt), load_tokenizer(SP_TOKENIZER).sp
+
+    def loglik(context: list[int], continuation: list[int]) -> float:
+        ids = torch.tensor([context + continuation])
+        logp = torch.log_softmax(net.logits(ids[:, :-1])[0], -1)
+        n = len(continuation)
+        return logp[-n:].gather(-1, ids[0, -n:, None]).sum().item()
+
+    bos = sp.piece_to_id("<s>")  # lm-eval's prefix for a rolling loglikelihood: the tokenizer's BOS
+    nll = -sum(loglik([bos], sp.encode(t)) for t in texts)
+    bpb = nll / math.log(2) / sum(len(t.encode()) for t in texts)
+    assert abs(results["fmtrain_docs"]["bits_per_byte,none"] - bpb) < 1e-6, (results["fmtrain_docs"], bpb)
+    assert len(samples) == len(questions)
+    for s in samples:  # lm-eval's context/continuation split: the continuation's tokens after the context's
+        q = s["doc"]
+        for choice, (got, _) in zip(q["choices"], s["filtered_resps"]):
+            whole, ctx = sp.encode(q["question"] + " " + choice), sp.encode(q["question"])
+            assert abs(float(got) - loglik(ctx, whole[len(ctx):])) < 1e-6, (q, choice)
+    assert 0 <= results["fmtrain_choice"]["acc,none"] <= 1
+
+
+@pytest.mark.slow
+def test_fma_export_remote_code_without_fmtrain_names_the_package(tmp_path, corpus):
+    from fmtrain.hf import export
+
+    out = export(model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma"), tmp_path / "out")
+    code = ("import sys; sys.modules['fmtrain'] = None\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert r.returncode != 0
+    assert "this model is an fmtrain export" in r.stderr and 'pip install -e ".[hf]"' in r.stderr, r.stderr[-2000:]

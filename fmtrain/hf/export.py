@@ -8,7 +8,10 @@ tokenizer files:
   loads with no fmtrain installed;
 - ``fma`` and ``local`` models become ``model_type = "fmtrain"``
   (:mod:`fmtrain.hf.modeling`), which ``AutoModelForCausalLM.from_pretrained(OUT)``
-  loads after ``import fmtrain.hf``;
+  loads after ``import fmtrain.hf``, and any tool loads with ``trust_remote_code=True``
+  (``lm_eval --model_args pretrained=OUT,trust_remote_code=True``): the folder carries an
+  ``auto_map`` and a small ``modeling_fmtrain.py`` that imports fmtrain's implementation (fmtrain
+  must be installed where it runs; the file says so when it is not);
 - masked LMs are refused: transformers has no encoder class with fmtrain's
   architecture (RoPE, SwiGLU, RMSNorm) to hand them to.
 
@@ -40,6 +43,28 @@ class ExportError(RuntimeError):
     """An export that cannot be done; the message says why."""
 
 
+# The remote code of a model_type "fmtrain" folder: fmtrain's own classes, imported. transformers
+# skips imports inside try/except when it checks a remote file's requirements, so a missing fmtrain
+# reaches the user as the message below rather than as a bare package name.
+REMOTE_CODE = '''"""Remote code of an fmtrain export (multipole attention): transformers runs this file when
+the folder is loaded with ``trust_remote_code=True``. The model is fmtrain's own implementation,
+so fmtrain must be installed where it runs: ``pip install -e ".[hf]"`` in a clone of fmtrain.
+"""
+try:
+    from fmtrain.hf.modeling import FmtrainConfig, FmtrainForCausalLM
+except ImportError as exc:
+    raise ImportError(
+        "this model is an fmtrain export (model_type 'fmtrain', multipole attention) and runs on fmtrain's "
+        'own code: install fmtrain with its Hugging Face extra (pip install -e ".[hf]" in a clone of '
+        f"fmtrain), then load it again ({exc})") from exc
+
+__all__ = ["FmtrainConfig", "FmtrainForCausalLM"]
+'''
+REMOTE_FILE = "modeling_fmtrain.py"
+AUTO_MAP = {"AutoConfig": "modeling_fmtrain.FmtrainConfig",
+            "AutoModelForCausalLM": "modeling_fmtrain.FmtrainForCausalLM"}
+
+
 def hf_architecture(cfg: Config) -> str:
     """The transformers class an fmtrain model is exported as."""
     m = cfg.model
@@ -63,7 +88,7 @@ def _hf_config(cfg: Config, arch: str, tok: Tokenizer, dtype: torch.dtype):
 
         fields = {k: v for k, v in cfg.to_dict()["model"].items() if k != "init_from" and v is not None}
         return FmtrainConfig(fmtrain=fields, max_position_embeddings=cfg.data.seq_len, architectures=[arch],
-                             dtype=dtype_name, **special)
+                             dtype=dtype_name, auto_map=dict(AUTO_MAP), **special)
     common = dict(vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=m.hidden,
                   num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads,
                   rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
@@ -165,6 +190,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fp32
 
         config = _hf_config(cfg, arch, tok, DTYPES[dtype])
         config.save_pretrained(tmp)
+        if arch == "FmtrainForCausalLM":
+            (tmp / REMOTE_FILE).write_text(REMOTE_CODE)
         GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                          pad_token_id=tok.pad_id).save_pretrained(tmp)
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "source": str(ckpt)})

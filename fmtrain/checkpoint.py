@@ -313,8 +313,10 @@ class Checkpointer:
 
         for src, name in tokenizer_files(self.tokenizer_path):
             shutil.copy2(src, tmp / name)
-        for stray in tmp.glob("*.py"):  # DeepSpeed's zero_to_fp32 copies; not ours to ship
-            stray.unlink()
+        # What DeepSpeed's own readers expect beside the tag folder: ``latest`` names it, so that
+        # `python -m deepspeed.utils.zero_to_fp32 CHECKPOINT OUT` (and the zero_to_fp32.py copy
+        # DeepSpeed leaves here) work on the folder as it is.
+        (tmp / "latest").write_text("ds")
         w = self.world
         meta = dict(asdict(state), world_size=w.size, dp_size=w.dp_size, sp_size=w.sp_size,
                     zero_stage=self.cfg.parallel.zero_stage, time=time.time(), files=_file_sizes(tmp),

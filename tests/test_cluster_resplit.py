@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.test_train import corpus, losses, make_config, metrics, train  # noqa: F401 (corpus: a fixture)
 
@@ -74,3 +75,17 @@ def test_model_only_export_loads_in_eval_and_generate(tmp_path, corpus):  # noqa
                            "--temperature", "0"], capture_output=True, text=True) for p in (out, run)]
     assert gen[0].returncode == 0, gen[0].stderr[-3000:]
     assert gen[0].stdout.startswith("def ") and gen[1].stdout.endswith(gen[0].stdout)  # (ZeRO 3 merge prints first)
+    # DeepSpeed's own consolidation, as its documentation gives it, on the ZeRO-3 checkpoint as it is.
+    from safetensors.torch import load_file
+
+    ckpt = max((run / "checkpoints").glob("step_*"))
+    assert (ckpt / "latest").read_text() == "ds"
+    ds = subprocess.run([sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(ckpt), str(tmp_path / "fp32")],
+                        capture_output=True, text=True)
+    assert ds.returncode == 0, ds.stderr[-3000:]
+    fp32 = torch.load(next((tmp_path / "fp32").glob("pytorch_model*.bin")), map_location="cpu")
+    ours = load_file(out / "model.safetensors")
+    shared = set(fp32) & set(ours)
+    assert shared >= set(ours) - {"head.weight"}, sorted(set(ours) - shared)  # tied: DeepSpeed keeps one name
+    for name in shared:
+        assert torch.equal(fp32[name].float(), ours[name].float()), name

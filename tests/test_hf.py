@@ -707,3 +707,42 @@ def test_fma_export_remote_code_without_fmtrain_names_the_package(tmp_path, corp
                        env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
     assert r.returncode != 0
     assert "this model is an fmtrain export" in r.stderr and 'pip install -e ".[hf]"' in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_padded_batch_rows_equal_each_row_alone(tmp_path, corpus):
+    """A left-padded batch (generate()'s and lm-eval's padding) and a right-padded one: each row's
+    logits, its share of the labels= loss and its greedy continuation, with and without the
+    decoding cache, equal the row run alone."""
+    import fmtrain.hf  # noqa: F401
+    from fmtrain.hf import export
+
+    out = export(model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma", summary="m2m"), tmp_path / "out")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
+    g = torch.Generator().manual_seed(6)
+    rows = [torch.randint(5, 4000, (n,), generator=g) for n in (70, 38, 55)]  # past the fine reach: coarse levels
+    n, pad = max(len(r) for r in rows), 0
+    left = torch.stack([torch.cat([torch.full((n - len(r),), pad), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(n - len(r)), torch.ones(len(r))]) for r in rows]).long()
+    right = torch.stack([torch.cat([r, torch.full((n - len(r),), pad)]) for r in rows])
+    with torch.no_grad():
+        alone = [model(r[None]).logits[0] for r in rows]
+        got = model(left, attention_mask=mask).logits
+        for b, r in enumerate(rows):
+            assert torch.equal(got[b, n - len(r):], alone[b]) and not got[b, :n - len(r)].any()
+        got = model(right, attention_mask=mask.flip(1)).logits
+        for b, r in enumerate(rows):
+            assert torch.equal(got[b, :len(r)], alone[b])
+        labels = left.masked_fill(mask == 0, -100)
+        loss = model(left, attention_mask=mask, labels=labels).loss
+        nll = sum(torch.nn.functional.cross_entropy(a[:-1], r[1:], reduction="sum") for a, r in zip(alone, rows))
+        want = nll.item() / sum(len(r) - 1 for r in rows)
+        assert abs(loss.item() - want) < 1e-4 * want  # the labels= loss is computed in float32
+    for use_cache in (True, False):
+        batch = model.generate(left, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                               pad_token_id=pad, use_cache=use_cache)
+        for b, r in enumerate(rows):
+            one = model.generate(r[None], max_new_tokens=12, do_sample=False, eos_token_id=None, use_cache=use_cache)
+            assert batch[b, n:].tolist() == one[0, len(r):].tolist(), (use_cache, b)
+    with pytest.raises(ValueError, match="padding between its tokens"):
+        model(left, attention_mask=torch.tensor([[1, 0] * (n // 2)] * 3))

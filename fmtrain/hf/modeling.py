@@ -9,9 +9,13 @@ to transformers' Auto classes; ``import fmtrain.hf`` calls it.
 Generation: ``generate()`` goes through fmtrain's decoding cache (``model.prefill``
 once over the prompt, then ``model.decode`` per token: the multipole cache for
 ``fma``/``local``, a key/value cache for ``sdpa``); with ``use_cache=False`` every
-new token re-runs the model over the whole context. Padding masks are not
-supported: give sequences of one length (batch of one for prompts of different
-lengths).
+new token re-runs the model over the whole context.
+
+Padded batches: the hierarchy is positional, so padding cannot be masked inside one
+row; a row whose ``attention_mask`` marks one contiguous run of tokens (left padding, as
+``generate()`` and lm-eval pad, or right padding) is computed on its own tokens from
+position 0, with its own decoding cache, so every row equals its result alone. Logits
+at padded positions are zero.
 """
 from __future__ import annotations
 
@@ -91,19 +95,31 @@ class FmtrainForCausalLM(PreTrainedModel, GenerationMixin):
         """Logits (B, n, vocab) for every position; with ``labels`` (transformers' convention: the
         inputs, shifted inside) also the mean cross-entropy of the next tokens. Within ``generate()``
         with ``use_cache``: the next token's logits (B, 1, vocab) and the decoding ``cache``."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise NotImplementedError("fmtrain models take no padding mask: pass sequences of one length "
-                                      "(prompts of different lengths one at a time)")
+        spans = _row_spans(attention_mask)  # None: no padding
         # Without a decoding cache (refine > 0) every step recomputes the context: input_ids is all of it.
         if fmtrain_generation and use_cache and self.model.has_decoding_cache:
-            if cache is None:
-                logits, cache = self.model.prefill(input_ids)
+            if spans is None:
+                if cache is None:
+                    logits, cache = self.model.prefill(input_ids)
+                else:
+                    logits, cache = self.model.decode(input_ids[:, -1], cache)
+                return CausalLMOutputWithPast(logits=logits[:, None], cache=cache)
+            if cache is None:  # a padded batch: one cache per row, prefilled on the row's own tokens
+                rows = [self.model.prefill(input_ids[b:b + 1, lo:hi]) for b, (lo, hi) in enumerate(spans)]
             else:
-                logits, cache = self.model.decode(input_ids[:, -1], cache)
-            return CausalLMOutputWithPast(logits=logits[:, None], cache=cache)
-        positions = position_ids[0] if position_ids is not None and position_ids.dim() == 2 \
-            and bool((position_ids == position_ids[:1]).all()) else position_ids
-        logits = self.model.head(self.model.trunk(input_ids, positions))  # (B, n, V)
+                rows = [self.model.decode(input_ids[b:b + 1, -1], c) for b, c in enumerate(cache)]
+            return CausalLMOutputWithPast(logits=torch.cat([r[0] for r in rows])[:, None], cache=[r[1] for r in rows])
+        if spans is None:
+            positions = position_ids[0] if position_ids is not None and position_ids.dim() == 2 \
+                and bool((position_ids == position_ids[:1]).all()) else position_ids
+            logits = self.model.head(self.model.trunk(input_ids, positions))  # (B, n, V)
+        else:  # each row on its own tokens from position 0; zeros where padded
+            logits = None
+            for b, (lo, hi) in enumerate(spans):
+                row = self.model.head(self.model.trunk(input_ids[b:b + 1, lo:hi]))  # (1, hi - lo, V)
+                if logits is None:
+                    logits = row.new_zeros(input_ids.shape[0], input_ids.shape[1], row.shape[-1])
+                logits[b, lo:hi] = row[0]
         loss = None
         if labels is not None:
             shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -115,6 +131,23 @@ class FmtrainForCausalLM(PreTrainedModel, GenerationMixin):
         # The whole context on the first step (and on every step without the cache); then the new token.
         return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache,
                 "use_cache": use_cache, "fmtrain_generation": True}
+
+
+def _row_spans(attention_mask: torch.Tensor | None) -> list[tuple[int, int]] | None:
+    """Each row's run of real tokens ``[lo, hi)``, or None when nothing is padded."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    spans = []
+    for b, row in enumerate(attention_mask.bool()):
+        idx = row.nonzero().flatten()
+        if len(idx) == 0:
+            raise ValueError(f"attention_mask row {b} marks no token; every row needs at least one")
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        if hi - lo != len(idx):
+            raise ValueError(f"attention_mask row {b} has padding between its tokens; fmtrain models take "
+                             "left or right padding (one run of tokens per row)")
+        spans.append((lo, hi))
+    return spans
 
 
 def register() -> None:

@@ -30,11 +30,14 @@ class RunLock:
     def __init__(self, directory: str | os.PathLike):
         self.path = Path(directory) / LOCK_FILE
         self.fd: int | None = None
+        self.created: list[Path] = []  # the folders acquire() made, innermost first
 
     def acquire(self) -> None:
         """Take the lock now or raise RunDirInUse naming the holder (never waits)."""
         try:
+            missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.created = missing
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children (O_CLOEXEC)
         except OSError as exc:
             raise UserError(f"cannot write the run directory {self.path.parent} ({exc}); give a run.dir "
@@ -53,10 +56,19 @@ class RunLock:
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         self.fd = fd
 
-    def release(self) -> None:
+    def release(self, failed_start: bool = False) -> None:
+        """Unlock. ``failed_start``: the run refused to start; take back the lock file and the
+        folders this lock made, if the run wrote nothing else into them."""
         if self.fd is not None:
             os.close(self.fd)  # closing releases the flock
             self.fd = None
+            if failed_start and self.created:
+                try:
+                    self.path.unlink(missing_ok=True)
+                    for folder in self.created:
+                        folder.rmdir()  # only if empty: anything the run wrote stays
+                except OSError:
+                    pass
 
 
 def lock_run(directories: list[Path], world) -> list[RunLock]:

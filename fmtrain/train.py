@@ -194,10 +194,14 @@ def train(cfg: Config) -> dict:
     init = prepare_init(cfg)  # model.init_from's weights, checked before anything is written; None: resume
     locks = lock_run(_run_dirs(cfg), world)  # before anything is written to the run
     try:
-        return _train(cfg, world, init)
-    finally:
-        for lock in locks:
-            lock.release()
+        result = _train(cfg, world, init)
+    except BaseException:
+        for lock in locks:  # a run that never started leaves no folder behind
+            lock.release(failed_start=True)
+        raise
+    for lock in locks:
+        lock.release()
+    return result
 
 
 def _cpu_threads(world: World) -> str:

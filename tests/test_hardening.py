@@ -441,3 +441,32 @@ def test_unknown_deepspeed_keys_are_refused_with_the_right_name():
     assert cfg.parallel.deepspeed["zero_optimization"] == {"overlap_comm": True}
     with pytest.raises(ConfigError, match="data.num_workers was removed"):
         from_dict({"run": {"dir": "r"}, "data": {"num_workers": 2}})
+
+
+@pytest.mark.slow
+def test_every_refused_start_leaves_no_run_folder(tmp_path, corpus):  # noqa: F811
+    """Data and tokenizer refusals come after the run lock; the lock's folder goes with them."""
+    bad = tmp_path / "bad"
+    (bad / "empty").mkdir(parents=True)
+    (bad / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    (bad / "broken.jsonl").write_text('{"text": "a"\n')
+    (bad / "notext.jsonl").write_text('{"body": "a"}\n' * 5)
+    (bad / "tiny.txt").write_text("x = 1\n")
+    (bad / "tok.model").write_bytes(b"not a model")
+    shipped = Path(__file__).parents[1] / "tokenizer" / "stdlib-4k.model"
+    cases = [(f"--data.corpus={tmp_path}/nothing/*.txt",), (f"--data.corpus={bad}/empty",),
+             (f"--data.corpus={bad}/latin1.jsonl",), (f"--data.corpus={bad}/broken.jsonl",),
+             (f"--data.corpus={bad}/notext.jsonl",), (f"--data.corpus={bad}/tiny.txt",),
+             ("--data.tokenizer=/nonexistent/tok.model",), (f"--data.tokenizer={bad}/tok.model",),
+             (f"--data.tokenizer={shipped}", "--model.vocab_size=100")]
+    for i, overrides in enumerate(cases):
+        cfg = make_config(tmp_path, corpus, name=f"run{i}")
+        r = run_train(cfg, *overrides)
+        assert_one_error_line(r)
+        assert not (tmp_path / f"run{i}").exists(), (overrides, sorted((tmp_path / f"run{i}").rglob("*")))
+    # A run folder that existed before keeps what it held, and only loses the lock it never used.
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    cfg = make_config(tmp_path, corpus, name="kept")
+    assert_one_error_line(run_train(cfg, f"--data.corpus={bad}/empty"))
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"

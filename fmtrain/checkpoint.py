@@ -469,3 +469,12 @@ class Checkpointer:
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()
         return load_path
+
+
+if __name__ == "__main__":  # the export command lived here once: say where it went
+    import sys
+
+    print("error: python -m fmtrain.checkpoint is not a command (its export moved): the model alone is "
+          "python -m fmtrain.export RUN OUT, a Hugging Face folder python -m fmtrain.hf export RUN OUT",
+          file=sys.stderr)
+    sys.exit(2)

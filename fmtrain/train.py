@@ -239,6 +239,7 @@ def _train(cfg: Config, world: World, init) -> dict:
     data = _build_data(cfg, world)
     model = build_model(cfg.model, sp_group=world.sp_group)  # None unless parallel.sequence > 1
     init_note = init.load(model) if init else ""  # weights only: optimizer, schedule and data start fresh
+    n_params = model.num_params()  # before ZeRO 3 partitions them away from this rank
     engine = build_engine(model, cfg, world, dtype)
     state = TrainState()
     ckpt = Checkpointer(cfg, world, data.tokenizer.path)
@@ -253,7 +254,7 @@ def _train(cfg: Config, world: World, init) -> dict:
     log = Metrics(cfg.run.dir, total_steps=cfg.train.steps, start_step=state.step, enabled=world.is_main,
                   flops_per_token=fpt, peak=peak * world.size if peak else None)
     rate = f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_src})" if peak else f"achieved FLOP/s ({peak_src})"
-    log.note(f"fmtrain: {cfg.name} | {model.num_params() / 1e6:.2f}M parameters | {cfg.model.kind} "
+    log.note(f"fmtrain: {cfg.name} | {n_params / 1e6:.2f}M parameters | {cfg.model.kind} "
              f"{cfg.model.attention} | {world.size} process(es), dp {world.dp_size} x sp {world.sp_size}, "
              f"ZeRO {cfg.parallel.zero_stage}, {dtype}, {world.device.type}{threads} | seq_len {cfg.data.seq_len} | "
              f"{tokens_per_step:,} tokens/step | {rate}" + (f" | resumed from {resumed}" if resumed else "")

@@ -53,7 +53,9 @@ def test_two_rank_checkpoint_resumes_on_one_and_four_ranks(tmp_path, corpus, zer
 
 def test_model_only_export_loads_in_eval_and_generate(tmp_path, corpus):  # noqa: F811
     cfg = make_config(tmp_path, corpus)
-    train(cfg, "--train.steps=3", "--parallel.zero_stage=3", nproc=2)
+    r = train(cfg, "--train.steps=3", "--parallel.zero_stage=3", nproc=2)
+    count = r.stdout.split("M parameters")[0].rsplit("| ", 1)[1]
+    assert float(count) > 0.01, r.stdout[:500]  # counted before ZeRO 3 partitions them
     run, out = tmp_path / "run", tmp_path / "export"
     ex = subprocess.run([sys.executable, "-m", "fmtrain.export", str(run), str(out)],
                         capture_output=True, text=True)

@@ -470,3 +470,9 @@ def test_every_refused_start_leaves_no_run_folder(tmp_path, corpus):  # noqa: F8
     cfg = make_config(tmp_path, corpus, name="kept")
     assert_one_error_line(run_train(cfg, f"--data.corpus={bad}/empty"))
     assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
+
+
+def test_the_old_checkpoint_command_says_where_export_went():
+    r = subprocess.run([sys.executable, "-m", "fmtrain.checkpoint", "export", "run", "out"], capture_output=True,
+                       text=True, timeout=120, env=ENV)
+    assert r.returncode == 2 and "python -m fmtrain.export RUN OUT" in r.stderr and not r.stdout

@@ -651,6 +651,12 @@ def test_lm_eval_cli_reads_an_fma_export_through_remote_code(tmp_path, corpus):
     out = export(ckpt, tmp_path / "out")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_fmtrain.FmtrainForCausalLM"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes  # not safetensors' 0600
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.metadata()["source"] == str(ckpt.resolve())
     texts = [f.read_text()[:1500] for f in sorted(corpus.glob("*.txt"))[:4]]
     rng = torch.Generator().manual_seed(5)
     words = "def class return import lambda yield while assert".split()

@@ -55,6 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from _results import add_result_arguments, beside, meta, result_stem, save_plot, write_results  # noqa: E402
+from fmtrain.by_position import (EDGES, bucket_name, held_out_documents, loss_by_position,  # noqa: E402
+                                 mean_loss)
 
 # base arm -> [model] overrides; every other field comes from the base config.
 BASE_ARMS = {
@@ -64,15 +66,6 @@ BASE_ARMS = {
     "fma-mean": dict(attention="fma", summary="mean"),
     "fma-conv": dict(attention="fma", summary="conv"),
 }
-# Bucket edges of the predicted token's position in its document: [1, 64), [64, 256), ...
-EDGES = (1, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
-
-
-def bucket_name(lo: int, hi: int) -> str:
-    k = lambda x: f"{x // 1024}k" if x >= 1024 else str(x)  # noqa: E731
-    return f"{k(lo)}-{k(hi)}"
-
-
 # --------------------------------------------------------------------------- arms
 def parse_arm(spec: str) -> tuple[str, dict[str, str]]:
     """``"fma-m2m+model.weighted=false"`` -> (base arm, {dotted key: value}) of its trainer overrides."""
@@ -140,17 +133,6 @@ def train(args, spec: str) -> Path:
 
 
 # --------------------------------------------------------------------------- evaluation
-def held_out_documents(cfg, min_len: int) -> list[np.ndarray]:
-    """The held-out documents of the run's corpus with at least ``min_len`` tokens (the same
-    tokenizer and split the trainer used), longest first."""
-    from fmtrain.data.tokens import cached_tokens
-
-    _, splits = cached_tokens(cfg.data.corpus, cfg.data.tokenizer, cfg.data.cache_dir, progress=False)
-    val = splits["validation"]
-    docs = [np.asarray(val.document(d), dtype=np.int64) for d in range(val.n_docs)]
-    return sorted((d for d in docs if len(d) >= min_len), key=len, reverse=True)
-
-
 _PACKAGE_DOCS: dict = {}  # tokenizer path -> tokenised package documents (one tokenisation per study)
 
 
@@ -182,21 +164,6 @@ def eval_len_of(args, spec: str, model_cfg) -> int:
     return args.eval_len
 
 
-def nll_by_position(model, ids: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Per-token negative log-likelihood (nats) of ``ids[1:]`` given everything before, float64."""
-    import torch
-
-    x = torch.from_numpy(ids[None, :-1])
-    y = torch.from_numpy(ids[1:])
-    with torch.no_grad():
-        h = model.trunk(x, None)[0]  # (n-1, dim)
-        out = []
-        for i in range(0, h.shape[0], chunk):
-            logits = (h[i:i + chunk] @ model.head.weight.t()).double()
-            out.append(torch.nn.functional.cross_entropy(logits, y[i:i + chunk], reduction="none"))
-    return torch.cat(out).numpy()
-
-
 def evaluate(args, spec: str, run_dir: Path) -> dict:
     """Loss by position bucket of one trained arm: sums and counts, so buckets can be merged."""
     from fmtrain.attention.cpu import adapt_torch_threads
@@ -209,25 +176,12 @@ def evaluate(args, spec: str, run_dir: Path) -> dict:
             else package_documents_tokens(cfg, args.min_doc_len, args.max_docs))
     if not docs:
         raise SystemExit(f"error: no held-out document has {args.min_doc_len} tokens; lower --min-doc-len")
-    sums = np.zeros(len(EDGES) - 1)
-    counts = np.zeros(len(EDGES) - 1, dtype=np.int64)
-    doc_counts = np.zeros(len(EDGES) - 1, dtype=np.int64)
-    t0 = time.perf_counter()
-    for doc in docs:
-        ids = doc[:length]  # positions 1 .. length-1: bucket edges at powers of two stay whole
-        nll = nll_by_position(model, ids)
-        pos = np.arange(1, len(ids))  # the predicted token's distance from the document's start
-        b = np.searchsorted(EDGES, pos, side="right") - 1
-        np.add.at(sums, b, nll)
-        np.add.at(counts, b, 1)
-        doc_counts[np.unique(b)] += 1
+    result = loss_by_position(model, docs, length)
     train_log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final_eval = [r for r in train_log if "eval_loss" in r][-1]
     train_rows = [r for r in train_log if "loss" in r]
-    return dict(arm=spec, run_dir=str(run_dir), eval_len=length, n_docs=len(docs),
-                train_tokens=int(train_rows[-1]["tokens_seen"]), trainer_eval_loss=final_eval["eval_loss"],
-                trainer_eval_bpb=final_eval["eval_bpb"], sums=sums.tolist(), counts=counts.tolist(),
-                doc_counts=doc_counts.tolist(), eval_wall_s=time.perf_counter() - t0)
+    return dict(arm=spec, run_dir=str(run_dir), train_tokens=int(train_rows[-1]["tokens_seen"]),
+                trainer_eval_loss=final_eval["eval_loss"], trainer_eval_bpb=final_eval["eval_bpb"], **result)
 
 
 # --------------------------------------------------------------------------- report
@@ -235,11 +189,6 @@ def buckets(rows: list[dict]) -> list[tuple[int, int]]:
     """The buckets any row has tokens in, as (lo, hi) edge indices."""
     used = [i for i in range(len(EDGES) - 1) if any(r["counts"][i] for r in rows)]
     return [(i, i + 1) for i in used]
-
-
-def mean_loss(row: dict, lo: int, hi: int) -> tuple[float, int, int]:
-    s, c = sum(row["sums"][lo:hi]), sum(row["counts"][lo:hi])
-    return (s / c if c else math.nan), c, max(row["doc_counts"][lo:hi], default=0)
 
 
 def headers(groups: list[tuple[int, int]], seq_len: int) -> list[str]:

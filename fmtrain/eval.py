@@ -1,6 +1,12 @@
 """Held-out evaluation: loss, bits per byte and perplexity.
 
     python -m fmtrain.eval RUN_DIR_OR_CHECKPOINT [--batches N] [--batch-size B]
+    python -m fmtrain.eval RUN_DIR_OR_CHECKPOINT --by-position [--max-len N] [--out FILE]
+
+``--by-position``: does the model use its context? Held-out loss by the predicted token's
+position in its document (documents read one at a time from their start, so no target
+crosses a document boundary), in log-spaced buckets with the tokens and documents behind
+each (:mod:`fmtrain.by_position`): a table, and ``FILE.json`` / ``FILE.png`` with ``--out``.
 
 Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the text the
 scored tokens stand for, so numbers compare across tokenizers.
@@ -62,10 +68,19 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=None, help="evaluate at most this many batches "
                                                               "(default: the whole held-out set)")
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--by-position", action="store_true",
+                    help="held-out loss by position in the document instead (documents read from their start)")
+    ap.add_argument("--max-len", type=int, default=None,
+                    help="--by-position: tokens read from each document (default: 8 x data.seq_len, to see "
+                         "beyond the training length)")
+    ap.add_argument("--min-doc-len", type=int, default=1, help="--by-position: skip shorter documents")
+    ap.add_argument("--out", default=None, help="--by-position: write OUT.json (and OUT.png with matplotlib)")
     args = ap.parse_args(argv)
     ckpt = resolve(args.checkpoint)
     cfg = load_config_of(ckpt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.by_position:
+        return _by_position(args, ckpt, cfg, device)
     world = World(rank=0, local_rank=0, size=1, sp_size=1, device=device, backend="none")
     tok = ckpt / "tokenizer.model"
     try:
@@ -95,7 +110,49 @@ def main(argv=None) -> int:
     return 0
 
 
-def _progress(total: int, every: float = 10.0):
+def _by_position(args, ckpt, cfg, device) -> int:
+    from . import by_position
+    from .errors import UserError
+    from .export import load_model
+
+    max_len = args.max_len or 8 * cfg.data.seq_len
+    if max_len < 2 or args.min_doc_len < 1:
+        raise UserError(f"--max-len {max_len} and --min-doc-len {args.min_doc_len}: give counts of at least 2 and 1")
+    try:
+        docs = by_position.held_out_documents(cfg, args.min_doc_len, str(ckpt / "tokenizer.model"))
+    except (ValueError, OSError) as exc:
+        raise UserError(f"the data of {ckpt / 'config.toml'} (data.corpus = {cfg.data.corpus}): {exc}") from None
+    if not docs:
+        raise UserError(f"data.corpus = {cfg.data.corpus} holds no held-out document of at least "
+                        f"{args.min_doc_len} tokens; lower --min-doc-len or raise data.val_fraction")
+    model, _ = load_model(ckpt)
+    model.to(device).eval()
+    if device.type == "cpu":
+        from .attention.cpu import adapt_torch_threads
+
+        adapt_torch_threads()
+    tokens = sum(min(len(d), max_len) for d in docs)
+    print(f"loss by position: {ckpt}, {len(docs)} held-out documents, up to {max_len:,} tokens each "
+          f"({tokens:,} tokens), one at a time", file=sys.stderr, flush=True)
+    report = _progress(len(docs), what="document")
+    result = by_position.loss_by_position(model, docs, max_len, progress=lambda i, n: report(i))
+    print(by_position.table(result, cfg.data.seq_len))
+    if args.out:
+        from pathlib import Path
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(dict(checkpoint=str(ckpt), seq_len=cfg.data.seq_len,
+                                                            edges=list(by_position.EDGES), **result), indent=1))
+        try:
+            by_position.plot(result, cfg.data.seq_len, out.with_suffix(".png"), f"{ckpt}: held-out loss by position")
+        except ImportError:
+            print("note: no plot (matplotlib is not installed)", file=sys.stderr)
+        print(f"wrote {out.with_suffix('.json')}", file=sys.stderr)
+    return 0
+
+
+def _progress(total: int, every: float = 10.0, what: str = "eval batch"):
     """A callback printing ``batch i/total`` to stderr every few seconds."""
     import time
 
@@ -105,7 +162,7 @@ def _progress(total: int, every: float = 10.0):
         now = time.monotonic()
         if now - last[0] >= every or i == total:
             last[0] = now
-            print(f"eval batch {i}/{total}", file=sys.stderr, flush=True)
+            print(f"{what} {i}/{total}", file=sys.stderr, flush=True)
 
     return report
 

@@ -476,3 +476,31 @@ def test_the_old_checkpoint_command_says_where_export_went():
     r = subprocess.run([sys.executable, "-m", "fmtrain.checkpoint", "export", "run", "out"], capture_output=True,
                        text=True, timeout=120, env=ENV)
     assert r.returncode == 2 and "python -m fmtrain.export RUN OUT" in r.stderr and not r.stdout
+
+
+def test_eval_by_position_buckets_every_held_out_token_once(tmp_path, run):
+    """python -m fmtrain.eval RUN --by-position: one line per position bucket, and JSON whose buckets
+    hold every scored token of every held-out document once, with a loss equal to fmtrain's own
+    per-token loss of those documents."""
+    import numpy as np
+
+    from fmtrain.by_position import held_out_documents, nll_by_position
+    from fmtrain.export import load_model
+
+    cfg, rundir, ckpts = run
+    out = tmp_path / "pos" / "run"
+    r = subprocess.run([sys.executable, "-m", "fmtrain.eval", str(rundir), "--by-position", "--max-len", "512",
+                        "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| position | loss (nats/token)" in r.stdout and "| 1-64 |" in r.stdout and "held-out documents" in r.stderr
+    result = json.loads(out.with_suffix(".json").read_text())
+    model, run_cfg = load_model(rundir)
+    docs = held_out_documents(run_cfg, 1, str(max(ckpts.glob("step_*")) / "tokenizer.model"))
+    assert result["n_docs"] == len(docs) and sum(result["counts"]) == sum(min(len(d), 512) - 1 for d in docs)
+    want = sum(nll_by_position(model, d[:512]).sum() for d in docs)
+    assert abs(sum(result["sums"]) - want) < 1e-6 * want
+    assert run_cfg.data.seq_len == 128 and "| 256-1k* |" in r.stdout  # beyond the training length, marked
+    assert np.all(np.array(result["doc_counts"]) <= len(docs))
+    r = subprocess.run([sys.executable, "-m", "fmtrain.eval", str(rundir), "--by-position", "--min-doc-len",
+                        "10000000"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 2 and "no held-out document of at least 10000000 tokens" in r.stderr

@@ -2,11 +2,15 @@
 
     python -m fmtrain.eval RUN_DIR_OR_CHECKPOINT [--batches N] [--batch-size B]
     python -m fmtrain.eval RUN_DIR_OR_CHECKPOINT --by-position [--max-len N] [--out FILE]
+    python -m fmtrain.eval RUN_DIR_OR_CHECKPOINT --needle [--lengths 1024,4096] [--depths 0,0.5,1] [--keys K]
 
 ``--by-position``: does the model use its context? Held-out loss by the predicted token's
 position in its document (documents read one at a time from their start, so no target
 crosses a document boundary), in log-spaced buckets with the tokens and documents behind
 each (:mod:`fmtrain.by_position`): a table, and ``FILE.json`` / ``FILE.png`` with ``--out``.
+``--needle``: a key-value pair hidden in held-out text at chosen depths of prompts of chosen
+lengths, asked for at the end (RULER's single and multi-key needles, :mod:`fmtrain.needle`):
+accuracy by length and depth, a table and ``FILE.json`` with ``--out``.
 
 Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the text the
 scored tokens stand for, so numbers compare across tokenizers.
@@ -74,13 +78,25 @@ def main(argv=None) -> int:
                     help="--by-position: tokens read from each document (default: 8 x data.seq_len, to see "
                          "beyond the training length)")
     ap.add_argument("--min-doc-len", type=int, default=1, help="--by-position: skip shorter documents")
-    ap.add_argument("--out", default=None, help="--by-position: write OUT.json (and OUT.png with matplotlib)")
+    ap.add_argument("--out", default=None, help="--by-position, --needle: write OUT.json (and --by-position "
+                                                "OUT.png, with matplotlib)")
+    ap.add_argument("--needle", action="store_true", help="a needle test on held-out text instead")
+    ap.add_argument("--lengths", default=None, help="--needle: prompt lengths in tokens (default: data.seq_len "
+                                                    "and 4x it)")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="--needle: where the needle sits (0: start)")
+    ap.add_argument("--samples", type=int, default=8, help="--needle: prompts per (length, depth)")
+    ap.add_argument("--keys", type=int, default=1, help="--needle: needles per prompt, one asked for (RULER's "
+                                                        "multi-key)")
     args = ap.parse_args(argv)
     ckpt = resolve(args.checkpoint)
     cfg = load_config_of(ckpt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.by_position and args.needle:
+        raise UserError("--by-position and --needle are two evaluations: run them one at a time")
     if args.by_position:
         return _by_position(args, ckpt, cfg, device)
+    if args.needle:
+        return _needle(args, ckpt, cfg, device)
     world = World(rank=0, local_rank=0, size=1, sp_size=1, device=device, backend="none")
     tok = ckpt / "tokenizer.model"
     try:
@@ -110,14 +126,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def _by_position(args, ckpt, cfg, device) -> int:
+def _held_out_and_model(args, ckpt, cfg, device):
+    """The run's held-out documents (token arrays, longest first) and its model, on ``device``."""
     from . import by_position
     from .errors import UserError
     from .export import load_model
 
-    max_len = args.max_len or 8 * cfg.data.seq_len
-    if max_len < 2 or args.min_doc_len < 1:
-        raise UserError(f"--max-len {max_len} and --min-doc-len {args.min_doc_len}: give counts of at least 2 and 1")
     try:
         docs = by_position.held_out_documents(cfg, args.min_doc_len, str(ckpt / "tokenizer.model"))
     except (ValueError, OSError) as exc:
@@ -131,6 +145,57 @@ def _by_position(args, ckpt, cfg, device) -> int:
         from .attention.cpu import adapt_torch_threads
 
         adapt_torch_threads()
+    return docs, model
+
+
+def _write_json(path: str, data: dict) -> None:
+    from pathlib import Path
+
+    out = Path(path).with_suffix(".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _needle(args, ckpt, cfg, device) -> int:
+    from . import needle
+    from .data.tokenizer import load_tokenizer
+    from .errors import UserError
+
+    try:
+        lengths = [int(x) for x in (args.lengths or f"{cfg.data.seq_len},{4 * cfg.data.seq_len}").split(",")]
+        depths = [float(x) for x in args.depths.split(",")]
+    except ValueError:
+        raise UserError(f"--lengths {args.lengths!r} and --depths {args.depths!r}: give comma-separated numbers, "
+                        "e.g. --lengths 1024,4096 --depths 0,0.5,1") from None
+    if min(lengths) < 64 or not all(0 <= d <= 1 for d in depths) or args.samples < 1 \
+            or not 1 <= args.keys <= len(needle.KEYS):
+        raise UserError(f"--lengths at least 64 tokens, --depths within [0, 1], --samples >= 1 and --keys 1 to "
+                        f"{len(needle.KEYS)}; got {lengths}, {depths}, {args.samples}, {args.keys}")
+    docs, model = _held_out_and_model(args, ckpt, cfg, device)
+    tok = load_tokenizer(ckpt / "tokenizer.model")
+    print(f"needle test: {ckpt}, lengths {lengths}, depths {depths}, {args.keys} key(s), {args.samples} samples "
+          "a cell, haystack from the held-out documents", file=sys.stderr, flush=True)
+    report = _progress(len(lengths) * len(depths) * args.samples, what="prompt")
+    try:
+        rows = needle.needle_test(model, tok, docs, lengths, depths, args.samples, args.keys,
+                                  progress=lambda i, n: report(i))
+    except ValueError as exc:
+        raise UserError(f"--needle: {exc}") from None
+    print(needle.table(rows))
+    if args.out:
+        _write_json(args.out, dict(checkpoint=str(ckpt), seq_len=cfg.data.seq_len, rows=rows))
+    return 0
+
+
+def _by_position(args, ckpt, cfg, device) -> int:
+    from . import by_position
+    from .errors import UserError
+
+    max_len = args.max_len or 8 * cfg.data.seq_len
+    if max_len < 2 or args.min_doc_len < 1:
+        raise UserError(f"--max-len {max_len} and --min-doc-len {args.min_doc_len}: give counts of at least 2 and 1")
+    docs, model = _held_out_and_model(args, ckpt, cfg, device)
     tokens = sum(min(len(d), max_len) for d in docs)
     print(f"loss by position: {ckpt}, {len(docs)} held-out documents, up to {max_len:,} tokens each "
           f"({tokens:,} tokens), one at a time", file=sys.stderr, flush=True)
@@ -138,17 +203,15 @@ def _by_position(args, ckpt, cfg, device) -> int:
     result = by_position.loss_by_position(model, docs, max_len, progress=lambda i, n: report(i))
     print(by_position.table(result, cfg.data.seq_len))
     if args.out:
+        _write_json(args.out, dict(checkpoint=str(ckpt), seq_len=cfg.data.seq_len, edges=list(by_position.EDGES),
+                                   **result))
         from pathlib import Path
 
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(dict(checkpoint=str(ckpt), seq_len=cfg.data.seq_len,
-                                                            edges=list(by_position.EDGES), **result), indent=1))
         try:
-            by_position.plot(result, cfg.data.seq_len, out.with_suffix(".png"), f"{ckpt}: held-out loss by position")
+            by_position.plot(result, cfg.data.seq_len, Path(args.out).with_suffix(".png"),
+                             f"{ckpt}: held-out loss by position")
         except ImportError:
             print("note: no plot (matplotlib is not installed)", file=sys.stderr)
-        print(f"wrote {out.with_suffix('.json')}", file=sys.stderr)
     return 0
 
 

@@ -504,3 +504,42 @@ def test_eval_by_position_buckets_every_held_out_token_once(tmp_path, run):
     r = subprocess.run([sys.executable, "-m", "fmtrain.eval", str(rundir), "--by-position", "--min-doc-len",
                         "10000000"], capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 2 and "no held-out document of at least 10000000 tokens" in r.stderr
+
+
+def test_needle_prompts_hold_the_needles_at_their_depth_and_end_in_the_question():
+    import numpy as np
+
+    from fmtrain.data.tokenizer import load_tokenizer
+    from fmtrain.needle import build_prompt
+
+    tok = load_tokenizer(Path(__file__).parents[1] / "tokenizer" / "stdlib-4k.model")
+    hay = np.arange(1000, 1200)  # recognisable filler ids, shorter than the prompt: cycled
+    for depth in (0.0, 0.5, 1.0):
+        for pairs in ([("apple", "48213")], [("apple", "48213"), ("river", "11111"), ("violet", "99999")]):
+            ids, answer, starts = build_prompt(tok, hay, 600, depth, pairs, asked=len(pairs) - 1)
+            assert len(ids) == 600 and answer == tok.encode(f" {pairs[-1][1]}")
+            text = tok.decode(ids)
+            assert text.endswith(f"The secret number for {pairs[-1][0]} is")
+            for (k, v), s in zip(pairs, starts):
+                assert tok.decode(ids[s:]).startswith(f"\nThe secret number for {k} is {v}.")
+            needles = sum(len(tok.encode(f"\nThe secret number for {k} is {v}.\n")) for k, v in pairs)
+            k = pairs[-1][0]
+            question = len(tok.encode(f"\nWhat is the secret number for {k}? The secret number for {k} is"))
+            filler = 600 - needles - question
+            assert abs(starts[0] - depth * filler) <= 8 * len(pairs), (depth, starts, filler)
+
+
+def test_eval_needle_reports_accuracy_by_length_and_depth(tmp_path, run):
+    cfg, rundir, _ = run
+    out = tmp_path / "needle"
+    r = subprocess.run([sys.executable, "-m", "fmtrain.eval", str(rundir), "--needle", "--lengths", "128,256",
+                        "--depths", "0,1", "--samples", "2", "--keys", "2", "--out", str(out)],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| length | depth 0 | depth 1 |" in r.stdout and "| 256 |" in r.stdout
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(x["length"], x["depth"]) for x in rows] == [(128, 0.0), (128, 1.0), (256, 0.0), (256, 1.0)]
+    assert all(0 <= x["accuracy"] <= 1 and x["answer_loglik"] < 0 and x["keys"] == 2 for x in rows)
+    r = subprocess.run([sys.executable, "-m", "fmtrain.eval", str(rundir), "--needle", "--depths", "0,2"],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 2 and "--depths within [0, 1]" in r.stderr

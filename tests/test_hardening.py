@@ -543,3 +543,14 @@ def test_eval_needle_reports_accuracy_by_length_and_depth(tmp_path, run):
     r = subprocess.run([sys.executable, "-m", "fmtrain.eval", str(rundir), "--needle", "--depths", "0,2"],
                        capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 2 and "--depths within [0, 1]" in r.stderr
+
+
+def test_hf_commands_without_the_extra_name_the_install(tmp_path):
+    fake = tmp_path / "site" / "transformers"  # transformers as a clone without the extra sees it: absent
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'transformers'\", "
+                                      "name='transformers')\n")
+    env = dict(ENV, PYTHONPATH=str(tmp_path / "site"))
+    r = subprocess.run([sys.executable, "-m", "fmtrain.hf", "export", "run", "out"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert_one_error_line(r, 'pip install -e ".[hf]"')

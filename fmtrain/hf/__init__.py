@@ -13,7 +13,18 @@ Needs ``pip install -e ".[hf]"`` (transformers, tokenizers).
 """
 from __future__ import annotations
 
-from .modeling import FmtrainConfig, FmtrainForCausalLM, register
+import sys
+
+try:
+    from .modeling import FmtrainConfig, FmtrainForCausalLM, register
+except ModuleNotFoundError as exc:
+    if exc.name not in ("transformers", "tokenizers", "safetensors"):
+        raise
+    _need = f'fmtrain.hf needs the Hugging Face extra: pip install -e ".[hf]" ({exc.name} is not installed)'
+    if sys.argv[:1] == ["-m"]:  # python -m fmtrain.hf ...: one error line, as every fmtrain command
+        print(f"error: {_need}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise ModuleNotFoundError(_need, name=exc.name) from None
 
 register()
 

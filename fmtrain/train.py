@@ -259,6 +259,9 @@ def _train(cfg: Config, world: World, init) -> dict:
              f"ZeRO {cfg.parallel.zero_stage}, {dtype}, {world.device.type}{threads} | seq_len {cfg.data.seq_len} | "
              f"{tokens_per_step:,} tokens/step | {rate}" + (f" | resumed from {resumed}" if resumed else "")
              + (f" | {init_note}" if init_note else ""))
+    if cfg.train.steps <= cfg.train.warmup_steps:
+        log.note(f"note: train.steps = {cfg.train.steps} <= train.warmup_steps = {cfg.train.warmup_steps}: the run "
+                 "ends during warmup, before the learning rate decays; shorten train.warmup_steps for a short run")
     if data.val is None:
         log.note(f"evaluation: off: data.corpus holds no documents out (data.val_fraction = "
                  f"{cfg.data.val_fraction} selected none); raise data.val_fraction or add documents")

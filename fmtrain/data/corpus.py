@@ -385,7 +385,7 @@ def _check_parquet_column(paths: list[Path], column: str) -> None:
     for path in paths:
         names = pq.read_schema(path).names
         if column not in names:
-            raise CorpusError(f"{path} has no column {column!r} (columns: {names}); set text_field")
+            raise CorpusError(f"{path} has no column {column!r} (columns: {names}); set data.text_field")
 
 
 def _read_hub(corpus: Corpus, split: str | None) -> Iterator[str]:
@@ -409,7 +409,7 @@ def _texts_of_rows(ds: Any, field_name: str, where: str) -> Iterator[str]:
         rows += 1
         if field_name not in row:
             raise CorpusError(f"{where} has no field {field_name!r} (fields: {sorted(row)}); "
-                              f"set text_field")
+                              f"set data.text_field")
         text = row[field_name]
         if text is None:  # JSON records without the field
             continue
@@ -419,7 +419,7 @@ def _texts_of_rows(ds: Any, field_name: str, where: str) -> Iterator[str]:
         if text:
             yield text
     if rows and not found:
-        raise CorpusError(f"no record of {where} has the field {field_name!r}; set text_field")
+        raise CorpusError(f"no record of {where} has the field {field_name!r}; set data.text_field")
 
 
 def _name_files(paths: list[Path]) -> str:

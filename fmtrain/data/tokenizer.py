@@ -233,7 +233,8 @@ def train_tokenizer(
         # SentencePiece's messages (e.g. "Vocabulary size too high (...) <= N") are
         # clear but easy to miss in its log; repeat them with the numbers we know.
         raise ValueError(f"SentencePiece could not train a {model_type} model of {vocab_size} pieces "
-                         f"on {counted.bytes} bytes of text: {err}") from err
+                         f"(model.vocab_size) on {counted.bytes} bytes of text: {err}; lower model.vocab_size "
+                         "or give more text") from err
     model_file.write_bytes(buffer.getvalue())
     meta = dict(settings, corpus=corpus, train_bytes=counted.bytes,
                 train_seconds=round(time.time() - start, 1), sentencepiece=spm.__version__)

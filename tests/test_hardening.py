@@ -554,3 +554,10 @@ def test_hf_commands_without_the_extra_name_the_install(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fmtrain.hf", "export", "run", "out"], capture_output=True,
                        text=True, env=env, timeout=120)
     assert_one_error_line(r, 'pip install -e ".[hf]"')
+
+
+def test_a_run_shorter_than_its_warmup_says_so(tmp_path, corpus):  # noqa: F811
+    cfg = make_config(tmp_path, corpus)
+    r = run_train(cfg, "--train.steps=2", "--train.warmup_steps=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train.steps = 2 <= train.warmup_steps = 5: the run ends during warmup" in r.stdout

@@ -259,6 +259,10 @@ def _train(cfg: Config, world: World, init) -> dict:
              f"ZeRO {cfg.parallel.zero_stage}, {dtype}, {world.device.type}{threads} | seq_len {cfg.data.seq_len} | "
              f"{tokens_per_step:,} tokens/step | {rate}" + (f" | resumed from {resumed}" if resumed else "")
              + (f" | {init_note}" if init_note else ""))
+    if not cfg.data.tokenizer:
+        log.note(f"tokenizer: data.tokenizer is empty, so a {data.tokenizer.vocab_size}-piece SentencePiece model was "
+                 f"trained on the corpus (once; cached) at {data.tokenizer.path}; checkpoints carry a copy. Give "
+                 "data.tokenizer that path to share it with other runs")
     if cfg.train.steps <= cfg.train.warmup_steps:
         log.note(f"note: train.steps = {cfg.train.steps} <= train.warmup_steps = {cfg.train.warmup_steps}: the run "
                  "ends during warmup, before the learning rate decays; shorten train.warmup_steps for a short run")

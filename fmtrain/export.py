@@ -69,7 +69,8 @@ def load_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (reading it means setting it: set it back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -88,7 +89,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     # Tied weights share storage, which safetensors refuses: store each tensor on its own.
     sd = {k: v.detach().clone().contiguous() for k, v in load_model_state(ckpt).items()}
     save_file(sd, out / EXPORTED, metadata={"step": str(meta["step"]), "source": str(ckpt)})
-    os.chmod(out / EXPORTED, 0o666 & ~_umask())  # safetensors creates it 0600; the rest of the export is 0644
+    os.chmod(out / EXPORTED, 0o666 & ~current_umask())  # safetensors creates it 0600; the rest of the export is 0644
     for name in (CONFIG_FILE, "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json"):
         if (ckpt / name).is_file():

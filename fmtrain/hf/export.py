@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, resolve
-from ..export import _umask, load_config_of, load_model_state
+from ..export import current_umask, load_config_of, load_model_state
 from ..config import Config
 from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from ..pretrained import fmtrain_to_hf
@@ -195,7 +195,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fp32
         GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                          pad_token_id=tok.pad_id).save_pretrained(tmp)
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "source": str(Path(ckpt).resolve())})
-        os.chmod(tmp / "model.safetensors", 0o666 & ~_umask())  # safetensors creates it 0600
+        os.chmod(tmp / "model.safetensors", 0o666 & ~current_umask())  # safetensors creates it 0600
         _write_tokenizer(tok, tmp, cfg.data.seq_len, _sample_texts(cfg))
         if out.exists():
             out.rmdir()

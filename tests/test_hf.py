@@ -752,3 +752,23 @@ def test_padded_batch_rows_equal_each_row_alone(tmp_path, corpus):
             assert batch[b, n:].tolist() == one[0, len(r):].tolist(), (use_cache, b)
     with pytest.raises(ValueError, match="padding between its tokens"):
         model(left, attention_mask=torch.tensor([[1, 0] * (n // 2)] * 3))
+
+
+@pytest.mark.slow
+def test_refined_fma_export_carries_refine_and_generates_by_recomputing(tmp_path, corpus):
+    import fmtrain.hf  # noqa: F401
+    from fmtrain.hf import export
+
+    ckpt = model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma", summary="m2m", refine=2)
+    out = export(ckpt, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["fmtrain"]["refine"] == 2
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
+    net = fmtrain_model(ckpt)
+    ids = torch.randint(0, 4096, (1, 200), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert rel(model(ids).logits, net.logits(ids)) < 1e-12
+    seq = ids[0, :60].tolist()
+    for _ in range(5):
+        seq.append(int(net.logits(torch.tensor([seq]))[0, -1].argmax()))
+    got = model.generate(ids[:, :60], max_new_tokens=5, do_sample=False, eos_token_id=None)  # use_cache: recomputes
+    assert got[0, 60:].tolist() == seq[60:]

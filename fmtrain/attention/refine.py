@@ -164,14 +164,14 @@ def select(q: torch.Tensor, ks: torch.Tensor, h: Hierarchy, refine: int, scale: 
                 break
             kids = torch.cat([2 * cur_w, 2 * cur_w + 1], dim=-1)  # (B, Hkv, nq, 2)
             kid_l = (cur_l - 1).clamp(min=1).expand(-1, -1, -1, 2)
-            ks_ = _window_scores(qg, ks, h, tabs, kid_l, kids, scale)
-            right = ks_[..., 1:] > ks_[..., :1]  # ties keep the left child
+            kid_score = _window_scores(qg, ks, h, tabs, kid_l, kids, scale)
+            right = kid_score[..., 1:] > kid_score[..., :1]  # ties keep the left child
             keep = torch.where(right, kids[..., 1:], kids[..., :1])
             slot = W0 + t * (L - 1) + s
             lv[..., slot:slot + 1] = kid_l[..., :1]
             win[..., slot:slot + 1] = torch.where(split, torch.where(right, kids[..., :1], kids[..., 1:]), -1)
-            score[..., slot:slot + 1] = torch.where(split, torch.where(right, ks_[..., :1], ks_[..., 1:]),
-                                                    -math.inf)
+            sibling = torch.where(right, kid_score[..., :1], kid_score[..., 1:])
+            score[..., slot:slot + 1] = torch.where(split, sibling, -math.inf)
             cur_w = torch.where(split, keep, cur_w)
             cur_l = torch.where(split, cur_l - 1, cur_l)
         opened[..., t:t + 1] = torch.where(ok, cur_w, -1)

@@ -319,6 +319,7 @@ class Checkpointer:
         (tmp / "latest").write_text("ds")
         w = self.world
         meta = dict(asdict(state), world_size=w.size, dp_size=w.dp_size, sp_size=w.sp_size,
+                    cpu_threads=torch.get_num_threads() if w.device.type == "cpu" else None,
                     zero_stage=self.cfg.parallel.zero_stage, time=time.time(), files=_file_sizes(tmp),
                     crc32=_checksums(tmp))
         (tmp / META).write_text(json.dumps(meta, indent=1))

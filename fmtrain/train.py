@@ -204,12 +204,20 @@ def train(cfg: Config) -> dict:
     return result
 
 
-def _cpu_threads(world: World) -> str:
+def _cpu_threads(world: World, saved: int | None = None) -> str:
     """On CPU, take the cores other processes leave free now, and keep that count for the run:
-    a changing count could round matrix products differently and break a bitwise resume."""
+    a changing count could round matrix products differently and break a bitwise resume. A
+    resume takes the count its checkpoint was made with (``saved``) where the process may."""
     if world.device.type != "cpu":
         return ""
     ceiling = torch.get_num_threads()
+    if saved:
+        n = min(saved, ceiling)
+        torch.set_num_threads(n)
+        why = ("as its checkpoint was made" if n == saved else
+               f"its checkpoint was made with {saved} but this process may use {ceiling} (OMP_NUM_THREADS): "
+               "results can round differently from an uninterrupted run")
+        return f" ({n} thread{'s' if n > 1 else ''}, {why})"
     n = adapt_torch_threads()
     return f" ({n} thread{'s' if n > 1 else ''}" + (f"; {ceiling - n} of {ceiling} cores busy elsewhere)"
                                                    if n < ceiling else ")")
@@ -227,14 +235,15 @@ def _train(cfg: Config, world: World, init) -> dict:
     if found:
         for note in changes.notes:
             _say(world, f"resume: {note}")
-        done = validate(found, checksums=False)["step"]
+        saved = validate(found, checksums=False)
+        done = saved["step"]
         if done >= cfg.train.steps:
             _say(world, f"{cfg.run.dir} already finished: its checkpoint {found} is at step {done} of "
                         f"train.steps = {cfg.train.steps}; nothing to do. To train on, raise it "
                         f"(--train.steps=N); to evaluate: python -m fmtrain.eval {cfg.run.dir}")
             return dict(step=done, stopped=False, preempted=False, finished_before=True)
     dtype = _dtype(cfg, world)
-    threads = _cpu_threads(world)
+    threads = _cpu_threads(world, saved.get("cpu_threads") if found else None)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = _build_data(cfg, world)
     model = build_model(cfg.model, sp_group=world.sp_group)  # None unless parallel.sequence > 1

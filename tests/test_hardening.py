@@ -562,3 +562,26 @@ def test_a_run_shorter_than_its_warmup_says_so(tmp_path, corpus):  # noqa: F811
     assert r.returncode == 0, r.stderr[-3000:]
     assert "train.steps = 2 <= train.warmup_steps = 5: the run ends during warmup" in r.stdout
     assert "tokenizer: data.tokenizer is empty, so a" in r.stdout and "trained on the corpus" in r.stdout
+
+
+@pytest.mark.slow
+def test_a_resume_takes_the_thread_count_its_checkpoint_was_made_with(tmp_path, corpus):  # noqa: F811
+    """Matrix products can round differently with another thread count, so a resume on a machine
+    with more free cores keeps the count the run had: its losses stay those of the straight run."""
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "split").mkdir()
+    straight, split = make6(tmp_path / "straight", corpus), make6(tmp_path / "split", corpus)
+    one = dict(ENV, OMP_NUM_THREADS="1")
+    two = dict(ENV, OMP_NUM_THREADS="2", FMTRAIN_FIXED_THREADS="1")  # two threads, busy cores or not
+
+    def trainer(cfg, env, *extra):
+        r = subprocess.run([sys.executable, "-m", "fmtrain.train", str(cfg), *extra], capture_output=True,
+                           text=True, timeout=600, env=env)
+        assert r.returncode in (0, 75), r.stderr[-3000:]
+        return r
+
+    trainer(straight, one)
+    trainer(split, one, "--train.stop_at_step=3")
+    r = trainer(split, two)
+    assert "(1 thread, as its checkpoint was made)" in r.stdout, r.stdout[:800]
+    assert losses(split) == losses(straight)

@@ -30,13 +30,18 @@ def test_attention_bench_small_sweep(tmp_path):
     assert "fma f+b" in result["table"] and "512" in proc.stdout
 
 
-@pytest.mark.slow
-def test_attention_bench_times_each_rank_and_sdpa_once(tmp_path):
+def side_by_side(tmp_path, *extra: str) -> dict:
+    """The benchmark at n = 512, causal, block 32, with ``extra`` (several --rank or --refine)."""
     cmd = [sys.executable, str(ROOT / "bench" / "attention.py"), "--n", "512", "--budget", "0.5", "--causal-only",
-           "--block-size", "32", "--rank", "2", "8", "--out", str(tmp_path)]
+           "--block-size", "32", *extra, "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "attention-cpu.json").read_text())
+    return json.loads((tmp_path / "attention-cpu.json").read_text())
+
+
+@pytest.mark.slow
+def test_attention_bench_times_each_rank_and_sdpa_once(tmp_path):
+    result = side_by_side(tmp_path, "--rank", "2", "8")
     got = sorted((r["impl"], r["rank"] or 0, r["mode"]) for r in result["rows"])
     assert got == sorted([("fma", 2, m) for m in ("fwd", "fwdbwd")] + [("fma", 8, m) for m in ("fwd", "fwdbwd")]
                          + [("sdpa", 0, m) for m in ("fwd", "fwdbwd")])
@@ -48,11 +53,7 @@ def test_attention_bench_times_each_rank_and_sdpa_once(tmp_path):
 
 @pytest.mark.slow
 def test_attention_bench_times_each_refine_side_by_side(tmp_path):
-    cmd = [sys.executable, str(ROOT / "bench" / "attention.py"), "--n", "512", "--budget", "0.5", "--causal-only",
-           "--block-size", "32", "--refine", "0", "2", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "attention-cpu.json").read_text())
+    result = side_by_side(tmp_path, "--refine", "0", "2")
     got = sorted((r["impl"], r["refine"] or 0, r["mode"]) for r in result["rows"])
     assert got == sorted([("fma", K, m) for K in (0, 2) for m in ("fwd", "fwdbwd")]
                          + [("sdpa", 0, m) for m in ("fwd", "fwdbwd")])

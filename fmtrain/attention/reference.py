@@ -69,9 +69,15 @@ def dense_attention(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bo
             lo = h.offsets[l - 1]
             parts.append((ql @ ks[:, :, lo:lo + h.windows[l - 1] * h.rank].transpose(-1, -2)) * scale)
         s_coarse = torch.cat(parts, dim=-1) if parts else q.new_zeros(B, H, n, 0)
-    s_coarse = s_coarse + coarse.to(s_coarse.dtype)
+    return _joint_softmax(s_fine, s_coarse + coarse.to(s_coarse.dtype), v, vs, h, level_offset)
+
+
+def _joint_softmax(s_fine, s_coarse, v, vs, h: Hierarchy, level_offset=None) -> torch.Tensor:
+    """One softmax over fine scores (B, H, n, n) and summary scores (B, H, n, T), masked and
+    log-weighted already, plus each level's ``level_offset`` (H, >= L); v, vs with H heads."""
+    n = s_fine.shape[-1]
     if level_offset is not None and h.n_levels:
-        level_of = torch.cat([torch.full((h.windows[l] * h.rank,), l, device=q.device) for l in range(h.n_levels)])
+        level_of = torch.cat([torch.full((h.windows[l] * h.rank,), l, device=v.device) for l in range(h.n_levels)])
         s_coarse = s_coarse + level_offset.to(s_coarse.dtype)[:, level_of][None, :, None, :]  # (1, H, 1, T)
     s = torch.cat([s_fine, s_coarse], dim=-1)
     if s.dtype in (torch.float16, torch.bfloat16):
@@ -149,11 +155,4 @@ def dense_refined(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool
     ks, vs = ks.repeat_interleave(G, dim=1), vs.repeat_interleave(G, dim=1)
     s_fine = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~fine, -math.inf)
     s_coarse = (q @ ks.transpose(-1, -2)) * scale + coarse.to(q.dtype)
-    if level_offset is not None and h.n_levels:
-        level_of = torch.cat([torch.full((h.windows[l] * h.rank,), l, device=q.device) for l in range(h.n_levels)])
-        s_coarse = s_coarse + level_offset.to(s_coarse.dtype)[:, level_of][None, :, None, :]
-    s = torch.cat([s_fine, s_coarse], dim=-1)
-    if s.dtype in (torch.float16, torch.bfloat16):
-        s = s.float()
-    prob = torch.softmax(s, dim=-1).to(v.dtype)
-    return prob[..., :n] @ v + prob[..., n:] @ vs
+    return _joint_softmax(s_fine, s_coarse, v, vs, h, level_offset)

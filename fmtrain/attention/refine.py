@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .hierarchy import Hierarchy
-from .torch_core import _Scratch, acc_dtype
+from .torch_core import Scratch, acc_dtype
 
 # Elements of the largest per-chunk gather (queries x keys x head_dim, 32 MB in fp32): bounds the
 # scratch memory of selection and of the far field whatever n.
@@ -216,7 +216,7 @@ def _blocks(x: torch.Tensor, h: Hierarchy, acc) -> torch.Tensor:
 
 def _gather(xb, xs, blocks, sidx, ws, name: str):
     """Opened blocks' tokens (B, Hkv, nq, K*m, d) and candidates' summaries (B, Hkv, nq, C*p, d),
-    in the scratch buffers ``ws`` (a :class:`~.torch_core._Scratch`) under ``name``."""
+    in the scratch buffers ``ws`` (a :class:`~.torch_core.Scratch`) under ``name``."""
     d = xs.shape[-1]
     B, Hkv, nq, K = blocks.shape
     tok = _flat_gather(xb, blocks, ws(name + "t", (*blocks.shape, xb.shape[-1]), xb))
@@ -239,11 +239,11 @@ class FarField(torch.autograd.Function):
         kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
         out = torch.empty(B, H, n, d, dtype=acc, device=q.device)
         lse = torch.empty(B, H, n, dtype=acc, device=q.device)
-        sels, ws = _select_all(q, ksa, h, refine, scale), _Scratch()
+        sels, ws = _select_all(q, ksa, h, refine, scale), Scratch()
         for i0, i1, *sel in _far_chunks(sels, q, ks, h, refine):
             qg, blocks, sidx, bias, _ = _far_inputs(q[:, :, i0:i1], n, off, h, tabs, *sel, weighted, acc)
             kt, kc = _gather(kb, ksa, blocks, sidx, ws, "k")
-            s = torch.cat([qg @ kt.transpose(-1, -2), qg @ kc.transpose(-1, -2)], dim=-1) * scale + bias
+            s = _far_scores(qg, kt, kc, bias, scale)
             l = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, Hkv, nq, G, 1)
             p = torch.exp(s - torch.where(l.isinf(), 0.0, l))
             vt, vc = _gather(vb, vsa, blocks, sidx, ws, "v")
@@ -269,13 +269,13 @@ class FarField(torch.autograd.Function):
         dq = torch.empty(B, H, n, d, dtype=acc, device=q.device)
         dkb, dvb, dks, dvs = (torch.zeros_like(x) for x in (kb, vb, ksa, vsa))
         doff = torch.zeros(off.shape, dtype=acc, device=q.device) if off is not None else None
-        ws = _Scratch()
+        ws = Scratch()
         for i0, i1, *sel in _far_chunks(ctx.sels, q, ks, h, ctx.refine):
             qg, blocks, sidx, bias, slv = _far_inputs(q[:, :, i0:i1], n, off, h, tabs, *sel, ctx.weighted, acc)
             (kt, kc), (vt, vc) = _gather(kb, ksa, blocks, sidx, ws, "k"), _gather(vb, vsa, blocks, sidx, ws, "v")
             nq, Km = i1 - i0, kt.shape[3]
             l = lse[:, :, i0:i1].view(B, Hkv, G, nq).transpose(2, 3).unsqueeze(-1)  # (B, Hkv, nq, G, 1)
-            s = torch.cat([qg @ kt.transpose(-1, -2), qg @ kc.transpose(-1, -2)], dim=-1) * scale + bias
+            s = _far_scores(qg, kt, kc, bias, scale)
             p = torch.exp(s - torch.where(l.isinf(), 0.0, l))
             do = (dout[:, :, i0:i1] if dout is not None else torch.zeros_like(out[:, :, i0:i1])).to(acc)
             do = do.view(B, Hkv, G, nq, d).transpose(2, 3).contiguous()  # (B, Hkv, nq, G, d)
@@ -301,6 +301,12 @@ class FarField(torch.autograd.Function):
         dv = dvb.view(B, Hkv, -1, d)[:, :, :n]
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dks.to(ks.dtype), dvs.to(vs.dtype),
                 None if doff is None else doff.to(off.dtype), None, None, None, None)
+
+
+def _far_scores(qg, kt, kc, bias, scale: float) -> torch.Tensor:
+    """Scores of each query against its opened blocks' tokens, then its candidates' summaries:
+    (B, Hkv, nq, G, K*m + C*p), biased."""
+    return torch.cat([qg @ kt.transpose(-1, -2), qg @ kc.transpose(-1, -2)], dim=-1) * scale + bias
 
 
 def _outer(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

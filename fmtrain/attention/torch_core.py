@@ -97,7 +97,7 @@ class _Layout:
         lo, hi = max(e0 + shift, 0), min(e1 + shift, nk)
         return lo, hi, lo - (e0 + shift)
 
-    def fine_t(self, xp, bh, i0, i1, ws: "_Scratch", name: str):
+    def fine_t(self, xp, bh, i0, i1, ws: "Scratch", name: str):
         """Transposed fine keys (or values) of local blocks [i0, i1): (nb, d, F*m), a view
         (of scratch, for an end chunk of unextended keys)."""
         m, e1 = self.m, i1 + self.F - 1  # extended blocks [i0, e1)
@@ -117,7 +117,7 @@ class _Layout:
             yield i0, min(i0 + step, self.nblk)
 
 
-class _Scratch:
+class Scratch:
     """One thread's buffers for a chunk's temporaries, reused by all its chunks.
 
     A fresh megabyte-sized tensor per chunk would come from newly mapped memory (glibc
@@ -139,7 +139,7 @@ class _Scratch:
 
 def _each_chunk(L: _Layout, rows_per_block: int, fn) -> None:
     """``fn(bh, i0, i1, scratch)`` over every chunk; (batch, kv head) pairs in parallel
-    threads on CPU, each thread with its own :class:`_Scratch`.
+    threads on CPU, each thread with its own :class:`Scratch`.
 
     A chunk's operations are small (tens of 64 x 64 matrices), too small for torch's
     intra-op threads to pay off; independent heads are. Each head writes only its own
@@ -151,7 +151,7 @@ def _each_chunk(L: _Layout, rows_per_block: int, fn) -> None:
 
     def one_head(bh):
         if not hasattr(local, "scratch"):
-            local.scratch = _Scratch()
+            local.scratch = Scratch()
         with torch.set_grad_enabled(grad):
             for i0, i1 in L.chunks(rows_per_block, bh):
                 fn(bh, i0, i1, local.scratch)
@@ -218,7 +218,7 @@ class _Bias:
         return s.add_(self.coarse[a0:a1, None, :])
 
 
-def _scores(L: _Layout, bias: _Bias, tables: BlockTables, qb, scale: float, bh, i0, i1, ws: _Scratch):
+def _scores(L: _Layout, bias: _Bias, tables: BlockTables, qb, scale: float, bh, i0, i1, ws: Scratch):
     """Fine (nb, G*m, F*m) and coarse (nb, G*m, S) base-2 scores of local blocks [i0, i1),
     biased; and their keys/values. qb: (nb, G*m, d) queries; scale * log2(e) is applied
     inside the products (no scaled copy of the queries). All four live in ``ws``.
@@ -341,4 +341,4 @@ class BlockAttention(torch.autograd.Function):
         return dq, dk, dv, dks, dvs, None, None, None, None, None
 
 
-__all__ = ["BlockAttention", "acc_dtype", "CHUNK_SCORES", "LOG2E", "LN2"]
+__all__ = ["BlockAttention", "Scratch", "acc_dtype", "CHUNK_SCORES", "LOG2E", "LN2"]

@@ -5,8 +5,9 @@ A checkpoint is a folder ``<checkpoint dir>/step_NNNNNNNN/``:
     ds/                 DeepSpeed's engine state (model, optimizer, scheduler; ZeRO shards)
     rank_00000.pt ...   per rank: data position and every RNG
     config.toml         the resolved config of the run
-    tokenizer.model     the tokenizer (and its settings, tokenizer.json, when present), or a
-                        Hugging Face tokenizer's tokenizer.json and tokenizer_config.json
+    tokenizer.model     the SentencePiece tokenizer (and its training settings,
+                        sentencepiece_settings.json, when present), or a Hugging Face
+                        tokenizer's tokenizer.json and tokenizer_config.json
     meta.json           step, tokens seen, world layout, and the size and CRC-32 of every file above
 
 It is written as ``.step_NNNNNNNN.partial/``, flushed to disk, then renamed by

@@ -21,6 +21,7 @@ import torch
 
 from .checkpoint import META, CheckpointError, _checksums, _file_sizes, resolve, validate
 from .config import CONFIG_FILE, Config
+from .data.tokenizer import SETTINGS_IN_CHECKPOINT
 
 EXPORTED = "model.safetensors"  # the weights of a model-only export
 
@@ -90,8 +91,8 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     sd = {k: v.detach().clone().contiguous() for k, v in load_model_state(ckpt).items()}
     save_file(sd, out / EXPORTED, metadata={"step": str(meta["step"]), "source": str(ckpt)})
     os.chmod(out / EXPORTED, 0o666 & ~current_umask())  # safetensors creates it 0600; the rest of the export is 0644
-    for name in (CONFIG_FILE, "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json"):
+    for name in (CONFIG_FILE, "tokenizer.model", SETTINGS_IN_CHECKPOINT, "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json"):
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, out / name)
     info = dict(step=meta["step"], tokens_seen=meta["tokens_seen"], source=str(ckpt), format="model-only",

@@ -77,6 +77,13 @@ def assert_one_error_line(r: subprocess.CompletedProcess, *words: str) -> None:
 
 
 # ---------------------------------------------------------------------- checkpoints
+def test_a_checkpoint_holds_no_tokenizer_json_that_is_not_a_hugging_face_tokenizer(run):
+    _, _, ckpts = run
+    for step in ckpts.glob("step_*"):
+        names = {p.name for p in step.iterdir()}
+        assert {"tokenizer.model", "sentencepiece_settings.json"} <= names and "tokenizer.json" not in names
+
+
 def test_every_checkpoint_damaged_refuses_to_start_over(run):
     cfg, rundir, ckpts = run
     for step in ckpts.iterdir():

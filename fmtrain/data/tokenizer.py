@@ -269,12 +269,22 @@ def _hf_tokenizer_file(path: Path) -> Path | None:
     return candidate if is_hf_tokenizer_file(candidate) else None
 
 
+# A checkpoint keeps a SentencePiece model's training settings under this name, not as
+# `tokenizer.json`, which Hugging Face tools would take for a tokenizer of theirs.
+SETTINGS_IN_CHECKPOINT = "sentencepiece_settings.json"
+
+
 def tokenizer_files(path: str | Path) -> list[tuple[Path, str]]:
     """(file, name in a checkpoint) of every file the tokenizer at ``path`` is made of."""
     path = Path(path)
     if is_hf_tokenizer_file(path):
         return [(path, HF_FILES[0])] + [(path.parent / n, n) for n in HF_FILES[1:] if (path.parent / n).is_file()]
-    return [(p, "tokenizer" + p.suffix) for p in (path, path.with_suffix(".json")) if p.is_file()]
+    # The settings beside a trained model (<name>.json), in a checkpoint, or in one written
+    # before they were renamed (a `tokenizer.json` that is not a Hugging Face tokenizer).
+    settings = [p for p in (path.with_suffix(".json"), path.parent / SETTINGS_IN_CHECKPOINT)
+                if p.is_file() and not is_hf_tokenizer_file(p)]
+    model = [(path, "tokenizer.model")] if path.is_file() else []
+    return model + [(p, SETTINGS_IN_CHECKPOINT) for p in settings[:1]]
 
 
 def load_tokenizer(path: str | Path, *, vocab_size: int | None = None, need_mask: bool = False) -> Tokenizer:

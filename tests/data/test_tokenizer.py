@@ -4,8 +4,8 @@ import sys
 import pytest
 import torch
 
-from fmtrain.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_tokenizer,
-                                    model_paths, train_tokenizer)
+from fmtrain.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, SETTINGS_IN_CHECKPOINT, Tokenizer,
+                                    load_tokenizer, model_paths, tokenizer_files, train_tokenizer)
 from tests.data.conftest import PROSE
 
 
@@ -75,6 +75,28 @@ def test_settings_saved_side_by_side(tokenizer):
     assert meta["vocab_size"] == 1000 and meta["model_type"] == "bpe"
     assert meta["normalization_rule_name"] == "identity" and meta["byte_fallback"] is True
     assert meta["train_bytes"] > 1_000_000
+
+
+def test_a_checkpoint_keeps_the_settings_under_a_name_no_hugging_face_tool_takes_for_its_own(
+        tokenizer, tmp_path):
+    settings = model_paths(tokenizer.path)[1]
+    assert tokenizer_files(tokenizer.path) == [(tokenizer.path, "tokenizer.model"),
+                                               (settings, SETTINGS_IN_CHECKPOINT)]
+    # A checkpoint written before the rename holds the settings as tokenizer.json: saved again,
+    # they take the new name, and the folder still loads as the SentencePiece model.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "tokenizer.model").write_bytes(tokenizer.path.read_bytes())
+    (old / "tokenizer.json").write_bytes(settings.read_bytes())
+    assert [name for _, name in tokenizer_files(old / "tokenizer.model")] == ["tokenizer.model",
+                                                                            SETTINGS_IN_CHECKPOINT]
+    assert load_tokenizer(old).encode("def f") == tokenizer.encode("def f")
+    new = tmp_path / "new"
+    new.mkdir()
+    for src, name in tokenizer_files(old / "tokenizer.model"):
+        (new / name).write_bytes(src.read_bytes())
+    assert [name for _, name in tokenizer_files(new / "tokenizer.model")] == ["tokenizer.model",
+                                                                            SETTINGS_IN_CHECKPOINT]
 
 
 def test_load_by_path_prefix_and_folder(tokenizer, tmp_path):

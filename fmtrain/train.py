@@ -16,6 +16,7 @@ import torch
 from .attention.cpu import adapt_torch_threads
 from .checkpoint import Checkpointer, TrainState, all_finite, find_resume, validate
 from .config import Config, config_from_argv, save_config
+from .config.loading import input_candidates, input_exists
 from .errors import UserError, as_user_error, no_space, report
 from .eval import evaluate
 from .metrics import Metrics, peak_flops
@@ -186,9 +187,20 @@ def _run_dirs(cfg: Config) -> list[Path]:
     return [run] if ckpt.is_relative_to(run) else [run, ckpt]
 
 
+def _check_inputs(cfg: Config) -> None:
+    """What can be checked before the distributed start: a named tokenizer exists."""
+    tok = cfg.data.tokenizer
+    if tok and not input_exists(Path(tok).expanduser()):
+        tried = ", ".join(str(p) for p in input_candidates(tok))
+        raise DataError(f"data.tokenizer = {tok!r} was not found (looked in: {tried}, and beside the config file); "
+                        "give the path of a .model or tokenizer.json, or leave data.tokenizer empty to train one "
+                        "on the corpus")
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) the training ``cfg`` describes; returns the last metrics."""
     cfg = resolve_config(cfg)  # model.init_from: [model] and data.tokenizer from the weights' config
+    _check_inputs(cfg)
     world = init_world(cfg.parallel.backend, cfg.parallel.sequence)
     cfg.check_world(world.size)
     init = prepare_init(cfg)  # model.init_from's weights, checked before anything is written; None: resume

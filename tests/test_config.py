@@ -53,6 +53,25 @@ def test_shipped_configs_load(path):
         assert settings["vocab_size"] == cfg.model.vocab_size
 
 
+def test_shipped_configs_and_their_tokenizers_are_found_from_any_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("configs/tiny-gpt.toml")  # not in tmp_path: fmtrain's own, said on stderr
+    assert "using fmtrain's own" in capsys.readouterr().err
+    assert cfg.data.tokenizer == str(ROOT / "tokenizer" / "stdlib-4k.model")
+    assert cfg.run.dir == "runs/tiny-gpt"  # outputs stay where the user runs
+    # A user's config finds a tokenizer beside it; one in the working directory comes first.
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "tok.model").write_bytes(b"x")
+    (tmp_path / "exp" / "run.toml").write_text('[run]\ndir = "r"\n[data]\ntokenizer = "tok.model"\n')
+    assert load_config(tmp_path / "exp" / "run.toml").data.tokenizer == str(tmp_path / "exp" / "tok.model")
+    (tmp_path / "tok.model").write_bytes(b"x")
+    assert load_config(tmp_path / "exp" / "run.toml").data.tokenizer == "tok.model"
+    # Found nowhere: left as written, for the trainer's error, which names where it looked.
+    (tmp_path / "exp" / "run.toml").write_text('[run]\ndir = "r"\n[data]\ntokenizer = "missing.model"\n')
+    assert load_config(tmp_path / "exp" / "run.toml").data.tokenizer == "missing.model"
+    assert "Configs in" in error_of(load_config, "configs/nothing.toml")
+
+
 def test_the_four_configs_exist():
     assert {p.name for p in CONFIGS} >= {"tiny-gpt.toml", "tiny-mlm.toml", "gpt-125m-128k.toml",
                                          "mlm-125m-128k.toml"}

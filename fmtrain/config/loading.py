@@ -227,22 +227,63 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 # --------------------------------------------------------------------------- files
+# The source checkout fmtrain runs from: its configs/ and tokenizer/ are found from any directory.
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def input_candidates(value: str, config_file: str | os.PathLike | None = None) -> list[Path]:
+    """Where a relative input path of a config is looked for, in order: the working directory,
+    the config file's folder, the fmtrain project (so that shipped configs work from anywhere)."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return [path]
+    folders = [Path.cwd()] + ([Path(config_file).resolve().parent] if config_file else []) + [PROJECT]
+    return list(dict.fromkeys(folder / path for folder in folders))
+
+
+def input_exists(path: Path) -> bool:
+    """``path`` exists, or names a SentencePiece model without its ``.model``."""
+    return path.exists() or path.with_name(path.name + ".model").is_file()
+
+
+def _find_input(value: str, config_file: str | os.PathLike | None) -> str:
+    """``value`` as given when it exists from the working directory (or is not found anywhere:
+    the error that follows names every place tried), else the absolute path where it was found."""
+    if not value or input_exists(Path(value).expanduser()):
+        return value
+    found = [p for p in input_candidates(value, config_file) if input_exists(p)]
+    return str(found[0]) if found else value
+
+
+def _config_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    shipped = PROJECT / path
+    if not path.is_absolute() and shipped.is_file() and (PROJECT / "configs").is_dir():
+        print(f"config: {path} is not in {Path.cwd()}; using fmtrain's own {shipped}", file=sys.stderr)
+        return shipped
+    folder = Path("configs") if Path("configs").is_dir() else PROJECT / "configs"
+    hint = f" Configs in {folder}: {', '.join(sorted(p.name for p in folder.glob('*.toml')))}." \
+        if folder.is_dir() else ""
+    raise ConfigError(f"config file {str(path)!r} does not exist.{hint}")
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
-    """Read a TOML config, apply ``--section.field=value`` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        hint = f" Configs in configs/: {', '.join(sorted(p.name for p in Path('configs').glob('*.toml')))}." \
-            if Path("configs").is_dir() else ""
-        raise ConfigError(f"config file {str(path)!r} does not exist.{hint}")
+    """Read a TOML config, apply ``--section.field=value`` overrides, validate. Relative input
+    paths (``data.tokenizer``, ``model.init_from``) are found as :func:`input_candidates` says."""
+    path = _config_file(Path(path))
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     try:
-        return from_dict(apply_overrides(data, list(overrides)))
+        cfg = from_dict(apply_overrides(data, list(overrides)))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, tokenizer=_find_input(cfg.data.tokenizer, path)),
+        model=dataclasses.replace(cfg.model, init_from=_find_input(cfg.model.init_from, path)))
 
 
 def save_config(cfg: Config, directory: str | os.PathLike) -> Path:

@@ -146,7 +146,10 @@ class DataConfig:
                                     ".txt/.jsonl/.parquet files, or 'hf:NAME' Hugging Face datasets.",
                                factory=lambda: ["stdlib"])
     text_field: str = option("text", "Field holding the text in .jsonl/.parquet/hub records.")
-    tokenizer: str = option("", "SentencePiece model file. Default: trained on the corpus with "
+    tokenizer: str = option("", "A SentencePiece model (.model) or a Hugging Face tokenizer.json (or "
+                                "a folder holding one); a relative path missing from the working "
+                                "directory is looked for beside the config file, then in the fmtrain "
+                                "project (its shipped tokenizer/). Default: trained on the corpus with "
                                 "model.vocab_size pieces and cached in data.cache_dir.")
     cache_dir: str = option(".cache/fmtrain", "Tokenizers and pre-tokenised shards are cached here "
                                               "(shared between runs).")

@@ -13,6 +13,7 @@ import datetime
 import io
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -93,9 +94,14 @@ def import_deepspeed():
     this). fmtrain trains with torch's optimizers and torch.distributed collectives and uses no
     DeepSpeed op on CPU, so the op table says none is available there, which DeepSpeed reads
     as "fall back to torch".
+
+    DeepSpeed's ZeRO 2 calls ``all_gather_into_tensor``, which torch 2.13 deprecates: the
+    ``FutureWarning`` came once per rank at the first step, about a call the user cannot change.
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     import deepspeed
 
     if not torch.cuda.is_available():

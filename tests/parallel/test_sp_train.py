@@ -60,7 +60,8 @@ def test_sp2_x_dp2_equals_dp2(tmp_path, corpus, zero):
 def test_sp_resume_is_exact(tmp_path, corpus):
     sp = ("--parallel.sequence=2", "--parallel.zero_stage=2")
     straight = make_config(tmp_path, corpus, kind="causal", name="straight")
-    train(straight, "--train.steps=4", *sp, nproc=2)
+    r = train(straight, "--train.steps=4", *sp, nproc=2)
+    assert "FutureWarning" not in r.stderr, r.stderr[-3000:]  # DeepSpeed's ZeRO 2 call torch deprecates
     split = make_config(tmp_path, corpus, kind="causal", name="split")
     train(split, "--train.steps=4", "--train.stop_at_step=2", *sp, nproc=2)
     train(split, "--train.steps=4", *sp, nproc=2)

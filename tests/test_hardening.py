@@ -569,6 +569,8 @@ def test_a_run_shorter_than_its_warmup_says_so(tmp_path, corpus):  # noqa: F811
     assert r.returncode == 0, r.stderr[-3000:]
     assert "train.steps = 2 <= train.warmup_steps = 5: the run ends during warmup" in r.stdout
     assert "tokenizer: data.tokenizer is empty, so a" in r.stdout and "trained on the corpus" in r.stdout
+    # The training itself is announced before it starts, not only once it is done.
+    assert r.stdout.index("[fmtrain.data] training a") < r.stdout.index("tokenizer: data.tokenizer is empty")
 
 
 @pytest.mark.slow

@@ -295,6 +295,8 @@ def cached_tokenizer(corpus: Corpus | str, cache_dir: str | Path, *, vocab_size:
     model, settings = model_paths(Path(cache_dir) / "tokenizers" / h.hexdigest()[:20])
 
     def build() -> None:
+        print(f"[fmtrain.data] training a {vocab_size}-piece {model_type} tokenizer on the corpus (once: it is "
+              f"cached as {model})", flush=True)
         model.parent.mkdir(parents=True, exist_ok=True)
         tmp = model.parent / f"{model.stem}.tmp-{os.getpid()}"
         texts = (text for split, text in corpus.documents() if split == "train")

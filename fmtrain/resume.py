@@ -21,6 +21,7 @@ field, before any data is read or engine built:
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,10 +91,26 @@ def _values(cfg: Config) -> dict[str, Any]:
     return out
 
 
+# Paths that load_config may have made absolute (found beside the config file or in the
+# checkout): the same file named two ways is no change.
+_PATHS = ("data.tokenizer",)
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if name in _PATHS and a and b:
+        try:
+            return os.path.samefile(os.path.expanduser(a), os.path.expanduser(b))
+        except OSError:
+            return False
+    return False
+
+
 def differences(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     """(field, checkpoint's value, new value) for every field that differs."""
     a, b = _values(old), _values(new)
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not _same(k, a.get(k), b.get(k))]
 
 
 @dataclasses.dataclass

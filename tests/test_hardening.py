@@ -303,6 +303,24 @@ def test_under_torchrun_one_lock_per_run_not_per_rank(tmp_path, corpus):  # noqa
 
 
 # ---------------------------------------------------------------------- changed settings
+def test_one_tokenizer_named_two_ways_is_no_change_on_resume(tmp_path, monkeypatch):
+    """A run started elsewhere records the shipped tokenizer's absolute path (load_config finds it
+    in the checkout); resumed from the checkout's root with the relative path, nothing changed."""
+    from fmtrain.config import from_dict
+    from fmtrain.resume import differences
+
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(root)
+    other = tmp_path / "other.model"
+    other.write_bytes((root / "tokenizer" / "stdlib-4k.model").read_bytes())
+
+    def cfg(tok):
+        return from_dict({"run": {"dir": "r"}, "data": {"tokenizer": tok}})
+    assert differences(cfg(str(root / "tokenizer" / "stdlib-4k.model")), cfg("tokenizer/stdlib-4k.model")) == []
+    assert [d[0] for d in differences(cfg(str(other)), cfg("tokenizer/stdlib-4k.model"))] == ["data.tokenizer"]
+    assert [d[0] for d in differences(cfg("gone.model"), cfg("tokenizer/stdlib-4k.model"))] == ["data.tokenizer"]
+
+
 @pytest.mark.slow
 def test_changed_settings_on_resume_are_applied_or_refused_by_name(run):
     cfg, rundir, ckpts = run

@@ -37,7 +37,7 @@ else:  # pragma: no cover - Python 3.10
 FREE = {
     "run.dir", "run.name", "train.steps", "train.log_interval", "train.eval_interval", "train.eval_batches",
     "train.max_minutes", "train.stop_at_step", "checkpoint.interval", "checkpoint.keep", "checkpoint.dir",
-    "checkpoint.resplit", "checkpoint.allow_changes", "data.cache_dir", "parallel.backend", "model.impl",
+    "checkpoint.resplit", "checkpoint.allow_changes", "data.cache_dir", "data.max_missing_text", "parallel.backend", "model.impl",
     "model.loss_chunk", "model.activation_checkpointing", "model.init_std",
     "model.init_from",  # only starts a run: a resumed run continues its own checkpoint
 }

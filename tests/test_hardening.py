@@ -359,6 +359,23 @@ def test_changed_settings_on_resume_are_applied_or_refused_by_name(run):
 
 
 @pytest.mark.slow
+def test_a_renamed_corpus_is_refused_on_resume_as_a_reordered_stream(tmp_path, corpus):  # noqa: F811
+    """Same files, new names: the token and document counts match, the order does not."""
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus[0], root)
+    cfg = make_config(tmp_path, (root, corpus[1]))
+    shipped = f"--data.tokenizer={Path(__file__).parents[1] / 'tokenizer' / 'stdlib-4k.model'}"
+    train(cfg, "--train.steps=3", shipped, "--model.vocab_size=4096")
+    ckpts = snapshot(tmp_path / "run" / "checkpoints")
+    files = sorted(root.glob("*.txt"))
+    for i, f in enumerate(files):  # the last file sorts first now
+        f.rename(root / f"{len(files) - i:03d}-{f.name}")
+    r = run_train(cfg, "--train.steps=6", shipped, "--model.vocab_size=4096")
+    assert_one_error_line(r, "not in the same order or with the same contents", "files renamed")
+    assert snapshot(tmp_path / "run" / "checkpoints") == ckpts
+
+
+@pytest.mark.slow
 def test_evaluation_off_is_said_at_the_start_and_by_the_eval_command(tmp_path, corpus):  # noqa: F811
     cfg = make_config(tmp_path, corpus)
     r = train(cfg, "--train.steps=1", "--data.val_fraction=0")

@@ -146,6 +146,9 @@ class DataConfig:
                                     ".txt/.jsonl/.parquet files, or 'hf:NAME' Hugging Face datasets.",
                                factory=lambda: ["stdlib"])
     text_field: str = option("text", "Field holding the text in .jsonl/.parquet/hub records.")
+    max_missing_text: float = option(0.1, "Largest share of .jsonl/.parquet/hub records allowed to hold no "
+                                          "text (null, or no data.text_field): they are skipped and counted; "
+                                          "a larger share refuses the corpus.", min=0.0, max=1.0)
     tokenizer: str = option("", "A SentencePiece model (.model) or a Hugging Face tokenizer.json (or "
                                 "a folder holding one); a relative path missing from the working "
                                 "directory is looked for beside the config file, then in the fmtrain "

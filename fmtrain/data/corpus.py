@@ -68,6 +68,9 @@ class Corpus:
         sample_by: text files: "document" (one per file, default), "paragraph" or "line".
         streaming: stream with `datasets` (never loads the corpus into memory).
         encoding_errors: "replace" (bad bytes become U+FFFD) or "strict".
+        max_missing_text: largest share of JSON / Parquet / hub records allowed to hold no text
+            (null, or the field absent); they are skipped and counted, and a larger share is
+            refused (a wrong text field or a broken export, not a few empty records).
     """
 
     source: str = "stdlib"
@@ -83,6 +86,7 @@ class Corpus:
     sample_by: str = "document"
     streaming: bool = True
     encoding_errors: str = "replace"
+    max_missing_text: float = 0.1
 
     def __post_init__(self) -> None:
         if self.source not in ("stdlib", "files", "hub"):
@@ -99,6 +103,8 @@ class Corpus:
             raise CorpusError(f"sample_by must be 'document', 'paragraph' or 'line', got {self.sample_by!r}")
         if self.encoding_errors not in ("replace", "strict"):
             raise CorpusError(f"encoding_errors must be 'replace' or 'strict', got {self.encoding_errors!r}")
+        if not 0.0 <= self.max_missing_text <= 1.0:
+            raise CorpusError(f"max_missing_text must be in [0, 1], got {self.max_missing_text}")
 
     @classmethod
     def parse(cls, value: "Corpus | str | Sequence[str] | Mapping[str, Any]") -> "Corpus":
@@ -151,7 +157,9 @@ class Corpus:
 
     def fingerprint(self) -> str:
         """A hash that changes when the documents may change (settings, file list, sizes, mtimes)."""
-        h = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode())
+        # The threshold decides whether a corpus is refused, not what its documents are.
+        settings = {k: v for k, v in self.describe().items() if k != "max_missing_text"}
+        h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         if self.source == "stdlib":
             for rel, path in _stdlib_files(stdlib_root()):
                 _hash_stat(h, rel, path)
@@ -366,7 +374,7 @@ def _read_files(fmt: str, paths: list[Path], corpus: Corpus) -> Iterator[str]:
         ds = datasets.load_dataset(fmt, data_files={"train": [str(p) for p in paths]}, split="train",
                                    streaming=corpus.streaming, **kwargs)
         field_name = "text" if fmt == "text" else corpus.text_field
-        yield from _texts_of_rows(ds, field_name, where)
+        yield from _texts_of_rows(ds, field_name, where, corpus.max_missing_text)
     except CorpusError:
         raise
     except UnicodeDecodeError as err:
@@ -394,7 +402,7 @@ def _read_hub(corpus: Corpus, split: str | None) -> Iterator[str]:
     where = f"hub dataset {corpus.name!r}" + (f" ({corpus.config})" if corpus.config else "") + f" split {split!r}"
     try:
         ds = datasets.load_dataset(corpus.name, corpus.config, split=split, streaming=corpus.streaming)
-        yield from _texts_of_rows(ds, corpus.text_field, where)
+        yield from _texts_of_rows(ds, corpus.text_field, where, corpus.max_missing_text)
     except CorpusError:
         raise
     except Exception as err:
@@ -402,8 +410,10 @@ def _read_hub(corpus: Corpus, split: str | None) -> Iterator[str]:
                           f"(offline? HF_DATASETS_OFFLINE is {os.environ.get('HF_DATASETS_OFFLINE')!r})") from err
 
 
-def _texts_of_rows(ds: Any, field_name: str, where: str) -> Iterator[str]:
-    """The non-empty `field_name` values of a dataset's rows; an error if no row has the field."""
+def _texts_of_rows(ds: Any, field_name: str, where: str, max_missing: float = 1.0) -> Iterator[str]:
+    """The non-empty `field_name` values of a dataset's rows. Rows without text (null, or the
+    field absent from a JSON record) are skipped and counted: a warning names their number, and
+    more than `max_missing` of the rows is an error (checked when the files are read through)."""
     rows = found = 0
     for row in ds:
         rows += 1
@@ -420,6 +430,14 @@ def _texts_of_rows(ds: Any, field_name: str, where: str) -> Iterator[str]:
             yield text
     if rows and not found:
         raise CorpusError(f"no record of {where} has the field {field_name!r}; set data.text_field")
+    missing = rows - found
+    if missing and missing > max_missing * rows:
+        raise CorpusError(f"{missing} of {rows} records of {where} have no text in {field_name!r} (null or "
+                          f"absent), more than data.max_missing_text = {max_missing}: check data.text_field, "
+                          f"or raise data.max_missing_text to train on the other {found}")
+    if missing:
+        print(f"warning: {missing} of {rows} records of {where} have no text in {field_name!r} (null or "
+              "absent); they are skipped", file=sys.stderr, flush=True)
 
 
 def _name_files(paths: list[Path]) -> str:

@@ -28,6 +28,7 @@ A batch is a dict of int64 tensors, each (B, C):
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +44,21 @@ from fmtrain.data.tokens import TokenData, cached_tokenizer, cached_tokens
 
 OBJECTIVES = ("causal", "mlm")
 STATE_VERSION = 1
+STREAM_SAMPLES = 4096  # tokens read for the stream's fingerprint, spread over the whole data
+
+
+def stream_fingerprint(tokens: TokenData) -> str:
+    """A hash of the documents in their stored order: their lengths, and tokens sampled evenly.
+
+    The data position a checkpoint saves is an offset into this order: files renamed (same
+    contents, another order) or edited keep the token and document counts but not the stream.
+    Every length, and a few thousand tokens (not all: 10^10 tokens would take minutes to read).
+    """
+    h = hashlib.sha256(np.ascontiguousarray(tokens.offsets, dtype=np.int64).tobytes())
+    if tokens.n_tokens:
+        picks = np.linspace(0, tokens.n_tokens - 1, min(STREAM_SAMPLES, tokens.n_tokens)).astype(np.int64)
+        h.update(np.asarray(tokens.tokens[picks], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 class _Stream:
@@ -191,6 +207,7 @@ class PackedLoader:
                 f"seq_len={seq_len}{' plus the last target' if self.seqs.extra else ''} ({need}); "
                 f"use a larger corpus or a smaller seq_len")
         self.sequences_per_epoch = (tokens.n_tokens - self.seqs.extra) // seq_len
+        self.stream = stream_fingerprint(tokens)
         self.consumed = 0  # sequences taken by all DP ranks together
         self._layouts: dict[int, tuple[_Stream, np.ndarray]] = {}
 
@@ -229,7 +246,7 @@ class PackedLoader:
         """Where the stream stands (the same on every rank) plus what it must be resumed with."""
         return dict(version=STATE_VERSION, consumed=self.consumed, seed=self.seed, seq_len=self.seq_len,
                     objective=self.objective, batch_size=self.batch_size, dp_size=self.dp_size,
-                    n_tokens=self.data.n_tokens, n_docs=self.data.n_docs)
+                    n_tokens=self.data.n_tokens, n_docs=self.data.n_docs, stream=self.stream)
 
     def load_state_dict(self, state: dict[str, Any], allow_resplit: bool = False) -> None:
         """Continue at the exact next sequence of a saved run.
@@ -251,6 +268,12 @@ class PackedLoader:
                 f"cannot resume the data loader: it was saved on data of {state['n_tokens']} tokens in "
                 f"{state['n_docs']} documents, now {self.data.n_tokens} in {self.data.n_docs} "
                 f"(a different corpus or tokenizer){fresh}")
+        if state.get("stream", self.stream) != self.stream:  # checkpoints before it was saved: not checked
+            raise ValueError(
+                f"cannot resume the data loader: the training data has the {self.data.n_tokens} tokens in "
+                f"{self.data.n_docs} documents it was saved on, but not in the same order or with the same "
+                f"contents (files renamed, reordered or edited since), so the saved position would repeat "
+                f"and skip documents; restore the corpus as it was{fresh}")
         resplit = (state["dp_size"], state["batch_size"]) != (self.dp_size, self.batch_size)
         if resplit and not allow_resplit:
             raise ResplitNeeded(
@@ -318,7 +341,8 @@ def build_loaders(corpus: Corpus | str | list | dict, tokenizer: Tokenizer | str
                   cache_dir: str | Path, *, seq_len: int, batch_size: int, seed: int = 0, dp_rank: int = 0,
                   dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1, objective: str = "causal",
                   vocab_size: int | None = None, text_field: str | None = None,
-                  val_fraction: float | None = None, mask_prob: float = 0.15,
+                  val_fraction: float | None = None, max_missing_text: float | None = None,
+                  mask_prob: float = 0.15,
                   eval_batch_size: int | None = None, eval_max_batches: int | None = None,
                   progress: bool = True) -> DataLoaders:
     """The training loader and the held-out evaluation loader for one rank.
@@ -330,7 +354,7 @@ def build_loaders(corpus: Corpus | str | list | dict, tokenizer: Tokenizer | str
         cache_dir: where tokenizers and token files are cached (shared between runs).
         vocab_size: the model config's; a tokenizer of another size is refused,
             as is one without MASK for the mlm objective.
-        text_field, val_fraction: override the corpus's settings when given.
+        text_field, val_fraction, max_missing_text: override the corpus's settings when given.
         Others: as for `PackedLoader` / `EvalLoader`.
 
     Tokenises the corpus on first use (rank 0 builds, the others wait), then
@@ -339,7 +363,8 @@ def build_loaders(corpus: Corpus | str | list | dict, tokenizer: Tokenizer | str
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     corpus = Corpus.parse(corpus)
-    overrides = {k: v for k, v in dict(text_field=text_field, val_fraction=val_fraction).items() if v is not None}
+    overrides = {k: v for k, v in dict(text_field=text_field, val_fraction=val_fraction,
+                                       max_missing_text=max_missing_text).items() if v is not None}
     corpus = replace(corpus, **overrides)
     need_mask = objective == "mlm"
     if isinstance(tokenizer, Tokenizer):
@@ -375,6 +400,6 @@ def loaders_for(cfg, world=None, *, tokenizer: Tokenizer | str | Path | None = N
     return build_loaders(d.corpus, tokenizer if tokenizer is not None else (d.tokenizer or None), d.cache_dir,
                          seq_len=d.seq_len, batch_size=batch_size or d.batch_size, seed=cfg.train.seed,
                          objective=cfg.model.kind, vocab_size=cfg.model.vocab_size, text_field=d.text_field,
-                         val_fraction=d.val_fraction, mask_prob=d.mask_prob,
+                         val_fraction=d.val_fraction, max_missing_text=d.max_missing_text, mask_prob=d.mask_prob,
                          eval_max_batches=eval_max_batches, progress=progress, **ranks)
 

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from fmtrain.data.corpus import Corpus, CorpusError, expand_paths, stdlib_directories, stdlib_held_out
@@ -74,11 +76,30 @@ def test_text_files_by_line(tmp_path):
 
 def test_jsonl_with_configurable_field(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"content": "first doc\n"}, {"content": "second"}, {"other": 1}])
-    c = Corpus(source="files", paths=(str(tmp_path / "a.jsonl"),), text_field="content", val_fraction=0)
+    c = Corpus(source="files", paths=(str(tmp_path / "a.jsonl"),), text_field="content", val_fraction=0,
+               max_missing_text=0.5)
     assert [t for _, t in c.documents()] == ["first doc\n", "second"]   # the record without it is skipped
     wrong = Corpus(source="files", paths=(str(tmp_path / "a.jsonl"),), val_fraction=0)
     with pytest.raises(CorpusError, match="'text'.*content"):
         list(wrong.documents())
+
+
+def test_records_without_text_are_counted_and_a_large_share_refused(tmp_path, capfd):
+    """60 of 90 records with "text": null once trained on the other 30 without a word."""
+    path = tmp_path / "a.jsonl"
+    write_jsonl(path, [{"text": None if i % 3 else f"doc {i}"} for i in range(90)])
+    c = Corpus(source="files", paths=(str(path),), val_fraction=0)
+    with pytest.raises(CorpusError, match=r"60 of 90 records .* data.max_missing_text = 0.1"):
+        list(c.documents())
+    assert len(list(replace(c, max_missing_text=0.7).documents())) == 30
+    assert "warning: 60 of 90 records" in capfd.readouterr().err
+    # A few are skipped with the count said; the threshold does not change the cache key.
+    write_jsonl(path, [{"text": None if i == 7 else f"doc {i}"} for i in range(90)])
+    assert len(list(c.documents())) == 89
+    assert "warning: 1 of 90 records" in capfd.readouterr().err
+    assert replace(c, max_missing_text=0.7).fingerprint() == c.fingerprint()
+    with pytest.raises(CorpusError, match="max_missing_text must be in"):
+        replace(c, max_missing_text=2.0)
 
 
 def test_parquet_and_folders(tmp_path):

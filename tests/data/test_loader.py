@@ -149,6 +149,23 @@ def test_resume_refuses_other_data_or_seq_len():
         loader(data, seq_len=32).load_state_dict(state)
 
 
+def test_resume_refuses_the_same_documents_in_another_order():
+    data = unique_docs()
+    state = loader(data).state_dict()
+    docs = [data.document(d)[:-1] for d in range(data.n_docs)]
+    reordered = TokenData.from_documents(docs[1:] + docs[:1], eos_id=EOS, vocab_size=VOCAB)
+    assert (reordered.n_tokens, reordered.n_docs) == (data.n_tokens, data.n_docs)
+    with pytest.raises(ValueError, match="not in the same order or with the same contents"):
+        loader(reordered).load_state_dict(state)
+    edited = TokenData(data.tokens.copy(), data.offsets)  # one token changed in place: the lengths stay
+    edited.tokens[len(edited.tokens) // 2] += 1
+    with pytest.raises(ValueError, match="not in the same order"):
+        loader(edited).load_state_dict(state)
+    loader(TokenData(data.tokens.copy(), data.offsets)).load_state_dict(state)  # a copy is the same stream
+    del state["stream"]  # a checkpoint from before the fingerprint: resumed as before
+    loader(reordered).load_state_dict(state)
+
+
 @pytest.mark.parametrize("objective", ["causal", "mlm"])
 def test_dp_shards_disjoint_and_covering(objective):
     data = unique_docs()

@@ -3,6 +3,10 @@
 Only rank 0 writes. On a resume, TensorBoard purges the steps after the
 checkpoint (``purge_step``) and ``metrics.jsonl`` drops its lines past it, so a
 resumed run's logs read as one run.
+
+A full disk pauses the logs, never the run. TensorBoard's writer thread dies on its first
+failed write and stays dead, so a failed writer is dropped: the next rows open a new event
+file in the same folder (TensorBoard reads them as one run), with the rows missed meanwhile.
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import math
 import os
 import resource
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -62,16 +68,17 @@ class Metrics:
         self.flops_per_token, self.peak = flops_per_token, peak
         self.start_step, self.t_start = start_step, time.perf_counter()
         self.tb = None
-        self._append_failed = self._tb_failed = False
+        self._append_failed = False
+        self._tb_missed: deque[dict] = deque(maxlen=100_000)  # rows not yet in TensorBoard (a full disk)
         if not enabled:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = run_dir / "metrics.jsonl"
+        self.tb_dir = run_dir / "tb"
         self._truncate_after(start_step)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        _quiet_tensorboard_thread()
+        self._open_tb(purge_step=start_step + 1 if start_step else None)
 
     def _truncate_after(self, step: int) -> None:
         """Drop the lines past ``step`` (a resume rewrites them) and any torn line.
@@ -121,17 +128,50 @@ class Metrics:
 
     def _write(self, row: dict) -> None:
         self._append(json.dumps(row))
+        self._tb_missed.append(row)
         try:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(key.replace("eval_", "eval/", 1) if key.startswith("eval_")
-                                       else f"train/{key}", value, row["step"])
+            if self.tb is None:  # dropped after a failure: try a new event file
+                self._open_tb()
+            for missed in self._tb_missed:
+                self._add_scalars(missed)
             self.tb.flush()
         except OSError as exc:  # a full disk: the logs pause, training goes on (a checkpoint then says it)
-            if not self._tb_failed:
-                self._tb_failed = True
-                print(f"warning: cannot write TensorBoard logs ({exc}); they pause while this lasts",
-                      file=sys.stderr, flush=True)
+            self._drop_tb(exc)
+            return
+        if len(self._tb_missed) > 1:
+            print(f"TensorBoard logs: writing again ({len(self._tb_missed) - 1} missed row(s) written)",
+                  file=sys.stderr, flush=True)
+        self._tb_missed.clear()
+
+    def _add_scalars(self, row: dict) -> None:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(key.replace("eval_", "eval/", 1) if key.startswith("eval_")
+                                   else f"train/{key}", value, row["step"])
+
+    def _open_tb(self, purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb_files_before = set(self.tb_dir.glob("events.*")) if self.tb_dir.is_dir() else set()
+        self._tb_flushed = False
+        self.tb = SummaryWriter(str(self.tb_dir), purge_step=purge_step)
+
+    def _drop_tb(self, exc: OSError) -> None:
+        """Give up a writer whose thread died (it would raise the same error for ever)."""
+        if self.tb is not None and not self._tb_failing():
+            print(f"warning: cannot write TensorBoard logs ({exc}); they pause while this lasts and catch up "
+                  "when writing works again", file=sys.stderr, flush=True)
+        try:
+            self.tb.close()
+        except (OSError, AttributeError):
+            pass
+        self.tb = None
+        for new in set(self.tb_dir.glob("events.*")) - self._tb_files_before:
+            if new.stat().st_size == 0:  # a writer that never wrote: no empty files left per retry
+                new.unlink(missing_ok=True)
+
+    def _tb_failing(self) -> bool:
+        return len(self._tb_missed) > 1  # rows already waiting: this outage was reported
 
     def step(self, *, step: int, loss: float, lr: float, grad_norm: float, tokens_seen: int,
              tokens_per_s: float, step_time: float, data_time: float, device: torch.device) -> None:
@@ -169,3 +209,19 @@ class Metrics:
                 self.tb.close()
             except OSError:  # a full disk (already warned about)
                 pass
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard's writer thread re-raises its write error, which Python prints as a raw thread
+    traceback; :meth:`Metrics._write` reports the same error once, in words."""
+    previous = threading.excepthook
+    if getattr(previous, "_fmtrain_quiet", False):
+        return
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook._fmtrain_quiet = True
+    threading.excepthook = hook

@@ -203,7 +203,6 @@ def test_full_disk_during_a_checkpoint_says_so_and_cleans_up(tmp_path, corpus, s
     assert f"resumed from {small_disk / 'step_00000003'}" in r.stdout and "finished run: step 6/6" in r.stdout
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's writer thread
 def test_metrics_lines_are_whole_on_a_full_disk_and_a_torn_line_does_not_block_a_restart(run, small_disk, capfd):
     from fmtrain.metrics import Metrics
 
@@ -231,6 +230,43 @@ def test_metrics_lines_are_whole_on_a_full_disk_and_a_torn_line_does_not_block_a
     r = train(cfg, "--train.steps=7")
     assert "dropped 1 unreadable line" in r.stderr and "resumed from" in r.stdout
     assert [m["step"] for m in metrics(cfg) if "loss" in m] == list(range(1, 8))
+
+
+def test_tensorboard_logs_pause_on_a_full_disk_and_catch_up_when_it_empties(tmp_path, small_disk, capfd):
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fmtrain.metrics import Metrics
+
+    log = Metrics(small_disk, total_steps=60, start_step=0, enabled=True, flops_per_token=1.0, peak=None)
+
+    def steps(first, last):
+        for step in range(first, last + 1):
+            log.step(step=step, loss=1.0 / step, lr=0.1, grad_norm=1.0, tokens_seen=step, tokens_per_s=1.0,
+                     step_time=1.0, data_time=0.0, device=torch.device("cpu"))
+
+    steps(1, 5)
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as fh:  # the disk fills up during the run
+        try:
+            while True:
+                fh.write(b"x" * 512)
+        except OSError:
+            pass
+    steps(6, 40)
+    filler.unlink()  # and space comes back
+    steps(41, 50)
+    log.eval(50, dict(eval_loss=2.0, eval_bpb=1.0, eval_ppl=7.4, eval_tokens=10))
+    log.close()
+    err = capfd.readouterr().err
+    assert err.count("cannot write TensorBoard logs") == 1 and "writing again" in err, err
+    assert "Traceback" not in err and "Exception in thread" not in err, err
+    events = EventAccumulator(str(small_disk / "tb"))
+    events.Reload()
+    loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(loss) == list(range(1, 51)) and loss[42] == pytest.approx(1 / 42)  # the missed ones too
+    assert [e.step for e in events.Scalars("eval/loss")] == [50]
+    assert all(p.stat().st_size > 0 for p in (small_disk / "tb").iterdir())  # no empty file per retry
 
 
 # ---------------------------------------------------------------------- two trainers, kills

@@ -27,9 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import MultipoleAttention
-from .attention.cache import KVCache
-from .attention.module import ProjectedAttention
+from .attention import AttentionSpec, make_attention
 from .attention.hierarchy import hierarchy
 from .config import ModelConfig
 from .data.masking import IGNORE_INDEX  # the targets the data pipeline marks "no loss here"
@@ -63,45 +61,23 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
-class FullAttention(ProjectedAttention):
-    """Full softmax attention by ``scaled_dot_product_attention`` (the dense baseline)."""
-
-    def attend(self, q, k, v):
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:  # grouped-query: each kv head serves `groups` query heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-
-    def new_cache(self) -> KVCache:
-        return KVCache()
-
-
-def make_attention(cfg: ModelConfig, causal: bool, sp_group=None) -> nn.Module:
-    """The attention layer ``cfg.attention`` names: ``forward(x (B, n, dim), positions) -> (B, n, dim)``.
-    ``sp_group``: the sequence-parallel group whose ranks hold the sequence's slices (fma, local)."""
-    if cfg.attention in ("fma", "local"):  # local: the fine level of fma only
-        return MultipoleAttention(
-            cfg.dim, cfg.n_heads, cfg.kv_heads, block_size=cfg.block_size, rank=cfg.rank,
-            causal=causal, variant=cfg.variant, summary=cfg.summary, weighted=cfg.weighted,
-            rope=True, rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len, impl=cfg.impl,
-            max_level=0 if cfg.attention == "local" else None, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
-            rope_scaling=cfg.rope_scaling, sp_group=sp_group, level_offset=cfg.level_offset,
-            summary_rope=cfg.summary_rope, refine=cfg.refine)
-    if sp_group is not None:
-        raise ValueError("sequence parallelism is implemented for attention 'fma' and 'local', not 'sdpa'")
-    if cfg.attention == "sdpa":
-        return FullAttention(cfg.dim, cfg.n_heads, cfg.kv_heads, causal=causal, rope_theta=cfg.rope_theta,
-                             qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, rope_scaling=cfg.rope_scaling)
-    raise ValueError(f"model.attention={cfg.attention!r} is not one of 'fma', 'sdpa', 'local'")
+def attention_spec(cfg: ModelConfig, causal: bool) -> AttentionSpec:
+    """The attention layer ``cfg.attention`` names, with the [model] fields it reads."""
+    return AttentionSpec(
+        kind=cfg.attention, dim=cfg.dim, n_heads=cfg.n_heads, n_kv_heads=cfg.kv_heads, causal=causal,
+        rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
+        block_size=cfg.block_size, rank=cfg.rank, variant=cfg.variant, summary=cfg.summary, weighted=cfg.weighted,
+        max_seq_len=cfg.max_seq_len, impl=cfg.impl, level_offset=cfg.level_offset, summary_rope=cfg.summary_rope,
+        refine=cfg.refine)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool, sp_group=None):
+    def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
         self.norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = make_attention(cfg, causal, sp_group)
+        self.attn = make_attention(attention_spec(cfg, causal))
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.hidden, cfg.mlp_bias)
 
@@ -124,10 +100,10 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Token embedding, blocks and the final norm: ids (B, n) -> hidden states (B, n, dim)."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool, sp_group=None):
+    def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg, causal, sp_group) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.activation_checkpointing = cfg.activation_checkpointing
 
@@ -245,10 +221,10 @@ class LanguageModel(nn.Module):
 
     causal: bool = True
 
-    def __init__(self, cfg: ModelConfig, sp_group=None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.trunk = Transformer(cfg, causal=self.causal, sp_group=sp_group)
+        self.trunk = Transformer(cfg, causal=self.causal)
         self.head = LMHead(cfg.dim, cfg.vocab_size, cfg.loss_chunk)
         if cfg.tie_embeddings:
             self.head.weight = self.trunk.tok_emb.weight  # one Parameter, two users
@@ -361,14 +337,15 @@ class MaskedLM(LanguageModel):
     causal = False
 
 
-def build_model(cfg: ModelConfig, sp_group=None) -> LanguageModel:
-    """The model ``cfg.kind`` names, initialised (on the CPU, fp32). With ``sp_group`` (sequence
-    parallelism) it takes this rank's slice of each sequence with global ``positions``, and its
-    loss is the slice's sum (the trainer divides by the global count)."""
+def build_model(cfg: ModelConfig) -> LanguageModel:
+    """The model ``cfg.kind`` names, initialised (on the CPU, fp32), for one device. Sequence
+    parallelism is applied to it afterwards (:func:`fmtrain.parallel.apply_sequence_parallel`):
+    it then takes this rank's slice of each sequence with global ``positions``, and its loss is
+    the slice's sum (the trainer divides by the global count)."""
     if cfg.kind == "causal":
-        return CausalLM(cfg, sp_group)
+        return CausalLM(cfg)
     if cfg.kind == "mlm":
-        return MaskedLM(cfg, sp_group)
+        return MaskedLM(cfg)
     raise ValueError(f"model.kind={cfg.kind!r} is not one of 'causal', 'mlm'")
 
 
@@ -427,6 +404,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) ->
     return 3 * forward if training else forward
 
 
-__all__ = ["DecodeCache", "RMSNorm", "SwiGLU", "FullAttention", "make_attention",
+__all__ = ["DecodeCache", "RMSNorm", "SwiGLU", "attention_spec",
            "Block", "Transformer", "LMHead", "LanguageModel", "CausalLM", "MaskedLM", "build_model",
            "chunked_cross_entropy", "attention_scores_per_query", "flops_per_token", "IGNORE_INDEX"]

@@ -21,7 +21,7 @@ from .errors import UserError, as_user_error, no_space, report
 from .eval import evaluate
 from .metrics import Metrics, peak_flops
 from .model import build_model, flops_per_token
-from .parallel import World, init_world, shutdown
+from .parallel import World, apply_sequence_parallel, init_world, shutdown
 from .pretrained import prepare as prepare_init, resolve_config
 from .resume import reconcile
 from .runlock import lock_run
@@ -258,7 +258,7 @@ def _train(cfg: Config, world: World, init) -> dict:
     threads = _cpu_threads(world, saved.get("cpu_threads") if found else None)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = _build_data(cfg, world)
-    model = build_model(cfg.model, sp_group=world.sp_group)  # None unless parallel.sequence > 1
+    model = apply_sequence_parallel(build_model(cfg.model), world.sp_group)  # no group: one device
     init_note = init.load(model) if init else ""  # weights only: optimizer, schedule and data start fresh
     n_params = model.num_params()  # before ZeRO 3 partitions them away from this rank
     engine = build_engine(model, cfg, world, dtype)

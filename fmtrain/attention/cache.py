@@ -38,6 +38,7 @@ from collections import deque
 
 import torch
 
+from .blocked import merge
 from .hierarchy import coarse_windows, num_levels
 from .summaries import Summaries, hierarchy
 from .torch_core import acc_dtype
@@ -50,11 +51,8 @@ def _attend(q, k, v, bias, extra=None):
     s = q @ k.transpose(-1, -2) + bias  # (B, Hkv, G, S)
     if extra is None:
         return torch.softmax(s, dim=-1) @ v
-    lse_c, out_c = extra
     lse_f = torch.logsumexp(s, dim=-1)  # finite: a query always sees itself
-    out_f = torch.softmax(s, dim=-1) @ v
-    lse = torch.logaddexp(lse_f, lse_c)
-    return torch.exp(lse_f - lse)[..., None] * out_f + torch.exp(lse_c - lse)[..., None] * out_c
+    return merge(lse_f, torch.softmax(s, dim=-1) @ v, *extra)[1]
 
 
 class MultipoleCache:

@@ -1,14 +1,23 @@
-"""Attention layers: projections and RoPE (:class:`ProjectedAttention`), and on them
-:class:`MultipoleAttention`, the layer a transformer block uses."""
+"""Attention layers: projections and RoPE (:class:`ProjectedAttention`), and on them the
+layers a transformer block uses: :class:`MultipoleAttention` (``fma``, and ``local``, its fine
+level only) and :class:`FullAttention` (``sdpa``, the dense baseline). :func:`make_attention`
+builds the one an :class:`AttentionSpec` names.
+
+Layers are built for one device; sequence parallelism is applied to a built model from
+outside (:func:`fmtrain.parallel.apply_sequence_parallel` sets ``sp_group``).
+"""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import fma
-from .cache import MultipoleCache
+from .cache import KVCache, MultipoleCache
 from .cpu import adapt_torch_threads
 from .rope import apply_rope, rope_angles
+from .multipole import fma
 from .summaries import WindowRotated, build_summaries
 
 # How RoPE reaches the coarse summaries: "keys" summarises rotated keys; "window" summarises
@@ -26,6 +35,10 @@ class ProjectedAttention(nn.Module):
     Every attention kind shares these parameter names (``wq``, ``wkv``, ``wo``), so
     they initialise alike and their checkpoints line up.
     """
+
+    # The sequence-parallel group whose ranks hold the sequence's slices; x is then this rank's
+    # slice and ``positions`` its global positions. Set by apply_sequence_parallel; None: local.
+    sp_group = None
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *, causal: bool = True,
                  rope: bool = True, rope_theta: float = 10000.0, qkv_bias: bool = False,
@@ -76,7 +89,7 @@ class ProjectedAttention(nn.Module):
         cache it leaves: ``(y (B, n, dim), cache)``."""
         if not self.causal:
             raise ValueError("decoding needs causal attention; this layer is bidirectional (a masked LM)")
-        if getattr(self, "sp_group", None) is not None:
+        if self.sp_group is not None:
             raise ValueError("decoding runs on one device; build the model without a sequence-parallel group")
         if x.device.type == "cpu":
             adapt_torch_threads()  # decoding is many small operations: no threads beside a busy process
@@ -106,7 +119,7 @@ class MultipoleAttention(ProjectedAttention):
                  summary: str = "m2m", weighted: bool = True, rope: bool = True,
                  rope_theta: float = 10000.0, max_seq_len: int | None = None, impl: str = "auto",
                  max_level: int | None = None, qkv_bias: bool = False, out_bias: bool = False,
-                 rope_scaling: dict | None = None, sp_group=None, level_offset: bool = False,
+                 rope_scaling: dict | None = None, level_offset: bool = False,
                  summary_rope: str = "keys", refine: int = 0):
         super().__init__(dim, n_heads, n_kv_heads, causal=causal, rope=rope, rope_theta=rope_theta,
                          qkv_bias=qkv_bias, out_bias=out_bias, rope_scaling=rope_scaling)
@@ -114,9 +127,6 @@ class MultipoleAttention(ProjectedAttention):
         self.weighted, self.impl, self.max_level = weighted, impl, max_level
         # Adaptive refinement: far fine blocks each query opens (fma's ``refine``); none without coarse levels.
         self.refine = refine if max_level != 0 else 0
-        # Sequence parallelism: x is then this rank's slice of the sequence and ``positions``
-        # its global positions (None: the whole sequence is here).
-        self.sp_group = sp_group
         if max_level == 0:
             summary = "mean"  # no coarse level: nothing to learn
         # A learned score offset per query head and coarse level, on top of the log-weights
@@ -152,3 +162,66 @@ class MultipoleAttention(ProjectedAttention):
         return MultipoleCache(self.summarise, block_size=self.block_size, rank=self.rank, weighted=self.weighted,
                               variant=self.variant, max_level=self.max_level,
                               level_offset=None if self.level_offset is None else self.level_offset.detach())
+
+
+class FullAttention(ProjectedAttention):
+    """Full softmax attention by ``scaled_dot_product_attention`` (the dense baseline)."""
+
+    def attend(self, q, k, v):
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:  # grouped-query: each kv head serves `groups` query heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+
+KINDS = ("fma", "local", "sdpa")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """One attention layer, as a value: what a model passes down to each block.
+
+    ``kind``: ``"fma"`` multipole attention, ``"local"`` its fine level only, ``"sdpa"`` full
+    attention. The fields from ``block_size`` on are multipole attention's (see
+    :class:`MultipoleAttention`); ``sdpa`` ignores them.
+    """
+    kind: str
+    dim: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    causal: bool = True
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    qkv_bias: bool = False
+    out_bias: bool = False
+    block_size: int = 64
+    rank: int = 2
+    variant: str = "nlogn"
+    summary: str = "m2m"
+    weighted: bool = True
+    max_seq_len: int | None = None
+    impl: str = "auto"
+    level_offset: bool = False
+    summary_rope: str = "keys"
+    refine: int = 0
+
+
+def make_attention(spec: AttentionSpec) -> ProjectedAttention:
+    """The layer ``spec`` describes: ``forward(x (B, n, dim), positions) -> (B, n, dim)``."""
+    common = dict(causal=spec.causal, rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling,
+                  qkv_bias=spec.qkv_bias, out_bias=spec.out_bias)
+    if spec.kind == "sdpa":
+        return FullAttention(spec.dim, spec.n_heads, spec.n_kv_heads, **common)
+    if spec.kind not in KINDS:
+        raise ValueError(f"attention {spec.kind!r} is not one of {KINDS}")
+    multipole = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+                 if f.name not in common and f.name not in ("kind", "dim", "n_heads", "n_kv_heads")}
+    return MultipoleAttention(spec.dim, spec.n_heads, spec.n_kv_heads, **common, **multipole,
+                              max_level=0 if spec.kind == "local" else None)
+
+
+__all__ = ["ProjectedAttention", "MultipoleAttention", "FullAttention", "AttentionSpec", "make_attention",
+           "SUMMARY_ROPES", "KINDS"]

@@ -1,4 +1,6 @@
-"""MultipoleAttention: the layer, its RoPE, summaries and lengths."""
+"""The attention layers: MultipoleAttention (its RoPE, summaries and lengths), FullAttention, make_attention."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -109,3 +111,22 @@ def test_decoding_refuses_what_the_cache_does_not_take():
     att = layer(summary_rope="window")
     with pytest.raises(ValueError, match="whole sequences"):
         att.prefill(torch.randn(1, 40, 32, dtype=torch.float64))
+
+
+def test_make_attention_builds_the_layer_a_spec_names():
+    from fmtrain.attention import AttentionSpec, FullAttention, make_attention
+
+    spec = AttentionSpec(kind="fma", dim=32, n_heads=4, n_kv_heads=2, block_size=16, rank=4, refine=2,
+                         level_offset=True, summary="conv", max_seq_len=128)
+    fma_layer = make_attention(spec)
+    assert isinstance(fma_layer, MultipoleAttention) and fma_layer.max_level is None
+    assert (fma_layer.block_size, fma_layer.rank, fma_layer.refine, fma_layer.n_kv_heads) == (16, 4, 2, 2)
+    assert fma_layer.level_offset is not None
+    local = make_attention(dataclasses.replace(spec, kind="local"))
+    assert local.max_level == 0 and local.refine == 0 and local.level_offset is None
+    full = make_attention(dataclasses.replace(spec, kind="sdpa", causal=False))
+    assert isinstance(full, FullAttention) and not full.causal
+    # One parameter layout whatever the kind: checkpoints line up.
+    assert {k for k in full.state_dict()} <= {k for k in fma_layer.state_dict()}
+    with pytest.raises(ValueError, match="'flash' is not one of"):
+        make_attention(dataclasses.replace(spec, kind="flash"))

@@ -1,0 +1,138 @@
+"""``fma(q, k, v)``: the multipole attention op, SDPA-like. It checks its inputs and sends them
+to one path: the dense reference (:mod:`.reference`), the blocked PyTorch or Triton core
+(:mod:`.blocked`), adaptive refinement (:mod:`.refine`) or sequence parallelism
+(:mod:`.sequence_parallel`); all of them share the hierarchy of :mod:`.hierarchy`."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .blocked import blocked_multipole
+from .hierarchy import hierarchy, sizes_error, truncate
+from .refine import refined_multipole
+from .reference import dense_attention, dense_refined
+from .sequence_parallel import sp_fma
+from .summaries import MEAN, Summaries
+
+IMPLS = ("auto", "torch", "triton", "dense")
+VARIANTS = ("nlogn", "linear")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(q, k, v, block_size, rank, impl, variant):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"fma: {name} must be a 4-D tensor (batch, heads, n, head_dim), got {shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"fma: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if min(q.shape[1], k.shape[1], q.shape[3]) < 1:
+        raise ValueError(f"fma: q {tuple(q.shape)} and k/v {tuple(k.shape)} need at least one head each and "
+                         "head_dim >= 1")
+    B, H, n, d = q.shape
+    if k.shape[0] != B or k.shape[2] != n:
+        raise ValueError(
+            f"fma: q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and sequence length "
+            "(multipole attention is self-attention over one sequence)")
+    if k.shape[3] != d:
+        raise ValueError(f"fma: head_dim of q ({d}) and k/v ({k.shape[3]}) differ; project them to the same size")
+    if H % k.shape[1]:
+        raise ValueError(
+            f"fma: q has {H} heads, k/v have {k.shape[1]}; grouped-query attention needs the "
+            "query heads to be a multiple of the key/value heads")
+    if n < 1:
+        raise ValueError("fma: the sequence is empty (n=0); multipole attention needs n >= 1")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"fma: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"fma: dtype {q.dtype} is not supported; use one of {', '.join(map(str, _DTYPES))}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"fma: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    if (err := sizes_error(block_size, rank)) is not None:
+        raise ValueError(f"fma: {err}")
+    if impl not in IMPLS:
+        raise ValueError(f"fma: unknown impl {impl!r}; choose one of {IMPLS}")
+    if variant not in VARIANTS:
+        raise ValueError(f"fma: unknown variant {variant!r}; choose one of {VARIANTS}")
+
+
+def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 64, rank: int = 2,
+        causal: bool = True, weighted: bool = True, scale: float | None = None, impl: str = "auto",
+        variant: str = "nlogn", summaries: Summaries | None = None,
+        max_level: int | None = None, group=None, level_offset: torch.Tensor | None = None,
+        refine: int = 0) -> torch.Tensor:
+    """Fast multipole attention.
+
+    Args:
+        q: (batch, heads, n, head_dim); k, v: (batch, kv_heads, n, head_dim),
+            ``heads`` a multiple of ``kv_heads`` (grouped-query attention).
+        block_size: ``m``, tokens per fine block.
+        rank: ``p``, summaries per coarse window (divides ``block_size``).
+        causal: mask keys after the query.
+        weighted: add ``log(tokens behind a summary)`` to its score (the paper's ``scale_attn``).
+        scale: score scale, default ``1/sqrt(head_dim)``.
+        impl: ``"auto"`` (Triton kernels on CUDA, else ``"torch"``), ``"triton"`` (fused
+            kernels; float64 falls back to ``"torch"``), ``"torch"`` (blocked, O(n) memory),
+            ``"dense"`` (reference, O(n^2) memory: tests and small ``n`` only).
+        variant: ``"nlogn"`` (default) or ``"linear"`` (queries summarised on coarse levels).
+        summaries: how key/value summaries are formed; parameter-free means by default.
+        max_level: drop the coarse levels above it (``0``: fine level only, i.e. local
+            block attention, a baseline); default all levels.
+        group: a sequence-parallel process group: ``q, k, v`` are then this rank's
+            contiguous chunk of the sequence and the result is this rank's chunk of the
+            global result (see ``sequence_parallel.py``); ``None`` or size 1: local.
+        level_offset: (heads, levels or more) added to the scores of each coarse level's
+            summaries on top of the log-weights (learned by the layer, see
+            ``MultipoleAttention(level_offset=True)``); None: no offset.
+        refine: ``K``, far fine blocks each query opens and attends to token by token
+            (adaptive refinement, :mod:`.refine`): 0 is plain multipole attention, ``K``
+            at least the number of fine blocks is exact softmax attention. nlogn only.
+
+    Returns:
+        (batch, heads, n, head_dim), the dtype of ``q``.
+    """
+    _check(q, k, v, block_size, rank, impl, variant)
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"fma: refine must be a count of fine blocks >= 0, got {refine!r}")
+    if refine and variant != "nlogn":
+        raise ValueError("fma: refine > 0 needs variant='nlogn' (the linear variant shares one query per "
+                         "window on coarse levels, so there is no per-query selection); set refine=0")
+    if q.shape[0] == 0:  # an empty batch: an empty result, still in the graph of q, k and v
+        return q * 0 + (k.sum() + v.sum()) * 0
+    n, d = q.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if level_offset is not None and (level_offset.dim() != 2 or level_offset.shape[0] != q.shape[1]):
+        raise ValueError(f"fma: level_offset must be (heads={q.shape[1]}, levels), got {tuple(level_offset.shape)}")
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        if refine:
+            raise ValueError("fma: refine > 0 has no sequence-parallel path yet (opened blocks may lie on "
+                             "other ranks); use refine=0 or one rank per sequence")
+        if level_offset is not None:
+            raise ValueError("fma: level_offset has no sequence-parallel path yet; train it with "
+                             "parallel.sequence=1")
+        if impl == "dense":
+            raise ValueError("fma: impl='dense' has no sequence-parallel path; use impl='torch' or 'auto'")
+        return sp_fma(q, k, v, group, block_size=block_size, rank=rank, causal=causal, weighted=weighted,
+                      scale=scale, variant=variant, summaries=summaries, max_level=max_level, impl=impl)
+    h = hierarchy(n, block_size, rank, causal)
+    if max_level is not None:
+        h = truncate(h, max_level)
+    if level_offset is not None and level_offset.shape[1] < h.n_levels:
+        raise ValueError(f"fma: level_offset has {level_offset.shape[1]} levels, the sequence ({n} tokens) "
+                         f"has {h.n_levels}")
+    ks, vs = (summaries or MEAN)(k, v, h)
+    if refine and h.n_levels:
+        if impl == "dense":
+            return dense_refined(q, k, v, ks, vs, h, scale=scale, weighted=weighted, refine=refine,
+                                 level_offset=level_offset)
+        return refined_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, refine=refine, impl=impl,
+                                 level_offset=level_offset)
+    if impl == "dense":
+        return dense_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant,
+                               level_offset=level_offset)
+    return blocked_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant, impl=impl,
+                             level_offset=level_offset)
+
+
+__all__ = ["fma", "IMPLS", "VARIANTS"]

@@ -233,7 +233,17 @@ def _block_tables_cpu(h: Hierarchy, weighted: bool) -> BlockTables:
     return BlockTables(index, bias)
 
 
-_converted_tables: dict = {}
+# Tables made on the CPU once per hierarchy and copied to a device once per (device, dtype): a
+# call then makes no tensor on the host and waits for no copy (each would synchronise the stream).
+_on_device: dict = {}
+
+
+def _cached_on_device(key: tuple, make):
+    if key not in _on_device:
+        if len(_on_device) > 512:
+            _on_device.clear()
+        _on_device[key] = make()
+    return _on_device[key]
 
 
 def block_tables(h: Hierarchy, weighted: bool, device: torch.device | str = "cpu",
@@ -244,12 +254,35 @@ def block_tables(h: Hierarchy, weighted: bool, device: torch.device | str = "cpu
     device = torch.device(device)
     if device.type == "cpu" and (index_dtype, bias_dtype) == (torch.int64, torch.float64):
         return t
-    key = (h, weighted, device, index_dtype, bias_dtype)
-    if key not in _converted_tables:
-        if len(_converted_tables) > 256:
-            _converted_tables.clear()
-        _converted_tables[key] = BlockTables(t.index.to(device, index_dtype), t.bias.to(device, bias_dtype))
-    return _converted_tables[key]
+    return _cached_on_device(("tables", h, weighted, device, index_dtype, bias_dtype), lambda: BlockTables(
+        t.index.to(device, index_dtype), t.bias.to(device, bias_dtype)))
+
+
+@functools.lru_cache(maxsize=256)
+def all_summary_counts(h: Hierarchy) -> torch.Tensor:
+    """Real tokens behind every summary, all levels concatenated: (num_summaries,) int64."""
+    if h.n_levels == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([h.summary_counts(l).reshape(-1) for l in range(1, h.n_levels + 1)])
+
+
+def window_divisors(h: Hierarchy, level: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """(windows,) real tokens in each window of ``level``, at least 1: a window mean's divisor
+    (cached per device and dtype)."""
+    return _cached_on_device(("divisors", h, level, torch.device(device), dtype),
+                             lambda: h.window_counts(level).clamp(min=1).to(device, dtype))
+
+
+def summary_scales(h: Hierarchy, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """(num_summaries,) factors that turn each summary's ``z`` into the mean of its real tokens:
+    ``(window/p) / count``, 0 where no real token is behind it (cached per device and dtype)."""
+    def make():
+        counts = all_summary_counts(h)
+        nominal = torch.cat([torch.full((h.windows[l - 1] * h.rank,), h.window_size(l) // h.rank)
+                             for l in range(1, h.n_levels + 1)]) if h.n_levels else counts
+        scale = torch.where(counts > 0, nominal / counts.clamp(min=1).double(), 0.0)
+        return scale.to(device, dtype)
+    return _cached_on_device(("scales", h, torch.device(device), dtype), make)
 
 
 # --- the block layout of tokens -------------------------------------------------

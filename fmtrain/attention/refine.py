@@ -50,7 +50,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .hierarchy import Hierarchy
+from .hierarchy import Hierarchy, all_summary_counts
 from .torch_core import Scratch, acc_dtype
 
 # Elements of the largest per-chunk gather (queries x keys x head_dim, 32 MB in fp32): bounds the
@@ -74,7 +74,7 @@ def num_candidates(h: Hierarchy, refine: int) -> int:
 def _tables_cpu(h: Hierarchy):
     """Per summary: whether it has real tokens and its log count; per level: offset and window count;
     per fine block: the interaction list's windows as (level, window) pairs, -1 where none."""
-    counts = torch.cat([h.summary_counts(l).reshape(-1) for l in range(1, h.n_levels + 1)])
+    counts = all_summary_counts(h)
     has = counts > 0
     logc = torch.where(has, counts.clamp(min=1).double().log(), 0.0)
     offsets = torch.tensor((0,) + h.offsets, dtype=torch.long)  # level l at offsets[l]

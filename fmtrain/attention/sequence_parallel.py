@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .blocked import coarse_top_down, merge
 from .cores import select_core
-from .hierarchy import Hierarchy, hierarchy, truncate
+from .hierarchy import Hierarchy, hierarchy, truncate, window_divisors
 from .summaries import MEAN, Summaries, finish
 from .torch_core import acc_dtype
 
@@ -311,7 +311,7 @@ def _linear_coarse(q, ks, vs, h: Hierarchy, q_sums, q_left, gathered_q, rank_lev
     dev, acc = q.device, acc_dtype(q.dtype)
 
     def level_queries(l):
-        counts = h.window_counts(l).to(dev).clamp(min=1).to(acc)
+        counts = window_divisors(h, l, dev, acc)
         if l <= rank_levels + 1:
             first = first_block >> (l - 1)
             windows = torch.arange(first, first + q_sums[l - 1].shape[2], device=dev)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hierarchy import Hierarchy, hierarchy, num_levels, pad_to, sizes_error
+from .hierarchy import (Hierarchy, hierarchy, num_levels, pad_to, sizes_error, summary_scales,
+                        window_divisors)
 
 SUMMARY_KINDS = ("m2m", "conv", "mean")
 
@@ -36,19 +37,14 @@ def _pair_children(z: torch.Tensor, windows_up: int) -> torch.Tensor:
 
 
 def finish(zs: list[torch.Tensor], h: Hierarchy) -> torch.Tensor:
-    """Scale each level's ``z`` to the mean of its real tokens and concatenate.
+    """Concatenate the levels' ``z`` and scale each to the mean of its real tokens.
 
     ``zs[l-1]``: (B, H, windows_l, p, d). Returns (B, H, num_summaries, d).
     """
     if not zs:
         return zs  # type: ignore[return-value]
-    out = []
-    for l, z in enumerate(zs, start=1):
-        count = h.summary_counts(l).to(z.device)  # (windows, p)
-        nominal = h.window_size(l) // h.rank
-        scale = torch.where(count > 0, nominal / count.clamp(min=1).double(), 0.0).to(z.dtype)
-        out.append((z * scale[:, :, None]).flatten(2, 3))
-    return torch.cat(out, dim=2)
+    z = torch.cat([z.flatten(2, 3) for z in zs], dim=2)  # (B, H, num_summaries, d)
+    return z * summary_scales(h, z.device, z.dtype)[:, None]
 
 
 class Summaries(nn.Module):
@@ -267,8 +263,7 @@ def window_means(x: torch.Tensor, h: Hierarchy) -> list[torch.Tensor]:
     for l, nw in enumerate(h.windows, start=1):
         if l > 1:
             s = _pair_children(s.unsqueeze(3), nw).sum(dim=3)
-        count = h.window_counts(l).to(x.device).clamp(min=1).to(x.dtype)
-        out.append(s / count[:, None])
+        out.append(s / window_divisors(h, l, x.device, x.dtype)[:, None])
     return out
 
 

@@ -1,0 +1,107 @@
+"""What one forward+backward of the Triton path dispatches, counted on the CPU (issue #26's
+"no host work in the hot path"): after a warm-up call no tensor is made from host data (each
+would be a host-to-device copy and a stream synchronisation on a GPU), the kernel launches are
+1 + 3 whatever the number of levels, and the PyTorch ops around them grow with the levels only
+through the summaries' own level-by-level recursion (a fused summary kernel would remove it).
+
+Ops are counted with a ``TorchDispatchMode``; the kernels under ``TRITON_INTERPRET=1`` (the
+interpreter's own copies of the kernels' arguments are not counted: on a GPU there are none).
+"""
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fmtrain.attention import build_summaries, fma
+from fmtrain.attention.hierarchy import hierarchy
+
+kernels = pytest.importorskip("fmtrain.attention.kernels")
+if not kernels.triton_available():
+    pytest.skip("triton does not import here", allow_module_level=True)
+
+# Ops that make a tensor from host data or read one back (a synchronisation).
+FROM_HOST = ("aten.lift_fresh", "aten.arange", "aten.scalar_tensor", "aten.full.", "aten.linspace",
+             "aten._local_scalar_dense", "aten.index_put")
+# Ops that only describe memory (no kernel on a GPU).
+METADATA = ("view", "permute", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select.int",
+            "alias", "detach", "aten.t.", "as_strided", "split", "unbind")
+KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkv_kernel", "_delta_kernel")
+M, P = 16, 2
+
+
+class Dispatches(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops, self.launches, self.launching = collections.Counter(), collections.Counter(), False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.launching:
+            self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Launch:
+    """``kernel[grid](...)`` that counts the launch and hides the interpreter's copies."""
+
+    def __init__(self, kernel, name, seen: Dispatches):
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.seen.launches[self.name] += 1
+            self.seen.launching = True
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                self.seen.launching = False
+        return run
+
+
+def count(monkeypatch, n: int, summary: str, what: str) -> Dispatches:
+    """One warm-up, then the counted forward+backward of ``what``: "fma" or "summaries"."""
+    from fmtrain.attention.kernels import function
+
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g, requires_grad=True) for _ in range(3))
+    s = build_summaries(summary, n_kv_heads=2, head_dim=16, block_size=M, rank=P, max_seq_len=n)
+
+    def call():
+        if what == "fma":
+            return fma(q, k, v, block_size=M, rank=P, summaries=s, impl="triton").sum().backward()
+        ks, vs = s(k, v, hierarchy(n, M, P, True))
+        (ks.sum() + vs.sum()).backward()
+
+    call()
+    seen = Dispatches()
+    with monkeypatch.context() as patch:
+        for name in KERNELS:
+            patch.setattr(function, name, Launch(getattr(function, name), name, seen))
+        with seen:
+            call()
+    return seen
+
+
+def compute_ops(c: collections.Counter) -> collections.Counter:
+    return collections.Counter({op: k for op, k in c.items() if not any(m in op for m in METADATA)})
+
+
+@pytest.mark.parametrize("summary", ["mean", "m2m"])
+def test_no_host_tensors_flat_launches_and_ops_that_grow_only_with_the_summaries(monkeypatch, summary):
+    short, long = 16 * M, 128 * M  # 4 and 7 levels (fine level included)
+    extra_levels = hierarchy(long, M, P, True).n_levels - hierarchy(short, M, P, True).n_levels
+    assert extra_levels == 3
+    a, b = count(monkeypatch, short, summary, "fma"), count(monkeypatch, long, summary, "fma")
+    for seen in (a, b):
+        host = {op: k for op, k in seen.ops.items() if any(h in op for h in FROM_HOST)}
+        assert not host, f"tensors made from host data after warm-up: {host}"
+        assert seen.launches == {"_fwd_kernel": 1, "_delta_kernel": 1, "_dq_kernel": 1, "_dkv_kernel": 1}
+    sa, sb = count(monkeypatch, short, summary, "summaries"), count(monkeypatch, long, summary, "summaries")
+    around = compute_ops(b.ops) - compute_ops(sb.ops), compute_ops(a.ops) - compute_ops(sa.ops)
+    assert around[0] == around[1], f"ops around the kernels grow with the levels: {around[0] - around[1]}"
+    per_level = sum((compute_ops(sb.ops) - compute_ops(sa.ops)).values()) / extra_levels
+    # The recursion, per level, k and v, forward and backward: mean 6 (a mean, its backward's
+    # division, a gradient sum); m2m 22 (the einsums' matmuls and layout copies).
+    assert per_level <= {"mean": 6, "m2m": 22}[summary], (per_level, compute_ops(sb.ops) - compute_ops(sa.ops))

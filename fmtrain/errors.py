@@ -27,7 +27,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import shutil
+import socket
 import sys
+from pathlib import Path
 from typing import Callable
 
 EXIT_USAGE = 2  # a problem with what the user gave (config, data, checkpoint, world size)
@@ -69,15 +73,26 @@ def no_space(exc: BaseException, where: str | os.PathLike | None = None) -> bool
         text = str(exc).lower()
         if "no space left" in text or "quota exceeded" in text:
             return True
+        # numpy's tofile reports a short write as bare counts, without the errno that says why.
+        if isinstance(exc, OSError) and exc.errno is None and re.fullmatch(r"\d+ requested and \d+ written", text):
+            return True
         exc = exc.__cause__ or exc.__context__
     return where is not None and isinstance(first, (OSError, RuntimeError)) and disk_full(where)
 
 
+def read_only(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a write to a read-only file system (safetensors says it in words)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if (isinstance(exc, OSError) and exc.errno == errno.EROFS) or "read-only file system" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def disk_full(where: str | os.PathLike) -> bool:
     """Whether the file system holding ``where`` (or its nearest existing parent) is (nearly) full."""
-    import shutil
-    from pathlib import Path
-
     path = Path(where)
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -98,6 +113,101 @@ def as_user_error(exc: BaseException) -> UserError | None:
     if isinstance(exc, OSError) and no_space(exc):
         where = f" writing {exc.filename}" if exc.filename else ""
         return UserError(f"no space left on device{where} ({exc}); free space there and run again")
+    return None
+
+
+# ---------------------------------------------------------------- temporary files of a killed process
+# A folder or file written under a temporary name and renamed when complete is left behind when its
+# writer is killed (SIGKILL, OOM). Its name records the owner (host and PID) so that the next run can
+# tell a dead owner's leftover from the work of a live one, here or on another host of a shared file
+# system, and remove only the former.
+_PID_INIT_NS = 0xEFFFFFFC  # the kernel's initial PID namespace (PROC_PID_INIT_INO)
+
+
+def owner_tag() -> str:
+    """This host as temporary names record it: its name, plus its PID namespace when that is not the
+    host's own (a container that shares the host's name, as ``docker --network=host`` does, numbers its
+    processes apart: its PIDs say nothing about the host's, nor the host's about its)."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+    try:
+        ns = int(os.readlink("/proc/self/ns/pid").split("[")[1].rstrip("]"))
+    except (OSError, IndexError, ValueError):
+        return host
+    return host if ns == _PID_INIT_NS else f"{host}.pidns{ns}"
+
+
+def temp_name(prefix: str) -> str:
+    """``prefix`` followed by this process's owner: ``HOST-PID`` (see :func:`remove_stale`)."""
+    return f"{prefix}{owner_tag()}-{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host (this PID namespace) exists; when in doubt, yes."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process (EPERM), or a number that is no PID
+        return True
+    return True
+
+
+def remove_stale(folder: str | os.PathLike, name: re.Pattern, what: str, *, warn: bool = True) -> list[Path]:
+    """Remove the entries of ``folder`` whose names ``name`` matches (its group ``owner``: what
+    :func:`temp_name` appended) that a process of this host left when it died; returns them.
+    ``what`` names the writer in messages ("an export").
+
+    Entries of a live process are its work in progress: left alone. Entries of another host (or
+    named before owners were recorded) are left too, since this host cannot tell whether their owner
+    lives: with ``warn``, a warning on stderr says where they are.
+    """
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError:  # no folder yet: nothing left over
+        return []
+    here, removed = owner_tag(), []
+    for path in entries:
+        m = name.fullmatch(path.name)
+        if m is None:
+            continue
+        tag, _, pid = m.group("owner").rpartition("-")
+        if tag == here and pid.isdigit():
+            if int(pid) == os.getpid() or pid_alive(int(pid)):
+                continue
+            try:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            except OSError as exc:
+                print(f"warning: cannot remove {path}, left by {what} that was killed ({exc}); delete it",
+                      file=sys.stderr, flush=True)
+                continue
+            print(f"removed {path}, left by {what} that was killed (pid {pid} is gone)", file=sys.stderr,
+                  flush=True)
+            removed.append(path)
+        elif warn:
+            owner = f"pid {pid} on {tag}" if tag and pid.isdigit() else "an owner that was not recorded"
+            print(f"warning: {path} is left by {what} that was killed, or in use by {owner} (which this host "
+                  "cannot check); delete it if nothing writes it", file=sys.stderr, flush=True)
+    return removed
+
+
+def write_problem(exc: BaseException, writing: str | os.PathLike, out: str | os.PathLike,
+                  where: str | os.PathLike | None = None) -> str | None:
+    """A failed write of ``writing`` (a file of the output ``out``, which the user named) in words
+    with the fix, or None when ``exc`` is no write failure (a bug, or a problem already in words).
+
+    safetensors reports I/O failures as a plain Exception holding the OS's words, so those are read;
+    ``where`` (the folder being written) is looked at for free space before it is cleaned up.
+    """
+    if isinstance(exc, UserError):
+        return None
+    if no_space(exc, where):
+        return f"no space left on device while writing {writing}; free space or choose another OUT"
+    if read_only(exc):
+        return f"{out} is on a read-only file system; remount it read-write or choose another OUT"
+    if isinstance(exc, PermissionError):
+        return f"cannot write {writing}: permission denied; choose an OUT this user can write"
+    if isinstance(exc, OSError):
+        return f"cannot write {writing}: {exc.strerror or exc}; choose another OUT"
     return None
 
 

@@ -8,22 +8,38 @@ What ``fmtrain.eval``, ``fmtrain.generate``, ``model.init_from`` and the Hugging
 export (:mod:`fmtrain.hf`) load. An export is a folder like a checkpoint (a
 ``meta.json`` with sizes and CRC-32s), which :func:`fmtrain.checkpoint.resolve` and
 ``validate`` accept.
+
+Both exports (this one and :mod:`fmtrain.hf`) write into ``.OUT.partial-HOST-PID`` beside
+OUT and move the files into OUT once all are written (:func:`write_folder`): a failure (a full
+disk, a read-only file system) leaves nothing behind, and a folder that a killed export left is
+removed by the next export to OUT.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .checkpoint import META, CheckpointError, _checksums, _file_sizes, resolve, validate
+from .checkpoint import META, _checksums, _file_sizes, resolve, validate
 from .config import CONFIG_FILE, Config
 from .data.tokenizer import SETTINGS_IN_CHECKPOINT
+from .errors import UserError, remove_stale, temp_name, write_problem
 
 EXPORTED = "model.safetensors"  # the weights of a model-only export
+TOKENIZER_FILES = ("tokenizer.model", SETTINGS_IN_CHECKPOINT, "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+EXPORT_FILES = (EXPORTED, CONFIG_FILE, *TOKENIZER_FILES, META)  # every file a model-only export may write
+
+
+class ExportError(UserError, RuntimeError):
+    """An export that cannot be done or written; the message says why and what to do."""
 
 
 def load_config_of(ckpt: Path) -> Config:
@@ -77,29 +93,150 @@ def current_umask() -> int:
     return mask
 
 
-def export(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:
     """Write the model alone: ``model.safetensors`` (fp32, consolidated from any ZeRO stage),
     ``config.toml``, the tokenizer and a ``meta.json``, a folder that ``fmtrain.eval`` and
-    ``fmtrain.generate`` load on one process like a checkpoint."""
+    ``fmtrain.generate`` load on one process like a checkpoint.
+
+    ``out`` is new or empty; with ``force`` it may hold other files: the export's own names are
+    replaced (and an earlier export's files this one does not write are removed), the rest is kept
+    and not listed in ``meta.json``.
+    """
     from safetensors.torch import save_file
 
     ckpt = resolve(ckpt)
     meta = validate(ckpt)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    previous = check_target(out, EXPORT_FILES, force=force, source=ckpt)
     # Tied weights share storage, which safetensors refuses: store each tensor on its own.
     sd = {k: v.detach().clone().contiguous() for k, v in load_model_state(ckpt).items()}
-    save_file(sd, out / EXPORTED, metadata={"step": str(meta["step"]), "source": str(ckpt)})
-    os.chmod(out / EXPORTED, 0o666 & ~current_umask())  # safetensors creates it 0600; the rest of the export is 0644
-    for name in (CONFIG_FILE, "tokenizer.model", SETTINGS_IN_CHECKPOINT, "tokenizer.json",
-                 "tokenizer_config.json", "special_tokens_map.json"):
-        if (ckpt / name).is_file():
-            shutil.copy2(ckpt / name, out / name)
-    info = dict(step=meta["step"], tokens_seen=meta["tokens_seen"], source=str(ckpt), format="model-only",
-                world_size=1, dp_size=1, sp_size=1, zero_stage=None, files=_file_sizes(out),
-                crc32=_checksums(out))
-    (out / META).write_text(json.dumps(info, indent=1))
-    return out
+
+    def write(tmp: Path, name: Callable[[str], Path]) -> None:
+        save_file(sd, name(EXPORTED), metadata={"step": str(meta["step"]), "source": str(ckpt)})
+        os.chmod(tmp / EXPORTED, 0o666 & ~current_umask())  # safetensors creates it 0600; the rest is 0644
+        for file in (CONFIG_FILE, *TOKENIZER_FILES):
+            if (ckpt / file).is_file():
+                shutil.copy2(ckpt / file, name(file))
+        info = dict(step=meta["step"], tokens_seen=meta["tokens_seen"], source=str(ckpt), format="model-only",
+                    world_size=1, dp_size=1, sp_size=1, zero_stage=None, files=_file_sizes(tmp),
+                    crc32=_checksums(tmp))
+        name(META).write_text(json.dumps(info, indent=1))
+
+    # An earlier export's files that this one does not write would be taken for part of it.
+    return write_folder(out, write, last=META, remove=previous)
+
+
+def check_target(out: Path, owned: tuple[str, ...], *, force: bool | None = None,
+                 source: Path | None = None) -> list[str]:
+    """Refuse an OUT that is not a folder, that holds files (unless ``force``; None: no --force to
+    offer), or that overlaps the checkpoint ``source``; returns the names among ``owned`` that an
+    earlier export listed in its ``meta.json`` there (to be replaced or removed)."""
+    if source is not None:
+        o, c = out.resolve(), source.resolve()
+        if o == c or o in c.parents or c in o.parents:
+            where = "is" if o == c else "holds" if o in c.parents else "is inside"
+            raise ExportError(f"{out} {where} the checkpoint {source}; export to a folder outside it")
+    if not (out.exists() or out.is_symlink()):
+        return []
+    if not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder; give a new or empty folder as OUT")
+    present = sorted(p.name for p in out.iterdir())
+    if present and not force:
+        replaced = [n for n in present if n in owned]
+        kept = [n for n in present if n not in owned]
+        if force is None:
+            raise ExportError(f"{out} exists and is not empty ({_some(present)}); give a new or empty folder")
+        effect = "; ".join(part for part in (f"replaces {_some(replaced)}" if replaced else "",
+                                             f"keeps {_some(kept)}" if kept else "") if part)
+        raise ExportError(f"{out} exists and is not empty ({_some(present)}); give a new or empty folder, "
+                          f"or --force to write the export into it (it {effect})")
+    try:
+        listed = json.loads((out / META).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in owned if n in listed]
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def write_folder(out: Path, write: Callable[[Path, Callable[[str], Path]], None], *, last: str,
+                 remove: list[str] | tuple[str, ...] = ()) -> Path:
+    """Run ``write(tmp, name)`` in ``.OUT.partial-HOST-PID`` beside ``out`` (``name(file)``: the
+    path to write ``file`` at, which a failure message names as ``out/file``), then move it in.
+
+    ``out`` absent: the folder is renamed (it appears complete or not at all). ``out`` a folder:
+    the files are moved into it one by one, ``last`` last after its old copy (and the names in
+    ``remove``) went first, so a folder caught half-way reads as unfinished. A failure removes the
+    partial folder, the folders made for it and the files moved in; the user's files stay as they were.
+    """
+    given, out = out, Path(os.path.abspath(out))  # "." and ".." have a name and a parent too
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # innermost first
+    remove_stale(out.parent, re.compile(re.escape(f".{out.name}.partial-") + "(?P<owner>.+)"), "an export")
+    if out.is_dir():  # files being copied into a mount point (see _move)
+        remove_stale(out, re.compile(r"\..+\.partial-(?P<owner>.+)"), "an export", warn=False)
+    tmp = out.parent / temp_name(f".{out.name}.partial-")
+    writing, placed = [out], []
+
+    def name(file: str) -> Path:
+        writing[0] = out / file
+        return tmp / file
+
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # this host's, of this PID: a dead process's whose PID came back
+        tmp.mkdir(parents=True)
+        write(tmp, name)
+        writing[0] = out
+        if not out.exists():
+            os.rename(tmp, out)
+            return given
+        files = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == last)
+        for old in (last, *remove):
+            writing[0] = out / old
+            if old not in files[:-1]:  # those are replaced in one step below
+                (out / old).unlink(missing_ok=True)
+        for file in files:
+            writing[0] = out / file
+            _move(tmp / file, out / file)
+            placed.append(out / file)
+        tmp.rmdir()
+        return given
+    except BaseException as exc:
+        # Look at the disk before cleaning up frees it.
+        problem = write_problem(exc, writing[0], out, where=tmp) if isinstance(exc, Exception) else None
+        shutil.rmtree(tmp, ignore_errors=True)
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for folder in made:  # only while empty: never what another process put there meanwhile
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if problem is None:
+            raise
+        raise ExportError(problem) from None
+
+
+def _move(src: Path, dst: Path) -> None:
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # OUT is a mount point: its files cannot be renamed in from beside it. Copied under a
+        # temporary name, so that a failed copy leaves the file it replaces as it was.
+        part = dst.with_name(temp_name(f".{dst.name}.partial-"))
+        try:
+            shutil.copy2(src, part)
+            os.replace(part, dst)
+        except BaseException:
+            try:
+                part.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,12 +247,12 @@ def main(argv: list[str] | None = None) -> int:
                                              "for fmtrain.eval / fmtrain.generate; for Hugging Face, "
                                              "python -m fmtrain.hf export.")
     ap.add_argument("checkpoint", help="a checkpoint folder, a checkpoints folder or a run folder (newest)")
-    ap.add_argument("out", help="the folder to write")
+    ap.add_argument("out", help="the folder to write (new or empty)")
+    ap.add_argument("--force", action="store_true",
+                    help="write into a folder that holds files: the export's own (config.toml, model.safetensors, "
+                         "tokenizer files, meta.json) are replaced, the others kept")
     args = ap.parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out)
-    except OSError as exc:  # the output folder cannot be written (a full disk, no permission)
-        raise CheckpointError(f"cannot write the export to {args.out}: {exc}") from None
+    out = export(args.checkpoint, args.out, force=args.force)
     print(f"exported {resolve(args.checkpoint)} to {out}")
     return 0
 

@@ -9,8 +9,10 @@ the tokenizer model and this format's version:
     validation.bin, validation.idx.npy   the same for the held-out documents
     meta.json        counts, dtype, corpus and tokenizer; written last
 
-An entry is built in a temporary folder and renamed into place, so a reader
-never sees a half-written one. Under torch.distributed, rank 0 builds while the
+An entry is built in a temporary folder (``<key>.tmp-HOST-PID``) and renamed into
+place, so a reader never sees a half-written one. A build that fails (a full disk) removes
+its folder; one that was killed leaves it, and the next run on that host removes it once
+its owner is gone (see :func:`fmtrain.errors.remove_stale`). Under torch.distributed, rank 0 builds while the
 others wait at a barrier; if a node still does not see the entry afterwards (a
 node-local cache dir), that node's local rank 0 builds its own copy. For corpora
 whose build takes longer than the process-group timeout, build beforehand:
@@ -24,9 +26,9 @@ import array
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ import torch
 
 from fmtrain.data.corpus import SPLITS, Corpus, CorpusError
 from fmtrain.data.tokenizer import Tokenizer, load_tokenizer
+from fmtrain.errors import EXIT_USAGE, no_space, remove_stale, report, temp_name
 
 FORMAT_VERSION = 1
 _BATCH_CHARS = 16_000_000  # text handed to the tokenizer's threads at once
@@ -114,7 +117,12 @@ def cache_key(corpus: Corpus, tokenizer: Tokenizer) -> str:
 
 
 class _SplitWriter:
-    """Appends documents to `<split>.bin` and remembers their offsets."""
+    """Appends documents to `<split>.bin` and remembers their offsets.
+
+    Everything is written through Python's file objects, whose failed writes carry the OS's errno
+    (ENOSPC: a full disk); numpy's ``tofile`` reports one as bare counts ("7793 requested and 2825
+    written").
+    """
 
     def __init__(self, folder: Path, split: str, dtype: np.dtype):
         self.folder, self.split, self.dtype = folder, split, dtype
@@ -125,13 +133,28 @@ class _SplitWriter:
         arr = np.empty(len(ids) + 1, dtype=self.dtype)
         arr[:-1] = ids
         arr[-1] = eos_id
-        arr.tofile(self.file)
+        self.file.write(arr.data)
         self.offsets.append(self.offsets[-1] + len(arr))
 
     def close(self) -> dict:
         self.file.close()
-        np.save(self.folder / f"{self.split}.idx.npy", np.frombuffer(self.offsets, dtype=np.int64))
+        with open(self.folder / f"{self.split}.idx.npy", "wb") as fh:
+            np.save(_Sink(fh), np.frombuffer(self.offsets, dtype=np.int64))
         return dict(n_docs=len(self.offsets) - 1, n_tokens=self.offsets[-1])
+
+    def abort(self) -> None:
+        """Close after a failure; the buffered rest cannot be written either (the folder is removed)."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+
+
+class _Sink:
+    """A file that numpy writes to through ``write`` (not C's fwrite, whose short write has no errno)."""
+
+    def __init__(self, fh):
+        self.write = fh.write
 
 
 class _Progress:
@@ -168,7 +191,19 @@ def build_tokens(corpus: Corpus, tokenizer: Tokenizer, folder: str | Path, *, pr
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {s: _SplitWriter(folder, s, dtype) for s in SPLITS}
+    writers: dict[str, _SplitWriter] = {}
+    try:
+        for s in SPLITS:
+            writers[s] = _SplitWriter(folder, s, dtype)
+        return _tokenise_into(corpus, tokenizer, folder, writers, dtype, progress, num_threads)
+    except BaseException:
+        for w in writers.values():  # else their buffers are flushed again when collected, and fail again
+            w.abort()
+        raise
+
+
+def _tokenise_into(corpus: Corpus, tokenizer: Tokenizer, folder: Path, writers: dict[str, "_SplitWriter"],
+                   dtype: np.dtype, progress: bool, num_threads: int | None) -> dict:
     label = corpus.name if corpus.source == "hub" else corpus.source
     bar = _Progress(label, corpus.size_hint(), progress)
 
@@ -201,17 +236,38 @@ def build_tokens(corpus: Corpus, tokenizer: Tokenizer, folder: str | Path, *, pr
     return meta
 
 
+# What a killed build leaves in the cache folder: an entry's temporary folder, and a tokenizer's
+# temporary files (in tokenizers/). The owner is HOST-PID (fmtrain.errors.temp_name).
+_ENTRY_TMP = re.compile(r"[0-9a-f]{20}\.tmp-(?P<owner>.+)")
+_TOKENIZER_TMP = re.compile(r"[0-9a-f]{20}\.tmp-(?P<owner>.+?)\.(model|json)")
+
+
+def _no_space(exc: BaseException, what: str, cache_dir: Path, where: Path) -> CorpusError | None:
+    if isinstance(exc, CorpusError) or not no_space(exc, where):
+        return None
+    return CorpusError(f"no space left on device while writing {what} under {cache_dir}; free space there or "
+                       "set data.cache_dir elsewhere")
+
+
 def _build_into_place(corpus: Corpus, tokenizer: Tokenizer, target: Path, progress: bool) -> None:
     """Build in a temporary sibling folder, then rename it to `target` (atomic; first one wins)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    remove_stale(target.parent, _ENTRY_TMP, "a token cache build", warn=False)
+    tmp = target.parent / temp_name(f"{target.name}.tmp-")
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from a build that failed half-way
     try:
+        tmp.mkdir()
         build_tokens(corpus, tokenizer, tmp, progress=progress)
         try:
             os.rename(tmp, target)
         except OSError:
             if not _complete(target):  # not someone else's finished copy: a real failure
                 raise
+    except Exception as exc:
+        full = _no_space(exc, "the token cache", target.parent, tmp)  # looked at before the cleanup frees space
+        if full is None:
+            raise
+        raise full from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -268,6 +324,8 @@ def cached_tokens(corpus: Corpus | str, tokenizer: Tokenizer | str | Path, cache
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
     folder = Path(cache_dir) / cache_key(corpus, tokenizer)
+    if _rank() == 0:  # also when nothing is built: a killed build of another corpus left its folder
+        remove_stale(cache_dir, _ENTRY_TMP, "a token cache build")
     if rebuild and _rank() == 0 and folder.exists():
         shutil.rmtree(folder)
     # Rank 0 checks the entry (and removes a damaged one); the others only look for it afterwards.
@@ -298,13 +356,21 @@ def cached_tokenizer(corpus: Corpus | str, cache_dir: str | Path, *, vocab_size:
         print(f"[fmtrain.data] training a {vocab_size}-piece {model_type} tokenizer on the corpus (once: it is "
               f"cached as {model})", flush=True)
         model.parent.mkdir(parents=True, exist_ok=True)
-        tmp = model.parent / f"{model.stem}.tmp-{os.getpid()}"
+        remove_stale(model.parent, _TOKENIZER_TMP, "a tokenizer training")
+        tmp_model, tmp_settings = model_paths(model.parent / temp_name(f"{model.stem}.tmp-"))
         texts = (text for split, text in corpus.documents() if split == "train")
-        tok = train_tokenizer(texts, tmp, vocab_size=vocab_size, model_type=model_type,
-                              max_train_bytes=max_train_bytes, corpus=corpus.describe())
-        tmp_model, tmp_settings = model_paths(tok.path)
-        os.replace(tmp_settings, settings)
-        os.replace(tmp_model, model)  # last: the .model's presence means complete
+        try:
+            train_tokenizer(texts, tmp_model, vocab_size=vocab_size, model_type=model_type,
+                            max_train_bytes=max_train_bytes, corpus=corpus.describe())
+            os.replace(tmp_settings, settings)
+            os.replace(tmp_model, model)  # last: the .model's presence means complete
+        except Exception as exc:
+            full = _no_space(exc, "the tokenizer", Path(cache_dir), model.parent)
+            for path in (tmp_model, tmp_settings):
+                path.unlink(missing_ok=True)
+            if full is None:
+                raise
+            raise full from None
 
     _build_once(build, model.is_file)
     return load_tokenizer(model, vocab_size=vocab_size)
@@ -373,8 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         folder, data = cached_tokens(corpus_from_arguments(args), args.tokenizer, args.cache_dir,
                                      rebuild=args.rebuild)
-    except (ValueError, OSError) as err:  # bad input: one clear line, not a traceback
-        p.exit(2, f"{p.prog}: error: {err}\n")
+    except (ValueError, OSError) as err:  # bad input or a full disk: one clear line, not a traceback
+        report(str(err))
+        return EXIT_USAGE
     for split, d in data.items():
         print(f"{split}: {d.n_docs} documents, {d.n_tokens} tokens")
     print(folder)

@@ -18,8 +18,9 @@ tokenizer files:
 The tokenizer: a Hugging Face tokenizer (``tokenizer.json``) is copied; a
 SentencePiece model is converted to a ``tokenizer.json`` (:mod:`fmtrain.hf.sentencepiece`),
 and the conversion is checked to encode a sample of text exactly as SentencePiece
-does, else the export stops. OUT is written under a temporary name and renamed
-when complete: a failed export leaves nothing.
+does, else the export stops. OUT is written under a temporary name and moved in when
+complete (:func:`fmtrain.export.write_folder`): a failed export (a full disk, a read-only
+file system) leaves nothing, and says why in one line.
 """
 from __future__ import annotations
 
@@ -31,16 +32,12 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, resolve
-from ..export import current_umask, load_config_of, load_model_state
+from ..export import ExportError, check_target, current_umask, load_config_of, load_model_state, write_folder
 from ..config import Config
 from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from ..pretrained import fmtrain_to_hf
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ExportError(RuntimeError):
-    """An export that cannot be done; the message says why."""
 
 
 # The remote code of a model_type "fmtrain" folder: fmtrain's own classes, imported. transformers
@@ -172,8 +169,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fp32
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} exists and is not empty; give a new folder")
+    check_target(out, (), source=ckpt)  # new or empty: nothing of the user's is replaced
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     cfg = load_config_of(ckpt)
@@ -181,28 +177,25 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fp32
     tok = _tokenizer(ckpt, cfg)
     sd = load_model_state(ckpt)
     weights = _weights(cfg, arch, sd, DTYPES[dtype])
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    config = _hf_config(cfg, arch, tok, DTYPES[dtype])
+
+    def write(tmp: Path, name) -> None:  # name(file): its path in tmp, and what a failure names
         from safetensors.torch import save_file
         from transformers import GenerationConfig
 
-        config = _hf_config(cfg, arch, tok, DTYPES[dtype])
+        name("config.json")
         config.save_pretrained(tmp)
         if arch == "FmtrainForCausalLM":
-            (tmp / REMOTE_FILE).write_text(REMOTE_CODE)
-        GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                         pad_token_id=tok.pad_id).save_pretrained(tmp)
-        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "source": str(Path(ckpt).resolve())})
+            name(REMOTE_FILE).write_text(REMOTE_CODE)
+        name("generation_config.json")
+        GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id).save_pretrained(tmp)
+        save_file(weights, name("model.safetensors"), metadata={"format": "pt", "source": str(Path(ckpt).resolve())})
         os.chmod(tmp / "model.safetensors", 0o666 & ~current_umask())  # safetensors creates it 0600
+        name("tokenizer.json")
         _write_tokenizer(tok, tmp, cfg.data.seq_len, _sample_texts(cfg))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    # config.json last: a folder caught half-way (moving into an existing empty OUT) does not load.
+    return write_folder(out, write, last="config.json")
 
 
 __all__ = ["export", "ExportError", "hf_architecture"]

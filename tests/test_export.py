@@ -1,0 +1,263 @@
+"""The model-only export (python -m fmtrain.export) and the writing side of the Hugging Face export
+(python -m fmtrain.hf export): a folder of the user's is never overwritten unasked, and a full disk,
+a read-only file system or a kill ends in one line and leaves nothing behind.
+
+The source is a model-only folder of a random model (what the export itself writes), made here
+without a training run. The full-disk and read-only tests mount a tmpfs (root only; skipped elsewhere).
+"""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmtrain.checkpoint import META, _checksums, _file_sizes, validate
+from fmtrain.errors import owner_tag
+from fmtrain.export import ExportError, export, load_model, load_model_state
+from tests.test_hardening import ENV, assert_one_error_line, snapshot
+
+SP_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizer" / "stdlib-4k.model"
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    """A model-only folder: a random 2-layer model over stdlib-4k (weights ~1.4 MB), its config,
+    tokenizer and meta.json."""
+    from safetensors.torch import save_file
+
+    from fmtrain.config import from_dict, save_config
+    from fmtrain.data.tokenizer import tokenizer_files
+    from fmtrain.model import build_model
+
+    folder = tmp_path_factory.mktemp("src") / "model"
+    folder.mkdir()
+    cfg = from_dict({"run": {"dir": str(folder)},
+                     "model": {"vocab_size": 4096, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                               "block_size": 16},
+                     "data": {"corpus": [str(folder / "*.txt")], "seq_len": 256, "tokenizer": str(SP_TOKENIZER)}})
+    torch.manual_seed(0)
+    save_config(cfg, folder)
+    save_file({k: v.clone().contiguous() for k, v in build_model(cfg.model).state_dict().items()},
+              folder / "model.safetensors")
+    for path, name in tokenizer_files(SP_TOKENIZER):
+        shutil.copy2(path, folder / name)
+    (folder / META).write_text(json.dumps(dict(step=0, tokens_seen=0, format="model-only", world_size=1, dp_size=1,
+                                               sp_size=1, zero_stage=None, files=_file_sizes(folder),
+                                               crc32=_checksums(folder))))
+    return folder
+
+
+def export_cli(*args, module: str = "fmtrain.export") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=ENV)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name)
+
+
+def mount(folder: Path, options: str) -> Path:
+    folder.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """256 KB: less than the weights (~1.4 MB)."""
+    yield mount(tmp_path / "disk", "size=256k")
+    subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    yield mount(tmp_path / "ro", "ro,size=1m")
+    subprocess.run(["umount", "-l", str(tmp_path / "ro")], check=False)
+
+
+def dead_pid() -> int:
+    """The PID of a process of this host that has ended (and been reaped)."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+# ---------------------------------------------------------------------- a folder of the user's
+def test_a_folder_with_files_is_refused_without_force_and_left_as_it_was(src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes\n")
+    (out / "config.toml").write_text("# mine\n")
+    before = snapshot(out)
+    r = export_cli(src, out)
+    assert_one_error_line(r, f"{out} exists and is not empty", "--force", "replaces config.toml", "keeps notes.txt")
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+    # A file where the folder should be is refused even with --force.
+    (tmp_path / "file").write_text("x")
+    assert_one_error_line(export_cli(src, tmp_path / "file", "--force"), "exists and is not a folder")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_empty_folder_is_filled_without_force(src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    r = export_cli(src, out)
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads((out / META).read_text())["files"]) == {p.name for p in out.iterdir()} - {META}
+    validate(out)
+    assert leftovers(tmp_path) == []
+
+
+def test_force_replaces_the_exports_files_and_keeps_the_users(src, tmp_path):
+    out = tmp_path / "out"
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "loss.png").write_bytes(b"\x89PNG")
+    (out / "notes.txt").write_text("my notes\n")
+    (out / "config.toml").write_text("# mine\n")
+    r = export_cli(src, out, "--force")
+    assert r.returncode == 0, r.stderr
+    assert (out / "notes.txt").read_text() == "my notes\n" and (out / "plots" / "loss.png").read_bytes() == b"\x89PNG"
+    assert (out / "config.toml").read_bytes() == (src / "config.toml").read_bytes()
+    listed = set(json.loads((out / META).read_text())["files"])
+    assert listed == {"model.safetensors", "config.toml", "tokenizer.model", "sentencepiece_settings.json"}
+    # The user's own files are not part of the export: editing them leaves it loadable.
+    (out / "notes.txt").write_text("edited later\n")
+    (out / "plots" / "loss.png").unlink()
+    validate(out)
+    model, _ = load_model(out)
+    want = load_model_state(src)
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    assert leftovers(tmp_path) == [] and leftovers(out) == []
+
+    # Again over it: a file an earlier export listed and this one does not write goes (it would be
+    # taken for this export's tokenizer); an unlisted file of the same kind is the user's and stays.
+    (out / "tokenizer.json").write_text("{}")
+    meta = json.loads((out / META).read_text())
+    meta["files"]["tokenizer.json"] = 2
+    (out / META).write_text(json.dumps(meta))
+    (out / "special_tokens_map.json").write_text("{}")
+    assert export_cli(src, out, "--force").returncode == 0
+    assert not (out / "tokenizer.json").exists() and (out / "special_tokens_map.json").read_text() == "{}"
+    assert (out / "notes.txt").read_text() == "edited later\n"
+    validate(out)
+
+
+def test_the_checkpoint_itself_or_a_folder_around_it_is_refused(src, tmp_path):
+    before = snapshot(src)
+    assert_one_error_line(export_cli(src, src, "--force"), f"{src} is the checkpoint {src}",
+                          "export to a folder outside it")
+    with pytest.raises(ExportError, match="holds the checkpoint"):  # a run folder holding it, say
+        export(src, src.parent, force=True)
+    with pytest.raises(ExportError, match="is inside the checkpoint"):  # pruned with it
+        export(src, src / "exported")
+    assert snapshot(src) == before
+
+
+# ---------------------------------------------------------------------- a full disk, a read-only file system
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_leaves_nothing(src, tmp_path, small_disk):
+    out = small_disk / "a" / "b" / "out"  # a and b are made for it, and taken back
+    r = export_cli(src, out)
+    assert_one_error_line(r, f"no space left on device while writing {out}/model.safetensors; free space or "
+                             "choose another OUT")
+    assert list(small_disk.iterdir()) == []
+    # The mount point itself, empty: the files are written beside it and copied in. The folder is
+    # the user's: it stays, empty; the partial folder beside it goes.
+    r = export_cli(src, small_disk)
+    assert_one_error_line(r, f"no space left on device while writing {small_disk}/model.safetensors")
+    assert list(small_disk.iterdir()) == [] and leftovers(tmp_path) == []
+    # With --force into a folder of the user's: their file is kept as it was.
+    (small_disk / "notes.txt").write_text("my notes\n")
+    assert_one_error_line(export_cli(src, small_disk, "--force"), "no space left on device")
+    assert snapshot(small_disk) == {"notes.txt": b"my notes\n"} and leftovers(tmp_path) == []
+
+
+def test_a_read_only_target_is_one_line_and_leaves_nothing(src, tmp_path, read_only):
+    for out in (read_only / "out", read_only):
+        r = export_cli(src, out)
+        assert_one_error_line(r, f"{out} is on a read-only file system", "choose another OUT")
+        assert list(read_only.iterdir()) == [] and leftovers(tmp_path) == []
+
+
+def test_a_place_that_cannot_hold_a_folder_is_one_line(src):
+    r = export_cli(src, "/proc/no/such")
+    assert_one_error_line(r, "cannot write /proc/no/such", "choose another OUT")
+
+
+# ---------------------------------------------------------------------- a killed export
+STUCK = """
+import sys, time
+import fmtrain.export as e
+
+def stuck(folder):  # the weights, config and tokenizer are written: stop here until killed
+    time.sleep(300)
+
+e._checksums = stuck
+e.main(sys.argv[1:])
+"""
+
+
+def test_a_killed_export_leaves_a_partial_folder_that_the_next_one_removes(src, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", STUCK, str(src), str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.partial-*/config.toml")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    partial = tmp_path / f".out.partial-{owner_tag()}-{proc.pid}"
+    assert leftovers(tmp_path) == [partial.name] and not out.exists()
+    # Beside it: the folder of a live export here (its work: left alone, said nothing of), one of
+    # another host (its owner cannot be checked from here: left, and said where), and one named
+    # before owners were recorded (the same).
+    live = subprocess.Popen(["sleep", "300"])
+    try:
+        running = tmp_path / f".out.partial-{owner_tag()}-{live.pid}"
+        elsewhere = tmp_path / f".out.partial-node-7.cluster-{dead_pid()}"
+        unrecorded = tmp_path / f".out.partial-{dead_pid()}"
+        for folder in (running, elsewhere, unrecorded):
+            folder.mkdir()
+        r = export_cli(src, out)
+        assert r.returncode == 0, r.stderr
+        assert f"removed {partial}, left by an export that was killed (pid {proc.pid} is gone)" in r.stderr
+        assert not partial.exists() and running.is_dir() and elsewhere.is_dir() and unrecorded.is_dir()
+        assert str(running) not in r.stderr
+        assert f"warning: {elsewhere} is left by an export that was killed, or in use by pid " in r.stderr
+        assert "on node-7.cluster" in r.stderr and f"warning: {unrecorded} is left by" in r.stderr
+        validate(out)
+    finally:
+        live.kill()
+        live.wait()
+
+
+# ---------------------------------------------------------------------- the Hugging Face export
+@pytest.mark.slow
+def test_hf_export_on_a_full_disk_or_read_only_is_one_line_and_leaves_nothing(src, tmp_path, small_disk, read_only):
+    pytest.importorskip("transformers")
+    stale = small_disk / f".out.partial-{owner_tag()}-{dead_pid()}"  # a killed export's, on this host
+    stale.mkdir()
+    r = export_cli("export", src, small_disk / "out", module="fmtrain.hf")
+    assert_one_error_line(r, f"no space left on device while writing {small_disk}/out/model.safetensors")
+    assert f"removed {stale}" in r.stderr
+    assert list(small_disk.iterdir()) == []
+    r = export_cli("export", src, read_only / "out", module="fmtrain.hf")
+    assert_one_error_line(r, f"{read_only / 'out'} is on a read-only file system")
+    assert list(read_only.iterdir()) == [] and leftovers(tmp_path) == []
+    # Refused without a --force to offer (it has none), and nothing of the user's touched.
+    (small_disk / "notes.txt").write_text("x")
+    r = export_cli("export", src, small_disk, module="fmtrain.hf")
+    assert_one_error_line(r, "exists and is not empty (notes.txt); give a new or empty folder")
+    assert "--force" not in r.stderr and snapshot(small_disk) == {"notes.txt": b"x"}
+

@@ -52,6 +52,8 @@ def loss_by_position(model, docs: list[np.ndarray], max_len: int, progress=None)
     """Sums and counts of the loss per position bucket over ``docs``, each read to ``max_len``
     tokens (positions 1 .. max_len-1: buckets at powers of two stay whole), so that results can
     be merged. ``progress(i, n_docs)`` after every document."""
+    if max_len < 2:
+        raise ValueError(f"max_len={max_len}: give a whole number >= 2 (a document's first token has no loss)")
     sums = np.zeros(len(EDGES) - 1)
     counts = np.zeros(len(EDGES) - 1, dtype=np.int64)
     doc_counts = np.zeros(len(EDGES) - 1, dtype=np.int64)

@@ -14,12 +14,18 @@ accuracy by length and depth, a table and ``FILE.json`` with ``--out``.
 
 Bits per byte divide the summed loss (in bits) by the UTF-8 bytes of the text the
 scored tokens stand for, so numbers compare across tokenizers.
+
+Counts are positive whole numbers, and an option of another evaluation than the one run
+(``--batches`` with ``--needle``, ``--max-len`` without ``--by-position``) is refused, not
+ignored: one ``error:`` line, exit status 2. Ctrl-C stops with exit status 130, a closed
+pipe quietly with 141.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import numbers
 import sys
 
 import torch
@@ -32,8 +38,12 @@ def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int |
 
     ``stop``: a :class:`fmtrain.signals.StopFlag`, asked after every batch (all ranks
     together) so that a long evaluation does not outlast SLURM's warning; None if it
-    fired (the evaluation is abandoned, the trainer checkpoints and exits).
+    fired (the evaluation is abandoned, the trainer checkpoints and exits). ``max_batches``
+    None or >= 1 (else ValueError).
     """
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral)
+                                    or max_batches < 1):
+        raise ValueError(f"max_batches={max_batches!r}: give a whole number >= 1 (None: the whole held-out set)")
     was_training = model.training
     model.eval()
     device = world.device
@@ -69,30 +79,35 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fmtrain.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a checkpoint folder, a checkpoints folder or a run folder (newest)")
-    ap.add_argument("--batches", type=int, default=None, help="evaluate at most this many batches "
+    ap.add_argument("--batches", type=int, default=None, help="evaluate at most this many batches, >= 1 "
                                                               "(default: the whole held-out set)")
-    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per batch, >= 1 (default: the run's "
+                                                                 "data.batch_size)")
     ap.add_argument("--by-position", action="store_true",
                     help="held-out loss by position in the document instead (documents read from their start)")
     ap.add_argument("--max-len", type=int, default=None,
-                    help="--by-position: tokens read from each document (default: 8 x data.seq_len, to see "
+                    help="--by-position: tokens read from each document, >= 2 (default: 8 x data.seq_len, to see "
                          "beyond the training length)")
-    ap.add_argument("--min-doc-len", type=int, default=1, help="--by-position: skip shorter documents")
+    ap.add_argument("--min-doc-len", type=int, default=None, help="--by-position, --needle: skip held-out "
+                                                                  "documents shorter than this, >= 1 (default 1)")
     ap.add_argument("--out", default=None, help="--by-position, --needle: write OUT.json (and --by-position "
                                                 "OUT.png, with matplotlib)")
     ap.add_argument("--needle", action="store_true", help="a needle test on held-out text instead")
-    ap.add_argument("--lengths", default=None, help="--needle: prompt lengths in tokens (default: data.seq_len "
-                                                    "and 4x it)")
-    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="--needle: where the needle sits (0: start)")
-    ap.add_argument("--samples", type=int, default=8, help="--needle: prompts per (length, depth)")
-    ap.add_argument("--keys", type=int, default=1, help="--needle: needles per prompt, one asked for (RULER's "
-                                                        "multi-key)")
+    ap.add_argument("--lengths", default=None, help="--needle: prompt lengths in tokens, each >= 64 (default: "
+                                                    "data.seq_len and 4x it)")
+    ap.add_argument("--depths", default=None, help="--needle: where the needle sits, within [0, 1] (0: start; "
+                                                   f"default {DEPTHS})")
+    ap.add_argument("--samples", type=int, default=None, help="--needle: prompts per (length, depth), >= 1 "
+                                                              f"(default {SAMPLES})")
+    ap.add_argument("--keys", type=int, default=None, help="--needle: needles per prompt, one asked for (RULER's "
+                                                           "multi-key), 1 to 16 (default 1)")
     args = ap.parse_args(argv)
+    _check_args(args)  # before anything is loaded
     ckpt = resolve(args.checkpoint)
     cfg = load_config_of(ckpt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.by_position and args.needle:
-        raise UserError("--by-position and --needle are two evaluations: run them one at a time")
+    if args.min_doc_len is None:
+        args.min_doc_len = 1
     if args.by_position:
         return _by_position(args, ckpt, cfg, device)
     if args.needle:
@@ -122,8 +137,77 @@ def main(argv=None) -> int:
           f"batch size and ranks), and differ by the sample otherwise.", file=sys.stderr, flush=True)
     result = evaluate(model, data.val, world, data.tokenizer.token_bytes, args.batches,
                       progress=_progress(n))
+    if result["eval_tokens"] == 0:  # a loss of 0 and a perplexity of 1 from no tokens is no result
+        raise UserError(f"data.corpus = {cfg.data.corpus} holds too few held-out tokens to score one (the held-out "
+                        f"set is {n} batches of {cfg.data.seq_len}-token sequences); raise data.val_fraction")
     print(json.dumps(dict(checkpoint=str(ckpt), **result), indent=1))
     return 0
+
+
+# --------------------------------------------------------------------------- arguments
+DEPTHS = "0,0.25,0.5,0.75,1"  # --needle's default depths
+SAMPLES = 8  # --needle's default prompts per (length, depth)
+MIN_NEEDLE_LEN = 64  # --needle: shorter prompts hardly hold a needle and its question
+
+# The options of each evaluation (None: the plain one); an option given to another is refused, not ignored.
+_MODE_OPTIONS = {None: ("batches", "batch_size"),
+                 "--by-position": ("max_len", "min_doc_len", "out"),
+                 "--needle": ("lengths", "depths", "samples", "keys", "min_doc_len", "out")}
+_PLAIN = "the plain evaluation (without --by-position or --needle)"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_args(args) -> None:
+    """Refuse, naming the option, what was given and what is accepted, every number that is not one
+    and every option that the chosen evaluation would ignore."""
+    from .errors import UserError
+
+    if args.by_position and args.needle:
+        raise UserError("--by-position and --needle are two evaluations: run them one at a time")
+    mode = "--by-position" if args.by_position else "--needle" if args.needle else None
+    for name in sorted({n for names in _MODE_OPTIONS.values() for n in names}, key=list(vars(args)).index):
+        if getattr(args, name) is not None and name not in _MODE_OPTIONS[mode]:
+            owners = [m for m, names in _MODE_OPTIONS.items() if name in names]
+            fix = "leave it out" if None in owners else f"add {' or '.join(owners)}, or leave it out"
+            raise UserError(f"{_flag(name)} {getattr(args, name)}: an option of "
+                            f"{' and '.join(m or _PLAIN for m in owners)}, not of {mode or _PLAIN}; {fix}")
+    for name, least, default in (("batches", 1, "the whole held-out set"),
+                                 ("batch_size", 1, "the run's data.batch_size"), ("max_len", 2, "8 x data.seq_len"),
+                                 ("min_doc_len", 1, "1"), ("samples", 1, str(SAMPLES))):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise UserError(f"{_flag(name)} {value}: give a whole number >= {least} (leave it out: {default})")
+    from .needle import KEYS
+
+    if args.keys is not None and not 1 <= args.keys <= len(KEYS):
+        raise UserError(f"--keys {args.keys}: give a whole number from 1 to {len(KEYS)} (leave it out: 1)")
+    if args.lengths is not None:
+        _parse_list("--lengths", args.lengths, int, lambda x: x >= MIN_NEEDLE_LEN, "a length",
+                    f"give prompt lengths in tokens, each at least {MIN_NEEDLE_LEN}")
+    if args.depths is not None:
+        _parse_list("--depths", args.depths, float, lambda x: 0 <= x <= 1, "a depth",
+                    "give --depths within [0, 1] (0: the prompt's start, 1: just before the question)")
+
+
+def _parse_list(flag: str, text: str, kind, ok, what: str, accepted: str) -> list:
+    """``text``'s comma-separated values, each once, or a UserError saying which one is not ``what``."""
+    from .errors import UserError
+
+    values, shown = [], text if text.strip() else repr(text)
+    for item in text.split(","):
+        try:
+            value = kind(item)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise UserError(f"{flag} {shown}: {item.strip()!r} is not {what}; {accepted}, comma-separated")
+        if value in values:
+            raise UserError(f"{flag} {shown}: {item.strip()!r} is given twice; {accepted}, comma-separated, each once")
+        values.append(value)
+    return values
 
 
 def _held_out_and_model(args, ckpt, cfg, device):
@@ -162,16 +246,12 @@ def _needle(args, ckpt, cfg, device) -> int:
     from .data.tokenizer import load_tokenizer
     from .errors import UserError
 
-    try:
-        lengths = [int(x) for x in (args.lengths or f"{cfg.data.seq_len},{4 * cfg.data.seq_len}").split(",")]
-        depths = [float(x) for x in args.depths.split(",")]
-    except ValueError:
-        raise UserError(f"--lengths {args.lengths!r} and --depths {args.depths!r}: give comma-separated numbers, "
-                        "e.g. --lengths 1024,4096 --depths 0,0.5,1") from None
-    if min(lengths) < 64 or not all(0 <= d <= 1 for d in depths) or args.samples < 1 \
-            or not 1 <= args.keys <= len(needle.KEYS):
-        raise UserError(f"--lengths at least 64 tokens, --depths within [0, 1], --samples >= 1 and --keys 1 to "
-                        f"{len(needle.KEYS)}; got {lengths}, {depths}, {args.samples}, {args.keys}")
+    # Checked by _check_args; the defaults here.
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths is not None else \
+        sorted({max(cfg.data.seq_len, MIN_NEEDLE_LEN), max(4 * cfg.data.seq_len, MIN_NEEDLE_LEN)})
+    depths = [float(x) for x in (args.depths if args.depths is not None else DEPTHS).split(",")]
+    args.samples = SAMPLES if args.samples is None else args.samples
+    args.keys = 1 if args.keys is None else args.keys
     docs, model = _held_out_and_model(args, ckpt, cfg, device)
     tok = load_tokenizer(ckpt / "tokenizer.model")
     print(f"needle test: {ckpt}, lengths {lengths}, depths {depths}, {args.keys} key(s), {args.samples} samples "
@@ -190,11 +270,8 @@ def _needle(args, ckpt, cfg, device) -> int:
 
 def _by_position(args, ckpt, cfg, device) -> int:
     from . import by_position
-    from .errors import UserError
 
-    max_len = args.max_len or 8 * cfg.data.seq_len
-    if max_len < 2 or args.min_doc_len < 1:
-        raise UserError(f"--max-len {max_len} and --min-doc-len {args.min_doc_len}: give counts of at least 2 and 1")
+    max_len = args.max_len if args.max_len is not None else max(8 * cfg.data.seq_len, 2)  # checked: >= 2
     docs, model = _held_out_and_model(args, ckpt, cfg, device)
     tokens = sum(min(len(d), max_len) for d in docs)
     print(f"loss by position: {ckpt}, {len(docs)} held-out documents, up to {max_len:,} tokens each "
@@ -231,6 +308,6 @@ def _progress(total: int, every: float = 10.0, what: str = "eval batch"):
 
 
 if __name__ == "__main__":
-    from .errors import run_main
+    from .generate import run_command  # run_main, and Ctrl-C (exit 130) or a closed pipe (141) without a traceback
 
-    sys.exit(run_main(main))
+    sys.exit(run_command(main))

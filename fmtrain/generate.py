@@ -12,11 +12,17 @@ context for every token instead (the reference the cache is tested against).
 Prompts may be longer than the training ``seq_len`` for ``m2m`` and ``mean``
 summaries (their parameters do not depend on the length); ``conv`` summaries
 stop at the ``max_seq_len`` they were built for. Text is printed as it is
-produced; the prefill and decode speeds go to stderr.
+produced; the prefill and decode speeds go to stderr. Ctrl-C stops generation with
+the text printed so far kept (exit status 130); a reader that closes the pipe
+(``| head``) stops it quietly (exit status 141, as a shell reports ``yes | head``).
 """
 from __future__ import annotations
 
 import argparse
+import math
+import numbers
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -25,11 +31,45 @@ import torch
 
 from .errors import UserError, run_main
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head`
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+
 
 # --------------------------------------------------------------------------- sampling
+def _whole(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_sampling(*, max_new_tokens: int = 0, temperature: float = 0.0, top_k: int | None = None,
+                   top_p: float | None = None, flags: bool = False) -> None:
+    """Raise ValueError naming the first sampling argument out of range, what was given and what
+    is accepted; ``flags``: name the command's options (``--top-k -1``), else the parameters (``top_k=-1``)."""
+    def refuse(name: str, value, accepted: str):
+        given = f"--{name.replace('_', '-')} {value!r}" if flags else f"{name}={value!r}"
+        raise ValueError(f"{given}: {accepted}")
+
+    if not _whole(max_new_tokens) or max_new_tokens < 0:
+        refuse("max_new_tokens", max_new_tokens, "give a whole number >= 0 (0: no new tokens, the prompt alone)")
+    if not _real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        refuse("temperature", temperature, "give a finite number >= 0 (0: greedy)")
+    if top_k is not None and (not _whole(top_k) or top_k < 0):
+        refuse("top_k", top_k, "give a whole number >= 0 (0: no cut, sample among all tokens)")
+    if top_p is not None and (not _real(top_p) or not 0 < top_p <= 1):
+        refuse("top_p", top_p, "give a number in (0, 1] (1: off)")
+
+
 def next_token(logits: torch.Tensor, *, temperature: float = 0.8, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample one token per row of ``logits`` (B, V); greedy when ``temperature == 0``. Returns (B,)."""
+    """Sample one token per row of ``logits`` (B, V); greedy when ``temperature == 0``. Returns (B,).
+
+    ``top_k`` None or 0 and ``top_p`` None or 1: no cut. Out-of-range values raise ValueError.
+    """
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -68,13 +108,18 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, use_cache: boo
     oracle). ``on_token(step, tokens (B,))`` is called after every new token.
     Prompts of different lengths: call once per length (a batch shares its position
     in the hierarchy, and left padding would move every position).
+    ``max_new_tokens=0`` returns no tokens without running the model; arguments out of
+    range (see :func:`check_sampling`) raise ValueError before anything runs.
     """
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    if prompt.dim() != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt of shape {tuple(prompt.shape)}: give token ids of shape (B, n), n >= 1")
     device = next(model.parameters()).device
     ids = prompt.to(device)
     B = ids.shape[0]
     out = Generation(ids=[[] for _ in range(B)])
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    if max_new_tokens <= 0:
+    if max_new_tokens == 0:
         return out
     t0 = time.perf_counter()
     if use_cache:
@@ -147,13 +192,13 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", default=None, help="text to continue (default: the start of a document)")
     src.add_argument("--prompt-file", default=None, help="a file whose text is the prompt")
     ap.add_argument("--max-new-tokens", "--tokens", type=int, default=200, dest="max_new_tokens",
-                    help="tokens to generate at most (default 200)")
+                    help="tokens to generate at most; 0: the prompt alone (default 200)")
     ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy (default 0.8)")
     ap.add_argument("--greedy", action="store_true", help="the most likely token every step (= --temperature 0)")
-    ap.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0: all")
+    ap.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0: all (default 50)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set with this "
                                                               "probability (default 1.0: off)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed, 0 to 2**64 - 1 (default 0)")
     ap.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
     ap.add_argument("--no-cache", action="store_true",
                     help="re-run the whole context for every token (slow; the reference the cache matches)")
@@ -169,8 +214,13 @@ def main(argv=None) -> int:
     from .data import load_tokenizer
 
     args = _parser().parse_args(argv)
-    if args.max_new_tokens < 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
-        raise UserError("--max-new-tokens and --temperature must be >= 0 and --top-p in (0, 1]")
+    try:  # every number up front: nothing is loaded for a request that cannot run
+        check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, flags=True)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if not 0 <= args.seed <= SEED_MAX:
+        raise UserError(f"--seed {args.seed}: give a whole number from 0 to {SEED_MAX}")
     ckpt = resolve(args.checkpoint)
     cfg = load_config_of(ckpt)
     if cfg.model.kind != "causal":
@@ -207,18 +257,73 @@ def main(argv=None) -> int:
     stream = TextStream(tok)
     sys.stdout.write(prompt_text)
     temperature = 0.0 if args.greedy else args.temperature
-    result = generate(model, torch.tensor([prompt]), args.max_new_tokens, use_cache=not args.no_cache,
-                      temperature=temperature, top_k=args.top_k or None, top_p=args.top_p,
-                      eos_id=None if args.ignore_eos else tok.eos_id,
-                      generator=torch.Generator().manual_seed(args.seed),
-                      on_token=lambda step, t: stream.add(int(t[0])))
+    try:
+        result = generate(model, torch.tensor([prompt]), args.max_new_tokens, use_cache=not args.no_cache,
+                          temperature=temperature, top_k=args.top_k or None, top_p=args.top_p,
+                          eos_id=None if args.ignore_eos else tok.eos_id,
+                          generator=torch.Generator().manual_seed(args.seed),
+                          on_token=lambda step, t: stream.add(int(t[0])))
+    except KeyboardInterrupt:  # Ctrl-C: the text so far, ended as a finished one is (run_command: exit 130)
+        stream.close()
+        raise
     stream.close()
-    how = "recompute (no cache)" if args.no_cache else f"cache {result.cache_bytes / 2**20:.2f} MiB"
-    decode_rate = result.decoded / result.decode_s if result.decode_s > 0 else float("nan")
-    print(f"prefill {len(prompt)} tokens in {result.prefill_s:.2f} s ({len(prompt) / result.prefill_s:,.0f} tok/s); "
-          f"decode {result.decoded} tokens at {decode_rate:,.1f} tok/s; {how}", file=sys.stderr)
+    print(_speed_report(result, len(prompt), args.max_new_tokens, args.no_cache), file=sys.stderr)
     return 0
 
 
+def _speed_report(result: Generation, prompt_tokens: int, max_new_tokens: int, no_cache: bool) -> str:
+    """The stderr line after a generation: prefill and decode speeds and the cache's size."""
+    if max_new_tokens == 0:
+        return f"no new tokens asked for (--max-new-tokens 0): the prompt ({prompt_tokens} tokens) as given, " \
+               "the model not run"
+
+    def rate(tokens: int, seconds: float) -> str:
+        return f"{tokens / seconds:,.1f} tok/s" if seconds > 0 else "- tok/s"
+
+    how = "recompute (no cache)" if no_cache else f"cache {result.cache_bytes / 2**20:.2f} MiB"
+    decode = f"decode {result.decoded} tokens" + (f" at {rate(result.decoded, result.decode_s)}" if result.decoded
+                                                  else " (the first token comes from the prefill)")
+    return f"prefill {prompt_tokens} tokens in {result.prefill_s:.2f} s ({rate(prompt_tokens, result.prefill_s)}); " \
+           f"{decode}; {how}"
+
+
+# --------------------------------------------------------------------------- stopping
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for a closed pipe goes nowhere at exit
+    (instead of an 'Exception ignored ... BrokenPipeError' message)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (stdout replaced): nothing to flush to
+        pass
+
+
+def run_command(main, *args, **kwargs) -> int:
+    """:func:`fmtrain.errors.run_main` for a command that prints as it goes, stopped the way command-line
+    tools stop: Ctrl-C keeps and flushes what was printed and exits ``EXIT_INTERRUPTED`` (130); a reader
+    that closes the pipe (``| head``) ends it quietly with ``EXIT_BROKEN_PIPE`` (141). No traceback."""
+    try:
+        status = run_main(main, *args, **kwargs)
+        sys.stdout.flush()  # here, not at exit: a reader gone before the end is seen as a broken pipe
+        return status
+    except KeyboardInterrupt:
+        try:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while flushing: quiet too
+        except ValueError:  # not the main thread: signals go elsewhere anyway
+            previous = None
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_stdout()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run_command(main))

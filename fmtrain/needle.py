@@ -70,6 +70,13 @@ def needle_test(model, tok, docs: list[np.ndarray], lengths: list[int], depths: 
     """One row per (length, depth): accuracy over ``samples`` prompts, the mean answer log-likelihood."""
     if not 1 <= keys <= len(KEYS):
         raise ValueError(f"keys={keys}: choose 1 to {len(KEYS)}")
+    if samples < 1:
+        raise ValueError(f"samples={samples}: give a whole number >= 1")
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"lengths={lengths}: give prompt lengths in tokens, each >= 1")
+    if not depths or not all(0 <= d <= 1 for d in depths):
+        raise ValueError(f"depths={depths}: give depths within [0, 1] (0: the prompt's start, 1: just before the "
+                         "question)")
     rng = np.random.default_rng(seed)
     haystack = np.concatenate(docs)
     rows, done, total = [], 0, len(lengths) * len(depths) * samples

@@ -149,3 +149,134 @@ def test_command_refusals_are_one_error_line(runs):
         assert "Traceback" not in r.stderr
     ok = _gen(runs["conv"], "--prompt", "x = 1\n", "--max-new-tokens", "30")  # within 256: fine
     assert ok.returncode == 0, ok.stderr
+
+
+# --------------------------------------------------------------------------- arguments mean what they say
+@pytest.mark.parametrize("kw, words", [
+    (dict(max_new_tokens=-1), "max_new_tokens=-1: give a whole number >= 0"),
+    (dict(max_new_tokens=2.5), "max_new_tokens=2.5: give a whole number >= 0"),
+    (dict(temperature=float("nan")), "temperature=nan: give a finite number >= 0 (0: greedy)"),
+    (dict(temperature=float("inf")), "temperature=inf: give a finite number >= 0"),
+    (dict(temperature=-0.5), "temperature=-0.5: give a finite number >= 0"),
+    (dict(top_k=-1), "top_k=-1: give a whole number >= 0"),
+    (dict(top_p=0.0), "top_p=0.0: give a number in (0, 1]"),
+    (dict(top_p=1.5), "top_p=1.5: give a number in (0, 1]"),
+    (dict(top_p=float("nan")), "top_p=nan: give a number in (0, 1]"),
+])
+def test_the_python_api_refuses_sampling_arguments_by_name(kw, words):
+    """generate() and next_token() say which argument is out of range before the model runs (no
+    error from inside torch, no division by zero)."""
+    model = _model()
+    prompt = torch.randint(0, 61, (1, 5), generator=torch.Generator().manual_seed(0))
+    call = {"max_new_tokens": 4, "temperature": 1.0, **kw}
+    with pytest.raises(ValueError) as exc:
+        generate(model, prompt, call.pop("max_new_tokens"), **call)
+    assert words in str(exc.value)
+    if "max_new_tokens" not in kw:
+        with pytest.raises(ValueError) as exc:
+            next_token(torch.zeros(1, 61), **{"temperature": 1.0, **kw})
+        assert words in str(exc.value)
+
+
+def test_zero_new_tokens_is_an_empty_continuation_and_off_values_are_accepted():
+    model = _model()
+    prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(0))
+    out = generate(model, prompt, 0)
+    assert out.ids == [[], []] and out.decoded == 0 and out.prefill_s == 0
+    # The documented "off" values: top_k 0 or None, top_p 1 or None, temperature 0 (greedy).
+    for kw in (dict(top_k=0), dict(top_k=None), dict(top_p=1.0), dict(top_p=None), dict(temperature=0.0)):
+        assert len(generate(model, prompt, 3, **kw).ids[0]) == 3, kw
+    with pytest.raises(ValueError, match=r"prompt of shape \(5,\)"):
+        generate(model, prompt[0], 3)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-new-tokens", "-1"], "--max-new-tokens -1: give a whole number >= 0"),
+    (["--top-k", "-1"], "--top-k -1: give a whole number >= 0 (0: no cut"),
+    (["--temperature", "nan"], "--temperature nan: give a finite number >= 0 (0: greedy)"),
+    (["--temperature", "inf", "--greedy"], "--temperature inf: give a finite number >= 0"),
+    (["--temperature", "-1"], "--temperature -1.0: give a finite number >= 0"),
+    (["--top-p", "0"], "--top-p 0.0: give a number in (0, 1]"),
+    (["--top-p", "nan"], "--top-p nan: give a number in (0, 1]"),
+    (["--seed", "-1"], "--seed -1: give a whole number from 0 to 18446744073709551615"),
+    (["--seed", str(2**64)], f"--seed {2**64}: give a whole number from 0 to"),
+])
+def test_command_refuses_each_sampling_argument_by_name_before_loading(tmp_path, args, words):
+    """One error: line naming the option, the value and what is accepted; checked before the
+    checkpoint is looked for (there is none here)."""
+    r = _gen(tmp_path / "no-run", "--prompt", "a", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+    assert not r.stdout
+
+
+@pytest.mark.slow
+def test_command_zero_and_one_new_tokens_report_sensibly(runs):
+    r = _gen(runs["gpt"], "--prompt", "def main(", "--max-new-tokens", "0")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout == "def main(\n" and "no new tokens asked for (--max-new-tokens 0)" in r.stderr
+    r = _gen(runs["gpt"], "--prompt", "def main(", "--max-new-tokens", "1", "--seed", str(2**64 - 1))
+    assert r.returncode == 0, r.stderr
+    assert "prefill 3 tokens" in r.stderr and "decode 0 tokens" in r.stderr and "nan" not in r.stderr, r.stderr
+
+
+def _read_until(stream, n: int, timeout: float = 240) -> bytes:
+    """At least ``n`` bytes from a pipe, or what came within ``timeout`` seconds."""
+    import select
+    import time
+
+    got, deadline = b"", time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        if select.select([stream], [], [], 1.0)[0]:
+            chunk = os.read(stream.fileno(), 4096)
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+def _endless(run, **popen):
+    """The command generating (nearly) without end, its SIGINT not ignored whatever this process does
+    (a shell without job control starts background jobs with SIGINT ignored, which children inherit; a
+    Python handler is reset to the default at exec, and Python then turns SIGINT into KeyboardInterrupt)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "fmtrain.generate", str(run), "--prompt", "def main(",
+                                 "--max-new-tokens", "1000000", "--ignore-eos"],
+                                env=dict(os.environ, OMP_NUM_THREADS="1"), **popen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_generation_with_the_text_kept_and_exit_130(runs):
+    import signal
+
+    proc = _endless(runs["gpt"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = _read_until(proc.stdout, len("def main(") + 20)  # the prompt and generated text: decoding
+        assert len(seen) >= len("def main(") + 20, proc.stderr.read() if proc.poll() is not None else seen
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    out = seen + rest
+    assert out.startswith(b"def main(") and out.endswith(b"\n") and len(out) > len(seen) - 1
+    assert b"prefill" not in out  # the speed report goes to stderr, and none is printed for a stop
+
+
+@pytest.mark.slow
+def test_a_closed_pipe_stops_generation_quietly(runs):
+    """`... | head -c 10` in a shell: head exits after 10 bytes, the generator stops at its next write
+    with exit status 141 (as a command killed by SIGPIPE reports) and nothing on stderr."""
+    script = ('OMP_NUM_THREADS=1 "$0" -m fmtrain.generate "$1" --prompt "def main(" --max-new-tokens 1000000 '
+              '--ignore-eos | head -c 10; exit "${PIPESTATUS[0]}"')
+    r = subprocess.run(["bash", "-c", script, sys.executable, str(runs["gpt"])], capture_output=True, timeout=300)
+    assert r.returncode == 141, (r.returncode, r.stderr[-3000:])
+    assert r.stdout.startswith(b"def main(") and len(r.stdout) == 10
+    assert r.stderr == b"", r.stderr[-3000:]  # no traceback, no "Exception ignored ... BrokenPipeError"

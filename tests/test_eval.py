@@ -1,0 +1,138 @@
+"""python -m fmtrain.eval: its numbers are counts, its options belong to the evaluation run, and it
+stops like a command-line tool. (Loss by position and the needle test: tests/test_hardening.py.)"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_generate import CONFIG, ROOT
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+
+
+def _eval(run, *args, **kw):
+    return subprocess.run([sys.executable, "-m", "fmtrain.eval", str(run), *args], capture_output=True, text=True,
+                          env=ENV, timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-step causal run with held-out documents (a quarter of 20 stdlib modules), batch size 2."""
+    import sysconfig
+    from pathlib import Path
+
+    tmp = tmp_path_factory.mktemp("eval")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:20]:
+        (corpus / (f.stem + ".txt")).write_text(f.read_text(encoding="utf-8", errors="replace"))
+    cfg = tmp / "run.toml"
+    cfg.write_text(CONFIG.format(run=tmp / "run", kind="causal", summary="m2m", extra="", corpus=corpus,
+                                 cache=tmp / "cache", root=ROOT).replace("seq_len = 128", "seq_len = 128\n"
+                                                                         "val_fraction = 0.25"))
+    r = subprocess.run([sys.executable, "-m", "fmtrain.train", str(cfg)], capture_output=True, text=True, env=ENV,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp / "run"
+
+
+PLAIN = "the plain evaluation (without --by-position or --needle)"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batches", "0"], "--batches 0: give a whole number >= 1 (leave it out: the whole held-out set)"),
+    (["--batches", "-3"], "--batches -3: give a whole number >= 1"),
+    (["--batch-size", "0"], "--batch-size 0: give a whole number >= 1 (leave it out: the run's data.batch_size)"),
+    (["--by-position", "--max-len", "0"], "--max-len 0: give a whole number >= 2 (leave it out: 8 x data.seq_len)"),
+    (["--by-position", "--min-doc-len", "0"], "--min-doc-len 0: give a whole number >= 1"),
+    (["--needle", "--samples", "0"], "--samples 0: give a whole number >= 1"),
+    (["--needle", "--keys", "0"], "--keys 0: give a whole number from 1 to 16"),
+    (["--needle", "--keys", "17"], "--keys 17: give a whole number from 1 to 16"),
+    (["--needle", "--lengths", "128,32"], "--lengths 128,32: '32' is not a length; give prompt lengths in tokens, "
+                                          "each at least 64"),
+    (["--needle", "--lengths", "128,x"], "--lengths 128,x: 'x' is not a length"),
+    (["--needle", "--lengths", "256,256"], "--lengths 256,256: '256' is given twice"),
+    (["--needle", "--depths", "0,nan"], "--depths 0,nan: 'nan' is not a depth; give --depths within [0, 1]"),
+    (["--needle", "--depths", "-0.5"], "--depths -0.5: '-0.5' is not a depth"),
+    # An option of another evaluation is refused, not ignored.
+    (["--max-len", "512"], f"--max-len 512: an option of --by-position, not of {PLAIN}; add --by-position"),
+    (["--out", "x"], f"--out x: an option of --by-position and --needle, not of {PLAIN}; add --by-position or "
+                     "--needle, or leave it out"),
+    (["--needle", "--batches", "3"], f"--batches 3: an option of {PLAIN}, not of --needle; leave it out"),
+    (["--by-position", "--keys", "2"], "--keys 2: an option of --needle, not of --by-position; add --needle"),
+    (["--by-position", "--needle"], "--by-position and --needle are two evaluations"),
+])
+def test_numbers_that_are_not_counts_and_options_of_another_mode_are_refused(tmp_path, args, words):
+    """One error: line with the option, the value and what is accepted, before the checkpoint is
+    looked for (there is none here)."""
+    r = _eval(tmp_path / "no-run", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+    assert not r.stdout
+
+
+def test_the_python_api_refuses_counts_that_are_none():
+    """evaluate(max_batches=0) scored nothing and reported loss 0, perplexity 1; needle_test(samples=0)
+    divided by zero; loss_by_position(max_len=1) ran the model on nothing."""
+    from fmtrain.by_position import loss_by_position
+    from fmtrain.eval import evaluate
+    from fmtrain.needle import needle_test
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=f"max_batches={bad!r}: give a whole number >= 1"):
+            evaluate(None, [], None, None, max_batches=bad)
+    with pytest.raises(ValueError, match="samples=0: give a whole number >= 1"):
+        needle_test(None, None, [], [128], [0.5], 0)
+    with pytest.raises(ValueError, match=r"depths=\[0.5, 2.0\]: give depths within \[0, 1\]"):
+        needle_test(None, None, [], [128], [0.5, 2.0], 1)
+    with pytest.raises(ValueError, match="max_len=1: give a whole number >= 2"):
+        loss_by_position(None, [], 1)
+
+
+@pytest.mark.slow
+def test_batch_size_and_batches_are_what_is_evaluated(run):
+    """--batch-size 1 is used, not the config's 2: one batch scores one sequence of 128 tokens."""
+    r = _eval(run, "--batches", "1", "--batch-size", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert result["eval_tokens"] == 128 and result["eval_loss"] > 0 and result["eval_ppl"] > 1, result
+    assert "on 1 held-out batches (1 sequences of 128 tokens)" in r.stderr
+    r = _eval(run, "--batches", "2")
+    assert r.returncode == 0 and json.loads(r.stdout)["eval_tokens"] == 2 * 2 * 128, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_pipe_closed_before_the_result_ends_eval_quietly(run):
+    """The reader is gone before the JSON is written: exit 141, nothing on stderr but eval's own lines
+    (no traceback, no 'Exception ignored ... BrokenPipeError' at exit)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fmtrain.eval", str(run), "--batches", "1"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    try:
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 141, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipe" not in err, err[-3000:]
+    assert "evaluating" in err
+
+
+def test_ctrl_c_and_a_closed_pipe_are_exit_statuses_not_tracebacks(capsys):
+    """The wrapper both commands run under (python -m fmtrain.generate / fmtrain.eval), in process;
+    the real signal and pipe are in tests/test_generate.py."""
+    import signal
+
+    from fmtrain.generate import run_command
+
+    def interrupted(argv=None):
+        print("partial")
+        raise KeyboardInterrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    assert run_command(interrupted) == 130
+    assert capsys.readouterr().out == "partial\n"  # kept and flushed
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is given back

@@ -31,9 +31,7 @@ safetensors headers are read directly.
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +40,8 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, ModelConfig
+from .errors import UserError
+from .input_files import InputFileError, JsonFields, open_safetensors, read_json, safetensors_header
 
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 # [model] fields that describe the weights: filled from the source.
@@ -66,62 +66,80 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"model.init_from: cannot read {path}: {exc}") from None
+    """The JSON object of ``path``/config.json; InputFileError when it is something else."""
+    file = Path(path) / "config.json"
+    return JsonFields(read_json(file, "model's config"), file).data
 
 
 def hf_model_fields(hf: dict[str, Any], where: str) -> tuple[dict[str, Any], int | None]:
-    """([model] field values, sliding window or None) of a Hugging Face ``config.json``."""
-    archs = hf.get("architectures") or []
-    arch = archs[0] if archs else None
-    if arch not in HF_ARCHITECTURES:
-        raise ConfigError(
-            f"model.init_from={where!r}: architecture {arch!r} (model_type {hf.get('model_type')!r}) is not "
-            f"supported; fmtrain imports the decoder architectures {', '.join(HF_ARCHITECTURES)}")
-    family = HF_ARCHITECTURES[arch]
-    try:
-        dim, heads, layers = int(hf["hidden_size"]), int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
-        vocab, hidden = int(hf["vocab_size"]), int(hf["intermediate_size"])
-    except KeyError as exc:
-        raise ConfigError(f"model.init_from={where!r}: config.json has no {exc.args[0]!r}") from None
-    kv = int(hf.get("num_key_value_heads") or heads)
-    head_dim = hf.get("head_dim") or dim // heads
+    """([model] field values, sliding window or None) of a Hugging Face ``config.json``; every
+    field read is checked (InputFileError naming the field and what was found)."""
+    f = JsonFields(hf, Path(where) / "config.json")
+    family = _hf_family(f, where)
+    dim, heads, layers, vocab, hidden = (f.integer(k) for k in (
+        "hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size"))
+    kv = f.integer("num_key_value_heads", heads)
+    head_dim = f.integer("head_dim", dim // heads)
     if head_dim * heads != dim:
         raise ConfigError(
             f"model.init_from={where!r}: head_dim={head_dim} x num_attention_heads={heads} is not "
             f"hidden_size={dim}; fmtrain's attention needs head_dim = hidden_size / num_attention_heads")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"model.init_from={where!r}: hidden_act={hf['hidden_act']!r}; fmtrain's MLP is SwiGLU (silu)")
-    rope = dict(hf.get("rope_scaling") or {}, **(hf.get("rope_parameters") or {}))  # transformers 4 / 5 names
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    scaling_keys = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-                    "linear": ("factor",), "default": ()}
-    if rope_type not in scaling_keys:
-        raise ConfigError(
-            f"model.init_from={where!r}: RoPE scaling {rope_type!r} is not supported; fmtrain has plain RoPE "
-            "(rope_type 'default') and the 'llama3' and 'linear' scalings")
-    scaling = {"rope_type": rope_type, **{k: rope[k] for k in scaling_keys[rope_type]}} if rope_type != "default" \
-        else {}
-    if float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
-        raise ConfigError(f"model.init_from={where!r}: partial rotary embeddings are not supported")
-    theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+    if (act := f.string("hidden_act", "silu")) != "silu":
+        raise ConfigError(f"model.init_from={where!r}: hidden_act={act!r}; fmtrain's MLP is SwiGLU (silu)")
+    scaling, theta = _hf_rope(f, where)
     if family == "qwen2":  # Qwen2: q/k/v biases, none on o_proj or the MLP
         qkv_bias, out_bias, mlp_bias = True, False, False
     else:
-        qkv_bias = out_bias = bool(hf.get("attention_bias", False))
-        mlp_bias = bool(hf.get("mlp_bias", False))
-    if family == "qwen2":
-        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-    else:
-        window = hf.get("sliding_window")
+        qkv_bias = out_bias = f.boolean("attention_bias", False)
+        mlp_bias = f.boolean("mlp_bias", False)
+    use_window = family != "qwen2" or f.boolean("use_sliding_window", False)  # Qwen2 names it, then may not use it
+    window = f.integer("sliding_window", None, min=0) if use_window else None
     fields = dict(kind="causal", vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv,
-                  mlp_hidden=hidden, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                  norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+                  mlp_hidden=hidden, tie_embeddings=f.boolean("tie_word_embeddings", False),
+                  norm_eps=float(f.number("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
                   qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=mlp_bias)
-    return fields, (int(window) if window else None)
+    return fields, (window or None)
+
+
+def _hf_family(f: JsonFields, where: str) -> str:
+    archs = f.strings("architectures")
+    arch = archs[0] if archs else None
+    if arch not in HF_ARCHITECTURES:
+        raise ConfigError(
+            f"model.init_from={where!r}: architecture {arch!r} (model_type {f.data.get('model_type')!r}) is not "
+            f"supported; fmtrain imports the decoder architectures {', '.join(HF_ARCHITECTURES)}")
+    return HF_ARCHITECTURES[arch]
+
+
+_SCALING_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                 "linear": ("factor",), "default": ()}
+
+
+def _rope_fields(f: JsonFields) -> JsonFields:
+    """transformers 4's rope_scaling and 5's rope_parameters as one (5's wins), each key named by its source."""
+    merged, names = {}, {}
+    for field in ("rope_scaling", "rope_parameters"):
+        for key, value in f.mapping(field).data.items():
+            merged[key], names[key] = value, f"{field}.{key}"
+    return JsonFields(merged, f.path, names=names, prefix="rope_parameters.")
+
+
+def _hf_rope(f: JsonFields, where: str) -> tuple[dict[str, Any], float]:
+    """(model.rope_scaling, model.rope_theta) of a config.json."""
+    rope = _rope_fields(f)
+    rope_type = rope.string("rope_type", None) or rope.string("type", None) or "default"
+    if rope_type not in _SCALING_KEYS:
+        raise ConfigError(
+            f"model.init_from={where!r}: RoPE scaling {rope_type!r} is not supported; fmtrain has plain RoPE "
+            "(rope_type 'default') and the 'llama3' and 'linear' scalings")
+    scaling = {"rope_type": rope_type} if rope_type != "default" else {}
+    for key in _SCALING_KEYS[rope_type]:
+        scaling[key] = rope.integer(key) if key == "original_max_position_embeddings" else rope.number(key)
+    partial = rope.number("partial_rotary_factor", None) or f.number("partial_rotary_factor", 1.0)
+    if float(partial) != 1.0:
+        raise ConfigError(f"model.init_from={where!r}: partial rotary embeddings are not supported")
+    theta = float(rope.number("rope_theta", None) or f.number("rope_theta", 10000.0))
+    return scaling, theta
 
 
 def _fmtrain_source(path: Path):
@@ -143,9 +161,10 @@ def fmtrain_model_fields(m: ModelConfig) -> dict[str, Any]:
 
 
 def _tokenizer_of(folder: Path) -> str | None:
-    from .data.hf_tokenizer import is_hf_tokenizer_file
+    """``folder`` if it holds a tokenizer, else None; InputFileError when its tokenizer.json is damaged."""
+    from .data.hf_tokenizer import hf_tokenizer_spec
 
-    if is_hf_tokenizer_file(folder / "tokenizer.json") or (folder / "tokenizer.model").is_file():
+    if hf_tokenizer_spec(folder / "tokenizer.json") is not None or (folder / "tokenizer.model").is_file():
         return str(folder)
     return None
 
@@ -194,7 +213,7 @@ def fill_config(cfg: Config, given: dict[str, set[str]]) -> list[str]:
             ckpt, src_cfg = _fmtrain_source(path)
             fields, window = fmtrain_model_fields(src_cfg.model), None
             names, folder = {f: f"model.{f}" for f in ARCH_FIELDS}, ckpt
-    except ConfigError as exc:
+    except UserError as exc:  # ConfigError, or an InputFileError of config.json
         return [str(exc)]
     errors = []
     for name, value in fields.items():
@@ -208,12 +227,7 @@ def fill_config(cfg: Config, given: dict[str, set[str]]) -> list[str]:
             continue
         setattr(cfg.model, name, value)
     if "tokenizer" not in data_given:
-        tok = _tokenizer_of(folder)
-        if tok is None:
-            errors.append(f"model.init_from={src!r} has no tokenizer (tokenizer.json or tokenizer.model); "
-                          "set data.tokenizer to the tokenizer the weights were trained with")
-        else:
-            cfg.data.tokenizer = tok
+        errors += _fill_tokenizer(cfg, folder, src)
     if window is not None and window < cfg.data.seq_len:
         if cfg.model.attention == "sdpa":
             errors.append(
@@ -224,6 +238,19 @@ def fill_config(cfg: Config, given: dict[str, set[str]]) -> list[str]:
             warnings.warn(f"model.init_from={src!r} was trained with a sliding window of {window} tokens; "
                           f"model.attention={cfg.model.attention!r} replaces it (not reproduced)", stacklevel=3)
     return errors
+
+
+def _fill_tokenizer(cfg: Config, folder: Path, src: str) -> list[str]:
+    """data.tokenizer from the source's folder; the problems."""
+    try:
+        tok = _tokenizer_of(folder)
+    except InputFileError as exc:
+        return [str(exc)]
+    if tok is None:
+        return [f"model.init_from={src!r} has no tokenizer (tokenizer.json or tokenizer.model); "
+                "set data.tokenizer to the tokenizer the weights were trained with"]
+    cfg.data.tokenizer = tok
+    return []
 
 
 # --------------------------------------------------------------------------- Hugging Face weights
@@ -251,31 +278,11 @@ def expected_hf_tensors(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """The tensors of a safetensors file (name -> dtype, shape, data_offsets), its size checked."""
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not a readable safetensors file: {exc}") from None
-    header.pop("__metadata__", None)
-    end = 8 + n + max((t["data_offsets"][1] for t in header.values()), default=0)
-    size = path.stat().st_size
-    if size < end:
-        raise ConfigError(f"{path} is truncated ({size} of {end} bytes): its tensors "
-                          f"{', '.join(sorted(header)[:3])}... are incomplete; download it again")
-    return header
-
-
 def hf_weight_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it, from the index or the single file."""
     index = folder / INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
-            raise ConfigError(f"{index} is unreadable: {exc}") from None
+        weight_map = _weight_map(index)
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
             names = [k for k, f in weight_map.items() if f == missing[0]]
@@ -290,16 +297,26 @@ def hf_weight_files(folder: Path) -> dict[str, Path]:
         raise ConfigError(f"model.init_from={str(folder)!r} holds no *.safetensors weights{hint}")
     out = {}
     for f in files:
-        for name in read_safetensors_header(f):
+        for name in safetensors_header(f):
             out[name] = f
     return out
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from a ``model.safetensors.index.json``."""
+    weight_map = JsonFields(read_json(index, "index of the weights"), index).mapping("weight_map")
+    if not weight_map.data:
+        raise InputFileError(f"{index}: weight_map is missing or empty; download the index again")
+    for name in weight_map.data:
+        weight_map.string(name)  # a shard's file name
+    return weight_map.data
+
+
 def check_hf_weights(folder: Path, m: ModelConfig) -> dict[str, Path]:
     """Every expected tensor is in a present, complete shard with the right shape; else ConfigError
-    naming the tensor. Returns name -> file."""
+    naming the tensor (InputFileError for a file that is no safetensors). Returns name -> file."""
     files = hf_weight_files(folder)
-    headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
+    headers = {f: safetensors_header(f) for f in sorted(set(files.values()))}
     expected = expected_hf_tensors(m)
     for name, shape in expected.items():
         if name not in files:
@@ -381,8 +398,6 @@ def load_hf_state(folder: str | os.PathLike, m: ModelConfig, files: dict[str, Pa
                   dtype: torch.dtype = torch.float32, lazy: bool = False) -> dict:
     """fmtrain state dict (``dtype``) of a Hugging Face folder (checked by :func:`check_hf_weights`);
     ``lazy``: values are functions reading their tensor when called (see :func:`load_weights`)."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     files = files or check_hf_weights(folder, m)
     handles: dict[Path, Any] = {}
@@ -390,7 +405,7 @@ def load_hf_state(folder: str | os.PathLike, m: ModelConfig, files: dict[str, Pa
     def get(name: str) -> torch.Tensor:
         f = files[name]
         if f not in handles:
-            handles[f] = safe_open(str(f), framework="pt")
+            handles[f] = open_safetensors(f)
         return handles[f].get_tensor(name).to(dtype)
 
     return hf_to_fmtrain(get, m, lazy=lazy)
@@ -452,7 +467,8 @@ def load_weights(model: torch.nn.Module, sd: dict, source: str) -> str:
 
 def prepare(cfg: Config) -> Init | None:
     """The checked weights of ``model.init_from`` for a fresh run; None without it or when the run
-    resumes its own checkpoint. Raises ConfigError before anything is written."""
+    resumes its own checkpoint. Raises ConfigError (InputFileError for a damaged or missing-by-LFS
+    file) before anything is written."""
     if not cfg.model.init_from:
         return None
     from .checkpoint import latest_valid
@@ -479,6 +495,8 @@ def check_tokenizer(cfg: Config) -> None:
         return
     try:
         load_tokenizer(cfg.data.tokenizer, vocab_size=cfg.model.vocab_size, need_mask=cfg.model.kind == "mlm")
+    except InputFileError:  # a damaged file: its own message says which and what to do
+        raise
     except (ValueError, OSError) as exc:
         raise ConfigError(f"data.tokenizer does not fit model.init_from={cfg.model.init_from!r}: {exc}") from None
 

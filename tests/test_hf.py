@@ -5,6 +5,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fmtrain.config import ConfigError  # noqa: E402
 from fmtrain.config import from_dict as plain_from_dict  # noqa: E402
+from fmtrain.input_files import InputFileError  # noqa: E402
 from fmtrain.pretrained import load_model, resolve_config  # noqa: E402
 
 
@@ -220,7 +222,7 @@ def test_missing_truncated_and_misshapen_weights_name_the_tensor(tmp_path, hf_to
     folder = make_hf(tmp_path / "cut", tokenizer=hf_tokenizer)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ConfigError, match="model.safetensors is truncated"):
+    with pytest.raises(InputFileError, match="model.safetensors is truncated"):
         prepare(cfg_of(folder))
     # A config.json that does not fit the tensors.
     folder = make_hf(tmp_path / "shape", tokenizer=hf_tokenizer)
@@ -239,6 +241,115 @@ def test_missing_truncated_and_misshapen_weights_name_the_tensor(tmp_path, hf_to
     with pytest.raises(ConfigError, match="tensor model.layers.0.self_attn.q_norm.weight .* is not part of"):
         prepare(cfg_of(folder))
     assert not (tmp_path / "run").exists()
+
+
+def set_fields(folder: Path, **fields) -> Path:
+    """``folder``'s config.json with ``fields`` replaced (None: written as null)."""
+    hf = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**hf, **fields}))
+    return folder
+
+
+CONFIG_FAULTS = {  # id: (fields replaced in config.json, what the error says after "config.json")
+    "hidden_size as a string": (dict(hidden_size="64"),
+                                r': hidden_size must be a positive integer, found "64" \(a string\)'),
+    "hidden_size null": (dict(hidden_size=None), r": hidden_size must be a positive integer, found null"),
+    "vocab_size zero": (dict(vocab_size=0), r": vocab_size must be a positive integer, found 0 \(an integer\)"),
+    "rope_scaling a string": (dict(rope_scaling="linear"),
+                              r': rope_scaling must be a JSON object \(a mapping\), found "linear" \(a string\)'),
+    "rope factor a string": (dict(rope_parameters={"rope_type": "linear", "factor": "8"}),
+                             r': rope_parameters.factor must be a positive number, found "8" \(a string\)'),
+    "llama3 scaling incomplete": (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0}),
+                                  r": rope_parameters.low_freq_factor is missing"),
+    "bias a string": (dict(attention_bias="false"), r': attention_bias must be true or false, found "false"'),
+    "architectures a string": (dict(architectures="LlamaForCausalLM"),
+                               r': architectures must be a list of strings, found "LlamaForCausalLM"'),
+    "norm eps NaN": (dict(rms_norm_eps=float("nan")), r": rms_norm_eps must be a positive number, found NaN"),
+}
+
+
+def test_config_json_of_the_wrong_shape_names_the_field_and_what_was_found(tmp_path, hf_tokenizer):
+    good = make_hf(tmp_path / "good", tokenizer=hf_tokenizer, layers=1)
+    for i, (case, (fields, says)) in enumerate(CONFIG_FAULTS.items()):
+        folder = set_fields(Path(shutil.copytree(good, tmp_path / f"case{i}")), **fields)
+        with pytest.raises(ConfigError, match=re.escape(str(folder / "config.json")) + says):
+            from_dict({"run": {"dir": "r"}, "model": {"init_from": str(folder)}})
+    (good / "config.json").write_text("null")
+    with pytest.raises(ConfigError, match=r"config.json must hold a JSON object \(a mapping\), found null"):
+        from_dict({"run": {"dir": "r"}, "model": {"init_from": str(good)}})
+    (good / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_')
+    with pytest.raises(ConfigError, match=rf"config.json in {re.escape(str(good))} is damaged \(not valid JSON: "
+                                          r".* at char 40\); download it again"):
+        from_dict({"run": {"dir": "r"}, "model": {"init_from": str(good)}})
+
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 226480\n")
+NOT_WEIGHTS = {  # id: (the file's bytes, what the error says after "model.safetensors in FOLDER")
+    "lfs pointer": (LFS_POINTER.encode(),
+                    r" is a Git LFS pointer, not the weights .*: run `git lfs pull` in {folder}$"),
+    "html page": (b"\n<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body></body></html>\n",
+                  r" is an HTML page, not the weights .*: download it again$"),
+    "json error": (b'{"error":"Repository not found"}',
+                   r" is not a safetensors file \(header length \d+ > file size 32\); download it again$"),
+    "header not json": (b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"\xff" * 40,
+                        r" is not a safetensors file \(its 16-byte header is not JSON: .*\); download it again$"),
+    "entry not a tensor": (b"\x18\x00\x00\x00\x00\x00\x00\x00" + b'{"model.norm.weight": 1}',
+                           r" is damaged: its header's entry 'model.norm.weight' is not a tensor"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_WEIGHTS)
+def test_weights_that_are_not_safetensors_say_what_they_are(tmp_path, hf_tokenizer, case):
+    from fmtrain.pretrained import prepare
+
+    folder = make_hf(tmp_path / "hf", tokenizer=hf_tokenizer, layers=1)
+    cfg = from_dict({"run": {"dir": str(tmp_path / "run")}, "model": {"init_from": str(folder)}})
+    content, says = NOT_WEIGHTS[case]
+    (folder / "model.safetensors").write_bytes(content)
+    with pytest.raises(InputFileError, match=rf"^model.safetensors in {re.escape(str(folder))}"
+                                             + says.format(folder=re.escape(str(folder)))):
+        prepare(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_opening_of_the_weights_is_checked(tmp_path, hf_tokenizer):
+    """The shards of an index, and a file that changed after prepare() checked it."""
+    from fmtrain.pretrained import load_hf_state, prepare
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(make_hf(tmp_path / "hf", layers=1))
+    folder = tmp_path / "sharded"
+    model.save_pretrained(folder, max_shard_size="40KB")
+    for f in hf_tokenizer.iterdir():
+        shutil.copy2(f, folder / f.name)
+    cfg = from_dict({"run": {"dir": str(tmp_path / "run")}, "model": {"init_from": str(folder)}})
+    init = prepare(cfg)
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.write_text(LFS_POINTER)
+    with pytest.raises(InputFileError, match=rf"^{shard.name} in .* is a Git LFS pointer"):
+        load_hf_state(folder, cfg.model, init.files)
+    with pytest.raises(InputFileError, match=rf"^{shard.name} in .* is a Git LFS pointer"):
+        prepare(cfg)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"model.norm.weight": None}}))
+    with pytest.raises(InputFileError, match=r"index.json: weight_map.model.norm.weight must be a string, found null"):
+        prepare(cfg)
+
+
+def test_bad_weights_and_tokenizer_files_end_a_run_in_one_line(tmp_path, hf_tokenizer, corpus):
+    """Through the command: one ``error:`` line, exit status 2, no traceback, nothing written."""
+    lfs = make_hf(tmp_path / "lfs", tokenizer=hf_tokenizer, layers=1)
+    (lfs / "model.safetensors").write_text(LFS_POINTER)
+    cut = make_hf(tmp_path / "cut", tokenizer=hf_tokenizer, layers=1)
+    text = (cut / "tokenizer.json").read_text()
+    (cut / "tokenizer.json").write_text(text[:len(text) // 2])
+    for folder, says in [(lfs, f"model.safetensors in {lfs} is a Git LFS pointer, not the weights"),
+                         (cut, f"tokenizer.json in {cut} is damaged (not valid JSON: ")]:
+        r = fmtrain("fmtrain.train", run_config(tmp_path, "run", folder, corpus), check=False)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len([line for line in lines if line.startswith("error:")]) == 1, r.stderr
+        assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------- the tokenizer
@@ -281,6 +392,116 @@ def test_hf_tokenizer_in_the_data_pipeline(tmp_path, hf_tokenizer):
     assert sorted(tok.decode(d[:-1].tolist()) for d in both) == sorted(docs)
     assert all(int(d[-1]) == tok.eos_id for d in both)
     assert isinstance(data["train"], TokenData)
+
+
+def test_tokenizer_config_of_the_wrong_shape_names_the_field(tmp_path, hf_tokenizer):
+    from fmtrain.data.tokenizer import load_tokenizer
+
+    folder = Path(shutil.copytree(hf_tokenizer, tmp_path / "tok"))
+    (folder / "tokenizer_config.json").write_text('{"eos_token": 5}')
+    with pytest.raises(InputFileError, match=r"tokenizer_config.json: eos_token must be a token .* found 5 \(an int"):
+        load_tokenizer(folder)
+    (folder / "tokenizer_config.json").write_text("null")
+    with pytest.raises(InputFileError, match=r"tokenizer_config.json must hold a JSON object .*, found null"):
+        load_tokenizer(folder)
+
+
+def prepend_tokenizer(folder: Path) -> Path:
+    """A SentencePiece-style BPE laid out as Llama 2's legacy tokenizer.json: a normalizer that
+    prepends "\u2581" to every input and turns spaces into "\u2581", no pre-tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")  # no merge across a space
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB + 256, show_progress=False,
+                                  special_tokens=["<unk>"] + [f"<0x{b:02X}>" for b in range(256)])
+    tok.train_from_iterator(stdlib_texts(), trainer)
+    spec = json.loads(tok.to_str())
+    spec["pre_tokenizer"] = None
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder / "tokenizer.json"
+
+
+class Recorder:
+    """A ``tokenizers.Tokenizer`` that records the lengths of the texts of each encoding call."""
+
+    def __init__(self, hf):
+        self.hf, self.calls = hf, []
+
+    def encode_batch_fast(self, texts, **kwargs):
+        self.calls.append([len(t) for t in texts])
+        return self.hf.encode_batch_fast(texts, **kwargs)
+
+
+@pytest.mark.parametrize("layout", ["byte-level", "prepend-normalizer"])
+def test_long_documents_are_encoded_in_pieces_to_the_same_ids(tmp_path, hf_tokenizer, monkeypatch, layout):
+    from fmtrain.data import hf_tokenizer as H
+
+    path = hf_tokenizer / "tokenizer.json" if layout == "byte-level" else prepend_tokenizer(tmp_path / "tok")
+    tok = H.HFTokenizer(path)
+    code = "".join(stdlib_texts(8))  # lines, indentation, single spaces
+    docs = [code, code.replace("\n", " "), "a short one", ""]
+    whole = [e.ids for e in tok.hf.encode_batch(docs, add_special_tokens=False)]
+    monkeypatch.setattr(H, "_PIECE_CHARS", 1000)
+    monkeypatch.setattr(H, "_BATCH_CHARS", 20_000)
+    tok.hf = Recorder(tok.hf)
+    assert tok.encode_batch(docs) == whole
+    lengths = [n for call in tok.hf.calls for n in call]
+    assert len(lengths) > 2 * len(code) // 2000 and max(lengths) <= 2000
+    assert max(sum(call) for call in tok.hf.calls) <= 20_000
+    assert tok.drop_space == (layout == "prepend-normalizer")
+    if tok.drop_space:  # the normalizer's "\u2581" would double the space at every cut
+        tok.drop_space = False
+        assert tok.encode(code) != whole[0]
+
+
+def test_a_long_document_is_encoded_in_bounded_pieces_at_the_real_sizes(hf_tokenizer):
+    from fmtrain.data import hf_tokenizer as H
+
+    tok = H.HFTokenizer(hf_tokenizer / "tokenizer.json")
+    text = "".join(stdlib_texts(40)).replace("\n", " ")[:5 * H._PIECE_CHARS]  # one line
+    whole = tok.hf.encode(text, add_special_tokens=False).ids
+    tok.hf = Recorder(tok.hf)
+    assert tok.encode(text) == whole
+    lengths = [n for call in tok.hf.calls for n in call]
+    assert len(lengths) >= 3 and sum(lengths) == len(text) and max(lengths) <= 2 * H._PIECE_CHARS
+
+
+MEASURE_MEMORY = """
+import json, sys, sysconfig
+from pathlib import Path
+from fmtrain.data import hf_tokenizer as H
+
+tok = H.HFTokenizer(sys.argv[1])
+H._PIECE_CHARS, H._BATCH_CHARS = 1 << 13, 1 << 16  # the real ones at a smaller scale
+files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+text = " ".join(f.read_text(encoding="utf-8", errors="replace") for f in files).replace("\\n", " ")[:2_000_000]
+def peak_mb():  # not ru_maxrss, which keeps the peak of the parent (pytest) across exec
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+start = peak_mb()
+ids = tok.encode(text)
+bounded = peak_mb() - start
+same = tok.hf.encode(text, add_special_tokens=False).ids == ids
+print(json.dumps({"bounded": bounded, "whole": peak_mb() - start, "same": same, "chars": len(text)}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from /proc (Linux)")
+def test_encoding_a_long_one_line_document_takes_bounded_memory(hf_tokenizer):
+    """The peak memory of encoding a 2M-character line in pieces, against encoding it whole
+    (which takes about 200 bytes per character inside ``tokenizers``)."""
+    r = subprocess.run([sys.executable, "-c", MEASURE_MEMORY, str(hf_tokenizer / "tokenizer.json")],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, RAYON_NUM_THREADS="2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["same"] and got["chars"] == 2_000_000
+    assert got["whole"] > 150, got  # what is bounded: the whole line takes this much
+    assert got["bounded"] < got["whole"] / 3, got
 
 
 # --------------------------------------------------------------------------- training runs

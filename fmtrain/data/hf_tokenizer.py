@@ -18,26 +18,57 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
+
+from fmtrain.input_files import InputFileError, JsonFields, found, read_json
 
 MASK_PIECE = "<mask>"  # as fmtrain's SentencePiece models name it (fmtrain/data/tokenizer.py)
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 FILES = ("tokenizer.json",) + CONFIG_FILES  # what a checkpoint keeps of a Hugging Face tokenizer
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
+# Memory: ``tokenizers`` holds about 200 bytes per character of its input while it encodes
+# (alignments, offsets, a string per token): a 10 MB one-line document took 2.3 GB. So a text
+# longer than 2 * _PIECE_CHARS is encoded in pieces of _PIECE_CHARS to 2 * _PIECE_CHARS
+# characters, and one call encodes at most _BATCH_CHARS characters: a few hundred MB at most,
+# whatever the size of the documents or of the batch.
+#
+# Exactness: a piece ends before a single space between two non-space characters. No token
+# of the usual pre-tokenizers spans that point (GPT-2, Llama 3 and Qwen2's byte-level regexes
+# give the space to the next word; Metaspace and Whitespace split there), and a piece that starts
+# with a space gets no prefix from Metaspace or ByteLevel(add_prefix_space), so the ids are those
+# of the whole text. A normalizer that prepends "▁" to every input (Llama 2's legacy tokenizer.json)
+# would add one: for those the space is left out and the normalizer puts it back. Only a window of
+# _PIECE_CHARS characters with no such space (minified code, unspaced scripts) is cut otherwise:
+# after a newline between two non-space characters (still exact for the byte-level and Whitespace
+# pre-tokenizers; Metaspace adds a "▁" there), else at the window's end, where a token may be split.
+_PIECE_CHARS = 1 << 17
+_BATCH_CHARS = 1 << 20
+_AT_SPACE = re.compile(r"(?<=\S) (?=\S)")
+_AFTER_NEWLINE = re.compile(r"(?<=\S\n)(?=\S)")
 
-def is_hf_tokenizer_file(path: str | Path) -> bool:
-    """``path`` is a ``tokenizers`` JSON file (not the settings JSON of a SentencePiece model)."""
+
+def hf_tokenizer_spec(path: str | Path) -> dict | None:
+    """The JSON of ``path`` if it is a ``tokenizers`` file; None if it is absent, not named ``*.json``
+    or another JSON (the settings of a SentencePiece model, which older fmtrain checkpoints kept as
+    ``tokenizer.json``); InputFileError if it is not JSON at all (a cut-short download, a Git LFS
+    pointer), which is not taken for a missing tokenizer."""
     path = Path(path)
     if not path.is_file() or path.suffix != ".json":
-        return False
+        return None
+    data = read_json(path, "tokenizer")
+    return data if isinstance(data, dict) and isinstance(data.get("model"), dict) and "added_tokens" in data \
+        else None
+
+
+def is_hf_tokenizer_file(path: str | Path) -> bool:
+    """``path`` is a ``tokenizers`` JSON file; a damaged file is not one (see :func:`hf_tokenizer_spec`)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return hf_tokenizer_spec(path) is not None
+    except InputFileError:
         return False
-    return isinstance(data, dict) and isinstance(data.get("model"), dict) and "added_tokens" in data
 
 
 def _token_name(value) -> str | None:
@@ -53,12 +84,12 @@ def special_tokens(folder: Path) -> dict[str, str]:
         path = folder / name
         if not path.is_file():
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path} is unreadable: {exc}") from None
+        config = JsonFields(read_json(path, "tokenizer's config"), path)
         for key in ("bos", "eos", "pad", "unk", "mask"):
-            token = _token_name(data.get(f"{key}_token"))
+            token = _token_name(config.data.get(f"{key}_token"))
+            if config.has(f"{key}_token") and not isinstance(token, str):
+                raise InputFileError(f"{path}: {key}_token must be a token (a string, or a mapping with its "
+                                     f"content), found {found(config.data[f'{key}_token'])}")
             if token is not None:
                 out.setdefault(key, token)
     return out
@@ -78,12 +109,46 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def _decoder_types(decoder: dict | None) -> set[str]:
-    if not decoder:
+def _types(component: dict | None, members: str) -> set[str]:
+    """The types in a tokenizer.json component (decoder, normalizer), through its Sequences."""
+    if not component:
         return set()
-    if decoder.get("type") == "Sequence":
-        return set().union(*(_decoder_types(d) for d in decoder.get("decoders", [])))
-    return {decoder.get("type")}
+    if component.get("type") == "Sequence":
+        return set().union(*(_types(c, members) for c in component.get(members, [])))
+    return {component.get("type")}
+
+
+def _cut(text: str, lo: int, hi: int) -> tuple[int, bool]:
+    """(where to end a piece within ``text[lo:hi]``, whether it is before a space); see _PIECE_CHARS."""
+    if m := _AT_SPACE.search(text, lo, hi + 1):
+        return m.start(), True
+    if m := _AFTER_NEWLINE.search(text, lo, hi + 1):
+        return m.start(), False
+    return hi, False
+
+
+def _split_long(text: str, size: int, drop_space: bool = False) -> Iterator[str]:
+    """``text`` in pieces of at most 2 * ``size`` characters that encode as the whole text does
+    (see _PIECE_CHARS); ``drop_space``: a piece cut before a space starts after it."""
+    start = 0
+    while len(text) - start > 2 * size:
+        cut, at_space = _cut(text, start + size, start + 2 * size)
+        yield text[start:cut]
+        start = cut + 1 if drop_space and at_space else cut
+    yield text[start:]
+
+
+def _batches(pieces: Iterable[tuple[int, str]], chars: int) -> Iterator[list[tuple[int, str]]]:
+    """(owner, piece) pairs in lists of about ``chars`` characters."""
+    batch, n = [], 0
+    for item in pieces:
+        if batch and n + len(item[1]) > chars:
+            yield batch
+            batch, n = [], 0
+        batch.append(item)
+        n += len(item[1])
+    if batch:
+        yield batch
 
 
 class HFTokenizer:
@@ -116,11 +181,13 @@ class HFTokenizer:
         self.special = {t["id"] for t in self.spec.get("added_tokens", []) if t.get("special")}
         self.special |= set(ids.values())
         self.token_bytes = self._token_bytes()
+        # A normalizer that prepends "▁" to each input would add one to a piece cut before a space.
+        self.drop_space = "Prepend" in _types(self.spec.get("normalizer"), "normalizers")
         self.cache_extra = f"hf eos={self.eos_id}".encode()  # part of the token cache's key
 
     def _token_bytes(self) -> torch.Tensor:
         """UTF-8 bytes each token stands for: 0 for special tokens, 1 for byte-fallback pieces."""
-        types = _decoder_types(self.spec.get("decoder"))
+        types = _types(self.spec.get("decoder"), "decoders")
         byte_level = "ByteLevel" in types
         byte_fallback = "ByteFallback" in types
         bd = _byte_decoder()
@@ -151,11 +218,15 @@ class HFTokenizer:
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
         """Token ids of many texts (no BOS/EOS added); ``tokenizers`` spreads them over its threads.
-
-        Texts are not cut into pieces as for SentencePiece: a tokenizer that prefixes a space to
-        its input (Metaspace) would then insert one at every cut.
-        """
-        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+        Long texts are encoded in pieces, and a bounded amount of text at a time (see _PIECE_CHARS)."""
+        pieces = ((i, piece) for i, text in enumerate(texts)
+                  for piece in _split_long(text, _PIECE_CHARS, self.drop_space))
+        out: list[list[int]] = [[] for _ in texts]
+        for batch in _batches(pieces, _BATCH_CHARS):
+            encoded = self.hf.encode_batch_fast([piece for _, piece in batch], add_special_tokens=False)
+            for (i, _), e in zip(batch, encoded):
+                out[i].extend(e.ids)
+        return out
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
@@ -189,4 +260,4 @@ def load_hf_tokenizer(path: str | Path, *, vocab_size: int | None = None, need_m
     return tok
 
 
-__all__ = ["HFTokenizer", "load_hf_tokenizer", "is_hf_tokenizer_file", "special_tokens", "FILES"]
+__all__ = ["HFTokenizer", "load_hf_tokenizer", "is_hf_tokenizer_file", "hf_tokenizer_spec", "special_tokens", "FILES"]

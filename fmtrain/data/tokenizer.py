@@ -27,7 +27,9 @@ from typing import Iterable, Iterator, Sequence
 import sentencepiece as spm
 import torch
 
-from fmtrain.data.hf_tokenizer import FILES as HF_FILES, HFTokenizer, is_hf_tokenizer_file, load_hf_tokenizer
+from fmtrain.data.hf_tokenizer import (FILES as HF_FILES, HFTokenizer, hf_tokenizer_spec, is_hf_tokenizer_file,
+                                       load_hf_tokenizer)
+from fmtrain.input_files import SNIFF_BYTES, InputFileError, impostor
 
 # Fixed ids of the special pieces, the same for every model this module trains.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -259,14 +261,15 @@ class _Counted:
 
 def _hf_tokenizer_file(path: Path) -> Path | None:
     """The Hugging Face tokenizer ``path`` names: a tokenizer.json, a folder holding one, or the
-    ``tokenizer.model`` a checkpoint of a run on a Hugging Face tokenizer does not have."""
+    ``tokenizer.model`` a checkpoint of a run on a Hugging Face tokenizer does not have.
+    A damaged tokenizer.json is an InputFileError, not taken for a SentencePiece model or no tokenizer."""
     if path.is_dir():
         candidate = path / "tokenizer.json"
     elif path.suffix == ".json" or (path.name == "tokenizer.model" and not path.exists()):
         candidate = path.with_name("tokenizer.json") if path.suffix != ".json" else path
     else:
         return None
-    return candidate if is_hf_tokenizer_file(candidate) else None
+    return candidate if hf_tokenizer_spec(candidate) is not None else None
 
 
 # A checkpoint keeps a SentencePiece model's training settings under this name, not as
@@ -312,6 +315,10 @@ def load_tokenizer(path: str | Path, *, vocab_size: int | None = None, need_mask
     try:
         tok = Tokenizer(path)
     except (RuntimeError, OSError) as err:
+        with open(path, "rb") as fh:
+            instead = impostor(fh.read(SNIFF_BYTES), path, "tokenizer")
+        if instead is not None:
+            raise InputFileError(instead) from None
         raise ValueError(f"{str(path)!r} is not a SentencePiece model: {err}") from err
     if vocab_size is not None and vocab_size != tok.vocab_size:
         raise ValueError(

@@ -1,3 +1,5 @@
+import json
+import re
 import subprocess
 import sys
 
@@ -6,6 +8,7 @@ import torch
 
 from fmtrain.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, SETTINGS_IN_CHECKPOINT, Tokenizer,
                                     load_tokenizer, model_paths, tokenizer_files, train_tokenizer)
+from fmtrain.input_files import InputFileError
 from tests.data.conftest import PROSE
 
 
@@ -118,6 +121,47 @@ def test_load_errors(tokenizer, tmp_path):
     junk.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a SentencePiece model"):
         load_tokenizer(junk)
+
+
+HF_TOKENIZER_JSON = json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+                                "normalizer": None, "pre_tokenizer": None, "post_processor": None, "decoder": None,
+                                "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []}})
+
+
+def test_a_cut_short_tokenizer_json_is_reported_as_damaged(tokenizer, tmp_path, capsys):
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    cut = HF_TOKENIZER_JSON[:HF_TOKENIZER_JSON.index('"model"')]  # a download that stopped part way
+    (folder / "tokenizer.json").write_text(cut)
+    damaged = re.escape(f"tokenizer.json in {folder} is damaged (not valid JSON: Expecting property name enclosed "
+                        f"in double quotes at char {len(cut)}); download it again")
+    # Found in a folder, named, and as the tokenizer.model that a checkpoint of such a run lacks.
+    for path in (folder, folder / "tokenizer.json", folder / "tokenizer.model"):
+        with pytest.raises(InputFileError, match=damaged):
+            load_tokenizer(path)
+    # Not passed over for a SentencePiece model beside it (Hugging Face folders often hold both).
+    (folder / "tokenizer.model").write_bytes(tokenizer.path.read_bytes())
+    with pytest.raises(InputFileError, match=damaged):
+        load_tokenizer(folder)
+    from fmtrain.data.tokenizer import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", str(folder / "tokenizer.json")])
+    assert exit_.value.code == 2 and "is damaged (not valid JSON" in capsys.readouterr().err
+    # The settings of a SentencePiece model under that name (older fmtrain checkpoints) are no damage.
+    (folder / "tokenizer.json").write_bytes(model_paths(tokenizer.path)[1].read_bytes())
+    assert load_tokenizer(folder).encode("def f") == tokenizer.encode("def f")
+
+
+def test_a_git_lfs_pointer_for_a_tokenizer_says_so(tmp_path):
+    pointer = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347\nsize 499723\n")
+    for name in ("tokenizer.model", "tokenizer.json"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / name).write_text(pointer)
+        with pytest.raises(InputFileError, match=rf"^{name} in {re.escape(str(folder))} is a Git LFS pointer, not "
+                                                 rf"the tokenizer .*: run `git lfs pull` in {re.escape(str(folder))}$"):
+            load_tokenizer(folder)
 
 
 def test_no_mask_model_refused_for_mlm(code_texts, tmp_path):

@@ -29,12 +29,15 @@ import errno
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 from pathlib import Path
 from typing import Callable
 
 EXIT_USAGE = 2  # a problem with what the user gave (config, data, checkpoint, world size)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head`
 
 
 class UserError(Exception):
@@ -221,3 +224,40 @@ def run_main(main: Callable[..., int], *args, **kwargs) -> int:
             raise
         report(str(user))
         return EXIT_USAGE
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for a closed pipe goes nowhere at exit
+    (instead of an 'Exception ignored ... BrokenPipeError' message)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (stdout replaced): nothing to flush to
+        pass
+
+
+def run_command(main, *args, **kwargs) -> int:
+    """:func:`run_main` for a command that prints as it goes, stopped the way command-line
+    tools stop: Ctrl-C keeps and flushes what was printed and exits ``EXIT_INTERRUPTED`` (130); a reader
+    that closes the pipe (``| head``) ends it quietly with ``EXIT_BROKEN_PIPE`` (141). No traceback."""
+    try:
+        status = run_main(main, *args, **kwargs)
+        sys.stdout.flush()  # here, not at exit: a reader gone before the end is seen as a broken pipe
+        return status
+    except KeyboardInterrupt:
+        try:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while flushing: quiet too
+        except ValueError:  # not the main thread: signals go elsewhere anyway
+            previous = None
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_stdout()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE

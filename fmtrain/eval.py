@@ -308,6 +308,6 @@ def _progress(total: int, every: float = 10.0, what: str = "eval batch"):
 
 
 if __name__ == "__main__":
-    from .generate import run_command  # run_main, and Ctrl-C (exit 130) or a closed pipe (141) without a traceback
+    from .errors import run_command  # run_main, and Ctrl-C (exit 130) or a closed pipe (141) without a traceback
 
     sys.exit(run_command(main))

@@ -73,6 +73,9 @@ def load_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
     if (ckpt / EXPORTED).is_file():  # a model-only export (see export())
         from safetensors.torch import load_file
 
+        from .input_files import safetensors_header
+
+        safetensors_header(ckpt / EXPORTED)  # a Git LFS pointer or an HTML page is named as such
         return load_file(ckpt / EXPORTED)
     ds = ckpt / "ds"
     if meta["zero_stage"] == 3:

@@ -21,18 +21,14 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError, run_main
+from .errors import UserError, run_command
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head`
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
 
@@ -288,42 +284,5 @@ def _speed_report(result: Generation, prompt_tokens: int, max_new_tokens: int, n
 
 
 # --------------------------------------------------------------------------- stopping
-def _quiet_stdout() -> None:
-    """Point stdout at /dev/null: what is still buffered for a closed pipe goes nowhere at exit
-    (instead of an 'Exception ignored ... BrokenPipeError' message)."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):  # no file descriptor (stdout replaced): nothing to flush to
-        pass
-
-
-def run_command(main, *args, **kwargs) -> int:
-    """:func:`fmtrain.errors.run_main` for a command that prints as it goes, stopped the way command-line
-    tools stop: Ctrl-C keeps and flushes what was printed and exits ``EXIT_INTERRUPTED`` (130); a reader
-    that closes the pipe (``| head``) ends it quietly with ``EXIT_BROKEN_PIPE`` (141). No traceback."""
-    try:
-        status = run_main(main, *args, **kwargs)
-        sys.stdout.flush()  # here, not at exit: a reader gone before the end is seen as a broken pipe
-        return status
-    except KeyboardInterrupt:
-        try:
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while flushing: quiet too
-        except ValueError:  # not the main thread: signals go elsewhere anyway
-            previous = None
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            _quiet_stdout()
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        _quiet_stdout()
-        return EXIT_BROKEN_PIPE
-
-
 if __name__ == "__main__":
     sys.exit(run_command(main))

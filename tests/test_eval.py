@@ -126,7 +126,7 @@ def test_ctrl_c_and_a_closed_pipe_are_exit_statuses_not_tracebacks(capsys):
     the real signal and pipe are in tests/test_generate.py."""
     import signal
 
-    from fmtrain.generate import run_command
+    from fmtrain.errors import run_command
 
     def interrupted(argv=None):
         print("partial")

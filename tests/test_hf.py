@@ -789,8 +789,11 @@ def test_export_refusals_write_nothing(tmp_path, corpus):
     causal = model_only(tmp_path / "causal", corpus, SP_TOKENIZER)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
-    with pytest.raises(ExportError, match="exists and is not empty"):
+    with pytest.raises(ExportError, match="exists and is not empty.*--force.*keeps x"):
         export(causal, tmp_path / "full")
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["x"]
+    export(causal, tmp_path / "full", force=True)  # the user's file stays beside the export's
+    assert {"x", "config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "full").iterdir()}
     (causal / "tokenizer.model").write_bytes(b"not a model")  # a damaged checkpoint
     with pytest.raises(ExportError, match="tokenizer.model has 11 bytes"):
         export(causal, tmp_path / "out")

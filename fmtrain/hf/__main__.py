@@ -13,13 +13,16 @@ def main(argv: list[str] | None = None) -> int:
                                     "transformers; fma/local models become model_type 'fmtrain', loadable by "
                                     "AutoModelForCausalLM after `import fmtrain.hf`.")
     ex.add_argument("checkpoint", help="a checkpoint folder, a checkpoints folder or a run folder (newest)")
-    ex.add_argument("out", help="the folder to write (new or empty)")
+    ex.add_argument("out", help="the folder to write (new or empty; see --force)")
+    ex.add_argument("--force", action="store_true",
+                    help="write into a folder that holds other files: the export's own files are replaced, "
+                         "the others (a README, a model card) kept")
     ex.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights' dtype (default fp32)")
     args = ap.parse_args(argv)
     from . import ExportError, export
 
     try:
-        out = export(args.checkpoint, args.out, dtype=args.dtype)
+        out = export(args.checkpoint, args.out, dtype=args.dtype, force=args.force)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -162,14 +162,21 @@ def _sample_texts(cfg: Config) -> list[str]:
     return fixed + docs
 
 
-def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fp32") -> Path:
-    """Write the Hugging Face folder ``out`` for the checkpoint (or run's newest checkpoint) ``src``."""
+# What an export may write: with --force these are replaced in OUT, everything else there is kept.
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json", REMOTE_FILE)
+
+
+def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fp32", force: bool = False) -> Path:
+    """Write the Hugging Face folder ``out`` for the checkpoint (or run's newest checkpoint) ``src``.
+    ``out`` is new or empty; with ``force`` it may hold other files: the export's own names
+    (:data:`HF_FILES`) are replaced and the rest (a README, a model card) kept."""
     try:
         ckpt = resolve(src)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     out = Path(out)
-    check_target(out, (), source=ckpt)  # new or empty: nothing of the user's is replaced
+    check_target(out, HF_FILES, force=force, source=ckpt)
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     cfg = load_config_of(ckpt)
@@ -194,8 +201,10 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fp32
         name("tokenizer.json")
         _write_tokenizer(tok, tmp, cfg.data.seq_len, _sample_texts(cfg))
 
-    # config.json last: a folder caught half-way (moving into an existing empty OUT) does not load.
-    return write_folder(out, write, last="config.json")
+    # config.json last: a folder caught half-way (moving into an existing OUT) does not load. An
+    # earlier fma export's modelling file would be taken for part of an sdpa export: it goes.
+    stale = [REMOTE_FILE] if arch != "FmtrainForCausalLM" and (out / REMOTE_FILE).is_file() else []
+    return write_folder(out, write, last="config.json", remove=stale)
 
 
 __all__ = ["export", "ExportError", "hf_architecture"]

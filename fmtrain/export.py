@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import META, _checksums, _file_sizes, resolve, validate
+from .checkpoint import META, Checkpoint, resolve, write_meta
 from .config import CONFIG_FILE, Config
 from .data.tokenizer import SETTINGS_IN_CHECKPOINT
 from .errors import UserError, remove_stale, temp_name, write_problem
@@ -42,26 +42,24 @@ class ExportError(UserError, RuntimeError):
     """An export that cannot be done or written; the message says why and what to do."""
 
 
-def load_config_of(ckpt: Path) -> Config:
-    from .config import load_config
+def load_config_of(ckpt: str | os.PathLike | Checkpoint) -> Config:
+    """The config a checkpoint (or a run's newest, or a model-only export) was written with."""
+    return resolve(ckpt).config
 
-    return load_config(ckpt / CONFIG_FILE)
 
-
-def load_model(ckpt: str | os.PathLike):
+def load_model(ckpt: str | os.PathLike | Checkpoint):
     """The model of a checkpoint, a run (its newest) or a model-only export, with its weights
     (fp32, on the CPU, in eval mode), and the config it was trained with: ``(model, config)``.
     What ``fmtrain.eval`` and ``fmtrain.generate`` run."""
     from .model import build_model
 
     ckpt = resolve(ckpt)
-    cfg = load_config_of(ckpt)
-    model = build_model(cfg.model)
+    model = build_model(ckpt.config.model)
     model.load_state_dict(load_model_state(ckpt))
-    return model.eval(), cfg
+    return model.eval(), ckpt.config
 
 
-def load_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_model_state(ckpt: str | os.PathLike | Checkpoint) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of a checkpoint, on the CPU, in one process.
 
     ZeRO 3 shards the parameters over the ranks: DeepSpeed's own consolidation
@@ -69,7 +67,7 @@ def load_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
     the whole module in ``mp_rank_00_model_states.pt``.
     """
     ckpt = resolve(ckpt)
-    meta = validate(ckpt)
+    meta = ckpt.meta
     if (ckpt / EXPORTED).is_file():  # a model-only export (see export())
         from safetensors.torch import load_file
 
@@ -108,9 +106,9 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
     from safetensors.torch import save_file
 
     ckpt = resolve(ckpt)
-    meta = validate(ckpt)
+    meta = ckpt.meta
     out = Path(out)
-    previous = check_target(out, EXPORT_FILES, force=force, source=ckpt)
+    previous = check_target(out, EXPORT_FILES, force=force, source=ckpt.path)
     # Tied weights share storage, which safetensors refuses: store each tensor on its own.
     sd = {k: v.detach().clone().contiguous() for k, v in load_model_state(ckpt).items()}
 
@@ -120,10 +118,9 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
         for file in (CONFIG_FILE, *TOKENIZER_FILES):
             if (ckpt / file).is_file():
                 shutil.copy2(ckpt / file, name(file))
-        info = dict(step=meta["step"], tokens_seen=meta["tokens_seen"], source=str(ckpt), format="model-only",
-                    world_size=1, dp_size=1, sp_size=1, zero_stage=None, files=_file_sizes(tmp),
-                    crc32=_checksums(tmp))
-        name(META).write_text(json.dumps(info, indent=1))
+        name(META)  # what a failure names
+        write_meta(tmp, step=meta["step"], tokens_seen=meta["tokens_seen"], source=str(ckpt), format="model-only",
+                   world_size=1, dp_size=1, sp_size=1, zero_stage=None)
 
     # An earlier export's files that this one does not write would be taken for part of it.
     return write_folder(out, write, last=META, remove=previous)
@@ -255,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="write into a folder that holds files: the export's own (config.toml, model.safetensors, "
                          "tokenizer files, meta.json) are replaced, the others kept")
     args = ap.parse_args(argv)
-    out = export(args.checkpoint, args.out, force=args.force)
-    print(f"exported {resolve(args.checkpoint)} to {out}")
+    ckpt = resolve(args.checkpoint)
+    out = export(ckpt, args.out, force=args.force)
+    print(f"exported {ckpt} to {out}")
     return 0
 
 

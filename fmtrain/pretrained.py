@@ -145,11 +145,10 @@ def _hf_rope(f: JsonFields, where: str) -> tuple[dict[str, Any], float]:
 def _fmtrain_source(path: Path):
     """(checkpoint folder, its Config) of an fmtrain checkpoint, run or model-only export."""
     from .checkpoint import CheckpointError, resolve
-    from .export import load_config_of
 
     try:
         ckpt = resolve(path)
-        return ckpt, load_config_of(ckpt)
+        return ckpt, ckpt.config
     except (CheckpointError, ConfigError) as exc:
         raise ConfigError(f"model.init_from={str(path)!r} is neither a Hugging Face folder (no config.json) "
                           f"nor a usable fmtrain checkpoint: {exc}") from None

@@ -22,16 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_FILE, Config, ConfigError, from_dict
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from .checkpoint import read_config
+from .config import CONFIG_FILE, Config, ConfigError
 
 # Fields that steer the run but not the state it trains: applied on resume, and printed.
 FREE = {
@@ -62,26 +57,6 @@ FIXED = {
 # Config fields compared through a derived value (the default None means "computed").
 _DERIVED = {"model.n_kv_heads": "model.kv_heads", "model.mlp_hidden": "model.hidden",
             "model.mlp_multiple": "model.hidden"}
-
-# Fields that existed in earlier versions and were removed: ignored in a checkpoint's config.
-REMOVED = {"data.num_workers"}
-
-
-def load_checkpoint_config(ckpt: Path) -> Config:
-    """The config a checkpoint was written with (fields since removed are dropped)."""
-    path = ckpt / CONFIG_FILE
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read the config of the checkpoint {path}: {exc}") from None
-    for name in REMOVED:
-        sec, key = name.split(".")
-        data.get(sec, {}).pop(key, None)
-    try:
-        return from_dict(data)
-    except ConfigError as exc:
-        raise ConfigError(f"the config of the checkpoint {path} does not load here: {exc}") from None
-
 
 def _values(cfg: Config) -> dict[str, Any]:
     out = {f"{sec}.{key}": value for sec, fields in cfg.to_dict().items() for key, value in fields.items()}
@@ -121,7 +96,7 @@ class Reconciled:
 
 def reconcile(ckpt: Path, cfg: Config) -> Reconciled:
     """Compare ``cfg`` with the checkpoint's config; ConfigError naming every refused field."""
-    old = load_checkpoint_config(ckpt)
+    old = read_config(ckpt)
     allowed = set(cfg.checkpoint.allow_changes)
     notes, applied, refused = [], [], []
     for name, before, after in differences(old, cfg):

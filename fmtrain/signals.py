@@ -24,6 +24,8 @@ import os
 import signal
 import time
 
+from .errors import EXIT_USAGE  # an error: line says what to fix
+
 
 # SIGUSR1: SLURM's --signal warning (torchrun forwards it with --signals-to-handle).
 HANDLED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -32,7 +34,6 @@ STATUS_ENV = "FMTRAIN_STATUS_FILE"
 
 
 EXIT_DIVERGED = 3  # the loss or gradient norm was not finite; the last finite checkpoint is kept
-EXIT_USAGE = 2  # fmtrain.errors.EXIT_USAGE: an error: line says what to fix
 OUTCOMES = {"finished": 0, "stopped": EXIT_STOPPED, "error": EXIT_USAGE, "diverged": EXIT_DIVERGED}
 
 

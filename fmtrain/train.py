@@ -122,11 +122,11 @@ def apply_hyperparameters(engine, cfg: Config) -> None:
     learning rate of the resumed step included. With an unchanged config it changes nothing:
     LambdaLR computes the same ``base_lr * factor(step)``.
     """
-    from .checkpoint import _inner_optimizer
+    from .checkpoint import inner_optimizer
 
     t = cfg.train
     sched = engine.lr_scheduler
-    groups = _inner_optimizer(engine).param_groups
+    groups = inner_optimizer(engine).param_groups
     for i, g in enumerate(groups):  # build_engine: group 0 decays, group 1 does not
         g.update(initial_lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay if i == 0 else 0.0)
     sched.base_lrs = [t.lr] * len(groups)

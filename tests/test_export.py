@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmtrain.checkpoint import META, _checksums, _file_sizes, validate
+from fmtrain.checkpoint import META, validate, write_meta
 from fmtrain.errors import owner_tag
 from fmtrain.export import ExportError, export, load_model, load_model_state
 from tests.test_hardening import ENV, assert_one_error_line, snapshot
@@ -46,9 +46,8 @@ def src(tmp_path_factory) -> Path:
               folder / "model.safetensors")
     for path, name in tokenizer_files(SP_TOKENIZER):
         shutil.copy2(path, folder / name)
-    (folder / META).write_text(json.dumps(dict(step=0, tokens_seen=0, format="model-only", world_size=1, dp_size=1,
-                                               sp_size=1, zero_stage=None, files=_file_sizes(folder),
-                                               crc32=_checksums(folder))))
+    write_meta(folder, step=0, tokens_seen=0, format="model-only", world_size=1, dp_size=1, sp_size=1,
+               zero_stage=None)
     return folder
 
 
@@ -196,10 +195,10 @@ STUCK = """
 import sys, time
 import fmtrain.export as e
 
-def stuck(folder):  # the weights, config and tokenizer are written: stop here until killed
+def stuck(folder, **info):  # the weights, config and tokenizer are written: stop here until killed
     time.sleep(300)
 
-e._checksums = stuck
+e.write_meta = stuck
 e.main(sys.argv[1:])
 """
 
@@ -255,9 +254,10 @@ def test_hf_export_on_a_full_disk_or_read_only_is_one_line_and_leaves_nothing(sr
     r = export_cli("export", src, read_only / "out", module="fmtrain.hf")
     assert_one_error_line(r, f"{read_only / 'out'} is on a read-only file system")
     assert list(read_only.iterdir()) == [] and leftovers(tmp_path) == []
-    # Refused without a --force to offer (it has none), and nothing of the user's touched.
+    # Refused without --force, naming what it would keep, and nothing of the user's touched.
     (small_disk / "notes.txt").write_text("x")
     r = export_cli("export", src, small_disk, module="fmtrain.hf")
-    assert_one_error_line(r, "exists and is not empty (notes.txt); give a new or empty folder")
-    assert "--force" not in r.stderr and snapshot(small_disk) == {"notes.txt": b"x"}
+    assert_one_error_line(r, "exists and is not empty (notes.txt); give a new or empty folder", "--force",
+                          "keeps notes.txt")
+    assert snapshot(small_disk) == {"notes.txt": b"x"}
 

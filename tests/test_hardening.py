@@ -636,7 +636,7 @@ def test_hf_commands_without_the_extra_name_the_install(tmp_path):
 
 def test_a_run_shorter_than_its_warmup_says_so(tmp_path, corpus):  # noqa: F811
     cfg = make_config(tmp_path, corpus)
-    r = run_train(cfg, "--train.steps=2", "--train.warmup_steps=5")
+    r = run_train(cfg, "--train.steps=2", "--train.warmup_steps=5", f"--data.cache_dir={tmp_path / 'cache'}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "train.steps = 2 <= train.warmup_steps = 5: the run ends during warmup" in r.stdout
     assert "tokenizer: data.tokenizer is empty, so a" in r.stdout and "trained on the corpus" in r.stdout

@@ -667,7 +667,7 @@ def model_only(folder: Path, corpus: Path, tokenizer: Path, seed: int = 0, **mod
     model with perturbed norms, without a training run."""
     from safetensors.torch import save_file
 
-    from fmtrain.checkpoint import META, _file_sizes
+    from fmtrain.checkpoint import META, file_sizes
     from fmtrain.config import save_config
     from fmtrain.data.tokenizer import load_tokenizer, tokenizer_files
     from fmtrain.model import build_model
@@ -689,7 +689,7 @@ def model_only(folder: Path, corpus: Path, tokenizer: Path, seed: int = 0, **mod
     for src, name in tokenizer_files(tok.path):
         shutil.copy2(src, folder / name)
     (folder / META).write_text(json.dumps(dict(step=0, tokens_seen=0, format="model-only", world_size=1, dp_size=1,
-                                               sp_size=1, zero_stage=None, files=_file_sizes(folder))))
+                                               sp_size=1, zero_stage=None, files=file_sizes(folder))))
     return folder
 
 

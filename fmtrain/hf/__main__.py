@@ -19,16 +19,14 @@ def main(argv: list[str] | None = None) -> int:
                          "the others (a README, a model card) kept")
     ex.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights' dtype (default fp32)")
     args = ap.parse_args(argv)
-    from . import ExportError, export
+    from . import export
 
-    try:
-        out = export(args.checkpoint, args.out, dtype=args.dtype, force=args.force)
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    out = export(args.checkpoint, args.out, dtype=args.dtype, force=args.force)
     print(f"exported {args.checkpoint} to {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..errors import run_main  # an ExportError (a UserError) or a full disk: one error: line, exit 2
+
+    sys.exit(run_main(main))

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, resolve
-from ..export import ExportError, check_target, current_umask, load_config_of, load_model_state, write_folder
+from ..export import ExportError, check_target, current_umask, load_model_state, write_folder
 from ..config import Config
 from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from ..pretrained import fmtrain_to_hf
@@ -176,10 +176,10 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fp32
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     out = Path(out)
-    check_target(out, HF_FILES, force=force, source=ckpt)
+    check_target(out, HF_FILES, force=force, source=ckpt.path)
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    cfg = load_config_of(ckpt)
+    cfg = ckpt.config
     arch = hf_architecture(cfg)
     tok = _tokenizer(ckpt, cfg)
     sd = load_model_state(ckpt)
@@ -196,7 +196,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fp32
             name(REMOTE_FILE).write_text(REMOTE_CODE)
         name("generation_config.json")
         GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id).save_pretrained(tmp)
-        save_file(weights, name("model.safetensors"), metadata={"format": "pt", "source": str(Path(ckpt).resolve())})
+        save_file(weights, name("model.safetensors"), metadata={"format": "pt", "source": str(ckpt.path.resolve())})
         os.chmod(tmp / "model.safetensors", 0o666 & ~current_umask())  # safetensors creates it 0600
         name("tokenizer.json")
         _write_tokenizer(tok, tmp, cfg.data.seq_len, _sample_texts(cfg))

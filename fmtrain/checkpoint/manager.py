@@ -1,6 +1,6 @@
-"""Checkpoints: save, find the newest valid one, load (the model alone: :mod:`fmtrain.export`).
+"""Saving and resuming a run's whole training state with DeepSpeed (every rank takes part).
 
-A checkpoint is a folder ``<checkpoint dir>/step_NNNNNNNN/``:
+The folder it writes (:mod:`.format`) is ``<checkpoint dir>/step_NNNNNNNN/``:
 
     ds/                 DeepSpeed's engine state (model, optimizer, scheduler; ZeRO shards)
     rank_00000.pt ...   per rank: data position and every RNG
@@ -8,18 +8,15 @@ A checkpoint is a folder ``<checkpoint dir>/step_NNNNNNNN/``:
     tokenizer.model     the SentencePiece tokenizer (and its training settings,
                         sentencepiece_settings.json, when present), or a Hugging Face
                         tokenizer's tokenizer.json and tokenizer_config.json
+    latest              "ds": what DeepSpeed's own tools (zero_to_fp32) read
     meta.json           step, tokens seen, world layout, and the size and CRC-32 of every file above
 
 It is written as ``.step_NNNNNNNN.partial/``, flushed to disk, then renamed by
 rank 0: a crash mid-save leaves only a ``.partial`` folder, which is never
 loaded. ``meta.json`` is written last and lists every file with its size and
 CRC-32, so a checkpoint damaged later (a truncated file, a flipped block) is
-detected on resume and skipped for the previous one. CRC-32 (zlib) hashes 2-3 GB/s
-on one core of the 2-core development VM (sha256 1.4, blake2b 0.9): a 125M-parameter
-fp32 model with its AdamW state (1.5 GB) costs 0.5-0.8 s on save (the files are in the
-page cache) and on resume; from a cold cache the disk read dominates (3 s at 0.5 GB/s
-there), and the resume's load then reads the files from the page cache.
-
+detected on resume and skipped for the previous one (what hashing costs: the
+README's Checkpoints paragraph).
 What is never lost: a checkpoint is written only when the weights and optimizer
 state are finite; pruning (``checkpoint.keep``) counts only checkpoints that
 validate and never deletes the one just written; when checkpoints exist and none
@@ -29,45 +26,26 @@ says so.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
-import zlib
-import re
 import shutil
 import sys
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .config import Config, save_config
-from .errors import UserError, no_space
+from ..config import Config, save_config
+from ..errors import no_space
+from .format import CheckpointError, latest_valid_by_size, none_valid_error, prune, scan, step_dir, validate, \
+    write_meta
+from .state import TrainState
 
-_NAME = re.compile(r"^step_(\d{8})$")
-META = "meta.json"
 UNIVERSAL = "universal"  # a re-split resume's conversion of ds/, beside it
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used; the message says why and what to do."""
-
-
-@dataclass
-class TrainState:
-    """Progress that is not in the engine: counted in optimizer steps and tokens."""
-
-    step: int = 0
-    tokens_seen: int = 0
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:08d}"
 
 
 def _rng_state() -> dict[str, Any]:
@@ -97,133 +75,6 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def _files(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META]
-
-
-def _file_sizes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in _files(folder)}
-
-
-def crc32(path: Path) -> str:
-    """The file's CRC-32 as 8 hex digits (zlib: about 3 GB/s; it catches any flipped block)."""
-    value, buf = 0, bytearray(8 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            value = zlib.crc32(view[:n], value)
-    return f"{value:08x}"
-
-
-def _checksums(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): crc32(p) for p in _files(folder)}
-
-
-_REQUIRED_META = ("step", "tokens_seen", "world_size", "dp_size", "sp_size", "zero_stage", "files")
-
-
-def validate(folder: Path, checksums: bool = True) -> dict[str, Any]:
-    """The checkpoint's metadata if every file it lists is there with its size (and, with
-    ``checksums``, its CRC-32); else CheckpointError saying which file is wrong.
-
-    Checkpoints written before checksums were recorded are checked by size only.
-    """
-    meta_path = folder / META
-    if not meta_path.is_file():
-        raise CheckpointError(f"{folder}: no {META} (the save did not finish)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{folder}/{META} is unreadable: {exc}") from None
-    missing = [k for k in _REQUIRED_META if k not in meta] if isinstance(meta, dict) else list(_REQUIRED_META)
-    if missing:
-        raise CheckpointError(f"{folder}/{META} lacks {', '.join(missing)} (not a complete fmtrain checkpoint)")
-    for rel, size in meta["files"].items():
-        path = folder / rel
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: {rel} is missing")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"{folder}: {rel} has {path.stat().st_size} bytes, {size} were written")
-    if checksums:
-        for rel, want in meta.get("crc32", {}).items():
-            got = crc32(folder / rel)
-            if got != want:
-                raise CheckpointError(f"{folder}: {rel} is corrupt (CRC-32 {got}, {want} was written)")
-    return meta
-
-
-def find_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Checkpoint folders under ``root``, oldest first (complete or not: see :func:`latest_valid`)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def scan(root: str | os.PathLike, checksums: bool = True) -> tuple[Path | None, list[str]]:
-    """(the newest checkpoint that validates or None, why each newer one did not)."""
-    failures = []
-    for path in reversed(find_checkpoints(root)):
-        try:
-            validate(path, checksums)
-            return path, failures
-        except CheckpointError as exc:
-            failures.append(str(exc))
-    return None, failures
-
-
-def latest_valid(root: str | os.PathLike, checksums: bool = True) -> Path | None:
-    """The newest checkpoint that validates; damaged ones are reported and skipped."""
-    path, failures = scan(root, checksums)
-    for reason in failures:
-        warnings.warn(f"skipping checkpoint: {reason}", stacklevel=2)
-    return path
-
-
-def _valid_by_size(path: Path) -> bool:
-    try:
-        validate(path, checksums=False)
-        return True
-    except CheckpointError:
-        return False
-
-
-def latest_valid_by_size(root: Path) -> Path | None:
-    """The newest checkpoint whose files all have their recorded sizes (cheap: no reading)."""
-    return next((p for p in reversed(find_checkpoints(root)) if _valid_by_size(p)), None)
-
-
-def none_valid_error(root: Path, failures: list[str]) -> CheckpointError:
-    """Every checkpoint under ``root`` is damaged: refuse rather than start over and overwrite them."""
-    listed = "\n".join(f"  - {reason}" for reason in failures)
-    return CheckpointError(
-        f"{root} holds {len(failures)} checkpoint(s) and none can be loaded:\n{listed}\n"
-        f"Nothing was changed. To start the run over from step 0 on purpose, move or delete {root} "
-        f"(e.g. mv {root} {root}.damaged), or use another run.dir")
-
-
-def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from a checkpoint, a checkpoints folder or a run folder (newest valid)."""
-    path = Path(path)
-    if (path / META).is_file():
-        validate(path)
-        return path
-    failures: list[str] = []
-    for root in (path, path / "checkpoints"):
-        found, failed = scan(root)
-        if found:
-            for reason in failed:
-                warnings.warn(f"skipping checkpoint: {reason}", stacklevel=2)
-            return found
-        failures += failed
-    if failures:
-        listed = "\n".join(f"  - {reason}" for reason in failures)
-        raise CheckpointError(f"no checkpoint at {path} can be loaded:\n{listed}")
-    raise CheckpointError(f"no valid checkpoint at {path} (looked for {META} in it, in step_* folders "
-                          f"under it and under {path / 'checkpoints'})")
-
-
 def _broadcast(world, value):
     """Rank 0's ``value`` on every rank (a picklable object)."""
     import torch.distributed as dist
@@ -250,27 +101,6 @@ def find_resume(root: Path, world) -> Path | None:
     if found is None and failures:
         raise none_valid_error(root, failures)
     return found
-
-
-def _inner_optimizer(engine):
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
-def all_finite(engine, world) -> bool:
-    """Whether every weight and optimizer-state tensor is finite on every rank (collective).
-
-    The optimizer's parameters are what is saved: the fp32 master copies (or their ZeRO
-    partitions) where there are any, else the module's parameters.
-    """
-    ok = True
-    opt = _inner_optimizer(engine)
-    tensors = [p for g in opt.param_groups for p in g["params"]]
-    tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
-    for t in tensors:
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            ok = False
-            break
-    return not world.any(not ok)
 
 
 class Checkpointer:
@@ -310,7 +140,7 @@ class Checkpointer:
         if not self.world.is_main:
             return
         save_config(self.cfg, tmp)
-        from .data.tokenizer import tokenizer_files  # SentencePiece or Hugging Face files
+        from ..data.tokenizer import tokenizer_files  # SentencePiece or Hugging Face files
 
         for src, name in tokenizer_files(self.tokenizer_path):
             shutil.copy2(src, tmp / name)
@@ -319,16 +149,14 @@ class Checkpointer:
         # DeepSpeed leaves here) work on the folder as it is.
         (tmp / "latest").write_text("ds")
         w = self.world
-        meta = dict(asdict(state), world_size=w.size, dp_size=w.dp_size, sp_size=w.sp_size,
-                    cpu_threads=torch.get_num_threads() if w.device.type == "cpu" else None,
-                    zero_stage=self.cfg.parallel.zero_stage, time=time.time(), files=_file_sizes(tmp),
-                    crc32=_checksums(tmp))
-        (tmp / META).write_text(json.dumps(meta, indent=1))
+        write_meta(tmp, **asdict(state), world_size=w.size, dp_size=w.dp_size, sp_size=w.sp_size,
+                   cpu_threads=torch.get_num_threads() if w.device.type == "cpu" else None,
+                   zero_stage=self.cfg.parallel.zero_stage, time=time.time())
         _fsync_tree(tmp)
         if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        self._prune(final, keep=self.cfg.checkpoint.keep)
+        prune(self.root, final, keep=self.cfg.checkpoint.keep)
 
     def _phase(self, tmp: Path, fn, *args) -> None:
         """Run one phase of a save on every rank; if it failed on any, clean up and raise everywhere."""
@@ -352,21 +180,6 @@ class Checkpointer:
         if error is not None:
             raise error
         raise CheckpointError(f"another rank failed writing checkpoint {tmp} (see its message); {kept}")
-
-    def _prune(self, newest: Path, keep: int) -> None:
-        """Delete old checkpoints beyond ``keep``, counting only those that validate (by size).
-
-        The checkpoint just written (``newest``) is always kept; checkpoints of later steps
-        (left by an earlier attempt that resumed from before them, because they were damaged)
-        are not touched, so nothing newer than what is known good is lost.
-        """
-        older = [p for p in find_checkpoints(self.root) if p.name < newest.name]
-        valid = [p for p in older if _valid_by_size(p)]
-        for old in valid[:max(0, len(valid) - (keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
-        for partial in self.root.glob(".step_*.partial"):  # left by crashed saves
-            if partial.name[1:-len(".partial")] <= newest.name:
-                shutil.rmtree(partial, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
     def resume(self, engine, loader, state: TrainState, path: Path | None = None) -> Path | None:
@@ -412,7 +225,7 @@ class Checkpointer:
             ) from exc
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path / 'ds'}")
-        from .data.loader import ResplitNeeded
+        from ..data.loader import ResplitNeeded
 
         try:  # the same ranks with another data.batch_size also re-split the stream
             loader.load_state_dict(mine["loader"], allow_resplit=self.cfg.checkpoint.resplit)
@@ -473,10 +286,4 @@ class Checkpointer:
         return load_path
 
 
-if __name__ == "__main__":  # the export command lived here once: say where it went
-    import sys
-
-    print("error: python -m fmtrain.checkpoint is not a command (its export moved): the model alone is "
-          "python -m fmtrain.export RUN OUT, a Hugging Face folder python -m fmtrain.hf export RUN OUT",
-          file=sys.stderr)
-    sys.exit(2)
+__all__ = ["Checkpointer", "find_resume", "UNIVERSAL"]

@@ -1,0 +1,122 @@
+"""The checkpoint folder format as a unit (fmtrain/checkpoint/format.py): meta.json written last
+with every file's size and CRC-32, validation that names the damaged file, the newest valid
+checkpoint found past damaged ones, pruning, and :func:`resolve`'s validated value, read once."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fmtrain.checkpoint import (META, Checkpoint, CheckpointError, find_checkpoints, latest_valid_by_size, prune,
+                                resolve, scan, step_dir, validate, write_meta)
+from fmtrain.checkpoint import format as fmt
+from fmtrain.config import from_dict
+from fmtrain.config.loading import to_toml
+
+
+def make(folder: Path, step: int = 1, config: str | None = None) -> Path:
+    """A complete checkpoint folder of a few files (what the format cares about, no weights)."""
+    folder.mkdir(parents=True)
+    (folder / "ds").mkdir()
+    (folder / "ds" / "state.pt").write_bytes(os.urandom(5000))
+    (folder / "rank_00000.pt").write_bytes(os.urandom(300))
+    (folder / "config.toml").write_text(config or to_toml(from_dict({"run": {"dir": "r"}})))
+    write_meta(folder, step=step, tokens_seen=10 * step, world_size=1, dp_size=1, sp_size=1, zero_stage=0)
+    return folder
+
+
+def test_meta_lists_every_other_file_and_validate_returns_it(tmp_path):
+    ckpt = make(tmp_path / "step_00000001")
+    meta = validate(ckpt)
+    assert set(meta["files"]) == set(meta["crc32"]) == {"ds/state.pt", "rank_00000.pt", "config.toml"}
+    assert meta["files"]["ds/state.pt"] == 5000 and meta["step"] == 1
+    assert json.loads((ckpt / META).read_text()) == meta
+    assert not list(ckpt.glob(".*"))  # written through a temporary name, nothing left
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "rank_00000.pt").unlink(), "rank_00000.pt is missing"),
+    (lambda c: (c / "ds" / "state.pt").write_bytes(b"short"), "ds/state.pt has 5 bytes, 5000 were written"),
+    (lambda c: (c / "ds" / "state.pt").write_bytes(bytes(5000)), r"ds/state.pt is corrupt \(CRC-32"),
+    (lambda c: (c / META).unlink(), "no meta.json"),
+    (lambda c: (c / META).write_text("{"), "meta.json is unreadable"),
+    (lambda c: (c / META).write_text("{}"), "lacks step, tokens_seen"),
+])
+def test_damage_is_named(tmp_path, damage, message):
+    ckpt = make(tmp_path / "step_00000001")
+    damage(ckpt)
+    with pytest.raises(CheckpointError, match=message):
+        validate(ckpt)
+
+
+def test_a_flipped_block_passes_the_size_check_only(tmp_path):
+    ckpt = make(tmp_path / "step_00000001")
+    (ckpt / "ds" / "state.pt").write_bytes(bytes(5000))
+    assert validate(ckpt, checksums=False)["step"] == 1
+    assert latest_valid_by_size(tmp_path) == ckpt
+
+
+def test_scan_finds_the_newest_valid_and_says_why_newer_ones_were_skipped(tmp_path):
+    for step in (3, 6, 9):
+        make(step_dir(tmp_path, step), step)
+    (tmp_path / ".step_00000012.partial").mkdir()  # a save that never finished
+    (tmp_path / "notes").mkdir()
+    assert find_checkpoints(tmp_path) == [step_dir(tmp_path, s) for s in (3, 6, 9)]
+    (step_dir(tmp_path, 9) / "rank_00000.pt").write_bytes(b"")
+    found, failures = scan(tmp_path)
+    assert found == step_dir(tmp_path, 6) and len(failures) == 1 and "step_00000009" in failures[0]
+
+
+def test_prune_counts_only_valid_checkpoints_and_never_touches_newer_ones(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        make(step_dir(tmp_path, step), step)
+    (step_dir(tmp_path, 2) / "rank_00000.pt").unlink()  # damaged: not counted (nor deleted: resume names it)
+    (tmp_path / ".step_00000004.partial").mkdir()
+    prune(tmp_path, step_dir(tmp_path, 4), keep=2)
+    # Kept: the newest (4), one valid before it (3), and step 5 (newer than the one just written).
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000002", "step_00000003", "step_00000004",
+                                                             "step_00000005"]
+    assert not (tmp_path / ".step_00000004.partial").exists()
+    prune(tmp_path, step_dir(tmp_path, 5), keep=1)
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000002", "step_00000005"]
+
+
+def test_resolve_takes_a_checkpoint_a_checkpoints_folder_or_a_run(tmp_path):
+    run = tmp_path / "run"
+    for step in (2, 4):
+        make(step_dir(run / "checkpoints", step), step)
+    for given in (step_dir(run / "checkpoints", 4), run / "checkpoints", run):
+        ckpt = resolve(given)
+        assert isinstance(ckpt, Checkpoint) and ckpt.path == step_dir(run / "checkpoints", 4)
+        assert ckpt.meta["step"] == 4 and os.fspath(ckpt) == str(ckpt.path) and (ckpt / META).is_file()
+    assert resolve(ckpt) is ckpt  # a Checkpoint is validated already
+    with pytest.raises(CheckpointError, match="no valid checkpoint at"):
+        resolve(tmp_path / "empty")
+    (step_dir(run / "checkpoints", 4) / "rank_00000.pt").unlink()
+    (step_dir(run / "checkpoints", 2) / "rank_00000.pt").unlink()
+    with pytest.raises(CheckpointError, match="can be loaded:\n  - .*step_00000004.*\n  - .*step_00000002"):
+        resolve(run)
+
+
+def test_one_config_reader_drops_removed_fields(tmp_path):
+    text = to_toml(from_dict({"run": {"dir": "r"}, "train": {"steps": 7}})).replace("[data]\n", "[data]\nnum_workers = 4\n")
+    ckpt = resolve(make(tmp_path / "step_00000001", config=text))
+    assert ckpt.config.train.steps == 7  # the field removed since is dropped, not refused
+    from fmtrain.export import load_config_of
+    assert load_config_of(ckpt) is ckpt.config
+
+
+def test_a_checkpoint_is_hashed_once_per_command(tmp_path, monkeypatch):
+    """Every consumer takes the validated value: eval, generate and the exports hash each file once."""
+    from fmtrain.export import load_config_of, load_model_state
+
+    run = tmp_path / "run"
+    make(step_dir(run / "checkpoints", 1))
+    hashed = []
+    real = fmt.crc32
+    monkeypatch.setattr(fmt, "crc32", lambda path: hashed.append(Path(path).name) or real(path))
+    ckpt = resolve(run)
+    load_config_of(ckpt)
+    with pytest.raises(Exception):  # no weights in this folder: what matters is what was hashed first
+        load_model_state(ckpt)
+    assert sorted(hashed) == ["config.toml", "rank_00000.pt", "state.pt"]

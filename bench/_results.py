@@ -10,7 +10,8 @@ plot) beside it where it has them; ``<name>`` is the script's name (``attention`
   the device: ``cpu``, or on CUDA the card's name slugged and the UTC date
   (``nvidia-h200-2026-11-28``), so that a result can be committed under the name it has.
 
-In a script::
+Every benchmark imports it before ``fmtrain``: importing it puts this checkout's root on
+``sys.path`` (bench/__init__.py says how bench/ imports). In a script::
 
     add_result_arguments(ap)
     args = ap.parse_args()
@@ -31,6 +32,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parent.parent
+# Every benchmark imports this module first: from here on it runs this checkout's fmtrain, whatever
+# is installed, and without installing it (the GPU machines); see bench/__init__.py.
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
 
 
 def add_result_arguments(ap) -> None:

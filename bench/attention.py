@@ -16,15 +16,12 @@ else ``bench/results/``; the tag ``cpu``, ``quick``, or the CUDA card and the da
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import resource
-import subprocess
-import sys
-import time
 
 from _results import add_result_arguments, meta, result_stem, write_results
+from _harness import PEAK_ENV, report_case, spawn_case, time_calls
 
 MAX_RUNS = 21  # timed runs per case at most (after one warm-up), within --budget seconds
 
@@ -57,10 +54,6 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
             q.grad = k.grad = v.grad = None
         return o
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     # Warm up the libraries (thread pools, kernels) at a tiny size before the baseline.
     with torch.set_grad_enabled(grad):
         small = [t[:, :, :256].detach().requires_grad_(grad) for t in (q, k, v)]
@@ -75,26 +68,14 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
-    times = []
-    t_start = time.perf_counter()
+    # The first run is the warm-up unless it alone takes most of the budget. Fast cases repeat
+    # up to MAX_RUNS: a shared machine's timings spread by tens of percent.
     with torch.set_grad_enabled(grad):
-        while True:
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
-            spent = time.perf_counter() - t_start
-            # First run is the warm-up unless it alone takes most of the budget. Fast cases
-            # repeat up to MAX_RUNS: a shared machine's timings spread by tens of percent.
-            if len(times) > MAX_RUNS or spent + times[-1] > budget_s:
-                break
+        timed = sorted(time_calls(step, runs=MAX_RUNS, budget_s=budget_s, device=device))
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    timed = times[1:] if len(times) > 1 else times
-    timed.sort()
     elem = torch.finfo(dt).bits // 8
     return dict(impl=impl, n=n, causal=causal, mode=mode, device=device, dtype=dtype, heads=heads,
                 head_dim=head_dim, block_size=block_size, rank=rank if impl == "fma" else None,
@@ -107,27 +88,18 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
 
 def _run(args, impl, n, causal, mode, budget, env, variant) -> dict | None:
     rank, refine = variant
-    cmd = [sys.executable, __file__, "--case", f"{impl},{n},{int(causal)},{mode},{rank},{refine}", "--device", args.device,
-           "--dtype", args.dtype, "--heads", str(args.heads), "--head-dim", str(args.head_dim),
-           "--budget", str(budget), "--block-size", str(args.block_size)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode:
-        print(f"  {impl} n={n} {mode}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode})")
-        return None
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return spawn_case(__file__, ["--case", f"{impl},{n},{int(causal)},{mode},{rank},{refine}", "--device", args.device,
+                                 "--dtype", args.dtype, "--heads", args.heads, "--head-dim", args.head_dim,
+                                 "--budget", budget, "--block-size", args.block_size],
+                      label=f"{impl} n={n} {mode}", env=env)
 
 
 def spawn(args, impl, n, causal, mode, variant) -> dict | None:
-    """Time in one process, measure peak memory in another (CPU).
-
-    For the peak, large blocks come from mmap, so that freed memory leaves the resident
-    set and its high-water mark is the real peak; that makes every large allocation
-    fault its pages in afresh, which would distort the times, so they are taken apart.
-    """
+    """Time in one process, measure peak memory in another (CPU, under ``PEAK_ENV``: see bench/_harness.py)."""
     row = _run(args, impl, n, causal, mode, args.budget, dict(os.environ), variant)
     if row is None or args.device == "cuda":
         return row
-    mem = _run(args, impl, n, causal, mode, 0.0, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"), variant)
+    mem = _run(args, impl, n, causal, mode, 0.0, dict(os.environ, **PEAK_ENV), variant)
     if mem:
         row["peak_extra_mib"] = mem["peak_extra_mib"]
     return row
@@ -234,8 +206,8 @@ def main():
     args = ap.parse_args()
     if args.case:
         impl, n, causal, mode, rank, refine = args.case.split(",")
-        print(json.dumps(run_case(impl, int(n), bool(int(causal)), mode, args.device, args.dtype, args.heads,
-                                  args.head_dim, args.budget, args.block_size, int(rank), int(refine))))
+        report_case(run_case(impl, int(n), bool(int(causal)), mode, args.device, args.dtype, args.heads,
+                             args.head_dim, args.budget, args.block_size, int(rank), int(refine)))
         return
     import torch
     print(f"fmtrain attention benchmark: {args.device}, {args.dtype}, batch 1, {args.heads} heads, "

@@ -19,20 +19,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from _results import add_result_arguments, meta, result_stem, write_results  # noqa: E402
-
-from fmtrain.data.corpus import Corpus  # noqa: E402
-from fmtrain.data.loader import PackedLoader  # noqa: E402
-from fmtrain.data.tokenizer import default_num_threads, load_tokenizer  # noqa: E402
-from fmtrain.data.tokens import cached_tokens  # noqa: E402
+from _results import ROOT, add_result_arguments, meta, result_stem, write_results
+from _harness import time_call, time_calls
+from fmtrain.data.corpus import Corpus
+from fmtrain.data.loader import PackedLoader
+from fmtrain.data.tokenizer import default_num_threads, load_tokenizer
+from fmtrain.data.tokens import cached_tokens
 
 
 def bench_tokenisation(tok, texts: list[str], repeats: int) -> list[dict]:
@@ -41,9 +36,8 @@ def bench_tokenisation(tok, texts: list[str], repeats: int) -> list[dict]:
     for threads in sorted({1, default_num_threads()}):
         times = []
         for _ in range(repeats):
-            start = time.perf_counter()
-            ids = tok.encode_batch(texts, num_threads=threads)
-            times.append(time.perf_counter() - start)
+            seconds, ids = time_call(lambda: tok.encode_batch(texts, num_threads=threads))
+            times.append(seconds)
         n_tokens = sum(map(len, ids))
         best = min(times)
         rows.append(dict(what=f"encode_batch, {threads} thread(s)", mb=n_bytes / 1e6, seconds=best,
@@ -69,13 +63,8 @@ def bench_batches(tok, train, seq_len: int, n: int) -> list[dict]:
             loader = PackedLoader(train, seq_len=seq_len, batch_size=batch_size, seed=0, dp_rank=0, dp_size=1,
                                   sp_rank=0, sp_size=sp_size, objective=objective,
                                   vocab_size=tok.vocab_size, **tok.special_ids)
-            loader.next_batch()  # warm-up: the epoch's permutations
-            times = []
-            for _ in range(n):
-                start = time.perf_counter()
-                batch = loader.next_batch()
-                times.append(time.perf_counter() - start)
-            tokens = batch["input_ids"].numel()
+            tokens = loader.next_batch()["input_ids"].numel()  # warm-up: the epoch's permutations
+            times = time_calls(loader.next_batch, runs=n, warmup=0)
             med = statistics.median(times)
             rows.append(dict(objective=objective, seq_len=seq_len, batch_size=batch_size, sp_size=sp_size,
                              tokens_per_batch=tokens, median_ms=med * 1e3,

@@ -22,21 +22,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from _results import add_result_arguments, beside, meta, result_stem, write_results
+from _results import ROOT, add_result_arguments, beside, meta, result_stem, write_results
+from _harness import time_call
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 WARMUP = 4
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _model(cfg_path: str, attention: str, device, dtype):
@@ -51,15 +44,11 @@ def _model(cfg_path: str, attention: str, device, dtype):
 def _decode_latency(model, cache, logits, steps: int, device) -> list[float]:
     """Seconds per decode step (after the warm-up), greedy."""
     times = []
-    for i in range(WARMUP + steps):
+    for _ in range(WARMUP + steps):
         tok = logits.argmax(-1)
-        _sync(device)
-        t0 = time.perf_counter()
-        logits, cache = model.decode(tok, cache)
-        _sync(device)
-        if i >= WARMUP:
-            times.append(time.perf_counter() - t0)
-    return times
+        seconds, (logits, cache) = time_call(lambda: model.decode(tok, cache), device)
+        times.append(seconds)
+    return times[WARMUP:]
 
 
 def _row(kind, n, times, cache_bytes, **extra):
@@ -73,11 +62,7 @@ def _row(kind, n, times, cache_bytes, **extra):
 def bench_fma(cfg_path, n, steps, device, dtype, attention="fma") -> dict:
     model, mcfg = _model(cfg_path, attention, device, dtype)
     ids = torch.randint(0, mcfg.vocab_size, (1, n), device=device, generator=None)
-    _sync(device)
-    t0 = time.perf_counter()
-    logits, cache = model.prefill(ids)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
+    prefill_s, (logits, cache) = time_call(lambda: model.prefill(ids), device)
     times = _decode_latency(model, cache, logits, steps, device)
     return _row(attention, n, times, cache.nbytes(), prefill_s=prefill_s)
 
@@ -112,15 +97,11 @@ def bench_recompute(cfg_path, n, steps, device, dtype) -> dict:
     model, mcfg = _model(cfg_path, "fma", device, dtype)
     ids = torch.randint(0, mcfg.vocab_size, (1, n), device=device)
     times = []
-    for i in range(2 + steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        tok = model.logits(ids)[:, -1].argmax(-1)
-        _sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+    for _ in range(2 + steps):
+        seconds, tok = time_call(lambda: model.logits(ids)[:, -1].argmax(-1), device)
+        times.append(seconds)
         ids = torch.cat([ids[:, 1:], tok[:, None]], dim=1)  # the same context length each time
-    return _row("recompute", n, times, 0)
+    return _row("recompute", n, times[2:], 0)
 
 
 def table(rows: list[dict]) -> str:

@@ -40,16 +40,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the repo without installing it (no network on the GPU machine)
-
-from fmtrain.attention import fma  # noqa: E402
-from fmtrain.attention.hierarchy import extend_keys, hierarchy  # noqa: E402
-from fmtrain.attention.torch_core import BlockAttention  # noqa: E402
-from fmtrain.attention.summaries import MEAN  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
-from _results import add_result_arguments, meta as common_meta, result_stem, write_results  # noqa: E402
+from _results import add_result_arguments, meta as common_meta, result_stem, write_results
+from _harness import time_call, upper_median
+from fmtrain.attention import fma
+from fmtrain.attention.hierarchy import extend_keys, hierarchy
+from fmtrain.attention.torch_core import BlockAttention
+from fmtrain.attention.summaries import MEAN
 
 TOL = {"bfloat16": 5e-2, "float32": 1e-4, "float16": 1e-2}
 SLOW_MS = 1000.0
@@ -141,18 +137,10 @@ class Timer:
     """Median time of fn (ms) and its peak memory above what was allocated before it."""
 
     def __init__(self, dev):
-        self.cuda = dev.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        self.dev, self.cuda = dev, dev.type == "cuda"
 
     def once_ms(self, fn) -> float:
-        self.sync()
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        return 1e3 * (time.perf_counter() - t0)
+        return 1e3 * time_call(fn, self.dev)[0]
 
     def measure(self, fn) -> tuple[float, float, str]:
         self.once_ms(fn)  # warm-up: Triton compiles, allocators settle
@@ -162,8 +150,8 @@ class Timer:
         first = self.once_ms(fn)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if self.cuda else None
         if first > SLOW_MS or not self.cuda:
-            times = sorted([first] + [self.once_ms(fn) for _ in range(2)])
-            return times[1], peak, "median of 3 (wall clock, synchronised)"
+            return upper_median([first] + [self.once_ms(fn) for _ in range(2)]), peak, \
+                "median of 3 (wall clock, synchronised)"
         import triton.testing
         return triton.testing.do_bench(fn, return_mode="median"), peak, "do_bench median"
 

@@ -21,18 +21,14 @@ or ``dry-run``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from _results import add_result_arguments, meta, result_stem, write_results  # noqa: E402
+from _results import add_result_arguments, meta, result_stem, write_results
+from _harness import after_warmup, eval_rows, run_trainer, step_rows, trainer_command
 
 # (attention, seq_len) per case; sdpa at 1M is left out: one step would take minutes.
 CASES = [("fma", 131072), ("sdpa", 131072), ("fma", 1 << 20)]
@@ -41,35 +37,30 @@ DRY_CASES = [("fma", 2048), ("sdpa", 2048), ("fma", 4096)]
 
 def run_case(args, attention: str, seq_len: int, work: Path, timeout: float) -> dict:
     run_dir = work / f"{attention}-{seq_len}"
-    cmd = [sys.executable, "-m", "fmtrain.train", args.config, f"--run.dir={run_dir}",
-           f"--model.attention={attention}", f"--data.seq_len={seq_len}", f"--train.steps={args.steps}",
-           "--train.log_interval=1", "--train.eval_interval=0", "--train.eval_batches=1",
-           "--train.warmup_steps=1", "--checkpoint.interval=100000", f"--data.cache_dir={work / 'cache'}"]
+    overrides = [f"--run.dir={run_dir}", f"--model.attention={attention}", f"--data.seq_len={seq_len}",
+                 f"--train.steps={args.steps}", "--train.log_interval=1", "--train.eval_interval=0",
+                 "--train.eval_batches=1", "--train.warmup_steps=1", "--checkpoint.interval=100000",
+                 f"--data.cache_dir={work / 'cache'}"]
     if args.dry_run:
-        cmd += ["--train.dtype=fp32", "--parallel.zero_stage=2"]
+        overrides += ["--train.dtype=fp32", "--parallel.zero_stage=2"]
+    cmd = trainer_command(args.config, overrides)
     row = dict(attention=attention, seq_len=seq_len, steps=args.steps, command=" ".join(cmd[1:]))
-    t0 = time.time()
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    try:
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        tail = (r.stdout + r.stderr).strip().splitlines()[-25:]
-        rc = r.returncode
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        tail, rc = out.strip().splitlines()[-25:] + [f"timed out after {timeout:.0f} s"], None
-    row["wall_s"] = time.time() - t0
-    metrics = run_dir / "metrics.jsonl"
-    lines = [json.loads(s) for s in metrics.read_text().splitlines()] if metrics.exists() else []
-    steps = [m for m in lines if "tokens_per_s" in m]
-    evals = [m for m in lines if "eval_loss" in m]
-    timed = steps[1:] or steps
+    run = run_trainer(cmd, run_dir, timeout=timeout)
+    tail = run.output.strip().splitlines()[-25:]
+    if run.returncode is None:
+        tail.append(f"timed out after {timeout:.0f} s")
+    row["wall_s"] = run.wall_s
+    steps, evals = step_rows(run.rows), eval_rows(run.rows)
+    timed = after_warmup(steps)
     if timed:
         row.update(tokens_per_s=statistics.median(m["tokens_per_s"] for m in timed),
-                   mfu=statistics.median(m["mfu"] for m in timed),
+                   # MFU needs the card's peak: none on CPU (the dry run), where the trainer logs none
+                   mfu=statistics.median(m["mfu"] for m in timed) if all("mfu" in m for m in timed) else None,
                    step_s=statistics.median(m["step_time"] for m in timed),
                    peak_gib=max(m["memory_gib"] for m in steps),
                    losses=[m["loss"] for m in steps], eval_loss=[m["eval_loss"] for m in evals])
     oom = any("OutOfMemoryError" in s or "out of memory" in s for s in tail)
+    rc = run.returncode
     row["status"] = ("ok" if rc == 0 and len(steps) == args.steps else
                      "does not fit (out of memory)" if oom else
                      "timed out" if rc is None else f"failed (exit {rc})")
@@ -84,8 +75,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if "tokens_per_s" in r:
             losses = f"{r['losses'][0]:.2f} -> {r['losses'][-1]:.2f}"
+            mfu = f"{100 * r['mfu']:.1f}" if r["mfu"] is not None else "-"
             lines.append(f"{r['attention']:>9} {r['seq_len']:>8} | {r['tokens_per_s']:9.0f} {r['step_s']:7.2f} "
-                         f"{100 * r['mfu']:6.1f} {r['peak_gib']:8.1f} | {losses:>17} | {r['status']}")
+                         f"{mfu:>6} {r['peak_gib']:8.1f} | {losses:>17} | {r['status']}")
         else:
             lines.append(f"{r['attention']:>9} {r['seq_len']:>8} | {'-':>9} {'-':>7} {'-':>6} {'-':>8} | "
                          f"{'-':>17} | {r['status']}")

@@ -41,22 +41,16 @@ import json
 import math
 import os
 import shlex
-import shutil
 import signal
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from _results import add_result_arguments, beside, meta, result_stem, save_plot, write_results  # noqa: E402
-from fmtrain.by_position import (EDGES, bucket_name, held_out_documents, loss_by_position,  # noqa: E402
-                                 mean_loss)
+from _results import ROOT, add_result_arguments, beside, meta, result_stem, save_plot, write_results
+from _harness import eval_rows, read_metrics, run_trainer, step_rows, trainer_command
+from fmtrain.by_position import EDGES, bucket_name, held_out_documents, loss_by_position, mean_loss
 
 # base arm -> [model] overrides; every other field comes from the base config.
 BASE_ARMS = {
@@ -99,7 +93,7 @@ def run_command(args, spec: str, run_dir: Path) -> list[str]:
         key, _, value = item.partition("=")
         shared[key] = value
     shared.update(over)  # the arm's own settings win
-    return shlex.split(args.launcher) + ["fmtrain.train", args.config] + [f"--{k}={v}" for k, v in shared.items()]
+    return trainer_command(args.config, shared, args.launcher)
 
 
 def train(args, spec: str) -> Path:
@@ -110,25 +104,12 @@ def train(args, spec: str) -> Path:
     if not args.retrain and done.is_file() and json.loads(done.read_text()).get("command") == cmd:
         print(f"{spec}: reusing {run_dir}", flush=True)
         return run_dir
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of a different one
-    run_dir.mkdir(parents=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # arms side by side share the cores
+    env = dict(os.environ)
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in env:  # arms side by side share the cores
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
-    t0 = time.perf_counter()
-    with open(run_dir / "stdout.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait()
-        finally:  # interrupted: do not leave the trainer running
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait()
-    if rc != 0:
-        tail = (run_dir / "stdout.log").read_text()[-3000:]
-        raise RuntimeError(f"{spec} failed (exit {rc}): {shlex.join(cmd)}\n{tail}")
-    done.write_text(json.dumps(dict(command=cmd, train_wall_s=time.perf_counter() - t0), indent=1))
-    print(f"{spec}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    run = run_trainer(cmd, run_dir, env=env).check(spec)  # a fresh run, never a resume of a different one
+    done.write_text(json.dumps(dict(command=cmd, train_wall_s=run.wall_s), indent=1))
+    print(f"{spec}: trained in {run.wall_s:.0f} s", flush=True)
     return run_dir
 
 
@@ -177,9 +158,9 @@ def evaluate(args, spec: str, run_dir: Path) -> dict:
     if not docs:
         raise SystemExit(f"error: no held-out document has {args.min_doc_len} tokens; lower --min-doc-len")
     result = loss_by_position(model, docs, length)
-    train_log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    final_eval = [r for r in train_log if "eval_loss" in r][-1]
-    train_rows = [r for r in train_log if "loss" in r]
+    train_log = read_metrics(run_dir)
+    final_eval = eval_rows(train_log)[-1]
+    train_rows = step_rows(train_log)
     return dict(arm=spec, run_dir=str(run_dir), train_tokens=int(train_rows[-1]["tokens_seen"]),
                 trainer_eval_loss=final_eval["eval_loss"], trainer_eval_bpb=final_eval["eval_bpb"], **result)
 

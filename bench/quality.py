@@ -29,22 +29,17 @@ against training tokens.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import shlex
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _results import add_result_arguments, beside, meta, result_stem, write_results
-
-ROOT = Path(__file__).resolve().parent.parent
+from _results import ROOT, add_result_arguments, beside, meta, result_stem, write_results
+from _harness import after_warmup, eval_rows, run_trainer, step_rows, trainer_command
 
 # variant name -> [model] overrides; every other field comes from the base config.
 VARIANTS = {
@@ -92,39 +87,22 @@ def run_overrides(args, kind: str, variant: str, run_dir: Path) -> list[str]:
 def train_one(args, kind: str, variant: str) -> dict:
     """Train one variant from scratch with the real trainer; return its row of the results."""
     run_dir = Path(args.work_dir) / f"{kind}-{variant}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an older one
-    run_dir.mkdir(parents=True)
     config = getattr(args, f"config_{kind}")
-    cmd = shlex.split(args.launcher) + ["fmtrain.train", config] + run_overrides(args, kind, variant, run_dir)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    t0 = time.perf_counter()
-    with open(run_dir / "stdout.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            returncode = proc.wait()
-        finally:  # interrupted (Ctrl-C, SIGTERM, a test's timeout): do not leave the trainer running
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait()
-    wall = time.perf_counter() - t0
-    if returncode != 0:
-        tail = (run_dir / "stdout.log").read_text()[-3000:]
-        raise RuntimeError(f"{kind} {variant} failed (exit {returncode}): {shlex.join(cmd)}\n{tail}")
-    row = read_metrics(run_dir / "metrics.jsonl", kind)
-    params = re.search(r"([\d.]+)M parameters", (run_dir / "stdout.log").read_text())
-    row.update(kind=kind, variant=variant, model=VARIANTS[variant], wall_s=wall,
+    cmd = trainer_command(config, run_overrides(args, kind, variant, run_dir), args.launcher)
+    run = run_trainer(cmd, run_dir).check(f"{kind} {variant}")
+    row = summary(run.rows, kind)
+    params = re.search(r"([\d.]+)M parameters", run.output)
+    row.update(kind=kind, variant=variant, model=VARIANTS[variant], wall_s=run.wall_s,
                params_m=float(params.group(1)) if params else None, command=shlex.join(cmd))
     return row
 
 
-def read_metrics(path: Path, kind: str) -> dict:
-    """Final held-out numbers, the eval curve, throughput and peak memory from ``metrics.jsonl``."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_loss" in r]
+def summary(rows: list[dict], kind: str) -> dict:
+    """Final held-out numbers, the eval curve, throughput and peak memory from a run's ``metrics.jsonl`` rows."""
+    train, evals = step_rows(rows), eval_rows(rows)
     tokens_per_step = train[-1]["tokens_seen"] / train[-1]["step"]
     # The first logged interval holds the warm-up (allocator, thread pools): leave it out.
-    speeds = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
+    speeds = [r["tokens_per_s"] for r in after_warmup(train)]
     final = evals[-1]
     return dict(
         eval_bpb=final["eval_bpb"], eval_loss=final["eval_loss"], eval_tokens=final["eval_tokens"],

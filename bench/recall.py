@@ -52,13 +52,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from fmtrain.config import ModelConfig  # noqa: E402
-from fmtrain.model import IGNORE_INDEX, build_model  # noqa: E402
-from fmtrain.schedule import warmup_cosine  # noqa: E402
-from _results import add_result_arguments, beside, meta, result_stem, save_plot, write_results  # noqa: E402
+from _results import add_result_arguments, beside, meta, result_stem, save_plot, write_results
+from _harness import logits_at
+from fmtrain.config import ModelConfig
+from fmtrain.model import IGNORE_INDEX, build_model
+from fmtrain.schedule import warmup_cosine
 
 # Vocabulary: filler ids [0, N_FILLER), values [N_FILLER, N_FILLER + N_VALUES), the multi-key
 # variant's keys [KEY0, KEY0 + N_KEYS), marker, query.
@@ -247,11 +245,9 @@ def evaluate(model, args, n: int, device: torch.device) -> list[tuple[int, bool]
     for first in range(0, seqs, per_batch):
         ids, targets, dist = make_batch(args, gen, min(per_batch, seqs - first), n, args.eval_queries,
                                         needle_max=needle_max)
-        with autocast(device):
-            h = model.trunk(ids.to(device))  # (B, n, dim)
         sel = targets >= 0
-        values = model.head.weight.float()[VALUE_IDS.to(device)]  # (16, dim)
-        logits = h[sel.to(device)].float() @ values.t()  # (queries, 16)
+        # (queries, 16): the 16 values' logits at the query positions
+        logits = logits_at(model, ids.to(device), sel.to(device), VALUE_IDS.to(device), autocast(device))
         pred = VALUE_IDS[logits.argmax(-1).cpu()]
         out += list(zip(dist[sel].tolist(), (pred == targets[sel]).tolist()))
     model.train()

@@ -29,11 +29,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fmtrain.attention.hierarchy import block_tables, hierarchy  # noqa: E402
-from _results import add_result_arguments, meta, result_stem, slug, write_results  # noqa: E402
+from _results import add_result_arguments, meta, result_stem, slug, write_results
+from fmtrain.attention.hierarchy import block_tables, hierarchy
 
 # Measured bf16 dense matmul rate (8192^3) and device copy bandwidth (shared/notes/environment.md).
 CARDS = {"NVIDIA H200": dict(tflops=790.0, tbps=4.3), "NVIDIA H100 80GB HBM3": dict(tflops=790.0, tbps=3.0)}

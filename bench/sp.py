@@ -34,10 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # this checkout, whatever is installed
-
-from _results import add_result_arguments, meta, result_stem, write_results  # noqa: E402
+from _results import add_result_arguments, meta, result_stem, write_results
 
 M, RANK_P, D, ELEM = 64, 2, 16, 4  # block size, summaries per window, head_dim, fp32 bytes
 

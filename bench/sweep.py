@@ -28,9 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality  # noqa: E402  (bench/quality.py: one trainer run per variant)
-from _results import add_result_arguments, beside, meta, result_stem, save_plot, write_results  # noqa: E402
+from _results import add_result_arguments, beside, meta, result_stem, save_plot, write_results
+import quality  # bench/quality.py: one trainer run per variant
 
 
 def lr_tag(lr: float) -> str:

@@ -16,7 +16,6 @@ before) and one thread. Prints medians over rounds and writes ``<--out>/threads-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -24,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from _results import ROOT, add_result_arguments, meta, result_stem, write_results
+from _harness import run_trainer, spawn_case, step_rows, trainer_command
 
-from _results import add_result_arguments, meta, result_stem, write_results  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 SETTINGS = {
     "default (adaptive)": {},
@@ -37,29 +36,23 @@ SETTINGS = {
 
 
 def _case(n: int, budget: float, env: dict) -> float | None:
-    cmd = [sys.executable, str(HERE / "attention.py"), "--case", f"fma,{n},1,fwdbwd", "--device", "cpu",
-           "--dtype", "float32", "--heads", "4", "--head-dim", "64", "--budget", str(budget)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode:
-        print(r.stderr[-2000:], file=sys.stderr)
-        return None
-    return json.loads(r.stdout.strip().splitlines()[-1])["ms"]
+    case = ["--case", f"fma,{n},1,fwdbwd,2,0", "--device", "cpu", "--dtype", "float32", "--heads", "4",
+            "--head-dim", "64", "--budget", str(budget)]  # the case: impl,n,causal,mode,rank,refine
+    row = spawn_case(HERE / "attention.py", case, label=f"fma n={n} fwdbwd", env=env)
+    return row["ms"] if row else None
 
 
 def _train_case(env: dict, tmp: Path) -> float | None:
     """tokens/s of the CPU demo over its last 10 of 12 steps (a fresh run each time)."""
-    import shutil
-
-    run = tmp / "run"
-    shutil.rmtree(run, ignore_errors=True)
-    cmd = [sys.executable, "-m", "fmtrain.train", str(HERE.parent / "configs" / "tiny-gpt.toml"), f"--run.dir={run}",
-           "--train.steps=12", "--train.log_interval=1", "--train.eval_interval=0", "--checkpoint.interval=1000"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent)
-    if r.returncode:
-        print(r.stderr[-2000:], file=sys.stderr)
+    run_dir = tmp / "run"
+    cmd = trainer_command(ROOT / "configs" / "tiny-gpt.toml",
+                          [f"--run.dir={run_dir}", "--train.steps=12", "--train.log_interval=1",
+                           "--train.eval_interval=0", "--checkpoint.interval=1000"])
+    run = run_trainer(cmd, run_dir, env=env)
+    if run.returncode:
+        print(run.output[-2000:], file=sys.stderr)
         return None
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rates = [m["tokens_per_s"] for m in rows if "tokens_per_s" in m][2:]
+    rates = [m["tokens_per_s"] for m in step_rows(run.rows)][2:]
     return statistics.median(rates) if rates else None
 
 

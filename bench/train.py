@@ -15,17 +15,11 @@ else ``bench/results/``; the tag ``cpu``, ``quick``, or the CUDA card and the da
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-from _results import add_result_arguments, meta, result_stem, write_results
-
-ROOT = Path(__file__).resolve().parent.parent
+from _results import ROOT, add_result_arguments, meta, result_stem, write_results
+from _harness import PEAK_ENV, report_case, spawn_case, time_calls, upper_median
 
 MODELS = {  # name -> (config file or None, overrides of [model])
     "tiny": ("configs/tiny-gpt.toml", {}),
@@ -35,7 +29,6 @@ MODELS = {  # name -> (config file or None, overrides of [model])
 
 
 def model_config(name: str, attention: str, seq_len: int):
-    sys.path.insert(0, str(ROOT))
     from fmtrain.config import load_config
 
     path, over = MODELS[name]
@@ -64,54 +57,31 @@ def run_case(name: str, attention: str, seq_len: int, device: str, steps: int) -
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps + 1):  # the first is the warm-up
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times = time_calls(step, runs=steps, device=device)  # after one warm-up step
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    t = sorted(times[1:])[len(times[1:]) // 2]
+    t = upper_median(times)
     return dict(model=name, attention=attention, seq_len=seq_len, device=device, params=model.num_params(),
                 step_s=t, tokens_per_s=seq_len / t, peak_gib=peak / 2**30,
                 tflops=flops_per_token(mcfg, seq_len) * seq_len / t / 1e12)
 
 
 def spawn(args, name, attention, n) -> dict | None:
-    """Time the case in one process; on CPU measure its peak in a second one.
-
-    The peak run returns freed memory to the system at once (a low mmap threshold), so that its
-    resident-set peak is what the step really holds; that setting slows allocation-heavy code
-    down (page faults on every large buffer), so times come from a process without it.
-    """
+    """Time the case in one process; on CPU measure its peak in a second, one-step one, under
+    ``PEAK_ENV`` (freed memory returned at once, so that the resident-set peak is what the step
+    really holds; it slows allocation-heavy code down, so times come from a process without it)."""
     row = _spawn(args, name, attention, n, args.steps, {})
     if row and args.device == "cpu":
-        peak = _spawn(args, name, attention, n, 1, dict(MALLOC_MMAP_THRESHOLD_="65536"))
+        peak = _spawn(args, name, attention, n, 1, PEAK_ENV)
         row["peak_gib"] = peak["peak_gib"] if peak else float("nan")
     return row
 
 
 def _spawn(args, name, attention, n, steps, env_extra) -> dict | None:
-    cmd = [sys.executable, __file__, "--case", f"{name},{attention},{n}", "--device", args.device,
-           "--steps", str(steps)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **env_extra)
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        print(f"  {name} {attention} n={n}: over {args.timeout} s, skipped")
-        return None
-    if r.returncode:
-        print(f"  {name} {attention} n={n}: failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-        return None
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return spawn_case(__file__, ["--case", f"{name},{attention},{n}", "--device", args.device, "--steps", steps],
+                      label=f"{name} {attention} n={n}", env={**os.environ, **env_extra}, timeout=args.timeout)
 
 
 def table(rows: list[dict]) -> str:
@@ -142,7 +112,7 @@ def main():
     args = ap.parse_args()
     if args.case:
         name, attention, n = args.case.split(",")
-        print(json.dumps(run_case(name, attention, int(n), args.device, args.steps)))
+        report_case(run_case(name, attention, int(n), args.device, args.steps))
         return
     import torch
 

@@ -80,8 +80,8 @@ def test_recall_refined_variant_saves_its_weights_and_the_needle_at_start_contro
 
 
 def test_needle_at_start_puts_every_needle_first():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import recall
+    from bench import recall
+
     ids, targets, dist = recall.passkey_batch(torch.Generator().manual_seed(0), 4, 300, 16, needle_max=1)
     assert (ids[:, 0] == recall.MARKER).all()
     pos = torch.arange(300).expand(4, -1)
@@ -116,8 +116,7 @@ def test_sweep_quick_picks_each_variants_best_lr_and_adds_seeds(tmp_path):
 
 
 def test_multikey_needles_are_where_their_queries_point():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import recall
+    from bench import recall
 
     g = torch.Generator().manual_seed(0)
     ids, targets, dist = recall.multikey_batch(g, 3, 400, 24, keys=4)
@@ -136,8 +135,7 @@ def test_multikey_needles_are_where_their_queries_point():
 
 
 def test_long_context_seed_summary_pairs_each_arm_with_local_at_the_same_seeds():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import long_context as lc
+    from bench import long_context as lc
 
     def row(arm, losses):  # one token per bucket, so a bucket's mean is its loss
         n = len(lc.EDGES) - 1

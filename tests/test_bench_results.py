@@ -1,14 +1,11 @@
 """bench/_results.py: how every benchmark names and writes its results (``<folder>/<name>-<tag>.json``)."""
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import _results  # noqa: E402
+from bench import _results
 
 
 def parse(*argv, quick=False, dry_run=False):
@@ -100,7 +97,7 @@ def test_every_benchmark_names_its_results_here(name):
 
 
 def test_roofline_names_its_json_after_the_gpu_check_it_reads(no_out, tmp_path):
-    import roofline
+    from bench import roofline
 
     source = BENCH / "results" / "gpu_check-nvidia-h200-2026-11-28.json"
     assert roofline.main([str(source), "--out", str(tmp_path)]) == 0

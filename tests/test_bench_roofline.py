@@ -1,19 +1,14 @@
 """bench/roofline.py counts the scores a query really sees: the dense reference's masks agree."""
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from fmtrain.attention.hierarchy import hierarchy  # noqa: E402
-from fmtrain.attention.reference import interaction_mask  # noqa: E402
+from fmtrain.attention.hierarchy import hierarchy
+from fmtrain.attention.reference import interaction_mask
 
 
 @pytest.mark.parametrize("n", [1, 37, 64, 200, 513])
 @pytest.mark.parametrize("causal", [True, False])
 def test_scores_seen_match_the_dense_masks(n, causal):
-    import roofline
+    from bench import roofline
 
     h = hierarchy(n, 16, 2, causal)
     fine, coarse = interaction_mask(h)

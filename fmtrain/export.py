@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +29,7 @@ import torch
 from .checkpoint import META, Checkpoint, resolve, write_meta
 from .config import CONFIG_FILE, Config
 from .data.tokenizer import SETTINGS_IN_CHECKPOINT
+from .engine import consolidated_weights
 from .errors import UserError, remove_stale, temp_name, write_problem
 
 EXPORTED = "model.safetensors"  # the weights of a model-only export
@@ -75,16 +75,7 @@ def load_model_state(ckpt: str | os.PathLike | Checkpoint) -> dict[str, torch.Te
 
         safetensors_header(ckpt / EXPORTED)  # a Git LFS pointer or an HTML page is named as such
         return load_file(ckpt / EXPORTED)
-    ds = ckpt / "ds"
-    if meta["zero_stage"] == 3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
-    else:
-        sd = torch.load(ds / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    return consolidated_weights(ckpt.path, meta["zero_stage"])
 
 
 def current_umask() -> int:

@@ -12,7 +12,7 @@ field, before any data is read or engine built:
   named, unless listed in ``checkpoint.allow_changes`` (e.g.
   ``--checkpoint.allow_changes=train.lr,train.warmup_steps``); then they are
   applied from the resumed step on (the optimizer's groups and the scheduler get
-  the new values, see ``fmtrain.train.apply_hyperparameters``).
+  the new values, see ``fmtrain.engine.apply_hyperparameters``).
 - fields that cannot change (the model's shape, the data stream the saved
   position refers to, the seed, the dtype, the ZeRO stage, sequence parallelism)
   are refused with what to do instead; ``data.batch_size`` follows

@@ -15,6 +15,7 @@ import torch
 
 from .attention.cpu import adapt_torch_threads
 from .checkpoint import Checkpointer, TrainState, all_finite, find_resume, validate
+from .engine import apply_hyperparameters, build_engine, train_step
 from .config import Config, config_from_argv, save_config
 from .config.loading import input_candidates, input_exists
 from .errors import UserError, as_user_error, no_space, report
@@ -25,114 +26,7 @@ from .parallel import World, apply_sequence_parallel, init_world, shutdown
 from .pretrained import prepare as prepare_init, resolve_config
 from .resume import reconcile
 from .runlock import lock_run
-from .schedule import warmup_cosine
 from .signals import StopFlag, exit_status
-
-
-def lr_factor(cfg: Config, step: int) -> float:
-    """Linear warmup to ``train.lr``, cosine decay to ``train.min_lr`` at the last step."""
-    t = cfg.train
-    if not t.lr:
-        return 0.0
-    return warmup_cosine(step, steps=t.steps, warmup_steps=t.warmup_steps, lr=t.lr, min_lr=t.min_lr) / t.lr
-
-
-def deepspeed_config(cfg: Config, world: World, dtype: torch.dtype) -> dict:
-    """The DeepSpeed JSON generated from the fmtrain config (plus ``parallel.deepspeed``)."""
-    t = cfg.train
-    ds = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        # DeepSpeed averages gradients over every rank; the loss is scaled to match (train_step).
-        "train_batch_size": cfg.data.batch_size * t.grad_accum * world.size,
-        "gradient_clipping": t.grad_clip,  # always explicit: DeepSpeed defaults to 1.0 otherwise
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    for key, value in cfg.parallel.deepspeed.items():
-        if isinstance(value, dict) and isinstance(ds.get(key), dict):
-            ds[key] = {**ds[key], **value}
-        else:
-            ds[key] = value
-    return ds
-
-
-def build_engine(model: torch.nn.Module, cfg: Config, world: World, dtype: torch.dtype):
-    """DeepSpeed engine with AdamW (no weight decay on norms, biases and summary maps)
-    and the warmup + cosine schedule."""
-    import deepspeed
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or "summaries" in name or "level_offset" in name else decay).append(p)
-    t = cfg.train
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                            fused=world.device.type == "cuda" or None)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, world, dtype))
-    return engine
-
-
-def train_step(engine, batches: list[dict], world: World) -> tuple[float, float]:
-    """One optimizer step over ``grad_accum`` micro-batches: the step's mean loss and the
-    global gradient norm before clipping.
-
-    The loss is the token-weighted mean over every rank's and micro-batch's targets:
-    each micro-step's summed loss is divided by the step's global target count and
-    multiplied by what DeepSpeed divides by (ranks x accumulation steps).
-    Under sequence parallelism each rank's loss is its slice's sum and the global
-    count covers every slice; the SP collectives' backward routes each rank's
-    gradient contributions to the ranks whose tokens produced them, so DeepSpeed's
-    sum over SP x DP ranks (mean times ``world.size``) is the exact gradient.
-    """
-    dev = world.device
-    # The global target count stays on the device: no host sync before the forward.
-    counts = torch.tensor([float((b["targets"] >= 0).sum()) for b in batches], dtype=torch.float64)
-    total = world.all_reduce(counts.sum().reshape(1).to(dev)).clamp(min=1.0).reshape(())
-    scale = world.size * len(batches) / total
-    loss_total = torch.zeros((), dtype=torch.float64, device=dev)
-    norm = None
-    for b in batches:
-        loss_sum, _ = engine(b["input_ids"].to(dev), b["targets"].to(dev), b["positions"].to(dev))
-        engine.backward(loss_sum * scale.to(loss_sum.dtype))
-        loss_total += loss_sum.detach().double()
-        if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
-            # ZeRO stage 0 keeps no norm: measure it before the step clips the gradients.
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        engine.step()
-    if norm is None:
-        norm = engine.get_global_grad_norm()
-    loss = (world.all_reduce(loss_total.reshape(1)).reshape(()) / total).item()
-    return loss, float(norm) if norm is not None else float("nan")
-
-
-def apply_hyperparameters(engine, cfg: Config) -> None:
-    """Give the resumed optimizer and schedule the config's values (a resume with changed settings).
-
-    A checkpoint restores the optimizer's groups (lr, betas, eps, weight decay) and the
-    schedule's base learning rate as they were saved; this sets them from ``cfg``, the
-    learning rate of the resumed step included. With an unchanged config it changes nothing:
-    LambdaLR computes the same ``base_lr * factor(step)``.
-    """
-    from .checkpoint import inner_optimizer
-
-    t = cfg.train
-    sched = engine.lr_scheduler
-    groups = inner_optimizer(engine).param_groups
-    for i, g in enumerate(groups):  # build_engine: group 0 decays, group 1 does not
-        g.update(initial_lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay if i == 0 else 0.0)
-    sched.base_lrs = [t.lr] * len(groups)
-    for g in groups:
-        g["lr"] = t.lr * lr_factor(cfg, sched.last_epoch)
-    sched._last_lr = [g["lr"] for g in groups]
 
 
 class Diverged(Exception):

@@ -381,7 +381,7 @@ def test_changed_settings_on_resume_are_applied_or_refused_by_name(run):
     r = train(cfg, "--train.steps=8", "--train.lr=0.02", "--checkpoint.allow_changes=train.lr")
     assert "resume: train.steps: 6 -> 8" in r.stdout and "train.lr: 0.01 -> 0.02 (allowed" in r.stdout
     from fmtrain.config import load_config
-    from fmtrain.train import lr_factor
+    from fmtrain.engine import lr_factor
 
     new = load_config(rundir / "config.toml")
     assert new.train.lr == 0.02 and new.train.steps == 8

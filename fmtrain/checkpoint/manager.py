@@ -39,13 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import engine as engine_state
 from ..config import Config, save_config
 from ..errors import no_space
 from .format import CheckpointError, latest_valid_by_size, none_valid_error, prune, scan, step_dir, validate, \
     write_meta
 from .state import TrainState
 
-UNIVERSAL = "universal"  # a re-split resume's conversion of ds/, beside it
 
 
 def _rng_state() -> dict[str, Any]:
@@ -133,7 +133,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
 
     def _write_rank(self, engine, loader, tmp: Path) -> None:
-        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        engine_state.save(engine, tmp)
         torch.save({"loader": loader.state_dict(), "rng": _rng_state()}, tmp / f"rank_{self.world.rank:05d}.pt")
 
     def _finish(self, state: TrainState, tmp: Path, final: Path) -> None:
@@ -207,16 +207,17 @@ class Checkpointer:
                 "and the data position re-split. Or resume with the same layout, or start a new run.dir")
         try:
             if resplit and meta["zero_stage"] != 0:
-                load_path = self._load_universal(engine, path)
+                load_path = engine_state.load_universal(engine, path, self.world)
             else:  # ZeRO 0 keeps the whole model and optimizer in one file: any number of ranks loads it
-                load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
-                                                      load_lr_scheduler_states=True)
+                load_path = engine_state.load(engine, path)
             # A re-split run has no file of its own: every old rank saved the same stream position;
             # the RNG of old rank r (or rank 0's) seeds new rank r (dropout/masking draws differ anyway).
             old_rank = w.rank if w.rank < meta["world_size"] else 0
             mine = torch.load(path / f"rank_{old_rank:05d}.pt", weights_only=False)
         except CheckpointError:
             raise
+        except engine_state.EngineError as exc:  # the universal conversion failed: DeepSpeed's words
+            raise CheckpointError(f"{path}: {exc}") from None
         except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as exc:
             # Its files are whole (sizes and CRC-32s match): written by another version, or a bug.
             raise CheckpointError(
@@ -240,50 +241,6 @@ class Checkpointer:
         state.step, state.tokens_seen = meta["step"], meta["tokens_seen"]
         return path
 
-    def _load_universal(self, engine, path: Path):
-        """Load ``path`` on a different number of ranks through DeepSpeed's universal checkpoint.
-
-        ``ds_to_universal`` merges the ZeRO shards into one file per parameter (fp32 weights and
-        Adam moments), which any number of ranks can partition anew. Rank 0 converts once, into
-        ``universal/`` beside ``ds/`` (written under a temporary name, then renamed, so a crash
-        mid-conversion is redone); the others wait at the barrier.
-        """
-        import subprocess
-        import sys
-
-        out = path / UNIVERSAL
-        if self.world.is_main and not out.is_dir():
-            tmp = path / f".{UNIVERSAL}.partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                   str(path / "ds"), "--output_folder", str(tmp), "--inject_missing_state",
-                   "--num_extract_workers", "1", "--num_merge_workers", "1"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise CheckpointError(f"converting {path / 'ds'} to a universal checkpoint failed:\n"
-                                      f"{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-            os.replace(tmp, out)
-        self.world.barrier()
-        # DeepSpeed 0.19's ZeRO 3 universal load copies the first parameter group's settings onto
-        # every group (our no-decay group would get weight decay): keep what differs between groups.
-        groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
-        differing = {k for g in groups for k in g if k != "params" and any(g.get(k) != h.get(k) for h in groups)}
-        own = [{k: g[k] for k in differing if k in g} for g in groups]
-        # The engine reads this setting when loading (not only at initialize): switch it for this load.
-        engine._config.load_universal_checkpoint = True
-        try:
-            load_path, _ = engine.load_checkpoint(str(path), tag=UNIVERSAL, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
-        finally:
-            engine._config.load_universal_checkpoint = False  # later saves are ordinary ones
-        for g, settings in zip(groups, own):
-            g.update(settings)
-        # ... and gives every group's Adam state one shared `step` tensor, which torch's AdamW then
-        # increments once per group per step (wrong bias correction): give each its own.
-        for st in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values():
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
-        return load_path
 
 
-__all__ = ["Checkpointer", "find_resume", "UNIVERSAL"]
+__all__ = ["Checkpointer", "find_resume"]

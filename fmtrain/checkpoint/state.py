@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine import inner_optimizer
+
 
 @dataclass
 class TrainState:
@@ -12,11 +14,6 @@ class TrainState:
 
     step: int = 0
     tokens_seen: int = 0
-
-
-def inner_optimizer(engine):
-    """The torch optimizer inside DeepSpeed's wrapper (ZeRO wraps it; stage 0 does not)."""
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
 def all_finite(engine, world) -> bool:
@@ -36,4 +33,4 @@ def all_finite(engine, world) -> bool:
     return not world.any(not ok)
 
 
-__all__ = ["TrainState", "all_finite", "inner_optimizer"]
+__all__ = ["TrainState", "all_finite"]

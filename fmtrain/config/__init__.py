@@ -7,9 +7,9 @@ and its files (:mod:`.loading`: TOML in and out, dotted overrides, the command l
 from .loading import (USAGE, apply_overrides, config_from_argv, describe, from_dict, load_config, parse_args,
                       save_config, to_toml)
 from .schema import (CONFIG_FILE, SECTIONS, CheckpointConfig, Config, ConfigError, DataConfig, ModelConfig,
-                     ParallelConfig, RunConfig, TrainConfig, check_config, deepspeed_key_errors, option)
+                     ParallelConfig, RunConfig, TrainConfig, check_config, option)
 
 __all__ = ["Config", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "CheckpointConfig", "ParallelConfig",
-           "ConfigError", "CONFIG_FILE", "SECTIONS", "option", "check_config", "deepspeed_key_errors", "load_config",
+           "ConfigError", "CONFIG_FILE", "SECTIONS", "option", "check_config", "load_config",
            "save_config", "from_dict", "apply_overrides", "to_toml", "describe", "parse_args", "config_from_argv",
            "USAGE"]

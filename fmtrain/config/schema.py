@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 from ..attention import IMPLS, SUMMARY_KINDS, SUMMARY_ROPES, VARIANTS
 from ..attention.hierarchy import sizes_error
 from ..attention.sequence_parallel import layout_ok as sp_layout_ok
+from ..engine import deepspeed_key_errors
 from ..errors import UserError
 
 
@@ -391,88 +391,12 @@ def _consistency_errors(cfg: Config) -> list[str]:
         e.append("parallel.deepspeed.zero_optimization.stage duplicates parallel.zero_stage; "
                  "set parallel.zero_stage instead")
     elif p.deepspeed:
-        e += deepspeed_key_errors(p.deepspeed)
+        e += deepspeed_key_errors(p.deepspeed, _DERIVED_DS_KEYS)
     known = {f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     for name in cfg.checkpoint.allow_changes:
         if name not in known:
             e.append(f"checkpoint.allow_changes: {name!r} is not a field.{_did_you_mean(name, known)}")
     return e
-
-
-# DeepSpeed sections whose own pydantic schema (extra keys forbidden) checks them.
-_DS_SCHEMAS = {
-    "zero_optimization": "deepspeed.runtime.zero.config:DeepSpeedZeroConfig",
-    "bf16": "deepspeed.runtime.precision_config:DeepSpeedBF16Config",
-    "tensorboard": "deepspeed.monitor.config:TensorBoardConfig",
-    "wandb": "deepspeed.monitor.config:WandbConfig",
-    "csv_monitor": "deepspeed.monitor.config:CSVConfig",
-    "comms_logger": "deepspeed.comm.config:CommsLoggerConfig",
-    "compile": "deepspeed.compile.config:CompileConfig",
-}
-# Modules whose string constants name every top-level key DeepSpeed reads.
-_DS_KEY_MODULES = ("deepspeed.runtime.constants", "deepspeed.runtime.zero.config",
-                   "deepspeed.runtime.activation_checkpointing.config", "deepspeed.runtime.data_pipeline.constants",
-                   "deepspeed.autotuning.constants", "deepspeed.monitor.config", "deepspeed.profiling.constants",
-                   "deepspeed.runtime.swap_tensor.constants", "deepspeed.checkpoint.constants",
-                   "deepspeed.runtime.precision_config", "deepspeed.comm.constants", "deepspeed.runtime.config")
-
-
-def _deepspeed_top_level_keys() -> set[str]:
-    import importlib
-
-    keys = set()
-    for name in _DS_KEY_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        keys |= {v for k, v in vars(mod).items() if k.isupper() and isinstance(v, str)
-                 and re.fullmatch(r"[a-z][a-z0-9_]*", v)}
-    return keys
-
-
-def deepspeed_key_errors(extra: dict[str, Any]) -> list[str]:
-    """Keys of ``[parallel.deepspeed]`` that DeepSpeed does not know (it would ignore them silently).
-
-    Top-level keys are checked against the names DeepSpeed's config modules read; sections with a
-    schema of their own (``zero_optimization``, ``bf16``, monitors, ...) are validated by it.
-    """
-    import importlib
-
-    from ..parallel.groups import import_deepspeed
-
-    import_deepspeed()
-    known = _deepspeed_top_level_keys()
-    errors = []
-    for key, value in extra.items():
-        where = f"parallel.deepspeed.{key}"
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known | set(_DERIVED_DS_KEYS)), n=1, cutoff=0.75)
-            hint = ""
-            if close:
-                hint = f" Did you mean {close[0]!r}" + (f" (set by {_DERIVED_DS_KEYS[close[0]]})"
-                                                         if close[0] in _DERIVED_DS_KEYS else "") + "?"
-            errors.append(f"{where} is not a DeepSpeed config key.{hint}")
-            continue
-        if key in _DS_SCHEMAS and isinstance(value, dict):
-            module, cls = _DS_SCHEMAS[key].split(":")
-            try:
-                schema = getattr(importlib.import_module(module), cls)
-            except (ImportError, AttributeError):
-                continue
-            fields = {n for n, f in schema.model_fields.items()} | {
-                f.alias for f in schema.model_fields.values() if f.alias}
-            for sub in value:
-                if sub not in fields:
-                    errors.append(f"{where}.{sub} is not a DeepSpeed {key} key."
-                                  f"{_did_you_mean(sub, sorted(fields))}")
-            if not any(sub not in fields for sub in value):
-                try:
-                    schema(**value)
-                except Exception as exc:  # pydantic's ValidationError: the value is wrong
-                    first = str(exc).splitlines()
-                    errors.append(f"{where}: DeepSpeed refuses it: {' '.join(first[:3])}")
-    return errors
 
 
 def _divisors(n: int, limit: int) -> list[int]:

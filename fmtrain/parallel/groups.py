@@ -13,11 +13,12 @@ import datetime
 import io
 import os
 import socket
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..engine import import_deepspeed
 
 
 @dataclass(frozen=True)
@@ -78,40 +79,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def import_deepspeed():
-    """``deepspeed``, imported without its console noise and its C++ builds on CPU machines.
-
-    Without an accelerator DeepSpeed warns "Setting accelerator to CPU" on every start; naming
-    the CPU accelerator (``DS_ACCELERATOR=cpu``, DeepSpeed's own setting) says the same without
-    the warning. A user's own DS_ACCELERATOR is kept.
-
-    On CPU, DeepSpeed's communication backend JIT-compiles its shared-memory all-reduce
-    (``deepspeed_shm_comm``, for inference) at every start, after probing every op with
-    compiler runs: 45-55 s of silence whenever ``~/.cache/torch_extensions`` holds another
-    environment's build (measured: 52.8 s into a fresh extensions folder, against under 5 s with
-    this). fmtrain trains with torch's optimizers and torch.distributed collectives and uses no
-    DeepSpeed op on CPU, so the op table says none is available there, which DeepSpeed reads
-    as "fall back to torch".
-
-    DeepSpeed's ZeRO 2 calls ``all_gather_into_tensor``, which torch 2.13 deprecates: the
-    ``FutureWarning`` came once per rank at the first step, about a call the user cannot change.
-    """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
-    import deepspeed
-
-    if not torch.cuda.is_available():
-        import deepspeed.ops as ds_ops
-
-        if "__compatible_ops__" not in vars(ds_ops):  # not probed yet (the probe is lazy)
-            from deepspeed.ops.op_builder.all_ops import ALL_OPS
-
-            ds_ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)
-    return deepspeed
 
 
 def init_world(backend: str = "auto", sp_size: int = 1, timeout_minutes: float = 30) -> World:

@@ -79,9 +79,9 @@ class ModelConfig:
                             choices=("fma", "sdpa", "local"))
     block_size: int = option(64, "Multipole fine block size m (fma, local).", min=1)
     rank: int = option(2, "Multipole summaries per coarse window p; must divide block_size. 2 is the "
-                          "cheapest; 4-8 keep single-token recall much further (passkey trained at 4k: 0.68 "
-                          "at 1k-4k with 2, 0.92 with 4, 0.99 with 8) for 1.2x-1.6x the attention time "
-                          "on CPU (README, Does it use long context?).", min=1)
+                          "cheapest; 4-8 keep single-token recall much further for more attention time "
+                          "(the measurements: bench/results/recall-cpu-4k-rank8.md, README's Does it "
+                          "use long context?).", min=1)
     variant: str = option("nlogn", "Multipole variant: 'nlogn' or 'linear' (queries summarised too).",
                           choices=VARIANTS)
     summary: str = option("m2m", "How coarse key/value summaries are formed: 'm2m' (learned, any "

@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
-from tests.test_train import corpus, losses, make_config, metrics, train  # noqa: F401 (corpus: a fixture)
+from tests.test_train import losses, make_config, metrics, train
 
 
-def stopped_two_rank_run(tmp_path, corpus, zero):  # noqa: F811
+def stopped_two_rank_run(tmp_path, corpus, zero):
     straight = make_config(tmp_path, corpus, name="straight")
     train(straight, "--train.steps=6", f"--parallel.zero_stage={zero}", nproc=2)
     split = make_config(tmp_path, corpus, name="split")
@@ -29,7 +29,7 @@ def stopped_two_rank_run(tmp_path, corpus, zero):  # noqa: F811
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])  # 0: the demos' stage (no universal conversion needed)
-def test_two_rank_checkpoint_resumes_on_one_and_four_ranks(tmp_path, corpus, zero):  # noqa: F811
+def test_two_rank_checkpoint_resumes_on_one_and_four_ranks(tmp_path, corpus, zero):
     straight, split = stopped_two_rank_run(tmp_path, corpus, zero)
     # Without the option: a clear refusal that names it, and nothing trained.
     r = subprocess.run([sys.executable, "-m", "fmtrain.train", str(split), "--train.steps=6",
@@ -51,7 +51,7 @@ def test_two_rank_checkpoint_resumes_on_one_and_four_ranks(tmp_path, corpus, zer
         assert tokens == [m["tokens_seen"] for m in metrics(straight) if "loss" in m]
 
 
-def test_model_only_export_loads_in_eval_and_generate(tmp_path, corpus):  # noqa: F811
+def test_model_only_export_loads_in_eval_and_generate(tmp_path, corpus):
     cfg = make_config(tmp_path, corpus)
     r = train(cfg, "--train.steps=3", "--parallel.zero_stage=3", nproc=2)
     count = r.stdout.split("M parameters")[0].rsplit("| ", 1)[1]

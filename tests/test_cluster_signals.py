@@ -15,7 +15,7 @@ from fmtrain.eval import evaluate
 from fmtrain.model import build_model
 from fmtrain.parallel import World
 from fmtrain.signals import EXIT_STOPPED, StopFlag
-from tests.test_train import corpus, make_config  # noqa: F401 (corpus: a fixture)
+from tests.test_train import make_config
 
 
 class CountingBatches:
@@ -46,7 +46,7 @@ def test_a_signal_stops_a_long_evaluation():
     assert model.training
 
 
-def test_wall_clock_budget_exits_75_with_a_checkpoint(tmp_path, corpus):  # noqa: F811
+def test_wall_clock_budget_exits_75_with_a_checkpoint(tmp_path, corpus):
     cfg = make_config(tmp_path, corpus)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1")
     env.pop("FMTRAIN_STATUS_FILE", None)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import corpus, losses, make_config, metrics  # noqa: F401 (corpus: a fixture)
+from tests.test_train import losses, make_config, metrics
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = REPO / "slurm" / "testing" / "local_slurm.sh"
@@ -75,7 +75,7 @@ def wait_done(env, job: str, log: Path, timeout: float = 240, skip_begin_delay: 
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(slurm, tmp_path_factory, corpus):  # noqa: F811
+def uninterrupted(slurm, tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("slurm_straight")
     cfg = make_config(tmp, corpus, name="straight")
     log = tmp / "job.out"
@@ -100,7 +100,7 @@ def test_two_rank_job_completes(uninterrupted):
     print(f"uninterrupted 2-rank job: {seconds:.0f} s")
 
 
-def test_signalled_job_checkpoints_requeues_and_finishes_the_same(slurm, uninterrupted, tmp_path, corpus):  # noqa: F811
+def test_signalled_job_checkpoints_requeues_and_finishes_the_same(slurm, uninterrupted, tmp_path, corpus):
     straight = uninterrupted[0]
     cfg = make_config(tmp_path, corpus, name="split")
     log = tmp_path / "job.out"

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tests.test_train import corpus, make_config, metrics, train  # noqa: F401 (corpus: a fixture)
+from tests.test_train import make_config, metrics, train
 
 
 def free_port() -> int:
@@ -27,7 +27,7 @@ def get_json(url: str):
         return json.loads(r.read())
 
 
-def test_tensorboard_server_serves_the_runs_scalars(tmp_path, corpus):  # noqa: F811
+def test_tensorboard_server_serves_the_runs_scalars(tmp_path, corpus):
     cfg = make_config(tmp_path, corpus)
     train(cfg, "--train.steps=6")
     port = free_port()

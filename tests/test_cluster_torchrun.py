@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import corpus, losses, make_config  # noqa: F401 (corpus: a fixture)
+from tests.test_train import losses, make_config
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = str(REPO / "launch" / "run.sh")
@@ -68,7 +68,7 @@ def children(pid: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def one_node(tmp_path_factory, corpus):  # noqa: F811
+def one_node(tmp_path_factory, corpus):
     """The reference: one node, torchrun with 2 workers."""
     tmp = tmp_path_factory.mktemp("one_node")
     cfg, log = make_config(tmp, corpus, name="one"), tmp / "one.log"
@@ -79,7 +79,7 @@ def one_node(tmp_path_factory, corpus):  # noqa: F811
     return ls
 
 
-def test_two_nodes_c10d_train_as_one_node(tmp_path, corpus, one_node):  # noqa: F811
+def test_two_nodes_c10d_train_as_one_node(tmp_path, corpus, one_node):
     cfg = make_config(tmp_path, corpus, name="two")
     env = dict(NNODES="2", NGPU="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", RDZV_ID="two-nodes")
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
@@ -92,7 +92,7 @@ def test_two_nodes_c10d_train_as_one_node(tmp_path, corpus, one_node):  # noqa: 
     assert losses(cfg) == one_node
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, corpus, one_node):  # noqa: F811
+def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, corpus, one_node):
     cfg, log = make_config(tmp_path, corpus, name="restart"), tmp_path / "restart.log"
     # With torchrun's shared agent store, restarted workers often read the killed round's gloo
     # addresses and hung in connectFullMesh (half the runs); launch/run.sh gives every round a
@@ -114,7 +114,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, corpus, one_n
     assert losses(cfg) == one_node  # bitwise: the steps after the checkpoint were redone exactly
 
 
-def test_signal_to_the_wrapper_stops_with_a_checkpoint_and_75(tmp_path, corpus, one_node):  # noqa: F811
+def test_signal_to_the_wrapper_stops_with_a_checkpoint_and_75(tmp_path, corpus, one_node):
     cfg, log = make_config(tmp_path, corpus, name="sig"), tmp_path / "sig.log"
     proc = launch(cfg, *ARGS, log=log, NGPU="2")
     wait_for_step(tmp_path / "sig", 5, proc, log)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.conftest import write_stdlib_corpus
 from tests.test_generate import CONFIG, ROOT
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
@@ -22,14 +23,8 @@ def _eval(run, *args, **kw):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A 2-step causal run with held-out documents (a quarter of 20 stdlib modules), batch size 2."""
-    import sysconfig
-    from pathlib import Path
-
     tmp = tmp_path_factory.mktemp("eval")
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:20]:
-        (corpus / (f.stem + ".txt")).write_text(f.read_text(encoding="utf-8", errors="replace"))
+    corpus = write_stdlib_corpus(tmp / "corpus", 20)
     cfg = tmp / "run.toml"
     cfg.write_text(CONFIG.format(run=tmp / "run", kind="causal", summary="m2m", extra="", corpus=corpus,
                                  cache=tmp / "cache", root=ROOT).replace("seq_len = 128", "seq_len = 128\n"

@@ -60,25 +60,15 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name)
 
 
-def mount(folder: Path, options: str) -> Path:
-    folder.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    return folder
-
-
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, tmpfs):
     """256 KB: less than the weights (~1.4 MB)."""
-    yield mount(tmp_path / "disk", "size=256k")
-    subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)
+    return tmpfs(tmp_path / "disk", "size=256k")
 
 
 @pytest.fixture
-def read_only(tmp_path):
-    yield mount(tmp_path / "ro", "ro,size=1m")
-    subprocess.run(["umount", "-l", str(tmp_path / "ro")], check=False)
+def read_only(tmp_path, tmpfs):
+    return tmpfs(tmp_path / "ro", "ro,size=1m")
 
 
 def dead_pid() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 from fmtrain.config import ModelConfig
 from fmtrain.generate import generate, next_token
+from tests.conftest import write_stdlib_corpus
 from fmtrain.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,10 +95,7 @@ interval = 2
 def runs(tmp_path_factory):
     """A causal fma run, a conv one built for 256 tokens and a masked LM, 2 steps each."""
     tmp = tmp_path_factory.mktemp("gen")
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:20]:
-        (corpus / (f.stem + ".txt")).write_text(f.read_text(encoding="utf-8", errors="replace"))
+    corpus = write_stdlib_corpus(tmp / "corpus", 20)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     out = {}
     for name, kind, summary, extra in (("gpt", "causal", "m2m", ""), ("conv", "causal", "conv", "max_seq_len = 256"),

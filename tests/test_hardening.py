@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fmtrain.checkpoint import CheckpointError, find_checkpoints, validate
-from tests.test_train import corpus, losses, make_config, metrics, train  # noqa: F401 (corpus: a fixture)
+from tests.test_train import losses, make_config, metrics, train
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
 
@@ -32,7 +32,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def make6(tmp_path: Path, corpus) -> Path:  # noqa: F811
+def make6(tmp_path: Path, corpus) -> Path:
     """tests/test_train.py's config with train.steps = 6 in the file."""
     cfg = make_config(tmp_path, corpus)
     cfg.write_text(cfg.read_text().replace("steps = 8", "steps = 6"))
@@ -40,7 +40,7 @@ def make6(tmp_path: Path, corpus) -> Path:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, corpus):  # noqa: F811
+def base(tmp_path_factory, corpus):
     """A finished 6-step run: checkpoints step_00000003 and step_00000006."""
     cfg = make6(tmp_path_factory.mktemp("base"), corpus)
     train(cfg)
@@ -48,7 +48,7 @@ def base(tmp_path_factory, corpus):  # noqa: F811
 
 
 @pytest.fixture
-def run(tmp_path, base, corpus):  # noqa: F811
+def run(tmp_path, base, corpus):
     """A copy of the base run under tmp_path: (config, run dir, checkpoints dir)."""
     cfg = make6(tmp_path, corpus)
     shutil.copytree(base.parent / "run", tmp_path / "run")
@@ -173,24 +173,14 @@ def test_divergence_stops_without_a_checkpoint_and_keeps_the_last_finite_one(run
     assert losses(cfg)[:6] == losses(base) and len(losses(cfg)) == 12
 
 
-def _mount_tmpfs(folder: Path, size: str) -> bool:
-    folder.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
-    return r.returncode == 0
-
-
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, tmpfs):
     """A 1 MB tmpfs (root only: skipped elsewhere)."""
-    disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "1m"):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
+    return tmpfs(tmp_path / "disk", "size=1m")
 
 
 @pytest.mark.slow
-def test_full_disk_during_a_checkpoint_says_so_and_cleans_up(tmp_path, corpus, small_disk):  # noqa: F811
+def test_full_disk_during_a_checkpoint_says_so_and_cleans_up(tmp_path, corpus, small_disk):
     cfg = make_config(tmp_path, corpus)
     # One checkpoint of this model (~650 KB) fits in 1 MB, a second does not.
     r = run_train(cfg, "--train.steps=6", f"--checkpoint.dir={small_disk}")
@@ -315,7 +305,7 @@ def test_two_trainers_on_one_run_dir_and_a_killed_run_restarts(run):
 
 
 @pytest.mark.slow
-def test_under_torchrun_one_lock_per_run_not_per_rank(tmp_path, corpus):  # noqa: F811
+def test_under_torchrun_one_lock_per_run_not_per_rank(tmp_path, corpus):
     cfg, rundir = make6(tmp_path, corpus), tmp_path / "run"
     long = ("--train.steps=100000", "--checkpoint.interval=100000")
     # Two ranks share the run: neither refuses the other (rank 0 alone holds the lock) ...
@@ -395,7 +385,7 @@ def test_changed_settings_on_resume_are_applied_or_refused_by_name(run):
 
 
 @pytest.mark.slow
-def test_a_renamed_corpus_is_refused_on_resume_as_a_reordered_stream(tmp_path, corpus):  # noqa: F811
+def test_a_renamed_corpus_is_refused_on_resume_as_a_reordered_stream(tmp_path, corpus):
     """Same files, new names: the token and document counts match, the order does not."""
     root = tmp_path / "corpus"
     shutil.copytree(corpus[0], root)
@@ -412,7 +402,7 @@ def test_a_renamed_corpus_is_refused_on_resume_as_a_reordered_stream(tmp_path, c
 
 
 @pytest.mark.slow
-def test_evaluation_off_is_said_at_the_start_and_by_the_eval_command(tmp_path, corpus):  # noqa: F811
+def test_evaluation_off_is_said_at_the_start_and_by_the_eval_command(tmp_path, corpus):
     cfg = make_config(tmp_path, corpus)
     r = train(cfg, "--train.steps=1", "--data.val_fraction=0")
     head = r.stdout.split("step 1/1")[0]
@@ -425,7 +415,7 @@ def test_evaluation_off_is_said_at_the_start_and_by_the_eval_command(tmp_path, c
 
 # ---------------------------------------------------------------------- one way to fail
 @pytest.mark.slow
-def test_data_and_checkpoint_errors_are_one_line_without_a_traceback(tmp_path, corpus, run):  # noqa: F811
+def test_data_and_checkpoint_errors_are_one_line_without_a_traceback(tmp_path, corpus, run):
     (tmp_path / "other").mkdir()
     cfg = make_config(tmp_path / "other", corpus)
     r = run_train(cfg, f"--data.corpus={tmp_path}/nothing/*.txt")
@@ -442,7 +432,7 @@ def test_data_and_checkpoint_errors_are_one_line_without_a_traceback(tmp_path, c
 
 
 @pytest.mark.slow
-def test_an_error_under_torchrun_is_printed_once_with_exit_2(tmp_path, corpus):  # noqa: F811
+def test_an_error_under_torchrun_is_printed_once_with_exit_2(tmp_path, corpus):
     cfg = make_config(tmp_path, corpus)
     r = subprocess.run(["bash", "launch/run.sh", str(cfg), f"--data.corpus={tmp_path}/nothing/*.txt"],
                        capture_output=True, text=True, timeout=300, env=dict(ENV, NPROC_PER_NODE="2"))
@@ -460,7 +450,7 @@ def test_launcher_help_is_help_only():
 
 
 @pytest.mark.slow
-def test_launcher_takes_nproc_and_a_config_error_is_one_line(tmp_path, corpus):  # noqa: F811
+def test_launcher_takes_nproc_and_a_config_error_is_one_line(tmp_path, corpus):
     cfg = make_config(tmp_path, corpus)
     r = subprocess.run(["bash", "launch/run.sh", str(cfg), "--train.stepz=4"], capture_output=True, text=True,
                        timeout=300, env=dict(ENV, NPROC="2"))
@@ -522,7 +512,7 @@ def test_unknown_deepspeed_keys_are_refused_with_the_right_name():
 
 
 @pytest.mark.slow
-def test_every_refused_start_leaves_no_run_folder(tmp_path, corpus):  # noqa: F811
+def test_every_refused_start_leaves_no_run_folder(tmp_path, corpus):
     """Data and tokenizer refusals come after the run lock; the lock's folder goes with them."""
     bad = tmp_path / "bad"
     (bad / "empty").mkdir(parents=True)
@@ -634,7 +624,7 @@ def test_hf_commands_without_the_extra_name_the_install(tmp_path):
     assert_one_error_line(r, 'pip install -e ".[hf]"')
 
 
-def test_a_run_shorter_than_its_warmup_says_so(tmp_path, corpus):  # noqa: F811
+def test_a_run_shorter_than_its_warmup_says_so(tmp_path, corpus):
     cfg = make_config(tmp_path, corpus)
     r = run_train(cfg, "--train.steps=2", "--train.warmup_steps=5", f"--data.cache_dir={tmp_path / 'cache'}")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -645,7 +635,7 @@ def test_a_run_shorter_than_its_warmup_says_so(tmp_path, corpus):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_a_resume_takes_the_thread_count_its_checkpoint_was_made_with(tmp_path, corpus):  # noqa: F811
+def test_a_resume_takes_the_thread_count_its_checkpoint_was_made_with(tmp_path, corpus):
     """Matrix products can round differently with another thread count, so a resume on a machine
     with more free cores keeps the count the run had: its losses stay those of the straight run."""
     (tmp_path / "straight").mkdir()

@@ -49,18 +49,6 @@ zero_stage = 0
 GLOO_TEARDOWN = "terminate called without an active exception"
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    """Real code: 60 stdlib modules as text files (about 1 MB), and a shared token cache."""
-    import sysconfig
-
-    root = tmp_path_factory.mktemp("corpus")
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]
-    for f in files:
-        (root / (f.stem + ".txt")).write_text(f.read_text(encoding="utf-8", errors="replace"))
-    return root, tmp_path_factory.mktemp("cache")
-
-
 def make_config(tmp_path, corpus, kind="causal", name="run") -> Path:
     root, cache = corpus
     run = tmp_path / name

@@ -170,19 +170,10 @@ def test_distributed_node_local_caches_build_per_node(tokenizer, text_corpus, tm
 
 # ------------------------------------------------------------------ a full disk, a killed build
 
-def _mount_small_disk(folder, size: str):
-    folder.mkdir(parents=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    return folder
-
-
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, tmpfs):
     """64 KB: less than the tokens of `big_corpus`."""
-    yield _mount_small_disk(tmp_path / "disk", "64k")
-    subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)
+    return tmpfs(tmp_path / "disk", "size=64k")
 
 
 @pytest.fixture
@@ -314,14 +305,11 @@ def test_a_killed_tokenizer_training_leaves_files_the_next_training_removes(text
     assert sorted(p.suffix for p in (cache / "tokenizers").iterdir()) == [".json", ".model"]
 
 
-def test_a_full_disk_while_training_the_tokenizer_says_so_and_leaves_no_file(text_corpus, tmp_path):
+def test_a_full_disk_while_training_the_tokenizer_says_so_and_leaves_no_file(text_corpus, tmp_path, tmpfs):
     from fmtrain.data.tokens import cached_tokenizer
 
-    disk = _mount_small_disk(tmp_path / "tiny", "4k")  # one page: less than the model
-    try:
-        with pytest.raises(CorpusError, match=f"no space left on device while writing the tokenizer under {disk}; "
-                                              "free space there or set data.cache_dir elsewhere"):
-            cached_tokenizer(str(text_corpus), disk, vocab_size=300)
-        assert list((disk / "tokenizers").iterdir()) == []
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+    disk = tmpfs(tmp_path / "tiny", "size=4k")  # one page: less than the model
+    with pytest.raises(CorpusError, match=f"no space left on device while writing the tokenizer under {disk}; "
+                                          "free space there or set data.cache_dir elsewhere"):
+        cached_tokenizer(str(text_corpus), disk, vocab_size=300)
+    assert list((disk / "tokenizers").iterdir()) == []

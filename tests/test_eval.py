@@ -1,5 +1,5 @@
 """python -m fmtrain.eval: its numbers are counts, its options belong to the evaluation run, and it
-stops like a command-line tool. (Loss by position and the needle test: tests/test_hardening.py.)"""
+stops like a command-line tool. (Loss by position and the needle test: tests/e2e/test_hardening.py.)"""
 from __future__ import annotations
 
 import json

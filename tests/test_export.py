@@ -19,7 +19,7 @@ import torch
 from fmtrain.checkpoint import META, validate, write_meta
 from fmtrain.errors import owner_tag
 from fmtrain.export import ExportError, export, load_model, load_model_state
-from tests.test_hardening import ENV, assert_one_error_line, snapshot
+from tests.e2e.test_hardening import ENV, assert_one_error_line, snapshot
 
 SP_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizer" / "stdlib-4k.model"
 

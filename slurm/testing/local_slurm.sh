@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster on this machine, for the tests (tests/test_cluster_slurm.py).
+# A real one-node SLURM cluster on this machine, for the tests (tests/e2e/test_slurm.py).
 #
 #   slurm/testing/local_slurm.sh start   # munged (if none answers), slurmctld, slurmd; waits for idle
 #   slurm/testing/local_slurm.sh stop    # cancels our jobs, stops what `start` started, by PID file

@@ -15,7 +15,7 @@ import pytest
 
 from tests.test_train import losses, make_config, metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOCAL_SLURM = REPO / "slurm" / "testing" / "local_slurm.sh"
 STEPS = 150
 

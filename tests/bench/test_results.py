@@ -35,7 +35,7 @@ def test_default_folder_and_cpu_tag(no_out):
 
 def test_the_real_default_folder_is_bench_results(monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
-    assert _results.RESULTS == Path(__file__).resolve().parents[1] / "bench" / "results"
+    assert _results.RESULTS == Path(__file__).resolve().parents[2] / "bench" / "results"
 
 
 def test_quick_tag(no_out):
@@ -86,7 +86,7 @@ def test_write_results_and_meta(no_out, monkeypatch):
     assert m["args"]["tag"] == "v1.2" and m["args"]["out"] == str(no_out)
 
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 NAMES = sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_"))  # every benchmark, new ones too
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from bench import _harness
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def test_trainer_command_from_a_mapping_or_flags_and_a_launcher():

@@ -335,7 +335,7 @@ def test_one_tokenizer_named_two_ways_is_no_change_on_resume(tmp_path, monkeypat
     from fmtrain.config import from_dict
     from fmtrain.resume import differences
 
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     monkeypatch.chdir(root)
     other = tmp_path / "other.model"
     other.write_bytes((root / "tokenizer" / "stdlib-4k.model").read_bytes())
@@ -390,7 +390,7 @@ def test_a_renamed_corpus_is_refused_on_resume_as_a_reordered_stream(tmp_path, c
     root = tmp_path / "corpus"
     shutil.copytree(corpus[0], root)
     cfg = make_config(tmp_path, (root, corpus[1]))
-    shipped = f"--data.tokenizer={Path(__file__).parents[1] / 'tokenizer' / 'stdlib-4k.model'}"
+    shipped = f"--data.tokenizer={Path(__file__).parents[2] / 'tokenizer' / 'stdlib-4k.model'}"
     train(cfg, "--train.steps=3", shipped, "--model.vocab_size=4096")
     ckpts = snapshot(tmp_path / "run" / "checkpoints")
     files = sorted(root.glob("*.txt"))
@@ -466,7 +466,7 @@ def test_a_truncated_token_cache_is_detected_and_rebuilt(tmp_path, capfd):
     docs.mkdir()
     for i in range(6):
         (docs / f"d{i}.txt").write_text(f"def f{i}(x):\n    return x * {i}\n" * 40)
-    tok = Path(__file__).parents[1] / "tokenizer" / "stdlib-4k.model"
+    tok = Path(__file__).parents[2] / "tokenizer" / "stdlib-4k.model"
     folder, data = cached_tokens([str(docs)], tok, tmp_path / "cache", progress=False)
     want = data["train"].tokens.copy()
     del data
@@ -521,7 +521,7 @@ def test_every_refused_start_leaves_no_run_folder(tmp_path, corpus):
     (bad / "notext.jsonl").write_text('{"body": "a"}\n' * 5)
     (bad / "tiny.txt").write_text("x = 1\n")
     (bad / "tok.model").write_bytes(b"not a model")
-    shipped = Path(__file__).parents[1] / "tokenizer" / "stdlib-4k.model"
+    shipped = Path(__file__).parents[2] / "tokenizer" / "stdlib-4k.model"
     cases = [(f"--data.corpus={tmp_path}/nothing/*.txt",), (f"--data.corpus={bad}/empty",),
              (f"--data.corpus={bad}/latin1.jsonl",), (f"--data.corpus={bad}/broken.jsonl",),
              (f"--data.corpus={bad}/notext.jsonl",), (f"--data.corpus={bad}/tiny.txt",),
@@ -580,7 +580,7 @@ def test_needle_prompts_hold_the_needles_at_their_depth_and_end_in_the_question(
     from fmtrain.data.tokenizer import load_tokenizer
     from fmtrain.needle import build_prompt
 
-    tok = load_tokenizer(Path(__file__).parents[1] / "tokenizer" / "stdlib-4k.model")
+    tok = load_tokenizer(Path(__file__).parents[2] / "tokenizer" / "stdlib-4k.model")
     hay = np.arange(1000, 1200)  # recognisable filler ids, shorter than the prompt: cycled
     for depth in (0.0, 0.5, 1.0):
         for pairs in ([("apple", "48213")], [("apple", "48213"), ("river", "11111"), ("violet", "99999")]):

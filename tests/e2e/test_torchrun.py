@@ -14,7 +14,7 @@ import pytest
 
 from tests.test_train import losses, make_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUN_SH = str(REPO / "launch" / "run.sh")
 STEPS = 100
 ARGS = (f"--train.steps={STEPS}", "--checkpoint.interval=10", "--parallel.zero_stage=1")

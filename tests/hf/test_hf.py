@@ -659,7 +659,7 @@ def test_init_from_an_fmtrain_run_takes_the_weights_only(tmp_path, hf_tokenizer,
 
 
 # --------------------------------------------------------------------------- export
-SP_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizer" / "stdlib-4k.model"
+SP_TOKENIZER = Path(__file__).resolve().parents[2] / "tokenizer" / "stdlib-4k.model"
 
 
 def model_only(folder: Path, corpus: Path, tokenizer: Path, seed: int = 0, **model) -> Path:

@@ -11,7 +11,7 @@ from fmtrain.config import (CONFIG_FILE, Config, ConfigError, ModelConfig, apply
                             load_config, parse_args, save_config, to_toml)
 from fmtrain.config.loading import tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
 
 BASE = """

@@ -7,8 +7,10 @@ And what several test modules need: a tmpfs to fill up (:func:`tmpfs`), real cod
 (:func:`write_stdlib_corpus`, and the trainer tests' shared :func:`corpus`).
 """
 import os
+import signal
 import subprocess
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,19 @@ def corpus(tmp_path_factory):
     """Real code: 60 stdlib modules as text files (about 1 MB), and a shared token cache:
     ``(corpus folder, cache folder)``, for the trainer's tests (``tests/test_train.py``'s make_config)."""
     return write_stdlib_corpus(tmp_path_factory.mktemp("corpus"), 60), tmp_path_factory.mktemp("cache")
+
+
+def kill_when(cmd: list[str], ready, env: dict | None = None, timeout: float = 120) -> int:
+    """Start ``cmd``, SIGKILL it as soon as ``ready()`` holds (a file it writes has appeared), and
+    return its pid: a process killed mid-write, for the tests of what the next run does."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    return proc.pid

@@ -7,10 +7,8 @@ without a training run. The full-disk and read-only tests mount a tmpfs (root on
 """
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ import torch
 from fmtrain.checkpoint import META, validate, write_meta
 from fmtrain.errors import owner_tag
 from fmtrain.export import ExportError, export, load_model, load_model_state
+from tests.conftest import kill_when
 from tests.e2e.test_hardening import ENV, assert_one_error_line, snapshot
 
 SP_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizer" / "stdlib-4k.model"
@@ -195,18 +194,9 @@ e.main(sys.argv[1:])
 
 def test_a_killed_export_leaves_a_partial_folder_that_the_next_one_removes(src, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", STUCK, str(src), str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".out.partial-*/config.toml")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    partial = tmp_path / f".out.partial-{owner_tag()}-{proc.pid}"
+    pid = kill_when([sys.executable, "-c", STUCK, str(src), str(out)],
+                    lambda: list(tmp_path.glob(".out.partial-*/config.toml")), env=ENV)
+    partial = tmp_path / f".out.partial-{owner_tag()}-{pid}"
     assert leftovers(tmp_path) == [partial.name] and not out.exists()
     # Beside it: the folder of a live export here (its work: left alone, said nothing of), one of
     # another host (its owner cannot be checked from here: left, and said where), and one named
@@ -220,7 +210,7 @@ def test_a_killed_export_leaves_a_partial_folder_that_the_next_one_removes(src, 
             folder.mkdir()
         r = export_cli(src, out)
         assert r.returncode == 0, r.stderr
-        assert f"removed {partial}, left by an export that was killed (pid {proc.pid} is gone)" in r.stderr
+        assert f"removed {partial}, left by an export that was killed (pid {pid} is gone)" in r.stderr
         assert not partial.exists() and running.is_dir() and elsewhere.is_dir() and unrecorded.is_dir()
         assert str(running) not in r.stderr
         assert f"warning: {elsewhere} is left by an export that was killed, or in use by pid " in r.stderr

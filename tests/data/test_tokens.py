@@ -1,9 +1,7 @@
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import torch.multiprocessing as mp
 from fmtrain.data import tokens as tokens_mod
 from fmtrain.data.corpus import Corpus, CorpusError
 from fmtrain.data.tokens import TokenData, build_tokens, cache_key, cached_tokens, token_dtype
+from tests.conftest import kill_when
 from tests.test_train import make_config
 
 
@@ -251,20 +250,11 @@ def test_a_killed_build_leaves_its_folder_and_the_next_run_removes_it(tokenizer,
     from fmtrain.errors import owner_tag
 
     cache = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-c", STUCK_BUILD, str(text_corpus), str(tokenizer.path), str(cache)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1"))
-    try:
-        deadline = time.monotonic() + 120
-        while not list(cache.glob("*.tmp-*/train.bin")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
+    pid = kill_when([sys.executable, "-c", STUCK_BUILD, str(text_corpus), str(tokenizer.path), str(cache)],
+                    lambda: list(cache.glob("*.tmp-*/train.bin")),
+                    env=dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1"))
     [left] = cache.glob("*.tmp-*")
-    assert left.name.endswith(f".tmp-{owner_tag()}-{proc.pid}")
+    assert left.name.endswith(f".tmp-{owner_tag()}-{pid}")
     key = left.name.split(".")[0]
     # Beside it: a live build here (left alone, quietly), one of another host and one named before
     # owners were recorded (left: this host cannot check their owners; said where they are).
@@ -280,7 +270,7 @@ def test_a_killed_build_leaves_its_folder_and_the_next_run_removes_it(tokenizer,
         err = capfd.readouterr().err
         assert folder.name == key and data["train"].n_docs > 0
         assert not left.exists() and running.is_dir() and elsewhere.is_dir() and unrecorded.is_dir()
-        assert f"removed {left}, left by a token cache build that was killed (pid {proc.pid} is gone)" in err
+        assert f"removed {left}, left by a token cache build that was killed (pid {pid} is gone)" in err
         assert f"warning: {elsewhere} is left by a token cache build that was killed, or in use by pid" in err
         assert "on gpu-node-3" in err and f"warning: {unrecorded}" in err and str(running) not in err
     finally:

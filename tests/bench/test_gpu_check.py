@@ -1,0 +1,23 @@
+"""bench/gpu_check.sh --dry-run: the GPU check's whole path (correctness gates, timed stages, the
+trainer rows) under Triton's CPU interpreter at tiny sizes, so a lent GPU's 15 minutes are not
+spent finding a broken script (issue #26's floor). About a minute on 2 cores."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_end_to_end_on_cpu(tmp_path):
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=1200, env=dict(os.environ, OUT=str(tmp_path)))
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    check = json.loads((tmp_path / "gpu_check-dry-run.json").read_text())
+    assert check["checks"] and not check["failures"], check["failures"]
+    assert check["bench"] and check["table"]
+    rows = json.loads((tmp_path / "gpu_train-dry-run.json").read_text())["rows"]
+    assert rows and all(row["status"] == "ok" and row["tokens_per_s"] > 0 for row in rows), rows

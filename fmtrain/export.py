@@ -30,7 +30,8 @@ from .checkpoint import META, Checkpoint, resolve, write_meta
 from .config import CONFIG_FILE, Config
 from .data.tokenizer import SETTINGS_IN_CHECKPOINT
 from .engine import consolidated_weights
-from .errors import UserError, remove_stale, temp_name, write_problem
+from .errors import UserError, write_problem
+from .leftovers import remove_stale, temp_name
 
 EXPORTED = "model.safetensors"  # the weights of a model-only export
 TOKENIZER_FILES = ("tokenizer.model", SETTINGS_IN_CHECKPOINT, "tokenizer.json", "tokenizer_config.json",

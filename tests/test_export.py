@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fmtrain.checkpoint import META, validate, write_meta
-from fmtrain.errors import owner_tag
+from fmtrain.leftovers import owner_tag
 from fmtrain.export import ExportError, export, load_model, load_model_state
 from tests.conftest import kill_when
 from tests.e2e.test_hardening import ENV, assert_one_error_line, snapshot

@@ -12,7 +12,7 @@ the tokenizer model and this format's version:
 An entry is built in a temporary folder (``<key>.tmp-HOST-PID``) and renamed into
 place, so a reader never sees a half-written one. A build that fails (a full disk) removes
 its folder; one that was killed leaves it, and the next run on that host removes it once
-its owner is gone (see :func:`fmtrain.errors.remove_stale`). Under torch.distributed, rank 0 builds while the
+its owner is gone (see :func:`fmtrain.leftovers.remove_stale`). Under torch.distributed, rank 0 builds while the
 others wait at a barrier; if a node still does not see the entry afterwards (a
 node-local cache dir), that node's local rank 0 builds its own copy. For corpora
 whose build takes longer than the process-group timeout, build beforehand:
@@ -39,7 +39,8 @@ import torch
 
 from fmtrain.data.corpus import SPLITS, Corpus, CorpusError
 from fmtrain.data.tokenizer import Tokenizer, load_tokenizer
-from fmtrain.errors import EXIT_USAGE, no_space, remove_stale, report, temp_name
+from fmtrain.errors import EXIT_USAGE, no_space, report
+from fmtrain.leftovers import remove_stale, temp_name
 
 FORMAT_VERSION = 1
 _BATCH_CHARS = 16_000_000  # text handed to the tokenizer's threads at once
@@ -237,7 +238,7 @@ def _tokenise_into(corpus: Corpus, tokenizer: Tokenizer, folder: Path, writers: 
 
 
 # What a killed build leaves in the cache folder: an entry's temporary folder, and a tokenizer's
-# temporary files (in tokenizers/). The owner is HOST-PID (fmtrain.errors.temp_name).
+# temporary files (in tokenizers/). The owner is HOST-PID (fmtrain.leftovers.temp_name).
 _ENTRY_TMP = re.compile(r"[0-9a-f]{20}\.tmp-(?P<owner>.+)")
 _TOKENIZER_TMP = re.compile(r"[0-9a-f]{20}\.tmp-(?P<owner>.+?)\.(model|json)")
 

@@ -247,7 +247,7 @@ tokens.cached_tokens(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
 
 
 def test_a_killed_build_leaves_its_folder_and_the_next_run_removes_it(tokenizer, text_corpus, tmp_path, capfd):
-    from fmtrain.errors import owner_tag
+    from fmtrain.leftovers import owner_tag
 
     cache = tmp_path / "cache"
     pid = kill_when([sys.executable, "-c", STUCK_BUILD, str(text_corpus), str(tokenizer.path), str(cache)],
@@ -280,7 +280,7 @@ def test_a_killed_build_leaves_its_folder_and_the_next_run_removes_it(tokenizer,
 
 def test_a_killed_tokenizer_training_leaves_files_the_next_training_removes(text_corpus, tmp_path, capfd):
     from fmtrain.data.tokens import cached_tokenizer
-    from fmtrain.errors import owner_tag
+    from fmtrain.leftovers import owner_tag
 
     cache = tmp_path / "cache"
     (cache / "tokenizers").mkdir(parents=True)

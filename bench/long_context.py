@@ -148,9 +148,9 @@ def eval_len_of(args, spec: str, model_cfg) -> int:
 def evaluate(args, spec: str, run_dir: Path) -> dict:
     """Loss by position bucket of one trained arm: sums and counts, so buckets can be merged."""
     from fmtrain.attention.cpu import adapt_torch_threads
-    from fmtrain.export import load_model
+    from fmtrain.export import load_trained
 
-    model, cfg = load_model(run_dir)
+    model, cfg = load_trained(run_dir)
     adapt_torch_threads()
     length = eval_len_of(args, spec, cfg.model)
     docs = (held_out_documents(cfg, args.min_doc_len) if args.eval_docs == "heldout"

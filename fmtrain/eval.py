@@ -71,7 +71,7 @@ def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int |
 
 def main(argv=None) -> int:
     from .checkpoint import resolve
-    from .export import load_config_of, load_model
+    from .export import load_config_of, load_trained
     from .data import loaders_for
     from .errors import UserError
     from .parallel import World
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     if data.val is None:
         raise UserError(f"data.corpus = {cfg.data.corpus} holds no documents out for evaluation "
                         f"(data.val_fraction = {cfg.data.val_fraction} selected none)")
-    model, _ = load_model(ckpt)
+    model, _ = load_trained(ckpt)
     model.to(device)
     if device.type == "cpu":
         from .attention.cpu import adapt_torch_threads
@@ -214,7 +214,7 @@ def _held_out_and_model(args, ckpt, cfg, device):
     """The run's held-out documents (token arrays, longest first) and its model, on ``device``."""
     from . import by_position
     from .errors import UserError
-    from .export import load_model
+    from .export import load_trained
 
     try:
         docs = by_position.held_out_documents(cfg, args.min_doc_len, str(ckpt / "tokenizer.model"))
@@ -223,7 +223,7 @@ def _held_out_and_model(args, ckpt, cfg, device):
     if not docs:
         raise UserError(f"data.corpus = {cfg.data.corpus} holds no held-out document of at least "
                         f"{args.min_doc_len} tokens; lower --min-doc-len or raise data.val_fraction")
-    model, _ = load_model(ckpt)
+    model, _ = load_trained(ckpt)
     model.to(device).eval()
     if device.type == "cpu":
         from .attention.cpu import adapt_torch_threads

@@ -1,7 +1,7 @@
 """The model alone, outside the training state: read a checkpoint's model back (any ZeRO
 stage, or a model-only export) and write a model-only export.
 
-    model, cfg = load_model("runs/tiny-gpt")        # newest valid checkpoint, fp32, CPU, eval mode
+    model, cfg = load_trained("runs/tiny-gpt")        # newest valid checkpoint, fp32, CPU, eval mode
     python -m fmtrain.export runs/tiny-gpt OUT       # model.safetensors, config.toml, tokenizer
 
 What ``fmtrain.eval``, ``fmtrain.generate``, ``model.init_from`` and the Hugging Face
@@ -48,7 +48,7 @@ def load_config_of(ckpt: str | os.PathLike | Checkpoint) -> Config:
     return resolve(ckpt).config
 
 
-def load_model(ckpt: str | os.PathLike | Checkpoint):
+def load_trained(ckpt: str | os.PathLike | Checkpoint):
     """The model of a checkpoint, a run (its newest) or a model-only export, with its weights
     (fp32, on the CPU, in eval mode), and the config it was trained with: ``(model, config)``.
     What ``fmtrain.eval`` and ``fmtrain.generate`` run."""

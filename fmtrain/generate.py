@@ -206,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .attention.hierarchy import num_levels
     from .checkpoint import resolve
-    from .export import load_config_of, load_model
+    from .export import load_config_of, load_trained
     from .data import load_tokenizer
 
     args = _parser().parse_args(argv)
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
                         "them (summary='m2m' models run at any length)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    model, _ = load_model(ckpt)
+    model, _ = load_trained(ckpt)
     model.to(device=device, dtype=dtype)
     if len(prompt) > cfg.data.seq_len:
         print(f"note: the prompt has {len(prompt)} tokens, more than the {cfg.data.seq_len} the model was trained "

@@ -16,7 +16,7 @@ import torch
 
 from fmtrain.checkpoint import META, validate, write_meta
 from fmtrain.leftovers import owner_tag
-from fmtrain.export import ExportError, export, load_model, load_model_state
+from fmtrain.export import ExportError, export, load_model_state, load_trained
 from tests.conftest import kill_when
 from tests.e2e.test_hardening import ENV, assert_one_error_line, snapshot
 
@@ -119,7 +119,7 @@ def test_force_replaces_the_exports_files_and_keeps_the_users(src, tmp_path):
     (out / "notes.txt").write_text("edited later\n")
     (out / "plots" / "loss.png").unlink()
     validate(out)
-    model, _ = load_model(out)
+    model, _ = load_trained(out)
     want = load_model_state(src)
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
     assert leftovers(tmp_path) == [] and leftovers(out) == []

@@ -553,7 +553,7 @@ def test_eval_by_position_buckets_every_held_out_token_once(tmp_path, run):
     import numpy as np
 
     from fmtrain.by_position import held_out_documents, nll_by_position
-    from fmtrain.export import load_model
+    from fmtrain.export import load_trained
 
     cfg, rundir, ckpts = run
     out = tmp_path / "pos" / "run"
@@ -562,7 +562,7 @@ def test_eval_by_position_buckets_every_held_out_token_once(tmp_path, run):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| position | loss (nats/token)" in r.stdout and "| 1-64 |" in r.stdout and "held-out documents" in r.stderr
     result = json.loads(out.with_suffix(".json").read_text())
-    model, run_cfg = load_model(rundir)
+    model, run_cfg = load_trained(rundir)
     docs = held_out_documents(run_cfg, 1, str(max(ckpts.glob("step_*")) / "tokenizer.model"))
     assert result["n_docs"] == len(docs) and sum(result["counts"]) == sum(min(len(d), 512) - 1 for d in docs)
     want = sum(nll_by_position(model, d[:512]).sum() for d in docs)

@@ -184,12 +184,12 @@ def _check_args(args) -> None:
 
     if args.keys is not None and not 1 <= args.keys <= len(KEYS):
         raise UserError(f"--keys {args.keys}: give a whole number from 1 to {len(KEYS)} (leave it out: 1)")
-    if args.lengths is not None:
-        _parse_list("--lengths", args.lengths, int, lambda x: x >= MIN_NEEDLE_LEN, "a length",
-                    f"give prompt lengths in tokens, each at least {MIN_NEEDLE_LEN}")
+    if args.lengths is not None:  # parsed here, once: the lists replace the text
+        args.lengths = _parse_list("--lengths", args.lengths, int, lambda x: x >= MIN_NEEDLE_LEN, "a length",
+                                   f"give prompt lengths in tokens, each at least {MIN_NEEDLE_LEN}")
     if args.depths is not None:
-        _parse_list("--depths", args.depths, float, lambda x: 0 <= x <= 1, "a depth",
-                    "give --depths within [0, 1] (0: the prompt's start, 1: just before the question)")
+        args.depths = _parse_list("--depths", args.depths, float, lambda x: 0 <= x <= 1, "a depth",
+                                  "give --depths within [0, 1] (0: the prompt's start, 1: just before the question)")
 
 
 def _parse_list(flag: str, text: str, kind, ok, what: str, accepted: str) -> list:
@@ -246,10 +246,10 @@ def _needle(args, ckpt, cfg, device) -> int:
     from .data.tokenizer import load_tokenizer
     from .errors import UserError
 
-    # Checked by _check_args; the defaults here.
-    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths is not None else \
+    # Parsed and checked by _check_args; the defaults here.
+    lengths = args.lengths if args.lengths is not None else \
         sorted({max(cfg.data.seq_len, MIN_NEEDLE_LEN), max(4 * cfg.data.seq_len, MIN_NEEDLE_LEN)})
-    depths = [float(x) for x in (args.depths if args.depths is not None else DEPTHS).split(",")]
+    depths = args.depths if args.depths is not None else [float(x) for x in DEPTHS.split(",")]
     args.samples = SAMPLES if args.samples is None else args.samples
     args.keys = 1 if args.keys is None else args.keys
     docs, model = _held_out_and_model(args, ckpt, cfg, device)

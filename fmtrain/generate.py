@@ -66,6 +66,11 @@ def next_token(logits: torch.Tensor, *, temperature: float = 0.8, top_k: int | N
     ``top_k`` None or 0 and ``top_p`` None or 1: no cut. Out-of-range values raise ValueError.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """:func:`next_token` on checked arguments (generate checks them once, not at every token)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -126,7 +131,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, use_cache: boo
     out.prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
-        tok = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        tok = _sample(logits, temperature, top_k, top_p, generator)
         for b in range(B):
             if not done[b]:
                 out.ids[b].append(int(tok[b]))

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_config
+from .checkpoint import Checkpoint
 from .config import CONFIG_FILE, Config, ConfigError
 
 # Fields that steer the run but not the state it trains: applied on resume, and printed.
@@ -94,9 +93,9 @@ class Reconciled:
     applied: list[str]     # the fields of checkpoint.allow_changes that did change
 
 
-def reconcile(ckpt: Path, cfg: Config) -> Reconciled:
+def reconcile(ckpt: Checkpoint, cfg: Config) -> Reconciled:
     """Compare ``cfg`` with the checkpoint's config; ConfigError naming every refused field."""
-    old = read_config(ckpt)
+    old = ckpt.config
     allowed = set(cfg.checkpoint.allow_changes)
     notes, applied, refused = [], [], []
     for name, before, after in differences(old, cfg):

@@ -105,16 +105,21 @@ def find_checkpoints(root: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def scan(root: str | os.PathLike, checksums: bool = True) -> tuple[Path | None, list[str]]:
-    """(the newest checkpoint that validates or None, why each newer one did not)."""
+def newest_valid(root: str | os.PathLike, checksums: bool = True) -> tuple[Checkpoint | None, list[str]]:
+    """(the newest checkpoint that validates, as a :class:`Checkpoint`, or None; why each newer one did not)."""
     failures = []
     for path in reversed(find_checkpoints(root)):
         try:
-            validate(path, checksums)
-            return path, failures
+            return Checkpoint(path, validate(path, checksums)), failures
         except CheckpointError as exc:
             failures.append(str(exc))
     return None, failures
+
+
+def scan(root: str | os.PathLike, checksums: bool = True) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint folder that validates or None, why each newer one did not)."""
+    found, failures = newest_valid(root, checksums)
+    return (found.path if found else None), failures
 
 
 def latest_valid(root: str | os.PathLike, checksums: bool = True) -> Path | None:
@@ -221,11 +226,11 @@ def resolve(path: str | os.PathLike | Checkpoint) -> Checkpoint:
         return Checkpoint(path, validate(path))
     failures: list[str] = []
     for root in (path, path / "checkpoints"):
-        found, failed = scan(root)
+        found, failed = newest_valid(root)
         if found:
             for reason in failed:
                 warnings.warn(f"skipping checkpoint: {reason}", stacklevel=2)
-            return Checkpoint(found, validate(found, checksums=False))  # scan checked its CRC-32s
+            return found
         failures += failed
     if failures:
         listed = "\n".join(f"  - {reason}" for reason in failures)
@@ -235,5 +240,5 @@ def resolve(path: str | os.PathLike | Checkpoint) -> Checkpoint:
 
 
 __all__ = ["META", "CheckpointError", "Checkpoint", "resolve", "read_config", "validate", "write_meta", "crc32",
-           "checksums", "file_sizes", "find_checkpoints", "scan", "latest_valid", "latest_valid_by_size",
+           "checksums", "file_sizes", "find_checkpoints", "newest_valid", "scan", "latest_valid", "latest_valid_by_size",
            "valid_by_size", "none_valid_error", "step_dir", "prune"]

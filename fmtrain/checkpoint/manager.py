@@ -42,8 +42,8 @@ import torch
 from .. import engine as engine_state
 from ..config import Config, save_config
 from ..errors import no_space
-from .format import CheckpointError, latest_valid_by_size, none_valid_error, prune, scan, step_dir, validate, \
-    write_meta
+from .format import Checkpoint, CheckpointError, latest_valid_by_size, newest_valid, none_valid_error, prune, \
+    step_dir, write_meta
 from .state import TrainState
 
 
@@ -86,14 +86,14 @@ def _broadcast(world, value):
     return box[0]
 
 
-def find_resume(root: Path, world) -> Path | None:
+def find_resume(root: Path, world) -> Checkpoint | None:
     """The checkpoint to resume from, the same on every rank (rank 0 validates, checksums included).
 
     None when there is none; CheckpointError when there are checkpoints and none validates.
     """
     found = failures = None
     if world.is_main:
-        found, failures = scan(root)
+        found, failures = newest_valid(root)
         if found is not None and failures:
             for reason in failures:
                 print(f"warning: skipping checkpoint: {reason}", file=sys.stderr, flush=True)
@@ -182,13 +182,13 @@ class Checkpointer:
         raise CheckpointError(f"another rank failed writing checkpoint {tmp} (see its message); {kept}")
 
     # ------------------------------------------------------------------ load
-    def resume(self, engine, loader, state: TrainState, path: Path | None = None) -> Path | None:
-        """Load ``path`` (default: the newest valid checkpoint) into ``engine``, ``loader`` and
-        ``state``; None if there is none."""
-        path = path or find_resume(self.root, self.world)
-        if path is None:
+    def resume(self, engine, loader, state: TrainState, found: Checkpoint | None = None) -> Path | None:
+        """Load ``found`` (default: the newest valid checkpoint, :func:`find_resume`) into ``engine``,
+        ``loader`` and ``state``; its folder, or None if there is none."""
+        found = found or find_resume(self.root, self.world)
+        if found is None:
             return None
-        meta = validate(path, checksums=False)  # rank 0 checked the checksums (find_resume)
+        path, meta = found.path, found.meta
         w = self.world
         if meta["sp_size"] != w.sp_size:
             raise CheckpointError(

@@ -260,7 +260,10 @@ def _config_file(path: Path) -> Path:
         return path
     shipped = PROJECT / path
     if not path.is_absolute() and shipped.is_file() and (PROJECT / "configs").is_dir():
-        print(f"config: {path} is not in {Path.cwd()}; using fmtrain's own {shipped}", file=sys.stderr)
+        from ..errors import is_rank_zero
+
+        if is_rank_zero():  # once per job, not once per rank
+            print(f"config: {path} is not in {Path.cwd()}; using fmtrain's own {shipped}", file=sys.stderr)
         return shipped
     folder = Path("configs") if Path("configs").is_dir() else PROJECT / "configs"
     hint = f" Configs in {folder}: {', '.join(sorted(p.name for p in folder.glob('*.toml')))}." \

@@ -252,8 +252,7 @@ def _no_space(exc: BaseException, what: str, cache_dir: Path, where: Path) -> Co
 
 def _build_into_place(corpus: Corpus, tokenizer: Tokenizer, target: Path, progress: bool) -> None:
     """Build in a temporary sibling folder, then rename it to `target` (atomic; first one wins)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(target.parent, _ENTRY_TMP, "a token cache build", warn=False)
+    target.parent.mkdir(parents=True, exist_ok=True)  # a killed build's leftovers: removed by cached_tokens
     tmp = target.parent / temp_name(f"{target.name}.tmp-")
     shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from a build that failed half-way
     try:

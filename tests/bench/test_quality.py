@@ -100,8 +100,16 @@ def test_long_context_quick_buckets_every_position_once_and_reuses_runs(tmp_path
         assert all(math.isfinite(s) and s > 0 for s, c in zip(r["sums"], r["counts"]) if c)
         assert all(s == 0 for s, c in zip(r["sums"], r["counts"]) if not c)
         assert math.isfinite(r["trainer_eval_loss"])
+    done = {r["arm"]: Path(r["run_dir"]) / "long_context_run.json" for r in result["rows"]}
+    stamps = {arm: (p.read_text(), p.stat().st_mtime_ns) for arm, p in done.items()}
     again = run_bench("long_context.py", tmp_path, "--arms", arms, "--work-dir", work)  # reuses the runs
-    assert [r["sums"] for r in again["rows"]] == [r["sums"] for r in result["rows"]]
+    assert {arm: (p.read_text(), p.stat().st_mtime_ns) for arm, p in done.items()} == stamps  # not retrained
+    for first, second in zip(result["rows"], again["rows"]):
+        # Same weights, same documents. Not bitwise: evaluation sets torch's thread count from the
+        # machine's load (fmtrain.attention.cpu), and a matmul summed over another split of threads
+        # differs in float32's last bits (CI saw 2e-11 relative); a retrained model differs by far more.
+        assert second["sums"] == pytest.approx(first["sums"], rel=1e-7, abs=0), first["arm"]
+        assert second["counts"] == first["counts"], first["arm"]
 
 
 @pytest.mark.slow

@@ -12,7 +12,13 @@ and bytes do not depend on the weights. For each context ``n``:
 - ``sdpa``: its key/value cache filled with random keys and values of ``n`` tokens (a real
   prefill would be the O(n^2) full forward), where they fit in ``--sdpa-max-gib``; beyond,
   its bytes by formula;
-- ``recompute``: one full forward over ``n`` tokens per new token, for ``n <= --recompute-max``.
+- ``recompute``: one full forward over ``n`` tokens per new token, for ``n <= --recompute-max``;
+- ``fma-refineK`` for each ``--refine K``: the same model with adaptive refinement, whose cache
+  also keeps every window's summaries (hot) and the fine keys and values it fetches opened blocks
+  from (the store: ``--refine-store host`` keeps it in host memory). A real prefill up to
+  ``--refine-prefill-max`` tokens (the refined forward is slow on CPU); beyond, each layer's
+  cache is filled from random queries, keys and values of ``n`` tokens, which costs the decode
+  step the same (the selection's work does not depend on the values).
 Per-token latency is the median over the decode steps, after 4 warm-up steps. Prints a table
 and writes ``<--out>/generate-<tag>.json`` and a plot beside it (bench/_results.py: ``$OUT``, else
 ``bench/results/``; the tag ``cpu``, ``quick``, or the CUDA card and the date).
@@ -32,11 +38,11 @@ from _harness import time_call
 WARMUP = 4
 
 
-def _model(cfg_path: str, attention: str, device, dtype):
+def _model(cfg_path: str, attention: str, device, dtype, refine: int = 0):
     from fmtrain.config import load_config
     from fmtrain.model import build_model
 
-    cfg = load_config(cfg_path, [f"--model.attention={attention}"])
+    cfg = load_config(cfg_path, [f"--model.attention={attention}", f"--model.refine={refine}"])
     torch.manual_seed(0)
     return build_model(cfg.model).to(device=device, dtype=dtype).eval(), cfg.model
 
@@ -65,6 +71,46 @@ def bench_fma(cfg_path, n, steps, device, dtype, attention="fma") -> dict:
     prefill_s, (logits, cache) = time_call(lambda: model.prefill(ids), device)
     times = _decode_latency(model, cache, logits, steps, device)
     return _row(attention, n, times, cache.nbytes(), prefill_s=prefill_s)
+
+
+@torch.no_grad()
+def bench_refined(cfg_path, n, refine, steps, device, dtype, prefill_max, store) -> dict:
+    from fmtrain.model import DecodeCache
+
+    model, mcfg = _model(cfg_path, "fma", device, dtype, refine)
+    store_device = torch.device("cpu") if store == "host" else None
+    if n <= prefill_max:
+        ids = torch.randint(0, mcfg.vocab_size, (1, n), device=device)
+        prefill_s, (logits, cache) = time_call(lambda: model.prefill(ids, store_device), device)
+        note = None
+    else:
+        layers = []
+        for block in model.trunk.blocks:
+            q = torch.randn(1, mcfg.n_heads, n, mcfg.head_dim, device=device, dtype=dtype)
+            k, v = (torch.randn(1, mcfg.kv_heads, n, mcfg.head_dim, device=device, dtype=dtype) for _ in range(2))
+            layers.append(block.attn.new_cache(store_device).prefill(q, k, v))
+        cache, logits = DecodeCache(layers, n), torch.zeros(1, mcfg.vocab_size, device=device)
+        prefill_s, note = None, "caches filled from random q, k, v of n tokens (no prefill timed)"
+    nbytes, store_bytes = cache.nbytes(), cache.cold_nbytes()  # at n tokens, as sdpa's
+    times = _decode_latency(model, cache, logits, steps, device)
+    return _row(f"fma-refine{refine}", n, times, nbytes, store_bytes=store_bytes, refine=refine,
+                store=store, prefill_s=prefill_s, **({"note": note} if note else {}))
+
+
+def refined_table(rows: list[dict]) -> str:
+    """Refined rows beside plain fma at each context: latency, hot bytes and the store's."""
+    get = {(r["kind"], r["context"]): r for r in rows}
+    lines = [f"{'context':>9} | {'K':>2} | {'ms/tok':>7} {'x fma':>6} | {'hot MiB':>8} {'store MiB':>9} | "
+             f"{'prefill s':>9}"]
+    for r in sorted((r for r in rows if r["kind"].startswith("fma-refine")), key=lambda r: (r["context"], r["refine"])):
+        plain = get.get(("fma", r["context"]))
+        ratio = r["ms_per_token"] / plain["ms_per_token"] if plain and plain["ms_per_token"] else None
+        hot = (r["cache_bytes"] - r["store_bytes"]) / 2**20
+        pre = f"{r['prefill_s']:9.2f}" if r.get("prefill_s") is not None else "-".rjust(9)
+        lines.append(f"{r['context']:>9} | {r['refine']:>2} | {r['ms_per_token']:7.2f} "
+                     f"{ratio if ratio is not None else float('nan'):6.2f} | {hot:8.2f} "
+                     f"{r['store_bytes'] / 2**20:9.2f} | {pre}")
+    return "\n".join(lines)
 
 
 def _sdpa_bytes(mcfg, n, dtype) -> int:
@@ -155,7 +201,9 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, colour in (("fma", "C0"), ("sdpa", "C1"), ("recompute", "C2")):
+    kinds = ["fma", "sdpa", "recompute"] + sorted({r["kind"] for r in rows if r["kind"].startswith("fma-refine")})
+    for i, kind in enumerate(kinds):
+        colour = f"C{i}"
         rs = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["context"])
         lat = [(r["context"], r["ms_per_token"]) for r in rs if r["ms_per_token"]]
         if lat:
@@ -183,6 +231,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sdpa-max-gib", type=float, default=8.0, help="largest sdpa cache held in memory")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--refine", type=int, nargs="*", default=[4],
+                    help="refined models timed too, one per K (default 4; none: --refine with no value)")
+    ap.add_argument("--refine-prefill-max", type=int, default=16384,
+                    help="largest context a refined model prefills for real (beyond: caches from random q, k, v)")
+    ap.add_argument("--refine-store", choices=("device", "host"), default="device",
+                    help="where refined caches keep the fine keys and values (host: main memory)")
     ap.add_argument("--quick", action="store_true", help="contexts 1k and 4k, 16 tokens")
     add_result_arguments(ap)
     args = ap.parse_args(argv)
@@ -203,12 +257,20 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"  {kind:>9} {n:>8}: {row['ms_per_token'] or float('nan'):.2f} ms/token, "
                   f"{row['cache_bytes'] / 2**20:.2f} MiB", flush=True)
+        for K in args.refine:
+            row = bench_refined(args.config, n, K, args.tokens, device, dtype, args.refine_prefill_max,
+                                args.refine_store)
+            rows.append(row)
+            print(f"  {row['kind']:>9} {n:>8}: {row['ms_per_token']:.2f} ms/token, {row['cache_bytes'] / 2**20:.2f} "
+                  f"MiB ({row['store_bytes'] / 2**20:.2f} MiB store)", flush=True)
     stem = result_stem("generate", args, device)
     config = Path(args.config).resolve()
     info = meta(args, config=str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config,
                 device=args.device if device.type == "cpu" else torch.cuda.get_device_name(device),
                 dtype=args.dtype, batch=1)
     text, fl = table(rows), floors(rows)
+    if args.refine:
+        text += "\n\nadaptive refinement (store: " + args.refine_store + ")\n" + refined_table(rows)
     print(text)
     print("\n".join(fl))
     out = write_results(stem, dict(meta=info, rows=rows, table=text, floors=fl))

@@ -95,18 +95,21 @@ class Generation:
     decode_s: float = 0.0
     decoded: int = 0  # decode steps taken
     cache_bytes: int = 0
+    store_bytes: int = 0  # of cache_bytes: refined layers' fine key/value store (``store_device``)
 
 
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, use_cache: bool = True,
              temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, generator: torch.Generator | None = None,
-             on_token=None) -> Generation:
+             on_token=None, store_device=None) -> Generation:
     """Continue ``prompt`` (B, n) token ids, all prompts of one length, by up to
     ``max_new_tokens`` tokens each; a sequence stops at ``eos_id`` (kept in its ids).
 
     ``use_cache=False`` runs the full forward over the context for every token (the
     oracle). ``on_token(step, tokens (B,))`` is called after every new token.
+    ``store_device``: where refined layers (``model.refine > 0``) keep the context's fine keys
+    and values (default the model's device; ``"cpu"``: host memory, K blocks fetched per token).
     Prompts of different lengths: call once per length (a batch shares its position
     in the hierarchy, and left padding would move every position).
     ``max_new_tokens=0`` returns no tokens without running the model; arguments out of
@@ -124,7 +127,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, use_cache: boo
         return out
     t0 = time.perf_counter()
     if use_cache:
-        logits, cache = model.prefill(ids)
+        logits, cache = model.prefill(ids, store_device)
     else:
         logits = model.logits(ids)[:, -1]
     _sync(device)
@@ -150,7 +153,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, use_cache: boo
     _sync(device)
     out.decode_s = time.perf_counter() - t0
     if use_cache:
-        out.cache_bytes = cache.nbytes()
+        out.cache_bytes, out.store_bytes = cache.nbytes(), cache.cold_nbytes()
     return out
 
 
@@ -203,6 +206,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
     ap.add_argument("--no-cache", action="store_true",
                     help="re-run the whole context for every token (slow; the reference the cache matches)")
+    ap.add_argument("--refine-store", choices=("device", "host"), default="device",
+                    help="models with model.refine > 0: where the cache keeps the context's fine keys and values, "
+                         "from which each token fetches the blocks it opens (host: main memory; default device)")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                     help="weights and activations (default: bf16 on CUDA, fp32 on CPU)")
     return ap
@@ -250,11 +256,6 @@ def main(argv=None) -> int:
     if len(prompt) > cfg.data.seq_len:
         print(f"note: the prompt has {len(prompt)} tokens, more than the {cfg.data.seq_len} the model was trained "
               "on; it is used whole", file=sys.stderr)
-
-    if not args.no_cache and not model.has_decoding_cache:
-        print("note: model.refine > 0 has no decoding cache yet; recomputing the context for every token "
-              "(as --no-cache)", file=sys.stderr)
-        args.no_cache = True
     stream = TextStream(tok)
     sys.stdout.write(prompt_text)
     temperature = 0.0 if args.greedy else args.temperature
@@ -263,7 +264,8 @@ def main(argv=None) -> int:
                           temperature=temperature, top_k=args.top_k or None, top_p=args.top_p,
                           eos_id=None if args.ignore_eos else tok.eos_id,
                           generator=torch.Generator().manual_seed(args.seed),
-                          on_token=lambda step, t: stream.add(int(t[0])))
+                          on_token=lambda step, t: stream.add(int(t[0])),
+                          store_device="cpu" if args.refine_store == "host" else None)
     except KeyboardInterrupt:  # Ctrl-C: the text so far, ended as a finished one is (run_command: exit 130)
         stream.close()
         raise
@@ -282,6 +284,8 @@ def _speed_report(result: Generation, prompt_tokens: int, max_new_tokens: int, n
         return f"{tokens / seconds:,.1f} tok/s" if seconds > 0 else "- tok/s"
 
     how = "recompute (no cache)" if no_cache else f"cache {result.cache_bytes / 2**20:.2f} MiB"
+    if result.store_bytes and not no_cache:
+        how += f" ({result.store_bytes / 2**20:.2f} MiB of it the refined layers' key/value store)"
     decode = f"decode {result.decoded} tokens" + (f" at {rate(result.decoded, result.decode_s)}" if result.decoded
                                                   else " (the first token comes from the prefill)")
     return f"prefill {prompt_tokens} tokens in {result.prefill_s:.2f} s ({rate(prompt_tokens, result.prefill_s)}); " \

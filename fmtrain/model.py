@@ -85,9 +85,9 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), positions)  # (B, n, dim)
         return x + self.mlp(self.norm2(x))
 
-    def prefill(self, x: torch.Tensor):
+    def prefill(self, x: torch.Tensor, store_device=None):
         """The forward at positions ``0..n-1`` and the attention's decoding cache."""
-        y, cache = self.attn.prefill(self.norm1(x))
+        y, cache = self.attn.prefill(self.norm1(x), store_device)
         x = x + y
         return x + self.mlp(self.norm2(x)), cache
 
@@ -126,6 +126,10 @@ class DecodeCache:
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers)
+
+    def cold_nbytes(self) -> int:
+        """Bytes of the refined layers' fine key/value stores (which may live in host memory)."""
+        return sum(c.cold_nbytes() for c in self.layers if hasattr(c, "cold_nbytes"))
 
 
 # --------------------------------------------------------------------------- loss
@@ -273,17 +277,19 @@ class LanguageModel(nn.Module):
         return logits if logits.dtype == torch.float64 else logits.float()
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, DecodeCache]:
+    def prefill(self, input_ids: torch.Tensor, store_device=None) -> tuple[torch.Tensor, DecodeCache]:
         """One pass over prompts ``input_ids`` (B, n), all of one length, from position 0:
         ``(logits of the next token (B, vocab), cache)``. Only the last position's logits are
         formed. Prompts of different lengths: prefill them separately (or group them by length);
-        a batch shares one position in the hierarchy."""
+        a batch shares one position in the hierarchy. ``store_device``: where refined layers
+        (``refine > 0``) keep the fine keys and values they fetch opened blocks from (default:
+        the model's device; ``"cpu"`` keeps them in host memory)."""
         self._check_decodable()
         self._check_ids(input_ids)
         x = self.trunk.tok_emb(input_ids)  # (B, n, dim)
         caches = []
         for block in self.trunk.blocks:
-            x, cache = block.prefill(x)
+            x, cache = block.prefill(x, store_device)
             caches.append(cache)
         return self._next_logits(x[:, -1:]), DecodeCache(caches, input_ids.shape[1])
 
@@ -306,14 +312,6 @@ class LanguageModel(nn.Module):
         if not self.causal:
             raise ValueError("prefill/decode need a causal LM; a masked LM (model.kind='mlm') predicts "
                              "masked tokens in place and does not generate")
-        if not self.has_decoding_cache:
-            raise ValueError("model.refine > 0 has no decoding cache yet: generate by recomputing the context "
-                             "(generate(..., use_cache=False), fmtrain.generate --no-cache)")
-
-    @property
-    def has_decoding_cache(self) -> bool:
-        """Whether :meth:`prefill`/:meth:`decode` work; otherwise decode by recomputing the context."""
-        return not (self.cfg.attention == "fma" and self.cfg.refine)
 
     def num_params(self, embedding: bool = True) -> int:
         """Parameters, shared ones once; without the input embedding if ``embedding=False``."""

@@ -25,17 +25,20 @@ def _model(seed=0, dtype=torch.float64, **kw):
 
 
 @pytest.mark.parametrize("kw", [dict(attention="fma"), dict(attention="fma", variant="linear", summary="mean"),
-                                dict(attention="local"), dict(attention="sdpa")],
-                         ids=lambda kw: "-".join(kw.values()))
+                                dict(attention="fma", refine=2), dict(attention="local"), dict(attention="sdpa")],
+                         ids=lambda kw: "-".join(map(str, kw.values())))
 def test_cache_and_recompute_give_the_same_tokens(kw):
-    """Greedy, and sampling with one seed: the cache changes the speed, not the text."""
+    """Greedy, and sampling with one seed: the cache changes the speed, not the text (a refined
+    model's key/value store on the host, as ``--refine-store host`` puts it)."""
     model = _model(**kw)
     prompt = torch.randint(0, 61, (2, 21), generator=torch.Generator().manual_seed(3))
     for sampling in (dict(temperature=0.0), dict(temperature=1.0, top_k=20, top_p=0.9)):
-        a = generate(model, prompt, 40, use_cache=True, generator=torch.Generator().manual_seed(7), **sampling)
+        a = generate(model, prompt, 40, use_cache=True, generator=torch.Generator().manual_seed(7), **sampling,
+                     store_device="cpu")
         b = generate(model, prompt, 40, use_cache=False, generator=torch.Generator().manual_seed(7), **sampling)
         assert a.ids == b.ids and len(a.ids[0]) == 40, sampling
         assert a.cache_bytes > 0 and a.decoded == 39
+        assert (a.store_bytes > 0) == bool(kw.get("refine"))
 
 
 def test_generation_stops_at_eos_per_sequence():

@@ -309,6 +309,8 @@ def test_step_at_131072_tokens_under_8_gib(config):
 # --------------------------------------------------------------------------- decoding
 DECODERS = [dict(attention="fma", variant=v, summary=s) for v in ("nlogn", "linear") for s in ("m2m", "mean", "conv")]
 DECODERS += [dict(attention="local"), dict(attention="sdpa")]
+REFINED = [dict(attention="fma", summary=s, refine=2) for s in ("m2m", "conv")]
+REFINED += [dict(attention="fma", summary="m2m", refine=3, level_offset=True, n_kv_heads=2)]
 
 
 def _decoder_name(kw):
@@ -316,11 +318,11 @@ def _decoder_name(kw):
 
 
 def _perturbed(model, seed=5):
-    """Learned summaries away from their mean init, so that the kinds differ."""
+    """Learned summaries away from their mean init, so that the kinds differ; level offsets away from 0."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, prm in model.named_parameters():
-            if ".summaries." in name:
+            if ".summaries." in name or name.endswith(".level_offset"):
                 prm.add_(0.2 * torch.randn(prm.shape, generator=g, dtype=prm.dtype))
     return model
 
@@ -346,7 +348,7 @@ def _decoded_logits(model, ids, n0):
     return torch.stack(out, dim=1)  # (B, n - n0, V): the logits after each prefix
 
 
-@pytest.mark.parametrize("kw", DECODERS, ids=_decoder_name)
+@pytest.mark.parametrize("kw", DECODERS + REFINED, ids=_decoder_name)
 def test_cached_decoding_equals_full_forward(kw):
     """prefill + decode give the full forward's logits at every position (float64, 1e-10),
     prompts on and off block and window boundaries, GQA, several coarse levels."""
@@ -359,7 +361,7 @@ def test_cached_decoding_equals_full_forward(kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kw", DECODERS[:6], ids=_decoder_name)
+@pytest.mark.parametrize("kw", DECODERS[:6] + REFINED[:1], ids=_decoder_name)
 def test_cached_decoding_across_nine_levels(kw):
     """Block 4, rank 2, 2100 tokens: 9 coarse levels crossed while decoding."""
     model = _perturbed(build(**kw, block_size=4, n_layers=1, max_seq_len=4096))
@@ -386,9 +388,9 @@ def test_decoding_refuses_a_masked_lm():
         model.prefill(batch(n=8, B=1)[0])
 
 
-def test_refined_model_trains_and_generates_without_a_cache():
+def test_refined_model_trains_and_generates_with_its_cache():
     """model.refine reaches every layer: the same weights give other logits and their own
-    gradients; the decoding cache refuses it with the way out, and recomputation generates."""
+    gradients; generation with the decoding cache equals recomputing the context."""
     from fmtrain.generate import generate
     plain, refined = build(), build(refine=2)
     refined.load_state_dict(plain.state_dict())
@@ -397,8 +399,7 @@ def test_refined_model_trains_and_generates_without_a_cache():
     loss_sum, count = refined(ids, targets)
     (loss_sum / count).backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in refined.parameters() if p.requires_grad)
-    assert plain.has_decoding_cache and not refined.has_decoding_cache
-    with pytest.raises(ValueError, match="no decoding cache yet.*use_cache=False"):
-        refined.prefill(ids[:1])
-    out = generate(refined, ids[:1, :150], 3, use_cache=False, temperature=0.0)
-    assert len(out.ids[0]) == 3
+    cached = generate(refined, ids[:1, :150], 12, temperature=0.0)
+    recomputed = generate(refined, ids[:1, :150], 12, use_cache=False, temperature=0.0)
+    assert cached.ids == recomputed.ids and len(cached.ids[0]) == 12
+    assert 0 < cached.store_bytes < cached.cache_bytes

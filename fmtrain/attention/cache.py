@@ -30,6 +30,10 @@ values (the layer runs its ordinary forward over the prompt once), then
 ``step(q, k, v)`` takes one new token per sequence, ``(B, H, 1, d)`` and
 ``(B, Hkv, 1, d)``, and returns its attention output ``(B, H, 1, d)``. A batch
 holds sequences of one length (they share the hierarchy's position).
+
+:class:`RefinedCache` is adaptive refinement's (``refine > 0``): the multipole cache's hot
+state plus a store of every window's summaries and every token's key and value, from which
+each token's selection reads its ``K`` opened blocks.
 """
 from __future__ import annotations
 
@@ -39,9 +43,10 @@ from collections import deque
 import torch
 
 from .blocked import merge
-from .hierarchy import coarse_windows, num_levels
+from .hierarchy import coarse_windows, extend, num_levels, truncate
+from .refine import far_attention, select
 from .summaries import Summaries, hierarchy
-from .torch_core import acc_dtype
+from .torch_core import Scratch, acc_dtype
 
 
 def _attend(q, k, v, bias, extra=None):
@@ -164,9 +169,18 @@ class MultipoleCache:
         if self.linear:
             self.fine_q[:, :, r] = q[:, :, 0]
         qg = q.reshape(self.B, self.Hkv, self.G, self.d).to(self.acc) * self.scale
-        out = _attend(qg, self.keys, self.values, self.bias, extra=self.coarse if self.linear else None)
+        out = _attend(qg, self.keys, self.values, self.bias, extra=self._far_field(q))
         self._append(k, v)
         return out.reshape(self.B, self.H, 1, self.d).to(q.dtype)
+
+    def _far_field(self, q: torch.Tensor):
+        """What the token sees besides the keys of ``self.keys``, as a partial ``(lse, out)``, or
+        None: the linear variant's coarse levels (one per block); :class:`RefinedCache`'s far field."""
+        return self.coarse if self.linear else None
+
+    def _window_done(self, level: int, c: int, zk: torch.Tensor, zv: torch.Tensor) -> None:
+        """Window ``c`` of ``level`` is complete, with summaries ``zk, zv`` (B, Hkv, p, d): a hook
+        for caches that keep every window (:class:`RefinedCache`)."""
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Advance the state past the token just attended (its keys are in the fine slots)."""
@@ -182,6 +196,7 @@ class MultipoleCache:
                     if len(self.levels) < l:
                         self.levels.append(deque(maxlen=3))
                     self.levels[l - 1].append((t // w_l, part[0], part[1]))
+                    self._window_done(l, t // w_l, part[0], part[1])
                     self.partial[l - 1] = [torch.zeros_like(part[0]), torch.zeros_like(part[1])]
         if (t + 1) % m == 0:
             self._finish_block(t // m)
@@ -192,21 +207,25 @@ class MultipoleCache:
         if self.summaries.bottom_up:  # from the block's keys in the model's dtype, as the forward's
             z = [self.summaries.leaves(x[:, :, m:2 * m].to(self.dtype).reshape(B, Hkv, 1, m, d), self.p, w)
                  for w, x in enumerate((self.keys, self.values))]  # (B, Hkv, 1, p, d)
-            self._climb(self.levels, a, z, lambda pair, w: self.summaries.parents(pair, 1, w))
+            self._climb(self.levels, a, z, lambda pair, w: self.summaries.parents(pair, 1, w),
+                        done=self._window_done)
         if self.linear:
             s = self.fine_q.sum(dim=2, keepdim=True)  # (B, H, 1, d)
             self._climb(self.qsums, a, [s], lambda pair, w: pair.sum(dim=2, keepdim=True), keep=2)
         self.keys[:, :, :m] = self.keys[:, :, m:2 * m]
         self.values[:, :, :m] = self.values[:, :, m:2 * m]
 
-    def _climb(self, levels: list, a: int, z: list, parent, keep: int = 3) -> None:
+    def _climb(self, levels: list, a: int, z: list, parent, keep: int = 3, done=None) -> None:
         """Add window ``a`` of level 1 with values ``z`` (a list of (B, *, 1, ...) tensors), then each
-        parent it completes (an odd window completes its parent), formed by ``parent(pair, which)``."""
+        parent it completes (an odd window completes its parent), formed by ``parent(pair, which)``;
+        ``done(level, window, *values)`` is told of each."""
         c, l = a, 1
         while self.max_level is None or l <= self.max_level:
             if len(levels) < l:
                 levels.append(deque(maxlen=keep))
             levels[l - 1].append((c, *(x[:, :, 0] for x in z)))
+            if done is not None:
+                done(l, c, *(x[:, :, 0] for x in z))
             if c % 2 == 0:
                 return
             (c0, *left), (c1, *right) = levels[l - 1][-2], levels[l - 1][-1]
@@ -293,6 +312,138 @@ class MultipoleCache:
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+class RefinedCache(MultipoleCache):
+    """A causal multipole layer with adaptive refinement (``refine = K``, :mod:`.refine`).
+
+    A token's selection descends from its interaction list's windows to ``K`` fine blocks
+    anywhere before its neighbourhood. Its fine neighbourhood is :class:`MultipoleCache`'s
+    hot state, kept as there (``O(m d)``); its far field reads a *store*:
+
+    - the summaries of every complete window of every level (``2 p / m`` rows a token): the
+      selection scores the interaction list's windows and each descent's two children;
+    - the keys and values of every token: each token reads the ``K m`` of its opened blocks.
+
+    The store lives on ``store_device`` (default the compute device; ``"cpu"`` keeps it in
+    host memory, and the far field is then computed there: the query goes to the store and
+    one partial softmax per head comes back, so nothing of size ``n`` crosses). Its
+    summaries are laid out for a capacity that doubles when the sequence reaches it, its
+    keys and values grow by half again, so a token costs ``O(m + p L + K (m + p L))`` as in
+    the forward, plus an amortised copy. The selection and the far-field softmax are
+    :func:`.refine.select` and :func:`.refine.far_attention` themselves, over a hierarchy laid
+    out for the capacity: a causal query's candidates are complete windows before its own,
+    at the same indices whatever the sequence's final length, so every output equals the
+    full forward's.
+    """
+
+    def __init__(self, summaries: Summaries, *, refine: int, store_device=None, **kw):
+        super().__init__(summaries, **kw)
+        if refine < 1 or self.linear:
+            raise ValueError("RefinedCache needs refine >= 1 and variant='nlogn'; use MultipoleCache")
+        self.refine, self.store_device = refine, store_device
+        self.layout = None
+
+    @torch.no_grad()
+    def prefill(self, q, k, v) -> "RefinedCache":
+        super().prefill(q, k, v)
+        n, m = k.shape[2], self.m
+        self.store_device = torch.device(self.store_device or self.device)
+        self.ws = Scratch()
+        self.k_store = self.v_store = None
+        self._reserve_tokens(n + 1)
+        self.k_store[:, :, :n], self.v_store[:, :, :n] = k, v
+        self._lay_out(n + 1)
+        h = self._truncated(hierarchy(n, m, self.p, True))
+        if h.n_levels:  # the forward's summaries of the prompt, complete windows only
+            zk, zv = self.summaries(k, v, h)
+            for l in range(1, h.n_levels + 1):
+                rows = n // h.window_size(l) * self.p
+                src = slice(h.offsets[l - 1], h.offsets[l - 1] + rows)
+                dst = slice(self.layout.offsets[l - 1], self.layout.offsets[l - 1] + rows)
+                self.ks[:, :, dst], self.vs[:, :, dst] = zk[:, :, src], zv[:, :, src]
+        for l, entries in enumerate(self.levels, start=1):  # levels above the prompt's own: their few windows
+            for c, wk, wv in entries:
+                self._window_done(l, c, wk, wv)
+        return self
+
+    def _truncated(self, h):
+        return h if self.max_level is None else truncate(h, self.max_level)
+
+    def _reserve_tokens(self, tokens: int) -> None:
+        """Room for ``tokens`` keys and values in the store, in whole blocks, growing by half again."""
+        have = 0 if self.k_store is None else self.k_store.shape[2]
+        if tokens <= have:
+            return
+        size = -(-max(tokens, have + have // 2) // self.m) * self.m
+        new = [torch.zeros(self.B, self.Hkv, size, self.d, dtype=self.acc, device=self.store_device)
+               for _ in range(2)]
+        if have:
+            new[0][:, :, :have], new[1][:, :, :have] = self.k_store, self.v_store
+        self.k_store, self.v_store = new
+
+    def _lay_out(self, tokens: int) -> None:
+        """Lay the summaries out for at least ``tokens`` tokens (a power of two of blocks), moving
+        what they hold."""
+        if self.layout is not None and tokens <= self.layout.n:
+            return
+        m = self.m
+        blocks = 1 << max(2, (-(-tokens // m) - 1).bit_length())
+        levels = blocks.bit_length()  # a complete window of level l needs 2**(l-1) blocks
+        if self.max_level is not None:
+            levels = min(levels, self.max_level)
+        h = extend(self._truncated(hierarchy(blocks * m, m, self.p, True)), levels)
+        ks = torch.zeros(self.B, self.Hkv, h.num_summaries, self.d, dtype=self.acc, device=self.store_device)
+        vs = torch.zeros_like(ks)
+        if self.layout is not None:
+            old = self.layout
+            for l in range(1, old.n_levels + 1):
+                rows, at, was = old.windows[l - 1] * self.p, h.offsets[l - 1], old.offsets[l - 1]
+                ks[:, :, at:at + rows], vs[:, :, at:at + rows] = self.ks[:, :, was:was + rows], self.vs[:, :, was:was + rows]
+        self.layout, self.ks, self.vs = h, ks, vs
+        self.offset = None
+        if self.level_offset is not None and h.n_levels:  # (H, layout levels); levels no query sees yet: 0
+            off = self.level_offset[:, :h.n_levels].to(self.store_device, self.acc)
+            self.offset = torch.nn.functional.pad(off, (0, h.n_levels - off.shape[1]))
+
+    def _window_done(self, level: int, c: int, zk: torch.Tensor, zv: torch.Tensor) -> None:
+        at = self.layout.offsets[level - 1] + c * self.p
+        self.ks[:, :, at:at + self.p], self.vs[:, :, at:at + self.p] = zk, zv
+
+    def _coarse_of_block(self, a: int):
+        """No fixed coarse keys: the far field is chosen per token (:meth:`_far_field`)."""
+        empty = torch.zeros(self.B, self.Hkv, 0, self.d, dtype=self.acc, device=self.device)
+        return empty, empty, torch.zeros(0, dtype=self.acc, device=self.device)
+
+    @torch.no_grad()
+    def step(self, q, k, v):
+        t = self.length
+        self._check_levels(t + 1)
+        self._reserve_tokens(t + 1)
+        self._lay_out(t + 1)
+        self.k_store[:, :, t], self.v_store[:, :, t] = k[:, :, 0], v[:, :, 0]
+        return super().step(q, k, v)
+
+    def _far_field(self, q: torch.Tensor):
+        """The token's opened blocks and remaining candidates, computed where the store is:
+        ``(lse (B, Hkv, G), out (B, Hkv, G, d))`` on the compute device."""
+        h, t = self.layout, self.length
+        if not h.n_levels:
+            return None
+        q = q.to(self.store_device)
+        sel = select(q, self.ks, h, self.refine, self.scale, i0=t)  # (B, Hkv, 1, K), 2 x (B, Hkv, 1, C)
+        kb, vb = (x.view(self.B, self.Hkv, -1, self.m * self.d) for x in (self.k_store, self.v_store))
+        out, lse = far_attention(q, t + 1, self.offset, h, sel, kb, vb, self.ks, self.vs, self.weighted,
+                                 self.scale, self.ws)  # (B, Hkv, 1, G, d), (B, Hkv, 1, G, 1)
+        return lse[:, :, 0, :, 0].to(self.device), out[:, :, 0].to(self.device)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + self.cold_nbytes()
+
+    def cold_nbytes(self) -> int:
+        """Bytes of the store (on ``store_device``: every window's summaries, every token's key
+        and value); the rest is the hot state, ``O((m + p log n) d)`` as the plain cache's."""
+        return sum(x.nbytes for x in (self.ks, self.vs, self.k_store, self.v_store))
+
+
 class KVCache:
     """Full attention's key/value cache: every key and value so far, ``O(n d)`` per layer."""
 
@@ -332,4 +483,4 @@ class KVCache:
         return 2 * self.k[:, :, :self.length].numel() * self.k.element_size()
 
 
-__all__ = ["MultipoleCache", "KVCache"]
+__all__ = ["MultipoleCache", "RefinedCache", "KVCache"]

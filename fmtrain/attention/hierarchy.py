@@ -185,6 +185,19 @@ def truncate(h: Hierarchy, max_level: int) -> Hierarchy:
                    num_summaries=sum(w * h.rank for w in windows))
 
 
+def extend(h: Hierarchy, n_levels: int) -> Hierarchy:
+    """``h`` with coarse levels up to ``n_levels`` in its summary layout: the levels above its own
+    hold windows that are complete within ``h.n`` tokens but in no query's interaction list yet
+    (a causal block ``a`` sees level ``l`` only once ``a >> (l-1) >= 2``). The decoding cache lays
+    its summaries out so, where a longer sequence will look them up."""
+    if n_levels <= h.n_levels:
+        return h
+    windows = _levels(h.n, h.block_size, n_levels)
+    offsets = tuple(sum(w * h.rank for w in windows[:l]) for l in range(n_levels))
+    return replace(h, n_levels=n_levels, windows=windows, offsets=offsets,
+                   num_summaries=sum(w * h.rank for w in windows))
+
+
 @dataclass(frozen=True)
 class BlockTables:
     """Per fine block: the coarse summaries its queries see and their log-weights.

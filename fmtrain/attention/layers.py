@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache, MultipoleCache
+from .cache import KVCache, MultipoleCache, RefinedCache
 from .cpu import adapt_torch_threads
 from .rope import apply_rope, rope_angles
 from .multipole import fma
@@ -72,8 +72,9 @@ class ProjectedAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # (B, H, n, d)
 
-    def new_cache(self):
-        """An empty decoding cache for this layer (:mod:`.cache`): ``prefill(q, k, v)``, ``step(q, k, v)``."""
+    def new_cache(self, store_device=None):
+        """An empty decoding cache for this layer (:mod:`.cache`): ``prefill(q, k, v)``, ``step(q, k, v)``.
+        ``store_device``: where a cache that keeps every fine key (refinement's) keeps them."""
         raise NotImplementedError
 
     def _project_out(self, y: torch.Tensor) -> torch.Tensor:
@@ -84,9 +85,9 @@ class ProjectedAttention(nn.Module):
         return self._project_out(self.attend(*self.qkv(x, positions)))
 
     @torch.no_grad()
-    def prefill(self, x: torch.Tensor):
+    def prefill(self, x: torch.Tensor, store_device=None):
         """The forward over a prompt ``x`` (B, n, dim) at positions ``0..n-1``, and the decoding
-        cache it leaves: ``(y (B, n, dim), cache)``."""
+        cache it leaves: ``(y (B, n, dim), cache)``; ``store_device`` as :meth:`new_cache`'s."""
         if not self.causal:
             raise ValueError("decoding needs causal attention; this layer is bidirectional (a masked LM)")
         if self.sp_group is not None:
@@ -94,7 +95,7 @@ class ProjectedAttention(nn.Module):
         if x.device.type == "cpu":
             adapt_torch_threads()  # decoding is many small operations: no threads beside a busy process
         q, k, v = self.qkv(x, None)
-        return self._project_out(self.attend(q, k, v)), self.new_cache().prefill(q, k, v)
+        return self._project_out(self.attend(q, k, v)), self.new_cache(store_device).prefill(q, k, v)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor, cache) -> torch.Tensor:
@@ -154,14 +155,13 @@ class MultipoleAttention(ProjectedAttention):
                    max_level=self.max_level, group=self.sp_group, level_offset=self.level_offset,
                    refine=self.refine)
 
-    def new_cache(self) -> MultipoleCache:
+    def new_cache(self, store_device=None) -> MultipoleCache:
+        kw = dict(block_size=self.block_size, rank=self.rank, weighted=self.weighted, variant=self.variant,
+                  max_level=self.max_level,
+                  level_offset=None if self.level_offset is None else self.level_offset.detach())
         if self.refine:
-            raise ValueError("refine > 0 has no decoding cache yet (the opened blocks need the fine keys of "
-                             "the whole context); decode by recomputing the context (use_cache=False, "
-                             "fmtrain.generate --no-cache)")
-        return MultipoleCache(self.summarise, block_size=self.block_size, rank=self.rank, weighted=self.weighted,
-                              variant=self.variant, max_level=self.max_level,
-                              level_offset=None if self.level_offset is None else self.level_offset.detach())
+            return RefinedCache(self.summarise, refine=self.refine, store_device=store_device, **kw)
+        return MultipoleCache(self.summarise, **kw)
 
 
 class FullAttention(ProjectedAttention):
@@ -173,7 +173,7 @@ class FullAttention(ProjectedAttention):
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
 
-    def new_cache(self) -> KVCache:
+    def new_cache(self, store_device=None) -> KVCache:
         return KVCache()
 
 

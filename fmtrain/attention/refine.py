@@ -235,20 +235,12 @@ class FarField(torch.autograd.Function):
     def forward(ctx, q, k, v, ks, vs, off, h: Hierarchy, refine: int, weighted: bool, scale: float):
         acc = acc_dtype(q.dtype)
         B, H, n, d = q.shape
-        tabs = _tables(h, q.device)
         kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
         out = torch.empty(B, H, n, d, dtype=acc, device=q.device)
         lse = torch.empty(B, H, n, dtype=acc, device=q.device)
         sels, ws = _select_all(q, ksa, h, refine, scale), Scratch()
         for i0, i1, *sel in _far_chunks(sels, q, ks, h, refine):
-            qg, blocks, sidx, bias, _ = _far_inputs(q[:, :, i0:i1], n, off, h, tabs, *sel, weighted, acc)
-            kt, kc = _gather(kb, ksa, blocks, sidx, ws, "k")
-            s = _far_scores(qg, kt, kc, bias, scale)
-            l = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, Hkv, nq, G, 1)
-            p = torch.exp(s - torch.where(l.isinf(), 0.0, l))
-            vt, vc = _gather(vb, vsa, blocks, sidx, ws, "v")
-            Km = kt.shape[3]
-            o = p[..., :Km] @ vt + p[..., Km:] @ vc  # (B, Hkv, nq, G, d)
+            o, l = far_attention(q[:, :, i0:i1], n, off, h, sel, kb, vb, ksa, vsa, weighted, scale, ws)
             nq = i1 - i0
             out[:, :, i0:i1] = o.transpose(2, 3).reshape(B, H, nq, d)
             lse[:, :, i0:i1] = l.squeeze(-1).transpose(2, 3).reshape(B, H, nq)
@@ -301,6 +293,24 @@ class FarField(torch.autograd.Function):
         dv = dvb.view(B, Hkv, -1, d)[:, :, :n]
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dks.to(ks.dtype), dvs.to(vs.dtype),
                 None if doff is None else doff.to(off.dtype), None, None, None, None)
+
+
+def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted: bool, scale: float, ws):
+    """Softmax attention of queries q (B, H, nq, d) over their far field: the opened blocks'
+    tokens (rows of ``kb, vb`` (B, Hkv, blocks, m*d), as :func:`_blocks` lays them out) and the
+    candidates' summaries (``ksa, vsa`` (B, Hkv, T, d)); ``sel = (opened, lv, win)`` from
+    :func:`select`, ``n`` the tokens that exist. Returns ``(out (B, Hkv, nq, G, d), lse
+    (B, Hkv, nq, G, 1))`` in the accumulation dtype; lse is -inf where a query has no far field.
+    Shared by :class:`FarField` and the decoding cache (:mod:`.cache`)."""
+    acc = ksa.dtype
+    qg, blocks, sidx, bias, _ = _far_inputs(q, n, off, h, _tables(h, q.device), *sel, weighted, acc)
+    kt, kc = _gather(kb, ksa, blocks, sidx, ws, "k")
+    s = _far_scores(qg, kt, kc, bias, scale)
+    l = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, Hkv, nq, G, 1)
+    p = torch.exp(s - torch.where(l.isinf(), 0.0, l))
+    vt, vc = _gather(vb, vsa, blocks, sidx, ws, "v")
+    Km = kt.shape[3]
+    return p[..., :Km] @ vt + p[..., Km:] @ vc, l  # (B, Hkv, nq, G, d)
 
 
 def _far_scores(qg, kt, kc, bias, scale: float) -> torch.Tensor:
@@ -364,4 +374,4 @@ def refined_multipole(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: 
     return merged.to(q.dtype)
 
 
-__all__ = ["refined_multipole", "select", "FarField", "keys_per_query", "num_candidates"]
+__all__ = ["refined_multipole", "select", "far_attention", "FarField", "keys_per_query", "num_candidates"]

@@ -96,8 +96,7 @@ class FmtrainForCausalLM(PreTrainedModel, GenerationMixin):
         inputs, shifted inside) also the mean cross-entropy of the next tokens. Within ``generate()``
         with ``use_cache``: the next token's logits (B, 1, vocab) and the decoding ``cache``."""
         spans = _row_spans(attention_mask)  # None: no padding
-        # Without a decoding cache (refine > 0) every step recomputes the context: input_ids is all of it.
-        if fmtrain_generation and use_cache and self.model.has_decoding_cache:
+        if fmtrain_generation and use_cache:
             if spans is None:
                 if cache is None:
                     logits, cache = self.model.prefill(input_ids)

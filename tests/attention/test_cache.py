@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fmtrain.attention import fma
-from fmtrain.attention.cache import KVCache, MultipoleCache
+from fmtrain.attention.cache import KVCache, MultipoleCache, RefinedCache
 from fmtrain.attention.hierarchy import num_levels
 from fmtrain.attention.summaries import SUMMARY_KINDS, build_summaries
 
@@ -154,3 +154,91 @@ def test_cache_with_level_offsets_equals_forward(variant, kind):
                 q[:, :, :n0], k[:, :, :n0], v[:, :, :n0])
             torch.testing.assert_close(_decode_all(cache, q, k, v, n0), full[:, :, n0:], rtol=0, atol=1e-10,
                                        msg=lambda e: f"prompt {n0}, seed {SEED}: {e}")
+
+
+# --------------------------------------------------------------------------- adaptive refinement
+def _refined(s, m, p, K, **kw):
+    return RefinedCache(s, refine=K, block_size=m, rank=p, **kw)
+
+
+@pytest.mark.parametrize("kind,K,weighted,max_level",
+                         [(kind, K, True, None) for kind in SUMMARY_KINDS for K in (1, 3)]
+                         + [("m2m", 2, False, None), ("mean", 2, True, 2), ("conv", 2, False, 3)])
+def test_refined_cache_equals_forward(kind, K, weighted, max_level):
+    """Each token's selection and far field as in the full forward with ``refine=K``: prompts
+    from one token to several blocks, on and off block and window boundaries, GQA."""
+    m, p, n = 4, 2, 150
+    q, k, v = _inputs(n)
+    s = _summaries(kind, m, p)
+    with torch.no_grad():
+        full = fma(q, k, v, block_size=m, rank=p, summaries=s, impl="torch", refine=K, weighted=weighted,
+                   max_level=max_level)
+        for n0 in (1, 3, 4, 9, 16, 17, 33, 64, 100):
+            cache = _refined(s, m, p, K, weighted=weighted, max_level=max_level).prefill(
+                q[:, :, :n0], k[:, :, :n0], v[:, :, :n0])
+            torch.testing.assert_close(_decode_all(cache, q, k, v, n0), full[:, :, n0:], rtol=0, atol=1e-10,
+                                       msg=lambda e: f"prompt {n0}, seed {SEED}: {e}")
+
+
+@pytest.mark.parametrize("kind", ["m2m", "conv"])
+def test_refined_cache_with_level_offsets_equals_forward(kind):
+    """Offsets with exactly the sequence's levels: the cache's layout has more (levels no query
+    sees yet), which take offset 0 and change nothing."""
+    m, p, n = 4, 2, 300
+    q, k, v = _inputs(n)
+    s = _summaries(kind, m, p)
+    offset = torch.randn(4, num_levels(n, m), generator=torch.Generator().manual_seed(SEED), dtype=torch.float64)
+    with torch.no_grad():
+        full = fma(q, k, v, block_size=m, rank=p, summaries=s, impl="torch", level_offset=offset, refine=2)
+        for n0 in (1, 37, 128):
+            cache = _refined(s, m, p, 2, level_offset=offset).prefill(q[:, :, :n0], k[:, :, :n0], v[:, :, :n0])
+            torch.testing.assert_close(_decode_all(cache, q, k, v, n0), full[:, :, n0:], rtol=0, atol=1e-10,
+                                       msg=lambda e: f"prompt {n0}, seed {SEED}: {e}")
+
+
+def test_refined_cache_opening_every_block_is_softmax_attention():
+    """``refine`` at least the number of blocks: every token attends to its whole prefix exactly."""
+    m, p, n = 4, 2, 90
+    q, k, v = _inputs(n)
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), is_causal=True)
+    with torch.no_grad():
+        cache = _refined(build_summaries("m2m", n_kv_heads=2, head_dim=8, block_size=m, rank=p).double(),
+                         m, p, n // m + 1).prefill(q[:, :, :3], k[:, :, :3], v[:, :, :3])
+        torch.testing.assert_close(_decode_all(cache, q, k, v, 3), exact[:, :, 3:], rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", SUMMARY_KINDS)
+def test_refined_cache_across_many_levels_and_growths(kind):
+    """2100 tokens from a 5-token prompt: 9 coarse levels, the stores' layout doubled 9 times;
+    the fine store explicitly on the host (``store_device``)."""
+    m, p, n = 4, 2, 2100
+    q, k, v = _inputs(n, B=1)
+    s = _summaries(kind, m, p)
+    with torch.no_grad():
+        full = fma(q, k, v, block_size=m, rank=p, summaries=s, impl="torch", refine=3)
+        cache = _refined(s, m, p, 3, store_device="cpu").prefill(q[:, :, :5], k[:, :, :5], v[:, :, :5])
+        torch.testing.assert_close(_decode_all(cache, q, k, v, 5), full[:, :, 5:], rtol=0, atol=1e-10,
+                                   msg=lambda e: f"seed {SEED}: {e}")
+    assert cache.k_store.device.type == "cpu" and cache.layout.n >= n
+
+
+def test_refined_cache_float32_and_memory():
+    """float32 within 1e-5 of the forward. The store holds every token's key and value (room
+    for at most half as many again) and every window's summaries (about 2p/m rows a token, laid
+    out for at most twice the tokens); the hot state stays the plain cache's size, O((m + p L) d)."""
+    m, p, n, B, Hkv, d = 8, 2, 1100, 2, 2, 8
+    q, k, v = _inputs(n, dtype=torch.float32)
+    s = build_summaries("m2m", n_kv_heads=Hkv, head_dim=d, block_size=m, rank=p)
+    with torch.no_grad():
+        full = fma(q, k, v, block_size=m, rank=p, summaries=s, impl="torch", refine=2)
+        cache = _refined(s, m, p, 2).prefill(q[:, :, :40], k[:, :, :40], v[:, :, :40])
+        torch.testing.assert_close(_decode_all(cache, q, k, v, 40), full[:, :, 40:], rtol=0, atol=1e-5)
+    assert n <= cache.k_store.shape[2] <= 1.5 * n + m
+    assert cache.ks.shape[2] <= 2 * p * (2 * n + 2 * m) // m + 4 * p
+    row_bytes = B * Hkv * d * 4
+    assert cache.cold_nbytes() == 2 * row_bytes * (cache.k_store.shape[2] + cache.ks.shape[2])
+    hot = cache.nbytes() - cache.cold_nbytes()
+    L = num_levels(n, m)
+    assert hot <= 2 * row_bytes * (2 * m + 3 * p * L) + 4 * 2 * m  # fine slots and bias, 3 windows a level

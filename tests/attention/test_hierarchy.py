@@ -94,3 +94,18 @@ def test_num_levels_small_sequences():
     assert num_levels(129, 64) == 1
     assert num_levels(256, 64) == 1
     assert num_levels(257, 64) == 2
+
+
+def test_extend_keeps_the_layout_and_adds_levels_no_query_sees():
+    """The decoding cache's layout: levels above the sequence's own hold complete windows in no
+    interaction list yet; the levels below keep their windows and offsets."""
+    from fmtrain.attention.hierarchy import extend, hierarchy
+
+    h = hierarchy(1024, 8, 2, True)  # 128 blocks, 6 levels
+    e = extend(h, h.n_levels + 2)
+    assert e.n_levels == 8 and e.windows[:6] == h.windows and e.offsets[:6] == h.offsets
+    assert e.windows[6:] == (2, 1) and e.num_summaries == h.num_summaries + 3 * 2
+    assert e.offsets[7] == e.offsets[6] + 2 * 2
+    for level in (7, 8):
+        assert (e.window_lists(level) == -1).all()
+    assert extend(h, 3) is h

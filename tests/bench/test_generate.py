@@ -18,7 +18,11 @@ def test_generate_bench_quick(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {(r["kind"], r["context"]): r for r in result["rows"]}
-    assert set(rows) == {(k, n) for k in ("fma", "sdpa", "recompute") for n in (1024, 4096)}
+    assert set(rows) == {(k, n) for k in ("fma", "sdpa", "recompute", "fma-refine4") for n in (1024, 4096)}
+    refined = rows[("fma-refine4", 4096)]
+    # The store holds the context's keys and values (fp32: as sdpa's cache, up to the capacity's doubling).
+    assert rows[("sdpa", 4096)]["cache_bytes"] <= refined["store_bytes"] <= 2.1 * rows[("sdpa", 4096)]["cache_bytes"]
+    assert refined["cache_bytes"] - refined["store_bytes"] < 0.5 * rows[("sdpa", 4096)]["cache_bytes"]
     for (kind, n), r in rows.items():
         assert r["tokens"] >= 8 and r["ms_per_token"] > 0, r
     assert rows[("fma", 4096)]["cache_bytes"] < 0.1 * rows[("sdpa", 4096)]["cache_bytes"]

@@ -294,7 +294,7 @@ def test_padded_batch_rows_equal_each_row_alone(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_refined_fma_export_carries_refine_and_generates_by_recomputing(tmp_path, corpus):
+def test_refined_fma_export_carries_refine_and_generates_with_its_cache(tmp_path, corpus):
     import fmtrain.hf  # noqa: F401
     from fmtrain.hf import export
 
@@ -309,5 +309,5 @@ def test_refined_fma_export_carries_refine_and_generates_by_recomputing(tmp_path
     seq = ids[0, :60].tolist()
     for _ in range(5):
         seq.append(int(net.logits(torch.tensor([seq]))[0, -1].argmax()))
-    got = model.generate(ids[:, :60], max_new_tokens=5, do_sample=False, eos_token_id=None)  # use_cache: recomputes
+    got = model.generate(ids[:, :60], max_new_tokens=5, do_sample=False, eos_token_id=None)  # the refined cache
     assert got[0, 60:].tolist() == seq[60:]

@@ -12,7 +12,7 @@ from .blocked import blocked_multipole
 from .hierarchy import hierarchy, sizes_error, truncate
 from .refine import refined_multipole
 from .reference import dense_attention, dense_refined
-from .sequence_parallel import sp_fma
+from .sequence_parallel import sp_fma, sp_refined
 from .summaries import MEAN, Summaries
 
 IMPLS = ("auto", "torch", "triton", "dense")
@@ -105,14 +105,15 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     if level_offset is not None and (level_offset.dim() != 2 or level_offset.shape[0] != q.shape[1]):
         raise ValueError(f"fma: level_offset must be (heads={q.shape[1]}, levels), got {tuple(level_offset.shape)}")
     if group is not None and torch.distributed.get_world_size(group) > 1:
-        if refine:
-            raise ValueError("fma: refine > 0 has no sequence-parallel path yet (opened blocks may lie on "
-                             "other ranks); use refine=0 or one rank per sequence")
-        if level_offset is not None:
-            raise ValueError("fma: level_offset has no sequence-parallel path yet; train it with "
-                             "parallel.sequence=1")
         if impl == "dense":
             raise ValueError("fma: impl='dense' has no sequence-parallel path; use impl='torch' or 'auto'")
+        if refine:
+            return sp_refined(q, k, v, group, block_size=block_size, rank=rank, causal=causal, weighted=weighted,
+                              scale=scale, summaries=summaries, max_level=max_level, refine=refine, impl=impl,
+                              level_offset=level_offset)
+        if level_offset is not None:
+            raise ValueError("fma: level_offset has no sequence-parallel path yet (except with refine > 0); "
+                             "train it with parallel.sequence=1")
         return sp_fma(q, k, v, group, block_size=block_size, rank=rank, causal=causal, weighted=weighted,
                       scale=scale, variant=variant, summaries=summaries, max_level=max_level, impl=impl)
     h = hierarchy(n, block_size, rank, causal)

@@ -226,19 +226,22 @@ def _gather(xb, xs, blocks, sidx, ws, name: str):
 class FarField(torch.autograd.Function):
     """(q, k, v, ks, vs, off) -> (out, lse) over each query's opened blocks and candidates.
 
-    q: (B, H, n, d); k, v: (B, Hkv, n, d); ks, vs: (B, Hkv, T, d); off: (H, L) per-head level
-    offsets or None. out: (B, H, n, d) in the accumulation dtype, lse: (B, H, n) (-inf where a
-    query has no far field). Selection per chunk (:func:`select`) is kept for the backward.
+    q: (B, H, nq, d), the queries at positions ``[start, start + nq)``; k, v: (B, Hkv, n, d),
+    the whole sequence; ks, vs: (B, Hkv, T, d); off: (H, L) per-head level offsets or None.
+    out: (B, H, nq, d) in the accumulation dtype, lse: (B, H, nq) (-inf where a query has no
+    far field). Selection per chunk (:func:`select`) is kept for the backward.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, ks, vs, off, h: Hierarchy, refine: int, weighted: bool, scale: float):
+    def forward(ctx, q, k, v, ks, vs, off, h: Hierarchy, refine: int, weighted: bool, scale: float,
+                start: int = 0):
         acc = acc_dtype(q.dtype)
-        B, H, n, d = q.shape
+        B, H, nq_all, d = q.shape
+        n = k.shape[2]
         kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
-        out = torch.empty(B, H, n, d, dtype=acc, device=q.device)
-        lse = torch.empty(B, H, n, dtype=acc, device=q.device)
-        sels, ws = _select_all(q, ksa, h, refine, scale), Scratch()
+        out = torch.empty(B, H, nq_all, d, dtype=acc, device=q.device)
+        lse = torch.empty(B, H, nq_all, dtype=acc, device=q.device)
+        sels, ws = _select_all(q, ksa, h, refine, scale, start), Scratch()
         for i0, i1, *sel in _far_chunks(sels, q, ks, h, refine):
             o, l = far_attention(q[:, :, i0:i1], n, off, h, sel, kb, vb, ksa, vsa, weighted, scale, ws)
             nq = i1 - i0
@@ -253,12 +256,12 @@ class FarField(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, ks, vs, off, out, lse = ctx.saved_tensors
         h, scale, acc = ctx.h, ctx.scale, acc_dtype(q.dtype)
-        B, H, n, d = q.shape
-        Hkv = k.shape[1]
+        B, H, nq_all, d = q.shape
+        Hkv, n = k.shape[1], k.shape[2]
         G = H // Hkv
         tabs = _tables(h, q.device)
         kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
-        dq = torch.empty(B, H, n, d, dtype=acc, device=q.device)
+        dq = torch.empty(B, H, nq_all, d, dtype=acc, device=q.device)
         dkb, dvb, dks, dvs = (torch.zeros_like(x) for x in (kb, vb, ksa, vsa))
         doff = torch.zeros(off.shape, dtype=acc, device=q.device) if off is not None else None
         ws = Scratch()
@@ -292,7 +295,7 @@ class FarField(torch.autograd.Function):
         dk = dkb.view(B, Hkv, -1, d)[:, :, :n]
         dv = dvb.view(B, Hkv, -1, d)[:, :, :n]
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dks.to(ks.dtype), dvs.to(vs.dtype),
-                None if doff is None else doff.to(off.dtype), None, None, None, None)
+                None if doff is None else doff.to(off.dtype), None, None, None, None, None)
 
 
 def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted: bool, scale: float, ws):
@@ -344,12 +347,13 @@ def _chunks(n: int, per_query: int, h: Hierarchy):
         yield i0, min(i0 + step, n)
 
 
-def _select_all(q, ks, h: Hierarchy, refine: int, scale: float) -> list[tuple]:
-    """:func:`select` over the whole sequence in chunks of its own size (its temporaries are the
-    initial candidates' summaries), as ``(i0, i1, opened, lv, win)`` in int32."""
+def _select_all(q, ks, h: Hierarchy, refine: int, scale: float, start: int = 0) -> list[tuple]:
+    """:func:`select` over queries at ``[start, start + nq)`` in chunks of its own size (its
+    temporaries are the initial candidates' summaries), as ``(i0, i1, opened, lv, win)`` in
+    int32, ``i0, i1`` relative to ``start``."""
     B, H, n, d = q.shape
     per_query = B * ks.shape[1] * d * max(num_candidates(h, 0), 2) * h.rank * max(H // ks.shape[1], 1)
-    return [(i0, i1) + tuple(x.to(torch.int32) for x in select(q[:, :, i0:i1], ks, h, refine, scale, i0))
+    return [(i0, i1) + tuple(x.to(torch.int32) for x in select(q[:, :, i0:i1], ks, h, refine, scale, start + i0))
             for i0, i1 in _chunks(n, per_query, h)]
 
 

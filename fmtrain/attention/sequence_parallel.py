@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .blocked import coarse_top_down, merge
 from .cores import select_core
-from .hierarchy import Hierarchy, hierarchy, truncate, window_divisors
+from .hierarchy import Hierarchy, extend_keys, hierarchy, truncate, window_divisors
 from .summaries import MEAN, Summaries, finish
 from .torch_core import acc_dtype
 
@@ -289,6 +289,56 @@ def sp_fma(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted
     return merged.to(q.dtype)
 
 
+def sp_refined(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted: bool, scale: float,
+               summaries: Summaries | None, max_level: int | None, refine: int, impl: str = "torch",
+               level_offset=None) -> torch.Tensor:
+    """This rank's chunk of ``fma(..., refine=K)`` over the sequence the group holds (shapes as
+    :func:`sp_fma`'s): the keys and values are all-gathered, and the rank runs the one-device
+    path (:func:`.refine.refined_multipole`'s fine core and :class:`.refine.FarField`) for its
+    own queries over them.
+
+    A query may open a block anywhere before it, so the halos above do not serve: this is
+    all-gather context parallelism (as Llama 3 trains at 128k), ``(P-1)/P`` of the keys and
+    values received per rank and layer, ring attention's traffic, and ``O(n d)`` memory while
+    the layer runs; the backward reduce-scatters their gradients. Every rank forms the
+    summaries of the whole sequence itself, so selection, summaries and results are the
+    single device's exactly. Sending only the opened blocks (requested from their owners
+    after the selection, their gradients returned) would bring the traffic down to what the
+    queries open; the selection itself then needs every window's summaries (``2p/m`` of the
+    keys' traffic).
+    """
+    from .refine import FarField
+
+    n_ranks, me = dist.get_world_size(group), dist.get_rank(group)
+    B, H, chunk, d = q.shape
+    m = block_size
+    if chunk % m:
+        raise ValueError(f"fma with sequence parallelism: each rank holds n/P = {chunk} tokens, which must be whole "
+                         f"fine blocks of block_size={m}; use a global length that is a multiple of {n_ranks}*{m}")
+    k_all, v_all = (_AllGather.apply(x, group).permute(1, 2, 0, 3, 4).reshape(B, x.shape[1], -1, d)
+                    for x in (k, v))  # (B, Hkv, n, d)
+    h = hierarchy(chunk * n_ranks, m, rank, causal)
+    if max_level is not None:
+        h = truncate(h, max_level)
+    if level_offset is not None and level_offset.shape[1] < h.n_levels:
+        raise ValueError(f"fma: level_offset has {level_offset.shape[1]} levels, the sequence ({h.n} tokens) "
+                         f"has {h.n_levels}")
+    ks, vs = (summaries or MEAN)(k_all, v_all, h)
+    first_block, own_blocks = me * chunk // m, chunk // m
+    # The fine core over the rank's blocks: their extended keys (a zero block before the first).
+    ext = [extend_keys(x, h)[:, :, first_block * m:(first_block + own_blocks + len(h.fine_blocks()) - 1) * m]
+           for x in (k_all, v_all)]
+    out, lse = select_core(impl, q).apply(q.contiguous(), ext[0].contiguous(), ext[1].contiguous(),
+                                          ks[:, :, :0].contiguous(), vs[:, :, :0].contiguous(), truncate(h, 0),
+                                          weighted, scale, first_block)
+    if not h.n_levels:
+        return out
+    off = None if level_offset is None else level_offset[:, :h.n_levels]
+    c_out, c_lse = FarField.apply(q, k_all, v_all, ks, vs, off, h, refine, weighted, scale, me * chunk)
+    _, merged = merge(lse.to(c_lse.dtype), out.to(c_out.dtype), c_lse, c_out)
+    return merged.to(q.dtype)
+
+
 def _window_sums(q, own_blocks: int, levels: int) -> list[torch.Tensor]:
     """Sums of q over the rank's windows of levels 1..levels: [(B, H, W_l, d)]."""
     B, H, chunk, d = q.shape
@@ -332,4 +382,4 @@ def _linear_coarse(q, ks, vs, h: Hierarchy, q_sums, q_left, gathered_q, rank_lev
     return coarse_top_down(h, level_queries, ks.to(acc), vs.to(acc), scale=scale, weighted=weighted)
 
 
-__all__ = ["sp_fma", "check_layout", "layout_ok", "TRAFFIC", "reset_traffic"]
+__all__ = ["sp_fma", "sp_refined", "check_layout", "layout_ok", "TRAFFIC", "reset_traffic"]

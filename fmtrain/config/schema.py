@@ -100,8 +100,9 @@ class ModelConfig:
     refine: int = option(0, "Adaptive refinement (fma): per query, open the K far fine blocks whose "
                             "summaries score highest and attend to them token by token (descending the "
                             "hierarchy: O(K log n) to choose them). 0: plain multipole attention. Costs about "
-                            "K * (block_size + rank * levels) more keys per query. No decoding cache and no "
-                            "sequence parallelism yet (README, Adaptive refinement).", min=0)
+                            "K * (block_size + rank * levels) more keys per query. Decoding keeps a store of the "
+                            "context's keys (README, Generation); sequence parallelism all-gathers the keys and "
+                            "values (ring attention's traffic; README, Adaptive refinement).", min=0)
     impl: str = option("auto", "Multipole implementation: 'auto' (Triton on GPU, else torch), 'torch' "
                                "(blocked PyTorch), 'triton' or 'dense' (reference, tests only).",
                        choices=IMPLS)
@@ -356,17 +357,15 @@ def _consistency_errors(cfg: Config) -> list[str]:
                  f"{d.seq_len // p.sequence} tokens, which must be model.block_size={m.block_size} times a "
                  f"power of two; make data.seq_len {p.sequence} * {m.block_size} * 2**j, e.g. "
                  f"{p.sequence * m.block_size * (1 << max(0, (d.seq_len // p.sequence // m.block_size).bit_length() - 1))}")
-    if p.sequence > 1 and m.attention == "fma" and (m.level_offset or m.summary_rope != "keys"):
-        e.append("model.level_offset and model.summary_rope='window' have no sequence-parallel path yet; "
-                 "use parallel.sequence=1 with them")
+    if p.sequence > 1 and m.attention == "fma" and not m.refine and (m.level_offset or m.summary_rope != "keys"):
+        e.append("model.level_offset and model.summary_rope='window' have no sequence-parallel path yet without "
+                 "refinement; use parallel.sequence=1 with them (or model.refine > 0, whose path gathers the keys)")
     if m.refine and m.attention != "fma":
         e.append(f"model.refine={m.refine} refines multipole attention; it needs model.attention='fma' "
                  f"(got {m.attention!r}): set model.refine=0")
     elif m.refine and m.variant != "nlogn":
         e.append("model.refine > 0 needs model.variant='nlogn' (the linear variant shares one query per window "
                  "on coarse levels); set model.refine=0 or model.variant='nlogn'")
-    elif m.refine and p.sequence > 1:
-        e.append("model.refine > 0 has no sequence-parallel path yet; use parallel.sequence=1 or model.refine=0")
     if p.sequence > 1 and m.attention == "sdpa":
         e.append("parallel.sequence > 1 is implemented for attention='fma' and 'local' only; "
                  "use --parallel.sequence=1 for the sdpa baseline")

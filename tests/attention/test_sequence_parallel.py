@@ -28,7 +28,8 @@ def _port():
 
 
 def _one_case(case, group, seed):
-    n, m, p, H, Hkv, causal, variant, kind, weighted = case
+    n, m, p, H, Hkv, causal, variant, kind, weighted, *extra = case
+    extra = extra[0] if extra else {}  # refine: K; level_offset, window_rope: True
     P, r = dist.get_world_size(group), dist.get_rank(group)
     g = torch.Generator().manual_seed(seed)
     d = 8
@@ -41,8 +42,14 @@ def _one_case(case, group, seed):
         for prm in summ.parameters():
             prm.copy_(torch.randn(prm.shape, generator=g, dtype=prm.dtype) * 0.3)
     params = list(summ.parameters())
+    if extra.get("window_rope"):  # model.summary_rope="window": whole-sequence summaries only
+        from fmtrain.attention.summaries import WindowRotated
+        summ = WindowRotated(summ, d, 10000.0, None)
     kw = dict(block_size=m, rank=p, causal=causal, variant=variant, weighted=weighted, summaries=summ,
-              impl="torch")
+              impl="torch", refine=extra.get("refine", 0))
+    if extra.get("level_offset"):
+        kw["level_offset"] = (torch.randn(H, 12, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+        params.append(kw["level_offset"])
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = fma(*full, **kw)
     ref_g = [torch.zeros_like(t) if g_ is None else g_ for t, g_ in
@@ -98,6 +105,23 @@ def test_sp2_all_masks_variants_kinds():
     # n/2 = m * 2**K for K = 0 (one block per rank), 1, 3, 4 (levels halo'd, none gathered)
     run_ranks(2, _grid([(16, 8, 2), (32, 8, 2), (128, 8, 4), (256, 16, 2)], 2)
               + [(256, 8, 2, 2, 2, True, "nlogn", "m2m", False), (256, 8, 2, 2, 2, False, "linear", "m2m", False)])
+
+
+def _refined_grid(ns, K):
+    return [(n, m, p, 4, 2, causal, "nlogn", kind, weighted, {"refine": K})
+            for n, m, p in ns for causal in (True, False) for kind in ("m2m", "conv", "mean")
+            for weighted in (True, False) if weighted or kind == "m2m"]
+
+
+def test_sp_refined_equals_one_device():
+    """refine > 0 (all-gathered keys): every rank's chunk of outputs and gradients, summary
+    parameters and level offsets included, equals the single process's; blocks opened on
+    other ranks, one block per rank, windows across ranks."""
+    run_ranks(2, _refined_grid([(16, 4, 2), (128, 8, 2)], 2)
+              + [(128, 8, 2, 4, 2, True, "nlogn", "m2m", False, {"refine": 3, "level_offset": True}),
+                 (128, 8, 2, 4, 2, True, "nlogn", "m2m", True, {"refine": 2, "window_rope": True})])
+    run_ranks(4, _refined_grid([(128, 8, 2)], 3)
+              + [(96, 8, 2, 4, 1, False, "nlogn", "m2m", True, {"refine": 2, "level_offset": True})])
 
 
 def test_sp4_all_masks_variants_kinds():

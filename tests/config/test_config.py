@@ -192,12 +192,15 @@ def test_mlm_needs_mask_prob_and_sdpa_no_sequence_parallel():
     assert "use --parallel.sequence=1 for the sdpa baseline" in msg
 
 
-def test_level_offsets_and_window_rope_are_single_device_for_now():
+def test_level_offsets_and_window_rope_are_single_device_without_refinement():
     for model in ({"level_offset": True}, {"summary_rope": "window"}):
         data = {"run": {"dir": "r"}, "model": {"block_size": 16, **model}, "data": {"seq_len": 1024},
                 "parallel": {"sequence": 2}}
-        assert "have no sequence-parallel path yet; use parallel.sequence=1" in error_of(from_dict, data)
-        data["parallel"]["sequence"] = 1
+        assert "have no sequence-parallel path yet without refinement; use parallel.sequence=1" in \
+            error_of(from_dict, data)
+        data["model"]["refine"] = 2  # refinement's path gathers the keys: both work there
+        assert from_dict(data).model.refine == 2
+        data["model"]["refine"], data["parallel"]["sequence"] = 0, 1
         assert from_dict(data).model.level_offset == model.get("level_offset", False)
     assert "model.summary_rope" in error_of(from_dict, {"run": {"dir": "r"}, "model": {"summary_rope": "mid"}})
 
@@ -283,13 +286,13 @@ def test_model_choices_follow_the_attention_package():
     assert set(choices["summary"]) == set(SUMMARY_KINDS)
 
 
-def test_refine_needs_single_device_nlogn_multipole_attention():
+def test_refine_needs_nlogn_multipole_attention():
     base = {"run": {"dir": "r"}, "data": {"seq_len": 1024}}
     assert from_dict({**base, "model": {"refine": 4}}).model.refine == 4
     msg = error_of(from_dict, {**base, "model": {"refine": 4, "attention": "local"}})
     assert "model.refine=4 refines multipole attention; it needs model.attention='fma'" in msg
     msg = error_of(from_dict, {**base, "model": {"refine": 4, "variant": "linear"}})
     assert "model.refine > 0 needs model.variant='nlogn'" in msg
-    msg = error_of(from_dict, {**base, "model": {"refine": 4, "block_size": 16}, "parallel": {"sequence": 2}})
-    assert "model.refine > 0 has no sequence-parallel path yet" in msg
+    sp = from_dict({**base, "model": {"refine": 4, "block_size": 16}, "parallel": {"sequence": 2}})
+    assert (sp.model.refine, sp.parallel.sequence) == (4, 2)
     assert "model.refine" in error_of(from_dict, {**base, "model": {"refine": -1}})

@@ -48,6 +48,15 @@ def test_sp2_equals_one_rank(tmp_path, corpus, kind):
     _same(one, sp)
 
 
+def test_sp2_refined_with_level_offsets_equals_one_rank(tmp_path, corpus):
+    """Adaptive refinement's path (keys all-gathered, the far field of the rank's queries),
+    level offsets with it: the same losses, gradient norms and parameters as one rank."""
+    model = ("--model.refine=2", "--model.level_offset=true", "--parallel.zero_stage=1")
+    one = _run(tmp_path, corpus, "one", "causal", 1, *model)
+    sp = _run(tmp_path, corpus, "sp", "causal", 2, *model, "--parallel.sequence=2")
+    _same(one, sp)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_sp2_x_dp2_equals_dp2(tmp_path, corpus, zero):

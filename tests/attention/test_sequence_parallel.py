@@ -166,6 +166,33 @@ def test_refuses_chunks_that_do_not_align():
     mp.spawn(_refuse, args=(2, _port()), nprocs=2, join=True)
 
 
+def _refined_traffic(rank, world, port):
+    from fmtrain.attention.sequence_parallel import TRAFFIC, reset_traffic
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        C, Hkv, d = 64, 2, 8
+        x = torch.randn(1, 4, C, d, dtype=torch.float64, requires_grad=True)
+        kv = torch.randn(1, Hkv, C, d, dtype=torch.float64, requires_grad=True)
+        with pytest.raises(ValueError, match="whole fine blocks of block_size=16"):
+            fma(x[:, :, :40], kv[:, :, :40], kv[:, :, :40], block_size=16, group=dist.group.WORLD, refine=1)
+        reset_traffic()
+        out = fma(x, kv, kv * 2, block_size=8, rank=2, group=dist.group.WORLD, refine=2)
+        out.sum().backward()
+        # Keys and values all-gathered, their gradients reduce-scattered: (P-1) chunks each way.
+        chunk = 2 * (world - 1) * C * Hkv * d * 8  # k and v, float64
+        assert TRAFFIC == {"fwd_sent": chunk, "fwd_recv": chunk, "bwd_sent": chunk, "bwd_recv": chunk}, TRAFFIC
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sp_refined_moves_the_keys_once_each_way(world):
+    """What the refined path costs, counted by the collectives: ring attention's volume or less."""
+    mp.spawn(_refined_traffic, args=(world, _port()), nprocs=world, join=True)
+
+
 def test_group_of_one_is_the_local_path():
     x = torch.randn(1, 2, 64, 8, dtype=torch.float64)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))

@@ -277,9 +277,9 @@ def _aot_compile(dtype: str, m: int, d: int, S: int, causal: bool) -> None:
     tiles = dict(m=m, d=d, F=F, CAUSAL=causal, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"], PRECISION=prec,
                  UPCAST=False)
     kernels = [(K._fwd_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"]))]
-    kernels += [(K._dq_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"], PARTIALS=partials)) for partials in (True, False)]
-    kernels += [(K._dkv_kernel, tiles),
-                (K._delta_kernel, dict(d=d, HAS_DLSE=True, BLOCK_R=64, BLOCK_D=blk["BLOCK_D"]))]
+    # Each flag of the dq kernel both ways, in two compiles rather than four.
+    kernels += [(K._dq_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"], PARTIALS=flag, HAS_DLSE=flag)) for flag in (True, False)]
+    kernels += [(K._dkv_kernel, tiles)]
     launch = Fn._launch(blk["BLOCK_M"], blk["BLOCK_D"])
     for fn, consts in kernels:
         ints = {p.name for p in fn.params if p.do_not_specialize}

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..hierarchy import Hierarchy, block_tables, extend_keys
+from ..hierarchy import Hierarchy, block_tables
 from . import triton_interpreting
-from .triton_core import LOG2E, _delta_kernel, _dkv_kernel, _dq_kernel, _fwd_kernel
+from .triton_core import LOG2E, _dkv_kernel, _dq_kernel, _fwd_kernel
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -53,7 +53,7 @@ def _upcast(dtype) -> bool:
     return dtype == torch.bfloat16 and triton_interpreting()
 
 
-def _check(q, k, v, ks, vs, h: Hierarchy, a0: int):
+def _check(q, k, v, ks, vs, h: Hierarchy, a0: int, extended: bool):
     B, H, N, d = q.shape
     m, F = h.block_size, len(h.fine_blocks())
     if q.dtype not in DTYPES:
@@ -69,9 +69,12 @@ def _check(q, k, v, ks, vs, h: Hierarchy, a0: int):
         raise ValueError(f"triton core: query blocks [{a0}, {a0 + nq}) outside the hierarchy's "
                          f"{h.n_blocks} blocks")
     Hkv = k.shape[1]
-    if k.shape != (B, Hkv, (nq + F - 1) * m, d) or v.shape != k.shape or H % Hkv:
-        raise ValueError(f"triton core: extended keys/values must be (B, Hkv, {(nq + F - 1) * m}, {d}) "
-                         f"with H % Hkv == 0, got k {tuple(k.shape)}, v {tuple(v.shape)}, q {tuple(q.shape)}")
+    rows = (nq + F - 1) * m if extended else max(k.shape[2], h.n)
+    if k.shape != (B, Hkv, rows, d) or v.shape != k.shape or H % Hkv:
+        what = f"extended keys/values must be (B, Hkv, {rows}, {d})" if extended else \
+            f"a sequence's keys/values must be (B, Hkv, >= {h.n}, {d})"
+        raise ValueError(f"triton core: {what} with H % Hkv == 0, got k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"q {tuple(q.shape)}")
     if ks.shape != vs.shape or ks.shape[:2] != (B, Hkv) or ks.shape[3] != d or ks.shape[2] < h.num_summaries:
         raise ValueError(f"triton core: summaries must be (B, Hkv, >= {h.num_summaries}, {d}), "
                          f"got ks {tuple(ks.shape)}, vs {tuple(vs.shape)}")
@@ -80,17 +83,15 @@ def _check(q, k, v, ks, vs, h: Hierarchy, a0: int):
 class TritonBlockAttention(torch.autograd.Function):
     """(q, k_ext, v_ext, ks, vs) -> (out, lse): see ``torch_core.BlockAttention`` for the contract.
 
-    ``extended=False`` (a whole sequence's own keys): the kernels read extended keys, so
-    they are padded here and their gradients cut back to the keys given.
+    ``extended=False`` (a whole sequence's own keys, row ``t`` holding position ``t``): the
+    kernels read them in place, masking the rows before the first and past the last, so no
+    padded copy is made and the gradients come back in their shape.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, ks, vs, h: Hierarchy, weighted: bool, scale: float, a0: int = 0,
                 extended: bool = True):
-        ctx.unextended = None if extended else k.shape[2]
-        if not extended:
-            k, v = extend_keys(k, h), extend_keys(v, h)
-        _check(q, k, v, ks, vs, h, a0)
+        _check(q, k, v, ks, vs, h, a0, extended)
         dt = q.dtype
         ctx.dtypes = tuple(t.dtype for t in (k, v, ks, vs))  # gradients go back in these
         q = q.contiguous()
@@ -99,6 +100,7 @@ class TritonBlockAttention(torch.autograd.Function):
         Hkv, T = k.shape[1], ks.shape[2]
         m, F, S = h.block_size, len(h.fine_blocks()), h.coarse_slots
         nq = N // m
+        k_start = (a0 - 1) * m if extended else 0  # the position of the keys' row 0
         index, bias, _ = _device_tables(h, weighted, q.device)
         if T == 0:  # no summaries at all: give the kernel a valid (never read) pointer
             ks = vs = q.new_zeros(B, Hkv, 1, d)
@@ -108,29 +110,27 @@ class TritonBlockAttention(torch.autograd.Function):
         prec = _precision(dt)
         _fwd_kernel[(nq, B * H)](
             q, k, v, ks, vs, index, bias, out, lse,
-            h.n, nq, a0, H, H // Hkv, T, S, scale * LOG2E,
+            h.n, nq, a0, H, H // Hkv, T, S, k_start, k.shape[2], scale * LOG2E,
             m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), **blk, **_launch(blk["BLOCK_M"], blk["BLOCK_D"]))
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, ks, vs, out, lse)
-        ctx.h, ctx.weighted, ctx.scale, ctx.a0, ctx.T = h, weighted, scale, a0, T
+        ctx.h, ctx.weighted, ctx.scale, ctx.a0, ctx.T, ctx.k_start = h, weighted, scale, a0, T, k_start
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, ks, vs, out, lse = ctx.saved_tensors
-        h, scale, a0, T = ctx.h, ctx.scale, ctx.a0, ctx.T
+        h, scale, a0, T, k_start = ctx.h, ctx.scale, ctx.a0, ctx.T, ctx.k_start
         B, H, N, d = q.shape
-        Hkv = k.shape[1]
+        Hkv, nk = k.shape[1], k.shape[2]
         G = H // Hkv
         m, F, S = h.block_size, len(h.fine_blocks()), h.coarse_slots
         nq = N // m
         dout = torch.zeros_like(q) if dout is None else dout.to(q.dtype).contiguous()
-        # delta_i = dO_i . O_i - dlse_i: the softmax-backward row term (lse's gradient folds in here).
+        # delta_i = dO_i . O_i - dlse_i, the softmax-backward row term (lse's gradient folds in here):
+        # formed by the dq kernel's prologue, read by the dk/dv kernel.
         delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-        BR = 64
-        _delta_kernel[(triton.cdiv(B * H * N, BR),)](
-            out, dout, dlse.contiguous() if dlse is not None else delta, delta, B * H * N,
-            d=d, HAS_DLSE=dlse is not None, BLOCK_R=BR, BLOCK_D=max(16, triton.next_power_of_2(d)))
+        dlse = dlse.contiguous() if dlse is not None else delta  # a pointer, not read without dlse
         index, bias, index64 = _device_tables(h, ctx.weighted, q.device)
         blk = _blocks(m, d, S)
         launch = _launch(blk["BLOCK_M"], blk["BLOCK_D"])
@@ -149,9 +149,10 @@ class TritonBlockAttention(torch.autograd.Function):
             dks_p = torch.empty(part, dtype=torch.float32, device=q.device)
             dvs_p = torch.empty(part, dtype=torch.float32, device=q.device)
             _dq_kernel[(nc, B * H)](
-                q, k, v, ks, vs, index, bias, dout, lse, delta, dq, dks_p, dvs_p,
-                h.n, nq, a0, H, G, T, S, scale, i0, nc,
+                q, k, v, ks, vs, index, bias, out, dout, dlse, lse, delta, dq, dks_p, dvs_p,
+                h.n, nq, a0, H, G, T, S, k_start, nk, scale, i0, nc,
                 m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), PARTIALS=want_s,
+                HAS_DLSE=dlse is not delta,
                 **blk, **launch)
             if want_s:  # sum over the G query heads of each kv head, then scatter slots into summaries
                 idx = index64[a0 + i0:a0 + i0 + nc].reshape(-1)
@@ -160,9 +161,9 @@ class TritonBlockAttention(torch.autograd.Function):
                 dks.index_add_(2, idx, dks_p)
                 dvs.index_add_(2, idx, dvs_p)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        _dkv_kernel[(nq + F - 1, B * Hkv)](
+        _dkv_kernel[(triton.cdiv(nk, m), B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv,
-            h.n, nq, a0, H, G, scale,
+            h.n, nq, a0, H, G, k_start // m, nk, scale,
             m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype),
             BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"], **launch)
         if want_s:
@@ -171,6 +172,4 @@ class TritonBlockAttention(torch.autograd.Function):
             dks, dvs = (torch.zeros(B, Hkv, T, d, dtype=dt, device=q.device) for dt in ctx.dtypes[2:])
         else:
             dks = dvs = None
-        if ctx.unextended is not None:  # the gradients of the keys given, not of their padded copy
-            dk, dv = (x[:, :, m:m + ctx.unextended] for x in (dk, dv))
         return dq, dk.to(ctx.dtypes[0]), dv.to(ctx.dtypes[1]), dks, dvs, None, None, None, None, None

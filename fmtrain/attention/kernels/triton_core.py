@@ -7,7 +7,8 @@ tiles of ``BLOCK_C``; an online softmax (running max and sum, in base 2) runs
 over all of them, with the summaries' log-weights added to their scores.
 
 Backward (FlashAttention-2 style, scores recomputed from the saved lse):
-- ``_dq_kernel``: per (query block, head): dq, and per-(block, slot) partial
+- ``_dq_kernel``: per (query block, head): first the rows' ``delta = rowsum(dout * out) -
+  dlse`` (stored for the next kernel: no pass of its own), then dq, and per-(block, slot) partial
   gradients of the summaries it saw, in fp32, for a chunk of query blocks at a
   time (bounded memory); PyTorch sums those over the GQA group and scatters them
   into the summaries with ``index_add_`` (the slots of many blocks point at one
@@ -19,7 +20,10 @@ Backward (FlashAttention-2 style, scores recomputed from the saved lse):
   kv head, in registers: no atomics, deterministic.
 
 Shapes (all contiguous): q, out, dout (B, H, N, d) with N = nq*m; k, v
-(B, Hkv, (nq+F-1)*m, d); ks, vs (B, Hkv, T, d); lse, delta (B, H, N) fp32;
+(B, Hkv, nk, d), row 0 holding the key at position ``k_start`` (a range's extended keys:
+``k_start = (a0-1)*m``, ``nk = (nq+F-1)*m``; a whole sequence's own keys: ``k_start = 0``,
+``nk = n`` or more, read in place with the rows outside masked, no padded copy);
+ks, vs (B, Hkv, T, d); lse, delta (B, H, N) fp32;
 index (n_blocks, S) int32 (T = masked); bias (n_blocks, S) fp32 (-inf = masked).
 Offsets are int64: at n = 1M, 16 heads, d = 128 a tensor already has 2**31 elements.
 """
@@ -33,7 +37,7 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 # Shape arguments Triton would otherwise specialise on (== 1, divisible by 16): every new n,
 # summary count or range would compile the kernels again (seconds each); they gain nothing from it.
-_FWD_INTS = ["n", "nq", "a0", "H", "G", "T", "S"]
+_FWD_INTS = ["n", "nq", "a0", "H", "G", "T", "S", "k_start", "nk"]
 
 
 @triton.jit
@@ -53,6 +57,15 @@ def _fine_mask(qpos, kpos, n, CAUSAL: tl.constexpr):
     if CAUSAL:
         ok = ok & (kpos <= qpos)
     return ok
+
+
+@triton.jit
+def _key_rows(kpos, k_start, nk, bkv, rok, c, cok, d: tl.constexpr):
+    """Offsets of the keys at positions ``kpos`` in K (B*Hkv, nk, d), whose row 0 holds position
+    ``k_start``, and which of them are there to load (outside: the padding, never read)."""
+    row = kpos - k_start
+    there = rok & (row >= 0) & (row < nk)
+    return (bkv * nk + row)[:, None] * d + c[None, :], there[:, None] & cok[None, :]
 
 
 @triton.jit
@@ -85,7 +98,7 @@ def _coarse_tile(KS, VS, IDX, BIAS, a, c0, S, T, bkv, cs, c, cok, d: tl.constexp
 
 @triton.jit(do_not_specialize=_FWD_INTS)
 def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
-                n, nq, a0, H, G, T, S, qk_scale,  # qk_scale = scale * log2(e)
+                n, nq, a0, H, G, T, S, k_start, nk, qk_scale,  # qk_scale = scale * log2(e)
                 m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -94,7 +107,6 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
     bkv = (bh // H) * (H // G) + (bh % H) // G  # b * Hkv + kv head (head h uses kv head h // G)
     a = a0 + i  # global block
     N = nq * m
-    Ne = (nq + F - 1) * m
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_D)
     rok = r < m
@@ -105,13 +117,12 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
     mx = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base-2 scores)
     tot = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for f in tl.static_range(F):  # fine slot f is extended block i + f, global block a - 1 + f
-        krow = (bkv * Ne + (i + f) * m + r)[:, None] * d + c[None, :]
-        kv_ok = rok[:, None] & cok[None, :]
+    for f in tl.static_range(F):  # fine slot f is global block a - 1 + f
+        kpos = (a - 1 + f) * m + r
+        krow, kv_ok = _key_rows(kpos, k_start, nk, bkv, rok, c, cok, d)
         k = tl.load(K + krow, mask=kv_ok, other=0.0)
         v = tl.load(V + krow, mask=kv_ok, other=0.0)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        kpos = (a - 1 + f) * m + r
         ok = _fine_mask(qpos[:, None], kpos[None, :], n, CAUSAL) & rok[None, :]
         s = tl.where(ok, s, float("-inf"))
         mx, tot, acc = _softmax_step(s, v, mx, tot, acc, PRECISION, UPCAST)
@@ -133,19 +144,20 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
 
 
 @triton.jit(do_not_specialize=_FWD_INTS + ["i0", "nc"])
-def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, DO, LSE, DELTA, DQ, DKS_P, DVS_P,
-               n, nq, a0, H, G, T, S, scale, i0, nc,
+def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, DO, DLSE, LSE, DELTA, DQ, DKS_P, DVS_P,
+               n, nq, a0, H, G, T, S, k_start, nk, scale, i0, nc,
                m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr, PARTIALS: tl.constexpr):
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, PARTIALS: tl.constexpr, HAS_DLSE: tl.constexpr):
     """dq of one (query block i0 + program, head), and (PARTIALS) its partial summary gradients
-    DKS_P/DVS_P (B, H, nc, S, d) of the chunk of nc query blocks starting at i0."""
+    DKS_P/DVS_P (B, H, nc, S, d) of the chunk of nc query blocks starting at i0. Its prologue
+    forms the block's softmax-backward row term, delta = rowsum(dout * out) - dlse, in fp32, and
+    stores it in DELTA for the dk/dv kernel (no pass of its own over out and dout)."""
     i = i0 + tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     bkv = (bh // H) * (H // G) + (bh % H) // G
     a = a0 + i
     N = nq * m
-    Ne = (nq + F - 1) * m
     qk_scale = scale * 1.4426950408889634
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_D)
@@ -157,16 +169,20 @@ def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, DO, LSE, DELTA, DQ, DKS_P, DVS_P,
     do = tl.load(DO + qrow, mask=qmask, other=0.0)
     # Padding rows get lse = +inf, so their probabilities are exactly 0.
     lse2 = tl.load(LSE + bh * N + i * m + r, mask=rok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + bh * N + i * m + r, mask=rok, other=0.0)
+    o = tl.load(OUT + qrow, mask=qmask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh * N + i * m + r, mask=rok, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * N + i * m + r, delta, mask=rok)
     qpos = a * m + r
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for f in tl.static_range(F):
-        krow = (bkv * Ne + (i + f) * m + r)[:, None] * d + c[None, :]
-        k = tl.load(K + krow, mask=qmask, other=0.0)
-        v = tl.load(V + krow, mask=qmask, other=0.0)
-        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         kpos = (a - 1 + f) * m + r
+        krow, kv_ok = _key_rows(kpos, k_start, nk, bkv, rok, c, cok, d)
+        k = tl.load(K + krow, mask=kv_ok, other=0.0)
+        v = tl.load(V + krow, mask=kv_ok, other=0.0)
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         ok = _fine_mask(qpos[:, None], kpos[None, :], n, CAUSAL) & rok[None, :]
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
         dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
@@ -193,14 +209,15 @@ def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, DO, LSE, DELTA, DQ, DKS_P, DVS_P,
     tl.store(DQ + qrow, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
-@triton.jit(do_not_specialize=["n", "nq", "a0", "H", "G"])
+@triton.jit(do_not_specialize=["n", "nq", "a0", "H", "G", "kb0", "nk"])
 def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
-                n, nq, a0, H, G, scale,
+                n, nq, a0, H, G, kb0, nk, scale,
                 m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dk, dv of one extended key block (global block a0 - 1 + e) of one kv head.
+    """dk, dv of key block e of K (B*Hkv, nk, d) of one kv head: global block kb0 + e (K's row 0
+    is block kb0's first key).
 
-    Query block i sees extended block e as its fine slot f = e - i, f in [0, F).
+    Local query block i (global a0 + i) sees global block a0 + i - 1 + f as its fine slot f.
     """
     e = tl.program_id(0).to(tl.int64)
     bkv = tl.program_id(1).to(tl.int64)  # b * Hkv + kv head
@@ -208,24 +225,24 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     b = bkv // Hkv
     hkv = bkv % Hkv
     N = nq * m
-    Ne = (nq + F - 1) * m
     qk_scale = scale * 1.4426950408889634
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_D)
     rok = r < m
     cok = c < d
     tmask = rok[:, None] & cok[None, :]
-    krow = (bkv * Ne + e * m + r)[:, None] * d + c[None, :]
-    k = tl.load(K + krow, mask=tmask, other=0.0)
-    v = tl.load(V + krow, mask=tmask, other=0.0)
-    kpos = (a0 - 1 + e) * m + r
+    gb = kb0 + e  # global key block
+    kpos = gb * m + r
+    krow, kmask = _key_rows(kpos, kb0 * m, nk, bkv, rok, c, cok, d)
+    k = tl.load(K + krow, mask=kmask, other=0.0)
+    v = tl.load(V + krow, mask=kmask, other=0.0)
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for g in range(G):
         bh = b * H + hkv * G + g
         for f in tl.static_range(F):
-            i = e - f
+            i = gb + 1 - f - a0
             if (i >= 0) & (i < nq):
                 qrow = (bh * N + i * m + r)[:, None] * d + c[None, :]
                 q = tl.load(Q + qrow, mask=tmask, other=0.0)
@@ -241,20 +258,5 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                 dpt = _mm(v, tl.trans(do), PRECISION, UPCAST)
                 dst = pt * (dpt - delta[None, :])
                 dk += _mm(dst.to(q.dtype), q, PRECISION, UPCAST)
-    tl.store(DK + krow, (dk * scale).to(DK.dtype.element_ty), mask=tmask)
-    tl.store(DV + krow, dv.to(DV.dtype.element_ty), mask=tmask)
-
-
-@triton.jit(do_not_specialize=["N"])
-def _delta_kernel(OUT, DO, DLSE, DELTA, N, d: tl.constexpr, HAS_DLSE: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta = rowsum(dout * out) - dlse in fp32 (the softmax-backward row term), rows of (B*H*N, d)."""
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_D)
-    mask = (r < N)[:, None] & (c < d)[None, :]
-    o = tl.load(OUT + r[:, None] * d + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + r[:, None] * d + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + r, mask=r < N, other=0.0).to(tl.float32)
-    tl.store(DELTA + r, delta, mask=r < N)
+    tl.store(DK + krow, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + krow, dv.to(DV.dtype.element_ty), mask=kmask)

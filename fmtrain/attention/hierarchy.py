@@ -279,6 +279,43 @@ def all_summary_counts(h: Hierarchy) -> torch.Tensor:
     return torch.cat([h.summary_counts(l).reshape(-1) for l in range(1, h.n_levels + 1)])
 
 
+# Columns of :func:`seen_by`'s table: level, window, its first summary, then the windows that see it.
+SEEN_BY_COLS = 7
+
+
+@functools.lru_cache(maxsize=256)
+def _seen_by_cpu(h: Hierarchy) -> torch.Tensor:
+    rows = []
+    for l in range(1, h.n_levels + 1):
+        seers = [[] for _ in range(h.windows[l - 1])]
+        for c_q, listed in enumerate(h.window_lists(l).tolist()):
+            for c in listed:
+                if c >= 0:
+                    seers[c].append(c_q)
+        for c, qs in enumerate(seers):
+            assert len(qs) <= SEEN_BY_COLS - 3, "a window is in at most four interaction lists"
+            rows.append([l, c, h.offsets[l - 1] + c * h.rank] + qs + [-1] * (SEEN_BY_COLS - 3 - len(qs)))
+    return torch.tensor(rows, dtype=torch.int32).view(-1, SEEN_BY_COLS)
+
+
+def seen_by(h: Hierarchy, device: torch.device | str) -> torch.Tensor:
+    """The interaction lists inverted, for the summaries' backward: one row per coarse window of
+    every level, ``(level, window, index of its first summary, then up to four windows of the
+    same level whose lists hold it, -1 padded)``; (windows of all levels, SEEN_BY_COLS) int32
+    (cached per device)."""
+    return _cached_on_device(("seen_by", h, torch.device(device)), lambda: _seen_by_cpu(h).to(device))
+
+
+def summary_bias(h: Hierarchy, weighted: bool, device: torch.device | str) -> torch.Tensor:
+    """(num_summaries,) fp32: each summary's score bias wherever it is seen, ``log(count)``
+    (weighted) or 0, and -inf for a summary with no real token (cached per device)."""
+    def make():
+        counts = all_summary_counts(h)
+        w = counts.clamp(min=1).double().log() if weighted else torch.zeros(counts.shape, dtype=torch.double)
+        return torch.where(counts > 0, w, -math.inf).to(device, torch.float32)
+    return _cached_on_device(("summary_bias", h, weighted, torch.device(device)), make)
+
+
 def window_divisors(h: Hierarchy, level: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
     """(windows,) real tokens in each window of ``level``, at least 1: a window mean's divisor
     (cached per device and dtype)."""

@@ -2,8 +2,8 @@
 "no host work in the hot path"): after a warm-up call no tensor is made from host data (each
 would be a host-to-device copy and a stream synchronisation on a GPU), no padded copy of the
 keys and values is made (the kernels mask the rows outside the sequence), the kernel launches are
-1 + 2 whatever the number of levels (the softmax-backward row term is formed in the dq
-kernel's prologue), and the PyTorch ops around them grow with the levels only
+1 + 3 whatever the number of levels (forward; dq, whose prologue forms the softmax row term;
+dk/dv; the summaries' transposed pass, with no partial buffers or index_add_), and the PyTorch ops around them grow with the levels only
 through the summaries' own level-by-level recursion (a fused summary kernel would remove it).
 
 Ops are counted with a ``TorchDispatchMode``; the kernels under ``TRITON_INTERPRET=1`` (the
@@ -28,7 +28,7 @@ FROM_HOST = ("aten.lift_fresh", "aten.arange", "aten.scalar_tensor", "aten.full.
 # Ops that only describe memory (no kernel on a GPU).
 METADATA = ("view", "permute", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select.int",
             "alias", "detach", "aten.t.", "as_strided", "split", "unbind")
-KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkv_kernel")
+KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkv_kernel", "_dsum_kernel")
 M, P = 16, 2
 
 
@@ -99,7 +99,7 @@ def test_no_host_tensors_flat_launches_and_ops_that_grow_only_with_the_summaries
     for seen in (a, b):
         host = {op: k for op, k in seen.ops.items() if any(h in op for h in FROM_HOST)}
         assert not host, f"tensors made from host data after warm-up: {host}"
-        assert seen.launches == {"_fwd_kernel": 1, "_dq_kernel": 1, "_dkv_kernel": 1}
+        assert seen.launches == {"_fwd_kernel": 1, "_dq_kernel": 1, "_dkv_kernel": 1, "_dsum_kernel": 1}
         # The kernels read the sequence's keys in place (rows outside masked): no padded copy.
         assert not [op for op in seen.ops if "pad" in op], seen.ops
     sa, sb = count(monkeypatch, short, summary, "summaries"), count(monkeypatch, long, summary, "summaries")

@@ -10,15 +10,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..hierarchy import Hierarchy, block_tables
+from ..hierarchy import SEEN_BY_COLS, Hierarchy, block_tables, seen_by, summary_bias
 from . import triton_interpreting
-from .triton_core import LOG2E, _dkv_kernel, _dq_kernel, _fwd_kernel
+from .triton_core import LOG2E, _dkv_kernel, _dq_kernel, _dsum_kernel, _fwd_kernel
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# Elements of one fp32 buffer of partial summary gradients in the backward (1 GiB).
-PARTIAL_ELEMS = 1 << 28
-
 
 def _device_tables(h: Hierarchy, weighted: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block tables as the kernels read them: int32 index, fp32 bias; and the int64 index."""
@@ -131,35 +127,26 @@ class TritonBlockAttention(torch.autograd.Function):
         # formed by the dq kernel's prologue, read by the dk/dv kernel.
         delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
         dlse = dlse.contiguous() if dlse is not None else delta  # a pointer, not read without dlse
-        index, bias, index64 = _device_tables(h, ctx.weighted, q.device)
+        index, bias, _ = _device_tables(h, ctx.weighted, q.device)
         blk = _blocks(m, d, S)
         launch = _launch(blk["BLOCK_M"], blk["BLOCK_D"])
         prec = _precision(q.dtype)
         dq = torch.empty_like(q)
+        _dq_kernel[(nq, B * H)](
+            q, k, v, ks, vs, index, bias, out, dout, dlse, lse, delta, dq,
+            h.n, nq, a0, H, G, T, S, k_start, nk, scale,
+            m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), HAS_DLSE=dlse is not delta,
+            **blk, **launch)
         want_s = (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]) and S > 0
         if want_s:
-            dks = torch.zeros(B, Hkv, T + 1, d, dtype=torch.float32, device=q.device)  # row T: the dummy
+            seen = seen_by(h, q.device)
+            dks = torch.zeros(B, Hkv, T, d, dtype=torch.float32, device=q.device)
             dvs = torch.zeros_like(dks)
-        # Chunks of query blocks bound the fp32 partial summary gradients (B, H, chunk, S, d) to
-        # about PARTIAL_ELEMS each; at n = 1M one buffer for all blocks would take ~10 GB.
-        chunk = max(1, PARTIAL_ELEMS // max(1, B * H * S * d)) if want_s else nq
-        for i0 in range(0, nq, chunk):
-            nc = min(chunk, nq - i0)
-            part = (B, H, nc, S, d) if want_s else (1,)
-            dks_p = torch.empty(part, dtype=torch.float32, device=q.device)
-            dvs_p = torch.empty(part, dtype=torch.float32, device=q.device)
-            _dq_kernel[(nc, B * H)](
-                q, k, v, ks, vs, index, bias, out, dout, dlse, lse, delta, dq, dks_p, dvs_p,
-                h.n, nq, a0, H, G, T, S, k_start, nk, scale, i0, nc,
-                m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), PARTIALS=want_s,
-                HAS_DLSE=dlse is not delta,
-                **blk, **launch)
-            if want_s:  # sum over the G query heads of each kv head, then scatter slots into summaries
-                idx = index64[a0 + i0:a0 + i0 + nc].reshape(-1)
-                dks_p, dvs_p = (x.view(B, Hkv, G, nc * S, d) for x in (dks_p, dvs_p))
-                dks_p, dvs_p = (x.squeeze(2) if G == 1 else x.sum(2) for x in (dks_p, dvs_p))
-                dks.index_add_(2, idx, dks_p)
-                dvs.index_add_(2, idx, dvs_p)
+            _dsum_kernel[(seen.shape[0], B * Hkv)](
+                q, ks, vs, dout, lse, delta, seen, summary_bias(h, ctx.weighted, q.device), dks, dvs,
+                h.n, nq, a0, H, G, T, scale,
+                m=m, d=d, p=h.rank, COLS=SEEN_BY_COLS, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"],
+                BLOCK_P=max(16, triton.next_power_of_2(h.rank)), PRECISION=prec, UPCAST=_upcast(q.dtype), **launch)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         _dkv_kernel[(triton.cdiv(nk, m), B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv,
@@ -167,7 +154,7 @@ class TritonBlockAttention(torch.autograd.Function):
             m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype),
             BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"], **launch)
         if want_s:
-            dks, dvs = dks[:, :, :T].to(ctx.dtypes[2]), dvs[:, :, :T].to(ctx.dtypes[3])
+            dks, dvs = dks.to(ctx.dtypes[2]), dvs.to(ctx.dtypes[3])
         elif ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:  # no coarse slot: zero gradients
             dks, dvs = (torch.zeros(B, Hkv, T, d, dtype=dt, device=q.device) for dt in ctx.dtypes[2:])
         else:

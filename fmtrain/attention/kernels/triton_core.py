@@ -8,16 +8,15 @@ over all of them, with the summaries' log-weights added to their scores.
 
 Backward (FlashAttention-2 style, scores recomputed from the saved lse):
 - ``_dq_kernel``: per (query block, head): first the rows' ``delta = rowsum(dout * out) -
-  dlse`` (stored for the next kernel: no pass of its own), then dq, and per-(block, slot) partial
-  gradients of the summaries it saw, in fp32, for a chunk of query blocks at a
-  time (bounded memory); PyTorch sums those over the GQA group and scatters them
-  into the summaries with ``index_add_`` (the slots of many blocks point at one
-  coarse summary, so that reduction crosses programs). ``index_add_`` is
-  deterministic on CPU, and on CUDA under ``torch.use_deterministic_algorithms``;
-  by default CUDA adds atomically (fp32 sum order may vary run to run).
-- ``_dkv_kernel``: per (extended key block, kv head): dk, dv, accumulated over
-  the ``<= F`` query blocks that see the block and the ``G`` query heads of the
-  kv head, in registers: no atomics, deterministic.
+  dlse`` (stored for the next kernels: no pass of its own), then dq.
+- ``_dkv_kernel``: per (key block, kv head): dk, dv, accumulated over the ``<= F``
+  query blocks that see the block and the ``G`` query heads of the kv head, in
+  registers: no atomics, deterministic.
+- ``_dsum_kernel``: per (coarse window, kv head): the gradients of its ``p``
+  summaries, the interaction lists transposed (:func:`~..hierarchy.seen_by`): over
+  the query blocks of the windows whose lists hold it and the ``G`` query heads, in
+  registers. Deterministic, and no per-(block, slot) partial buffer (which took
+  ~14 GB at 1M tokens); the same work as the forward's coarse part.
 
 Shapes (all contiguous): q, out, dout (B, H, N, d) with N = nq*m; k, v
 (B, Hkv, nk, d), row 0 holding the key at position ``k_start`` (a range's extended keys:
@@ -143,17 +142,16 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
     tl.store(LSE + bh * N + i * m + r, lse, mask=rok)
 
 
-@triton.jit(do_not_specialize=_FWD_INTS + ["i0", "nc"])
-def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, DO, DLSE, LSE, DELTA, DQ, DKS_P, DVS_P,
-               n, nq, a0, H, G, T, S, k_start, nk, scale, i0, nc,
+@triton.jit(do_not_specialize=_FWD_INTS)
+def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, DO, DLSE, LSE, DELTA, DQ,
+               n, nq, a0, H, G, T, S, k_start, nk, scale,
                m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr, PARTIALS: tl.constexpr, HAS_DLSE: tl.constexpr):
-    """dq of one (query block i0 + program, head), and (PARTIALS) its partial summary gradients
-    DKS_P/DVS_P (B, H, nc, S, d) of the chunk of nc query blocks starting at i0. Its prologue
-    forms the block's softmax-backward row term, delta = rowsum(dout * out) - dlse, in fp32, and
-    stores it in DELTA for the dk/dv kernel (no pass of its own over out and dout)."""
-    i = i0 + tl.program_id(0).to(tl.int64)
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """dq of one (query block, head). Its prologue forms the block's softmax-backward row term,
+    delta = rowsum(dout * out) - dlse, in fp32, and stores it in DELTA for the dk/dv and
+    summary kernels (no pass of its own over out and dout)."""
+    i = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     bkv = (bh // H) * (H // G) + (bh % H) // G
     a = a0 + i
@@ -198,13 +196,6 @@ def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, DO, DLSE, LSE, DELTA, DQ, DKS_P,
         dpc = _mm(do, tl.trans(vc), PRECISION, UPCAST)
         dsc = pc * (dpc - delta[:, None])
         dq += _mm(dsc.to(kc.dtype), kc, PRECISION, UPCAST)
-        if PARTIALS:  # this block's share of its slots' gradients (scale folded in: s = scale * q.K)
-            dks = _mm(tl.trans(dsc.to(q.dtype)), q, PRECISION, UPCAST) * scale  # (BLOCK_C, BLOCK_D)
-            dvs = _mm(tl.trans(pc.to(do.dtype)), do, PRECISION, UPCAST)
-            prow = ((bh * nc + i - i0) * S + c0 + cs)[:, None] * d + c[None, :]
-            pmask = sok[:, None] & cok[None, :]
-            tl.store(DKS_P + prow, dks, mask=pmask)
-            tl.store(DVS_P + prow, dvs, mask=pmask)
 
     tl.store(DQ + qrow, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
@@ -260,3 +251,61 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                 dk += _mm(dst.to(q.dtype), q, PRECISION, UPCAST)
     tl.store(DK + krow, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + krow, dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit(do_not_specialize=["n", "nq", "a0", "H", "G", "T"])
+def _dsum_kernel(Q, KS, VS, DO, LSE, DELTA, SEEN, SBIAS, DKS, DVS,
+                 n, nq, a0, H, G, T, scale,
+                 m: tl.constexpr, d: tl.constexpr, p: tl.constexpr, COLS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dks, dvs (fp32) of the ``p`` summaries of one coarse window (row ``w`` of the ``seen_by``
+    table) of one kv head: the transposed pass over the query blocks of the (up to four)
+    windows whose lists hold it, within the local range [a0, a0 + nq), and the G query heads of
+    the kv head, accumulated in registers (deterministic, no partial buffers)."""
+    w = tl.program_id(0).to(tl.int64)
+    bkv = tl.program_id(1).to(tl.int64)
+    Hkv = H // G
+    b = bkv // Hkv
+    hkv = bkv % Hkv
+    N = nq * m
+    qk_scale = scale * 1.4426950408889634
+    level = tl.load(SEEN + w * COLS).to(tl.int64)
+    first = tl.load(SEEN + w * COLS + 2).to(tl.int64)
+    span = tl.full([], 1, tl.int64) << (level - 1)  # fine blocks per window of this level
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_D)
+    j = tl.arange(0, BLOCK_P)
+    rok = r < m
+    cok = c < d
+    jok = j < p
+    smask = jok[:, None] & cok[None, :]
+    srow = (bkv * T + first + j)[:, None] * d + c[None, :]
+    ks = tl.load(KS + srow, mask=smask, other=0.0)
+    vs = tl.load(VS + srow, mask=smask, other=0.0)
+    sb = tl.load(SBIAS + first + j, mask=jok, other=float("-inf"))  # natural log; -inf: no token
+    live = (sb > float("-inf"))[:, None] & rok[None, :]
+    dks = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dvs = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    for t in tl.static_range(COLS - 3):
+        cq = tl.load(SEEN + w * COLS + 3 + t).to(tl.int64)  # a window that sees this one, or -1
+        lo = tl.maximum(cq * span, a0)
+        hi = tl.where(cq >= 0, tl.minimum((cq + 1) * span, a0 + nq), lo)
+        for a in range(lo, hi):
+            i = a - a0
+            for g in range(G):
+                bh = b * H + hkv * G + g
+                qrow = (bh * N + i * m + r)[:, None] * d + c[None, :]
+                q = tl.load(Q + qrow, mask=rok[:, None] & cok[None, :], other=0.0)
+                do = tl.load(DO + qrow, mask=rok[:, None] & cok[None, :], other=0.0)
+                lse2 = tl.load(LSE + bh * N + i * m + r, mask=rok, other=float("inf")) * 1.4426950408889634
+                delta = tl.load(DELTA + bh * N + i * m + r, mask=rok, other=0.0)
+                # Transposed scores (summaries x queries), as the dk/dv kernel's.
+                st = _mm(ks, tl.trans(q), PRECISION, UPCAST) * qk_scale + (sb * 1.4426950408889634)[:, None]
+                pt = tl.where(live, tl.exp2(st - lse2[None, :]), 0.0)
+                dvs += _mm(pt.to(do.dtype), do, PRECISION, UPCAST)
+                dpt = _mm(vs, tl.trans(do), PRECISION, UPCAST)
+                dst = pt * (dpt - delta[None, :])
+                dks += _mm(dst.to(q.dtype), q, PRECISION, UPCAST)
+    tl.store(DKS + srow, dks * scale, mask=smask)
+    tl.store(DVS + srow, dvs, mask=smask)

@@ -140,9 +140,9 @@ class TritonBlockAttention(torch.autograd.Function):
         want_s = (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]) and S > 0
         if want_s:
             seen = seen_by(h, q.device)
-            dks = torch.zeros(B, Hkv, T, d, dtype=torch.float32, device=q.device)
+            dks = torch.zeros(B, H, T, d, dtype=torch.float32, device=q.device)  # per query head
             dvs = torch.zeros_like(dks)
-            _dsum_kernel[(seen.shape[0], B * Hkv)](
+            _dsum_kernel[(seen.shape[0], B * H)](
                 q, ks, vs, dout, lse, delta, seen, summary_bias(h, ctx.weighted, q.device), dks, dvs,
                 h.n, nq, a0, H, G, T, scale,
                 m=m, d=d, p=h.rank, COLS=SEEN_BY_COLS, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"],
@@ -153,8 +153,8 @@ class TritonBlockAttention(torch.autograd.Function):
             h.n, nq, a0, H, G, k_start // m, nk, scale,
             m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype),
             BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"], **launch)
-        if want_s:
-            dks, dvs = dks.to(ctx.dtypes[2]), dvs.to(ctx.dtypes[3])
+        if want_s:  # each kv head's summaries: the sum over its G query heads' shares
+            dks, dvs = (x.view(B, Hkv, G, T, d).sum(2).to(dt) for x, dt in ((dks, ctx.dtypes[2]), (dvs, ctx.dtypes[3])))
         elif ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:  # no coarse slot: zero gradients
             dks, dvs = (torch.zeros(B, Hkv, T, d, dtype=dt, device=q.device) for dt in ctx.dtypes[2:])
         else:

@@ -12,11 +12,14 @@ Backward (FlashAttention-2 style, scores recomputed from the saved lse):
 - ``_dkv_kernel``: per (key block, kv head): dk, dv, accumulated over the ``<= F``
   query blocks that see the block and the ``G`` query heads of the kv head, in
   registers: no atomics, deterministic.
-- ``_dsum_kernel``: per (coarse window, kv head): the gradients of its ``p``
-  summaries, the interaction lists transposed (:func:`~..hierarchy.seen_by`): over
-  the query blocks of the windows whose lists hold it and the ``G`` query heads, in
-  registers. Deterministic, and no per-(block, slot) partial buffer (which took
-  ~14 GB at 1M tokens); the same work as the forward's coarse part.
+- ``_dsum_kernel``: per (coarse window, query head): its share of the gradients of
+  the window's ``p`` summaries, the interaction lists transposed
+  (:func:`~..hierarchy.seen_by`): over the query blocks of the windows whose lists
+  hold it, in registers; summed over each kv head's ``G`` query heads by PyTorch.
+  Deterministic, with a (B, H, T, d) fp32 buffer where the per-(block, slot)
+  partials took ~14 GB at 1M tokens; the same work as the forward's coarse part,
+  though a top-level window's program walks ~n/(2m) blocks alone (a tail a GPU
+  measurement should size).
 
 Shapes (all contiguous): q, out, dout (B, H, N, d) with N = nq*m; k, v
 (B, Hkv, nk, d), row 0 holding the key at position ``k_start`` (a range's extended keys:
@@ -259,15 +262,14 @@ def _dsum_kernel(Q, KS, VS, DO, LSE, DELTA, SEEN, SBIAS, DKS, DVS,
                  m: tl.constexpr, d: tl.constexpr, p: tl.constexpr, COLS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dks, dvs (fp32) of the ``p`` summaries of one coarse window (row ``w`` of the ``seen_by``
-    table) of one kv head: the transposed pass over the query blocks of the (up to four)
-    windows whose lists hold it, within the local range [a0, a0 + nq), and the G query heads of
-    the kv head, accumulated in registers (deterministic, no partial buffers)."""
+    """One query head's share of the gradients of the ``p`` summaries of one coarse window (row
+    ``w`` of the ``seen_by`` table): the transposed pass over the query blocks of the (up to
+    four) windows whose lists hold it, within the local range [a0, a0 + nq), accumulated in
+    registers; DKS, DVS (B, H, T, d) fp32, summed over each kv head's G query heads afterwards
+    (deterministic, and the G heads run in parallel rather than one after another)."""
     w = tl.program_id(0).to(tl.int64)
-    bkv = tl.program_id(1).to(tl.int64)
-    Hkv = H // G
-    b = bkv // Hkv
-    hkv = bkv % Hkv
+    bh = tl.program_id(1).to(tl.int64)  # b * H + query head
+    bkv = (bh // H) * (H // G) + (bh % H) // G
     N = nq * m
     qk_scale = scale * 1.4426950408889634
     level = tl.load(SEEN + w * COLS).to(tl.int64)
@@ -283,6 +285,7 @@ def _dsum_kernel(Q, KS, VS, DO, LSE, DELTA, SEEN, SBIAS, DKS, DVS,
     srow = (bkv * T + first + j)[:, None] * d + c[None, :]
     ks = tl.load(KS + srow, mask=smask, other=0.0)
     vs = tl.load(VS + srow, mask=smask, other=0.0)
+    orow = (bh * T + first + j)[:, None] * d + c[None, :]
     sb = tl.load(SBIAS + first + j, mask=jok, other=float("-inf"))  # natural log; -inf: no token
     live = (sb > float("-inf"))[:, None] & rok[None, :]
     dks = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
@@ -293,19 +296,17 @@ def _dsum_kernel(Q, KS, VS, DO, LSE, DELTA, SEEN, SBIAS, DKS, DVS,
         hi = tl.where(cq >= 0, tl.minimum((cq + 1) * span, a0 + nq), lo)
         for a in range(lo, hi):
             i = a - a0
-            for g in range(G):
-                bh = b * H + hkv * G + g
-                qrow = (bh * N + i * m + r)[:, None] * d + c[None, :]
-                q = tl.load(Q + qrow, mask=rok[:, None] & cok[None, :], other=0.0)
-                do = tl.load(DO + qrow, mask=rok[:, None] & cok[None, :], other=0.0)
-                lse2 = tl.load(LSE + bh * N + i * m + r, mask=rok, other=float("inf")) * 1.4426950408889634
-                delta = tl.load(DELTA + bh * N + i * m + r, mask=rok, other=0.0)
-                # Transposed scores (summaries x queries), as the dk/dv kernel's.
-                st = _mm(ks, tl.trans(q), PRECISION, UPCAST) * qk_scale + (sb * 1.4426950408889634)[:, None]
-                pt = tl.where(live, tl.exp2(st - lse2[None, :]), 0.0)
-                dvs += _mm(pt.to(do.dtype), do, PRECISION, UPCAST)
-                dpt = _mm(vs, tl.trans(do), PRECISION, UPCAST)
-                dst = pt * (dpt - delta[None, :])
-                dks += _mm(dst.to(q.dtype), q, PRECISION, UPCAST)
-    tl.store(DKS + srow, dks * scale, mask=smask)
-    tl.store(DVS + srow, dvs, mask=smask)
+            qrow = (bh * N + i * m + r)[:, None] * d + c[None, :]
+            q = tl.load(Q + qrow, mask=rok[:, None] & cok[None, :], other=0.0)
+            do = tl.load(DO + qrow, mask=rok[:, None] & cok[None, :], other=0.0)
+            lse2 = tl.load(LSE + bh * N + i * m + r, mask=rok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + bh * N + i * m + r, mask=rok, other=0.0)
+            # Transposed scores (summaries x queries), as the dk/dv kernel's.
+            st = _mm(ks, tl.trans(q), PRECISION, UPCAST) * qk_scale + (sb * 1.4426950408889634)[:, None]
+            pt = tl.where(live, tl.exp2(st - lse2[None, :]), 0.0)
+            dvs += _mm(pt.to(do.dtype), do, PRECISION, UPCAST)
+            dpt = _mm(vs, tl.trans(do), PRECISION, UPCAST)
+            dst = pt * (dpt - delta[None, :])
+            dks += _mm(dst.to(q.dtype), q, PRECISION, UPCAST)
+    tl.store(DKS + orow, dks * scale, mask=smask)
+    tl.store(DVS + orow, dvs, mask=smask)

@@ -198,6 +198,19 @@ def extend(h: Hierarchy, n_levels: int) -> Hierarchy:
                    num_summaries=sum(w * h.rank for w in windows))
 
 
+def call_hierarchy(n: int, block_size: int, rank: int, causal: bool, max_level: int | None,
+                   level_offset: torch.Tensor | None) -> Hierarchy:
+    """The hierarchy an ``fma`` call over ``n`` tokens uses (truncated at ``max_level``); refuses
+    per-head level offsets (H, levels) with fewer levels than it has."""
+    h = hierarchy(n, block_size, rank, causal)
+    if max_level is not None:
+        h = truncate(h, max_level)
+    if level_offset is not None and level_offset.shape[1] < h.n_levels:
+        raise ValueError(f"fma: level_offset has {level_offset.shape[1]} levels, the sequence ({n} tokens) "
+                         f"has {h.n_levels}")
+    return h
+
+
 @dataclass(frozen=True)
 class BlockTables:
     """Per fine block: the coarse summaries its queries see and their log-weights.

@@ -9,7 +9,7 @@ import math
 import torch
 
 from .blocked import blocked_multipole
-from .hierarchy import hierarchy, sizes_error, truncate
+from .hierarchy import call_hierarchy, sizes_error
 from .refine import refined_multipole
 from .reference import dense_attention, dense_refined
 from .sequence_parallel import sp_fma, sp_refined
@@ -116,12 +116,7 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
                              "train it with parallel.sequence=1")
         return sp_fma(q, k, v, group, block_size=block_size, rank=rank, causal=causal, weighted=weighted,
                       scale=scale, variant=variant, summaries=summaries, max_level=max_level, impl=impl)
-    h = hierarchy(n, block_size, rank, causal)
-    if max_level is not None:
-        h = truncate(h, max_level)
-    if level_offset is not None and level_offset.shape[1] < h.n_levels:
-        raise ValueError(f"fma: level_offset has {level_offset.shape[1]} levels, the sequence ({n} tokens) "
-                         f"has {h.n_levels}")
+    h = call_hierarchy(n, block_size, rank, causal, max_level, level_offset)
     ks, vs = (summaries or MEAN)(k, v, h)
     if refine and h.n_levels:
         if impl == "dense":

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .blocked import coarse_top_down, merge
 from .cores import select_core
-from .hierarchy import Hierarchy, extend_keys, hierarchy, truncate, window_divisors
+from .hierarchy import Hierarchy, call_hierarchy, extend_keys, hierarchy, truncate, window_divisors
 from .summaries import MEAN, Summaries, finish
 from .torch_core import acc_dtype
 
@@ -317,12 +317,7 @@ def sp_refined(q, k, v, group, *, block_size: int, rank: int, causal: bool, weig
                          f"fine blocks of block_size={m}; use a global length that is a multiple of {n_ranks}*{m}")
     k_all, v_all = (_AllGather.apply(x, group).permute(1, 2, 0, 3, 4).reshape(B, x.shape[1], -1, d)
                     for x in (k, v))  # (B, Hkv, n, d)
-    h = hierarchy(chunk * n_ranks, m, rank, causal)
-    if max_level is not None:
-        h = truncate(h, max_level)
-    if level_offset is not None and level_offset.shape[1] < h.n_levels:
-        raise ValueError(f"fma: level_offset has {level_offset.shape[1]} levels, the sequence ({h.n} tokens) "
-                         f"has {h.n_levels}")
+    h = call_hierarchy(chunk * n_ranks, m, rank, causal, max_level, level_offset)
     ks, vs = (summaries or MEAN)(k_all, v_all, h)
     first_block, own_blocks = me * chunk // m, chunk // m
     # The fine core over the rank's blocks: their extended keys (a zero block before the first).

@@ -129,7 +129,7 @@ class DecodeCache:
 
     def cold_nbytes(self) -> int:
         """Bytes of the refined layers' fine key/value stores (which may live in host memory)."""
-        return sum(c.cold_nbytes() for c in self.layers if hasattr(c, "cold_nbytes"))
+        return sum(c.cold_nbytes() for c in self.layers)
 
 
 # --------------------------------------------------------------------------- loss

@@ -43,7 +43,7 @@ from collections import deque
 import torch
 
 from .blocked import merge
-from .hierarchy import coarse_windows, extend, num_levels, truncate
+from .hierarchy import Hierarchy, call_hierarchy, coarse_windows, extend, num_levels
 from .refine import far_attention, select
 from .summaries import Summaries, hierarchy
 from .torch_core import Scratch, acc_dtype
@@ -311,6 +311,10 @@ class MultipoleCache:
             tensors += list(self.coarse)
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
+    def cold_nbytes(self) -> int:
+        """Bytes kept outside the hot state (:class:`RefinedCache`'s store): none here."""
+        return 0
+
 
 class RefinedCache(MultipoleCache):
     """A causal multipole layer with adaptive refinement (``refine = K``, :mod:`.refine`).
@@ -340,33 +344,34 @@ class RefinedCache(MultipoleCache):
         if refine < 1 or self.linear:
             raise ValueError("RefinedCache needs refine >= 1 and variant='nlogn'; use MultipoleCache")
         self.refine, self.store_device = refine, store_device
-        self.layout = None
+        self.layout = self.ks = self.vs = self.k_store = self.v_store = None
+        self.ws = Scratch()
 
     @torch.no_grad()
     def prefill(self, q, k, v) -> "RefinedCache":
         super().prefill(q, k, v)
-        n, m = k.shape[2], self.m
+        n = k.shape[2]
         self.store_device = torch.device(self.store_device or self.device)
-        self.ws = Scratch()
-        self.k_store = self.v_store = None
         self._reserve_tokens(n + 1)
         self.k_store[:, :, :n], self.v_store[:, :, :n] = k, v
         self._lay_out(n + 1)
-        h = self._truncated(hierarchy(n, m, self.p, True))
-        if h.n_levels:  # the forward's summaries of the prompt, complete windows only
-            zk, zv = self.summaries(k, v, h)
-            for l in range(1, h.n_levels + 1):
-                rows = n // h.window_size(l) * self.p
-                src = slice(h.offsets[l - 1], h.offsets[l - 1] + rows)
-                dst = slice(self.layout.offsets[l - 1], self.layout.offsets[l - 1] + rows)
-                self.ks[:, :, dst], self.vs[:, :, dst] = zk[:, :, src], zv[:, :, src]
+        h = self._call_hierarchy(n)
+        if h.n_levels:  # the forward's summaries of the prompt
+            self._place(*self.summaries(k, v, h), h, n)
         for l, entries in enumerate(self.levels, start=1):  # levels above the prompt's own: their few windows
             for c, wk, wv in entries:
                 self._window_done(l, c, wk, wv)
         return self
 
-    def _truncated(self, h):
-        return h if self.max_level is None else truncate(h, self.max_level)
+    def _call_hierarchy(self, n: int) -> Hierarchy:
+        return call_hierarchy(n, self.m, self.p, True, self.max_level, None)
+
+    def _place(self, zk: torch.Tensor, zv: torch.Tensor, h: Hierarchy, tokens: int) -> None:
+        """Copy the complete windows (within ``tokens`` tokens) of summaries laid out by ``h`` into
+        the store's layout."""
+        for l in range(1, h.n_levels + 1):
+            rows, src, dst = tokens // h.window_size(l) * self.p, h.offsets[l - 1], self.layout.offsets[l - 1]
+            self.ks[:, :, dst:dst + rows], self.vs[:, :, dst:dst + rows] = zk[:, :, src:src + rows], zv[:, :, src:src + rows]
 
     def _reserve_tokens(self, tokens: int) -> None:
         """Room for ``tokens`` keys and values in the store, in whole blocks, growing by half again."""
@@ -390,15 +395,12 @@ class RefinedCache(MultipoleCache):
         levels = blocks.bit_length()  # a complete window of level l needs 2**(l-1) blocks
         if self.max_level is not None:
             levels = min(levels, self.max_level)
-        h = extend(self._truncated(hierarchy(blocks * m, m, self.p, True)), levels)
-        ks = torch.zeros(self.B, self.Hkv, h.num_summaries, self.d, dtype=self.acc, device=self.store_device)
-        vs = torch.zeros_like(ks)
-        if self.layout is not None:
-            old = self.layout
-            for l in range(1, old.n_levels + 1):
-                rows, at, was = old.windows[l - 1] * self.p, h.offsets[l - 1], old.offsets[l - 1]
-                ks[:, :, at:at + rows], vs[:, :, at:at + rows] = self.ks[:, :, was:was + rows], self.vs[:, :, was:was + rows]
-        self.layout, self.ks, self.vs = h, ks, vs
+        old = self.layout, self.ks, self.vs
+        self.layout = h = extend(self._call_hierarchy(blocks * m), levels)
+        self.ks = torch.zeros(self.B, self.Hkv, h.num_summaries, self.d, dtype=self.acc, device=self.store_device)
+        self.vs = torch.zeros_like(self.ks)
+        if old[0] is not None:
+            self._place(old[1], old[2], old[0], self.length)
         self.offset = None
         if self.level_offset is not None and h.n_levels:  # (H, layout levels); levels no query sees yet: 0
             off = self.level_offset[:, :h.n_levels].to(self.store_device, self.acc)
@@ -416,7 +418,6 @@ class RefinedCache(MultipoleCache):
     @torch.no_grad()
     def step(self, q, k, v):
         t = self.length
-        self._check_levels(t + 1)
         self._reserve_tokens(t + 1)
         self._lay_out(t + 1)
         self.k_store[:, :, t], self.v_store[:, :, t] = k[:, :, 0], v[:, :, 0]
@@ -481,6 +482,9 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes of the keys and values so far (the reserve beyond them not counted)."""
         return 2 * self.k[:, :, :self.length].numel() * self.k.element_size()
+
+    def cold_nbytes(self) -> int:
+        return 0
 
 
 __all__ = ["MultipoleCache", "RefinedCache", "KVCache"]

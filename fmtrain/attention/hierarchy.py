@@ -264,7 +264,8 @@ def _block_tables_cpu(h: Hierarchy, weighted: bool) -> BlockTables:
 _on_device: dict = {}
 
 
-def _cached_on_device(key: tuple, make):
+def cached_on_device(key: tuple, make):
+    """``make()``, made once per ``key`` (which names the hierarchy and the device) and kept."""
     if key not in _on_device:
         if len(_on_device) > 512:
             _on_device.clear()
@@ -280,7 +281,7 @@ def block_tables(h: Hierarchy, weighted: bool, device: torch.device | str = "cpu
     device = torch.device(device)
     if device.type == "cpu" and (index_dtype, bias_dtype) == (torch.int64, torch.float64):
         return t
-    return _cached_on_device(("tables", h, weighted, device, index_dtype, bias_dtype), lambda: BlockTables(
+    return cached_on_device(("tables", h, weighted, device, index_dtype, bias_dtype), lambda: BlockTables(
         t.index.to(device, index_dtype), t.bias.to(device, bias_dtype)))
 
 
@@ -316,7 +317,7 @@ def seen_by(h: Hierarchy, device: torch.device | str) -> torch.Tensor:
     every level, ``(level, window, index of its first summary, then up to four windows of the
     same level whose lists hold it, -1 padded)``; (windows of all levels, SEEN_BY_COLS) int32
     (cached per device)."""
-    return _cached_on_device(("seen_by", h, torch.device(device)), lambda: _seen_by_cpu(h).to(device))
+    return cached_on_device(("seen_by", h, torch.device(device)), lambda: _seen_by_cpu(h).to(device))
 
 
 def summary_bias(h: Hierarchy, weighted: bool, device: torch.device | str) -> torch.Tensor:
@@ -326,13 +327,13 @@ def summary_bias(h: Hierarchy, weighted: bool, device: torch.device | str) -> to
         counts = all_summary_counts(h)
         w = counts.clamp(min=1).double().log() if weighted else torch.zeros(counts.shape, dtype=torch.double)
         return torch.where(counts > 0, w, -math.inf).to(device, torch.float32)
-    return _cached_on_device(("summary_bias", h, weighted, torch.device(device)), make)
+    return cached_on_device(("summary_bias", h, weighted, torch.device(device)), make)
 
 
 def window_divisors(h: Hierarchy, level: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
     """(windows,) real tokens in each window of ``level``, at least 1: a window mean's divisor
     (cached per device and dtype)."""
-    return _cached_on_device(("divisors", h, level, torch.device(device), dtype),
+    return cached_on_device(("divisors", h, level, torch.device(device), dtype),
                              lambda: h.window_counts(level).clamp(min=1).to(device, dtype))
 
 
@@ -345,7 +346,7 @@ def summary_scales(h: Hierarchy, device: torch.device | str, dtype: torch.dtype)
                              for l in range(1, h.n_levels + 1)]) if h.n_levels else counts
         scale = torch.where(counts > 0, nominal / counts.clamp(min=1).double(), 0.0)
         return scale.to(device, dtype)
-    return _cached_on_device(("scales", h, torch.device(device), dtype), make)
+    return cached_on_device(("scales", h, torch.device(device), dtype), make)
 
 
 # --- the block layout of tokens -------------------------------------------------

@@ -50,7 +50,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .hierarchy import Hierarchy, all_summary_counts
+from .hierarchy import Hierarchy, all_summary_counts, cached_on_device
 from .torch_core import Scratch, acc_dtype
 
 # Elements of the largest per-chunk gather (queries x keys x head_dim, 32 MB in fp32): bounds the
@@ -86,16 +86,9 @@ def _tables_cpu(h: Hierarchy):
     return has, logc, offsets, windows, lv.contiguous(), win
 
 
-_device_tables: dict = {}
-
-
 def _tables(h: Hierarchy, device):
-    key = (h, torch.device(device))
-    if key not in _device_tables:
-        if len(_device_tables) > 256:
-            _device_tables.clear()
-        _device_tables[key] = tuple(t.to(device) for t in _tables_cpu(h))
-    return _device_tables[key]
+    """:func:`_tables_cpu` on ``device`` (cached per device, as the block tables)."""
+    return cached_on_device(("refine", h, torch.device(device)), lambda: tuple(t.to(device) for t in _tables_cpu(h)))
 
 
 def _flat_gather(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

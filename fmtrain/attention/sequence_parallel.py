@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from .blocked import coarse_top_down, merge
 from .cores import select_core
-from .hierarchy import Hierarchy, call_hierarchy, extend_keys, hierarchy, truncate, window_divisors
+from .hierarchy import Hierarchy, call_hierarchy, hierarchy, truncate, window_divisors
+from .refine import FarField
 from .summaries import MEAN, Summaries, finish
 from .torch_core import acc_dtype
 
@@ -307,8 +308,6 @@ def sp_refined(q, k, v, group, *, block_size: int, rank: int, causal: bool, weig
     queries open; the selection itself then needs every window's summaries (``2p/m`` of the
     keys' traffic).
     """
-    from .refine import FarField
-
     n_ranks, me = dist.get_world_size(group), dist.get_rank(group)
     B, H, chunk, d = q.shape
     m = block_size
@@ -320,9 +319,11 @@ def sp_refined(q, k, v, group, *, block_size: int, rank: int, causal: bool, weig
     h = call_hierarchy(chunk * n_ranks, m, rank, causal, max_level, level_offset)
     ks, vs = (summaries or MEAN)(k_all, v_all, h)
     first_block, own_blocks = me * chunk // m, chunk // m
-    # The fine core over the rank's blocks: their extended keys (a zero block before the first).
-    ext = [extend_keys(x, h)[:, :, first_block * m:(first_block + own_blocks + len(h.fine_blocks()) - 1) * m]
-           for x in (k_all, v_all)]
+    # The fine core over the rank's blocks: their extended keys, blocks first_block - 1 on, zeros
+    # outside the sequence (a slice of the gathered keys, padded where it leaves them).
+    lo, n = (first_block - 1) * m, chunk * n_ranks
+    hi = lo + (own_blocks + len(h.fine_blocks()) - 1) * m
+    ext = [F.pad(x[:, :, max(lo, 0):min(hi, n)], (0, 0, max(-lo, 0), max(hi - n, 0))) for x in (k_all, v_all)]
     out, lse = select_core(impl, q).apply(q.contiguous(), ext[0].contiguous(), ext[1].contiguous(),
                                           ks[:, :, :0].contiguous(), vs[:, :, :0].contiguous(), truncate(h, 0),
                                           weighted, scale, first_block)

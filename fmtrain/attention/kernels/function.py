@@ -16,14 +16,15 @@ from .triton_core import LOG2E, _dkv_kernel, _dq_kernel, _dsum_kernel, _fwd_kern
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-def _device_tables(h: Hierarchy, weighted: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Block tables as the kernels read them: int32 index, fp32 bias; and the int64 index."""
+
+def _device_tables(h: Hierarchy, weighted: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block tables as the kernels read them: int32 index, fp32 bias."""
     t = block_tables(h, weighted, device, torch.int32, torch.float32)
     index, bias = t.index, t.bias
     if index.numel() == 0:  # no coarse level: the kernels never read them, but need a pointer
         index = torch.zeros(1, dtype=torch.int32, device=device)
         bias = torch.zeros(1, device=device)
-    return index, bias, block_tables(h, weighted, device).index
+    return index, bias
 
 
 def _blocks(m: int, d: int, S: int) -> dict:
@@ -97,7 +98,7 @@ class TritonBlockAttention(torch.autograd.Function):
         m, F, S = h.block_size, len(h.fine_blocks()), h.coarse_slots
         nq = N // m
         k_start = (a0 - 1) * m if extended else 0  # the position of the keys' row 0
-        index, bias, _ = _device_tables(h, weighted, q.device)
+        index, bias = _device_tables(h, weighted, q.device)
         if T == 0:  # no summaries at all: give the kernel a valid (never read) pointer
             ks = vs = q.new_zeros(B, Hkv, 1, d)
         out = torch.empty_like(q)
@@ -124,10 +125,11 @@ class TritonBlockAttention(torch.autograd.Function):
         nq = N // m
         dout = torch.zeros_like(q) if dout is None else dout.to(q.dtype).contiguous()
         # delta_i = dO_i . O_i - dlse_i, the softmax-backward row term (lse's gradient folds in here):
-        # formed by the dq kernel's prologue, read by the dk/dv kernel.
+        # formed by the dq kernel's prologue, read by the dk/dv and summary kernels.
         delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-        dlse = dlse.contiguous() if dlse is not None else delta  # a pointer, not read without dlse
-        index, bias, _ = _device_tables(h, ctx.weighted, q.device)
+        has_dlse = dlse is not None
+        dlse = dlse.contiguous() if has_dlse else delta  # without dlse a pointer the kernel never reads
+        index, bias = _device_tables(h, ctx.weighted, q.device)
         blk = _blocks(m, d, S)
         launch = _launch(blk["BLOCK_M"], blk["BLOCK_D"])
         prec = _precision(q.dtype)
@@ -135,7 +137,7 @@ class TritonBlockAttention(torch.autograd.Function):
         _dq_kernel[(nq, B * H)](
             q, k, v, ks, vs, index, bias, out, dout, dlse, lse, delta, dq,
             h.n, nq, a0, H, G, T, S, k_start, nk, scale,
-            m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), HAS_DLSE=dlse is not delta,
+            m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), HAS_DLSE=has_dlse,
             **blk, **launch)
         want_s = (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]) and S > 0
         if want_s:
@@ -144,7 +146,7 @@ class TritonBlockAttention(torch.autograd.Function):
             dvs = torch.zeros_like(dks)
             _dsum_kernel[(seen.shape[0], B * H)](
                 q, ks, vs, dout, lse, delta, seen, summary_bias(h, ctx.weighted, q.device), dks, dvs,
-                h.n, nq, a0, H, G, T, scale,
+                nq, a0, H, G, T, scale,
                 m=m, d=d, p=h.rank, COLS=SEEN_BY_COLS, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"],
                 BLOCK_P=max(16, triton.next_power_of_2(h.rank)), PRECISION=prec, UPCAST=_upcast(q.dtype), **launch)
         dk, dv = torch.empty_like(k), torch.empty_like(v)

@@ -256,9 +256,9 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     tl.store(DV + krow, dv.to(DV.dtype.element_ty), mask=kmask)
 
 
-@triton.jit(do_not_specialize=["n", "nq", "a0", "H", "G", "T"])
+@triton.jit(do_not_specialize=["nq", "a0", "H", "G", "T"])
 def _dsum_kernel(Q, KS, VS, DO, LSE, DELTA, SEEN, SBIAS, DKS, DVS,
-                 n, nq, a0, H, G, T, scale,
+                 nq, a0, H, G, T, scale,
                  m: tl.constexpr, d: tl.constexpr, p: tl.constexpr, COLS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):

@@ -38,8 +38,10 @@ Cost per query: selection ``O(p L + K p L)`` summary scores, attention
 
 Implementation here: the selection runs vectorised over chunks of queries, and the
 far field (opened blocks plus candidates) is one autograd function, :class:`FarField`,
-that gathers each query's keys, keeps only ``(out, lse)`` and recomputes its scores in
-the backward, so memory beyond inputs and outputs is one chunk. The fine neighbours
+that keeps only ``(out, lse)`` and recomputes its scores in the backward, so memory
+beyond inputs and outputs is one chunk. The opened blocks are attended by block, not by
+query (:class:`OpenedTiles`: the queries that opened a block, in tiles, against it as
+matrix products); each query gathers its candidates' summaries. The fine neighbours
 come from the core (``block_attention(fine_only=True)``), merged by their log-sum-exp.
 """
 from __future__ import annotations
@@ -175,9 +177,9 @@ def select(q: torch.Tensor, ks: torch.Tensor, h: Hierarchy, refine: int, scale: 
 def _far_inputs(q, n: int, off, h: Hierarchy, tabs, opened, lv, win, weighted: bool, acc):
     """One chunk's far field: the opened blocks, then the candidates' summaries.
 
-    Returns qg (B, Hkv, nq, G, d); the opened blocks (B, Hkv, nq, K), clamped to a real block;
-    the candidates' summaries (B, Hkv, nq, C*p), clamped to a real slot; the score bias
-    (B, Hkv, nq, G or 1, K*m + C*p), -inf where masked; and each summary slot's level.
+    Returns qg (B, Hkv, nq, G, d); the candidates' summaries (B, Hkv, nq, C*p), clamped to a
+    real slot; the score bias (B, Hkv, nq, G or 1, K*m + C*p), -inf where masked; and each
+    summary slot's level.
     """
     B, H, nq, d = q.shape
     Hkv, m = opened.shape[1], h.block_size
@@ -197,7 +199,7 @@ def _far_inputs(q, n: int, off, h: Hierarchy, tabs, opened, lv, win, weighted: b
         head = torch.arange(Hkv, device=q.device).view(1, Hkv, 1, 1)
         o = offg[head, (slv - 1).clamp(min=0)].transpose(-1, -2)  # (B, Hkv, nq, G, C*p)
         bias = torch.cat([tbias.unsqueeze(3).expand(-1, -1, -1, G, -1), sbias.unsqueeze(3) + o], dim=-1)
-    return qg, opened.clamp(min=0), sidx.flatten(-2), bias, slv
+    return qg, sidx.flatten(-2), bias, slv
 
 
 def _blocks(x: torch.Tensor, h: Hierarchy, acc) -> torch.Tensor:
@@ -207,13 +209,84 @@ def _blocks(x: torch.Tensor, h: Hierarchy, acc) -> torch.Tensor:
     return F.pad(x.to(acc), (0, 0, 0, h.padded_len - n)).reshape(B, Hkv, h.n_blocks, h.block_size * d)
 
 
-def _gather(xb, xs, blocks, sidx, ws, name: str):
-    """Opened blocks' tokens (B, Hkv, nq, K*m, d) and candidates' summaries (B, Hkv, nq, C*p, d),
-    in the scratch buffers ``ws`` (a :class:`~.torch_core.Scratch`) under ``name``."""
-    d = xs.shape[-1]
-    B, Hkv, nq, K = blocks.shape
-    tok = _flat_gather(xb, blocks, ws(name + "t", (*blocks.shape, xb.shape[-1]), xb))
-    return tok.view(B, Hkv, nq, -1, d), _flat_gather(xs, sidx, ws(name + "s", (*sidx.shape, d), xs))
+# Query rows (query heads of a group included) of one tile: enough for a matrix product to pay off.
+TILE_ROWS = 64
+
+
+class OpenedTiles:
+    """A chunk's (query, opened block) pairs regrouped by block, in tiles of ``T`` queries.
+
+    Each query opens its own ``K`` blocks, so gathering every query's blocks moves ``K m d``
+    numbers a query and leaves rank-one products. Regrouped by block (as MoBA regroups the
+    queries that chose a block), a tile's queries share one block: its scores, values and
+    gradients are matrix products ``(T G, d) x (d, m)``, and a query moves ``K d`` numbers.
+    Tiles of one block are consecutive; the last tile of a block is padded with zero rows.
+
+    opened: (B, Hkv, nq, K), a fine block per slot or -1; ``n_blocks`` blocks per head; ``G``
+    query heads share a slot's block.
+    """
+
+    def __init__(self, opened: torch.Tensor, n_blocks: int, G: int):
+        B, Hkv, nq, K = opened.shape
+        dev = opened.device
+        self.shape, self.G = (B, Hkv, nq, K), G
+        head = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1) * n_blocks
+        flat = torch.where(opened >= 0, opened + head, -1).reshape(-1)  # a global block per pair
+        pair = torch.nonzero(flat >= 0).squeeze(1)
+        blk, order = torch.sort(flat[pair], stable=True)
+        pair = pair[order]  # pairs ordered by block
+        counts = torch.bincount(blk, minlength=B * Hkv * n_blocks)
+        used = max(int((counts > 0).sum()), 1)
+        # tile height: the mean number of queries per opened block, in powers of two, at most a tile's rows
+        self.T = T = min(max(TILE_ROWS // G, 1), 1 << max(pair.numel() // used, 1).bit_length() - 1)
+        tiles = (counts + T - 1) // T
+        self.block = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), tiles)  # (n_tiles,)
+        first_pair = torch.cumsum(counts, 0) - counts
+        first_row = (torch.cumsum(tiles, 0) - tiles) * T
+        self.row = first_row[blk] + torch.arange(pair.numel(), device=dev) - first_pair[blk]  # pair -> tile row
+        self.query, self.slot = pair // K, pair % K  # pair -> (flattened query, slot)
+        self.n_tiles = int(self.block.numel())
+
+    def _empty(self, c: int, like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(self.n_tiles * self.T, self.G, c)
+
+    def of_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """Per query x (B, Hkv, nq, G, c) -> each pair's copy in its tile: (n_tiles, T*G, c)."""
+        out = self._empty(x.shape[-1], x)
+        out[self.row] = x.reshape(-1, self.G, x.shape[-1])[self.query]
+        return out.view(self.n_tiles, self.T * self.G, x.shape[-1])
+
+    def of_pairs(self, x: torch.Tensor) -> torch.Tensor:
+        """Per pair x (B, Hkv, nq, G, K*c), slot-major in the last dim -> (n_tiles, T*G, c)."""
+        B, Hkv, nq, K = self.shape
+        c = x.shape[-1] // K
+        out = self._empty(c, x)
+        out[self.row] = x.reshape(-1, self.G, K, c)[self.query, :, self.slot]
+        return out.view(self.n_tiles, self.T * self.G, c)
+
+    def to_pairs(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`of_pairs`: (n_tiles, T*G, c) -> (B, Hkv, nq, G, K*c), 0 in slots with no block."""
+        B, Hkv, nq, K = self.shape
+        c = y.shape[-1]
+        out = y.new_zeros(B * Hkv * nq, self.G, K, c)
+        out[self.query, :, self.slot] = y.reshape(-1, self.G, c)[self.row]
+        return out.view(B, Hkv, nq, self.G, K * c)
+
+    def to_queries(self, y: torch.Tensor) -> torch.Tensor:
+        """(n_tiles, T*G, c) summed over each query's pairs -> (B, Hkv, nq, G, c)."""
+        B, Hkv, nq, K = self.shape
+        c = y.shape[-1]
+        out = y.new_zeros(B * Hkv * nq, K, self.G, c)
+        out[self.query, self.slot] = y.reshape(-1, self.G, c)[self.row]
+        return out.sum(1).view(B, Hkv, nq, self.G, c)  # a fixed order: deterministic
+
+    def blocks(self, xb: torch.Tensor, d: int) -> torch.Tensor:
+        """Block rows xb (B, Hkv, n_blocks, m*d) -> each tile's block (n_tiles, m, d)."""
+        return xb.reshape(-1, xb.shape[-1])[self.block].view(self.n_tiles, xb.shape[-1] // d, d)
+
+    def add_to_blocks(self, dxb: torch.Tensor, y: torch.Tensor) -> None:
+        """dxb (B, Hkv, n_blocks, m*d) += each tile's y (n_tiles, m, d) at its block."""
+        dxb.view(-1, dxb.shape[-1]).index_add_(0, self.block, y.reshape(self.n_tiles, dxb.shape[-1]))
 
 
 class FarField(torch.autograd.Function):
@@ -259,11 +332,14 @@ class FarField(torch.autograd.Function):
         doff = torch.zeros(off.shape, dtype=acc, device=q.device) if off is not None else None
         ws = Scratch()
         for i0, i1, *sel in _far_chunks(ctx.sels, q, ks, h, ctx.refine):
-            qg, blocks, sidx, bias, slv = _far_inputs(q[:, :, i0:i1], n, off, h, tabs, *sel, ctx.weighted, acc)
-            (kt, kc), (vt, vc) = _gather(kb, ksa, blocks, sidx, ws, "k"), _gather(vb, vsa, blocks, sidx, ws, "v")
-            nq, Km = i1 - i0, kt.shape[3]
+            qg, sidx, bias, slv = _far_inputs(q[:, :, i0:i1], n, off, h, tabs, *sel, ctx.weighted, acc)
+            tiles = OpenedTiles(sel[0], h.n_blocks, G)
+            qt, kt, vt = tiles.of_queries(qg), tiles.blocks(kb, d), tiles.blocks(vb, d)  # (tiles, T*G | m, d)
+            kc = _flat_gather(ksa, sidx, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
+            vc = _flat_gather(vsa, sidx, ws("vs", (*sidx.shape, d), vsa))
+            nq, Km = i1 - i0, ctx.refine * h.block_size
             l = lse[:, :, i0:i1].view(B, Hkv, G, nq).transpose(2, 3).unsqueeze(-1)  # (B, Hkv, nq, G, 1)
-            s = _far_scores(qg, kt, kc, bias, scale)
+            s = torch.cat([tiles.to_pairs(qt @ kt.transpose(-1, -2)), qg @ kc.transpose(-1, -2)], dim=-1) * scale + bias
             p = torch.exp(s - torch.where(l.isinf(), 0.0, l))
             do = (dout[:, :, i0:i1] if dout is not None else torch.zeros_like(out[:, :, i0:i1])).to(acc)
             do = do.view(B, Hkv, G, nq, d).transpose(2, 3).contiguous()  # (B, Hkv, nq, G, d)
@@ -271,18 +347,20 @@ class FarField(torch.autograd.Function):
             delta = (do * o).sum(-1, keepdim=True)
             if dlse is not None:
                 delta = delta - dlse[:, :, i0:i1].to(acc).view(B, Hkv, G, nq).transpose(2, 3).unsqueeze(-1)
-            dp = torch.cat([do @ vt.transpose(-1, -2), do @ vc.transpose(-1, -2)], dim=-1)
+            dot = tiles.of_queries(do)  # (tiles, T*G, d)
+            dp = torch.cat([tiles.to_pairs(dot @ vt.transpose(-1, -2)), do @ vc.transpose(-1, -2)], dim=-1)
             ds = p * (dp - delta)  # (B, Hkv, nq, G, K*m + C*p)
             if doff is not None:  # each summary slot's score gradient to its (head, level)
                 dsum = ds[..., Km:].permute(1, 3, 0, 2, 4)  # (Hkv, G, B, nq, C*p)
                 lvl = (slv - 1).clamp(min=0).permute(1, 0, 2, 3).unsqueeze(1).expand_as(dsum)
                 doff.view(Hkv, G, -1).scatter_add_(2, lvl.reshape(Hkv, G, -1), dsum.reshape(Hkv, G, -1))
             ds.mul_(scale)  # the score scale, applied to the small factor of every product below
-            dst, dsc, pt, pc = ds[..., :Km], ds[..., Km:], p[..., :Km], p[..., Km:]
-            dq[:, :, i0:i1] = (dst @ kt + dsc @ kc).transpose(2, 3).reshape(B, H, nq, d)
-            tok_shape, sum_shape = (*blocks.shape[:3], Km, d), (*sidx.shape, d)
-            _flat_add(dkb, blocks, _outer(dst, qg, ws("dkt", tok_shape, qg)).view(*blocks.shape, -1))
-            _flat_add(dvb, blocks, _outer(pt, do, ws("dvt", tok_shape, qg)).view(*blocks.shape, -1))
+            dsc, pc = ds[..., Km:], p[..., Km:]
+            dst, pt = tiles.of_pairs(ds[..., :Km]), tiles.of_pairs(p[..., :Km])  # (tiles, T*G, m)
+            dq[:, :, i0:i1] = (tiles.to_queries(dst @ kt) + dsc @ kc).transpose(2, 3).reshape(B, H, nq, d)
+            tiles.add_to_blocks(dkb, dst.transpose(-1, -2) @ qt)
+            tiles.add_to_blocks(dvb, pt.transpose(-1, -2) @ dot)
+            sum_shape = (*sidx.shape, d)
             _flat_add(dks, sidx, _outer(dsc, qg, ws("dks", sum_shape, qg)))
             _flat_add(dvs, sidx, _outer(pc, do, ws("dvs", sum_shape, qg)))
         dk = dkb.view(B, Hkv, -1, d)[:, :, :n]
@@ -298,21 +376,17 @@ def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted:
     :func:`select`, ``n`` the tokens that exist. Returns ``(out (B, Hkv, nq, G, d), lse
     (B, Hkv, nq, G, 1))`` in the accumulation dtype; lse is -inf where a query has no far field.
     Shared by :class:`FarField` and the decoding cache (:mod:`.cache`)."""
-    acc = ksa.dtype
-    qg, blocks, sidx, bias, _ = _far_inputs(q, n, off, h, _tables(h, q.device), *sel, weighted, acc)
-    kt, kc = _gather(kb, ksa, blocks, sidx, ws, "k")
-    s = _far_scores(qg, kt, kc, bias, scale)
+    d, Hkv = ksa.shape[-1], ksa.shape[1]
+    qg, sidx, bias, _ = _far_inputs(q, n, off, h, _tables(h, q.device), *sel, weighted, ksa.dtype)
+    tiles = OpenedTiles(sel[0], kb.shape[2], q.shape[1] // Hkv)
+    qt, kt = tiles.of_queries(qg), tiles.blocks(kb, d)  # (tiles, T*G, d), (tiles, m, d)
+    kc = _flat_gather(ksa, sidx, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
+    s = torch.cat([tiles.to_pairs(qt @ kt.transpose(-1, -2)), qg @ kc.transpose(-1, -2)], dim=-1) * scale + bias
     l = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, Hkv, nq, G, 1)
     p = torch.exp(s - torch.where(l.isinf(), 0.0, l))
-    vt, vc = _gather(vb, vsa, blocks, sidx, ws, "v")
-    Km = kt.shape[3]
-    return p[..., :Km] @ vt + p[..., Km:] @ vc, l  # (B, Hkv, nq, G, d)
-
-
-def _far_scores(qg, kt, kc, bias, scale: float) -> torch.Tensor:
-    """Scores of each query against its opened blocks' tokens, then its candidates' summaries:
-    (B, Hkv, nq, G, K*m + C*p), biased."""
-    return torch.cat([qg @ kt.transpose(-1, -2), qg @ kc.transpose(-1, -2)], dim=-1) * scale + bias
+    Km = s.shape[-1] - sidx.shape[-1]
+    vc = _flat_gather(vsa, sidx, ws("vs", (*sidx.shape, d), vsa))
+    return tiles.to_queries(tiles.of_pairs(p[..., :Km]) @ tiles.blocks(vb, d)) + p[..., Km:] @ vc, l
 
 
 def _outer(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -351,10 +425,11 @@ def _select_all(q, ks, h: Hierarchy, refine: int, scale: float, start: int = 0) 
 
 
 def _far_chunks(sels: list[tuple], q, ks, h: Hierarchy, refine: int):
-    """The selection re-cut into the far field's chunks (its temporaries are each query's gathered
-    keys): ``(i0, i1, opened, lv, win)`` in int64."""
+    """The selection re-cut into the far field's chunks (its largest temporaries: each query's
+    gathered summaries, its copies in the tiles, its scores): ``(i0, i1, opened, lv, win)`` in int64."""
     B, H, n, d = q.shape
-    per_query = B * ks.shape[1] * d * (refine * h.block_size + num_candidates(h, refine) * h.rank)
+    Hkv, sums = ks.shape[1], num_candidates(h, refine) * h.rank
+    per_query = B * Hkv * max(d * sums, H // Hkv * (d * refine + refine * h.block_size + sums))
     opened, lv, win = (torch.cat([s[k] for s in sels], dim=2) for k in (2, 3, 4))
     for i0, i1 in _chunks(n, per_query, h):
         yield (i0, i1) + tuple(x[:, :, i0:i1].long() for x in (opened, lv, win))

@@ -157,3 +157,27 @@ def test_strided_inputs_as_a_layer_passes_them(rng):
     a = fma(q, k, v, block_size=8, rank=2, refine=2)
     b = fma(qt, kt, vt, block_size=8, rank=2, refine=2)
     assert (a - b).abs().max() < TOL64
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_opened_tiles_group_pairs_by_block_and_invert(G):
+    """Every tile row holds a pair whose block is the tile's; taking each pair's slot into the
+    tiles and back is the identity, slots with no block come back 0; a query's pairs sum."""
+    from fmtrain.attention.refine import OpenedTiles
+    g = torch.Generator().manual_seed(7)
+    B, Hkv, nq, K, n_blocks, c = 2, 3, 50, 4, 9, 5
+    opened = torch.randint(-1, n_blocks, (B, Hkv, nq, K), generator=g)
+    tiles = OpenedTiles(opened, n_blocks, G)
+    heads = torch.arange(B * Hkv).repeat_interleave(nq * K).view(B, Hkv, nq, K)
+    owner = torch.full((tiles.n_tiles * tiles.T,), -1)
+    owner[tiles.row] = (opened + heads * n_blocks).reshape(-1)[tiles.query * K + tiles.slot]
+    assert ((owner == -1) | (owner == tiles.block.repeat_interleave(tiles.T))).all()
+    x = torch.randn(B, Hkv, nq, G, K * c, generator=g, dtype=torch.float64)
+    back = tiles.to_pairs(tiles.of_pairs(x)).view(B, Hkv, nq, G, K, c)
+    has = (opened >= 0).view(B, Hkv, nq, 1, K, 1)
+    assert torch.equal(back, torch.where(has, x.view_as(back), 0.0))
+    y = torch.randn(B, Hkv, nq, G, c, generator=g, dtype=torch.float64)
+    summed = tiles.to_queries(tiles.of_queries(y))  # each query's row once per opened block
+    assert torch.allclose(summed, y * has.sum(-2), rtol=1e-12, atol=0)
+    one = torch.randperm(n_blocks, generator=g)[:K].expand(B, Hkv, 1, K)  # one query (decoding): distinct blocks
+    assert OpenedTiles(one, n_blocks, G).T == 1  # tiles of one row, none padded

@@ -249,50 +249,30 @@ def test_core_rejects_bad_ranges(rng):
 
 
 # --- GPU lowering without a GPU -------------------------------------------------------------
-_FP32_PTRS = {"BIAS", "LSE", "DELTA", "DLSE", "SBIAS", "DKS", "DVS"}
-
-
 def _aot_compile(dtype: str, m: int, d: int, S: int, causal: bool) -> None:
-    """Compile every kernel for sm_90 (Triton IR -> PTX -> cubin with Triton's bundled ptxas).
+    """Compile every kernel for sm_90 as the JIT would (Triton IR -> PTX -> cubin with Triton's
+    bundled ptxas; the launcher's tiles and options, pointers 16-byte aligned:
+    ``fmtrain.attention.kernels.aot``), and check what the half-precision code uses.
 
     The interpreter runs the kernels' Python semantics only; this catches what fails in
     the real lowering (dot shapes, dtype mixes, layouts, loop-carried types: a name bound
-    before a loop must keep its shape in it, which the interpreter never checks). Tiles and
-    launch options come from the launcher's own choice for (m, d, S coarse slots), so the
-    fine tile (BLOCK_M) and the coarse one (BLOCK_C) differ in some cases. Argument types:
-    the kernels' unspecialised ints are i32, ``scale``/``qk_scale`` fp32, the rest pointers.
+    before a loop must keep its shape in it, which the interpreter never checks). In bf16 and
+    fp16 every kernel must keep its values in registers (no spills) and multiply on tensor
+    cores, and the forward must load 16-byte vectors; whether two programs fit an SM is
+    reported by ``bench/kernel_resources.py``, not asserted (#26: the d=128 kernels hold one).
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from fmtrain.attention.kernels import aot
 
-    from fmtrain.attention.kernels import function as Fn
-    from fmtrain.attention.kernels import triton_core as K
-
-    F = 2 if causal else 3
-    blk = Fn._blocks(m, d, S)
-    prec = "ieee" if dtype == "fp32" else "tf32"
-    tiles = dict(m=m, d=d, F=F, CAUSAL=causal, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"], PRECISION=prec,
-                 UPCAST=False)
-    kernels = [(K._fwd_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"]))]
-    kernels += [(K._dq_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"], HAS_DLSE=flag)) for flag in (True, False)]
-    kernels += [(K._dkv_kernel, tiles),
-                (K._dsum_kernel, dict(m=m, d=d, p=2, COLS=7, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"],
-                                      BLOCK_P=16, PRECISION=prec, UPCAST=False))]
-    launch = Fn._launch(blk["BLOCK_M"], blk["BLOCK_D"])
-    for fn, consts in kernels:
-        ints = {p.name for p in fn.params if p.do_not_specialize}
-        sig = {}
-        for name in fn.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name in ints:
-                sig[name] = "i32"
-            elif "scale" in name:
-                sig[name] = "fp32"
-            else:
-                sig[name] = "*i32" if name in ("IDX", "SEEN") else "*fp32" if name in _FP32_PTRS else "*" + dtype
-        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=launch)
+    for name, fn, consts, launch in aot.kernel_variants(dtype, m, d, S, causal):
+        compiled = aot.compile_sm90(fn, consts, dtype, launch)
+        if dtype == "fp32":
+            continue  # IEEE fp32 products: no tensor cores; spills reported by the bench, not gated
+        r = aot.resources(name, compiled)
+        case = f"{name} {dtype} m={m} d={d} S={S} causal={causal}"
+        assert r.spill_bytes == 0, f"{case}: spills {r.spill_bytes} bytes ({r.registers} registers)"
+        assert r.tensor_core_ops > 0, f"{case}: no tensor-core instructions"
+        if name == "fwd":
+            assert r.vector_loads > 0, f"{case}: no 16-byte loads"
 
 
 # (dtype, block size m, head_dim d, coarse slots S): tiles as the launcher picks them, the coarse

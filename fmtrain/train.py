@@ -20,10 +20,10 @@ from .config import Config, config_from_argv, save_config
 from .config.loading import input_candidates, input_exists
 from .errors import UserError, as_user_error, no_space, report
 from .eval import evaluate
+from .init_from import prepare as prepare_init, resolve_config
 from .metrics import Metrics, peak_flops
 from .model import build_model, flops_per_token
 from .parallel import World, apply_sequence_parallel, init_world, shutdown
-from .pretrained import prepare as prepare_init, resolve_config
 from .resume import reconcile
 from .runlock import lock_run
 from .signals import StopFlag, exit_status

@@ -161,7 +161,7 @@ def from_dict(data: dict[str, Any]) -> Config:
         sections[sec_name] = sec_cls(**kwargs)
     cfg = Config(**sections)
     # The keys given explicitly: model.init_from fills the others from the weights and refuses
-    # given ones that contradict them (fmtrain/pretrained.py, when the run starts).
+    # given ones that contradict them (fmtrain/init_from.py, when the run starts).
     cfg._given = {s: set(v) for s, v in data.items() if isinstance(v, dict)}
     if not errors:
         errors = _range_errors(cfg)

@@ -17,7 +17,7 @@ pytest.importorskip("tokenizers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fmtrain.config import from_dict as plain_from_dict  # noqa: E402
-from fmtrain.pretrained import resolve_config  # noqa: E402
+from fmtrain.init_from import resolve_config  # noqa: E402
 
 
 def from_dict(data: dict):

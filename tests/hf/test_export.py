@@ -63,7 +63,7 @@ def test_sdpa_export_loads_in_plain_transformers(tmp_path, corpus, hf_tokenizer,
 
 @pytest.mark.slow
 def test_fma_export_loads_through_the_auto_classes_and_generates(tmp_path, corpus):
-    import fmtrain.hf  # noqa: F401  (registers model_type "fmtrain")
+    import fmtrain.hf.modeling  # noqa: F401  (registers model_type "fmtrain")
     from fmtrain.hf import export
 
     ckpt = model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma", summary="m2m")
@@ -259,7 +259,7 @@ def test_padded_batch_rows_equal_each_row_alone(tmp_path, corpus):
     """A left-padded batch (generate()'s and lm-eval's padding) and a right-padded one: each row's
     logits, its share of the labels= loss and its greedy continuation, with and without the
     decoding cache, equal the row run alone."""
-    import fmtrain.hf  # noqa: F401
+    import fmtrain.hf.modeling  # noqa: F401
     from fmtrain.hf import export
 
     out = export(model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma", summary="m2m"), tmp_path / "out")
@@ -295,7 +295,7 @@ def test_padded_batch_rows_equal_each_row_alone(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_refined_fma_export_carries_refine_and_generates_with_its_cache(tmp_path, corpus):
-    import fmtrain.hf  # noqa: F401
+    import fmtrain.hf.modeling  # noqa: F401
     from fmtrain.hf import export
 
     ckpt = model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma", summary="m2m", refine=2)

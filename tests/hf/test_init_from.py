@@ -54,7 +54,7 @@ def test_continued_pretraining_from_hf_trains_and_resumes_bitwise(tmp_path, hf_t
                   "--temperature", "0")
     assert gen.stdout.startswith("def ")
     # Exported (fma: model_type "fmtrain") and loaded through the Auto classes: fmtrain's logits.
-    importlib.import_module("fmtrain.hf")  # registers model_type "fmtrain"
+    importlib.import_module("fmtrain.hf.modeling")  # registers model_type "fmtrain"
     fmtrain("fmtrain.hf", "export", tmp_path / "split", tmp_path / "exported")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float64).eval()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")

@@ -38,6 +38,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,16 +50,24 @@ from .input_files import InputFileError
 
 
 # --------------------------------------------------------------------------- sources
-def _fmtrain_source(path: Path):
-    """(checkpoint folder, its Config) of an fmtrain checkpoint, run or model-only export."""
+def _fmtrain_source(cfg: Config):
+    """The validated :class:`~fmtrain.checkpoint.Checkpoint` of an fmtrain ``model.init_from``
+    (a checkpoint, run or model-only export), resolved once per config: kept on ``cfg``, so that
+    filling the config, :func:`prepare` and :func:`load_model` hash the source's files once."""
     from .checkpoint import CheckpointError, resolve
 
+    src = cfg.model.init_from
+    kept = getattr(cfg, "_init_checkpoint", None)
+    if kept is not None and kept[0] == src:
+        return kept[1]
     try:
-        ckpt = resolve(path)
-        return ckpt, ckpt.config
+        ckpt = resolve(Path(src))
+        ckpt.config  # read now: a checkpoint whose config does not load is no source
     except (CheckpointError, ConfigError) as exc:
-        raise ConfigError(f"model.init_from={str(path)!r} is neither a Hugging Face folder (no config.json) "
+        raise ConfigError(f"model.init_from={str(Path(src))!r} is neither a Hugging Face folder (no config.json) "
                           f"nor a usable fmtrain checkpoint: {exc}") from None
+    cfg._init_checkpoint = (src, ckpt)
+    return ckpt
 
 
 def _tokenizer_of(folder: Path) -> str | None:
@@ -111,8 +120,8 @@ def fill_config(cfg: Config, given: dict[str, set[str]]) -> list[str]:
             fields, window = hf_model_fields(read_hf_config(path), src)
             names, folder = CONFIG_NAMES, path
         else:
-            ckpt, src_cfg = _fmtrain_source(path)
-            fields, window = fmtrain_model_fields(src_cfg.model), None
+            ckpt = _fmtrain_source(cfg)
+            fields, window = fmtrain_model_fields(ckpt.config.model), None
             names, folder = {f: f"model.{f}" for f in ARCH_FIELDS}, ckpt
     except UserError as exc:  # ConfigError, or an InputFileError of config.json
         return [str(exc)]
@@ -162,7 +171,7 @@ class Init:
     source: str
     kind: str  # "hf" or "fmtrain"
     files: dict[str, Path] | None = None  # hf: tensor -> shard
-    checkpoint: Path | None = None  # fmtrain: the checkpoint folder
+    checkpoint: Any = None  # fmtrain: the validated Checkpoint (read without hashing it again)
 
     def state_dict(self, m: ModelConfig) -> dict[str, torch.Tensor]:
         if self.kind == "hf":  # read and converted one tensor at a time: no second copy of the model
@@ -226,8 +235,7 @@ def prepare(cfg: Config) -> Init | None:
     check_tokenizer(cfg)
     if is_hf_folder(path):
         return Init(str(path), "hf", files=check_hf_weights(path, cfg.model))
-    ckpt, _ = _fmtrain_source(path)
-    return Init(str(path), "fmtrain", checkpoint=ckpt)
+    return Init(str(path), "fmtrain", checkpoint=_fmtrain_source(cfg))
 
 
 def check_tokenizer(cfg: Config) -> None:
@@ -256,8 +264,8 @@ def load_model(path: str | os.PathLike, *, seq_len: int = 2048, **model_fields):
     cfg = resolve_config(from_dict({"run": {"dir": "."}, "model": {"init_from": str(path), **model_fields},
                                     "data": {"seq_len": seq_len, "tokenizer": "(not needed)"}}))
     files = check_hf_weights(Path(path), cfg.model) if is_hf_folder(path) else None
-    init = Init(str(path), "hf", files=files) if files else Init(str(path), "fmtrain",
-                                                                  checkpoint=_fmtrain_source(Path(path))[0])
+    init = (Init(str(path), "hf", files=files) if files else
+            Init(str(path), "fmtrain", checkpoint=_fmtrain_source(cfg)))
     model = build_model(cfg.model)
     init.load(model)
     return model

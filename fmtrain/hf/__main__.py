@@ -29,6 +29,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..errors import run_main  # an ExportError, the extra missing (UserErrors) or a full disk: one error: line, exit 2
+    from ..errors import run_main  # ExportError, ExtraMissing (UserErrors) or a full disk: one error: line, exit 2
 
     sys.exit(run_main(main))

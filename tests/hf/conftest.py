@@ -124,8 +124,9 @@ keep = 2
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """The embedded corpus's text (stdlib modules) as files: 40 for training runs."""
+def text_files(tmp_path_factory) -> Path:
+    """The embedded corpus's text (stdlib modules) as files: 40 for training runs (a folder; the
+    top-level ``corpus`` fixture is a (folder, cache) pair of 60)."""
     root = tmp_path_factory.mktemp("corpus")
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[20:60]
     for f in files:

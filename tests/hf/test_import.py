@@ -261,7 +261,7 @@ def test_every_opening_of_the_weights_is_checked(tmp_path, hf_tokenizer):
         prepare(cfg)
 
 
-def test_bad_weights_and_tokenizer_files_end_a_run_in_one_line(tmp_path, hf_tokenizer, corpus):
+def test_bad_weights_and_tokenizer_files_end_a_run_in_one_line(tmp_path, hf_tokenizer, text_files):
     """Through the command: one ``error:`` line, exit status 2, no traceback, nothing written."""
     lfs = make_hf(tmp_path / "lfs", tokenizer=hf_tokenizer, layers=1)
     (lfs / "model.safetensors").write_text(LFS_POINTER)
@@ -270,7 +270,7 @@ def test_bad_weights_and_tokenizer_files_end_a_run_in_one_line(tmp_path, hf_toke
     (cut / "tokenizer.json").write_text(text[:len(text) // 2])
     for folder, says in [(lfs, f"model.safetensors in {lfs} is a Git LFS pointer, not the weights"),
                          (cut, f"tokenizer.json in {cut} is damaged (not valid JSON: ")]:
-        r = fmtrain("fmtrain.train", run_config(tmp_path, "run", folder, corpus), check=False)
+        r = fmtrain("fmtrain.train", run_config(tmp_path, "run", folder, text_files), check=False)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len([line for line in lines if line.startswith("error:")]) == 1, r.stderr

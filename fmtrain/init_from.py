@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError, ModelConfig
+from .config import Config, ConfigError, ModelConfig, check_config, format_errors
 from .errors import UserError
 from .hf.importing import check_hf_weights, is_hf_folder, load_hf_state, read_hf_config
 from .hf.names import ARCH_FIELDS, CONFIG_NAMES, OVERRIDABLE, fmtrain_model_fields, hf_model_fields
@@ -85,15 +85,13 @@ def resolve_config(cfg: Config) -> Config:
     validated again; ConfigError naming every problem. A config without init_from is returned as is."""
     if not cfg.model.init_from:
         return cfg
-    from .config.schema import _format, check_config
-
     given = getattr(cfg, "_given", None)
     if given is None:  # built without from_dict: the fields that differ from their defaults
         given = {sec: {k for k, v in vals.items() if v != getattr(type(getattr(cfg, sec))(), k)}
                  for sec, vals in cfg.to_dict().items()}
     errors = fill_config(cfg, given)
     if errors:
-        raise ConfigError(_format(errors))
+        raise ConfigError(format_errors(errors))
     check_config(cfg)
     cfg._given = {sec: set(vals) for sec, vals in cfg.to_dict().items()}  # everything is explicit now
     return cfg

@@ -203,11 +203,6 @@ def logits_at(model, ids, where, vocab=None, autocast=None):
     boolean mask shaped like ``ids``), over the token ids ``vocab`` (all when None):
     (positions, tokens). The trunk runs under ``autocast`` (a context manager, none by default);
     the output matrix is applied in float32 at those positions only, so that a long sequence
-    never forms its (n, vocab) logits. (fmtrain.model has no method for this yet; this is the
-    one place in bench/ that reaches into ``model.trunk`` and ``model.head.weight``.)"""
+    never forms its (n, vocab) logits (:meth:`fmtrain.model.LanguageModel.logits_at`)."""
     with autocast if autocast is not None else contextlib.nullcontext():
-        h = model.trunk(ids)  # (B, n, dim)
-    weight = model.head.weight.float()
-    if vocab is not None:
-        weight = weight[vocab]
-    return h[where].float() @ weight.t()
+        return model.logits_at(ids, where, vocab)

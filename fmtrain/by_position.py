@@ -38,14 +38,8 @@ def nll_by_position(model, ids: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Per-token negative log-likelihood (nats) of ``ids[1:]`` given everything before, float64."""
     device = next(model.parameters()).device
     x = torch.from_numpy(ids[None, :-1]).to(device)
-    y = torch.from_numpy(ids[1:]).to(device)
-    with torch.no_grad():
-        h = model.trunk(x, None)[0]  # (n-1, dim)
-        out = []
-        for i in range(0, h.shape[0], chunk):
-            logits = (h[i:i + chunk] @ model.head.weight.t()).double()
-            out.append(torch.nn.functional.cross_entropy(logits, y[i:i + chunk], reduction="none"))
-    return torch.cat(out).cpu().numpy()
+    y = torch.from_numpy(ids[None, 1:]).to(device)
+    return (-model.token_logprobs(x, y, chunk=chunk)[0]).cpu().numpy()
 
 
 def loss_by_position(model, docs: list[np.ndarray], max_len: int, progress=None) -> dict:

@@ -47,11 +47,10 @@ def import_deepspeed():
 
     On CPU, DeepSpeed's communication backend JIT-compiles its shared-memory all-reduce
     (``deepspeed_shm_comm``, for inference) at every start, after probing every op with
-    compiler runs: 45-55 s of silence whenever ``~/.cache/torch_extensions`` holds another
-    environment's build (measured: 52.8 s into a fresh extensions folder, against under 5 s with
-    this). fmtrain trains with torch's optimizers and torch.distributed collectives and uses no
-    DeepSpeed op on CPU, so the op table says none is available there, which DeepSpeed reads
-    as "fall back to torch".
+    compiler runs: a long silence whenever ``~/.cache/torch_extensions`` holds another
+    environment's build. fmtrain trains with torch's optimizers and torch.distributed collectives
+    and uses no DeepSpeed op on CPU, so the op table says none is available there, which
+    DeepSpeed reads as "fall back to torch".
 
     DeepSpeed's ZeRO 2 calls ``all_gather_into_tensor``, which torch 2.13 deprecates: the
     ``FutureWarning`` came once per rank at the first step, about a call the user cannot change.

@@ -35,12 +35,22 @@ from pathlib import Path
 from typing import Callable
 
 EXIT_USAGE = 2  # a problem with what the user gave (config, data, checkpoint, world size)
+EXIT_DIVERGED = 3  # training stopped being finite; the last finite checkpoint is kept
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head`
 
 
 class UserError(Exception):
     """A problem the user can fix; the message names the file or field and the fix."""
+
+
+class DataError(UserError):
+    """The corpus, tokenizer or token cache cannot be used; the message says which and why."""
+
+
+class Diverged(Exception):
+    """The loss or the gradient norm stopped being finite (exit status 3, no checkpoint written);
+    the message names the step and what to change."""
 
 
 def is_rank_zero() -> bool:
@@ -139,16 +149,23 @@ def write_problem(exc: BaseException, writing: str | os.PathLike, out: str | os.
     return None
 
 
-def run_main(main: Callable[..., int], *args, **kwargs) -> int:
-    """Call ``main``; a :class:`UserError` (or a full disk) becomes one ``error:`` line and exit 2."""
+def run_main(main: Callable[..., int], *args, outcome: Callable[[str], int] | None = None, **kwargs) -> int:
+    """Call ``main``; a :class:`UserError` (or a full disk) becomes one ``error:`` line and exit 2,
+    :class:`Diverged` one line and exit 3. ``outcome``: the exit status of ``"error"`` and
+    ``"diverged"`` instead (the trainer's, which may write them to a status file:
+    :func:`fmtrain.signals.exit_status`)."""
+    status = outcome or {"error": EXIT_USAGE, "diverged": EXIT_DIVERGED}.__getitem__
     try:
         return main(*args, **kwargs)
+    except Diverged as exc:
+        report(str(exc))
+        return status("diverged")
     except (UserError, OSError) as exc:
         user = as_user_error(exc)
         if user is None:
             raise
         report(str(user))
-        return EXIT_USAGE
+        return status("error")
 
 
 def _quiet_stdout() -> None:

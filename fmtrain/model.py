@@ -277,6 +277,36 @@ class LanguageModel(nn.Module):
         return logits if logits.dtype == torch.float64 else logits.float()
 
     @torch.no_grad()
+    def logits_at(self, input_ids: torch.Tensor, where: torch.Tensor, vocab: torch.Tensor | None = None,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at the positions ``where`` (a boolean mask shaped like ``input_ids``) over the token
+        ids ``vocab`` (all when None): (selected positions, tokens). Only those rows are projected, so
+        a long sequence never forms its (n, vocab) logits; the trunk follows any autocast around the
+        call, the projection is float32 (float64 for a float64 model) whatever it says."""
+        self._check_ids(input_ids)
+        return self._project(self.trunk(input_ids, positions)[where], vocab)
+
+    @torch.no_grad()
+    def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
+                       chunk: int = 4096) -> torch.Tensor:
+        """Per-token log-likelihood: ``log p(targets[b, i] | the model at position i)`` (B, n) in float64,
+        ``targets`` valid token ids aligned with ``input_ids`` as in :meth:`forward` (for a causal LM,
+        ``input_ids[:, 1:]`` continued). The logits are formed ``chunk`` positions at a time."""
+        self._check_ids(input_ids, targets)
+        h = self.trunk(input_ids, positions).flatten(0, 1)
+        flat = targets.reshape(-1, 1)
+        out = [torch.log_softmax(self._project(h[i:i + chunk]).double(), -1).gather(-1, flat[i:i + chunk])[:, 0]
+               for i in range(0, h.shape[0], chunk)]
+        return torch.cat(out).view(targets.shape)
+
+    def _project(self, h: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """``h @ head.weight[vocab].T`` in float32 (float64 for a float64 model), outside any autocast."""
+        weight = self.head.weight if vocab is None else self.head.weight[vocab]
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        with torch.autocast(h.device.type, enabled=False):
+            return h.to(dtype) @ weight.to(dtype).t()
+
+    @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, store_device=None) -> tuple[torch.Tensor, DecodeCache]:
         """One pass over prompts ``input_ids`` (B, n), all of one length, from position 0:
         ``(logits of the next token (B, vocab), cache)``. Only the last position's logits are

@@ -58,8 +58,9 @@ def score(model, prompt: list[int], answer: list[int]) -> tuple[bool, float]:
     """Whether greedy decoding after ``prompt`` gives ``answer``, and the answer's log-likelihood."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt + answer], device=device)
-    h = model.trunk(ids[:, :-1], None)[0, len(prompt) - 1:]  # the positions that predict the answer
-    logits = (h @ model.head.weight.t()).double()
+    where = torch.zeros(ids[:, :-1].shape, dtype=torch.bool, device=device)
+    where[0, len(prompt) - 1:] = True  # the positions that predict the answer
+    logits = model.logits_at(ids[:, :-1], where).double()
     target = torch.tensor(answer, device=device)
     logp = torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum().item()
     return bool((logits.argmax(-1) == target).all()), logp

@@ -24,7 +24,7 @@ import os
 import signal
 import time
 
-from .errors import EXIT_USAGE  # an error: line says what to fix
+from .errors import EXIT_DIVERGED, EXIT_USAGE  # an error: line says what to fix
 
 
 # SIGUSR1: SLURM's --signal warning (torchrun forwards it with --signals-to-handle).
@@ -32,8 +32,6 @@ HANDLED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run again to continue
 STATUS_ENV = "FMTRAIN_STATUS_FILE"
 
-
-EXIT_DIVERGED = 3  # the loss or gradient norm was not finite; the last finite checkpoint is kept
 OUTCOMES = {"finished": 0, "stopped": EXIT_STOPPED, "error": EXIT_USAGE, "diverged": EXIT_DIVERGED}
 
 

@@ -18,19 +18,15 @@ from .checkpoint import Checkpointer, TrainState, all_finite, find_resume
 from .engine import apply_hyperparameters, build_engine, train_step
 from .config import Config, config_from_argv, save_config
 from .config.loading import input_candidates, input_exists
-from .errors import UserError, as_user_error, no_space, report
+from .errors import DataError, Diverged, UserError, no_space, run_main
 from .eval import evaluate
+from .init_from import prepare as prepare_init, resolve_config
 from .metrics import Metrics, peak_flops
 from .model import build_model, flops_per_token
 from .parallel import World, apply_sequence_parallel, init_world, shutdown
-from .pretrained import prepare as prepare_init, resolve_config
 from .resume import reconcile
 from .runlock import lock_run
 from .signals import StopFlag, exit_status
-
-
-class Diverged(Exception):
-    """The loss or the gradient norm stopped being finite (exit status 3, no checkpoint written)."""
 
 
 def _finite_everywhere(world: World, *values: float) -> bool:
@@ -53,10 +49,6 @@ def _dtype(cfg: Config, world: World) -> torch.dtype:
     if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and world.device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
-
-
-class DataError(UserError):
-    """The corpus, tokenizer or token cache cannot be used; the message says which and why."""
 
 
 def _build_data(cfg: Config, world: World):
@@ -260,21 +252,14 @@ def _clock(seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     """The command: exit 0 finished, 75 stopped early, 2 a problem to fix (one error: line),
     3 diverged (see fmtrain/signals.py; under launch/run.sh the status goes through a file)."""
-    result = None
-    try:
+    def run() -> int:
         result = train(config_from_argv(argv))
-    except Diverged as exc:
-        report(str(exc))
-        return exit_status("diverged")
-    except (UserError, OSError) as exc:
-        user = as_user_error(exc)
-        if user is None:
-            raise
-        report(str(user))
-        return exit_status("error")
+        return exit_status("stopped" if result["preempted"] else "finished")
+
+    try:
+        return run_main(run, outcome=exit_status)
     finally:
         shutdown()
-    return exit_status("stopped" if result["preempted"] else "finished")
 
 
 if __name__ == "__main__":

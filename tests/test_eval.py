@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import write_stdlib_corpus
-from tests.test_generate import CONFIG, ROOT
+from tests.conftest import COMMAND_CONFIG, ROOT, write_stdlib_corpus
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
 
@@ -26,7 +25,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     corpus = write_stdlib_corpus(tmp / "corpus", 20)
     cfg = tmp / "run.toml"
-    cfg.write_text(CONFIG.format(run=tmp / "run", kind="causal", summary="m2m", extra="", corpus=corpus,
+    cfg.write_text(COMMAND_CONFIG.format(run=tmp / "run", kind="causal", summary="m2m", extra="", corpus=corpus,
                                  cache=tmp / "cache", root=ROOT).replace("seq_len = 128", "seq_len = 128\n"
                                                                          "val_fraction = 0.25"))
     r = subprocess.run([sys.executable, "-m", "fmtrain.train", str(cfg)], capture_output=True, text=True, env=ENV,

@@ -4,18 +4,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fmtrain.config import ModelConfig
 from fmtrain.generate import generate, next_token
-from tests.conftest import write_stdlib_corpus
+from tests.conftest import COMMAND_CONFIG, ROOT, write_stdlib_corpus
 from fmtrain.model import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _model(seed=0, dtype=torch.float64, **kw):
     torch.manual_seed(seed)
@@ -65,33 +61,6 @@ def test_top_k_and_top_p_restrict_the_choice():
 
 
 # --------------------------------------------------------------------------- the command
-CONFIG = """
-[run]
-dir = "{run}"
-[model]
-kind = "{kind}"
-vocab_size = 4096
-dim = 32
-n_layers = 2
-n_heads = 2
-block_size = 16
-rank = 2
-summary = "{summary}"
-{extra}
-[data]
-corpus = ["{corpus}/*.txt"]
-cache_dir = "{cache}"
-tokenizer = "{root}/tokenizer/stdlib-4k.model"
-seq_len = 128
-batch_size = 2
-[train]
-steps = 2
-warmup_steps = 1
-eval_interval = 0
-dtype = "fp32"
-[checkpoint]
-interval = 2
-"""
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +73,7 @@ def runs(tmp_path_factory):
     for name, kind, summary, extra in (("gpt", "causal", "m2m", ""), ("conv", "causal", "conv", "max_seq_len = 256"),
                                        ("mlm", "mlm", "m2m", "")):
         cfg = tmp / f"{name}.toml"
-        cfg.write_text(CONFIG.format(run=tmp / name, kind=kind, summary=summary, extra=extra, corpus=corpus,
+        cfg.write_text(COMMAND_CONFIG.format(run=tmp / name, kind=kind, summary=summary, extra=extra, corpus=corpus,
                                      cache=tmp / "cache", root=ROOT))
         r = subprocess.run([sys.executable, "-m", "fmtrain.train", str(cfg)], capture_output=True, text=True,
                            env=env, timeout=600)

@@ -77,6 +77,26 @@ def test_logits_match_loss():
     torch.testing.assert_close(loss_sum, expect, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_token_logprobs_and_logits_at_are_the_full_logits(dtype):
+    """The per-token log-likelihood (in chunks that do not divide the sequence) is the full logits'
+    log_softmax at each target; logits_at is the full logits at the chosen positions and tokens."""
+    model = build(dtype=dtype).eval()
+    ids, _ = batch()
+    targets = torch.roll(ids, -1, dims=1)
+    full = model.logits(ids)
+    want = torch.log_softmax(full.double(), -1).gather(-1, targets[..., None])[..., 0]
+    got = model.token_logprobs(ids, targets, chunk=50)
+    assert got.shape == (2, 96) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+    where = torch.zeros_like(ids, dtype=torch.bool)
+    where[0, 3] = where[1, 40:] = True
+    vocab = torch.tensor([5, 7, 60])
+    at = model.logits_at(ids, where, vocab)
+    assert at.shape == (57, 3) and at.dtype == full.dtype
+    torch.testing.assert_close(at, full[where][:, vocab], rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+
+
 def test_bad_inputs_are_named():
     model = build(dtype=torch.float32)
     ids, targets = batch()

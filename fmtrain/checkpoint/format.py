@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import CONFIG_FILE, Config, ConfigError, from_dict
+from ..config import CONFIG_FILE, REMOVED_FIELDS, Config, ConfigError, from_dict
 from ..errors import UserError
 
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -43,7 +43,7 @@ def file_sizes(folder: Path) -> dict[str, int]:
 
 
 def crc32(path: Path) -> str:
-    """The file's CRC-32 as 8 hex digits (zlib: about 3 GB/s; it catches any flipped block)."""
+    """The file's CRC-32 as 8 hex digits (zlib's; it catches any flipped block)."""
     value, buf = 0, bytearray(8 << 20)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh:
@@ -171,16 +171,15 @@ def none_valid_error(root: Path, failures: list[str]) -> CheckpointError:
 # ---------------------------------------------------------------- the value consumers take
 def read_config(folder: Path) -> Config:
     """The config a checkpoint was written with. Fields removed since (config/schema.py's
-    ``_REMOVED_FIELDS``) are dropped: an old checkpoint still resumes, evaluates and exports."""
+    ``REMOVED_FIELDS``) are dropped: an old checkpoint still resumes, evaluates and exports."""
     from ..config.loading import tomllib
-    from ..config.schema import _REMOVED_FIELDS
 
     path = folder / CONFIG_FILE
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read the config of the checkpoint {path}: {exc}") from None
-    for name in _REMOVED_FIELDS:
+    for name in REMOVED_FIELDS:
         sec, key = name.split(".")
         data.get(sec, {}).pop(key, None)
     try:

@@ -6,10 +6,11 @@ and its files (:mod:`.loading`: TOML in and out, dotted overrides, the command l
 """
 from .loading import (USAGE, apply_overrides, config_from_argv, describe, from_dict, load_config, parse_args,
                       save_config, to_toml)
-from .schema import (CONFIG_FILE, SECTIONS, CheckpointConfig, Config, ConfigError, DataConfig, ModelConfig,
-                     ParallelConfig, RunConfig, TrainConfig, check_config, option)
+from .schema import (CONFIG_FILE, REMOVED_FIELDS, SECTIONS, CheckpointConfig, Config, ConfigError, DataConfig,
+                     ModelConfig, ParallelConfig, RunConfig, TrainConfig, check_config, format_errors, option)
 
 __all__ = ["Config", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "CheckpointConfig", "ParallelConfig",
-           "ConfigError", "CONFIG_FILE", "SECTIONS", "option", "check_config", "load_config",
+           "ConfigError", "CONFIG_FILE", "SECTIONS", "REMOVED_FIELDS", "option", "check_config", "format_errors",
+           "load_config",
            "save_config", "from_dict", "apply_overrides", "to_toml", "describe", "parse_args", "config_from_argv",
            "USAGE"]

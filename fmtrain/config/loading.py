@@ -20,8 +20,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .schema import (CONFIG_FILE, SECTIONS, _REMOVED_FIELDS, Config, ConfigError, _consistency_errors,
-                     _did_you_mean, _format, _range_errors)
+from .schema import (CONFIG_FILE, REMOVED_FIELDS, SECTIONS, Config, ConfigError, _consistency_errors,
+                     _did_you_mean, _range_errors, format_errors)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -147,8 +147,8 @@ def from_dict(data: dict[str, Any]) -> Config:
         kwargs = {}
         for key, value in values.items():
             where = f"{sec_name}.{key}"
-            if where in _REMOVED_FIELDS:
-                errors.append(f"{where} was removed: {_REMOVED_FIELDS[where]}; delete it from the config")
+            if where in REMOVED_FIELDS:
+                errors.append(f"{where} was removed: {REMOVED_FIELDS[where]}; delete it from the config")
                 continue
             if key not in hints:
                 errors.append(f"unknown field {where}.{_did_you_mean(key, hints)} "
@@ -161,14 +161,14 @@ def from_dict(data: dict[str, Any]) -> Config:
         sections[sec_name] = sec_cls(**kwargs)
     cfg = Config(**sections)
     # The keys given explicitly: model.init_from fills the others from the weights and refuses
-    # given ones that contradict them (fmtrain/pretrained.py, when the run starts).
+    # given ones that contradict them (fmtrain/init_from.py, when the run starts).
     cfg._given = {s: set(v) for s, v in data.items() if isinstance(v, dict)}
     if not errors:
         errors = _range_errors(cfg)
     if not errors and not cfg.model.init_from:  # with init_from: once [model] is filled (check_config)
         errors = _consistency_errors(cfg)
     if errors:
-        raise ConfigError(_format(errors))
+        raise ConfigError(format_errors(errors))
     return cfg
 
 
@@ -204,8 +204,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                               f"Sections: {', '.join(SECTIONS)}.")
         hints = _hints(SECTIONS[sec])
         name, _, rest = path.partition(".")
-        if f"{sec}.{name}" in _REMOVED_FIELDS:
-            raise ConfigError(f"{sec}.{name} was removed: {_REMOVED_FIELDS[f'{sec}.{name}']}; drop {arg}")
+        if f"{sec}.{name}" in REMOVED_FIELDS:
+            raise ConfigError(f"{sec}.{name} was removed: {REMOVED_FIELDS[f'{sec}.{name}']}; drop {arg}")
         if name not in hints:
             raise ConfigError(f"unknown field {sec}.{name} in {arg}.{_did_you_mean(name, hints)} "
                               f"Fields of [{sec}]: {', '.join(hints)}.")

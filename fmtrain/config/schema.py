@@ -218,7 +218,7 @@ class ParallelConfig:
 
 
 # Fields of earlier versions: named as such (not "unknown") when a config still sets them.
-_REMOVED_FIELDS = {
+REMOVED_FIELDS = {
     "data.num_workers": "it was never used (the loader reads memory-mapped tokens in the training "
                         "process; data loading is ~1% of a step, see the data share of the step lines)",
 }
@@ -279,10 +279,10 @@ def check_config(cfg: Config) -> None:
     """Every check of :func:`from_dict` on a built config; raises :class:`ConfigError`."""
     errors = _range_errors(cfg) or _consistency_errors(cfg)
     if errors:
-        raise ConfigError(_format(errors))
+        raise ConfigError(format_errors(errors))
 
 
-def _format(errors: list[str]) -> str:
+def format_errors(errors: list[str]) -> str:
     if len(errors) == 1:
         return "invalid config: " + errors[0]
     return "invalid config:\n" + "\n".join(f"  - {e}" for e in errors)
@@ -403,5 +403,5 @@ def _divisors(n: int, limit: int) -> list[int]:
 
 
 __all__ = ["Config", "RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "CheckpointConfig",
-           "ParallelConfig", "ConfigError", "CONFIG_FILE", "SECTIONS", "option", "check_config",
-           "deepspeed_key_errors"]
+           "ParallelConfig", "ConfigError", "CONFIG_FILE", "SECTIONS", "REMOVED_FIELDS", "option", "check_config",
+           "format_errors", "deepspeed_key_errors"]

@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
                          "the others (a README, a model card) kept")
     ex.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights' dtype (default fp32)")
     args = ap.parse_args(argv)
-    from . import export
+    from . import export, require_extra
+
+    require_extra()  # transformers and tokenizers: or one error line naming the install
 
     out = export(args.checkpoint, args.out, dtype=args.dtype, force=args.force)
     print(f"exported {args.checkpoint} to {out}")
@@ -27,6 +29,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..errors import run_main  # an ExportError (a UserError) or a full disk: one error: line, exit 2
+    from ..errors import run_main  # ExportError, ExtraMissing (UserErrors) or a full disk: one error: line, exit 2
 
     sys.exit(run_main(main))

@@ -35,7 +35,7 @@ from ..checkpoint import CheckpointError, resolve
 from ..export import ExportError, check_target, current_umask, load_model_state, write_folder
 from ..config import Config
 from ..data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
-from ..pretrained import fmtrain_to_hf
+from .names import fmtrain_to_hf
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -171,6 +171,9 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "fp32
     """Write the Hugging Face folder ``out`` for the checkpoint (or run's newest checkpoint) ``src``.
     ``out`` is new or empty; with ``force`` it may hold other files: the export's own names
     (:data:`HF_FILES`) are replaced and the rest (a README, a model card) kept."""
+    from . import require_extra
+
+    require_extra()  # transformers, with model_type "fmtrain" registered; or one error naming the install
     try:
         ckpt = resolve(src)
     except CheckpointError as exc:

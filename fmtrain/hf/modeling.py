@@ -4,7 +4,7 @@
 :class:`FmtrainForCausalLM` wraps :class:`fmtrain.model.CausalLM` unchanged (its
 parameters are ``model.<fmtrain name>``), so multipole (``fma``) and local
 attention run in transformers exactly as in fmtrain. :func:`register` adds both
-to transformers' Auto classes; ``import fmtrain.hf`` calls it.
+to transformers' Auto classes; importing this module calls it.
 
 Generation: ``generate()`` goes through fmtrain's decoding cache (``model.prefill``
 once over the prompt, then ``model.decode`` per token: the multipole cache for
@@ -160,5 +160,7 @@ def register() -> None:
     except ValueError:
         pass
 
+
+register()
 
 __all__ = ["FmtrainConfig", "FmtrainForCausalLM", "register", "MODEL_TYPE"]

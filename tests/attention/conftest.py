@@ -4,6 +4,12 @@ import zlib
 import pytest
 import torch
 
+from fmtrain.attention import fma
+
+# float64 against the dense reference: two exact algorithms differ by summation order only
+# (~1e-15 seen); see test_fma.py.
+TOL64 = 1e-12
+
 
 @pytest.fixture
 def rng(request):
@@ -25,3 +31,18 @@ def pytest_runtest_makereport(item, call):
 
 def randn(g, *shape, dtype=torch.float64, requires_grad=False):
     return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(requires_grad)
+
+
+def qkv(g, B, H, Hkv, n, d, dtype=torch.float64):
+    """Random queries (B, H, n, d) and keys, values (B, Hkv, n, d) that take gradients."""
+    return (randn(g, B, H, n, d, dtype=dtype, requires_grad=True),
+            randn(g, B, Hkv, n, d, dtype=dtype, requires_grad=True),
+            randn(g, B, Hkv, n, d, dtype=dtype, requires_grad=True))
+
+
+def outputs_and_grads(q, k, v, g, extra=(), **kw):
+    """``fma(q, k, v, **kw)`` and the gradients of q, k, v (and ``extra``) for a random output gradient."""
+    out = fma(q, k, v, **kw)
+    gout = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v, *extra), gout)
+    return out, grads

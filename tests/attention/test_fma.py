@@ -15,23 +15,7 @@ from fmtrain.attention.blocked import block_attention
 from fmtrain.attention.hierarchy import hierarchy
 from fmtrain.attention.summaries import M2MSummaries
 
-from .conftest import randn
-
-TOL64 = 1e-12
-
-
-def qkv(g, B, H, Hkv, n, d, dtype=torch.float64):
-    return (randn(g, B, H, n, d, dtype=dtype, requires_grad=True),
-            randn(g, B, Hkv, n, d, dtype=dtype, requires_grad=True),
-            randn(g, B, Hkv, n, d, dtype=dtype, requires_grad=True))
-
-
-def outputs_and_grads(q, k, v, g, extra=(), **kw):
-    out = fma(q, k, v, **kw)
-    gout = torch.randn(out.shape, generator=g, dtype=out.dtype)
-    grads = torch.autograd.grad(out, (q, k, v, *extra), gout)
-    return out, grads
-
+from .conftest import TOL64, outputs_and_grads, qkv, randn
 
 CASES = [  # n, m, p, H, Hkv
     (1, 8, 2, 2, 2),

@@ -18,8 +18,7 @@ from fmtrain.attention.reference import dense_attention, dense_refined
 from fmtrain.attention.refine import keys_per_query, select
 from fmtrain.attention.summaries import MEAN, build_summaries
 
-from .conftest import randn
-from .test_fma import TOL64, outputs_and_grads, qkv
+from .conftest import TOL64, outputs_and_grads, qkv, randn
 
 CASES = [  # n, m, p, H, Hkv
     (64, 8, 2, 2, 2),        # power of two times m

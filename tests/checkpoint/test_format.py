@@ -3,6 +3,7 @@ with every file's size and CRC-32, validation that names the damaged file, the n
 checkpoint found past damaged ones, pruning, and :func:`resolve`'s validated value, read once."""
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,17 +107,95 @@ def test_one_config_reader_drops_removed_fields(tmp_path):
     assert load_config_of(ckpt) is ckpt.config
 
 
-def test_a_checkpoint_is_hashed_once_per_command(tmp_path, monkeypatch):
-    """Every consumer takes the validated value: eval, generate and the exports hash each file once."""
-    from fmtrain.export import load_config_of, load_model_state
+ROOT = Path(__file__).resolve().parents[2]
 
-    run = tmp_path / "run"
-    make(step_dir(run / "checkpoints", 1))
+
+@pytest.fixture(scope="module")
+def model_only(tmp_path_factory) -> Path:
+    """A tiny real checkpoint every command takes: a model-only export (fmtrain's model in
+    model.safetensors, config.toml, the SentencePiece tokenizer, meta.json with CRC-32s) of a
+    random 2-layer model whose corpus is 12 stdlib modules."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fmtrain.config import save_config
+    from fmtrain.data.tokenizer import load_tokenizer, tokenizer_files
+    from fmtrain.model import build_model
+    from tests.conftest import write_stdlib_corpus
+
+    tmp = tmp_path_factory.mktemp("model_only")
+    corpus = write_stdlib_corpus(tmp / "corpus", 12)
+    tok = load_tokenizer(ROOT / "tokenizer" / "stdlib-4k.model")
+    cfg = from_dict({"run": {"dir": str(tmp / "run")},
+                     "model": {"vocab_size": tok.vocab_size, "dim": 32, "n_layers": 2, "n_heads": 2, "block_size": 16},
+                     "data": {"corpus": [f"{corpus}/*.txt"], "cache_dir": str(tmp / "cache"), "seq_len": 64,
+                              "batch_size": 2, "val_fraction": 0.25, "tokenizer": str(tok.path)}})
+    torch.manual_seed(0)
+    folder = tmp / "ckpt"
+    folder.mkdir()
+    save_config(cfg, folder)
+    save_file({k: v.clone().contiguous() for k, v in build_model(cfg.model).state_dict().items()},
+              folder / "model.safetensors")
+    for src, name in tokenizer_files(tok.path):
+        shutil.copy2(src, folder / name)
+    write_meta(folder, step=0, tokens_seen=0, format="model-only", world_size=1, dp_size=1, sp_size=1, zero_stage=None)
+    return folder
+
+
+def _export(ckpt: Path, tmp: Path) -> None:
+    from fmtrain.export import main
+
+    assert main([str(ckpt), str(tmp / "out")]) == 0
+
+
+def _hf_export(ckpt: Path, tmp: Path) -> None:
+    pytest.importorskip("transformers")
+    from fmtrain.hf.__main__ import main
+
+    assert main(["export", str(ckpt), str(tmp / "hf")]) == 0
+
+
+def _generate(ckpt: Path, tmp: Path) -> None:
+    from fmtrain.generate import main
+
+    assert main([str(ckpt), "--prompt", "def ", "--max-new-tokens", "2", "--greedy"]) == 0
+
+
+def _eval(ckpt: Path, tmp: Path) -> None:
+    from fmtrain.eval import main
+
+    assert main([str(ckpt), "--batches", "1"]) == 0
+
+
+def _init_from(ckpt: Path, tmp: Path) -> None:
+    """A run's start with model.init_from: the config filled, the weights checked, then loaded."""
+    from fmtrain.init_from import prepare, resolve_config
+    from fmtrain.model import build_model
+
+    cfg = resolve_config(from_dict({"run": {"dir": str(tmp / "run")}, "model": {"init_from": str(ckpt)},
+                                    "data": {"seq_len": 64}}))
+    prepare(cfg).load(build_model(cfg.model))
+
+
+def _load_model(ckpt: Path, tmp: Path) -> None:
+    from fmtrain.init_from import load_model
+
+    load_model(ckpt)
+
+
+COMMANDS = {"export": _export, "hf-export": _hf_export, "generate": _generate, "eval": _eval,
+            "init_from": _init_from, "load_model": _load_model}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_checkpoint_is_hashed_once_per_command(model_only, tmp_path, monkeypatch, command):
+    """Every command that loads a checkpoint takes the validated value on: python -m fmtrain.export,
+    python -m fmtrain.hf export, generate and eval (their main()), and model.init_from (resolve,
+    prepare, load; and load_model) CRC-hash each of its files once."""
     hashed = []
     real = fmt.crc32
-    monkeypatch.setattr(fmt, "crc32", lambda path: hashed.append(Path(path).name) or real(path))
-    ckpt = resolve(run)
-    load_config_of(ckpt)
-    with pytest.raises(Exception):  # no weights in this folder: what matters is what was hashed first
-        load_model_state(ckpt)
-    assert sorted(hashed) == ["config.toml", "rank_00000.pt", "state.pt"]
+    monkeypatch.setattr(fmt, "crc32", lambda path: hashed.append(Path(path)) or real(path))
+    monkeypatch.chdir(tmp_path)
+    COMMANDS[command](model_only, tmp_path)
+    source = sorted(p.name for p in hashed if p.parent == model_only)  # not the files an export writes
+    assert source == sorted(json.loads((model_only / META).read_text())["crc32"])

@@ -11,8 +11,7 @@ import torch.multiprocessing as mp
 from fmtrain.data import tokens as tokens_mod
 from fmtrain.data.corpus import Corpus, CorpusError
 from fmtrain.data.tokens import TokenData, build_tokens, cache_key, cached_tokens, token_dtype
-from tests.conftest import kill_when
-from tests.test_train import make_config
+from tests.conftest import kill_when, make_config
 
 
 def test_dtype_by_vocabulary():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fmtrain.checkpoint import CheckpointError, find_checkpoints, validate
-from tests.test_train import losses, make_config, metrics, train
+from tests.conftest import losses, make_config, metrics, train
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
 
@@ -33,7 +33,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def make6(tmp_path: Path, corpus) -> Path:
-    """tests/test_train.py's config with train.steps = 6 in the file."""
+    """tests/conftest.py's make_config with train.steps = 6 in the file."""
     cfg = make_config(tmp_path, corpus)
     cfg.write_text(cfg.read_text().replace("steps = 8", "steps = 6"))
     return cfg

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.test_train import losses, make_config, metrics, train
+from tests.conftest import losses, make_config, metrics, train
 
 
 def stopped_two_rank_run(tmp_path, corpus, zero):

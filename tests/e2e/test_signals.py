@@ -15,7 +15,7 @@ from fmtrain.eval import evaluate
 from fmtrain.model import build_model
 from fmtrain.parallel import World
 from fmtrain.signals import EXIT_STOPPED, StopFlag
-from tests.test_train import make_config
+from tests.conftest import make_config
 
 
 class CountingBatches:

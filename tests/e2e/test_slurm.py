@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import losses, make_config, metrics
+from tests.conftest import losses, make_config, metrics
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_SLURM = REPO / "slurm" / "testing" / "local_slurm.sh"

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tests.test_train import make_config, metrics, train
+from tests.conftest import make_config, metrics, train
 
 
 def free_port() -> int:

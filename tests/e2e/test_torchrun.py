@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import losses, make_config
+from tests.conftest import losses, make_config
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_SH = str(REPO / "launch" / "run.sh")

@@ -17,7 +17,7 @@ pytest.importorskip("tokenizers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fmtrain.config import from_dict as plain_from_dict  # noqa: E402
-from fmtrain.pretrained import resolve_config  # noqa: E402
+from fmtrain.init_from import resolve_config  # noqa: E402
 
 
 def from_dict(data: dict):
@@ -124,8 +124,9 @@ keep = 2
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """The embedded corpus's text (stdlib modules) as files: 40 for training runs."""
+def text_files(tmp_path_factory) -> Path:
+    """The embedded corpus's text (stdlib modules) as files: 40 for training runs (a folder; the
+    top-level ``corpus`` fixture is a (folder, cache) pair of 60)."""
     root = tmp_path_factory.mktemp("corpus")
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[20:60]
     for f in files:

@@ -33,16 +33,16 @@ torch.save({"logits": logits, "class": type(model).__name__, "ids": ids}, sys.ar
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["sentencepiece-tied", "hf-tokenizer-untied-biases"])
-def test_sdpa_export_loads_in_plain_transformers(tmp_path, corpus, hf_tokenizer, case):
+def test_sdpa_export_loads_in_plain_transformers(tmp_path, text_files, hf_tokenizer, case):
     from fmtrain.data.tokenizer import load_tokenizer
     from fmtrain.hf import export
 
     if case == "sentencepiece-tied":  # the SentencePiece model is converted to a tokenizer.json; Llama 3.1's RoPE
-        ckpt = model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="sdpa", rope_scaling=dict(
+        ckpt = model_only(tmp_path / "ckpt", text_files, SP_TOKENIZER, attention="sdpa", rope_scaling=dict(
             rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position_embeddings=64))
     else:  # q/k/v and MLP biases (no o_proj bias: written as zeros), untied embeddings
-        ckpt = model_only(tmp_path / "ckpt", corpus, hf_tokenizer, attention="sdpa", tie_embeddings=False,
+        ckpt = model_only(tmp_path / "ckpt", text_files, hf_tokenizer, attention="sdpa", tie_embeddings=False,
                           qkv_bias=True, mlp_bias=True)
     out = export(ckpt, tmp_path / "out")
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -51,7 +51,7 @@ def test_sdpa_export_loads_in_plain_transformers(tmp_path, corpus, hf_tokenizer,
     tok = load_tokenizer(ckpt)
     ids = torch.randint(0, tok.vocab_size, (2, 96), generator=torch.Generator().manual_seed(3))
     torch.save(ids, tmp_path / "ids.pt")
-    text = (sorted(corpus.glob("*.txt"))[0].read_text())[:3000] + " é ✓\t\t x  "
+    text = (sorted(text_files.glob("*.txt"))[0].read_text())[:3000] + " é ✓\t\t x  "
     subprocess.run([sys.executable, "-c", PLAIN, out, tmp_path / "ids.pt", text, tmp_path / "got.pt"], check=True,
                    env=dict(os.environ, HF_HUB_OFFLINE="1"))
     got = torch.load(tmp_path / "got.pt")
@@ -62,11 +62,11 @@ def test_sdpa_export_loads_in_plain_transformers(tmp_path, corpus, hf_tokenizer,
 
 
 @pytest.mark.slow
-def test_fma_export_loads_through_the_auto_classes_and_generates(tmp_path, corpus):
-    import fmtrain.hf  # noqa: F401  (registers model_type "fmtrain")
+def test_fma_export_loads_through_the_auto_classes_and_generates(tmp_path, text_files):
+    import fmtrain.hf.modeling  # noqa: F401  (registers model_type "fmtrain")
     from fmtrain.hf import export
 
-    ckpt = model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma", summary="m2m")
+    ckpt = model_only(tmp_path / "ckpt", text_files, SP_TOKENIZER, attention="fma", summary="m2m")
     net = fmtrain_model(ckpt)
     with torch.no_grad():  # trained-looking summaries: exported as they are
         for s in net.modules():
@@ -95,13 +95,13 @@ def test_fma_export_loads_through_the_auto_classes_and_generates(tmp_path, corpu
         assert len(steps) == 29  # prefill gives the first token, 29 decode steps the rest; none without cache
 
 
-def test_export_refusals_write_nothing(tmp_path, corpus):
+def test_export_refusals_write_nothing(tmp_path, text_files):
     from fmtrain.hf import ExportError, export
 
-    mlm = model_only(tmp_path / "mlm", corpus, SP_TOKENIZER, kind="mlm")
+    mlm = model_only(tmp_path / "mlm", text_files, SP_TOKENIZER, kind="mlm")
     with pytest.raises(ExportError, match="masked LMs are not exported"):
         export(mlm, tmp_path / "out")
-    causal = model_only(tmp_path / "causal", corpus, SP_TOKENIZER)
+    causal = model_only(tmp_path / "causal", text_files, SP_TOKENIZER)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(ExportError, match="exists and is not empty.*--force.*keeps x"):
@@ -179,14 +179,14 @@ metric_list:
 
 
 @pytest.mark.slow
-def test_lm_eval_cli_reads_an_fma_export_through_remote_code(tmp_path, corpus):
+def test_lm_eval_cli_reads_an_fma_export_through_remote_code(tmp_path, text_files):
     """What a researcher runs: the lm_eval CLI on an fma export with trust_remote_code=True, a
     rolling-loglikelihood task over held-out text and a multiple-choice task, both local files. Its
     bits per byte and every choice's log-likelihood equal fmtrain's own model on the same tokens."""
     from fmtrain.data.tokenizer import load_tokenizer
     from fmtrain.hf import export
 
-    ckpt = model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma", summary="m2m")
+    ckpt = model_only(tmp_path / "ckpt", text_files, SP_TOKENIZER, attention="fma", summary="m2m")
     out = export(ckpt, tmp_path / "out")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_fmtrain.FmtrainForCausalLM"
@@ -196,7 +196,7 @@ def test_lm_eval_cli_reads_an_fma_export_through_remote_code(tmp_path, corpus):
 
     with safe_open(out / "model.safetensors", "pt") as f:
         assert f.metadata()["source"] == str(ckpt.resolve())
-    texts = [f.read_text()[:1500] for f in sorted(corpus.glob("*.txt"))[:4]]
+    texts = [f.read_text()[:1500] for f in sorted(text_files.glob("*.txt"))[:4]]
     rng = torch.Generator().manual_seed(5)
     words = "def class return import lambda yield while assert".split()
     questions = [dict(question=f"Which keyword comes {i}?", answer=int(torch.randint(0, 3, (1,), generator=rng)),
@@ -241,10 +241,10 @@ def test_lm_eval_cli_reads_an_fma_export_through_remote_code(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_fma_export_remote_code_without_fmtrain_names_the_package(tmp_path, corpus):
+def test_fma_export_remote_code_without_fmtrain_names_the_package(tmp_path, text_files):
     from fmtrain.hf import export
 
-    out = export(model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma"), tmp_path / "out")
+    out = export(model_only(tmp_path / "ckpt", text_files, SP_TOKENIZER, attention="fma"), tmp_path / "out")
     code = ("import sys; sys.modules['fmtrain'] = None\n"
             "from transformers import AutoModelForCausalLM\n"
             f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n")
@@ -255,14 +255,15 @@ def test_fma_export_remote_code_without_fmtrain_names_the_package(tmp_path, corp
 
 
 @pytest.mark.slow
-def test_padded_batch_rows_equal_each_row_alone(tmp_path, corpus):
+def test_padded_batch_rows_equal_each_row_alone(tmp_path, text_files):
     """A left-padded batch (generate()'s and lm-eval's padding) and a right-padded one: each row's
     logits, its share of the labels= loss and its greedy continuation, with and without the
     decoding cache, equal the row run alone."""
-    import fmtrain.hf  # noqa: F401
+    import fmtrain.hf.modeling  # noqa: F401
     from fmtrain.hf import export
 
-    out = export(model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma", summary="m2m"), tmp_path / "out")
+    ckpt = model_only(tmp_path / "ckpt", text_files, SP_TOKENIZER, attention="fma", summary="m2m")
+    out = export(ckpt, tmp_path / "out")
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
     g = torch.Generator().manual_seed(6)
     rows = [torch.randint(5, 4000, (n,), generator=g) for n in (70, 38, 55)]  # past the fine reach: coarse levels
@@ -294,11 +295,11 @@ def test_padded_batch_rows_equal_each_row_alone(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_refined_fma_export_carries_refine_and_generates_with_its_cache(tmp_path, corpus):
-    import fmtrain.hf  # noqa: F401
+def test_refined_fma_export_carries_refine_and_generates_with_its_cache(tmp_path, text_files):
+    import fmtrain.hf.modeling  # noqa: F401
     from fmtrain.hf import export
 
-    ckpt = model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma", summary="m2m", refine=2)
+    ckpt = model_only(tmp_path / "ckpt", text_files, SP_TOKENIZER, attention="fma", summary="m2m", refine=2)
     out = export(ckpt, tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["fmtrain"]["refine"] == 2
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()

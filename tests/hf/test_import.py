@@ -1,5 +1,6 @@
-"""model.init_from a Hugging Face folder (fmtrain/pretrained.py, fmtrain/input_files.py): logits equal
-transformers' in float64, the config filled from the folder, and every bad input named."""
+"""model.init_from a Hugging Face folder (fmtrain/init_from.py, fmtrain/hf/importing.py, fmtrain/hf/names.py,
+fmtrain/input_files.py): logits equal transformers' in float64, the config filled from the folder, and
+every bad input named."""
 import json
 import os
 import re
@@ -15,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fmtrain.config import ConfigError  # noqa: E402
 from fmtrain.input_files import InputFileError  # noqa: E402
-from fmtrain.pretrained import load_model  # noqa: E402
+from fmtrain.init_from import load_model  # noqa: E402
 from tests.hf.conftest import REL, VOCAB, fmtrain, from_dict, hf_logits, make_hf, rel, run_config  # noqa: E402
 
 
@@ -122,7 +123,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
 
 
 def test_missing_truncated_and_misshapen_weights_name_the_tensor(tmp_path, hf_tokenizer):
-    from fmtrain.pretrained import prepare
+    from fmtrain.init_from import prepare
 
     def cfg_of(folder):
         return from_dict({"run": {"dir": str(tmp_path / "run")}, "model": {"init_from": str(folder)}})
@@ -224,7 +225,7 @@ NOT_WEIGHTS = {  # id: (the file's bytes, what the error says after "model.safet
 
 @pytest.mark.parametrize("case", NOT_WEIGHTS)
 def test_weights_that_are_not_safetensors_say_what_they_are(tmp_path, hf_tokenizer, case):
-    from fmtrain.pretrained import prepare
+    from fmtrain.init_from import prepare
 
     folder = make_hf(tmp_path / "hf", tokenizer=hf_tokenizer, layers=1)
     cfg = from_dict({"run": {"dir": str(tmp_path / "run")}, "model": {"init_from": str(folder)}})
@@ -238,7 +239,8 @@ def test_weights_that_are_not_safetensors_say_what_they_are(tmp_path, hf_tokeniz
 
 def test_every_opening_of_the_weights_is_checked(tmp_path, hf_tokenizer):
     """The shards of an index, and a file that changed after prepare() checked it."""
-    from fmtrain.pretrained import load_hf_state, prepare
+    from fmtrain.hf.importing import load_hf_state
+    from fmtrain.init_from import prepare
 
     model = transformers.AutoModelForCausalLM.from_pretrained(make_hf(tmp_path / "hf", layers=1))
     folder = tmp_path / "sharded"
@@ -259,7 +261,7 @@ def test_every_opening_of_the_weights_is_checked(tmp_path, hf_tokenizer):
         prepare(cfg)
 
 
-def test_bad_weights_and_tokenizer_files_end_a_run_in_one_line(tmp_path, hf_tokenizer, corpus):
+def test_bad_weights_and_tokenizer_files_end_a_run_in_one_line(tmp_path, hf_tokenizer, text_files):
     """Through the command: one ``error:`` line, exit status 2, no traceback, nothing written."""
     lfs = make_hf(tmp_path / "lfs", tokenizer=hf_tokenizer, layers=1)
     (lfs / "model.safetensors").write_text(LFS_POINTER)
@@ -268,7 +270,7 @@ def test_bad_weights_and_tokenizer_files_end_a_run_in_one_line(tmp_path, hf_toke
     (cut / "tokenizer.json").write_text(text[:len(text) // 2])
     for folder, says in [(lfs, f"model.safetensors in {lfs} is a Git LFS pointer, not the weights"),
                          (cut, f"tokenizer.json in {cut} is damaged (not valid JSON: ")]:
-        r = fmtrain("fmtrain.train", run_config(tmp_path, "run", folder, corpus), check=False)
+        r = fmtrain("fmtrain.train", run_config(tmp_path, "run", folder, text_files), check=False)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len([line for line in lines if line.startswith("error:")]) == 1, r.stderr

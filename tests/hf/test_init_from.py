@@ -15,29 +15,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tests.hf.conftest import VOCAB, fmtrain, fmtrain_model, losses, make_hf, rel, run_config  # noqa: E402
 
 
-def test_bad_inputs_to_a_run_write_nothing(tmp_path, hf_tokenizer, corpus):
+def test_bad_inputs_to_a_run_write_nothing(tmp_path, hf_tokenizer, text_files):
     small = make_hf(tmp_path / "small", vocab=300, tokenizer=hf_tokenizer)  # tokenizer larger than the embedding
-    r = fmtrain("fmtrain.train", run_config(tmp_path, "run", small, corpus), check=False)
+    r = fmtrain("fmtrain.train", run_config(tmp_path, "run", small, text_files), check=False)
     assert r.returncode == 2, r.stderr
     assert f"has {VOCAB} tokens but the model's embedding has vocab_size=300" in r.stderr
     unknown = tmp_path / "unknown"
     shutil.copytree(make_hf(tmp_path / "hf", tokenizer=hf_tokenizer), unknown)
     hf = json.loads((unknown / "config.json").read_text())
     (unknown / "config.json").write_text(json.dumps(dict(hf, architectures=["FalconForCausalLM"])))
-    r = fmtrain("fmtrain.train", run_config(tmp_path, "run", unknown, corpus), check=False)
+    r = fmtrain("fmtrain.train", run_config(tmp_path, "run", unknown, text_files), check=False)
     assert r.returncode == 2 and "architecture 'FalconForCausalLM'" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.slow
-def test_continued_pretraining_from_hf_trains_and_resumes_bitwise(tmp_path, hf_tokenizer, corpus):
+def test_continued_pretraining_from_hf_trains_and_resumes_bitwise(tmp_path, hf_tokenizer, text_files):
     hf = make_hf(tmp_path / "hf", "qwen2", tied=False, tokenizer=hf_tokenizer)
-    straight = run_config(tmp_path, "straight", hf, corpus)
+    straight = run_config(tmp_path, "straight", hf, text_files)
     r = fmtrain("fmtrain.train", straight)
     assert f"weights from {hf}" in r.stdout and "summary tensors at their mean initialisation" in r.stdout
     ls = losses(tmp_path / "straight")
     assert len(ls) == 6 and ls[-1] < ls[0] - 0.3, ls
-    split = run_config(tmp_path, "split", hf, corpus)
+    split = run_config(tmp_path, "split", hf, text_files)
     fmtrain("fmtrain.train", split, "--train.stop_at_step=3")
     r = fmtrain("fmtrain.train", split)
     assert "resumed from" in r.stdout and "weights from" not in r.stdout
@@ -54,7 +54,7 @@ def test_continued_pretraining_from_hf_trains_and_resumes_bitwise(tmp_path, hf_t
                   "--temperature", "0")
     assert gen.stdout.startswith("def ")
     # Exported (fma: model_type "fmtrain") and loaded through the Auto classes: fmtrain's logits.
-    importlib.import_module("fmtrain.hf")  # registers model_type "fmtrain"
+    importlib.import_module("fmtrain.hf.modeling")  # registers model_type "fmtrain"
     fmtrain("fmtrain.hf", "export", tmp_path / "split", tmp_path / "exported")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float64).eval()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
@@ -65,14 +65,14 @@ def test_continued_pretraining_from_hf_trains_and_resumes_bitwise(tmp_path, hf_t
 
 
 @pytest.mark.slow
-def test_init_from_hf_under_zero3_on_two_ranks(tmp_path, hf_tokenizer, corpus):
+def test_init_from_hf_under_zero3_on_two_ranks(tmp_path, hf_tokenizer, text_files):
     """Every rank reads the weights before DeepSpeed partitions them (ZeRO 3, 2 gloo ranks): the
     first loss is the imported model's, as on one process without partitioning."""
     hf = make_hf(tmp_path / "hf", "llama", tied=True, tokenizer=hf_tokenizer)
-    zero3 = run_config(tmp_path, "zero3", hf, corpus)
+    zero3 = run_config(tmp_path, "zero3", hf, text_files)
     fmtrain("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fmtrain.train", zero3,
             "--parallel.zero_stage=3", "--train.steps=2")
-    single = run_config(tmp_path, "single", hf, corpus)
+    single = run_config(tmp_path, "single", hf, text_files)
     fmtrain("fmtrain.train", single, "--train.steps=1", "--data.batch_size=4")  # the same 4 sequences
     first = losses(tmp_path / "zero3")
     assert len(first) == 2 and losses(tmp_path / "single")[0] == pytest.approx(first[0], rel=1e-5)
@@ -80,14 +80,14 @@ def test_init_from_hf_under_zero3_on_two_ranks(tmp_path, hf_tokenizer, corpus):
 
 
 @pytest.mark.slow
-def test_init_from_an_fmtrain_run_takes_the_weights_only(tmp_path, hf_tokenizer, corpus):
+def test_init_from_an_fmtrain_run_takes_the_weights_only(tmp_path, hf_tokenizer, text_files):
     hf = make_hf(tmp_path / "hf", "llama", tokenizer=hf_tokenizer)
-    first = run_config(tmp_path, "first", hf, corpus, attention="sdpa")
+    first = run_config(tmp_path, "first", hf, text_files, attention="sdpa")
     fmtrain("fmtrain.train", first)
     # Continuing the run itself on other data is refused, with the way to do it.
     other = tmp_path / "other"
     other.mkdir()
-    for f in sorted(corpus.glob("*.txt"))[::2]:
+    for f in sorted(text_files.glob("*.txt"))[::2]:
         shutil.copy2(f, other / f.name)
     r = fmtrain("fmtrain.train", first, f"--data.corpus={other}/*.txt", "--train.steps=8", check=False)
     assert r.returncode == 2 and "start a new run.dir with model.init_from" in r.stderr, r.stderr[-2000:]

@@ -16,7 +16,7 @@ import torch
 from fmtrain.checkpoint import latest_valid
 from fmtrain.export import load_model_state
 
-from ..test_train import make_config, metrics, train
+from tests.conftest import make_config, metrics, train
 
 STEPS = ("--train.steps=3", "--checkpoint.interval=3", "--train.eval_batches=1", "--train.eps=1.0")
 

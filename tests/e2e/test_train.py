@@ -1,83 +1,13 @@
 """The trainer end to end, through its command line: DeepSpeed ZeRO 0-3 on 1 and 2
 gloo ranks, exact resume, damaged checkpoints, TensorBoard logs, eval and generate."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from fmtrain.checkpoint import find_checkpoints, latest_valid
-
-CONFIG = """
-[run]
-dir = "{run}"
-[model]
-kind = "{kind}"
-vocab_size = 512
-dim = 32
-n_layers = 2
-n_heads = 2
-block_size = 16
-rank = 2
-loss_chunk = 64
-[data]
-corpus = ["{corpus}/*.txt"]
-cache_dir = "{cache}"
-seq_len = 128
-batch_size = 2
-val_fraction = 0.1
-[train]
-steps = 8
-lr = 1e-2
-min_lr = 1e-3
-warmup_steps = 2
-log_interval = 1
-eval_interval = 0
-eval_batches = 2
-dtype = "fp32"
-[checkpoint]
-interval = 3
-keep = 2
-[parallel]
-zero_stage = 0
-"""
-
-# Seen on gloo at exit, after complete results (shared/notes/environment.md): a gloo thread
-# outliving destroy_process_group. Tolerated only when the run itself finished.
-GLOO_TEARDOWN = "terminate called without an active exception"
-
-
-def make_config(tmp_path, corpus, kind="causal", name="run") -> Path:
-    root, cache = corpus
-    run = tmp_path / name
-    cfg = tmp_path / f"{name}.toml"
-    cfg.write_text(CONFIG.format(run=run, kind=kind, corpus=root, cache=cache))
-    return cfg
-
-
-def train(cfg: Path, *overrides: str, nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "fmtrain.train", str(cfg), *overrides]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "fmtrain.train", str(cfg), *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    finished = "eval step" in r.stdout or "stopping after step" in r.stdout
-    if r.returncode != 0 and not (GLOO_TEARDOWN in r.stderr and finished):
-        raise AssertionError(f"training failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
-    return r
-
-
-def metrics(cfg: Path) -> list[dict]:
-    run = Path(cfg.read_text().split('dir = "')[1].split('"')[0])
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(cfg: Path) -> list[float]:
-    return [m["loss"] for m in metrics(cfg) if "loss" in m]
+from tests.conftest import losses, make_config, metrics, train
 
 
 def test_causal_lm_trains_and_logs(tmp_path, corpus):

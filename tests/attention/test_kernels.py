@@ -258,7 +258,7 @@ def _aot_compile(dtype: str, m: int, d: int, S: int, causal: bool) -> None:
     the real lowering (dot shapes, dtype mixes, layouts, loop-carried types: a name bound
     before a loop must keep its shape in it, which the interpreter never checks). In bf16 and
     fp16 every kernel must keep its values in registers (no spills) and multiply on tensor
-    cores, and the forward must load 16-byte vectors; whether two programs fit an SM is
+    cores, and the forward must load 16-byte vectors at d >= 64; whether two programs fit an SM is
     reported by ``bench/kernel_resources.py``, not asserted (#26: the d=128 kernels hold one).
     """
     from fmtrain.attention.kernels import aot
@@ -271,7 +271,7 @@ def _aot_compile(dtype: str, m: int, d: int, S: int, causal: bool) -> None:
         case = f"{name} {dtype} m={m} d={d} S={S} causal={causal}"
         assert r.spill_bytes == 0, f"{case}: spills {r.spill_bytes} bytes ({r.registers} registers)"
         assert r.tensor_core_ops > 0, f"{case}: no tensor-core instructions"
-        if name == "fwd":
+        if name == "fwd" and d >= 64:  # rows of 128 bytes and more (narrow tiles load 8 bytes at a time)
             assert r.vector_loads > 0, f"{case}: no 16-byte loads"
 
 

@@ -174,31 +174,26 @@ def select(q: torch.Tensor, ks: torch.Tensor, h: Hierarchy, refine: int, scale: 
     return opened, lv, win
 
 
-def _far_inputs(q, n: int, off, h: Hierarchy, tabs, opened, lv, win, weighted: bool, acc):
-    """One chunk's far field: the opened blocks, then the candidates' summaries.
+def _far_inputs(q, off, h: Hierarchy, tabs, lv, win, weighted: bool, acc):
+    """One chunk's candidates (the opened blocks are :class:`OpenedTiles`' part).
 
     Returns qg (B, Hkv, nq, G, d); the candidates' summaries (B, Hkv, nq, C*p), clamped to a
-    real slot; the score bias (B, Hkv, nq, G or 1, K*m + C*p), -inf where masked; and each
+    real slot; their score bias (B, Hkv, nq, G or 1, C*p), -inf where masked; and each
     summary slot's level.
     """
     B, H, nq, d = q.shape
-    Hkv, m = opened.shape[1], h.block_size
+    Hkv = lv.shape[1]
     G = H // Hkv
     qg = q.view(B, Hkv, G, nq, d).transpose(2, 3).to(acc).contiguous()
-    tok = (opened.unsqueeze(-1) * m + torch.arange(m, device=q.device)).flatten(-2)  # (B, Hkv, nq, K*m)
-    tok_ok = (tok >= 0) & (tok < n) & (opened >= 0).repeat_interleave(m, dim=-1)
     sidx, s_ok = _summary_slots(h, tabs, lv, win)  # (B, Hkv, nq, C, p)
     s_ok = s_ok & (win >= 0).unsqueeze(-1)
     logc = tabs[1][sidx] if weighted else torch.zeros((), dtype=torch.float64, device=q.device)
-    sbias = torch.where(s_ok, logc, -math.inf).flatten(-2).to(acc)  # (B, Hkv, nq, C*p)
-    tbias = torch.where(tok_ok, 0.0, -math.inf).to(acc)
-    bias = torch.cat([tbias, sbias], dim=-1).unsqueeze(3)  # (B, Hkv, nq, 1, K*m + C*p)
+    bias = torch.where(s_ok, logc, -math.inf).flatten(-2).to(acc).unsqueeze(3)  # (B, Hkv, nq, 1, C*p)
     slv = lv.unsqueeze(-1).expand(sidx.shape).flatten(-2)  # level of each summary slot
     if off is not None:  # (H, L) per-head level offsets on the summaries' scores
         offg = off.to(acc).reshape(Hkv, G, -1).transpose(1, 2)  # (Hkv, L, G)
         head = torch.arange(Hkv, device=q.device).view(1, Hkv, 1, 1)
-        o = offg[head, (slv - 1).clamp(min=0)].transpose(-1, -2)  # (B, Hkv, nq, G, C*p)
-        bias = torch.cat([tbias.unsqueeze(3).expand(-1, -1, -1, G, -1), sbias.unsqueeze(3) + o], dim=-1)
+        bias = bias + offg[head, (slv - 1).clamp(min=0)].transpose(-1, -2)  # (B, Hkv, nq, G, C*p)
     return qg, sidx.flatten(-2), bias, slv
 
 
@@ -264,11 +259,12 @@ class OpenedTiles:
         out[self.row] = x.reshape(-1, self.G, K, c)[self.query, :, self.slot]
         return out.view(self.n_tiles, self.T * self.G, c)
 
-    def to_pairs(self, y: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`of_pairs`: (n_tiles, T*G, c) -> (B, Hkv, nq, G, K*c), 0 in slots with no block."""
+    def to_pairs(self, y: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Inverse of :meth:`of_pairs`: (n_tiles, T*G, c) -> (B, Hkv, nq, G, K*c), ``fill`` in slots
+        with no block."""
         B, Hkv, nq, K = self.shape
         c = y.shape[-1]
-        out = y.new_zeros(B * Hkv * nq, self.G, K, c)
+        out = y.new_full((B * Hkv * nq, self.G, K, c), fill)
         out[self.query, :, self.slot] = y.reshape(-1, self.G, c)[self.row]
         return out.view(B, Hkv, nq, self.G, K * c)
 
@@ -279,6 +275,45 @@ class OpenedTiles:
         out = y.new_zeros(B * Hkv * nq, K, self.G, c)
         out[self.query, self.slot] = y.reshape(-1, self.G, c)[self.row]
         return out.sum(1).view(B, Hkv, nq, self.G, c)  # a fixed order: deterministic
+
+    def _kernel_args(self):
+        """The tiles as the Triton kernels read them: each tile row's query (-1: padding), each
+        tile's block, int32."""
+        rowq = torch.full((self.n_tiles * self.T,), -1, dtype=torch.int32, device=self.block.device)
+        rowq[self.row] = self.query.to(torch.int32)
+        return rowq, self.block.to(torch.int32)
+
+    def attend(self, qg, kb, vb, n: int, scale: float, kernels: bool = False):
+        """Each pair's softmax over its block's tokens (those before ``n``): out (n_tiles, T*G, d)
+        and lse (n_tiles, T*G), per tile row. qg (B, Hkv, nq, G, d); kb, vb block rows.
+        ``kernels``: by the Triton kernels (:func:`.kernels.function.opened_forward`)."""
+        d = qg.shape[-1]
+        if kernels:
+            from .kernels.function import opened_forward
+            return opened_forward(qg, kb, vb, *self._kernel_args(), n, self.T, scale)
+        qt, kt, vt = self.of_queries(qg), self.blocks(kb, d), self.blocks(vb, d)
+        s = torch.baddbmm(self._key_bias(kb, n, d), qt, kt.transpose(-1, -2), alpha=scale)  # (tiles, T*G, m)
+        lse = torch.logsumexp(s, dim=-1)
+        return torch.exp(s - lse.unsqueeze(-1)) @ vt, lse
+
+    def grads(self, qg, do, lse, delta, kb, vb, n: int, scale: float, kernels: bool = False):
+        """The pairs' share of the gradients, given each query's final ``lse`` and ``delta`` (B, Hkv,
+        nq, G, 1): dq per tile row (n_tiles, T*G, d), dk and dv per tile (n_tiles, m, d)."""
+        d = qg.shape[-1]
+        if kernels:
+            from .kernels.function import opened_backward
+            return opened_backward(qg, do, lse, delta, kb, vb, *self._kernel_args(), n, self.T, scale)
+        qt, dot, kt, vt = self.of_queries(qg), self.of_queries(do), self.blocks(kb, d), self.blocks(vb, d)
+        s = torch.baddbmm(self._key_bias(kb, n, d), qt, kt.transpose(-1, -2), alpha=scale)
+        p = torch.exp(s - self.of_queries(lse))  # padding rows: lse 0, do 0, so no share
+        ds = p * (dot @ vt.transpose(-1, -2) - self.of_queries(delta)) * scale
+        return ds @ kt, ds.transpose(-1, -2) @ qt, p.transpose(-1, -2) @ dot
+
+    def _key_bias(self, kb: torch.Tensor, n: int, d: int) -> torch.Tensor:
+        """(n_tiles, 1, m): 0 for a tile's block's tokens before ``n``, -inf after (the last block)."""
+        m = kb.shape[-1] // d
+        pos = (self.block % kb.shape[2]).unsqueeze(-1) * m + torch.arange(m, device=kb.device)
+        return torch.where(pos < n, 0.0, -math.inf).to(kb.dtype).unsqueeze(1)
 
     def blocks(self, xb: torch.Tensor, d: int) -> torch.Tensor:
         """Block rows xb (B, Hkv, n_blocks, m*d) -> each tile's block (n_tiles, m, d)."""
@@ -300,7 +335,7 @@ class FarField(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, ks, vs, off, h: Hierarchy, refine: int, weighted: bool, scale: float,
-                start: int = 0):
+                start: int = 0, kernels: bool = False):
         acc = acc_dtype(q.dtype)
         B, H, nq_all, d = q.shape
         n = k.shape[2]
@@ -309,12 +344,12 @@ class FarField(torch.autograd.Function):
         lse = torch.empty(B, H, nq_all, dtype=acc, device=q.device)
         sels, ws = _select_all(q, ksa, h, refine, scale, start), Scratch()
         for i0, i1, *sel in _far_chunks(sels, q, ks, h, refine):
-            o, l = far_attention(q[:, :, i0:i1], n, off, h, sel, kb, vb, ksa, vsa, weighted, scale, ws)
+            o, l = far_attention(q[:, :, i0:i1], n, off, h, sel, kb, vb, ksa, vsa, weighted, scale, ws, kernels)
             nq = i1 - i0
             out[:, :, i0:i1] = o.transpose(2, 3).reshape(B, H, nq, d)
             lse[:, :, i0:i1] = l.squeeze(-1).transpose(2, 3).reshape(B, H, nq)
         ctx.save_for_backward(q, k, v, ks, vs, off, out, lse)
-        ctx.sels, ctx.h, ctx.weighted, ctx.scale, ctx.refine = sels, h, weighted, scale, refine
+        ctx.sels, ctx.h, ctx.weighted, ctx.scale, ctx.refine, ctx.kernels = sels, h, weighted, scale, refine, kernels
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -332,61 +367,65 @@ class FarField(torch.autograd.Function):
         doff = torch.zeros(off.shape, dtype=acc, device=q.device) if off is not None else None
         ws = Scratch()
         for i0, i1, *sel in _far_chunks(ctx.sels, q, ks, h, ctx.refine):
-            qg, sidx, bias, slv = _far_inputs(q[:, :, i0:i1], n, off, h, tabs, *sel, ctx.weighted, acc)
-            tiles = OpenedTiles(sel[0], h.n_blocks, G)
-            qt, kt, vt = tiles.of_queries(qg), tiles.blocks(kb, d), tiles.blocks(vb, d)  # (tiles, T*G | m, d)
-            kc = _flat_gather(ksa, sidx, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
-            vc = _flat_gather(vsa, sidx, ws("vs", (*sidx.shape, d), vsa))
-            nq, Km = i1 - i0, ctx.refine * h.block_size
+            qg, sidx, bias, slv = _far_inputs(q[:, :, i0:i1], off, h, tabs, *sel[1:], ctx.weighted, acc)
+            nq = i1 - i0
             l = lse[:, :, i0:i1].view(B, Hkv, G, nq).transpose(2, 3).unsqueeze(-1)  # (B, Hkv, nq, G, 1)
-            s = torch.cat([tiles.to_pairs(qt @ kt.transpose(-1, -2)), qg @ kc.transpose(-1, -2)], dim=-1) * scale + bias
-            p = torch.exp(s - torch.where(l.isinf(), 0.0, l))
+            l = torch.where(l.isinf(), 0.0, l)  # a query with no far field: every p is 0 anyway
             do = (dout[:, :, i0:i1] if dout is not None else torch.zeros_like(out[:, :, i0:i1])).to(acc)
             do = do.view(B, Hkv, G, nq, d).transpose(2, 3).contiguous()  # (B, Hkv, nq, G, d)
             o = out[:, :, i0:i1].view(B, Hkv, G, nq, d).transpose(2, 3)
             delta = (do * o).sum(-1, keepdim=True)
             if dlse is not None:
                 delta = delta - dlse[:, :, i0:i1].to(acc).view(B, Hkv, G, nq).transpose(2, 3).unsqueeze(-1)
-            dot = tiles.of_queries(do)  # (tiles, T*G, d)
-            dp = torch.cat([tiles.to_pairs(dot @ vt.transpose(-1, -2)), do @ vc.transpose(-1, -2)], dim=-1)
-            ds = p * (dp - delta)  # (B, Hkv, nq, G, K*m + C*p)
+            tiles = OpenedTiles(sel[0], h.n_blocks, G)
+            dq_t, dk_t, dv_t = tiles.grads(qg, do, l, delta, kb, vb, n, scale, ctx.kernels)
+            tiles.add_to_blocks(dkb, dk_t)
+            tiles.add_to_blocks(dvb, dv_t)
+            kc = _flat_gather(ksa, sidx, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
+            vc = _flat_gather(vsa, sidx, ws("vs", (*sidx.shape, d), vsa))
+            p = torch.exp(qg @ kc.transpose(-1, -2) * scale + bias - l)  # (B, Hkv, nq, G, C*p)
+            ds = p * (do @ vc.transpose(-1, -2) - delta)
             if doff is not None:  # each summary slot's score gradient to its (head, level)
-                dsum = ds[..., Km:].permute(1, 3, 0, 2, 4)  # (Hkv, G, B, nq, C*p)
+                dsum = ds.permute(1, 3, 0, 2, 4)  # (Hkv, G, B, nq, C*p)
                 lvl = (slv - 1).clamp(min=0).permute(1, 0, 2, 3).unsqueeze(1).expand_as(dsum)
                 doff.view(Hkv, G, -1).scatter_add_(2, lvl.reshape(Hkv, G, -1), dsum.reshape(Hkv, G, -1))
             ds.mul_(scale)  # the score scale, applied to the small factor of every product below
-            dsc, pc = ds[..., Km:], p[..., Km:]
-            dst, pt = tiles.of_pairs(ds[..., :Km]), tiles.of_pairs(p[..., :Km])  # (tiles, T*G, m)
-            dq[:, :, i0:i1] = (tiles.to_queries(dst @ kt) + dsc @ kc).transpose(2, 3).reshape(B, H, nq, d)
-            tiles.add_to_blocks(dkb, dst.transpose(-1, -2) @ qt)
-            tiles.add_to_blocks(dvb, pt.transpose(-1, -2) @ dot)
+            dq[:, :, i0:i1] = (tiles.to_queries(dq_t) + ds @ kc).transpose(2, 3).reshape(B, H, nq, d)
             sum_shape = (*sidx.shape, d)
-            _flat_add(dks, sidx, _outer(dsc, qg, ws("dks", sum_shape, qg)))
-            _flat_add(dvs, sidx, _outer(pc, do, ws("dvs", sum_shape, qg)))
+            _flat_add(dks, sidx, _outer(ds, qg, ws("dks", sum_shape, qg)))
+            _flat_add(dvs, sidx, _outer(p, do, ws("dvs", sum_shape, qg)))
         dk = dkb.view(B, Hkv, -1, d)[:, :, :n]
         dv = dvb.view(B, Hkv, -1, d)[:, :, :n]
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dks.to(ks.dtype), dvs.to(vs.dtype),
-                None if doff is None else doff.to(off.dtype), None, None, None, None, None)
+                None if doff is None else doff.to(off.dtype), None, None, None, None, None, None)
 
 
-def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted: bool, scale: float, ws):
+def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted: bool, scale: float, ws,
+                  kernels: bool = False):
     """Softmax attention of queries q (B, H, nq, d) over their far field: the opened blocks'
     tokens (rows of ``kb, vb`` (B, Hkv, blocks, m*d), as :func:`_blocks` lays them out) and the
     candidates' summaries (``ksa, vsa`` (B, Hkv, T, d)); ``sel = (opened, lv, win)`` from
     :func:`select`, ``n`` the tokens that exist. Returns ``(out (B, Hkv, nq, G, d), lse
     (B, Hkv, nq, G, 1))`` in the accumulation dtype; lse is -inf where a query has no far field.
+    The opened blocks and the summaries are two softmaxes merged by their log-sum-exp.
     Shared by :class:`FarField` and the decoding cache (:mod:`.cache`)."""
     d, Hkv = ksa.shape[-1], ksa.shape[1]
-    qg, sidx, bias, _ = _far_inputs(q, n, off, h, _tables(h, q.device), *sel, weighted, ksa.dtype)
+    qg, sidx, bias, _ = _far_inputs(q, off, h, _tables(h, q.device), *sel[1:], weighted, ksa.dtype)
     tiles = OpenedTiles(sel[0], kb.shape[2], q.shape[1] // Hkv)
-    qt, kt = tiles.of_queries(qg), tiles.blocks(kb, d)  # (tiles, T*G, d), (tiles, m, d)
+    o_t, l_t = tiles.attend(qg, kb, vb, n, scale, kernels)  # per tile row
+    K = sel[0].shape[-1]
+    lse_o = tiles.to_pairs(l_t.unsqueeze(-1), fill=-math.inf)  # (B, Hkv, nq, G, K)
+    out_o = tiles.to_pairs(o_t).unflatten(-1, (K, d))  # (B, Hkv, nq, G, K, d)
     kc = _flat_gather(ksa, sidx, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
-    s = torch.cat([tiles.to_pairs(qt @ kt.transpose(-1, -2)), qg @ kc.transpose(-1, -2)], dim=-1) * scale + bias
-    l = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, Hkv, nq, G, 1)
-    p = torch.exp(s - torch.where(l.isinf(), 0.0, l))
-    Km = s.shape[-1] - sidx.shape[-1]
-    vc = _flat_gather(vsa, sidx, ws("vs", (*sidx.shape, d), vsa))
-    return tiles.to_queries(tiles.of_pairs(p[..., :Km]) @ tiles.blocks(vb, d)) + p[..., Km:] @ vc, l
+    s = qg @ kc.transpose(-1, -2) * scale + bias  # (B, Hkv, nq, G, C*p)
+    lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
+    safe_s = torch.where(lse_s.isinf(), 0.0, lse_s)
+    out_s = torch.exp(s - safe_s) @ _flat_gather(vsa, sidx, ws("vs", (*sidx.shape, d), vsa))
+    parts = torch.cat([lse_o, lse_s], dim=-1)  # (B, Hkv, nq, G, K + 1)
+    lse = torch.logsumexp(parts, dim=-1, keepdim=True)
+    w = torch.exp(parts - torch.where(lse.isinf(), 0.0, lse))
+    out = (w[..., :K].unsqueeze(-1) * out_o).sum(-2) + w[..., K:] * out_s
+    return out, lse
 
 
 def _outer(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -435,15 +474,24 @@ def _far_chunks(sels: list[tuple], q, ks, h: Hierarchy, refine: int):
         yield (i0, i1) + tuple(x[:, :, i0:i1].long() for x in (opened, lv, win))
 
 
+def use_kernels(impl: str, q: torch.Tensor) -> bool:
+    """Whether the far field's opened blocks run in the Triton kernels: where the core does
+    (:func:`~.cores.select_core`), float64 never."""
+    from .cores import select_core
+    from .torch_core import BlockAttention
+    return impl != "torch" and q.dtype != torch.float64 and select_core(impl, q) is not BlockAttention
+
+
 def refined_multipole(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool, refine: int,
                       impl: str = "torch", level_offset=None) -> torch.Tensor:
     """Multipole attention with ``refine`` opened blocks per query, on one device: (B, H, n, d)."""
     from .blocked import block_attention, merge
     out, lse = block_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, fine_only=True, impl=impl)
     off = None if level_offset is None else level_offset[:, :h.n_levels]
-    c_out, c_lse = FarField.apply(q, k, v, ks, vs, off, h, refine, weighted, scale)
+    c_out, c_lse = FarField.apply(q, k, v, ks, vs, off, h, refine, weighted, scale, 0, use_kernels(impl, q))
     _, merged = merge(lse.to(c_lse.dtype), out.to(c_out.dtype), c_lse, c_out)
     return merged.to(q.dtype)
 
 
-__all__ = ["refined_multipole", "select", "far_attention", "FarField", "keys_per_query", "num_candidates"]
+__all__ = ["refined_multipole", "select", "far_attention", "FarField", "OpenedTiles", "use_kernels", "keys_per_query",
+           "num_candidates"]

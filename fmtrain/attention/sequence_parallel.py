@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .blocked import coarse_top_down, merge
 from .cores import select_core
 from .hierarchy import Hierarchy, call_hierarchy, hierarchy, truncate, window_divisors
-from .refine import FarField
+from .refine import FarField, use_kernels
 from .summaries import MEAN, Summaries, finish
 from .torch_core import acc_dtype
 
@@ -330,7 +330,8 @@ def sp_refined(q, k, v, group, *, block_size: int, rank: int, causal: bool, weig
     if not h.n_levels:
         return out
     off = None if level_offset is None else level_offset[:, :h.n_levels]
-    c_out, c_lse = FarField.apply(q, k_all, v_all, ks, vs, off, h, refine, weighted, scale, me * chunk)
+    c_out, c_lse = FarField.apply(q, k_all, v_all, ks, vs, off, h, refine, weighted, scale, me * chunk,
+                                  use_kernels(impl, q))
     _, merged = merge(lse.to(c_lse.dtype), out.to(c_out.dtype), c_lse, c_out)
     return merged.to(q.dtype)
 

@@ -263,7 +263,7 @@ def _aot_compile(dtype: str, m: int, d: int, S: int, causal: bool) -> None:
     """
     from fmtrain.attention.kernels import aot
 
-    for name, fn, consts, launch in aot.kernel_variants(dtype, m, d, S, causal):
+    for name, fn, consts, launch, dtype in aot.kernel_variants(dtype, m, d, S, causal):
         compiled = aot.compile_sm90(fn, consts, dtype, launch)
         if dtype == "fp32":
             continue  # IEEE fp32 products: no tensor cores; spills reported by the bench, not gated
@@ -299,3 +299,37 @@ def test_kernels_compile_for_hopper(causal):
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                        timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,m,H,Hkv,refine", [(150, 16, 4, 2, 2), (96, 16, 2, 2, 3)])
+def test_refined_far_field_kernels_match_the_reference(monkeypatch, dtype, causal, n, m, H, Hkv, refine):
+    """Adaptive refinement with impl='triton': the opened blocks run in the opened-tile kernels
+    (counted, so a silent fallback fails), the fine level in the core's; outputs and gradients
+    against the float64 dense reference on the same (rounded) inputs: the selection is discrete,
+    so the reference must see the values the kernels see, or a near-tie opens another block.
+    The far field accumulates in fp32 whatever the inputs (TOL as above)."""
+    from fmtrain.attention.kernels import function as Fn
+    calls = {"fwd": 0, "bwd": 0}
+    for name, key in (("opened_forward", "fwd"), ("opened_backward", "bwd")):
+        real = getattr(Fn, name)
+
+        def spy(*a, _real=real, _key=key, **k):
+            calls[_key] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(Fn, name, spy)
+    g = torch.Generator().manual_seed(n + refine)
+    q, k, v = qkv(g, 1, H, Hkv, n, 32)
+    dout = randn(g, 1, H, n, 32)
+    grads = []
+    q, k, v, dout = (x.to(dtype).double() for x in (q, k, v, dout))
+    for impl, dt in (("dense", torch.float64), ("triton", dtype)):
+        xs = [x.detach().to(DEV, dt).clone().requires_grad_() for x in (q, k, v)]
+        out = fma(*xs, block_size=m, rank=2, causal=causal, refine=refine, impl=impl)
+        out.backward(dout.to(DEV, dt))
+        grads.append([out.detach().double().cpu()] + [x.grad.double().cpu() for x in xs])
+    assert calls["fwd"] >= 1 and calls["bwd"] >= 1, calls
+    for i, (a, b) in enumerate(zip(grads[1], grads[0])):
+        err = (a - b).abs().max().item() / (b.abs().max().item() if dtype != torch.float32 else 1.0)
+        assert err < TOL[dtype], f"{['out', 'dq', 'dk', 'dv'][i]}: {err:.2e} (seed {n + refine})"

@@ -24,7 +24,7 @@ import tempfile
 
 # Pointers whose tensors the launcher allocates in fp32 whatever the inputs' dtype.
 FP32_POINTERS = {"BIAS", "LSE", "DELTA", "DLSE", "SBIAS", "DKS", "DVS"}
-INT_POINTERS = {"IDX", "SEEN"}
+INT_POINTERS = {"IDX", "SEEN", "ROWQ", "BLK"}
 
 # An H100 SM: 64K 32-bit registers and 228 KB of shared memory (227 KB usable by one block).
 SM90_REGISTERS = 65536
@@ -85,8 +85,11 @@ def signature(fn, consts: dict, dtype: str, aligned: bool = True):
 
 
 def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool):
-    """``(name, kernel, constexprs, launch options)`` for every kernel a call with these shapes
-    launches (each dq flag both ways), with the launcher's own tiles."""
+    """``(name, kernel, constexprs, launch options, dtype)`` for every kernel a call with these
+    shapes launches (each dq flag both ways), with the launcher's own tiles; then adaptive
+    refinement's opened-block kernels, which run in fp32 whatever the inputs (64 query rows a tile)."""
+    import torch
+
     from . import function as Fn
     from . import triton_core as K
 
@@ -101,6 +104,10 @@ def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool):
     out += [("dkv", K._dkv_kernel, tiles, launch),
             ("dsum", K._dsum_kernel, dict(m=m, d=d, p=2, COLS=7, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"],
                                           BLOCK_P=16, PRECISION=prec, UPCAST=False), launch)]
+    out = [x + (dtype,) for x in out]
+    opened, opened_launch = Fn._opened_tiles(None, None, m, d, 64, 1, torch.float32)
+    out += [(name, fn, opened, opened_launch, "fp32")
+            for name, fn in (("opened_fwd", K._opened_fwd_kernel), ("opened_bwd", K._opened_bwd_kernel))]
     return out
 
 

@@ -310,3 +310,90 @@ def _dsum_kernel(Q, KS, VS, DO, LSE, DELTA, SEEN, SBIAS, DKS, DVS,
             dks += _mm(dst.to(q.dtype), q, PRECISION, UPCAST)
     tl.store(DKS + orow, dks * scale, mask=smask)
     tl.store(DVS + orow, dvs, mask=smask)
+
+
+# Adaptive refinement's opened blocks (fmtrain/attention/refine.py: OpenedTiles). The (query, opened
+# block) pairs are sorted by block into tiles of T queries; one program owns one tile: its T*G query
+# rows (gathered through ROWQ, -1 for padding) against its block's m keys (row BLK of KB/VB, laid out
+# (blocks, m*d); positions past n masked). The forward writes each row's softmax over the block
+# (out, lse), merged with the rest of the far field by PyTorch; the backward takes each query's final
+# lse and delta and writes dq per row and dk, dv per tile, summed over a block's tiles by PyTorch.
+# Everything is in the far field's accumulation dtype (fp32). Shapes: QG, DO (queries, G, d); LQ,
+# DELTA (queries*G,); OUT, DQ (tiles*T*G, d); LSE (tiles*T*G,); DK, DV (tiles, m, d).
+_OPENED_INTS = ["n", "n_blocks", "T", "G"]
+
+
+@triton.jit
+def _opened_rows(QG, ROWQ, t, T, G, d: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A tile's rows: offsets of their query heads' vectors in QG, which hold a pair, and the
+    flattened (query, head) index of each (for the per-query lse and delta)."""
+    r = tl.arange(0, BLOCK_R)
+    query = tl.load(ROWQ + t * T + r // G, mask=r < T * G, other=-1).to(tl.int64)
+    qh = query * G + r % G
+    rok = (r < T * G) & (query >= 0)
+    c = tl.arange(0, BLOCK_D)
+    return qh[:, None] * d + c[None, :], rok[:, None] & (c < d)[None, :], rok, qh
+
+
+@triton.jit
+def _opened_keys(BLK, t, n, n_blocks, m: tl.constexpr, d: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """The tile's block: offsets of its m key rows in KB/VB and which are tokens before n."""
+    blk = tl.load(BLK + t).to(tl.int64)
+    j = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_D)
+    kok = (j < m) & ((blk % n_blocks) * m + j < n)
+    return blk * (m * d) + j[:, None] * d + c[None, :], kok[:, None] & (c < d)[None, :], kok
+
+
+@triton.jit(do_not_specialize=_OPENED_INTS)
+def _opened_fwd_kernel(QG, KB, VB, ROWQ, BLK, OUT, LSE, n, n_blocks, T, G, qk_scale,
+                       m: tl.constexpr, d: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    qoff, qmask, rok, qh = _opened_rows(QG, ROWQ, t, T, G, d, BLOCK_R, BLOCK_D)
+    koff, kmask, kok = _opened_keys(BLK, t, n, n_blocks, m, d, BLOCK_M, BLOCK_D)
+    q = tl.load(QG + qoff, mask=qmask, other=0.0)
+    k = tl.load(KB + koff, mask=kmask, other=0.0)
+    s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # base 2; every tile's block has a token
+    s = tl.where(kok[None, :], s, float("-inf"))
+    mx = tl.max(s, 1)
+    p = tl.exp2(s - mx[:, None])
+    tot = tl.sum(p, 1)
+    v = tl.load(VB + koff, mask=kmask, other=0.0)
+    o = _mm(p.to(v.dtype), v, PRECISION, UPCAST) / tot[:, None]
+    r = tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_D)
+    row = t * T * G + r
+    there = r < T * G
+    tl.store(OUT + row[:, None] * d + c[None, :], o, mask=there[:, None] & (c < d)[None, :])
+    tl.store(LSE + row, (mx + tl.log2(tot)) * 0.6931471805599453, mask=there)  # natural log
+
+
+@triton.jit(do_not_specialize=_OPENED_INTS)
+def _opened_bwd_kernel(QG, DO, LQ, DELTA, KB, VB, ROWQ, BLK, DQ, DK, DV, n, n_blocks, T, G, scale,
+                       m: tl.constexpr, d: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    qoff, qmask, rok, qh = _opened_rows(QG, ROWQ, t, T, G, d, BLOCK_R, BLOCK_D)
+    koff, kmask, kok = _opened_keys(BLK, t, n, n_blocks, m, d, BLOCK_M, BLOCK_D)
+    q = tl.load(QG + qoff, mask=qmask, other=0.0)
+    do = tl.load(DO + qoff, mask=qmask, other=0.0)
+    lq = tl.load(LQ + qh, mask=rok, other=0.0)
+    dl = tl.load(DELTA + qh, mask=rok, other=0.0)
+    k = tl.load(KB + koff, mask=kmask, other=0.0)
+    v = tl.load(VB + koff, mask=kmask, other=0.0)
+    s = _mm(q, tl.trans(k), PRECISION, UPCAST) * (scale * 1.4426950408889634)
+    p = tl.exp2(s - (lq * 1.4426950408889634)[:, None])
+    p = tl.where(rok[:, None] & kok[None, :], p, 0.0)
+    ds = p * (_mm(do, tl.trans(v), PRECISION, UPCAST) - dl[:, None]) * scale
+    r = tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_D)
+    row = t * T * G + r
+    tl.store(DQ + row[:, None] * d + c[None, :], _mm(ds, k, PRECISION, UPCAST),
+             mask=(r < T * G)[:, None] & (c < d)[None, :])
+    j = tl.arange(0, BLOCK_M)
+    toff = t * (m * d) + j[:, None] * d + c[None, :]
+    tmask = (j < m)[:, None] & (c < d)[None, :]
+    tl.store(DK + toff, _mm(tl.trans(ds), q, PRECISION, UPCAST), mask=tmask)
+    tl.store(DV + toff, _mm(tl.trans(p), do, PRECISION, UPCAST), mask=tmask)

@@ -257,13 +257,16 @@ def test_fma_export_remote_code_without_fmtrain_names_the_package(tmp_path, corp
 @pytest.mark.slow
 def test_padded_batch_rows_equal_each_row_alone(tmp_path, corpus):
     """A left-padded batch (generate()'s and lm-eval's padding) and a right-padded one: each row's
-    logits, its share of the labels= loss and its greedy continuation, with and without the
-    decoding cache, equal the row run alone."""
+    logits, its share of the labels= loss (the mean over all the batch's real next tokens, as
+    transformers averages) and its greedy continuation, with and without the decoding cache, equal
+    the row run alone."""
     import fmtrain.hf  # noqa: F401
     from fmtrain.hf import export
 
     out = export(model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma", summary="m2m"), tmp_path / "out")
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
+    with torch.no_grad():  # sharp predictions: a random model's near-uniform logits score like zero logits
+        model.get_input_embeddings().weight.mul_(30)  # (tied: the head's weight too)
     g = torch.Generator().manual_seed(6)
     rows = [torch.randint(5, 4000, (n,), generator=g) for n in (70, 38, 55)]  # past the fine reach: coarse levels
     n, pad = max(len(r) for r in rows), 0
@@ -278,11 +281,20 @@ def test_padded_batch_rows_equal_each_row_alone(tmp_path, corpus):
         got = model(right, attention_mask=mask.flip(1)).logits
         for b, r in enumerate(rows):
             assert torch.equal(got[b, :len(r)], alone[b])
-        labels = left.masked_fill(mask == 0, -100)
-        loss = model(left, attention_mask=mask, labels=labels).loss
-        nll = sum(torch.nn.functional.cross_entropy(a[:-1], r[1:], reduction="sum") for a, r in zip(alone, rows))
-        want = nll.item() / sum(len(r) - 1 for r in rows)
-        assert abs(loss.item() - want) < 1e-4 * want  # the labels= loss is computed in float32
+        # labels=: transformers' mean over every counted token of the batch, each row's tokens as alone.
+        nll = [torch.nn.functional.cross_entropy(a[:-1], r[1:], reduction="sum") for a, r in zip(alone, rows)]
+        want = (sum(nll) / sum(len(r) - 1 for r in rows)).item()
+        uniform = math.log(model.config.vocab_size)
+        # Sharp enough that a pad position (zero logits: log V) scored as a token would show.
+        assert abs(want - uniform) > 1, (want, uniform)
+        for r, row_nll in zip(rows, nll):  # a row alone: its own mean
+            assert abs(model(r[None], labels=r[None]).loss.item() - row_nll.item() / (len(r) - 1)) < 1e-9 * want
+        for ids, m in ((left, mask), (right, mask.flip(1))):
+            # Labels at padded positions ignored whatever they hold: -100 (the usual) or the pad ids themselves.
+            for labels in (ids.masked_fill(m == 0, -100), ids):
+                loss = model(ids, attention_mask=m, labels=labels).loss
+                assert loss.dtype == torch.float64  # a float64 model's loss is not rounded to float32
+                assert abs(loss.item() - want) < 1e-9 * want, (loss.item(), want)
     for use_cache in (True, False):
         batch = model.generate(left, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
                                pad_token_id=pad, use_cache=use_cache)

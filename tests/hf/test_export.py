@@ -254,6 +254,44 @@ def test_fma_export_remote_code_without_fmtrain_names_the_package(tmp_path, corp
     assert "this model is an fmtrain export" in r.stderr and 'pip install -e ".[hf]"' in r.stderr, r.stderr[-2000:]
 
 
+REMOTE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float64).eval()
+with torch.no_grad():
+    logits = model(torch.load(sys.argv[2])).logits
+torch.save({"logits": logits, "module": type(model).__module__}, sys.argv[3])
+if len(sys.argv) > 4:
+    model.save_pretrained(sys.argv[4])
+"""
+
+
+@pytest.mark.slow
+def test_fma_export_loaded_through_remote_code_saves_and_loads_again(tmp_path, corpus):
+    """A user's round trip: load the export with trust_remote_code=True, save_pretrained to a new
+    folder, load that (a new process) with trust_remote_code=True: the same logits. The remote
+    classes are defined in the folder's own file, so save_pretrained copies that file."""
+    from fmtrain.hf import export
+
+    out = export(model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma", summary="m2m"), tmp_path / "out")
+    ids = torch.randint(0, 4096, (2, 80), generator=torch.Generator().manual_seed(9))
+    torch.save(ids, tmp_path / "ids.pt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))  # no shared cache
+    for src, got, saved in (("out", "first.pt", "saved"), ("saved", "second.pt", None)):
+        args = [tmp_path / src, tmp_path / "ids.pt", tmp_path / got] + ([tmp_path / saved] if saved else [])
+        r = subprocess.run([sys.executable, "-c", REMOTE, *map(str, args)], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    saved = tmp_path / "saved"
+    assert (saved / "modeling_fmtrain.py").read_text() == (out / "modeling_fmtrain.py").read_text()
+    cfg = json.loads((saved / "config.json").read_text())
+    assert cfg["auto_map"] == json.loads((out / "config.json").read_text())["auto_map"]
+    first, second = torch.load(tmp_path / "first.pt"), torch.load(tmp_path / "second.pt")
+    assert first["module"].endswith("modeling_fmtrain") and second["module"].endswith("modeling_fmtrain")
+    assert torch.equal(first["logits"], second["logits"])
+    assert rel(first["logits"], fmtrain_model(tmp_path / "ckpt").logits(ids)) < 1e-12
+
+
 @pytest.mark.slow
 def test_padded_batch_rows_equal_each_row_alone(tmp_path, corpus):
     """A left-padded batch (generate()'s and lm-eval's padding) and a right-padded one: each row's

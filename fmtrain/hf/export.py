@@ -143,15 +143,16 @@ def _write_tokenizer(tok: Tokenizer, folder: Path, seq_len: int, sample: str) ->
         for src, name in tokenizer_files(tok.path):
             shutil.copy2(src, folder / name)
         return
-    from .sentencepiece import convert, special_tokens_config
+    from .sentencepiece import convert, first_difference, special_tokens_config
 
     converted = convert(tok)
     got = [e.ids for e in converted.encode_batch(sample, add_special_tokens=False)]
     want = tok.sp.encode(sample)  # whole texts (fmtrain's encode_batch cuts long ones at newlines)
     bad = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-    if bad is not None:
+    if bad is not None:  # where and how, so that the user can tell a near-tie (unigram) from a real bug
         raise ExportError("the SentencePiece tokenizer could not be converted exactly to a tokenizer.json: "
-                          f"sample {bad} encodes differently ({sample[bad][:60]!r}...)")
+                          f"sample {bad} ({sample[bad][:40]!r}...) encodes differently "
+                          f"{first_difference(tok, converted, sample[bad], got[bad])}")
     converted.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(special_tokens_config(tok, seq_len), indent=2) + "\n")
 

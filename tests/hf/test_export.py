@@ -4,6 +4,7 @@ conversion, and refusals that write nothing."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -147,6 +148,43 @@ def test_converted_sentencepiece_encodes_the_whole_corpus_and_control_strings_as
         assert hf(text, add_special_tokens=False)["input_ids"] == tok.sp.encode(text)
     assert hf.decode(hf(controls)["input_ids"]) == controls
     assert hf.eos_token == "</s>" and hf.eos_token_id == tok.eos_id
+
+
+@pytest.mark.slow
+def test_converted_unigram_reads_control_strings_as_text_and_differs_only_at_ties(tmp_path):
+    """A unigram model (fmtrain trains them too): control and byte strings in text ('<s>', '<0x41>')
+    are text, as in SentencePiece, and where a document still encodes differently the two are
+    equally good up to SentencePiece's float32 rounding (ties: a run of spaces split into the same
+    pieces in another order). The export's check names the place and both tokenisations."""
+    from fmtrain.data.corpus import Corpus
+    from fmtrain.data.tokenizer import train_tokenizer
+    from fmtrain.hf import ExportError
+    from fmtrain.hf.export import _write_tokenizer
+    from fmtrain.hf.sentencepiece import convert, first_difference
+
+    docs = [text for _, text in Corpus.parse(["stdlib"]).documents()]
+    tok = train_tokenizer([d[:20000] for d in docs[:30]], tmp_path / "uni", vocab_size=1000, model_type="unigram",
+                          num_threads=1)
+    converted = convert(tok)
+    controls = "x = '<s>' + '</s>'<pad> <mask><unk> <0x41><0x0A>\n" * 3
+    assert converted.encode(controls, add_special_tokens=False).ids == tok.sp.encode(controls)
+    assert first_difference(tok, converted, controls) is None
+    texts = [d[:50000] for d in docs]  # whole documents' sums reach 1e7, where float32 steps by 1
+    got = [e.ids for e in converted.encode_batch(texts, add_special_tokens=False)]
+    want = tok.sp.encode(texts)
+    score = lambda ids: sum(tok.sp.get_score(i) for i in ids)  # noqa: E731  (the segmentation's log-probability)
+    differ = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    for i in differ:
+        ours, theirs = score(got[i]), score(want[i])
+        # tokenizers' Viterbi (float64) is optimal; SentencePiece's (float32) within its rounding.
+        assert -1e-9 * abs(theirs) <= ours - theirs <= 4 * 2.0 ** -23 * abs(theirs), (i, ours, theirs)
+    assert differ, "no ties left: say so in the README's Export section (which strings can differ for unigram)"
+    i = differ[0]
+    where = first_difference(tok, converted, texts[i])
+    assert re.fullmatch(r"at char \d+: Hugging Face \[.+\] vs SentencePiece \[.+\] \(near .+\)", where, re.S), where
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ExportError, match=rf"sample 1 .* encodes differently {re.escape(where)}"):
+        _write_tokenizer(tok, tmp_path / "out", 256, ["def f(x):\n", texts[i]])
 
 
 LM_EVAL_TASKS = {

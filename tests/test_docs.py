@@ -27,3 +27,11 @@ def test_every_path_the_docs_name_exists():
         for p in named:
             missing += [(doc, p) for q in expand(p) if not glob.glob(str(ROOT / q))]
     assert not missing, missing
+
+
+def test_checkpoint_folders_the_docs_name_are_named_as_fmtrain_names_them():
+    from fmtrain.checkpoint import step_dir
+
+    for doc in DOCS:
+        for name in re.findall(r"\bstep_\d+\b", (ROOT / doc).read_text()):
+            assert name == step_dir(Path(), int(name[5:])).name, (doc, name)

@@ -513,7 +513,8 @@ def test_unknown_deepspeed_keys_are_refused_with_the_right_name():
 
 @pytest.mark.slow
 def test_every_refused_start_leaves_no_run_folder(tmp_path, corpus):
-    """Data and tokenizer refusals come after the run lock; the lock's folder goes with them."""
+    """Data and tokenizer refusals come after the run lock; the lock's folder goes with them, and in a
+    run folder that existed the lock file that start made."""
     bad = tmp_path / "bad"
     (bad / "empty").mkdir(parents=True)
     (bad / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
@@ -521,8 +522,10 @@ def test_every_refused_start_leaves_no_run_folder(tmp_path, corpus):
     (bad / "notext.jsonl").write_text('{"body": "a"}\n' * 5)
     (bad / "tiny.txt").write_text("x = 1\n")
     (bad / "tok.model").write_bytes(b"not a model")
+    (bad / "corrupt.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 4)  # a parquet file cut short
     shipped = Path(__file__).parents[2] / "tokenizer" / "stdlib-4k.model"
     cases = [(f"--data.corpus={tmp_path}/nothing/*.txt",), (f"--data.corpus={bad}/empty",),
+             (f"--data.corpus={bad}/missing.txt",), (f"--data.corpus={bad}/corrupt.parquet",),
              (f"--data.corpus={bad}/latin1.jsonl",), (f"--data.corpus={bad}/broken.jsonl",),
              (f"--data.corpus={bad}/notext.jsonl",), (f"--data.corpus={bad}/tiny.txt",),
              ("--data.tokenizer=/nonexistent/tok.model",), (f"--data.tokenizer={bad}/tok.model",),
@@ -532,11 +535,12 @@ def test_every_refused_start_leaves_no_run_folder(tmp_path, corpus):
         r = run_train(cfg, *overrides)
         assert_one_error_line(r)
         assert not (tmp_path / f"run{i}").exists(), (overrides, sorted((tmp_path / f"run{i}").rglob("*")))
-    # A run folder that existed before keeps what it held, and only loses the lock it never used.
+    # A run folder that existed before keeps what it held, and loses the lock file the failed start made.
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "notes.txt").write_text("mine")
     cfg = make_config(tmp_path, corpus, name="kept")
-    assert_one_error_line(run_train(cfg, f"--data.corpus={bad}/empty"))
+    assert_one_error_line(run_train(cfg, f"--data.corpus={bad}/corrupt.parquet"))
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
     assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
 
 

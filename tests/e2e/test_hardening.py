@@ -641,7 +641,8 @@ def test_a_run_shorter_than_its_warmup_says_so(tmp_path, corpus):
 @pytest.mark.slow
 def test_a_resume_takes_the_thread_count_its_checkpoint_was_made_with(tmp_path, corpus):
     """Matrix products can round differently with another thread count, so a resume on a machine
-    with more free cores keeps the count the run had: its losses stay those of the straight run."""
+    with more free cores keeps the count the run had: its losses stay those of the straight run. A
+    resume allowed fewer threads than its checkpoint's says so."""
     (tmp_path / "straight").mkdir()
     (tmp_path / "split").mkdir()
     straight, split = make6(tmp_path / "straight", corpus), make6(tmp_path / "split", corpus)
@@ -659,3 +660,12 @@ def test_a_resume_takes_the_thread_count_its_checkpoint_was_made_with(tmp_path, 
     r = trainer(split, two)
     assert "(1 thread, as its checkpoint was made)" in r.stdout, r.stdout[:800]
     assert losses(split) == losses(straight)
+    # Allowed fewer threads than its checkpoint was made with (OMP_NUM_THREADS lower): it resumes
+    # with what it may use and says that the results can round differently.
+    (tmp_path / "fewer").mkdir()
+    fewer = make6(tmp_path / "fewer", corpus)
+    trainer(fewer, two, "--train.stop_at_step=3")
+    r = trainer(fewer, one)
+    assert ("(1 thread, its checkpoint was made with 2 but this process may use 1 (OMP_NUM_THREADS): results can "
+            "round differently from an uninterrupted run)") in r.stdout, r.stdout[:800]
+    assert len(losses(fewer)) == len(losses(straight))

@@ -119,6 +119,28 @@ def test_export_refusals_write_nothing(tmp_path, corpus):
     assert r.returncode == 2 and "masked LMs are not exported" in r.stderr, r.stderr
 
 
+def test_export_writes_weights_with_the_umask_mode_and_records_the_absolute_source(tmp_path, corpus, monkeypatch):
+    """The weights file gets the mode every other file gets (not safetensors' 0600), and its source
+    metadata is the checkpoint's absolute path, though the command was given a relative one."""
+    from safetensors import safe_open
+
+    from fmtrain.hf import export
+
+    model_only(tmp_path / "ckpt", corpus, SP_TOKENIZER, attention="fma")
+    monkeypatch.chdir(tmp_path)
+    out = export("ckpt", "out")  # as typed on a command line, relative to the working directory
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~_umask(), modes
+    with safe_open(tmp_path / out / "model.safetensors", "pt") as f:
+        assert f.metadata()["source"] == str((tmp_path / "ckpt").resolve())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @pytest.mark.slow
 def test_converted_sentencepiece_encodes_the_whole_corpus_and_control_strings_as_text(tmp_path):
     """Every document of the embedded corpus, and text holding the control pieces literally
@@ -228,12 +250,6 @@ def test_lm_eval_cli_reads_an_fma_export_through_remote_code(tmp_path, corpus):
     out = export(ckpt, tmp_path / "out")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_fmtrain.FmtrainForCausalLM"
-    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
-    assert modes["model.safetensors"] == modes["config.json"], modes  # not safetensors' 0600
-    from safetensors import safe_open
-
-    with safe_open(out / "model.safetensors", "pt") as f:
-        assert f.metadata()["source"] == str(ckpt.resolve())
     texts = [f.read_text()[:1500] for f in sorted(corpus.glob("*.txt"))[:4]]
     rng = torch.Generator().manual_seed(5)
     words = "def class return import lambda yield while assert".split()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .attention.cpu import adapt_torch_threads
-from .checkpoint import Checkpointer, TrainState, all_finite, find_resume
+from .checkpoint import Checkpointer, TrainState, all_finite, find_resume, tokenizer_comment
 from .engine import apply_hyperparameters, build_engine, train_step
 from .config import Config, config_from_argv, save_config
 from .config.loading import input_candidates, input_exists
@@ -162,7 +162,7 @@ def _train(cfg: Config, world: World, init) -> dict:
     if changes and changes.notes:
         apply_hyperparameters(engine, cfg)
     if world.is_main:
-        save_config(cfg, cfg.run.dir)
+        save_config(cfg, cfg.run.dir, tokenizer_comment(cfg, data.tokenizer.path))
     tokens_per_step = cfg.data.seq_len * cfg.data.batch_size * cfg.train.grad_accum * world.dp_size
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak, peak_src = peak_flops(world.device, dtype)

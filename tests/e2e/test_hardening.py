@@ -636,6 +636,21 @@ def test_a_run_shorter_than_its_warmup_says_so(tmp_path, corpus):
     assert "tokenizer: data.tokenizer is empty, so a" in r.stdout and "trained on the corpus" in r.stdout
     # The training itself is announced before it starts, not only once it is done.
     assert r.stdout.index("[fmtrain.data] training a") < r.stdout.index("tokenizer: data.tokenizer is empty")
+    # The saved configs (the run's and each checkpoint's) keep data.tokenizer empty, as the run was
+    # given it, and say in a comment where the trained tokenizer is.
+    import tomllib
+
+    cached = r.stdout.split("trained on the corpus (once; cached) at ")[1].split(";")[0]
+    assert Path(cached).is_file() and Path(cached).is_relative_to(tmp_path / "cache"), cached
+    saved = [tmp_path / "run" / "config.toml", *(tmp_path / "run" / "checkpoints").glob("step_*/config.toml")]
+    assert len(saved) >= 2, saved
+    for f in saved:
+        text = f.read_text()
+        assert tomllib.loads(text)["data"]["tokenizer"] == ""
+        assert (f"# empty: this run trained its tokenizer on the corpus, cached at {cached}; each checkpoint "
+                "holds a copy as tokenizer.model\ntokenizer = \"\"\n") in text, text
+        if f.parent.name.startswith("step_"):
+            assert (f.parent / "tokenizer.model").read_bytes() == Path(cached).read_bytes()
 
 
 @pytest.mark.slow

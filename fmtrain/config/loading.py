@@ -284,9 +284,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
         cfg = from_dict(apply_overrides(data, list(overrides)))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return dataclasses.replace(
+    cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, tokenizer=_find_input(cfg.data.tokenizer, path)),
         model=dataclasses.replace(cfg.model, init_from=_find_input(cfg.model.init_from, path)))
+    # Not a field (not saved, not compared): where a relative input path was looked for, so that
+    # the trainer's "not found" names that folder too (fmtrain.train._check_inputs).
+    cfg._config_file = path
+    return cfg
 
 
 def save_config(cfg: Config, directory: str | os.PathLike, comments: dict[str, str] | None = None) -> Path:

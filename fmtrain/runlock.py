@@ -31,44 +31,67 @@ class RunLock:
         self.path = Path(directory) / LOCK_FILE
         self.fd: int | None = None
         self.created: list[Path] = []  # the folders acquire() made, innermost first
+        self.made_file = False  # whether acquire() created the lock file (a failed start removes it)
 
     def acquire(self) -> None:
         """Take the lock now or raise RunDirInUse naming the holder (never waits)."""
-        try:
-            missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.created = missing
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children (O_CLOEXEC)
-        except OSError as exc:
-            raise UserError(f"cannot write the run directory {self.path.parent} ({exc}); give a run.dir "
-                            "(and checkpoint.dir) this user can write") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunDirInUse(
+                    f"{self.path.parent} is in use by another trainer ({holder}): two trainers on one run.dir "
+                    "would interleave their checkpoints and metrics. Wait for it to finish, stop it (kill -TERM "
+                    "its pid: it checkpoints and exits), or give this run another run.dir") from None
+            # A failed start removes the lock file it made: a lock taken on that file after it was
+            # opened here but removed there is on a file no other trainer will see. Open it again.
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise RunDirInUse(
-                f"{self.path.parent} is in use by another trainer ({holder}): two trainers on one run.dir "
-                "would interleave their checkpoints and metrics. Wait for it to finish, stop it (kill -TERM "
-                "its pid: it checkpoints and exits), or give this run another run.dir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         self.fd = fd
 
+    def _open(self) -> int:
+        """The lock file's descriptor, noting whether this call made it and the folders above it."""
+        try:
+            missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.created = missing or self.created
+            try:  # not inherited by children (O_CLOEXEC)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self.made_file = True
+            except FileExistsError:
+                fd = os.open(self.path, os.O_RDWR)
+                self.made_file = False
+            return fd
+        except OSError as exc:
+            raise UserError(f"cannot write the run directory {self.path.parent} ({exc}); give a run.dir "
+                            "(and checkpoint.dir) this user can write") from None
+
     def release(self, failed_start: bool = False) -> None:
-        """Unlock. ``failed_start``: the run refused to start; take back the lock file and the
-        folders this lock made, if the run wrote nothing else into them."""
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock
-            self.fd = None
-            if failed_start and self.created:
+        """Unlock. ``failed_start``: the run refused to start; take back the lock file if this lock
+        made it (also in a run.dir that existed before), and the folders it made if the run wrote
+        nothing else into them."""
+        if self.fd is None:
+            return
+        if failed_start and self.made_file:
+            self.path.unlink(missing_ok=True)  # while still locked: see acquire()
+        os.close(self.fd)  # closing releases the flock
+        self.fd = None
+        if failed_start:
+            for folder in self.created:
                 try:
-                    self.path.unlink(missing_ok=True)
-                    for folder in self.created:
-                        folder.rmdir()  # only if empty: anything the run wrote stays
+                    folder.rmdir()  # only if empty: anything the run wrote stays
                 except OSError:
-                    pass
+                    break
 
 
 def lock_run(directories: list[Path], world) -> list[RunLock]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .attention.cpu import adapt_torch_threads
-from .checkpoint import Checkpointer, TrainState, all_finite, find_resume
+from .checkpoint import Checkpointer, TrainState, all_finite, find_resume, tokenizer_comment
 from .engine import apply_hyperparameters, build_engine, train_step
 from .config import Config, config_from_argv, save_config
 from .config.loading import input_candidates, input_exists
@@ -73,20 +73,21 @@ def _run_dirs(cfg: Config) -> list[Path]:
     return [run] if ckpt.is_relative_to(run) else [run, ckpt]
 
 
-def _check_inputs(cfg: Config) -> None:
-    """What can be checked before the distributed start: a named tokenizer exists."""
+def _check_inputs(cfg: Config, config_file: Path | None = None) -> None:
+    """What can be checked before the distributed start: a named tokenizer exists. ``config_file``:
+    the file ``cfg`` was read from, whose folder a relative path was looked for in too."""
     tok = cfg.data.tokenizer
     if tok and not input_exists(Path(tok).expanduser()):
-        tried = ", ".join(str(p) for p in input_candidates(tok))
-        raise DataError(f"data.tokenizer = {tok!r} was not found (looked in: {tried}, and beside the config file); "
-                        "give the path of a .model or tokenizer.json, or leave data.tokenizer empty to train one "
-                        "on the corpus")
+        tried = ", ".join(str(p) for p in input_candidates(tok, config_file))
+        raise DataError(f"data.tokenizer = {tok!r} was not found (looked for: {tried}); give the path of a .model "
+                        "or tokenizer.json, or leave data.tokenizer empty to train one on the corpus")
 
 
 def train(cfg: Config) -> dict:
     """Run (or resume) the training ``cfg`` describes; returns the last metrics."""
+    config_file = getattr(cfg, "_config_file", None)  # set by load_config; resolve_config may make a new cfg
     cfg = resolve_config(cfg)  # model.init_from: [model] and data.tokenizer from the weights' config
-    _check_inputs(cfg)
+    _check_inputs(cfg, config_file)
     world = init_world(cfg.parallel.backend, cfg.parallel.sequence)
     cfg.check_world(world.size)
     init = prepare_init(cfg)  # model.init_from's weights, checked before anything is written; None: resume
@@ -154,7 +155,7 @@ def _train(cfg: Config, world: World, init) -> dict:
     if changes and changes.notes:
         apply_hyperparameters(engine, cfg)
     if world.is_main:
-        save_config(cfg, cfg.run.dir)
+        save_config(cfg, cfg.run.dir, tokenizer_comment(cfg, data.tokenizer.path))
     tokens_per_step = cfg.data.seq_len * cfg.data.batch_size * cfg.train.grad_accum * world.dp_size
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak, peak_src = peak_flops(world.device, dtype)

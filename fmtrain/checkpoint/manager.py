@@ -63,6 +63,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def tokenizer_comment(cfg: Config, tokenizer_path: str | os.PathLike) -> dict[str, str]:
+    """For a saved config.toml: where the tokenizer is when ``data.tokenizer`` is empty (the run
+    trained one on its corpus). The field itself stays empty, so that a resume compares as before."""
+    if cfg.data.tokenizer:
+        return {}
+    return {"data.tokenizer": f"empty: this run trained its tokenizer on the corpus, cached at {tokenizer_path}; "
+                              "each checkpoint holds a copy as tokenizer.model"}
+
+
 def _fsync_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
@@ -139,7 +148,7 @@ class Checkpointer:
     def _finish(self, state: TrainState, tmp: Path, final: Path) -> None:
         if not self.world.is_main:
             return
-        save_config(self.cfg, tmp)
+        save_config(self.cfg, tmp, tokenizer_comment(self.cfg, self.tokenizer_path))
         from ..data.tokenizer import tokenizer_files  # SentencePiece or Hugging Face files
 
         for src, name in tokenizer_files(self.tokenizer_path):
@@ -243,4 +252,4 @@ class Checkpointer:
 
 
 
-__all__ = ["Checkpointer", "find_resume"]
+__all__ = ["Checkpointer", "find_resume", "tokenizer_comment"]

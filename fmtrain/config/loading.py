@@ -284,31 +284,44 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
         cfg = from_dict(apply_overrides(data, list(overrides)))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return dataclasses.replace(
+    cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, tokenizer=_find_input(cfg.data.tokenizer, path)),
         model=dataclasses.replace(cfg.model, init_from=_find_input(cfg.model.init_from, path)))
+    # Not a field (not saved, not compared): where a relative input path was looked for, so that
+    # the trainer's "not found" names that folder too (fmtrain.train._check_inputs).
+    cfg._config_file = path
+    return cfg
 
 
-def save_config(cfg: Config, directory: str | os.PathLike) -> Path:
-    """Write the resolved ``cfg`` to ``directory/config.toml`` atomically; returns the path."""
+def save_config(cfg: Config, directory: str | os.PathLike, comments: dict[str, str] | None = None) -> Path:
+    """Write the resolved ``cfg`` to ``directory/config.toml`` atomically; returns the path.
+    ``comments``: ``{"section.field": text}``, a comment line above that field (see :func:`to_toml`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / CONFIG_FILE
     tmp = directory / f".{CONFIG_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(to_toml(cfg))
+    tmp.write_text(to_toml(cfg, comments))
     os.replace(tmp, target)
     return target
 
 
-def to_toml(cfg: Config) -> str:
-    """TOML text that :func:`load_config` reads back to an equal config."""
+def to_toml(cfg: Config, comments: dict[str, str] | None = None) -> str:
+    """TOML text that :func:`load_config` reads back to an equal config. ``comments`` puts a
+    ``# text`` line above a field (``"data.tokenizer"``): what a value alone does not say, such as
+    where a tokenizer trained for the run went while ``data.tokenizer`` stays empty."""
+    comments = dict(comments or {})
     lines = ["# Resolved fmtrain config (written by fmtrain.config.save_config)."]
     for sec_name, values in cfg.to_dict().items():
         lines.append(f"\n[{sec_name}]")
         for key, value in values.items():
             if value is None:
                 continue  # TOML has no null; an absent optional field loads as None
+            note = comments.pop(f"{sec_name}.{key}", None)
+            if note is not None:
+                lines += [f"# {line}" for line in note.splitlines()]  # each line a comment: the TOML stays valid
             lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    if comments:
+        raise ValueError(f"comments for fields the config does not write: {sorted(comments)}")
     return "\n".join(lines) + "\n"
 
 

@@ -252,8 +252,8 @@ def load_hf_tokenizer(path: str | Path, *, vocab_size: int | None = None, need_m
     if vocab_size is not None and tok.vocab_size > vocab_size:
         raise ValueError(
             f"tokenizer {str(path)!r} has {tok.vocab_size} tokens but the model's embedding has "
-            f"vocab_size={vocab_size} rows, so ids >= {vocab_size} would have no embedding; use the tokenizer "
-            "the weights were trained with (or a model with a larger vocab_size)")
+            f"model.vocab_size={vocab_size} rows, so ids >= {vocab_size} would have no embedding; use the tokenizer "
+            "the weights were trained with (or a larger model.vocab_size)")
     if need_mask and tok.mask_id is None:
         raise ValueError(f"tokenizer {str(path)!r} has no mask_token (in its tokenizer_config.json), which the "
                          f"masked LM needs; add one ({MASK_PIECE!r}) or train a causal LM")

@@ -323,7 +323,7 @@ def load_tokenizer(path: str | Path, *, vocab_size: int | None = None, need_mask
     if vocab_size is not None and vocab_size != tok.vocab_size:
         raise ValueError(
             f"tokenizer {str(path)!r} has {tok.vocab_size} pieces but the model config has "
-            f"vocab_size={vocab_size}; set the model's vocab_size to {tok.vocab_size} or train a "
+            f"model.vocab_size={vocab_size}; set model.vocab_size to {tok.vocab_size} or train a "
             f"tokenizer with --vocab-size {vocab_size}")
     if need_mask and tok.mask_id is None:
         raise ValueError(

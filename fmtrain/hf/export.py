@@ -42,18 +42,31 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The remote code of a model_type "fmtrain" folder: fmtrain's own classes, imported. transformers
 # skips imports inside try/except when it checks a remote file's requirements, so a missing fmtrain
-# reaches the user as the message below rather than as a bare package name.
+# reaches the user as the message below rather than as a bare package name. The classes are
+# subclasses defined here, not fmtrain's imported: save_pretrained copies the file that defines a
+# remote class into the new folder, and for fmtrain's own classes that is fmtrain's source (it
+# failed with FileNotFoundError on fmtrain/hf/.config.py and left a half-written folder).
 REMOTE_CODE = '''"""Remote code of an fmtrain export (multipole attention): transformers runs this file when
 the folder is loaded with ``trust_remote_code=True``. The model is fmtrain's own implementation,
 so fmtrain must be installed where it runs: ``pip install -e ".[hf]"`` in a clone of fmtrain.
 """
 try:
-    from fmtrain.hf.modeling import FmtrainConfig, FmtrainForCausalLM
+    from fmtrain.hf.modeling import FmtrainConfig as _Config, FmtrainForCausalLM as _Model
 except ImportError as exc:
     raise ImportError(
         "this model is an fmtrain export (model_type 'fmtrain', multipole attention) and runs on fmtrain's "
         'own code: install fmtrain with its Hugging Face extra (pip install -e ".[hf]" in a clone of '
         f"fmtrain), then load it again ({exc})") from exc
+
+
+# Defined in this file so that save_pretrained copies this file (not fmtrain's) to the new folder.
+class FmtrainConfig(_Config):
+    pass
+
+
+class FmtrainForCausalLM(_Model):
+    config_class = FmtrainConfig
+
 
 __all__ = ["FmtrainConfig", "FmtrainForCausalLM"]
 '''
@@ -130,15 +143,16 @@ def _write_tokenizer(tok: Tokenizer, folder: Path, seq_len: int, sample: str) ->
         for src, name in tokenizer_files(tok.path):
             shutil.copy2(src, folder / name)
         return
-    from .sentencepiece import convert, special_tokens_config
+    from .sentencepiece import convert, first_difference, special_tokens_config
 
     converted = convert(tok)
     got = [e.ids for e in converted.encode_batch(sample, add_special_tokens=False)]
     want = tok.sp.encode(sample)  # whole texts (fmtrain's encode_batch cuts long ones at newlines)
     bad = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-    if bad is not None:
+    if bad is not None:  # where and how, so that the user can tell a near-tie (unigram) from a real bug
         raise ExportError("the SentencePiece tokenizer could not be converted exactly to a tokenizer.json: "
-                          f"sample {bad} encodes differently ({sample[bad][:60]!r}...)")
+                          f"sample {bad} ({sample[bad][:40]!r}...) encodes differently "
+                          f"{first_difference(tok, converted, sample[bad], got[bad])}")
     converted.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(special_tokens_config(tok, seq_len), indent=2) + "\n")
 

@@ -15,7 +15,9 @@ Padded batches: the hierarchy is positional, so padding cannot be masked inside 
 row; a row whose ``attention_mask`` marks one contiguous run of tokens (left padding, as
 ``generate()`` and lm-eval pad, or right padding) is computed on its own tokens from
 position 0, with its own decoding cache, so every row equals its result alone. Logits
-at padded positions are zero.
+at padded positions are zero, and the ``labels=`` loss counts only predictions made from a real
+token of a real token (labels at padded positions are ignored, whatever they hold): the batch's
+loss is the mean over all counted tokens of the batch, as transformers' own models average it.
 """
 from __future__ import annotations
 
@@ -93,7 +95,8 @@ class FmtrainForCausalLM(PreTrainedModel, GenerationMixin):
                 cache=None, use_cache: bool | None = None, fmtrain_generation: bool = False,
                 **kwargs) -> CausalLMOutputWithPast:
         """Logits (B, n, vocab) for every position; with ``labels`` (transformers' convention: the
-        inputs, shifted inside) also the mean cross-entropy of the next tokens. Within ``generate()``
+        inputs, shifted inside) also the mean cross-entropy of the next tokens over the whole batch
+        (padded positions not counted). Within ``generate()``
         with ``use_cache``: the next token's logits (B, 1, vocab) and the decoding ``cache``."""
         spans = _row_spans(attention_mask)  # None: no padding
         if fmtrain_generation and use_cache:
@@ -122,7 +125,19 @@ class FmtrainForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX)
+            if spans is not None:
+                # Position i predicts token i + 1: only a prediction from a real token of a real token
+                # counts. Without this, left padding scores the last pad (zero logits) against the row's
+                # first token and right padding scores the last token against the first pad, whatever
+                # the caller put in labels at padded positions.
+                real = torch.zeros_like(shifted, dtype=torch.bool)
+                for b, (lo, hi) in enumerate(spans):
+                    real[b, lo:hi - 1] = True
+                shifted = shifted.masked_fill(~real, IGNORE_INDEX)
+            # transformers' convention: the mean over every counted token of the batch (not a mean of row
+            # means), in float32 at least (a float64 model's loss stays float64).
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            loss = F.cross_entropy(logits.flatten(0, 1).to(dtype), shifted.flatten(), ignore_index=IGNORE_INDEX)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask=None, cache=None,

@@ -7,7 +7,11 @@ Such a model is the ``tokenizers`` model of the same kind with the same pieces:
 - BPE: the pieces, and merges ``(left, right)`` for every split of every piece into
   two pieces, ranked by the merged piece's score (SentencePiece merges the
   best-scoring adjacent pair; its ids are in score order);
-- unigram: the pieces with their scores (the same Viterbi segmentation);
+- unigram: the pieces with their scores (the same Viterbi segmentation), control, unknown and
+  byte pieces scored below any ordinary segmentation (SentencePiece never matches them in text).
+  Segmentations that tie, or nearly tie, can still differ: SentencePiece sums scores in float32
+  and ``tokenizers`` in float64, so over a long text (a run of spaces split 12 + 1 or 1 + 12,
+  "o|st" against "os|t") each picks by its own rounding; the export's check then names the place;
 
 with a ``Replace(" ", "\u2581")`` normaliser, no pre-tokeniser (pieces were learned
 within SentencePiece's word and script boundaries, so none cross them), byte
@@ -54,7 +58,7 @@ def convert(tok: Tokenizer):
         model = models.BPE(vocab=vocab, merges=[(l, r) for *_, l, r in merges], unk_token=unk,
                            byte_fallback=True, fuse_unk=True)
     else:
-        model = models.Unigram([(p, s) for p, s in pieces], unk_id=tok.unk_id, byte_fallback=True)
+        model = models.Unigram(_unigram_scores(tok, pieces), unk_id=tok.unk_id, byte_fallback=True)
     out = RustTokenizer(model)
     out.normalizer = normalizers.Replace(Regex(" "), "\u2581")
     out.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
@@ -62,6 +66,39 @@ def convert(tok: Tokenizer):
     out.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in specials])
     out.encode_special_tokens = True  # control strings in text are text, as in SentencePiece
     return out
+
+
+def _unigram_scores(tok: Tokenizer, pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The pieces with their scores, control/unknown/byte pieces made unmatchable in text.
+
+    SentencePiece's Viterbi only considers normal pieces; ``tokenizers``' Unigram matches every
+    piece of its vocabulary, and control and byte pieces have score 0, above every normal piece,
+    so a literal ``<s>`` or ``<0x41>`` in text became that one token. They must stay in the
+    vocabulary (same ids; byte fallback looks ``<0x41>`` up by name), so they get a score below any
+    segmentation of their characters into normal pieces: each of those is at most one piece per
+    character, each scoring at least the lowest normal score."""
+    sp = tok.sp
+    special = [sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) for i in range(len(pieces))]
+    normal = [s for (_, s), x in zip(pieces, special) if not x]
+    longest = max((len(p) for (p, _), x in zip(pieces, special) if x), default=0)
+    floor = (longest + 1) * min(min(normal, default=0.0), -1.0) - 1.0
+    return [(p, floor if x else s) for (p, s), x in zip(pieces, special)]
+
+
+def first_difference(tok: Tokenizer, converted, text: str, got: list[int] | None = None) -> str | None:
+    """Where ``converted`` (a ``tokenizers.Tokenizer``) encodes ``text`` differently from SentencePiece:
+    "at char N: Hugging Face [pieces] vs SentencePiece [pieces] (near 'text')", or None when equal."""
+    enc = converted.encode(text, add_special_tokens=False)
+    got = enc.ids if got is None else got
+    want = tok.sp.encode(text)
+    if got == want:
+        return None
+    k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    # The common prefix is the same tokens, so the differing token starts at the same character.
+    char = enc.offsets[k][0] if k < len(enc.offsets) else len(text)
+    pieces = lambda ids: [tok.sp.id_to_piece(i) for i in ids[k:k + 6]]  # noqa: E731
+    return (f"at char {char}: Hugging Face {pieces(got)} vs SentencePiece {pieces(want)} "
+            f"(near {text[max(0, char - 20):char + 40]!r})")
 
 
 def _model_type(tok: Tokenizer) -> str:
@@ -88,4 +125,4 @@ def special_tokens_config(tok: Tokenizer, seq_len: int) -> dict:
     return cfg
 
 
-__all__ = ["convert", "special_tokens_config"]
+__all__ = ["convert", "first_difference", "special_tokens_config"]

@@ -254,6 +254,15 @@ def test_round_trip_of_defaults_keeps_none():
     assert from_dict(tomllib.loads(to_toml(cfg))) == cfg
 
 
+def test_a_comment_goes_above_its_field_and_the_config_reads_back_equal():
+    cfg = from_dict({"run": {"dir": "r"}})
+    text = to_toml(cfg, {"data.tokenizer": "where it is\nand a second line"})
+    assert "[data]" in text and "# where it is\n# and a second line\ntokenizer = \"\"\n" in text
+    assert from_dict(tomllib.loads(text)) == cfg
+    with pytest.raises(ValueError, match=r"comments for fields the config does not write: \['data.tokeniser'\]"):
+        to_toml(cfg, {"data.tokeniser": "typo"})
+
+
 # --------------------------------------------------------------------------- command line
 def test_parse_args(tmp_path, capsys):
     cfg = parse_args([str(write(tmp_path)), "--train.steps=3"])

@@ -114,7 +114,7 @@ def test_load_by_path_prefix_and_folder(tokenizer, tmp_path):
 def test_load_errors(tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="not found; train one"):
         load_tokenizer(tmp_path / "missing.model")
-    with pytest.raises(ValueError, match="1000 pieces but the model config has vocab_size=32000"):
+    with pytest.raises(ValueError, match="1000 pieces but the model config has model.vocab_size=32000; set model.vocab_size to 1000"):
         load_tokenizer(tokenizer.path, vocab_size=32000)
     assert load_tokenizer(tokenizer.path, vocab_size=1000, need_mask=True).mask_id == 4
     junk = tmp_path / "junk.model"

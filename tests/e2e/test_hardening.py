@@ -513,7 +513,8 @@ def test_unknown_deepspeed_keys_are_refused_with_the_right_name():
 
 @pytest.mark.slow
 def test_every_refused_start_leaves_no_run_folder(tmp_path, corpus):
-    """Data and tokenizer refusals come after the run lock; the lock's folder goes with them."""
+    """Data and tokenizer refusals come after the run lock; the lock's folder goes with them, and in a
+    run folder that existed the lock file that start made."""
     bad = tmp_path / "bad"
     (bad / "empty").mkdir(parents=True)
     (bad / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
@@ -521,8 +522,10 @@ def test_every_refused_start_leaves_no_run_folder(tmp_path, corpus):
     (bad / "notext.jsonl").write_text('{"body": "a"}\n' * 5)
     (bad / "tiny.txt").write_text("x = 1\n")
     (bad / "tok.model").write_bytes(b"not a model")
+    (bad / "corrupt.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 4)  # a parquet file cut short
     shipped = Path(__file__).parents[2] / "tokenizer" / "stdlib-4k.model"
     cases = [(f"--data.corpus={tmp_path}/nothing/*.txt",), (f"--data.corpus={bad}/empty",),
+             (f"--data.corpus={bad}/missing.txt",), (f"--data.corpus={bad}/corrupt.parquet",),
              (f"--data.corpus={bad}/latin1.jsonl",), (f"--data.corpus={bad}/broken.jsonl",),
              (f"--data.corpus={bad}/notext.jsonl",), (f"--data.corpus={bad}/tiny.txt",),
              ("--data.tokenizer=/nonexistent/tok.model",), (f"--data.tokenizer={bad}/tok.model",),
@@ -532,11 +535,12 @@ def test_every_refused_start_leaves_no_run_folder(tmp_path, corpus):
         r = run_train(cfg, *overrides)
         assert_one_error_line(r)
         assert not (tmp_path / f"run{i}").exists(), (overrides, sorted((tmp_path / f"run{i}").rglob("*")))
-    # A run folder that existed before keeps what it held, and only loses the lock it never used.
+    # A run folder that existed before keeps what it held, and loses the lock file the failed start made.
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "notes.txt").write_text("mine")
     cfg = make_config(tmp_path, corpus, name="kept")
-    assert_one_error_line(run_train(cfg, f"--data.corpus={bad}/empty"))
+    assert_one_error_line(run_train(cfg, f"--data.corpus={bad}/corrupt.parquet"))
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
     assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
 
 
@@ -632,12 +636,28 @@ def test_a_run_shorter_than_its_warmup_says_so(tmp_path, corpus):
     assert "tokenizer: data.tokenizer is empty, so a" in r.stdout and "trained on the corpus" in r.stdout
     # The training itself is announced before it starts, not only once it is done.
     assert r.stdout.index("[fmtrain.data] training a") < r.stdout.index("tokenizer: data.tokenizer is empty")
+    # The saved configs (the run's and each checkpoint's) keep data.tokenizer empty, as the run was
+    # given it, and say in a comment where the trained tokenizer is.
+    import tomllib
+
+    cached = r.stdout.split("trained on the corpus (once; cached) at ")[1].split(";")[0]
+    assert Path(cached).is_file() and Path(cached).is_relative_to(tmp_path / "cache"), cached
+    saved = [tmp_path / "run" / "config.toml", *(tmp_path / "run" / "checkpoints").glob("step_*/config.toml")]
+    assert len(saved) >= 2, saved
+    for f in saved:
+        text = f.read_text()
+        assert tomllib.loads(text)["data"]["tokenizer"] == ""
+        assert (f"# empty: this run trained its tokenizer on the corpus, cached at {cached}; each checkpoint "
+                "holds a copy as tokenizer.model\ntokenizer = \"\"\n") in text, text
+        if f.parent.name.startswith("step_"):
+            assert (f.parent / "tokenizer.model").read_bytes() == Path(cached).read_bytes()
 
 
 @pytest.mark.slow
 def test_a_resume_takes_the_thread_count_its_checkpoint_was_made_with(tmp_path, corpus):
     """Matrix products can round differently with another thread count, so a resume on a machine
-    with more free cores keeps the count the run had: its losses stay those of the straight run."""
+    with more free cores keeps the count the run had: its losses stay those of the straight run. A
+    resume allowed fewer threads than its checkpoint's says so."""
     (tmp_path / "straight").mkdir()
     (tmp_path / "split").mkdir()
     straight, split = make6(tmp_path / "straight", corpus), make6(tmp_path / "split", corpus)
@@ -655,3 +675,12 @@ def test_a_resume_takes_the_thread_count_its_checkpoint_was_made_with(tmp_path, 
     r = trainer(split, two)
     assert "(1 thread, as its checkpoint was made)" in r.stdout, r.stdout[:800]
     assert losses(split) == losses(straight)
+    # Allowed fewer threads than its checkpoint was made with (OMP_NUM_THREADS lower): it resumes
+    # with what it may use and says that the results can round differently.
+    (tmp_path / "fewer").mkdir()
+    fewer = make6(tmp_path / "fewer", corpus)
+    trainer(fewer, two, "--train.stop_at_step=3")
+    r = trainer(fewer, one)
+    assert ("(1 thread, its checkpoint was made with 2 but this process may use 1 (OMP_NUM_THREADS): results can "
+            "round differently from an uninterrupted run)") in r.stdout, r.stdout[:800]
+    assert len(losses(fewer)) == len(losses(straight))

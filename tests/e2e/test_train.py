@@ -77,6 +77,22 @@ def test_bad_config_is_refused_with_the_fix(tmp_path, corpus):
     assert not (tmp_path / "run").exists()  # nothing started
 
 
+def test_a_tokenizer_found_nowhere_is_refused_naming_every_place_looked(tmp_path, monkeypatch):
+    from fmtrain.config import load_config
+    from fmtrain.config.loading import PROJECT
+    from fmtrain.train import DataError, train
+
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "run.toml").write_text(f'[run]\ndir = "{tmp_path / "r"}"\n[data]\ntokenizer = "missing.model"\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as info:  # before the distributed start: nothing is written
+        train(load_config("exp/run.toml"))
+    message = str(info.value)
+    tried = ", ".join(str(folder / "missing.model") for folder in (tmp_path, tmp_path / "exp", PROJECT))
+    assert f"data.tokenizer = 'missing.model' was not found (looked for: {tried}); " in message, message
+    assert "leave data.tokenizer empty to train one" in message and not (tmp_path / "r").exists()
+
+
 def test_eval_and_generate_from_a_checkpoint(tmp_path, corpus):
     cfg = make_config(tmp_path, corpus)
     train(cfg, "--train.steps=3")

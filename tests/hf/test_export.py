@@ -4,6 +4,7 @@ conversion, and refusals that write nothing."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -118,6 +119,28 @@ def test_export_refusals_write_nothing(tmp_path, text_files):
     assert r.returncode == 2 and "masked LMs are not exported" in r.stderr, r.stderr
 
 
+def test_export_writes_weights_with_the_umask_mode_and_records_the_absolute_source(tmp_path, text_files, monkeypatch):
+    """The weights file gets the mode every other file gets (not safetensors' 0600), and its source
+    metadata is the checkpoint's absolute path, though the command was given a relative one."""
+    from safetensors import safe_open
+
+    from fmtrain.hf import export
+
+    model_only(tmp_path / "ckpt", text_files, SP_TOKENIZER, attention="fma")
+    monkeypatch.chdir(tmp_path)
+    out = export("ckpt", "out")  # as typed on a command line, relative to the working directory
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~_umask(), modes
+    with safe_open(tmp_path / out / "model.safetensors", "pt") as f:
+        assert f.metadata()["source"] == str((tmp_path / "ckpt").resolve())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @pytest.mark.slow
 def test_converted_sentencepiece_encodes_the_whole_corpus_and_control_strings_as_text(tmp_path):
     """Every document of the embedded corpus, and text holding the control pieces literally
@@ -147,6 +170,43 @@ def test_converted_sentencepiece_encodes_the_whole_corpus_and_control_strings_as
         assert hf(text, add_special_tokens=False)["input_ids"] == tok.sp.encode(text)
     assert hf.decode(hf(controls)["input_ids"]) == controls
     assert hf.eos_token == "</s>" and hf.eos_token_id == tok.eos_id
+
+
+@pytest.mark.slow
+def test_converted_unigram_reads_control_strings_as_text_and_differs_only_at_ties(tmp_path):
+    """A unigram model (fmtrain trains them too): control and byte strings in text ('<s>', '<0x41>')
+    are text, as in SentencePiece, and where a document still encodes differently the two are
+    equally good up to SentencePiece's float32 rounding (ties: a run of spaces split into the same
+    pieces in another order). The export's check names the place and both tokenisations."""
+    from fmtrain.data.corpus import Corpus
+    from fmtrain.data.tokenizer import train_tokenizer
+    from fmtrain.hf import ExportError
+    from fmtrain.hf.export import _write_tokenizer
+    from fmtrain.hf.sentencepiece import convert, first_difference
+
+    docs = [text for _, text in Corpus.parse(["stdlib"]).documents()]
+    tok = train_tokenizer([d[:20000] for d in docs[:30]], tmp_path / "uni", vocab_size=1000, model_type="unigram",
+                          num_threads=1)
+    converted = convert(tok)
+    controls = "x = '<s>' + '</s>'<pad> <mask><unk> <0x41><0x0A>\n" * 3
+    assert converted.encode(controls, add_special_tokens=False).ids == tok.sp.encode(controls)
+    assert first_difference(tok, converted, controls) is None
+    texts = [d[:50000] for d in docs]  # whole documents' sums reach 1e7, where float32 steps by 1
+    got = [e.ids for e in converted.encode_batch(texts, add_special_tokens=False)]
+    want = tok.sp.encode(texts)
+    score = lambda ids: sum(tok.sp.get_score(i) for i in ids)  # noqa: E731  (the segmentation's log-probability)
+    differ = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    for i in differ:
+        ours, theirs = score(got[i]), score(want[i])
+        # tokenizers' Viterbi (float64) is optimal; SentencePiece's (float32) within its rounding.
+        assert -1e-9 * abs(theirs) <= ours - theirs <= 4 * 2.0 ** -23 * abs(theirs), (i, ours, theirs)
+    assert differ, "no ties left: say so in the README's Export section (which strings can differ for unigram)"
+    i = differ[0]
+    where = first_difference(tok, converted, texts[i])
+    assert re.fullmatch(r"at char \d+: Hugging Face \[.+\] vs SentencePiece \[.+\] \(near .+\)", where, re.S), where
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ExportError, match=rf"sample 1 .* encodes differently {re.escape(where)}"):
+        _write_tokenizer(tok, tmp_path / "out", 256, ["def f(x):\n", texts[i]])
 
 
 LM_EVAL_TASKS = {
@@ -190,12 +250,6 @@ def test_lm_eval_cli_reads_an_fma_export_through_remote_code(tmp_path, text_file
     out = export(ckpt, tmp_path / "out")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_fmtrain.FmtrainForCausalLM"
-    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
-    assert modes["model.safetensors"] == modes["config.json"], modes  # not safetensors' 0600
-    from safetensors import safe_open
-
-    with safe_open(out / "model.safetensors", "pt") as f:
-        assert f.metadata()["source"] == str(ckpt.resolve())
     texts = [f.read_text()[:1500] for f in sorted(text_files.glob("*.txt"))[:4]]
     rng = torch.Generator().manual_seed(5)
     words = "def class return import lambda yield while assert".split()
@@ -254,17 +308,58 @@ def test_fma_export_remote_code_without_fmtrain_names_the_package(tmp_path, text
     assert "this model is an fmtrain export" in r.stderr and 'pip install -e ".[hf]"' in r.stderr, r.stderr[-2000:]
 
 
+REMOTE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float64).eval()
+with torch.no_grad():
+    logits = model(torch.load(sys.argv[2])).logits
+torch.save({"logits": logits, "module": type(model).__module__}, sys.argv[3])
+if len(sys.argv) > 4:
+    model.save_pretrained(sys.argv[4])
+"""
+
+
+@pytest.mark.slow
+def test_fma_export_loaded_through_remote_code_saves_and_loads_again(tmp_path, text_files):
+    """A user's round trip: load the export with trust_remote_code=True, save_pretrained to a new
+    folder, load that (a new process) with trust_remote_code=True: the same logits. The remote
+    classes are defined in the folder's own file, so save_pretrained copies that file."""
+    from fmtrain.hf import export
+
+    out = export(model_only(tmp_path / "ckpt", text_files, SP_TOKENIZER, attention="fma", summary="m2m"), tmp_path / "out")
+    ids = torch.randint(0, 4096, (2, 80), generator=torch.Generator().manual_seed(9))
+    torch.save(ids, tmp_path / "ids.pt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))  # no shared cache
+    for src, got, saved in (("out", "first.pt", "saved"), ("saved", "second.pt", None)):
+        args = [tmp_path / src, tmp_path / "ids.pt", tmp_path / got] + ([tmp_path / saved] if saved else [])
+        r = subprocess.run([sys.executable, "-c", REMOTE, *map(str, args)], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    saved = tmp_path / "saved"
+    assert (saved / "modeling_fmtrain.py").read_text() == (out / "modeling_fmtrain.py").read_text()
+    cfg = json.loads((saved / "config.json").read_text())
+    assert cfg["auto_map"] == json.loads((out / "config.json").read_text())["auto_map"]
+    first, second = torch.load(tmp_path / "first.pt"), torch.load(tmp_path / "second.pt")
+    assert first["module"].endswith("modeling_fmtrain") and second["module"].endswith("modeling_fmtrain")
+    assert torch.equal(first["logits"], second["logits"])
+    assert rel(first["logits"], fmtrain_model(tmp_path / "ckpt").logits(ids)) < 1e-12
+
+
 @pytest.mark.slow
 def test_padded_batch_rows_equal_each_row_alone(tmp_path, text_files):
     """A left-padded batch (generate()'s and lm-eval's padding) and a right-padded one: each row's
-    logits, its share of the labels= loss and its greedy continuation, with and without the
-    decoding cache, equal the row run alone."""
+    logits, its share of the labels= loss (the mean over all the batch's real next tokens, as
+    transformers averages) and its greedy continuation, with and without the decoding cache, equal
+    the row run alone."""
     import fmtrain.hf.modeling  # noqa: F401
     from fmtrain.hf import export
 
     ckpt = model_only(tmp_path / "ckpt", text_files, SP_TOKENIZER, attention="fma", summary="m2m")
     out = export(ckpt, tmp_path / "out")
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
+    with torch.no_grad():  # sharp predictions: a random model's near-uniform logits score like zero logits
+        model.get_input_embeddings().weight.mul_(30)  # (tied: the head's weight too)
     g = torch.Generator().manual_seed(6)
     rows = [torch.randint(5, 4000, (n,), generator=g) for n in (70, 38, 55)]  # past the fine reach: coarse levels
     n, pad = max(len(r) for r in rows), 0
@@ -279,11 +374,20 @@ def test_padded_batch_rows_equal_each_row_alone(tmp_path, text_files):
         got = model(right, attention_mask=mask.flip(1)).logits
         for b, r in enumerate(rows):
             assert torch.equal(got[b, :len(r)], alone[b])
-        labels = left.masked_fill(mask == 0, -100)
-        loss = model(left, attention_mask=mask, labels=labels).loss
-        nll = sum(torch.nn.functional.cross_entropy(a[:-1], r[1:], reduction="sum") for a, r in zip(alone, rows))
-        want = nll.item() / sum(len(r) - 1 for r in rows)
-        assert abs(loss.item() - want) < 1e-4 * want  # the labels= loss is computed in float32
+        # labels=: transformers' mean over every counted token of the batch, each row's tokens as alone.
+        nll = [torch.nn.functional.cross_entropy(a[:-1], r[1:], reduction="sum") for a, r in zip(alone, rows)]
+        want = (sum(nll) / sum(len(r) - 1 for r in rows)).item()
+        uniform = math.log(model.config.vocab_size)
+        # Sharp enough that a pad position (zero logits: log V) scored as a token would show.
+        assert abs(want - uniform) > 1, (want, uniform)
+        for r, row_nll in zip(rows, nll):  # a row alone: its own mean
+            assert abs(model(r[None], labels=r[None]).loss.item() - row_nll.item() / (len(r) - 1)) < 1e-9 * want
+        for ids, m in ((left, mask), (right, mask.flip(1))):
+            # Labels at padded positions ignored whatever they hold: -100 (the usual) or the pad ids themselves.
+            for labels in (ids.masked_fill(m == 0, -100), ids):
+                loss = model(ids, attention_mask=m, labels=labels).loss
+                assert loss.dtype == torch.float64  # a float64 model's loss is not rounded to float32
+                assert abs(loss.item() - want) < 1e-9 * want, (loss.item(), want)
     for use_cache in (True, False):
         batch = model.generate(left, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
                                pad_token_id=pad, use_cache=use_cache)

@@ -19,7 +19,7 @@ def test_bad_inputs_to_a_run_write_nothing(tmp_path, hf_tokenizer, text_files):
     small = make_hf(tmp_path / "small", vocab=300, tokenizer=hf_tokenizer)  # tokenizer larger than the embedding
     r = fmtrain("fmtrain.train", run_config(tmp_path, "run", small, text_files), check=False)
     assert r.returncode == 2, r.stderr
-    assert f"has {VOCAB} tokens but the model's embedding has vocab_size=300" in r.stderr
+    assert f"has {VOCAB} tokens but the model's embedding has model.vocab_size=300" in r.stderr
     unknown = tmp_path / "unknown"
     shutil.copytree(make_hf(tmp_path / "hf", tokenizer=hf_tokenizer), unknown)
     hf = json.loads((unknown / "config.json").read_text())

@@ -32,7 +32,7 @@ def test_hf_tokenizer_in_the_data_pipeline(tmp_path, hf_tokenizer):
     assert int(tok.token_bytes[[tok.bos_id, tok.eos_id]].sum()) == 0
     # The embedding may be larger (padded), not smaller.
     load_tokenizer(hf_tokenizer / "tokenizer.json", vocab_size=VOCAB + 16)
-    with pytest.raises(ValueError, match=f"has {VOCAB} tokens but the model's embedding has vocab_size=300"):
+    with pytest.raises(ValueError, match=f"has {VOCAB} tokens but the model's embedding has model.vocab_size=300"):
         load_tokenizer(hf_tokenizer, vocab_size=300)
     with pytest.raises(ValueError, match="no mask_token"):
         load_tokenizer(hf_tokenizer, need_mask=True)

@@ -241,3 +241,32 @@ def test_hf_export_on_a_full_disk_or_read_only_is_one_line_and_leaves_nothing(sr
                           "keeps notes.txt")
     assert snapshot(small_disk) == {"notes.txt": b"x"}
 
+
+
+# ---------------------------------------------------------------------- a damaged source
+def test_a_meta_json_of_the_wrong_shape_is_skipped_or_refused_by_both_commands(src, tmp_path):
+    """Valid JSON of the wrong shape in meta.json ("crc32": [1], "files": null, a number for the files)
+    once ended generate and export in an AttributeError: the newest such checkpoint is skipped for the
+    one before it, and one named directly is refused in one line naming the field."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    good, bad = ckpts / "step_00000001", ckpts / "step_00000002"
+    shutil.copytree(src, good)
+    shutil.copytree(src, bad)
+    meta = json.loads((bad / META).read_text())
+    for field, value, words in (("crc32", [1], "crc32 must be a mapping of file names to 8 hex digits, found [1]"),
+                                ("files", None, "files must be a mapping of file names to its size in bytes"),
+                                ("files", 7, "found 7 (an integer)")):
+        (bad / META).write_text(json.dumps(dict(meta, **{field: value})))
+        r = export_cli(bad, tmp_path / "refused")
+        assert_one_error_line(r, f"{bad}/meta.json is damaged", words)
+        assert not (tmp_path / "refused").exists()
+    r = export_cli(tmp_path / "run", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert f"skipping checkpoint: {bad}/meta.json is damaged" in r.stderr and "Traceback" not in r.stderr
+    assert validate(tmp_path / "out")["source"] == str(good)
+    gen = [sys.executable, "-m", "fmtrain.generate", "--prompt", "def f(", "--max-new-tokens", "3"]
+    r = subprocess.run(gen + [str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0 and r.stdout.startswith("def f("), r.stderr
+    assert f"skipping checkpoint: {bad}/meta.json is damaged" in r.stderr
+    r = subprocess.run(gen + [str(bad)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert_one_error_line(r, f"{bad}/meta.json is damaged", "found 7 (an integer)")

@@ -131,3 +131,43 @@ def test_ctrl_c_and_a_closed_pipe_are_exit_statuses_not_tracebacks(capsys):
     assert run_command(interrupted) == 130
     assert capsys.readouterr().out == "partial\n"  # kept and flushed
     assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
+
+
+# ---------------------------------------------------------------------- the held-out documents
+def test_held_out_documents_are_those_the_trainer_held_out(tmp_path):
+    """--by-position and --needle read the corpus with the run's data.text_field, val_fraction and
+    max_missing_text, as the loaders do (they once read it with the defaults: another split, or none)."""
+    from fmtrain.by_position import held_out_documents
+    from fmtrain.config import from_dict
+    from fmtrain.data import loaders_for
+    from fmtrain.data.tokens import TokenData
+
+    path = tmp_path / "code.jsonl"
+    rows = [{"content": None} if i % 8 == 0 else {"content": f"def f{i}(x):\n    return x * {i}\n" * (1 + i % 5)}
+            for i in range(48)]  # 6 of 48 without text: more than the default 0.1 allows
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = from_dict({"run": {"dir": str(tmp_path / "run")}, "model": {"vocab_size": 4096},
+                     "data": {"corpus": [str(path)], "text_field": "content", "val_fraction": 0.5,
+                              "max_missing_text": 0.2, "tokenizer": str(ROOT / "tokenizer" / "stdlib-4k.model"),
+                              "cache_dir": str(tmp_path / "cache"), "seq_len": 64}})
+    docs = held_out_documents(cfg, 1)
+    val = TokenData.open(loaders_for(cfg).cache, "validation")  # what the trainer holds out
+    assert 10 < len(docs) == val.n_docs < 42
+    assert sorted(d.tolist() for d in docs) == sorted(val.document(i).tolist() for i in range(val.n_docs))
+
+
+@pytest.mark.slow
+def test_by_position_and_needle_use_the_runs_val_fraction(run):
+    """The run holds out a quarter of its documents (data.val_fraction = 0.25, not the default 0.03)."""
+    from fmtrain.checkpoint import resolve
+    from fmtrain.data import loaders_for
+    from fmtrain.data.tokens import TokenData
+
+    ckpt = resolve(run)
+    assert ckpt.config.data.val_fraction == 0.25
+    val = TokenData.open(loaders_for(ckpt.config, tokenizer=str(ckpt / "tokenizer.model")).cache, "validation")
+    r = _eval(run, "--by-position", "--max-len", "256")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{val.n_docs} held-out documents" in r.stderr and val.n_docs >= 3
+    r = _eval(run, "--needle", "--lengths", "64", "--depths", "0", "--samples", "1")
+    assert r.returncode == 0 and "| 64 |" in r.stdout, r.stderr[-3000:]

@@ -190,6 +190,17 @@ def _check_args(args) -> None:
     if args.depths is not None:
         args.depths = _parse_list("--depths", args.depths, float, lambda x: 0 <= x <= 1, "a depth",
                                   "give --depths within [0, 1] (0: the prompt's start, 1: just before the question)")
+    if args.out is not None:  # writable, before hours of evaluation
+        from .errors import output_file_problem
+
+        problem = output_file_problem(args.out, "--out", _out_suffixes(args))
+        if problem is not None:
+            raise UserError(problem)
+
+
+def _out_suffixes(args) -> tuple[str, ...]:
+    """The files --out names: OUT.json, and OUT.png for --by-position."""
+    return (".json", ".png") if args.by_position else (".json",)
 
 
 def _parse_list(flag: str, text: str, kind, ok, what: str, accepted: str) -> list:
@@ -233,11 +244,14 @@ def _held_out_and_model(args, ckpt, cfg, device):
 
 
 def _write_json(path: str, data: dict) -> None:
+    """``OUT.json``, whole or not at all (an earlier one stays until it is replaced); a failure to write
+    it (a full disk) is one error line, after the results were printed."""
     from pathlib import Path
 
+    from .errors import write_file
+
     out = Path(path).with_suffix(".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1))
+    write_file(out, json.dumps(data, indent=1).encode(), "--out")
     print(f"wrote {out}", file=sys.stderr)
 
 
@@ -282,13 +296,18 @@ def _by_position(args, ckpt, cfg, device) -> int:
     if args.out:
         _write_json(args.out, dict(checkpoint=str(ckpt), seq_len=cfg.data.seq_len, edges=list(by_position.EDGES),
                                    **result))
+        import io
         from pathlib import Path
 
+        from .errors import write_file
+
+        png = io.BytesIO()  # drawn in memory, written like the JSON (whole or not at all)
         try:
-            by_position.plot(result, cfg.data.seq_len, Path(args.out).with_suffix(".png"),
-                             f"{ckpt}: held-out loss by position")
+            by_position.plot(result, cfg.data.seq_len, png, f"{ckpt}: held-out loss by position")
         except ImportError:
             print("note: no plot (matplotlib is not installed)", file=sys.stderr)
+        else:
+            write_file(Path(args.out).with_suffix(".png"), png.getvalue(), "--out")
     return 0
 
 

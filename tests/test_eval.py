@@ -70,6 +70,59 @@ def test_numbers_that_are_not_counts_and_options_of_another_mode_are_refused(tmp
     assert not r.stdout
 
 
+@pytest.mark.parametrize("out, mode, words", [
+    ("/", "--by-position", "--out '/': names a folder, not a file; give a file name (e.g. --out /result)"),
+    ("", "--needle", "--out '': names a folder, not a file"),
+    ("{tmp}/results/", "--needle", "--out '{tmp}/results/': names a folder, not a file"),
+    ("{tmp}/afile/sub/x", "--needle", "--out {tmp}/afile/sub/x: {tmp}/afile is not a folder, so {tmp}/afile/sub "
+                                      "cannot be made; choose another path"),
+    ("{tmp}/plots", "--by-position", "--out {tmp}/plots: {tmp}/plots.png is a folder; give another name"),
+])
+def test_an_out_that_cannot_be_written_is_refused_before_evaluating(tmp_path, out, mode, words):
+    """--out / ended in a traceback after the evaluation had run: refused first, in one line (there is
+    no run here, so anything later would say so instead)."""
+    (tmp_path / "afile").write_text("mine\n")
+    (tmp_path / "plots.png").mkdir()
+    r = _eval(tmp_path / "no-run", mode, "--out", out.format(tmp=tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr == f"error: {words.format(tmp=tmp_path)}\n" or words.format(tmp=tmp_path) in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and not r.stdout
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
+def test_an_out_on_a_read_only_file_system_is_refused_before_evaluating(tmp_path, tmpfs):
+    ro = tmpfs(tmp_path / "ro", "ro,size=64k")
+    for out in (ro / "x", ro / "new" / "x"):
+        r = _eval(tmp_path / "no-run", "--needle", "--out", str(out))
+        assert r.returncode == 2 and r.stderr == f"error: --out {out}: {ro} is on a read-only file system; choose a " \
+                                                 "path where files can be written\n", r.stderr
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_out_is_one_line_and_keeps_the_results_and_the_earlier_file(run, tmp_path, tmpfs):
+    disk = tmpfs(tmp_path / "disk", "size=64k")
+    (disk / "r.json").write_text('{"earlier": 1}')
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as fh:  # the disk fills up while the evaluation runs
+        try:
+            while True:
+                fh.write(b"x" * 512)
+        except OSError:
+            pass
+    needle = ["--needle", "--lengths", "64", "--depths", "0", "--samples", "1", "--out", str(disk / "r")]
+    r = _eval(run, *needle)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: no space left on device while writing {disk / 'r.json'}; free space or choose "
+                      "another --out"], r.stderr
+    assert "| length | depth 0 |" in r.stdout  # the results were printed before
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "r.json"]  # no temporary file left
+    assert (disk / "r.json").read_text() == '{"earlier": 1}'  # nor the earlier file cut short
+    filler.unlink()
+    r = _eval(run, *needle)
+    assert r.returncode == 0 and json.loads((disk / "r.json").read_text())["rows"][0]["length"] == 64, r.stderr
+
+
 def test_the_python_api_refuses_counts_that_are_none():
     """evaluate(max_batches=0) scored nothing and reported loss 0, perplexity 1; needle_test(samples=0)
     divided by zero; loss_by_position(max_len=1) ran the model on nothing."""

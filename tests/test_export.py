@@ -174,9 +174,13 @@ def test_a_read_only_target_is_one_line_and_leaves_nothing(src, tmp_path, read_o
         assert list(read_only.iterdir()) == [] and leftovers(tmp_path) == []
 
 
-def test_a_place_that_cannot_hold_a_folder_is_one_line(src):
+def test_a_place_that_cannot_hold_a_folder_is_one_line(src, tmp_path):
     r = export_cli(src, "/proc/no/such")
     assert_one_error_line(r, "cannot write /proc/no/such", "choose another OUT")
+    (tmp_path / "afile").write_text("mine\n")  # a parent that is a file
+    r = export_cli(src, tmp_path / "afile" / "sub" / "x")
+    assert_one_error_line(r, f"cannot write {tmp_path}/afile/sub/x: Not a directory; choose another OUT")
+    assert (tmp_path / "afile").read_text() == "mine\n"
 
 
 # ---------------------------------------------------------------------- a killed export

@@ -154,6 +154,43 @@ def test_batch_size_and_batches_are_what_is_evaluated(run):
 
 
 @pytest.mark.slow
+def test_a_batch_larger_than_the_held_out_set_is_capped_and_a_needle_longer_than_it_refused(run):
+    """--batch-size 1000000 claimed a million sequences and died of memory; --lengths 100000000 died
+    of a MemoryError while the held-out text was tiled to fill it."""
+    from fmtrain.checkpoint import resolve
+    from fmtrain.data import loaders_for
+
+    ckpt = resolve(run)
+    val = loaders_for(ckpt.config, tokenizer=str(ckpt / "tokenizer.model"), batch_size=1).val
+    held, tokens = val.n_sequences, val.stream.length
+    r = _eval(run, "--batch-size", "1000000")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"note: --batch-size 1000000 is more than the {held} sequences the held-out set has; batches of " \
+           f"{held}" in r.stderr
+    assert f"on 1 held-out batches ({held} sequences of 128 tokens)" in r.stderr
+    assert json.loads(r.stdout)["eval_tokens"] == tokens - 1  # every held-out target once
+    r = _eval(run, "--needle", "--lengths", "128,100000000")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "--lengths 128,100000000: 100000000 is longer than the " in r.stderr
+    assert "tokens of the held-out documents, which a prompt's haystack is taken from (it would repeat them)" \
+           in r.stderr
+
+
+def test_default_needle_lengths_beyond_the_held_out_text_are_dropped_and_given_ones_refused(capsys):
+    from fmtrain.errors import UserError
+    from fmtrain.eval import _lengths_within
+
+    assert _lengths_within([128, 512], 600, True, 1) == [128, 512]
+    assert _lengths_within([128, 512], 300, False, 1) == [128]
+    assert "note: no prompts of 512 tokens (the default --lengths)" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--lengths 128,512: 512 is longer than the 300 tokens of the held-out "
+                                        "documents of at least 9 tokens"):
+        _lengths_within([128, 512], 300, True, 9)
+    with pytest.raises(UserError, match=r"the default --lengths \(128,512\) are longer than the 100 tokens"):
+        _lengths_within([128, 512], 100, False, 1)
+
+
+@pytest.mark.slow
 def test_a_pipe_closed_before_the_result_ends_eval_quietly(run):
     """The reader is gone before the JSON is written: exit 141, nothing on stderr but eval's own lines
     (no traceback, no 'Exception ignored ... BrokenPipeError' at exit)."""

@@ -274,3 +274,26 @@ def test_a_meta_json_of_the_wrong_shape_is_skipped_or_refused_by_both_commands(s
     assert f"skipping checkpoint: {bad}/meta.json is damaged" in r.stderr
     r = subprocess.run(gen + [str(bad)], capture_output=True, text=True, timeout=300, env=ENV)
     assert_one_error_line(r, f"{bad}/meta.json is damaged", "found 7 (an integer)")
+
+
+LFS = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 1116848\n".format("ab" * 32)
+
+
+def test_a_git_lfs_pointer_or_an_html_page_in_a_model_folder_is_named_with_the_fix(src, tmp_path):
+    """A clone made without git-lfs once said "has 72 bytes, 1116848 were written": the size check
+    looks at what the file is before it says so."""
+    lfs, html = tmp_path / "lfs", tmp_path / "html"
+    shutil.copytree(src, lfs)
+    shutil.copytree(src, html)
+    (lfs / "model.safetensors").write_text(LFS)
+    (html / "tokenizer.model").write_text("<!DOCTYPE html>\n<html><body>404 Not Found</body></html>\n")
+    r = export_cli(lfs, tmp_path / "out")
+    assert_one_error_line(r, f"model.safetensors in {lfs} is a Git LFS pointer, not the weights (a clone made "
+                             f"without git-lfs): run `git lfs pull` in {lfs} (model.safetensors has {len(LFS)} bytes")
+    r = export_cli(html, tmp_path / "out")
+    assert_one_error_line(r, f"tokenizer.model in {html} is an HTML page, not the tokenizer (a failed download): "
+                             "download it again")
+    r = subprocess.run([sys.executable, "-m", "fmtrain.generate", str(lfs), "--prompt", "a"], capture_output=True,
+                       text=True, timeout=300, env=ENV)
+    assert_one_error_line(r, "is a Git LFS pointer, not the weights", f"run `git lfs pull` in {lfs}")
+    assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..config import CONFIG_FILE, Config, ConfigError, from_dict
 from ..errors import UserError
-from ..input_files import found
+from ..input_files import SNIFF_BYTES, found, impostor
 
 _NAME = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -94,13 +94,29 @@ def validate(folder: Path, checksums: bool = True) -> dict[str, Any]:
         if not path.is_file():
             raise CheckpointError(f"{folder}: {rel} is missing")
         if path.stat().st_size != size:
-            raise CheckpointError(f"{folder}: {rel} has {path.stat().st_size} bytes, {size} were written")
+            raise CheckpointError(_what_it_is(folder, rel, f"has {path.stat().st_size} bytes, {size} were written"))
     if checksums:
         for rel, want in meta.get("crc32", {}).items():
             got = crc32(folder / rel)
             if got != want:
-                raise CheckpointError(f"{folder}: {rel} is corrupt (CRC-32 {got}, {want} was written)")
+                raise CheckpointError(_what_it_is(folder, rel, f"is corrupt (CRC-32 {got}, {want} was written)"))
     return meta
+
+
+_KINDS = {".safetensors": "weights", ".pt": "training state", ".model": "tokenizer", ".toml": "config"}
+
+
+def _what_it_is(folder: Path, rel: str, problem: str) -> str:
+    """``FOLDER: REL PROBLEM`` (a file that is not what was written), or, when the file is a Git LFS
+    pointer or an HTML page (a copy made without git-lfs, a failed download), that with the fix."""
+    path = folder / rel
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+    except OSError:
+        head = b""
+    instead = impostor(head, path, _KINDS.get(path.suffix, "file fmtrain wrote"))
+    return f"{folder}: {rel} {problem}" if instead is None else f"{instead} ({rel} {problem})"
 
 
 def _whole(value: Any, least: int) -> bool:

@@ -88,6 +88,15 @@ def test_a_meta_json_of_the_wrong_shape_is_damage_named_by_field(tmp_path, damag
         resolve(step_dir(tmp_path, 2))
 
 
+def test_a_file_that_is_a_git_lfs_pointer_is_named_as_one(tmp_path):
+    ckpt = make(tmp_path / "step_00000001")
+    (ckpt / "ds" / "state.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 5000\n")
+    with pytest.raises(CheckpointError, match=rf"^state.pt in {ckpt}/ds is a Git LFS pointer, not the training "
+                                              rf"state .*: run `git lfs pull` in {ckpt}/ds \(ds/state.pt has 67 "
+                                              r"bytes, 5000 were written\)$"):
+        validate(ckpt)
+
+
 def test_a_flipped_block_passes_the_size_check_only(tmp_path):
     ckpt = make(tmp_path / "step_00000001")
     (ckpt / "ds" / "state.pt").write_bytes(bytes(5000))

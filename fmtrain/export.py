@@ -251,6 +251,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .errors import run_main
+    from .errors import run_command  # one error: line (exit 2); Ctrl-C: exit 130, the partial folder removed
 
-    raise SystemExit(run_main(main))
+    raise SystemExit(run_command(main))

@@ -225,6 +225,54 @@ def test_a_killed_export_leaves_a_partial_folder_that_the_next_one_removes(src, 
         live.wait()
 
 
+# The weights are written, then the export waits: Ctrl-C comes while its partial folder is there.
+# A sitecustomize, so that the commands themselves run (python -m ..., their own __main__).
+SLOW_SAVE = """
+import time
+import safetensors.torch as st
+
+_save = st.save_file
+
+def save_file(*args, **kwargs):
+    _save(*args, **kwargs)
+    time.sleep(300)
+
+st.save_file = save_file
+"""
+
+
+@pytest.mark.parametrize("command", [["fmtrain.export"], ["fmtrain.hf", "export"]], ids=lambda c: c[0])
+def test_ctrl_c_during_an_export_is_exit_130_and_leaves_nothing(src, tmp_path, command):
+    """Ctrl-C printed a KeyboardInterrupt traceback: it stops as generate does (exit 130), and the partial
+    folder goes as on any other failure."""
+    import os
+    import signal
+    import time
+
+    if command[0] == "fmtrain.hf":
+        pytest.importorskip("transformers")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_SAVE)
+    env = dict(ENV, PYTHONPATH=os.pathsep.join(p for p in (str(site), ENV.get("PYTHONPATH")) if p))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", *command, str(src), str(work / "out")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(work.glob(".out.partial-*/model.safetensors")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert list(work.iterdir()) == []  # no partial folder, no OUT
+
+
 # ---------------------------------------------------------------------- the Hugging Face export
 @pytest.mark.slow
 def test_hf_export_on_a_full_disk_or_read_only_is_one_line_and_leaves_nothing(src, tmp_path, small_disk, read_only):

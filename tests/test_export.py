@@ -225,6 +225,27 @@ def test_a_killed_export_leaves_a_partial_folder_that_the_next_one_removes(src, 
         live.wait()
 
 
+def test_a_killed_export_to_another_name_is_removed_by_the_next_export_beside_it(src, tmp_path):
+    """An export to b killed, then one to c in the same folder: b's partial folder was neither removed
+    nor mentioned. Any .NAME.partial-OWNER of a dead owner here goes; others' are said where they are."""
+    pid = kill_when([sys.executable, "-c", STUCK, str(src), str(tmp_path / "b")],
+                    lambda: list(tmp_path.glob(".b.partial-*/config.toml")), env=ENV)
+    partial = tmp_path / f".b.partial-{owner_tag()}-{pid}"
+    assert partial.is_dir()
+    elsewhere = tmp_path / f".d.partial-node-7.cluster-{dead_pid()}"
+    elsewhere.mkdir()
+    mine = [tmp_path / ".notes.txt", tmp_path / ".step_00000003.partial"]  # not an export's: left alone
+    mine[0].write_text("mine\n")
+    mine[1].mkdir()
+    r = export_cli(src, tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    assert f"removed {partial}, left by an export that was killed (pid {pid} is gone)" in r.stderr
+    assert f"warning: {elsewhere} is left by an export that was killed, or in use by pid " in r.stderr
+    assert not partial.exists() and elsewhere.is_dir() and all(p.exists() for p in mine)
+    assert not (tmp_path / "b").exists()
+    validate(tmp_path / "c")
+
+
 # The weights are written, then the export waits: Ctrl-C comes while its partial folder is there.
 # A sitecustomize, so that the commands themselves run (python -m ..., their own __main__).
 SLOW_SAVE = """

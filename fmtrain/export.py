@@ -146,7 +146,7 @@ def check_target(out: Path, owned: tuple[str, ...], *, force: bool | None = None
         listed = json.loads((out / META).read_text()).get("files", {})
     except (OSError, ValueError, AttributeError):
         return []
-    return [n for n in owned if n in listed]
+    return [n for n in owned if n in listed] if isinstance(listed, dict) else []  # damaged: lists nothing
 
 
 def _some(names: list[str], shown: int = 4) -> str:

@@ -343,6 +343,10 @@ def test_a_meta_json_of_the_wrong_shape_is_skipped_or_refused_by_both_commands(s
     assert f"skipping checkpoint: {bad}/meta.json is damaged" in r.stderr
     r = subprocess.run(gen + [str(bad)], capture_output=True, text=True, timeout=300, env=ENV)
     assert_one_error_line(r, f"{bad}/meta.json is damaged", "found 7 (an integer)")
+    # Such a meta.json in OUT (an earlier export's, damaged) is no reason to fail an export with --force.
+    r = export_cli(good, bad, "--force")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert validate(bad)["source"] == str(good)
 
 
 LFS = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 1116848\n".format("ab" * 32)

@@ -518,6 +518,12 @@ def test_a_truncated_token_cache_is_detected_and_rebuilt(tmp_path, capfd):
     assert folder2 == folder and (data["train"].tokens == want).all()
     err = capfd.readouterr().err
     assert "damaged" in err and "train.bin" in err and "rebuilding" in err
+    # A meta.json of the wrong shape (valid JSON) is damage too, not an AttributeError.
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps(dict(meta, splits=[1])))
+    folder3, data = cached_tokens([str(docs)], tok, tmp_path / "cache", progress=False)
+    assert folder3 == folder and (data["train"].tokens == want).all()
+    assert "AttributeError" in capfd.readouterr().err  # named in the warning, then rebuilt
 
 
 def test_binary_files_in_a_corpus_are_skipped_with_a_count(tmp_path, capfd):

@@ -24,10 +24,12 @@ def bucket_name(lo: int, hi: int) -> str:
 
 def held_out_documents(cfg, min_len: int, tokenizer: str | None = None) -> list[np.ndarray]:
     """The held-out documents of a run's corpus with at least ``min_len`` tokens (the split the
-    trainer used; its tokenizer, or ``tokenizer``: a checkpoint's copy), longest first."""
+    trainer used: the run's data settings, see :func:`fmtrain.data.corpus_of`; its tokenizer, or
+    ``tokenizer``: a checkpoint's copy), longest first."""
+    from .data import corpus_of
     from .data.tokens import cached_tokens
 
-    _, splits = cached_tokens(cfg.data.corpus, tokenizer or cfg.data.tokenizer, cfg.data.cache_dir,
+    _, splits = cached_tokens(corpus_of(cfg), tokenizer or cfg.data.tokenizer, cfg.data.cache_dir,
                               progress=False)
     val = splits["validation"]
     docs = [np.asarray(val.document(d), dtype=np.int64) for d in range(val.n_docs)]

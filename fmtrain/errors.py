@@ -129,9 +129,9 @@ def as_user_error(exc: BaseException) -> UserError | None:
 
 
 def write_problem(exc: BaseException, writing: str | os.PathLike, out: str | os.PathLike,
-                  where: str | os.PathLike | None = None) -> str | None:
-    """A failed write of ``writing`` (a file of the output ``out``, which the user named) in words
-    with the fix, or None when ``exc`` is no write failure (a bug, or a problem already in words).
+                  where: str | os.PathLike | None = None, option: str = "OUT") -> str | None:
+    """A failed write of ``writing`` (a file of the output ``out``, which the user named as ``option``)
+    in words with the fix, or None when ``exc`` is no write failure (a bug, or a problem already in words).
 
     safetensors reports I/O failures as a plain Exception holding the OS's words, so those are read;
     ``where`` (the folder being written) is looked at for free space before it is cleaned up.
@@ -139,14 +139,65 @@ def write_problem(exc: BaseException, writing: str | os.PathLike, out: str | os.
     if isinstance(exc, UserError):
         return None
     if no_space(exc, where):
-        return f"no space left on device while writing {writing}; free space or choose another OUT"
+        return f"no space left on device while writing {writing}; free space or choose another {option}"
     if read_only(exc):
-        return f"{out} is on a read-only file system; remount it read-write or choose another OUT"
+        return f"{out} is on a read-only file system; remount it read-write or choose another {option}"
     if isinstance(exc, PermissionError):
-        return f"cannot write {writing}: permission denied; choose an OUT this user can write"
+        return f"cannot write {writing}: permission denied; choose an {option} this user can write"
     if isinstance(exc, OSError):
-        return f"cannot write {writing}: {exc.strerror or exc}; choose another OUT"
+        return f"cannot write {writing}: {exc.strerror or exc}; choose another {option}"
     return None
+
+
+def output_file_problem(given: str, option: str, suffixes: tuple[str, ...] = ()) -> str | None:
+    """Why the output ``given`` as ``option`` (the files ``given`` with each of ``suffixes``, or ``given``
+    itself) could not be written, looked at before any work is done: it has no name, a file to write is
+    a folder, the folder they go in is a file or cannot be made or written (a read-only file system,
+    permissions); None when they can be (a full disk shows only when they are written)."""
+    name = Path(given).name
+    if name in ("", ".", "..") or given.endswith(os.sep):
+        example = os.path.join(given, "result") if given else "result"
+        return f"{option} {given!r}: names a folder, not a file; give a file name (e.g. {option} {example})"
+    path = Path(os.path.abspath(given))
+    for target in [path.with_suffix(s) for s in suffixes] or [path]:
+        if target.is_dir():
+            return f"{option} {given}: {target} is a folder; give another name"
+    folder = path.parent
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{option} {given}: {folder} is not a folder, so {path.parent} cannot be made; choose another path"
+    try:
+        rdonly = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        rdonly = False
+    if rdonly:
+        return f"{option} {given}: {folder} is on a read-only file system; choose a path where files can be written"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{option} {given}: cannot write in {folder} (permission denied); choose a path this user can write"
+    return None
+
+
+def write_file(path: str | os.PathLike, data: bytes, option: str) -> None:
+    """Write ``data`` to ``path`` (given as ``option``; its folder made) whole or not at all: through a
+    temporary file beside it, so that a failure (a full disk) leaves an earlier file there as it was.
+    A failure is a :class:`UserError` naming the problem and the fix."""
+    from .leftovers import temp_name
+
+    path = Path(path)
+    tmp = path.with_name(temp_name(f".{path.name}.tmp-"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        problem = write_problem(exc, path, path, where=path.parent, option=option)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise UserError(problem) from None
 
 
 def run_main(main: Callable[..., int], *args, outcome: Callable[[str], int] | None = None, **kwargs) -> int:

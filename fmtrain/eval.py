@@ -123,6 +123,13 @@ def main(argv=None) -> int:
     if data.val is None:
         raise UserError(f"data.corpus = {cfg.data.corpus} holds no documents out for evaluation "
                         f"(data.val_fraction = {cfg.data.val_fraction} selected none)")
+    held = data.val.n_sequences
+    if data.val.batch_size > held > 0:  # rows past the held-out set would be padding, and memory
+        given = f"--batch-size {args.batch_size}" if args.batch_size else \
+            f"data.batch_size = {cfg.data.batch_size} (of {ckpt / 'config.toml'})"
+        print(f"note: {given} is more than the {held} sequences the held-out set has; batches of {held}",
+              file=sys.stderr, flush=True)
+        data = loaders_for(cfg, world, tokenizer=str(tok), batch_size=held)
     model, _ = load_trained(ckpt)
     model.to(device)
     if device.type == "cpu":
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
 
         adapt_torch_threads()  # the cores other processes leave free
     n = len(data.val) if args.batches is None else min(args.batches, len(data.val))
-    rows = n * (args.batch_size or cfg.data.batch_size)
+    rows = min(n * data.val.batch_size, data.val.n_sequences)  # the last batch may be part padding
     print(f"evaluating {ckpt} on {n} held-out batches ({rows} sequences of {cfg.data.seq_len} tokens), on one "
           f"process. Training evaluated train.eval_batches = {cfg.train.eval_batches} batches per "
           f"data-parallel rank: the numbers agree when both cover the same sequences (the same batches, "
@@ -190,6 +197,17 @@ def _check_args(args) -> None:
     if args.depths is not None:
         args.depths = _parse_list("--depths", args.depths, float, lambda x: 0 <= x <= 1, "a depth",
                                   "give --depths within [0, 1] (0: the prompt's start, 1: just before the question)")
+    if args.out is not None:  # writable, before hours of evaluation
+        from .errors import output_file_problem
+
+        problem = output_file_problem(args.out, "--out", _out_suffixes(args))
+        if problem is not None:
+            raise UserError(problem)
+
+
+def _out_suffixes(args) -> tuple[str, ...]:
+    """The files --out names: OUT.json, and OUT.png for --by-position."""
+    return (".json", ".png") if args.by_position else (".json",)
 
 
 def _parse_list(flag: str, text: str, kind, ok, what: str, accepted: str) -> list:
@@ -210,11 +228,32 @@ def _parse_list(flag: str, text: str, kind, ok, what: str, accepted: str) -> lis
     return values
 
 
-def _held_out_and_model(args, ckpt, cfg, device):
-    """The run's held-out documents (token arrays, longest first) and its model, on ``device``."""
+def _lengths_within(lengths: list[int], held: int, given: bool, min_doc_len: int) -> list[int]:
+    """The needle's prompt lengths that the held-out text can fill without repeating itself (a
+    haystack is a stretch of it); given lengths beyond it are refused, default ones dropped with a note."""
+    from .errors import UserError
+
+    fit = [n for n in lengths if n <= held]
+    if fit == lengths:
+        return lengths
+    longer = ",".join(str(n) for n in lengths if n > held)
+    held_text = f"the {held:,} tokens of the held-out documents" + \
+        (f" of at least {min_doc_len} tokens" if min_doc_len > 1 else "")
+    if given:
+        raise UserError(f"--lengths {','.join(map(str, lengths))}: {longer} is longer than {held_text}, which a "
+                        f"prompt's haystack is taken from (it would repeat them); give lengths up to {held}, or "
+                        "raise data.val_fraction")
+    if not fit:
+        raise UserError(f"the default --lengths ({longer}) are longer than {held_text}, which a prompt's haystack "
+                        f"is taken from; give --lengths up to {held} (at least {MIN_NEEDLE_LEN})")
+    print(f"note: no prompts of {longer} tokens (the default --lengths): longer than {held_text}", file=sys.stderr)
+    return fit
+
+
+def _held_out(args, ckpt, cfg):
+    """The run's held-out documents (token arrays, longest first) of at least --min-doc-len tokens."""
     from . import by_position
     from .errors import UserError
-    from .export import load_trained
 
     try:
         docs = by_position.held_out_documents(cfg, args.min_doc_len, str(ckpt / "tokenizer.model"))
@@ -223,21 +262,31 @@ def _held_out_and_model(args, ckpt, cfg, device):
     if not docs:
         raise UserError(f"data.corpus = {cfg.data.corpus} holds no held-out document of at least "
                         f"{args.min_doc_len} tokens; lower --min-doc-len or raise data.val_fraction")
+    return docs
+
+
+def _model(ckpt, device):
+    """The checkpoint's model on ``device``, in eval mode."""
+    from .export import load_trained
+
     model, _ = load_trained(ckpt)
     model.to(device).eval()
     if device.type == "cpu":
         from .attention.cpu import adapt_torch_threads
 
         adapt_torch_threads()
-    return docs, model
+    return model
 
 
 def _write_json(path: str, data: dict) -> None:
+    """``OUT.json``, whole or not at all (an earlier one stays until it is replaced); a failure to write
+    it (a full disk) is one error line, after the results were printed."""
     from pathlib import Path
 
+    from .errors import write_file
+
     out = Path(path).with_suffix(".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1))
+    write_file(out, json.dumps(data, indent=1).encode(), "--out")
     print(f"wrote {out}", file=sys.stderr)
 
 
@@ -252,7 +301,9 @@ def _needle(args, ckpt, cfg, device) -> int:
     depths = args.depths if args.depths is not None else [float(x) for x in DEPTHS.split(",")]
     args.samples = SAMPLES if args.samples is None else args.samples
     args.keys = 1 if args.keys is None else args.keys
-    docs, model = _held_out_and_model(args, ckpt, cfg, device)
+    docs = _held_out(args, ckpt, cfg)
+    lengths = _lengths_within(lengths, sum(map(len, docs)), args.lengths is not None, args.min_doc_len)
+    model = _model(ckpt, device)
     tok = load_tokenizer(ckpt / "tokenizer.model")
     print(f"needle test: {ckpt}, lengths {lengths}, depths {depths}, {args.keys} key(s), {args.samples} samples "
           "a cell, haystack from the held-out documents", file=sys.stderr, flush=True)
@@ -272,7 +323,8 @@ def _by_position(args, ckpt, cfg, device) -> int:
     from . import by_position
 
     max_len = args.max_len if args.max_len is not None else max(8 * cfg.data.seq_len, 2)  # checked: >= 2
-    docs, model = _held_out_and_model(args, ckpt, cfg, device)
+    docs = _held_out(args, ckpt, cfg)
+    model = _model(ckpt, device)
     tokens = sum(min(len(d), max_len) for d in docs)
     print(f"loss by position: {ckpt}, {len(docs)} held-out documents, up to {max_len:,} tokens each "
           f"({tokens:,} tokens), one at a time", file=sys.stderr, flush=True)
@@ -282,13 +334,18 @@ def _by_position(args, ckpt, cfg, device) -> int:
     if args.out:
         _write_json(args.out, dict(checkpoint=str(ckpt), seq_len=cfg.data.seq_len, edges=list(by_position.EDGES),
                                    **result))
+        import io
         from pathlib import Path
 
+        from .errors import write_file
+
+        png = io.BytesIO()  # drawn in memory, written like the JSON (whole or not at all)
         try:
-            by_position.plot(result, cfg.data.seq_len, Path(args.out).with_suffix(".png"),
-                             f"{ckpt}: held-out loss by position")
+            by_position.plot(result, cfg.data.seq_len, png, f"{ckpt}: held-out loss by position")
         except ImportError:
             print("note: no plot (matplotlib is not installed)", file=sys.stderr)
+        else:
+            write_file(Path(args.out).with_suffix(".png"), png.getvalue(), "--out")
     return 0
 
 

@@ -12,7 +12,7 @@ export (:mod:`fmtrain.hf`) load. An export is a folder like a checkpoint (a
 Both exports (this one and :mod:`fmtrain.hf`) write into ``.OUT.partial-HOST-PID`` beside
 OUT and move the files into OUT once all are written (:func:`write_folder`): a failure (a full
 disk, a read-only file system) leaves nothing behind, and a folder that a killed export left is
-removed by the next export to OUT.
+removed by the next export into the same parent folder, to OUT or any other name.
 """
 from __future__ import annotations
 
@@ -146,12 +146,15 @@ def check_target(out: Path, owned: tuple[str, ...], *, force: bool | None = None
         listed = json.loads((out / META).read_text()).get("files", {})
     except (OSError, ValueError, AttributeError):
         return []
-    return [n for n in owned if n in listed]
+    return [n for n in owned if n in listed] if isinstance(listed, dict) else []  # damaged: lists nothing
 
 
 def _some(names: list[str], shown: int = 4) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+_PARTIAL = re.compile(r"\..+\.partial-(?P<owner>.+)")  # .NAME.partial-HOST-PID (leftovers.temp_name)
 
 
 def write_folder(out: Path, write: Callable[[Path, Callable[[str], Path]], None], *, last: str,
@@ -166,9 +169,11 @@ def write_folder(out: Path, write: Callable[[Path, Callable[[str], Path]], None]
     """
     given, out = out, Path(os.path.abspath(out))  # "." and ".." have a name and a parent too
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # innermost first
-    remove_stale(out.parent, re.compile(re.escape(f".{out.name}.partial-") + "(?P<owner>.+)"), "an export")
+    # A killed export's partial folder beside OUT, whatever it was to be called (an export to b
+    # killed, then one to c): removed when its owner is dead, else said where it is.
+    remove_stale(out.parent, _PARTIAL, "an export")
     if out.is_dir():  # files being copied into a mount point (see _move)
-        remove_stale(out, re.compile(r"\..+\.partial-(?P<owner>.+)"), "an export", warn=False)
+        remove_stale(out, _PARTIAL, "an export", warn=False)
     tmp = out.parent / temp_name(f".{out.name}.partial-")
     writing, placed = [out], []
 
@@ -251,6 +256,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .errors import run_main
+    from .errors import run_command  # one error: line (exit 2); Ctrl-C: exit 130, the partial folder removed
 
-    raise SystemExit(run_main(main))
+    raise SystemExit(run_command(main))

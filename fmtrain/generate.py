@@ -63,27 +63,42 @@ def next_token(logits: torch.Tensor, *, temperature: float = 0.8, top_k: int | N
                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample one token per row of ``logits`` (B, V); greedy when ``temperature == 0``. Returns (B,).
 
-    ``top_k`` None or 0 and ``top_p`` None or 1: no cut. Out-of-range values raise ValueError.
+    ``top_k`` None or 0 and ``top_p`` None or 1: no cut. Out-of-range values raise ValueError; any
+    temperature > 0 samples (see :func:`_sample`); logits with nan or +inf raise :class:`NonFiniteLogits`.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     return _sample(logits, temperature, top_k, top_p, generator)
 
 
+class NonFiniteLogits(FloatingPointError):
+    """The model's next-token logits hold nan or +inf (or only -inf): there is nothing to sample from."""
+
+
 def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
-    """:func:`next_token` on checked arguments (generate checks them once, not at every token)."""
+    """:func:`next_token` on checked arguments (generate checks them once, not at every token).
+
+    In float64 with each row's largest logit subtracted before dividing by the temperature: every
+    temperature > 0 (1e-300 included) gives scaled logits <= 0 with a 0 at the most likely token
+    (the others may underflow to -inf), so softmax always has something to sample from; a huge
+    temperature flattens them towards uniform. Top-k and top-p always keep the most likely token.
+    """
+    top = logits.max(dim=-1, keepdim=True).values  # nan if any logit is (max propagates nan)
+    if not bool(torch.isfinite(top).all()):
+        raise NonFiniteLogits("the model's next-token logits are not finite (nan or inf)")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    device = logits.device
+    x = (logits.double() - top.double()) / temperature
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        kth = torch.topk(x, min(top_k, x.shape[-1]), dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1).cpu()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        p = sorted_x.softmax(dim=-1)
+        drop = p.cumsum(dim=-1) - p >= top_p  # keep the smallest set reaching top_p (its first always)
+        x = x.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    probs = torch.softmax(x, dim=-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
 
 
 @dataclass
@@ -269,6 +284,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the text so far, ended as a finished one is (run_command: exit 130)
         stream.close()
         raise
+    except NonFiniteLogits as exc:  # the text so far kept, then one line
+        stream.close()
+        fix = "; run it with --dtype fp32" if dtype != torch.float32 else ""
+        raise UserError(f"{exc} after {len(stream.ids)} new token(s): the model of {ckpt} overflowed or its "
+                        f"weights are not finite{fix}") from None
     stream.close()
     print(_speed_report(result, len(prompt), args.max_new_tokens, args.no_cache), file=sys.stderr)
     return 0

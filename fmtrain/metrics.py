@@ -109,9 +109,14 @@ class Metrics:
 
     def _append(self, line: str) -> None:
         """Append one line whole or not at all: one ``write`` on an O_APPEND file, cut back to the
-        old length if it fails part-way (a full disk); the failure is then a warning, once."""
+        old length if it fails part-way (a full disk); the failure is then a warning, once per outage
+        (writing again is said, and a later failure warned of again)."""
         data = (line + "\n").encode()
-        fd = os.open(self.jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:  # not even opened (a read-only file system, no inode left)
+            self._append_failure(exc)
+            return
         try:
             size = os.fstat(fd).st_size
             try:
@@ -119,12 +124,20 @@ class Metrics:
                     raise OSError(errno.ENOSPC, "short write")
             except OSError as exc:
                 os.ftruncate(fd, size)
-                if not self._append_failed:
-                    self._append_failed = True
-                    print(f"warning: cannot write {self.jsonl} ({exc}); metrics are not recorded while "
-                          "this lasts (the console still shows them)", file=sys.stderr, flush=True)
+                self._append_failure(exc)
+                return
         finally:
             os.close(fd)
+        if self._append_failed:  # the outage is over: the next one is warned of again
+            self._append_failed = False
+            print(f"{self.jsonl}: writing again (the rows of the outage are missing from it)", file=sys.stderr,
+                  flush=True)
+
+    def _append_failure(self, exc: OSError) -> None:
+        if not self._append_failed:
+            self._append_failed = True
+            print(f"warning: cannot write {self.jsonl} ({exc}); metrics are not recorded while this lasts (the "
+                  "console still shows them)", file=sys.stderr, flush=True)
 
     def _write(self, row: dict) -> None:
         self._append(json.dumps(row))

@@ -69,6 +69,59 @@ def test_numbers_that_are_not_counts_and_options_of_another_mode_are_refused(tmp
     assert not r.stdout
 
 
+@pytest.mark.parametrize("out, mode, words", [
+    ("/", "--by-position", "--out '/': names a folder, not a file; give a file name (e.g. --out /result)"),
+    ("", "--needle", "--out '': names a folder, not a file"),
+    ("{tmp}/results/", "--needle", "--out '{tmp}/results/': names a folder, not a file"),
+    ("{tmp}/afile/sub/x", "--needle", "--out {tmp}/afile/sub/x: {tmp}/afile is not a folder, so {tmp}/afile/sub "
+                                      "cannot be made; choose another path"),
+    ("{tmp}/plots", "--by-position", "--out {tmp}/plots: {tmp}/plots.png is a folder; give another name"),
+])
+def test_an_out_that_cannot_be_written_is_refused_before_evaluating(tmp_path, out, mode, words):
+    """--out / ended in a traceback after the evaluation had run: refused first, in one line (there is
+    no run here, so anything later would say so instead)."""
+    (tmp_path / "afile").write_text("mine\n")
+    (tmp_path / "plots.png").mkdir()
+    r = _eval(tmp_path / "no-run", mode, "--out", out.format(tmp=tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr == f"error: {words.format(tmp=tmp_path)}\n" or words.format(tmp=tmp_path) in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and not r.stdout
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
+def test_an_out_on_a_read_only_file_system_is_refused_before_evaluating(tmp_path, tmpfs):
+    ro = tmpfs(tmp_path / "ro", "ro,size=64k")
+    for out in (ro / "x", ro / "new" / "x"):
+        r = _eval(tmp_path / "no-run", "--needle", "--out", str(out))
+        assert r.returncode == 2 and r.stderr == f"error: --out {out}: {ro} is on a read-only file system; choose a " \
+                                                 "path where files can be written\n", r.stderr
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_out_is_one_line_and_keeps_the_results_and_the_earlier_file(run, tmp_path, tmpfs):
+    disk = tmpfs(tmp_path / "disk", "size=64k")
+    (disk / "r.json").write_text('{"earlier": 1}')
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as fh:  # the disk fills up while the evaluation runs
+        try:
+            while True:
+                fh.write(b"x" * 512)
+        except OSError:
+            pass
+    needle = ["--needle", "--lengths", "64", "--depths", "0", "--samples", "1", "--out", str(disk / "r")]
+    r = _eval(run, *needle)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: no space left on device while writing {disk / 'r.json'}; free space or choose "
+                      "another --out"], r.stderr
+    assert "| length | depth 0 |" in r.stdout  # the results were printed before
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "r.json"]  # no temporary file left
+    assert (disk / "r.json").read_text() == '{"earlier": 1}'  # nor the earlier file cut short
+    filler.unlink()
+    r = _eval(run, *needle)
+    assert r.returncode == 0 and json.loads((disk / "r.json").read_text())["rows"][0]["length"] == 64, r.stderr
+
+
 def test_the_python_api_refuses_counts_that_are_none():
     """evaluate(max_batches=0) scored nothing and reported loss 0, perplexity 1; needle_test(samples=0)
     divided by zero; loss_by_position(max_len=1) ran the model on nothing."""
@@ -97,6 +150,43 @@ def test_batch_size_and_batches_are_what_is_evaluated(run):
     assert "on 1 held-out batches (1 sequences of 128 tokens)" in r.stderr
     r = _eval(run, "--batches", "2")
     assert r.returncode == 0 and json.loads(r.stdout)["eval_tokens"] == 2 * 2 * 128, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_batch_larger_than_the_held_out_set_is_capped_and_a_needle_longer_than_it_refused(run):
+    """--batch-size 1000000 claimed a million sequences and died of memory; --lengths 100000000 died
+    of a MemoryError while the held-out text was tiled to fill it."""
+    from fmtrain.checkpoint import resolve
+    from fmtrain.data import loaders_for
+
+    ckpt = resolve(run)
+    val = loaders_for(ckpt.config, tokenizer=str(ckpt / "tokenizer.model"), batch_size=1).val
+    held, tokens = val.n_sequences, val.stream.length
+    r = _eval(run, "--batch-size", "1000000")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"note: --batch-size 1000000 is more than the {held} sequences the held-out set has; batches of " \
+           f"{held}" in r.stderr
+    assert f"on 1 held-out batches ({held} sequences of 128 tokens)" in r.stderr
+    assert json.loads(r.stdout)["eval_tokens"] == tokens - 1  # every held-out target once
+    r = _eval(run, "--needle", "--lengths", "128,100000000")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "--lengths 128,100000000: 100000000 is longer than the " in r.stderr
+    assert "tokens of the held-out documents, which a prompt's haystack is taken from (it would repeat them)" \
+           in r.stderr
+
+
+def test_default_needle_lengths_beyond_the_held_out_text_are_dropped_and_given_ones_refused(capsys):
+    from fmtrain.errors import UserError
+    from fmtrain.eval import _lengths_within
+
+    assert _lengths_within([128, 512], 600, True, 1) == [128, 512]
+    assert _lengths_within([128, 512], 300, False, 1) == [128]
+    assert "note: no prompts of 512 tokens (the default --lengths)" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--lengths 128,512: 512 is longer than the 300 tokens of the held-out "
+                                        "documents of at least 9 tokens"):
+        _lengths_within([128, 512], 300, True, 9)
+    with pytest.raises(UserError, match=r"the default --lengths \(128,512\) are longer than the 100 tokens"):
+        _lengths_within([128, 512], 100, False, 1)
 
 
 @pytest.mark.slow
@@ -130,3 +220,43 @@ def test_ctrl_c_and_a_closed_pipe_are_exit_statuses_not_tracebacks(capsys):
     assert run_command(interrupted) == 130
     assert capsys.readouterr().out == "partial\n"  # kept and flushed
     assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
+
+
+# ---------------------------------------------------------------------- the held-out documents
+def test_held_out_documents_are_those_the_trainer_held_out(tmp_path):
+    """--by-position and --needle read the corpus with the run's data.text_field, val_fraction and
+    max_missing_text, as the loaders do (they once read it with the defaults: another split, or none)."""
+    from fmtrain.by_position import held_out_documents
+    from fmtrain.config import from_dict
+    from fmtrain.data import loaders_for
+    from fmtrain.data.tokens import TokenData
+
+    path = tmp_path / "code.jsonl"
+    rows = [{"content": None} if i % 8 == 0 else {"content": f"def f{i}(x):\n    return x * {i}\n" * (1 + i % 5)}
+            for i in range(48)]  # 6 of 48 without text: more than the default 0.1 allows
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = from_dict({"run": {"dir": str(tmp_path / "run")}, "model": {"vocab_size": 4096},
+                     "data": {"corpus": [str(path)], "text_field": "content", "val_fraction": 0.5,
+                              "max_missing_text": 0.2, "tokenizer": str(ROOT / "tokenizer" / "stdlib-4k.model"),
+                              "cache_dir": str(tmp_path / "cache"), "seq_len": 64}})
+    docs = held_out_documents(cfg, 1)
+    val = TokenData.open(loaders_for(cfg).cache, "validation")  # what the trainer holds out
+    assert 10 < len(docs) == val.n_docs < 42
+    assert sorted(d.tolist() for d in docs) == sorted(val.document(i).tolist() for i in range(val.n_docs))
+
+
+@pytest.mark.slow
+def test_by_position_and_needle_use_the_runs_val_fraction(run):
+    """The run holds out a quarter of its documents (data.val_fraction = 0.25, not the default 0.03)."""
+    from fmtrain.checkpoint import resolve
+    from fmtrain.data import loaders_for
+    from fmtrain.data.tokens import TokenData
+
+    ckpt = resolve(run)
+    assert ckpt.config.data.val_fraction == 0.25
+    val = TokenData.open(loaders_for(ckpt.config, tokenizer=str(ckpt / "tokenizer.model")).cache, "validation")
+    r = _eval(run, "--by-position", "--max-len", "256")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{val.n_docs} held-out documents" in r.stderr and val.n_docs >= 3
+    r = _eval(run, "--needle", "--lengths", "64", "--depths", "0", "--samples", "1")
+    assert r.returncode == 0 and "| 64 |" in r.stdout, r.stderr[-3000:]

@@ -174,9 +174,13 @@ def test_a_read_only_target_is_one_line_and_leaves_nothing(src, tmp_path, read_o
         assert list(read_only.iterdir()) == [] and leftovers(tmp_path) == []
 
 
-def test_a_place_that_cannot_hold_a_folder_is_one_line(src):
+def test_a_place_that_cannot_hold_a_folder_is_one_line(src, tmp_path):
     r = export_cli(src, "/proc/no/such")
     assert_one_error_line(r, "cannot write /proc/no/such", "choose another OUT")
+    (tmp_path / "afile").write_text("mine\n")  # a parent that is a file
+    r = export_cli(src, tmp_path / "afile" / "sub" / "x")
+    assert_one_error_line(r, f"cannot write {tmp_path}/afile/sub/x: Not a directory; choose another OUT")
+    assert (tmp_path / "afile").read_text() == "mine\n"
 
 
 # ---------------------------------------------------------------------- a killed export
@@ -221,6 +225,75 @@ def test_a_killed_export_leaves_a_partial_folder_that_the_next_one_removes(src, 
         live.wait()
 
 
+def test_a_killed_export_to_another_name_is_removed_by_the_next_export_beside_it(src, tmp_path):
+    """An export to b killed, then one to c in the same folder: b's partial folder was neither removed
+    nor mentioned. Any .NAME.partial-OWNER of a dead owner here goes; others' are said where they are."""
+    pid = kill_when([sys.executable, "-c", STUCK, str(src), str(tmp_path / "b")],
+                    lambda: list(tmp_path.glob(".b.partial-*/config.toml")), env=ENV)
+    partial = tmp_path / f".b.partial-{owner_tag()}-{pid}"
+    assert partial.is_dir()
+    elsewhere = tmp_path / f".d.partial-node-7.cluster-{dead_pid()}"
+    elsewhere.mkdir()
+    mine = [tmp_path / ".notes.txt", tmp_path / ".step_00000003.partial"]  # not an export's: left alone
+    mine[0].write_text("mine\n")
+    mine[1].mkdir()
+    r = export_cli(src, tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    assert f"removed {partial}, left by an export that was killed (pid {pid} is gone)" in r.stderr
+    assert f"warning: {elsewhere} is left by an export that was killed, or in use by pid " in r.stderr
+    assert not partial.exists() and elsewhere.is_dir() and all(p.exists() for p in mine)
+    assert not (tmp_path / "b").exists()
+    validate(tmp_path / "c")
+
+
+# The weights are written, then the export waits: Ctrl-C comes while its partial folder is there.
+# A sitecustomize, so that the commands themselves run (python -m ..., their own __main__).
+SLOW_SAVE = """
+import time
+import safetensors.torch as st
+
+_save = st.save_file
+
+def save_file(*args, **kwargs):
+    _save(*args, **kwargs)
+    time.sleep(300)
+
+st.save_file = save_file
+"""
+
+
+@pytest.mark.parametrize("command", [["fmtrain.export"], ["fmtrain.hf", "export"]], ids=lambda c: c[0])
+def test_ctrl_c_during_an_export_is_exit_130_and_leaves_nothing(src, tmp_path, command):
+    """Ctrl-C printed a KeyboardInterrupt traceback: it stops as generate does (exit 130), and the partial
+    folder goes as on any other failure."""
+    import os
+    import signal
+    import time
+
+    if command[0] == "fmtrain.hf":
+        pytest.importorskip("transformers")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_SAVE)
+    env = dict(ENV, PYTHONPATH=os.pathsep.join(p for p in (str(site), ENV.get("PYTHONPATH")) if p))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", *command, str(src), str(work / "out")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(work.glob(".out.partial-*/model.safetensors")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert list(work.iterdir()) == []  # no partial folder, no OUT
+
+
 # ---------------------------------------------------------------------- the Hugging Face export
 @pytest.mark.slow
 def test_hf_export_on_a_full_disk_or_read_only_is_one_line_and_leaves_nothing(src, tmp_path, small_disk, read_only):
@@ -241,3 +314,59 @@ def test_hf_export_on_a_full_disk_or_read_only_is_one_line_and_leaves_nothing(sr
                           "keeps notes.txt")
     assert snapshot(small_disk) == {"notes.txt": b"x"}
 
+
+
+# ---------------------------------------------------------------------- a damaged source
+def test_a_meta_json_of_the_wrong_shape_is_skipped_or_refused_by_both_commands(src, tmp_path):
+    """Valid JSON of the wrong shape in meta.json ("crc32": [1], "files": null, a number for the files)
+    once ended generate and export in an AttributeError: the newest such checkpoint is skipped for the
+    one before it, and one named directly is refused in one line naming the field."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    good, bad = ckpts / "step_00000001", ckpts / "step_00000002"
+    shutil.copytree(src, good)
+    shutil.copytree(src, bad)
+    meta = json.loads((bad / META).read_text())
+    for field, value, words in (("crc32", [1], "crc32 must be a mapping of file names to 8 hex digits, found [1]"),
+                                ("files", None, "files must be a mapping of file names to its size in bytes"),
+                                ("files", 7, "found 7 (an integer)")):
+        (bad / META).write_text(json.dumps(dict(meta, **{field: value})))
+        r = export_cli(bad, tmp_path / "refused")
+        assert_one_error_line(r, f"{bad}/meta.json is damaged", words)
+        assert not (tmp_path / "refused").exists()
+    r = export_cli(tmp_path / "run", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert f"skipping checkpoint: {bad}/meta.json is damaged" in r.stderr and "Traceback" not in r.stderr
+    assert validate(tmp_path / "out")["source"] == str(good)
+    gen = [sys.executable, "-m", "fmtrain.generate", "--prompt", "def f(", "--max-new-tokens", "3"]
+    r = subprocess.run(gen + [str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0 and r.stdout.startswith("def f("), r.stderr
+    assert f"skipping checkpoint: {bad}/meta.json is damaged" in r.stderr
+    r = subprocess.run(gen + [str(bad)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert_one_error_line(r, f"{bad}/meta.json is damaged", "found 7 (an integer)")
+    # Such a meta.json in OUT (an earlier export's, damaged) is no reason to fail an export with --force.
+    r = export_cli(good, bad, "--force")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert validate(bad)["source"] == str(good)
+
+
+LFS = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 1116848\n".format("ab" * 32)
+
+
+def test_a_git_lfs_pointer_or_an_html_page_in_a_model_folder_is_named_with_the_fix(src, tmp_path):
+    """A clone made without git-lfs once said "has 72 bytes, 1116848 were written": the size check
+    looks at what the file is before it says so."""
+    lfs, html = tmp_path / "lfs", tmp_path / "html"
+    shutil.copytree(src, lfs)
+    shutil.copytree(src, html)
+    (lfs / "model.safetensors").write_text(LFS)
+    (html / "tokenizer.model").write_text("<!DOCTYPE html>\n<html><body>404 Not Found</body></html>\n")
+    r = export_cli(lfs, tmp_path / "out")
+    assert_one_error_line(r, f"model.safetensors in {lfs} is a Git LFS pointer, not the weights (a clone made "
+                             f"without git-lfs): run `git lfs pull` in {lfs} (model.safetensors has {len(LFS)} bytes")
+    r = export_cli(html, tmp_path / "out")
+    assert_one_error_line(r, f"tokenizer.model in {html} is an HTML page, not the tokenizer (a failed download): "
+                             "download it again")
+    r = subprocess.run([sys.executable, "-m", "fmtrain.generate", str(lfs), "--prompt", "a"], capture_output=True,
+                       text=True, timeout=300, env=ENV)
+    assert_one_error_line(r, "is a Git LFS pointer, not the weights", f"run `git lfs pull` in {lfs}")
+    assert not (tmp_path / "out").exists()

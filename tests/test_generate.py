@@ -1,6 +1,7 @@
 """Generation: the cached path against the recompute path, sampling, and the command."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +59,40 @@ def test_top_k_and_top_p_restrict_the_choice():
     assert set(next_token(logits, temperature=1.0, top_p=0.8, generator=g).tolist()) == {0, 1}
     assert set(next_token(logits, temperature=1.0, top_p=0.5, generator=g).tolist()) == {0}
     assert next_token(logits, temperature=0.0).eq(0).all()
+
+
+def test_tiny_and_huge_temperatures_and_extreme_cuts_sample_from_a_distribution():
+    """--temperature 1e-300 passed the check and died in torch ("probability tensor contains either inf,
+    nan"): the scaled logits are formed in float64 after the row's largest is subtracted, so every
+    temperature > 0 samples (a tiny one as greedy, a huge one near uniform), and top-k / top-p at their
+    extremes keep at least the most likely token."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0], [1e38, -1e38, 0.0, 5.0, 5.0]]).to(torch.bfloat16)
+    logits = logits.float().repeat(500, 1)
+    g = torch.Generator().manual_seed(0)
+    greedy = next_token(logits, temperature=0.0)
+    for t in (1e-300, 5e-324, 1e-45, 1e-8):
+        assert torch.equal(next_token(logits, temperature=t, generator=g), greedy), t
+        assert torch.equal(next_token(logits.to(torch.bfloat16), temperature=t, generator=g), greedy), t
+    flat = torch.bincount(next_token(logits[:1].expand(5000, 5), temperature=1e300, generator=g), minlength=5)
+    assert flat.min() > 800, flat  # near uniform, no nan
+    for kw in (dict(top_k=1), dict(top_p=1e-300), dict(top_p=5e-324), dict(top_k=1, top_p=1e-300)):
+        assert torch.equal(next_token(logits, temperature=1.0, generator=g, **kw), greedy), kw
+    assert set(next_token(logits[:1].expand(4000, 5), temperature=1.0, top_k=10**30, top_p=1 - 1e-16,
+                          generator=g).tolist()) == {0, 1, 2, 3, 4}
+    masked = torch.tensor([[0.0, float("-inf"), -1.0]])  # -inf: a token ruled out, never drawn
+    assert all(next_token(masked, temperature=t, generator=g).item() == 0 for t in (1e-300, 1.0))
+    assert set(next_token(masked.expand(2000, 3), temperature=1e300, generator=g).tolist()) == {0, 2}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_logits_that_are_not_finite_are_named_not_sampled(bad):
+    from fmtrain.generate import NonFiniteLogits
+
+    for t in (0.0, 1.0):
+        with pytest.raises(NonFiniteLogits, match="next-token logits are not finite"):
+            next_token(torch.tensor([[0.0, 1.0], [bad, 0.0]]), temperature=t)
+    with pytest.raises(NonFiniteLogits):
+        next_token(torch.full((1, 3), float("-inf")), temperature=1.0)
 
 
 # --------------------------------------------------------------------------- the command
@@ -118,6 +153,35 @@ def test_command_refusals_are_one_error_line(runs):
         assert "Traceback" not in r.stderr
     ok = _gen(runs["conv"], "--prompt", "x = 1\n", "--max-new-tokens", "30")  # within 256: fine
     assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.slow
+def test_command_tiny_temperature_is_greedy_and_weights_that_overflow_are_one_line(runs, tmp_path):
+    greedy = _gen(runs["gpt"], "--prompt", "def main(", "--greedy", "--max-new-tokens", "12", "--ignore-eos")
+    for t in ("1e-300", "5e-324"):
+        r = _gen(runs["gpt"], "--prompt", "def main(", "--temperature", t, "--top-k", "0", "--top-p", "1e-300",
+                 "--max-new-tokens", "12", "--ignore-eos")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert r.stdout == greedy.stdout, (t, r.stdout, greedy.stdout)
+    # A model-only export whose head weights hold a nan (written so, with a meta.json that matches):
+    # the text so far is kept and one line says what is wrong.
+    from safetensors.torch import load_file, save_file
+
+    from fmtrain.checkpoint import write_meta
+
+    out = tmp_path / "nan"
+    assert subprocess.run([sys.executable, "-m", "fmtrain.export", str(runs["gpt"]), str(out)],
+                          capture_output=True, timeout=300).returncode == 0
+    sd = load_file(out / "model.safetensors")
+    sd["head.weight" if "head.weight" in sd else "embed.weight"][:, 0] = float("nan")
+    save_file(sd, out / "model.safetensors")
+    meta = json.loads((out / "meta.json").read_text())
+    write_meta(out, **{k: v for k, v in meta.items() if k not in ("files", "crc32")})
+    r = _gen(out, "--prompt", "def main(", "--max-new-tokens", "5")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "next-token logits are not finite (nan or inf) after 0 new token(s)" in errors[0]
+    assert f"the model of {out}" in errors[0] and r.stdout == "def main(\n", r.stderr
 
 
 # --------------------------------------------------------------------------- arguments mean what they say

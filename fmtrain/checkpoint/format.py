@@ -20,6 +20,7 @@ from typing import Any
 
 from ..config import CONFIG_FILE, REMOVED_FIELDS, Config, ConfigError, from_dict
 from ..errors import UserError
+from ..input_files import SNIFF_BYTES, found, impostor
 
 _NAME = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -79,21 +80,80 @@ def validate(folder: Path, checksums: bool = True) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{folder}/{META} is unreadable: {exc}") from None
-    missing = [k for k in _REQUIRED_META if k not in meta] if isinstance(meta, dict) else list(_REQUIRED_META)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{folder}/{META} is damaged: it holds {found(meta)}, not a mapping of fields "
+                              "(not written by fmtrain as it is)")
+    missing = [k for k in _REQUIRED_META if k not in meta]
     if missing:
         raise CheckpointError(f"{folder}/{META} lacks {', '.join(missing)} (not a complete fmtrain checkpoint)")
+    problem = _meta_problem(meta)
+    if problem is not None:
+        raise CheckpointError(f"{folder}/{META} is damaged: {problem} (not written by fmtrain as it is)")
     for rel, size in meta["files"].items():
         path = folder / rel
         if not path.is_file():
             raise CheckpointError(f"{folder}: {rel} is missing")
         if path.stat().st_size != size:
-            raise CheckpointError(f"{folder}: {rel} has {path.stat().st_size} bytes, {size} were written")
+            raise CheckpointError(_what_it_is(folder, rel, f"has {path.stat().st_size} bytes, {size} were written"))
     if checksums:
         for rel, want in meta.get("crc32", {}).items():
             got = crc32(folder / rel)
             if got != want:
-                raise CheckpointError(f"{folder}: {rel} is corrupt (CRC-32 {got}, {want} was written)")
+                raise CheckpointError(_what_it_is(folder, rel, f"is corrupt (CRC-32 {got}, {want} was written)"))
     return meta
+
+
+_KINDS = {".safetensors": "weights", ".pt": "training state", ".model": "tokenizer", ".toml": "config"}
+
+
+def _what_it_is(folder: Path, rel: str, problem: str) -> str:
+    """``FOLDER: REL PROBLEM`` (a file that is not what was written), or, when the file is a Git LFS
+    pointer or an HTML page (a copy made without git-lfs, a failed download), that with the fix."""
+    path = folder / rel
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+    except OSError:
+        head = b""
+    instead = impostor(head, path, _KINDS.get(path.suffix, "file fmtrain wrote"))
+    return f"{folder}: {rel} {problem}" if instead is None else f"{instead} ({rel} {problem})"
+
+
+def _whole(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+_CRC = re.compile(r"^[0-9a-f]{8}$")
+# The fields of meta.json that validate() and the consumers read: (name, check, what is expected).
+_META_FIELDS = (("step", lambda v: _whole(v, 0), "a whole number >= 0"),
+                ("tokens_seen", lambda v: _whole(v, 0), "a whole number >= 0"),
+                ("world_size", lambda v: _whole(v, 1), "a whole number >= 1"),
+                ("dp_size", lambda v: _whole(v, 1), "a whole number >= 1"),
+                ("sp_size", lambda v: _whole(v, 1), "a whole number >= 1"),
+                ("zero_stage", lambda v: v is None or (_whole(v, 0) and v <= 3), "0 to 3, or null"),
+                ("cpu_threads", lambda v: v is None or _whole(v, 1), "a whole number >= 1, or null"))
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the fields of a ``meta.json`` (valid JSON of the wrong shape: a field of
+    the wrong type, a file named outside the folder), or None."""
+    for name, ok, expected in _META_FIELDS:
+        if name in meta and not ok(meta[name]):
+            return f"{name} must be {expected}, found {found(meta[name])}"
+    for name, ok, expected in (("files", lambda v: _whole(v, 0), "its size in bytes (a whole number >= 0)"),
+                               ("crc32", lambda v: isinstance(v, str) and _CRC.match(v), "8 hex digits")):
+        listed = meta.get(name, {})
+        if not isinstance(listed, dict):
+            return f"{name} must be a mapping of file names to {expected}, found {found(listed)}"
+        for rel, value in listed.items():
+            parts = Path(rel).parts
+            if not rel or Path(rel).is_absolute() or ".." in parts or rel == META:
+                return f"{name} names {rel!r}, not a file inside the checkpoint"
+            if not ok(value):
+                return f"{name}[{rel!r}] must be {expected}, found {found(value)}"
+            if name == "crc32" and rel not in meta["files"]:
+                return f"crc32 names {rel!r}, which files does not list"
+    return None
 
 
 def find_checkpoints(root: str | os.PathLike) -> list[Path]:

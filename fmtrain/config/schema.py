@@ -148,7 +148,7 @@ class DataConfig:
                                factory=lambda: ["stdlib"])
     text_field: str = option("text", "Field holding the text in .jsonl/.parquet/hub records.")
     max_missing_text: float = option(0.1, "Largest share of .jsonl/.parquet/hub records allowed to hold no "
-                                          "text (null, or no data.text_field): they are skipped and counted; "
+                                          "text (null, no data.text_field, empty or only whitespace): they are counted (and skipped); "
                                           "a larger share refuses the corpus.", min=0.0, max=1.0)
     tokenizer: str = option("", "A SentencePiece model (.model) or a Hugging Face tokenizer.json (or "
                                 "a folder holding one); a relative path missing from the working "

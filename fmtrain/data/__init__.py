@@ -20,7 +20,7 @@ _EXPORTS = {
     "Corpus": "corpus", "CorpusError": "corpus",
     "TokenData": "tokens", "cached_tokens": "tokens", "build_tokens": "tokens",
     "PackedLoader": "loader", "EvalLoader": "loader", "DataLoaders": "loader", "build_loaders": "loader",
-    "loaders_for": "loader",
+    "loaders_for": "loader", "corpus_of": "loader",
     "mask_tokens": "masking",
 }
 

@@ -69,8 +69,8 @@ class Corpus:
         streaming: stream with `datasets` (never loads the corpus into memory).
         encoding_errors: "replace" (bad bytes become U+FFFD) or "strict".
         max_missing_text: largest share of JSON / Parquet / hub records allowed to hold no text
-            (null, or the field absent); they are skipped and counted, and a larger share is
-            refused (a wrong text field or a broken export, not a few empty records).
+            (null, the field absent, an empty or whitespace-only text); they are counted and skipped,
+            and a larger share is refused (a wrong text field or a broken export, not a few empty records).
     """
 
     source: str = "stdlib"
@@ -374,7 +374,8 @@ def _read_files(fmt: str, paths: list[Path], corpus: Corpus) -> Iterator[str]:
         ds = datasets.load_dataset(fmt, data_files={"train": [str(p) for p in paths]}, split="train",
                                    streaming=corpus.streaming, **kwargs)
         field_name = "text" if fmt == "text" else corpus.text_field
-        yield from _texts_of_rows(ds, field_name, where, corpus.max_missing_text)
+        # The lines or files of text files may be blank; records that are count as holding no text.
+        yield from _texts_of_rows(ds, field_name, where, corpus.max_missing_text, records=fmt != "text")
     except CorpusError:
         raise
     except UnicodeDecodeError as err:
@@ -410,11 +411,14 @@ def _read_hub(corpus: Corpus, split: str | None) -> Iterator[str]:
                           f"(offline? HF_DATASETS_OFFLINE is {os.environ.get('HF_DATASETS_OFFLINE')!r})") from err
 
 
-def _texts_of_rows(ds: Any, field_name: str, where: str, max_missing: float = 1.0) -> Iterator[str]:
-    """The non-empty `field_name` values of a dataset's rows. Rows without text (null, or the
-    field absent from a JSON record) are skipped and counted: a warning names their number, and
-    more than `max_missing` of the rows is an error (checked when the files are read through)."""
-    rows = found = 0
+def _texts_of_rows(ds: Any, field_name: str, where: str, max_missing: float = 1.0, *,
+                   records: bool = True) -> Iterator[str]:
+    """The non-empty `field_name` values of a dataset's rows. Rows without text are counted: null,
+    the field absent from a JSON record, and (``records``: JSON, Parquet, hub rows, not lines of text
+    files) an empty or whitespace-only text. A warning names their number and kinds, and more than
+    `max_missing` of the rows is an error (checked when the files are read through). Null, absent and
+    empty ones are skipped; whitespace-only ones are kept in the stream (as they always were)."""
+    rows = found = empty = blank = 0
     for row in ds:
         rows += 1
         if field_name not in row:
@@ -426,18 +430,27 @@ def _texts_of_rows(ds: Any, field_name: str, where: str, max_missing: float = 1.
         if not isinstance(text, str):
             raise CorpusError(f"{where}: field {field_name!r} holds {type(text).__name__}, not text")
         found += 1
-        if text:
-            yield text
+        if not text:
+            empty += 1
+            continue
+        if records and text.isspace():
+            blank += 1
+        yield text
     if rows and not found:
         raise CorpusError(f"no record of {where} has the field {field_name!r}; set data.text_field")
-    missing = rows - found
+    if not records:
+        return
+    absent = rows - found
+    missing = absent + empty + blank
+    kinds = ", ".join(f"{n} {kind}" for n, kind in ((absent, "null or absent"), (empty, "empty"),
+                                                   (blank, "only whitespace")) if n)
     if missing and missing > max_missing * rows:
-        raise CorpusError(f"{missing} of {rows} records of {where} have no text in {field_name!r} (null or "
-                          f"absent), more than data.max_missing_text = {max_missing}: check data.text_field, "
-                          f"or raise data.max_missing_text to train on the other {found}")
+        raise CorpusError(f"{missing} of {rows} records of {where} have no text in {field_name!r} ({kinds}), more "
+                          f"than data.max_missing_text = {max_missing}: check data.text_field and the files, or "
+                          f"raise data.max_missing_text to train on the other {rows - missing}")
     if missing:
-        print(f"warning: {missing} of {rows} records of {where} have no text in {field_name!r} (null or "
-              "absent); they are skipped", file=sys.stderr, flush=True)
+        print(f"warning: {missing} of {rows} records of {where} have no text in {field_name!r} ({kinds}); they are "
+              "skipped" + (" (those of only whitespace are kept)" if blank else ""), file=sys.stderr, flush=True)
 
 
 def _name_files(paths: list[Path]) -> str:

@@ -14,7 +14,6 @@ the tokenizer's own BOS/EOS template (the packer adds EOS between documents).
 """
 from __future__ import annotations
 
-import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from fmtrain.input_files import InputFileError, JsonFields, found, read_json
+from fmtrain.input_files import InputFileError, JsonFields, found, read_json, where
 
 MASK_PIECE = "<mask>"  # as fmtrain's SentencePiece models name it (fmtrain/data/tokenizer.py)
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -52,15 +51,49 @@ _AFTER_NEWLINE = re.compile(r"(?<=\S\n)(?=\S)")
 
 def hf_tokenizer_spec(path: str | Path) -> dict | None:
     """The JSON of ``path`` if it is a ``tokenizers`` file; None if it is absent, not named ``*.json``
-    or another JSON (the settings of a SentencePiece model, which older fmtrain checkpoints kept as
-    ``tokenizer.json``); InputFileError if it is not JSON at all (a cut-short download, a Git LFS
-    pointer), which is not taken for a missing tokenizer."""
+    or the settings of a SentencePiece model (which older fmtrain checkpoints kept as ``tokenizer.json``);
+    InputFileError if it is not JSON at all (a cut-short download, a Git LFS pointer) or JSON of another
+    shape (``[]``, ``{}``, ``null``, a "model" that is no mapping), which is not taken for a missing
+    tokenizer nor for a SentencePiece model."""
     path = Path(path)
     if not path.is_file() or path.suffix != ".json":
         return None
     data = read_json(path, "tokenizer")
-    return data if isinstance(data, dict) and isinstance(data.get("model"), dict) and "added_tokens" in data \
-        else None
+    if _sentencepiece_settings(data):
+        return None
+    problem = _spec_problem(data)
+    if problem is not None:
+        raise InputFileError(f"{where(path)} is damaged or not a Hugging Face tokenizer: {problem}, where the "
+                             "tokenizers library writes a \"model\" mapping and an \"added_tokens\" list; download "
+                             "it again, or name the right file")
+    return data
+
+
+def _sentencepiece_settings(data) -> bool:
+    """The settings fmtrain saves beside a SentencePiece model (see fmtrain.data.tokenizer.train_tokenizer)."""
+    return isinstance(data, dict) and "model" not in data and "added_tokens" not in data and \
+        "model_type" in data and "vocab_size" in data
+
+
+def _spec_problem(data) -> str | None:
+    """What keeps ``data`` (a tokenizer.json's JSON) from being a ``tokenizers`` file fmtrain reads, or None."""
+    if not isinstance(data, dict):
+        return f"it holds {found(data)}, not a mapping"
+    if not data:
+        return "it holds {} (an empty mapping)"
+    if "model" not in data:
+        return f"it has no \"model\" (its keys: {', '.join(sorted(data)[:6])})"
+    if not isinstance(data["model"], dict):
+        return f"its \"model\" is {found(data['model'])}, not a mapping"
+    added = data.get("added_tokens")
+    if not isinstance(added, list):
+        return "it has no \"added_tokens\"" if "added_tokens" not in data else \
+            f"its \"added_tokens\" is {found(added)}, not a list"
+    for token in added:
+        if not (isinstance(token, dict) and isinstance(token.get("id"), int) and not isinstance(token["id"], bool)
+                and token["id"] >= 0 and isinstance(token.get("content"), str)):
+            return f"its \"added_tokens\" hold {found(token)}, not a token (a mapping with an id and its content)"
+    return None
 
 
 def is_hf_tokenizer_file(path: str | Path) -> bool:
@@ -162,11 +195,18 @@ class HFTokenizer:
             raise ImportError("a Hugging Face tokenizer needs the tokenizers library: "
                               'pip install -e ".[hf]" (or pip install tokenizers)') from None
         self.path = Path(path)
+        self.spec = hf_tokenizer_spec(self.path)  # its shape checked before the library reads it
+        if self.spec is None:
+            raise InputFileError(f"{where(self.path)} is not a Hugging Face tokenizer (the settings of a "
+                                 "SentencePiece model?); name its tokenizer.model instead")
         self.hf = RustTokenizer.from_file(str(self.path))
         self.hf.no_padding()
         self.hf.no_truncation()
-        self.spec = json.loads(self.path.read_text(encoding="utf-8"))
         vocab = self.hf.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise InputFileError(f"{where(self.path)} is damaged: it holds no tokens (its model's vocab and its "
+                                 "added_tokens are empty); download it again, or name the tokenizer the weights "
+                                 "were trained with")
         self.vocab_size = max(vocab.values()) + 1
         names = special_tokens(self.path.parent)
         ids = {}

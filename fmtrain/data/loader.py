@@ -337,6 +337,21 @@ class DataLoaders:
     cache: Path              # the token cache entry used
 
 
+def with_settings(corpus: Corpus | str | list | dict, **settings) -> Corpus:
+    """``corpus`` parsed, with the settings given (text_field, val_fraction, max_missing_text; None:
+    the corpus's own) in place of its own."""
+    return replace(Corpus.parse(corpus), **{k: v for k, v in settings.items() if v is not None})
+
+
+def corpus_of(cfg) -> Corpus:
+    """The corpus of a run's :class:`~fmtrain.config.Config` as the trainer reads it: data.corpus with
+    the run's data.text_field, val_fraction and max_missing_text, so that whoever reads it again (eval
+    --by-position, --needle) holds out the documents the trainer held out."""
+    d = cfg.data
+    return with_settings(d.corpus, text_field=d.text_field, val_fraction=d.val_fraction,
+                         max_missing_text=d.max_missing_text)
+
+
 def build_loaders(corpus: Corpus | str | list | dict, tokenizer: Tokenizer | str | Path | None,
                   cache_dir: str | Path, *, seq_len: int, batch_size: int, seed: int = 0, dp_rank: int = 0,
                   dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1, objective: str = "causal",
@@ -362,10 +377,8 @@ def build_loaders(corpus: Corpus | str | list | dict, tokenizer: Tokenizer | str
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    corpus = Corpus.parse(corpus)
-    overrides = {k: v for k, v in dict(text_field=text_field, val_fraction=val_fraction,
-                                       max_missing_text=max_missing_text).items() if v is not None}
-    corpus = replace(corpus, **overrides)
+    corpus = with_settings(corpus, text_field=text_field, val_fraction=val_fraction,
+                           max_missing_text=max_missing_text)
     need_mask = objective == "mlm"
     if isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer.path, vocab_size=vocab_size, need_mask=need_mask)
@@ -397,7 +410,7 @@ def loaders_for(cfg, world=None, *, tokenizer: Tokenizer | str | Path | None = N
     d = cfg.data
     ranks = {} if world is None else dict(dp_rank=world.dp_rank, dp_size=world.dp_size, sp_rank=world.sp_rank,
                                           sp_size=world.sp_size)
-    return build_loaders(d.corpus, tokenizer if tokenizer is not None else (d.tokenizer or None), d.cache_dir,
+    return build_loaders(corpus_of(cfg), tokenizer if tokenizer is not None else (d.tokenizer or None), d.cache_dir,
                          seq_len=d.seq_len, batch_size=batch_size or d.batch_size, seed=cfg.train.seed,
                          objective=cfg.model.kind, vocab_size=cfg.model.vocab_size, text_field=d.text_field,
                          val_fraction=d.val_fraction, max_missing_text=d.max_missing_text, mask_prob=d.mask_prob,

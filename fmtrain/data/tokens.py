@@ -295,7 +295,7 @@ def damage(folder: Path) -> str | None:
             offsets = np.load(idx_path, mmap_mode="r")
             if offsets.shape != (counts["n_docs"] + 1,) or int(offsets[-1]) != counts["n_tokens"]:
                 return f"{idx_path} does not index {counts['n_docs']} documents of {counts['n_tokens']} tokens"
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable meta.json or index
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # unreadable meta.json or index
         return f"{folder}: {type(exc).__name__}: {exc}"
     return None
 

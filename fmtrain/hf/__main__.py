@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..errors import run_main  # ExportError, ExtraMissing (UserErrors) or a full disk: one error: line, exit 2
+    # ExportError, ExtraMissing (UserErrors) or a full disk: one error: line, exit 2; Ctrl-C: exit 130, no traceback.
+    from ..errors import run_command
 
-    sys.exit(run_main(main))
+    sys.exit(run_command(main))

@@ -164,10 +164,10 @@ def _sample_texts(cfg: Config) -> list[str]:
     if any(c.startswith("hf:") for c in cfg.data.corpus):  # a hub dataset: no download for this
         return fixed
     try:
-        from ..data.corpus import Corpus
+        from ..data import corpus_of
 
         docs = []
-        for i, (_, text) in enumerate(Corpus.parse(cfg.data.corpus).documents()):
+        for i, (_, text) in enumerate(corpus_of(cfg).documents()):  # the run's text_field too
             docs.append(text[:20000])
             if i >= 30:
                 break

@@ -50,6 +50,54 @@ def test_damage_is_named(tmp_path, damage, message):
         validate(ckpt)
 
 
+def edit_meta(**fields):
+    """Damage: meta.json rewritten as valid JSON with ``fields`` replaced (the wrong shape)."""
+    def damage(ckpt: Path) -> None:
+        meta = json.loads((ckpt / META).read_text())
+        meta.update(fields)
+        (ckpt / META).write_text(json.dumps(meta))
+    return damage
+
+
+@pytest.mark.parametrize("damage, message", [
+    (edit_meta(crc32=[1]), r"crc32 must be a mapping of file names to 8 hex digits, found \[1\] \(a list\)"),
+    (edit_meta(files=None), "files must be a mapping of file names to its size in bytes"),
+    (edit_meta(files=3), r"files must be a mapping .*found 3 \(an integer\)"),
+    (edit_meta(files={"config.toml": "12"}), r"files\['config.toml'\] must be its size in bytes .*\(a string\)"),
+    (edit_meta(files={"../../etc/passwd": 1}), "files names '../../etc/passwd', not a file inside the checkpoint"),
+    (edit_meta(crc32={"config.toml": 5}), r"crc32\['config.toml'\] must be 8 hex digits"),
+    (edit_meta(crc32={"other.pt": "0000abcd"}), "crc32 names 'other.pt', which files does not list"),
+    (edit_meta(step="3"), r"step must be a whole number >= 0, found \"3\" \(a string\)"),
+    (edit_meta(tokens_seen=1.5), "tokens_seen must be a whole number >= 0"),
+    (edit_meta(world_size=0), "world_size must be a whole number >= 1"),
+    (edit_meta(zero_stage={"stage": 2}), "zero_stage must be 0 to 3, or null"),
+    (edit_meta(sp_size=True), "sp_size must be a whole number >= 1"),
+    (lambda c: (c / META).write_text("[1, 2]"), r"holds \[1, 2\] \(a list\), not a mapping of fields"),
+    (lambda c: (c / META).write_text("null"), "holds null, not a mapping of fields"),
+])
+def test_a_meta_json_of_the_wrong_shape_is_damage_named_by_field(tmp_path, damage, message):
+    """Valid JSON of the wrong shape once crashed eval, generate and the exports with an AttributeError:
+    it is a damaged checkpoint, named with the field and what was found, skipped for the one before it."""
+    for step in (1, 2):
+        make(step_dir(tmp_path, step), step)
+    damage(step_dir(tmp_path, 2))
+    with pytest.raises(CheckpointError, match=message):
+        validate(step_dir(tmp_path, 2))
+    found, failures = scan(tmp_path)
+    assert found == step_dir(tmp_path, 1) and len(failures) == 1 and "step_00000002/meta.json" in failures[0]
+    with pytest.raises(CheckpointError, match=message):
+        resolve(step_dir(tmp_path, 2))
+
+
+def test_a_file_that_is_a_git_lfs_pointer_is_named_as_one(tmp_path):
+    ckpt = make(tmp_path / "step_00000001")
+    (ckpt / "ds" / "state.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 5000\n")
+    with pytest.raises(CheckpointError, match=rf"^state.pt in {ckpt}/ds is a Git LFS pointer, not the training "
+                                              rf"state .*: run `git lfs pull` in {ckpt}/ds \(ds/state.pt has 67 "
+                                              r"bytes, 5000 were written\)$"):
+        validate(ckpt)
+
+
 def test_a_flipped_block_passes_the_size_check_only(tmp_path):
     ckpt = make(tmp_path / "step_00000001")
     (ckpt / "ds" / "state.pt").write_bytes(bytes(5000))

@@ -102,6 +102,41 @@ def test_records_without_text_are_counted_and_a_large_share_refused(tmp_path, ca
         replace(c, max_missing_text=2.0)
 
 
+def test_records_with_empty_or_blank_text_count_as_missing_and_the_message_says_which(tmp_path, capfd):
+    """60 of 90 records with "text": "" trained on the other 30 without a word."""
+    path = tmp_path / "a.jsonl"
+    write_jsonl(path, [{"text": "" if i % 3 else f"doc {i}"} for i in range(90)])
+    c = Corpus(source="files", paths=(str(path),), val_fraction=0)
+    with pytest.raises(CorpusError, match=r"^60 of 90 records of .*a.jsonl have no text in 'text' \(60 empty\), "
+                                          r"more than data.max_missing_text = 0.1: check data.text_field and the "
+                                          r"files, or raise data.max_missing_text to train on the other 30$"):
+        list(c.documents())
+    # Each kind counted and named: null, absent, empty, only whitespace (the last kept, as it always was).
+    rows = [{"text": None}] * 10 + [{"other": 1}] * 10 + [{"text": ""}] * 20 + [{"text": " \n\t "}] * 20 + \
+        [{"text": f"doc {i}"} for i in range(30)]
+    write_jsonl(path, rows)
+    with pytest.raises(CorpusError, match=r"60 of 90 records .* \(20 null or absent, 20 empty, 20 only whitespace\)"):
+        list(c.documents())
+    docs = [t for _, t in replace(c, max_missing_text=0.7).documents()]
+    assert len(docs) == 50 and sum(t.isspace() for t in docs) == 20
+    err = capfd.readouterr().err
+    assert "warning: 60 of 90 records" in err and "(20 null or absent, 20 empty, 20 only whitespace); they are " \
+        "skipped (those of only whitespace are kept)" in err
+    # Parquet rows too.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["", "x", "", "   ", "y"]}), tmp_path / "b.parquet")
+    with pytest.raises(CorpusError, match=r"3 of 5 records .*b.parquet have no text in 'text' \(2 empty, 1 only "
+                                          r"whitespace\)"):
+        list(Corpus(source="files", paths=(str(tmp_path / "b.parquet"),), val_fraction=0).documents())
+    # Blank lines of text files are no records: skipped, not counted.
+    (tmp_path / "c.txt").write_text("one\n\n\n   \n\ntwo\n")
+    lines = [t for _, t in Corpus(source="files", paths=(str(tmp_path / "c.txt"),), sample_by="line",
+                                  val_fraction=0).documents()]
+    assert lines == ["one", "   ", "two"] and "warning" not in capfd.readouterr().err
+
+
 def test_parquet_and_folders(tmp_path):
     import pyarrow as pa                  # a dependency of datasets
     import pyarrow.parquet as pq
@@ -133,9 +168,9 @@ def test_mixed_formats_in_order(tmp_path):
 def test_empty_files_are_skipped_and_empty_corpus_has_no_documents(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "full.txt").write_text("some text")
-    write_jsonl(tmp_path / "e.jsonl", [{"text": ""}])
+    write_jsonl(tmp_path / "e.jsonl", [{"text": ""}] + [{"text": "a record"}] * 10)  # one empty record of 11
     c = Corpus.parse({"paths": [str(tmp_path / "*.txt"), str(tmp_path / "e.jsonl")], "val_fraction": 0})
-    assert [t for _, t in c.documents()] == ["some text"]
+    assert [t for _, t in c.documents()] == ["some text"] + ["a record"] * 10
     only_empty = Corpus.parse({"paths": [str(tmp_path / "empty.txt")]})
     assert list(only_empty.documents()) == []
 

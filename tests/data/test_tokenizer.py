@@ -152,6 +152,44 @@ def test_a_cut_short_tokenizer_json_is_reported_as_damaged(tokenizer, tmp_path, 
     assert load_tokenizer(folder).encode("def f") == tokenizer.encode("def f")
 
 
+@pytest.mark.parametrize("text, found", [
+    ("[]", "it holds [] (a list), not a mapping"),
+    ("null", "it holds null, not a mapping"),
+    ("{}", "it holds {} (an empty mapping)"),
+    ('"tokenizer"', 'it holds "tokenizer" (a string), not a mapping'),
+    ('{"version": "1.0"}', 'it has no "model" (its keys: version)'),
+    (HF_TOKENIZER_JSON.replace('"model": {', '"model": 3, "x": {'), 'its "model" is 3 (an integer), not a mapping'),
+    (HF_TOKENIZER_JSON.replace('"added_tokens": []', '"added_tokens": "x"'),
+     'its "added_tokens" is "x" (a string), not a list'),
+    (HF_TOKENIZER_JSON.replace('"added_tokens": []', '"added_tokens": [{"id": "0"}]'),
+     'its "added_tokens" hold {"id": "0"} (a mapping), not a token'),
+])
+def test_a_tokenizer_json_of_the_wrong_shape_is_reported_as_damaged(tokenizer, tmp_path, text, found):
+    """Valid JSON of another shape was "no tokenizer" when found in a folder and "not a SentencePiece
+    model: could not parse ModelProto" when named: it is said to be damaged, with the file and what it holds."""
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(text)
+    damaged = re.escape(f"tokenizer.json in {folder} is damaged or not a Hugging Face tokenizer: {found}") + \
+        r".*download it again, or name the right file"
+    for path in (folder, folder / "tokenizer.json", folder / "tokenizer.model"):
+        with pytest.raises(InputFileError, match=damaged):
+            load_tokenizer(path)
+    (folder / "tokenizer.model").write_bytes(tokenizer.path.read_bytes())  # not passed over for one beside it
+    with pytest.raises(InputFileError, match=damaged):
+        load_tokenizer(folder)
+
+
+def test_a_tokenizer_json_without_tokens_is_reported_as_damaged(tmp_path):
+    """An empty vocabulary ended in "max() arg is an empty sequence"."""
+    pytest.importorskip("tokenizers")
+    (tmp_path / "tokenizer.json").write_text(HF_TOKENIZER_JSON.replace('{"a": 0, "b": 1}', "{}"))
+    with pytest.raises(InputFileError, match=re.escape(f"tokenizer.json in {tmp_path} is damaged: it holds no tokens")):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(HF_TOKENIZER_JSON)
+    assert load_tokenizer(tmp_path).vocab_size == 2
+
+
 def test_a_git_lfs_pointer_for_a_tokenizer_says_so(tmp_path):
     pointer = ("version https://git-lfs.github.com/spec/v1\n"
                "oid sha256:9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347\nsize 499723\n")

@@ -222,6 +222,47 @@ def test_metrics_lines_are_whole_on_a_full_disk_and_a_torn_line_does_not_block_a
     assert [m["step"] for m in metrics(cfg) if "loss" in m] == list(range(1, 8))
 
 
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to its last bytes (unbuffered: close cannot fail); the filler file, to free it."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"x" * 512)
+        except OSError:
+            pass
+    return filler
+
+
+def test_metrics_jsonl_warns_once_per_outage_and_says_when_it_writes_again(tmp_path, small_disk, capfd):
+    """metrics.jsonl warned of the first failed append of a run only: a second outage after it had
+    recovered went unsaid."""
+    import torch
+
+    from fmtrain.metrics import Metrics
+
+    log = Metrics(small_disk, total_steps=200, start_step=0, enabled=True, flops_per_token=1.0, peak=None)
+
+    def steps(first, last):
+        for step in range(first, last + 1):
+            log.step(step=step, loss=1.0, lr=0.1, grad_norm=1.0, tokens_seen=step, tokens_per_s=1.0,
+                     step_time=1.0, data_time=0.0, device=torch.device("cpu"))
+
+    steps(1, 5)
+    for outage, first in enumerate((6, 106), 1):
+        filler = fill(small_disk)
+        steps(first, first + 49)
+        filler.unlink()
+        steps(first + 50, first + 99)
+        err = capfd.readouterr().err
+        jsonl = small_disk / "metrics.jsonl"
+        assert err.count(f"warning: cannot write {jsonl}") == 1, (outage, err)
+        assert err.count(f"{jsonl}: writing again") == 1, (outage, err)
+    log.close()
+    rows = [json.loads(line) for line in (small_disk / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows][-50:] == list(range(156, 206))  # whole lines, written again after each
+
+
 def test_tensorboard_logs_pause_on_a_full_disk_and_catch_up_when_it_empties(tmp_path, small_disk, capfd):
     import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -477,6 +518,12 @@ def test_a_truncated_token_cache_is_detected_and_rebuilt(tmp_path, capfd):
     assert folder2 == folder and (data["train"].tokens == want).all()
     err = capfd.readouterr().err
     assert "damaged" in err and "train.bin" in err and "rebuilding" in err
+    # A meta.json of the wrong shape (valid JSON) is damage too, not an AttributeError.
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps(dict(meta, splits=[1])))
+    folder3, data = cached_tokens([str(docs)], tok, tmp_path / "cache", progress=False)
+    assert folder3 == folder and (data["train"].tokens == want).all()
+    assert "AttributeError" in capfd.readouterr().err  # named in the warning, then rebuilt
 
 
 def test_binary_files_in_a_corpus_are_skipped_with_a_count(tmp_path, capfd):

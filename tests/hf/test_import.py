@@ -268,8 +268,17 @@ def test_bad_weights_and_tokenizer_files_end_a_run_in_one_line(tmp_path, hf_toke
     cut = make_hf(tmp_path / "cut", tokenizer=hf_tokenizer, layers=1)
     text = (cut / "tokenizer.json").read_text()
     (cut / "tokenizer.json").write_text(text[:len(text) // 2])
+    # Valid JSON of the wrong shape, and a tokenizer without tokens (found by default in the folder).
+    wrong = make_hf(tmp_path / "wrong", tokenizer=hf_tokenizer, layers=1)
+    (wrong / "tokenizer.json").write_text("[]")
+    empty = make_hf(tmp_path / "empty", tokenizer=hf_tokenizer, layers=1)
+    spec = json.loads((empty / "tokenizer.json").read_text())
+    spec["model"]["vocab"], spec["model"]["merges"], spec["added_tokens"] = {}, [], []
+    (empty / "tokenizer.json").write_text(json.dumps(spec))
     for folder, says in [(lfs, f"model.safetensors in {lfs} is a Git LFS pointer, not the weights"),
-                         (cut, f"tokenizer.json in {cut} is damaged (not valid JSON: ")]:
+                         (cut, f"tokenizer.json in {cut} is damaged (not valid JSON: "),
+                         (wrong, f"tokenizer.json in {wrong} is damaged or not a Hugging Face tokenizer: it holds []"),
+                         (empty, f"tokenizer.json in {empty} is damaged: it holds no tokens")]:
         r = fmtrain("fmtrain.train", run_config(tmp_path, "run", folder, text_files), check=False)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr

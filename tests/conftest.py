@@ -180,3 +180,22 @@ dtype = "fp32"
 [checkpoint]
 interval = 2
 """
+
+
+# A command run as a user runs it: one thread, no network for Hugging Face libraries.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` and its bytes: what a refused command must leave as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_error_line(r: subprocess.CompletedProcess, *words: str) -> None:
+    """A refused command: exit 2, no traceback, one ``error:`` line, holding each of ``words``."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.stderr[-3000:]
+    for w in words:
+        assert w in r.stderr, (w, r.stderr[-3000:])

@@ -18,7 +18,7 @@ from fmtrain.checkpoint import META, validate, write_meta
 from fmtrain.leftovers import owner_tag
 from fmtrain.export import ExportError, export, load_model_state, load_trained
 from tests.conftest import kill_when
-from tests.e2e.test_hardening import ENV, assert_one_error_line, snapshot
+from tests.conftest import ENV, assert_one_error_line, snapshot
 
 SP_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizer" / "stdlib-4k.model"
 

@@ -6,7 +6,6 @@ run the trainer several times are marked slow (5-25 s each here); the others tak
 The full-disk tests mount a tmpfs (root only; skipped elsewhere).
 """
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,19 +16,12 @@ from pathlib import Path
 import pytest
 
 from fmtrain.checkpoint import CheckpointError, find_checkpoints, validate
-from tests.conftest import losses, make_config, metrics, train
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-
+from tests.conftest import ENV, assert_one_error_line, losses, make_config, metrics, snapshot, train
 
 def run_train(cfg: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """The trainer, whatever its exit status (``train`` asserts success)."""
     return subprocess.run([sys.executable, "-m", "fmtrain.train", str(cfg), *overrides], capture_output=True,
                           text=True, timeout=timeout, env=ENV)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def make6(tmp_path: Path, corpus) -> Path:
@@ -65,15 +57,6 @@ def flip_block(path: Path) -> None:
     mid = len(data) // 2
     data[mid:mid + 4096] = bytes((b ^ 0xFF) for b in data[mid:mid + 4096])
     path.write_bytes(bytes(data))
-
-
-def assert_one_error_line(r: subprocess.CompletedProcess, *words: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, r.stderr[-3000:]
-    for w in words:
-        assert w in r.stderr, (w, r.stderr[-3000:])
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -284,9 +284,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
         cfg = from_dict(apply_overrides(data, list(overrides)))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    given = cfg._given  # not a field: a replaced config would lose which fields the file gave
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, tokenizer=_find_input(cfg.data.tokenizer, path)),
         model=dataclasses.replace(cfg.model, init_from=_find_input(cfg.model.init_from, path)))
+    cfg._given = given
     # Not a field (not saved, not compared): where a relative input path was looked for, so that
     # the trainer's "not found" names that folder too (fmtrain.train._check_inputs).
     cfg._config_file = path

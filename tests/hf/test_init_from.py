@@ -103,3 +103,21 @@ def test_init_from_an_fmtrain_run_takes_the_weights_only(tmp_path, hf_tokenizer,
     assert first_eval < losses(tmp_path / "first")[0] - 0.3
     saved = (tmp_path / "cont" / "config.toml").read_text()
     assert 'attention = "fma"' in saved and "dim = 64" in saved
+
+
+def test_a_field_given_at_its_default_value_still_contradicts_the_weights(tmp_path, text_files):
+    """model.init_from fills the fields a config leaves out and refuses given ones that contradict the
+    weights. A field written in the file at its default value (model.dim = 768, the checkpoint's is
+    64) is given, so it is refused, not silently replaced (load_config keeps which fields were given)."""
+    from fmtrain.config import ConfigError, load_config
+    from fmtrain.init_from import resolve_config
+    from tests.hf.conftest import SP_TOKENIZER, model_only
+
+    ckpt = model_only(tmp_path / "ckpt", text_files, SP_TOKENIZER, attention="fma")
+    cfg_file = tmp_path / "run.toml"
+    cfg_file.write_text(f'[run]\ndir = "{tmp_path / "run"}"\n[model]\ninit_from = "{ckpt}"\ndim = 768\n'
+                        f'[data]\ncorpus = ["{text_files}/*.txt"]\nseq_len = 256\n')
+    with pytest.raises(ConfigError, match="model.dim"):
+        resolve_config(load_config(cfg_file))
+    cfg_file.write_text(cfg_file.read_text().replace("dim = 768\n", ""))  # left out: filled from the weights
+    assert resolve_config(load_config(cfg_file)).model.dim == 64

@@ -285,26 +285,28 @@ class OpenedTiles:
         rowq[self.row] = self.query.to(torch.int32)
         return rowq, self.block.to(torch.int32)
 
-    def attend(self, qg, kb, vb, n: int, scale: float, kernels: bool = False):
+    def attend(self, qg, kb, vb, n: int, scale: float, kernels: bool = False, inputs=None):
         """Each pair's softmax over its block's tokens (those before ``n``): out (n_tiles, T*G, d)
         and lse (n_tiles, T*G), per tile row. qg (B, Hkv, nq, G, d); kb, vb block rows.
-        ``kernels``: by the Triton kernels (:func:`.kernels.function.opened_forward`)."""
+        ``kernels``: by the Triton kernels (:func:`.kernels.function.opened_forward`), their
+        products in ``inputs``, the attention inputs' dtype."""
         d = qg.shape[-1]
         if kernels:
             from .kernels.function import opened_forward
-            return opened_forward(qg, kb, vb, *self._kernel_args(), n, self.T, scale)
+            return opened_forward(qg, kb, vb, *self._kernel_args(), n, self.T, scale, inputs or qg.dtype)
         qt, kt, vt = self.of_queries(qg), self.blocks(kb, d), self.blocks(vb, d)
         s = torch.baddbmm(self._key_bias(kb, n, d), qt, kt.transpose(-1, -2), alpha=scale)  # (tiles, T*G, m)
         lse = torch.logsumexp(s, dim=-1)
         return torch.exp(s - lse.unsqueeze(-1)) @ vt, lse
 
-    def grads(self, qg, do, lse, delta, kb, vb, n: int, scale: float, kernels: bool = False):
+    def grads(self, qg, do, lse, delta, kb, vb, n: int, scale: float, kernels: bool = False, inputs=None):
         """The pairs' share of the gradients, given each query's final ``lse`` and ``delta`` (B, Hkv,
         nq, G, 1): dq per tile row (n_tiles, T*G, d), dk and dv per tile (n_tiles, m, d)."""
         d = qg.shape[-1]
         if kernels:
             from .kernels.function import opened_backward
-            return opened_backward(qg, do, lse, delta, kb, vb, *self._kernel_args(), n, self.T, scale)
+            return opened_backward(qg, do, lse, delta, kb, vb, *self._kernel_args(), n, self.T, scale,
+                                   inputs or qg.dtype)
         qt, dot, kt, vt = self.of_queries(qg), self.of_queries(do), self.blocks(kb, d), self.blocks(vb, d)
         s = torch.baddbmm(self._key_bias(kb, n, d), qt, kt.transpose(-1, -2), alpha=scale)
         p = torch.exp(s - self.of_queries(lse))  # padding rows: lse 0, do 0, so no share
@@ -380,7 +382,7 @@ class FarField(torch.autograd.Function):
             if dlse is not None:
                 delta = delta - dlse[:, :, i0:i1].to(acc).view(B, Hkv, G, nq).transpose(2, 3).unsqueeze(-1)
             tiles = OpenedTiles(sel[0], h.n_blocks, G)
-            dq_t, dk_t, dv_t = tiles.grads(qg, do, l, delta, kb, vb, n, scale, ctx.kernels)
+            dq_t, dk_t, dv_t = tiles.grads(qg, do, l, delta, kb, vb, n, scale, ctx.kernels, q.dtype)
             tiles.add_to_blocks(dkb, dk_t)
             tiles.add_to_blocks(dvb, dv_t)
             kc = _flat_gather(ksa, sidx, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
@@ -414,7 +416,7 @@ def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted:
     d, Hkv = ksa.shape[-1], ksa.shape[1]
     qg, sidx, bias, _ = _far_inputs(q, off, h, _tables(h, q.device), *sel[1:], weighted, ksa.dtype)
     tiles = OpenedTiles(sel[0], kb.shape[2], q.shape[1] // Hkv)
-    o_t, l_t = tiles.attend(qg, kb, vb, n, scale, kernels)  # per tile row
+    o_t, l_t = tiles.attend(qg, kb, vb, n, scale, kernels, q.dtype)  # per tile row
     K = sel[0].shape[-1]
     lse_o = tiles.to_pairs(l_t.unsqueeze(-1), fill=-math.inf)  # (B, Hkv, nq, G, K)
     out_o = tiles.to_pairs(o_t).unflatten(-1, (K, d))  # (B, Hkv, nq, G, K, d)

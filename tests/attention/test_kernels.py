@@ -263,8 +263,8 @@ def _aot_compile(dtype: str, m: int, d: int, S: int, causal: bool) -> None:
     """
     from fmtrain.attention.kernels import aot
 
-    for name, fn, consts, launch, dtype in aot.kernel_variants(dtype, m, d, S, causal):
-        compiled = aot.compile_sm90(fn, consts, dtype, launch)
+    for name, fn, consts, launch, pointers in aot.kernel_variants(dtype, m, d, S, causal):
+        compiled = aot.compile_sm90(fn, consts, pointers, launch)
         if dtype == "fp32":
             continue  # IEEE fp32 products: no tensor cores; spills reported by the bench, not gated
         r = aot.resources(name, compiled)

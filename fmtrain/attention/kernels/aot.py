@@ -87,7 +87,8 @@ def signature(fn, consts: dict, dtype: str, aligned: bool = True):
 def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool):
     """``(name, kernel, constexprs, launch options, dtype)`` for every kernel a call with these
     shapes launches (each dq flag both ways), with the launcher's own tiles; then adaptive
-    refinement's opened-block kernels, which run in fp32 whatever the inputs (64 query rows a tile)."""
+    refinement's opened-block kernels (fp32 tensors, products in the inputs' dtype; 64 query rows a
+    tile)."""
     import torch
 
     from . import function as Fn
@@ -105,7 +106,9 @@ def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool):
             ("dsum", K._dsum_kernel, dict(m=m, d=d, p=2, COLS=7, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"],
                                           BLOCK_P=16, PRECISION=prec, UPCAST=False), launch)]
     out = [x + (dtype,) for x in out]
-    opened, opened_launch = Fn._opened_tiles(None, None, m, d, 64, 1, torch.float32)
+    inputs = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    opened, opened_launch = Fn._opened_tiles(m, d, 64, 1, inputs)
+    opened["UPCAST"] = False  # the GPU's lowering, whatever this process interprets
     out += [(name, fn, opened, opened_launch, "fp32")
             for name, fn in (("opened_fwd", K._opened_fwd_kernel), ("opened_bwd", K._opened_bwd_kernel))]
     return out

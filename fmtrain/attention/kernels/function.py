@@ -165,30 +165,34 @@ class TritonBlockAttention(torch.autograd.Function):
         return dq, dk.to(ctx.dtypes[0]), dv.to(ctx.dtypes[1]), dks, dvs, None, None, None, None, None
 
 
-def _opened_tiles(rowq, blk, m: int, d: int, T: int, G: int, dtype) -> tuple[dict, dict]:
-    """Tiles and launch options of the opened-block kernels."""
-    tiles = dict(m=m, d=d, BLOCK_R=max(16, triton.next_power_of_2(T * G)), BLOCK_M=max(16, triton.next_power_of_2(m)),
-                 BLOCK_D=max(16, triton.next_power_of_2(d)), PRECISION=_precision(dtype), UPCAST=_upcast(dtype))
-    return tiles, dict(num_warps=4, num_stages=1)
+def _opened_tiles(m: int, d: int, T: int, G: int, inputs) -> tuple[dict, dict]:
+    """Tiles and launch options of the opened-block kernels; ``inputs`` the dtype of the attention's
+    inputs (products in it, as the core's kernels do, when half)."""
+    half = {torch.float16: 1, torch.bfloat16: 2}.get(inputs, 0)
+    rows, bd = max(16, triton.next_power_of_2(T * G)), max(16, triton.next_power_of_2(d))
+    tiles = dict(m=m, d=d, BLOCK_R=rows, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_D=bd,
+                 PRECISION=_precision(inputs), UPCAST=_upcast(inputs), HALF=half)
+    return tiles, dict(num_warps=4 if rows * bd <= 64 * 64 else 8, num_stages=1)
 
 
-def opened_forward(qg, kb, vb, rowq, blk, n: int, T: int, scale: float):
+def opened_forward(qg, kb, vb, rowq, blk, n: int, T: int, scale: float, inputs=torch.float32):
     """Each tile row's softmax over its tile's block (``refine.OpenedTiles.attend``'s contract):
     qg (B, Hkv, nq, G, d); kb, vb (B, Hkv, n_blocks, m*d); rowq (tiles*T,) int32 query index or -1;
-    blk (tiles,) int32 global block row. Returns out (tiles, T*G, d), lse (tiles, T*G)."""
+    blk (tiles,) int32 global block row; ``inputs`` the attention inputs' dtype. Returns out
+    (tiles, T*G, d), lse (tiles, T*G)."""
     B, Hkv, nq, G, d = qg.shape
     n_blocks, m = kb.shape[2], kb.shape[3] // d
     n_tiles = blk.numel()
     out = torch.empty(n_tiles, T * G, d, dtype=qg.dtype, device=qg.device)
     lse = torch.empty(n_tiles, T * G, dtype=qg.dtype, device=qg.device)
     if n_tiles:
-        tiles, launch = _opened_tiles(rowq, blk, m, d, T, G, qg.dtype)
+        tiles, launch = _opened_tiles(m, d, T, G, inputs)
         _opened_fwd_kernel[(n_tiles,)](qg, kb, vb, rowq, blk, out, lse, n, n_blocks, T, G, scale * LOG2E,
                                        **tiles, **launch)
     return out, lse
 
 
-def opened_backward(qg, do, lse, delta, kb, vb, rowq, blk, n: int, T: int, scale: float):
+def opened_backward(qg, do, lse, delta, kb, vb, rowq, blk, n: int, T: int, scale: float, inputs=torch.float32):
     """``refine.OpenedTiles.grads``' contract: lse, delta (B, Hkv, nq, G, 1) per query; returns dq per
     tile row (tiles, T*G, d) and dk, dv per tile (tiles, m, d)."""
     B, Hkv, nq, G, d = qg.shape
@@ -198,7 +202,7 @@ def opened_backward(qg, do, lse, delta, kb, vb, rowq, blk, n: int, T: int, scale
     dk = torch.empty(n_tiles, m, d, dtype=qg.dtype, device=qg.device)
     dv = torch.empty_like(dk)
     if n_tiles:
-        tiles, launch = _opened_tiles(rowq, blk, m, d, T, G, qg.dtype)
+        tiles, launch = _opened_tiles(m, d, T, G, inputs)
         _opened_bwd_kernel[(n_tiles,)](qg, do.contiguous(), lse.contiguous(), delta.contiguous(), kb, vb, rowq,
                                        blk, dq, dk, dv, n, n_blocks, T, G, scale, **tiles, **launch)
     return dq, dk, dv

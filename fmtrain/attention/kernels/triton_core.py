@@ -318,9 +318,24 @@ def _dsum_kernel(Q, KS, VS, DO, LSE, DELTA, SEEN, SBIAS, DKS, DVS,
 # (blocks, m*d); positions past n masked). The forward writes each row's softmax over the block
 # (out, lse), merged with the rest of the far field by PyTorch; the backward takes each query's final
 # lse and delta and writes dq per row and dk, dv per tile, summed over a block's tiles by PyTorch.
-# Everything is in the far field's accumulation dtype (fp32). Shapes: QG, DO (queries, G, d); LQ,
+# Tensors hold the far field's accumulation dtype (fp32); with half inputs the products run in
+# that half type (q, k, v exactly as given; probabilities, dout and score gradients rounded, as
+# the core's kernels and FlashAttention round them), accumulating in fp32. Shapes: QG, DO (queries, G, d); LQ,
 # DELTA (queries*G,); OUT, DQ (tiles*T*G, d); LSE (tiles*T*G,); DK, DV (tiles, m, d).
 _OPENED_INTS = ["n", "n_blocks", "T", "G"]
+
+
+@triton.jit
+def _as_inputs(x, HALF: tl.constexpr):
+    """The far field's fp32 copy of an input back in the inputs' dtype (exact for q, k, v), so that
+    products run on tensor cores as the core's do: HALF 1 fp16, 2 bf16, 0 stay fp32."""
+    if HALF == 1:
+        y = x.to(tl.float16)
+    elif HALF == 2:
+        y = x.to(tl.bfloat16)
+    else:
+        y = x
+    return y
 
 
 @triton.jit
@@ -349,18 +364,18 @@ def _opened_keys(BLK, t, n, n_blocks, m: tl.constexpr, d: tl.constexpr, BLOCK_M:
 @triton.jit(do_not_specialize=_OPENED_INTS)
 def _opened_fwd_kernel(QG, KB, VB, ROWQ, BLK, OUT, LSE, n, n_blocks, T, G, qk_scale,
                        m: tl.constexpr, d: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HALF: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     qoff, qmask, rok, qh = _opened_rows(QG, ROWQ, t, T, G, d, BLOCK_R, BLOCK_D)
     koff, kmask, kok = _opened_keys(BLK, t, n, n_blocks, m, d, BLOCK_M, BLOCK_D)
-    q = tl.load(QG + qoff, mask=qmask, other=0.0)
-    k = tl.load(KB + koff, mask=kmask, other=0.0)
+    q = _as_inputs(tl.load(QG + qoff, mask=qmask, other=0.0), HALF)
+    k = _as_inputs(tl.load(KB + koff, mask=kmask, other=0.0), HALF)
     s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # base 2; every tile's block has a token
     s = tl.where(kok[None, :], s, float("-inf"))
     mx = tl.max(s, 1)
     p = tl.exp2(s - mx[:, None])
     tot = tl.sum(p, 1)
-    v = tl.load(VB + koff, mask=kmask, other=0.0)
+    v = _as_inputs(tl.load(VB + koff, mask=kmask, other=0.0), HALF)
     o = _mm(p.to(v.dtype), v, PRECISION, UPCAST) / tot[:, None]
     r = tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_D)
@@ -373,16 +388,16 @@ def _opened_fwd_kernel(QG, KB, VB, ROWQ, BLK, OUT, LSE, n, n_blocks, T, G, qk_sc
 @triton.jit(do_not_specialize=_OPENED_INTS)
 def _opened_bwd_kernel(QG, DO, LQ, DELTA, KB, VB, ROWQ, BLK, DQ, DK, DV, n, n_blocks, T, G, scale,
                        m: tl.constexpr, d: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HALF: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     qoff, qmask, rok, qh = _opened_rows(QG, ROWQ, t, T, G, d, BLOCK_R, BLOCK_D)
     koff, kmask, kok = _opened_keys(BLK, t, n, n_blocks, m, d, BLOCK_M, BLOCK_D)
-    q = tl.load(QG + qoff, mask=qmask, other=0.0)
-    do = tl.load(DO + qoff, mask=qmask, other=0.0)
+    q = _as_inputs(tl.load(QG + qoff, mask=qmask, other=0.0), HALF)
+    do = _as_inputs(tl.load(DO + qoff, mask=qmask, other=0.0), HALF)
     lq = tl.load(LQ + qh, mask=rok, other=0.0)
     dl = tl.load(DELTA + qh, mask=rok, other=0.0)
-    k = tl.load(KB + koff, mask=kmask, other=0.0)
-    v = tl.load(VB + koff, mask=kmask, other=0.0)
+    k = _as_inputs(tl.load(KB + koff, mask=kmask, other=0.0), HALF)
+    v = _as_inputs(tl.load(VB + koff, mask=kmask, other=0.0), HALF)
     s = _mm(q, tl.trans(k), PRECISION, UPCAST) * (scale * 1.4426950408889634)
     p = tl.exp2(s - (lq * 1.4426950408889634)[:, None])
     p = tl.where(rok[:, None] & kok[None, :], p, 0.0)
@@ -390,10 +405,10 @@ def _opened_bwd_kernel(QG, DO, LQ, DELTA, KB, VB, ROWQ, BLK, DQ, DK, DV, n, n_bl
     r = tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_D)
     row = t * T * G + r
-    tl.store(DQ + row[:, None] * d + c[None, :], _mm(ds, k, PRECISION, UPCAST),
+    tl.store(DQ + row[:, None] * d + c[None, :], _mm(ds.to(k.dtype), k, PRECISION, UPCAST),
              mask=(r < T * G)[:, None] & (c < d)[None, :])
     j = tl.arange(0, BLOCK_M)
     toff = t * (m * d) + j[:, None] * d + c[None, :]
     tmask = (j < m)[:, None] & (c < d)[None, :]
-    tl.store(DK + toff, _mm(tl.trans(ds), q, PRECISION, UPCAST), mask=tmask)
-    tl.store(DV + toff, _mm(tl.trans(p), do, PRECISION, UPCAST), mask=tmask)
+    tl.store(DK + toff, _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST), mask=tmask)
+    tl.store(DV + toff, _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST), mask=tmask)

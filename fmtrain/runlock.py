@@ -32,6 +32,7 @@ class RunLock:
         self.fd: int | None = None
         self.created: list[Path] = []  # the folders acquire() made, innermost first
         self.made_file = False  # whether acquire() created the lock file (a failed start removes it)
+        self.found: set[str] = set()  # what the folder held before: a failed run that added nothing leaves no lock
 
     def acquire(self) -> None:
         """Take the lock now or raise RunDirInUse naming the holder (never waits)."""
@@ -54,6 +55,7 @@ class RunLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
+        self.found = self._listing() - {self.path.name}
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
@@ -77,12 +79,12 @@ class RunLock:
                             "(and checkpoint.dir) this user can write") from None
 
     def release(self, failed_start: bool = False) -> None:
-        """Unlock. ``failed_start``: the run refused to start; take back the lock file if this lock
-        made it (also in a run.dir that existed before), and the folders it made if the run wrote
-        nothing else into them."""
+        """Unlock. ``failed_start``: the run failed; if it added nothing to the folder, take back the
+        lock file this lock made (also in a run.dir that existed before) and the folders it made. A
+        run that wrote something keeps its lock file beside it, as a run that ends does."""
         if self.fd is None:
             return
-        if failed_start and self.made_file:
+        if failed_start and self.made_file and self._listing() - {self.path.name} <= self.found:
             self.path.unlink(missing_ok=True)  # while still locked: see acquire()
         os.close(self.fd)  # closing releases the flock
         self.fd = None
@@ -92,6 +94,12 @@ class RunLock:
                     folder.rmdir()  # only if empty: anything the run wrote stays
                 except OSError:
                     break
+
+    def _listing(self) -> set[str]:
+        try:
+            return {p.name for p in self.path.parent.iterdir()}
+        except OSError:
+            return set()
 
 
 def lock_run(directories: list[Path], world) -> list[RunLock]:

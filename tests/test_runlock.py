@@ -29,6 +29,12 @@ def test_a_failed_start_takes_back_only_what_it_made(tmp_path):
     lock.acquire()
     lock.release()
     assert [p.name for p in new.iterdir()] == [LOCK_FILE]
+    (new / LOCK_FILE).unlink()
+    lock = RunLock(new)  # a run that failed after writing (a full disk at its second checkpoint) too
+    lock.acquire()
+    (new / "step_00000003").mkdir()
+    lock.release(failed_start=True)
+    assert sorted(p.name for p in new.iterdir()) == [LOCK_FILE, "step_00000003"]
 
 
 def test_a_second_trainer_is_refused_until_the_first_lets_go(tmp_path):

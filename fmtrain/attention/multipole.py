@@ -9,6 +9,7 @@ import math
 import torch
 
 from .blocked import blocked_multipole
+from .documents import Documents, as_documents
 from .hierarchy import call_hierarchy, sizes_error
 from .refine import refined_multipole
 from .reference import dense_attention, dense_refined
@@ -61,7 +62,7 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         causal: bool = True, weighted: bool = True, scale: float | None = None, impl: str = "auto",
         variant: str = "nlogn", summaries: Summaries | None = None,
         max_level: int | None = None, group=None, level_offset: torch.Tensor | None = None,
-        refine: int = 0) -> torch.Tensor:
+        refine: int = 0, cu_seqlens=None) -> torch.Tensor:
     """Fast multipole attention.
 
     Args:
@@ -88,6 +89,11 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         refine: ``K``, far fine blocks each query opens and attends to token by token
             (adaptive refinement, :mod:`.refine`): 0 is plain multipole attention, ``K``
             at least the number of fine blocks is exact softmax attention. nlogn only.
+        cu_seqlens: document masking for packed rows (:mod:`.documents`): 0, then the end of
+            each document in the batch flattened to ``batch * n`` tokens (FlashAttention's
+            varlen convention; rows' ends are boundaries anyway). Each document's output is
+            then ``fma`` run on that document alone. A CPU tensor or a list (the tables are
+            built on the host). None: one sequence per row.
 
     Returns:
         (batch, heads, n, head_dim), the dtype of ``q``.
@@ -98,6 +104,15 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     if refine and variant != "nlogn":
         raise ValueError("fma: refine > 0 needs variant='nlogn' (the linear variant shares one query per "
                          "window on coarse levels, so there is no per-query selection); set refine=0")
+    if cu_seqlens is not None:
+        docs = as_documents(cu_seqlens, q.shape[0], q.shape[2])
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            raise ValueError("fma: document masking (cu_seqlens) has no sequence-parallel path yet; "
+                             "run with parallel.sequence=1 or without document masking")
+        kw = dict(block_size=block_size, rank=rank, causal=causal, weighted=weighted, scale=scale, impl=impl,
+                  variant=variant, summaries=summaries, max_level=max_level, group=group,
+                  level_offset=level_offset, refine=refine)
+        return _per_document(q, k, v, docs, kw)
     if q.shape[0] == 0:  # an empty batch: an empty result, still in the graph of q, k and v
         return q * 0 + (k.sum() + v.sum()) * 0
     n, d = q.shape[2], q.shape[3]
@@ -129,6 +144,17 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
                                level_offset=level_offset)
     return blocked_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant, impl=impl,
                              level_offset=level_offset)
+
+
+def _per_document(q, k, v, docs: Documents, kw) -> torch.Tensor:
+    """``fma`` on each document alone, outputs put back in place: (B, H, n, d)."""
+    B, H, n, d = q.shape
+    flat = [x.transpose(1, 2).reshape(B * n, x.shape[1], d) for x in (q, k, v)]  # (B*n, heads, d)
+    outs = []
+    for s, L in zip(docs.starts, docs.lengths):
+        qd, kd, vd = (x[s:s + L].transpose(0, 1).unsqueeze(0) for x in flat)  # (1, heads, L, d)
+        outs.append(fma(qd, kd, vd, **kw)[0].transpose(0, 1))  # (L, H, d)
+    return torch.cat(outs).view(B, n, H, d).transpose(1, 2)
 
 
 __all__ = ["fma", "IMPLS", "VARIANTS"]

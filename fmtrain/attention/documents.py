@@ -21,9 +21,12 @@ coarse tables from :class:`DocHierarchy`, which concatenates each document's own
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
+
+from .hierarchy import BlockTables, Hierarchy, _block_tables_cpu, cached_on_device, hierarchy, pad_to, truncate
 
 
 @dataclass(frozen=True)
@@ -90,4 +93,209 @@ def cu_seqlens_from_doc_positions(doc_positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([flat, torch.tensor([B * n])]).to(torch.int64)
 
 
-__all__ = ["Documents", "as_documents", "cu_seqlens_from_doc_positions"]
+@dataclass(frozen=True)
+class DocHierarchy:
+    """The hierarchies of packed documents, laid out block-aligned, read by a core as one.
+
+    The layout holds the documents in order, document ``d`` from block ``first_block[d]``
+    (``ceil(length / m)`` blocks, its tail zero-padded). Summaries are laid out level by
+    level, and within a level document by document: level ``l`` occupies
+    ``[offsets[l-1], offsets[l-1] + windows[l-1] * p)``, document ``d``'s windows of it
+    from ``first_window[d][l-1]``. A document with fewer levels than ``n_levels`` has no
+    windows on the levels above its own; its queries' slots there are masked.
+
+    It offers what the cores read of a :class:`~.hierarchy.Hierarchy` (sizes, the block
+    tables, :meth:`fine_edges`, the summary counts); ``n`` is the layout's length.
+    """
+
+    docs: Documents
+    parts: tuple[Hierarchy, ...]
+    first_block: tuple[int, ...]
+    first_window: tuple[tuple[int, ...], ...]
+    block_size: int
+    rank: int
+    causal: bool
+    n_blocks: int
+    n_levels: int
+    windows: tuple[int, ...]
+    offsets: tuple[int, ...]
+    num_summaries: int
+
+    # what a core reads, as a Hierarchy has it
+    n = property(lambda self: self.n_blocks * self.block_size)
+    padded_len = n
+    slots_per_level = Hierarchy.slots_per_level
+    coarse_slots = Hierarchy.coarse_slots
+    fine_blocks = Hierarchy.fine_blocks
+    window_size = Hierarchy.window_size
+
+    def fine_edges(self) -> tuple[tuple[int, int, int], ...]:
+        """Each document's edge blocks (:meth:`Hierarchy.fine_edges`) in the layout, with the
+        document's own keys as the range they may see."""
+        out = []
+        for part, a0 in zip(self.parts, self.first_block):
+            t0 = a0 * self.block_size
+            out += [(a0 + a, t0 + lo, t0 + hi) for a, lo, hi in part.fine_edges()]
+        return tuple(out)
+
+    def summary_counts(self, level: int) -> torch.Tensor:
+        """Real tokens behind each summary of ``level``: (windows, p) int64, documents in order."""
+        return torch.cat([part.summary_counts(level) for part in self.parts if part.n_levels >= level])
+
+    def tables_cpu(self, weighted: bool) -> BlockTables:
+        """Each document's own block tables, their summary indices moved to this layout and
+        their slots padded with masked ones up to ``n_levels``."""
+        S, p = self.slots_per_level, self.rank
+        index = torch.full((self.n_blocks, self.coarse_slots), self.num_summaries, dtype=torch.long)
+        bias = torch.full((self.n_blocks, self.coarse_slots), -math.inf, dtype=torch.float64)
+        for part, a0, wins in zip(self.parts, self.first_block, self.first_window):
+            t = _block_tables_cpu(part, weighted)
+            rows = slice(a0, a0 + part.n_blocks)
+            for l in range(1, min(part.n_levels, self.n_levels) + 1):
+                cols = slice((l - 1) * S, l * S)
+                shift = self.offsets[l - 1] + wins[l - 1] * p - part.offsets[l - 1]
+                idx = t.index[:, cols]
+                index[rows, cols] = torch.where(idx == part.num_summaries, self.num_summaries, idx + shift)
+                bias[rows, cols] = t.bias[:, cols]
+        return BlockTables(index, bias)
+
+    def children(self, level: int, device) -> torch.Tensor:
+        """For the windows of ``level + 1``, their two children on ``level``, pairwise:
+        (2 * windows[level],) indices into level ``level``'s windows, ``windows[level - 1]``
+        (a zero window) where a child is missing (cached per device)."""
+        def make():
+            idx = []
+            for part, wins in zip(self.parts, self.first_window):
+                if part.n_levels > level:
+                    nw = part.windows[level - 1]
+                    c = torch.arange(2 * part.windows[level])
+                    idx.append(torch.where(c < nw, wins[level - 1] + c, self.windows[level - 1]))
+            return torch.cat(idx).to(device)
+        return cached_on_device(("children", self, level, torch.device(device)), make)
+
+    def leaf_blocks(self, device) -> torch.Tensor:
+        """The layout's blocks that are level-1 windows (those of documents with coarse levels),
+        in level 1's order: (windows[0],) (cached per device)."""
+        def make():
+            return torch.cat([torch.arange(a0, a0 + part.n_blocks)
+                              for part, a0 in zip(self.parts, self.first_block) if part.n_levels]).to(device)
+        return cached_on_device(("leaf_blocks", self, torch.device(device)), make)
+
+    def token_index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gather, scatter)``: the flattened batch's token at each layout position, ``B*n``
+        (a zero row) for padding, (n_layout,); and each token's layout position, (B*n,)."""
+        def make():
+            m = self.block_size
+            gather = torch.full((self.n,), self.docs.batch * self.docs.n, dtype=torch.long)
+            scatter = torch.empty(self.docs.batch * self.docs.n, dtype=torch.long)
+            for s, L, a0 in zip(self.docs.starts, self.docs.lengths, self.first_block):
+                gather[a0 * m:a0 * m + L] = torch.arange(s, s + L)
+                scatter[s:s + L] = torch.arange(a0 * m, a0 * m + L)
+            return gather.to(device), scatter.to(device)
+        return cached_on_device(("token_index", self, torch.device(device)), make)
+
+
+@functools.lru_cache(maxsize=8)
+def doc_hierarchy(docs: Documents, block_size: int, rank: int, causal: bool,
+                  max_level: int | None) -> DocHierarchy:
+    """The :class:`DocHierarchy` of ``docs`` (cached: a packing repeats across layers and in
+    the backward)."""
+    parts = tuple(hierarchy(L, block_size, rank, causal) for L in docs.lengths)
+    if max_level is not None:
+        parts = tuple(truncate(h, max_level) for h in parts)
+    n_levels = max(h.n_levels for h in parts)
+    first_block, a = [], 0
+    for h in parts:
+        first_block.append(a)
+        a += h.n_blocks
+    windows, first_window = [0] * n_levels, []
+    for h in parts:
+        first_window.append(tuple(windows[l] for l in range(n_levels)))
+        for l in range(h.n_levels):
+            windows[l] += h.windows[l]
+    offsets = tuple(sum(w * rank for w in windows[:l]) for l in range(n_levels))
+    return DocHierarchy(docs=docs, parts=parts, first_block=tuple(first_block), first_window=tuple(first_window),
+                        block_size=block_size, rank=rank, causal=causal, n_blocks=a, n_levels=n_levels,
+                        windows=tuple(windows), offsets=offsets, num_summaries=sum(w * rank for w in windows))
+
+
+def is_flat(dh: DocHierarchy) -> bool:
+    """Whether the layout is the flattened batch itself, padded at its end (every document
+    starts on a block): then no token moves."""
+    m = dh.block_size
+    return all(s == a0 * m for s, a0 in zip(dh.docs.starts, dh.first_block))
+
+
+class _ToLayout(torch.autograd.Function):
+    """(heads, B*n, d) -> (heads, n_layout, d): real tokens copied to their places, zeros
+    between; the backward gathers them back (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, flat, scatter, n_layout):
+        ctx.save_for_backward(scatter)
+        out = flat.new_zeros(flat.shape[0], n_layout, flat.shape[2])
+        return out.index_copy_(1, scatter, flat)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scatter,) = ctx.saved_tensors
+        return grad.index_select(1, scatter), None, None
+
+
+class _FromLayout(torch.autograd.Function):
+    """(heads, n_layout, d) -> (heads, B*n, d): the real tokens; the backward puts their
+    gradients back in place, zeros between."""
+
+    @staticmethod
+    def forward(ctx, y, scatter):
+        ctx.save_for_backward(scatter)
+        ctx.n_layout = y.shape[1]
+        return y.index_select(1, scatter)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scatter,) = ctx.saved_tensors
+        return _ToLayout.apply(grad, scatter, ctx.n_layout), None
+
+
+def to_layout(x: torch.Tensor, dh: DocHierarchy) -> torch.Tensor:
+    """(B, heads, n, d) -> (1, heads, n_layout, d): the documents block-aligned, zeros between."""
+    B, Hx, n, d = x.shape
+    flat = x.transpose(0, 1).reshape(Hx, B * n, d)  # a view when B == 1
+    if is_flat(dh):
+        return pad_to(flat.unsqueeze(0), dh.n)
+    return _ToLayout.apply(flat, dh.token_index(x.device)[1], dh.n).unsqueeze(0)
+
+
+def from_layout(y: torch.Tensor, dh: DocHierarchy) -> torch.Tensor:
+    """Inverse of :func:`to_layout` on the real tokens: (1, H, n_layout, d) -> (B, H, n, d)."""
+    H, d = y.shape[1], y.shape[3]
+    flat = y[0, :, :dh.docs.batch * dh.docs.n] if is_flat(dh) else _FromLayout.apply(y[0], dh.token_index(y.device)[1])
+    return flat.view(H, dh.docs.batch, dh.docs.n, d).transpose(0, 1)
+
+
+def doc_summaries(summaries, k: torch.Tensor, v: torch.Tensor, dh: DocHierarchy):
+    """Bottom-up summaries (``summaries.bottom_up``) of each document's own windows, from the
+    block-aligned keys and values (1, Hkv, n_layout, d): (1, Hkv, num_summaries, d) each."""
+    from .summaries import finish
+
+    def zs(x, which):
+        _, Hx, _, d = x.shape
+        z = summaries.leaves(x.view(1, Hx, dh.n_blocks, dh.block_size, d), dh.rank, which)  # (1, Hx, blocks, p, d)
+        if dh.windows[0] != dh.n_blocks:  # documents too short for coarse levels have no windows
+            z = z.index_select(2, dh.leaf_blocks(x.device))  # (1, Hx, windows_1, p, d)
+        out = [z]
+        for l in range(1, dh.n_levels):
+            padded = torch.cat([z, z.new_zeros(1, Hx, 1, *z.shape[3:])], dim=2)
+            z = summaries.parents(padded.index_select(2, dh.children(l, x.device)), dh.windows[l], which)
+            out.append(z)
+        return out
+
+    if dh.n_levels == 0:
+        empty = k.new_zeros(1, k.shape[1], 0, k.shape[3])
+        return empty, empty
+    return finish(zs(k, 0), dh), finish(zs(v, 1), dh)
+
+
+__all__ = ["Documents", "DocHierarchy", "as_documents", "doc_hierarchy", "doc_summaries", "to_layout",
+           "from_layout", "cu_seqlens_from_doc_positions"]

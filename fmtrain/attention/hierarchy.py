@@ -100,6 +100,12 @@ class Hierarchy:
         """Offsets of the fine blocks a query block sees, relative to its own."""
         return (-1, 0) if self.causal else (-1, 0, 1)
 
+    def fine_edges(self) -> tuple[tuple[int, int, int], ...]:
+        """The blocks whose fine slots reach keys outside the sequence, each with the keys
+        ``[lo, hi)`` it may see: ``(block, lo, hi)``, by block (the first, and the last few)."""
+        last_ok = (self.n - (len(self.fine_blocks()) - 1) * self.block_size) // self.block_size
+        return tuple((a, 0, self.n) for a in sorted({0} | set(range(max(0, last_ok + 1), self.n_blocks))))
+
     # --- token counts -----------------------------------------------------
     def summary_counts(self, level: int) -> torch.Tensor:
         """Real tokens behind each summary of ``level``: ``(windows, p)`` int64."""
@@ -247,6 +253,8 @@ def level_slots(h: Hierarchy, level: int, weighted: bool) -> tuple[torch.Tensor,
 
 @functools.lru_cache(maxsize=256)
 def _block_tables_cpu(h: Hierarchy, weighted: bool) -> BlockTables:
+    if not isinstance(h, Hierarchy):  # packed documents (.documents.DocHierarchy) concatenate their own
+        return h.tables_cpu(weighted)
     S = h.slots_per_level
     index = torch.full((h.n_blocks, h.coarse_slots), h.num_summaries, dtype=torch.long)
     bias = torch.full((h.n_blocks, h.coarse_slots), -math.inf, dtype=torch.float64)

@@ -9,12 +9,14 @@ import math
 import torch
 
 from .blocked import blocked_multipole
-from .documents import Documents, as_documents
+from .cores import select_core
+from .documents import Documents, as_documents, doc_hierarchy, doc_summaries, from_layout, to_layout
 from .hierarchy import call_hierarchy, sizes_error
 from .refine import refined_multipole
 from .reference import dense_attention, dense_refined
 from .sequence_parallel import sp_fma, sp_refined
 from .summaries import MEAN, Summaries
+from .torch_core import BlockAttention
 
 IMPLS = ("auto", "torch", "triton", "dense")
 VARIANTS = ("nlogn", "linear")
@@ -104,6 +106,12 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     if refine and variant != "nlogn":
         raise ValueError("fma: refine > 0 needs variant='nlogn' (the linear variant shares one query per "
                          "window on coarse levels, so there is no per-query selection); set refine=0")
+    if q.shape[0] == 0:  # an empty batch: an empty result, still in the graph of q, k and v
+        return q * 0 + (k.sum() + v.sum()) * 0
+    n, d = q.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if level_offset is not None and (level_offset.dim() != 2 or level_offset.shape[0] != q.shape[1]):
+        raise ValueError(f"fma: level_offset must be (heads={q.shape[1]}, levels), got {tuple(level_offset.shape)}")
     if cu_seqlens is not None:
         docs = as_documents(cu_seqlens, q.shape[0], q.shape[2])
         if group is not None and torch.distributed.get_world_size(group) > 1:
@@ -112,13 +120,7 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         kw = dict(block_size=block_size, rank=rank, causal=causal, weighted=weighted, scale=scale, impl=impl,
                   variant=variant, summaries=summaries, max_level=max_level, group=group,
                   level_offset=level_offset, refine=refine)
-        return _per_document(q, k, v, docs, kw)
-    if q.shape[0] == 0:  # an empty batch: an empty result, still in the graph of q, k and v
-        return q * 0 + (k.sum() + v.sum()) * 0
-    n, d = q.shape[2], q.shape[3]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if level_offset is not None and (level_offset.dim() != 2 or level_offset.shape[0] != q.shape[1]):
-        raise ValueError(f"fma: level_offset must be (heads={q.shape[1]}, levels), got {tuple(level_offset.shape)}")
+        return _documents(q, k, v, docs, kw) if impl != "dense" else _per_document(q, k, v, docs, kw)
     if group is not None and torch.distributed.get_world_size(group) > 1:
         if impl == "dense":
             raise ValueError("fma: impl='dense' has no sequence-parallel path; use impl='torch' or 'auto'")
@@ -144,6 +146,26 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
                                level_offset=level_offset)
     return blocked_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant, impl=impl,
                              level_offset=level_offset)
+
+
+def _documents(q, k, v, docs: Documents, kw) -> torch.Tensor:
+    """``fma`` over packed documents: the block-aligned layout through the PyTorch core where
+    it serves (nlogn, bottom-up summaries, no refinement), else each document alone."""
+    summaries = kw["summaries"] or MEAN
+    torch_core = kw["impl"] == "torch" or (kw["impl"] == "auto" and select_core("auto", q) is BlockAttention)
+    if not (torch_core and kw["variant"] == "nlogn" and not kw["refine"] and isinstance(summaries, Summaries)
+            and summaries.bottom_up):
+        return _per_document(q, k, v, docs, kw)
+    dh = doc_hierarchy(docs, kw["block_size"], kw["rank"], kw["causal"], kw["max_level"])
+    level_offset = kw["level_offset"]
+    if level_offset is not None and level_offset.shape[1] < dh.n_levels:
+        raise ValueError(f"fma: level_offset has {level_offset.shape[1]} levels, the longest document "
+                         f"({max(docs.lengths)} tokens) has {dh.n_levels}")
+    qa, ka, va = (to_layout(x, dh) for x in (q, k, v))  # (1, heads, n_layout, d)
+    ks, vs = doc_summaries(summaries, ka, va, dh)
+    out = blocked_multipole(qa, ka, va, ks, vs, dh, scale=kw["scale"], weighted=kw["weighted"], impl="torch",
+                            level_offset=level_offset)
+    return from_layout(out, dh)
 
 
 def _per_document(q, k, v, docs: Documents, kw) -> torch.Tensor:

@@ -13,6 +13,7 @@ variant's coarse term, sequence parallelism's ranges of blocks).
 """
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -184,7 +185,8 @@ class _Bias:
     """The additive score bias of a chunk, applied in place (no chunk-sized temporaries).
 
     Fine scores (nb, G*m, F*m) get the causal pattern (shared by all blocks) and,
-    in the few blocks at the ends of the sequence, -inf for keys outside it;
+    in the few blocks at the ends of the sequence (of each document, when packed), -inf for
+    keys outside it;
     coarse scores (nb, G*m, S) get the summaries' log-weights (-inf: masked slot), in base 2
     as the core's scores are.
     """
@@ -198,9 +200,9 @@ class _Bias:
             ok = rel[None, :] <= torch.arange(m, device=device)[:, None]
             self.causal = torch.zeros(m, self.Fm, dtype=dtype, device=device).masked_fill_(~ok, -math.inf)
         self.coarse = tables.bias.to(device=device, dtype=dtype) * LOG2E  # (n_blocks, S)
-        # Blocks whose fine slots reach outside [0, n): the first and the last few.
-        last_ok = (h.n - (self.Fm - m)) // m  # blocks a <= last_ok see only keys < n
-        self.edges = sorted({0} | set(range(max(0, last_ok + 1), h.n_blocks)))
+        # Blocks whose fine slots reach outside their sequence (or document): (block, lo, hi).
+        self.edges = h.fine_edges()
+        self.edge_blocks = [e[0] for e in self.edges]
         self.device = device
 
     def fine_(self, s: torch.Tensor, a0: int, a1: int) -> torch.Tensor:
@@ -208,10 +210,10 @@ class _Bias:
         m = self.h.block_size
         if self.causal is not None:
             s.view(nb, Gm // m, m, Fm).add_(self.causal)
-        for a in self.edges:
-            if a0 <= a < a1:
-                key = (a - 1) * m + torch.arange(Fm, device=self.device)
-                s[a - a0].masked_fill_((key < 0) | (key >= self.h.n), -math.inf)
+        for e in range(bisect.bisect_left(self.edge_blocks, a0), bisect.bisect_left(self.edge_blocks, a1)):
+            a, lo, hi = self.edges[e]
+            key = (a - 1) * m + torch.arange(Fm, device=self.device)
+            s[a - a0].masked_fill_((key < lo) | (key >= hi), -math.inf)
         return s
 
     def coarse_(self, s: torch.Tensor, a0: int, a1: int) -> torch.Tensor:

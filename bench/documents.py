@@ -1,0 +1,111 @@
+"""What document masking costs: fma forward+backward over packed rows, with and without
+``cu_seqlens``, on rows packed from a real corpus.
+
+    python bench/documents.py                    # 16k tokens, the embedded corpus, CPU
+    python bench/documents.py --n 16384 65536 --rows 3
+
+The rows come from fmtrain's own loader (the shipped tokenizer on the stdlib corpus unless
+``--corpus``/``--tokenizer`` say otherwise), so the documents have the corpus's lengths;
+``--short`` packs documents of 20-2000 tokens instead, a corpus of short texts. q, k, v are
+random (the cost does not depend on them). Each row is timed with and without masking,
+interleaved in one process (the machine's speed drifts), median of ``--repeats``.
+Prints a table and writes ``<--out>/documents-<tag>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from _results import add_result_arguments, meta, result_stem, write_results
+
+
+def packed_rows(args, n: int) -> list[list[int]]:
+    """Document lengths of ``--rows`` packed rows of ``n`` tokens."""
+    import random
+
+    import torch
+
+    if args.short:
+        rnd, rows = random.Random(0), []
+        for _ in range(args.rows):
+            lengths = []
+            while sum(lengths) < n:
+                lengths.append(min(rnd.randint(20, 2000), n - sum(lengths)))
+            rows.append(lengths)
+        return rows
+    from fmtrain.attention.documents import cu_seqlens_from_doc_positions
+    from fmtrain.data import build_loaders
+
+    data = build_loaders(args.corpus, args.tokenizer, args.cache_dir, seq_len=n, batch_size=1, progress=False)
+    rows = []
+    for _ in range(args.rows):
+        cu = cu_seqlens_from_doc_positions(data.train.next_batch()["doc_positions"])
+        rows.append(torch.diff(cu).tolist())
+    return rows
+
+
+def time_row(lengths: list[int], args) -> dict:
+    import torch
+
+    from fmtrain.attention import fma
+
+    n = sum(lengths)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, args.heads, n, args.head_dim, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    kw = dict(block_size=args.block_size, rank=args.rank, impl="torch")
+
+    def once(masked: bool) -> float:
+        t0 = time.perf_counter()
+        o = fma(q, k, v, cu_seqlens=cu if masked else None, **kw)
+        o.backward(torch.ones_like(o))
+        q.grad = k.grad = v.grad = None
+        return time.perf_counter() - t0
+
+    once(False), once(True)  # warm-up (thread pools, the packing's tables)
+    plain, masked = [], []
+    for _ in range(args.repeats):
+        plain.append(once(False))
+        masked.append(once(True))
+    p, m = statistics.median(plain), statistics.median(masked)
+    return dict(n=n, documents=len(lengths), shortest=min(lengths), longest=max(lengths),
+                median_length=statistics.median(lengths), plain_s=p, masked_s=m, ratio=m / p,
+                plain_runs=plain, masked_runs=masked)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[16384], help="tokens per packed row")
+    ap.add_argument("--rows", type=int, default=3, help="rows per length")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per row and arm (interleaved)")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=2)
+    ap.add_argument("--corpus", default="stdlib")
+    ap.add_argument("--tokenizer", default="tokenizer/stdlib-4k.model")
+    ap.add_argument("--cache-dir", default=".cache/fmtrain")
+    ap.add_argument("--short", action="store_true", help="documents of 20-2000 tokens instead of the corpus")
+    add_result_arguments(ap)
+    args = ap.parse_args()
+
+    rows = []
+    for n in args.n:
+        for i, lengths in enumerate(packed_rows(args, n)):
+            r = time_row(lengths, args)
+            r["row"] = i
+            rows.append(r)
+            print(f"n={n} row {i}: {r['documents']} documents, {r['plain_s']:.3f} s plain, "
+                  f"{r['masked_s']:.3f} s masked ({r['ratio']:.3f}x)", flush=True)
+    print("\n| n | row | documents | shortest | median | longest | plain f+b (s) | masked f+b (s) | masked/plain |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']:,} | {r['row']} | {r['documents']} | {r['shortest']} | {r['median_length']:.0f} | "
+              f"{r['longest']} | {r['plain_s']:.3f} | {r['masked_s']:.3f} | {r['ratio']:.3f} |")
+    name = "documents-short" if args.short else "documents"
+    write_results(result_stem(name, args), dict(meta=meta(args), rows=rows))
+
+
+if __name__ == "__main__":
+    main()

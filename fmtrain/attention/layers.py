@@ -232,7 +232,7 @@ class AttentionSpec:
 
 
 def make_attention(spec: AttentionSpec) -> ProjectedAttention:
-    """The layer ``spec`` describes: ``forward(x (B, n, dim), positions) -> (B, n, dim)``."""
+    """The layer ``spec`` describes: ``forward(x (B, n, dim), positions, cu_seqlens) -> (B, n, dim)``."""
     common = dict(causal=spec.causal, rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling,
                   qkv_bias=spec.qkv_bias, out_bias=spec.out_bias)
     if spec.kind == "sdpa":

@@ -121,9 +121,10 @@ def build_engine(model: torch.nn.Module, cfg, world, dtype: torch.dtype):
     return engine
 
 
-def train_step(engine, batches: list[dict], world) -> tuple[float, float]:
+def train_step(engine, batches: list[dict], world, document_masking: bool = False) -> tuple[float, float]:
     """One optimizer step over ``grad_accum`` micro-batches: the step's mean loss and the
-    global gradient norm before clipping.
+    global gradient norm before clipping. ``document_masking`` (``data.document_masking``):
+    the model gets the batches' ``doc_positions`` and attends within documents.
 
     The loss is the token-weighted mean over every rank's and micro-batch's targets:
     each micro-step's summed loss is divided by the step's global target count and
@@ -141,7 +142,9 @@ def train_step(engine, batches: list[dict], world) -> tuple[float, float]:
     loss_total = torch.zeros((), dtype=torch.float64, device=dev)
     norm = None
     for b in batches:
-        loss_sum, _ = engine(b["input_ids"].to(dev), b["targets"].to(dev), b["positions"].to(dev))
+        # doc_positions stay on the host: the model finds the documents there, without a device sync.
+        docs = b["doc_positions"] if document_masking else None
+        loss_sum, _ = engine(b["input_ids"].to(dev), b["targets"].to(dev), b["positions"].to(dev), docs)
         engine.backward(loss_sum * scale.to(loss_sum.dtype))
         loss_total += loss_sum.detach().double()
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:

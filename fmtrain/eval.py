@@ -33,8 +33,11 @@ import torch
 
 @torch.no_grad()
 def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int | None = None,
-             stop=None, progress=None) -> dict | None:
+             stop=None, progress=None, document_masking: bool = False) -> dict | None:
     """Token-weighted held-out loss over ``loader`` (all ranks together).
+
+    ``document_masking``: the run's ``data.document_masking``; the model gets the batches'
+    ``doc_positions`` as in training, so the held-out loss is the one the model was trained for.
 
     ``stop``: a :class:`fmtrain.signals.StopFlag`, asked after every batch (all ranks
     together) so that a long evaluation does not outlast SLURM's warning; None if it
@@ -53,7 +56,8 @@ def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int |
         if max_batches is not None and i >= max_batches:
             break
         targets = batch["targets"].to(device)
-        loss_sum, count = model(batch["input_ids"].to(device), targets, batch["positions"].to(device))
+        docs = batch["doc_positions"] if document_masking else None  # on the host, as train_step passes them
+        loss_sum, count = model(batch["input_ids"].to(device), targets, batch["positions"].to(device), docs)
         scored = targets[targets >= 0]
         totals += torch.stack([loss_sum.double(), count.double(), token_bytes[scored].sum().double()])
         if progress is not None:
@@ -143,7 +147,7 @@ def main(argv=None) -> int:
           f"data-parallel rank: the numbers agree when both cover the same sequences (the same batches, "
           f"batch size and ranks), and differ by the sample otherwise.", file=sys.stderr, flush=True)
     result = evaluate(model, data.val, world, data.tokenizer.token_bytes, args.batches,
-                      progress=_progress(n))
+                      progress=_progress(n), document_masking=cfg.data.document_masking)
     if result["eval_tokens"] == 0:  # a loss of 0 and a perplexity of 1 from no tokens is no result
         raise UserError(f"data.corpus = {cfg.data.corpus} holds too few held-out tokens to score one (the held-out "
                         f"set is {n} batches of {cfg.data.seq_len}-token sequences); raise data.val_fraction")

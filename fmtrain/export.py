@@ -55,7 +55,7 @@ def load_trained(ckpt: str | os.PathLike | Checkpoint):
     from .model import build_model
 
     ckpt = resolve(ckpt)
-    model = build_model(ckpt.config.model)
+    model = build_model(ckpt.config.model, position_reset=ckpt.config.data.position_reset)
     model.load_state_dict(load_model_state(ckpt))
     return model.eval(), ckpt.config
 

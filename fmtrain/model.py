@@ -10,6 +10,10 @@
   ``"local"`` the fine level of fma only (the two baselines).
 - ``positions`` are *global* token positions for RoPE, so a sequence-parallel
   rank passes its slice's and gets the same rotation the full sequence would.
+- ``doc_positions`` (the loader's: each token's position in its packed document)
+  turn on document masking: attention stays within each document, so each
+  document's output is the model's on that document alone. With
+  ``position_reset`` they are the RoPE positions too (the model is built with it).
 - ``targets`` are aligned with ``input_ids`` (the token to predict at each
   position, ``-100`` to ignore): the data pipeline shifts for the causal LM and
   masks for the MLM, so that a sequence slice carries its own targets.
@@ -28,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionSpec, make_attention
+from .attention.documents import cu_seqlens_from_doc_positions
 from .attention.hierarchy import hierarchy
 from .config import ModelConfig
 from .data.masking import IGNORE_INDEX  # the targets the data pipeline marks "no loss here"
@@ -81,8 +86,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.hidden, cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), positions)  # (B, n, dim)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None, cu_seqlens=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), positions, cu_seqlens)  # (B, n, dim)
         return x + self.mlp(self.norm2(x))
 
     def prefill(self, x: torch.Tensor, store_device=None):
@@ -98,21 +103,38 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token embedding, blocks and the final norm: ids (B, n) -> hidden states (B, n, dim)."""
+    """Token embedding, blocks and the final norm: ids (B, n) -> hidden states (B, n, dim).
 
-    def __init__(self, cfg: ModelConfig, causal: bool):
+    ``doc_positions`` (B, n), each token's position in its packed document: attention stays
+    within documents (their boundaries, ``cu_seqlens``, are found once per forward, on the
+    host, for every layer); with ``position_reset`` they are also the RoPE positions.
+    """
+
+    def __init__(self, cfg: ModelConfig, causal: bool, position_reset: bool = False):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.activation_checkpointing = cfg.activation_checkpointing
+        self.position_reset = position_reset
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_positions: torch.Tensor | None = None) -> torch.Tensor:
+        cu_seqlens = None
+        if doc_positions is not None:
+            if doc_positions.shape != input_ids.shape:
+                raise ValueError(f"doc_positions {tuple(doc_positions.shape)} must have the shape of input_ids "
+                                 f"{tuple(input_ids.shape)} (each token's position in its document)")
+            # A CPU tensor (the loader's) costs no device sync here: fma builds its tables on the host.
+            cu_seqlens = cu_seqlens_from_doc_positions(doc_positions)  # (documents + 1,) int64, CPU
+            if self.position_reset:
+                positions = doc_positions.to(input_ids.device)
         x = self.tok_emb(input_ids)  # (B, n, dim)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             # Keep only each block's input; its activations are rebuilt in the backward.
-            x = checkpoint(block, x, positions, use_reentrant=False) if recompute else block(x, positions)
+            x = checkpoint(block, x, positions, cu_seqlens, use_reentrant=False) if recompute \
+                else block(x, positions, cu_seqlens)
         return self.norm(x)
 
 
@@ -221,14 +243,18 @@ class LMHead(nn.Module):
 
 # --------------------------------------------------------------------------- models
 class LanguageModel(nn.Module):
-    """Trunk + head. Subclasses fix ``causal``; use :func:`build_model`."""
+    """Trunk + head. Subclasses fix ``causal``; use :func:`build_model`.
+
+    ``position_reset`` (``data.position_reset``): with ``doc_positions`` given, RoPE positions
+    restart at 0 at each document. It changes no parameter: a checkpoint loads either way.
+    """
 
     causal: bool = True
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, position_reset: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.trunk = Transformer(cfg, causal=self.causal)
+        self.trunk = Transformer(cfg, causal=self.causal, position_reset=position_reset)
         self.head = LMHead(cfg.dim, cfg.vocab_size, cfg.loss_chunk)
         if cfg.tie_embeddings:
             self.head.weight = self.trunk.tok_emb.weight  # one Parameter, two users
@@ -261,19 +287,21 @@ class LanguageModel(nn.Module):
             raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids "
                              f"{tuple(input_ids.shape)} (aligned: the token to predict at each position)")
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor,
-                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss sum, number of targets): ``input_ids``, ``targets`` (B, n); ``positions``
-        (n,) or (B, n) global positions, default ``arange(n)``. Targets of -100 are ignored."""
+        (n,) or (B, n) global positions, default ``arange(n)``. Targets of -100 are ignored.
+        ``doc_positions`` (B, n): document masking (see :class:`Transformer`); None: none."""
         self._check_ids(input_ids, targets)
-        return self.head(self.trunk(input_ids, positions), targets)
+        return self.head(self.trunk(input_ids, positions, doc_positions), targets)
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+               doc_positions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n, vocab) logits for every position, float32 (float64 for a float64 model);
         for generation and short inputs: the whole (n, vocab) matrix is formed."""
         self._check_ids(input_ids)
-        logits = self.head(self.trunk(input_ids, positions))
+        logits = self.head(self.trunk(input_ids, positions, doc_positions))
         return logits if logits.dtype == torch.float64 else logits.float()
 
     @torch.no_grad()
@@ -365,15 +393,16 @@ class MaskedLM(LanguageModel):
     causal = False
 
 
-def build_model(cfg: ModelConfig) -> LanguageModel:
+def build_model(cfg: ModelConfig, *, position_reset: bool = False) -> LanguageModel:
     """The model ``cfg.kind`` names, initialised (on the CPU, fp32), for one device. Sequence
     parallelism is applied to it afterwards (:func:`fmtrain.parallel.apply_sequence_parallel`):
     it then takes this rank's slice of each sequence with global ``positions``, and its loss is
-    the slice's sum (the trainer divides by the global count)."""
+    the slice's sum (the trainer divides by the global count). ``position_reset``: the run's
+    ``data.position_reset`` (a data setting: the packing, not the architecture, asks for it)."""
     if cfg.kind == "causal":
-        return CausalLM(cfg)
+        return CausalLM(cfg, position_reset)
     if cfg.kind == "mlm":
-        return MaskedLM(cfg)
+        return MaskedLM(cfg, position_reset)
     raise ValueError(f"model.kind={cfg.kind!r} is not one of 'causal', 'mlm'")
 
 

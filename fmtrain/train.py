@@ -145,7 +145,8 @@ def _train(cfg: Config, world: World, init) -> dict:
     threads = _cpu_threads(world, saved.get("cpu_threads") if found else None)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = _build_data(cfg, world)
-    model = apply_sequence_parallel(build_model(cfg.model), world.sp_group)  # no group: one device
+    model = apply_sequence_parallel(build_model(cfg.model, position_reset=cfg.data.position_reset),
+                                    world.sp_group)  # no group: one device
     init_note = init.load(model) if init else ""  # weights only: optimizer, schedule and data start fresh
     n_params = model.num_params()  # before ZeRO 3 partitions them away from this rank
     engine = build_engine(model, cfg, world, dtype)
@@ -184,7 +185,8 @@ def _train(cfg: Config, world: World, init) -> dict:
     def run_eval() -> dict | None:
         if data.val is None:
             return None
-        result = evaluate(engine, data.val, world, data.tokenizer.token_bytes, cfg.train.eval_batches, stop)
+        result = evaluate(engine, data.val, world, data.tokenizer.token_bytes, cfg.train.eval_batches, stop,
+                          document_masking=cfg.data.document_masking)
         if result is not None:  # None: a stop signal cut it short (the loop then checkpoints)
             log.eval(state.step, result)
         return result
@@ -199,7 +201,7 @@ def _train(cfg: Config, world: World, init) -> dict:
         batches = [data.train.next_batch() for _ in range(cfg.train.grad_accum)]
         t_data = time.perf_counter() - t0
         lr = engine.lr_scheduler.get_last_lr()[0]
-        loss, gnorm = train_step(engine, batches, world)
+        loss, gnorm = train_step(engine, batches, world, cfg.data.document_masking)
         state.step += 1
         state.tokens_seen += tokens_per_step
         dt = time.perf_counter() - t0

@@ -260,3 +260,29 @@ def test_by_position_and_needle_use_the_runs_val_fraction(run):
     assert f"{val.n_docs} held-out documents" in r.stderr and val.n_docs >= 3
     r = _eval(run, "--needle", "--lengths", "64", "--depths", "0", "--samples", "1")
     assert r.returncode == 0 and "| 64 |" in r.stdout, r.stderr[-3000:]
+
+
+def test_evaluate_masks_documents_when_the_run_does():
+    """evaluate(document_masking=True) gives the model the batches' doc_positions, as training does; off, none."""
+    import torch
+
+    from fmtrain.config import ModelConfig
+    from fmtrain.eval import evaluate
+    from fmtrain.model import build_model
+    from fmtrain.parallel import World
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, block_size=16, rank=2),
+                        position_reset=True).double()
+    g = torch.Generator().manual_seed(0)
+    ids, targets = torch.randint(0, 61, (2, 64), generator=g), torch.randint(0, 61, (2, 64), generator=g)
+    doc_positions = torch.cat([torch.arange(20), torch.arange(44)]).expand(2, 64)  # two documents a row
+    batch = dict(input_ids=ids, targets=targets, positions=torch.arange(64).expand(2, 64), doc_positions=doc_positions)
+    world = World(rank=0, local_rank=0, size=1, sp_size=1, device=torch.device("cpu"), backend="none")
+    masked = evaluate(model, [batch], world, torch.ones(61), document_masking=True)["eval_loss"]
+    plain = evaluate(model, [batch], world, torch.ones(61))["eval_loss"]
+    with torch.no_grad():
+        for docs, got in ((doc_positions, masked), (None, plain)):
+            loss, count = model(ids, targets, batch["positions"], docs)
+            assert got == pytest.approx((loss / count).item(), rel=1e-12)
+    assert abs(masked - plain) > 1e-6, (masked, plain)

@@ -423,3 +423,88 @@ def test_refined_model_trains_and_generates_with_its_cache():
     recomputed = generate(refined, ids[:1, :150], 12, use_cache=False, temperature=0.0)
     assert cached.ids == recomputed.ids and len(cached.ids[0]) == 12
     assert 0 < cached.store_bytes < cached.cache_bytes
+
+
+# --------------------------------------------------------------------------- document masking
+# Two packed rows of 96 tokens, block 16: documents shorter than a block, on and off block
+# boundaries, and long ones that have coarse levels of their own.
+PACKED = ((5, 11, 16, 64), (3, 93))
+
+
+def packed_batch(lengths=PACKED, vocab: int = 61, seed: int = 2):
+    """ids (B, n) and the loader's doc_positions (B, n) of rows packed from documents of ``lengths``."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lengths[0])
+    ids = torch.randint(0, vocab, (len(lengths), n), generator=g)
+    doc_positions = torch.stack([torch.cat([torch.arange(L) for L in row]) for row in lengths])
+    return ids, doc_positions
+
+
+def each_document_alone(model, ids, lengths=PACKED, positions=None):
+    """The logits of each document run alone (at ``positions``' slice of its row; None: from 0), in place."""
+    rows = []
+    for b, row in enumerate(lengths):
+        starts = [sum(row[:i]) for i in range(len(row))]
+        rows.append(torch.cat([model.logits(ids[b:b + 1, s:s + L],
+                                            None if positions is None else positions[s:s + L])[0]
+                               for s, L in zip(starts, row)]))
+    return torch.stack(rows)
+
+
+MASKED = [dict(attention="fma"), dict(attention="local"), dict(attention="sdpa"),
+          dict(attention="fma", refine=2), dict(attention="fma", summary="mean", variant="linear")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kw", MASKED, ids=_decoder_name)
+def test_document_masking_gives_each_document_its_own_logits(kw, kind):
+    """With doc_positions (and position_reset), each packed document's logits are the model's on it alone."""
+    torch.manual_seed(0)
+    model = _perturbed(build_model(small(kind=kind, **kw), position_reset=True).double())
+    ids, doc_positions = packed_batch()
+    packed = model.logits(ids, doc_positions=doc_positions)
+    torch.testing.assert_close(packed, each_document_alone(model, ids), rtol=0, atol=1e-10)
+    assert (packed - model.logits(ids)).abs().max() > 1e-4  # without them, attention crosses documents
+    loss, count = model(ids, ids, doc_positions=doc_positions)  # the loss takes them too
+    expect = F.cross_entropy(packed.flatten(0, 1), ids.flatten(), reduction="sum")
+    torch.testing.assert_close(loss, expect, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_position_reset_chooses_the_rope_positions(attention):
+    """position_reset: RoPE positions restart at each document whatever positions are given; without it
+    they continue (the given ones). Positions spread apart (x3) tell the two apart: RoPE is relative, so
+    contiguous positions that continue give each document what a reset gives, up to rounding."""
+    ids, doc_positions = packed_batch()
+    spread = torch.arange(96) * 3
+    out = {}
+    for reset in (True, False):
+        torch.manual_seed(0)
+        model = _perturbed(build_model(small(attention=attention), position_reset=reset).double())
+        out[reset] = model.logits(ids, spread, doc_positions)
+        alone = each_document_alone(model, ids, positions=None if reset else spread)
+        torch.testing.assert_close(out[reset], alone, rtol=0, atol=1e-10)
+        continued = model.logits(ids, None, doc_positions)  # the row's positions 0..n-1 continue across documents
+        torch.testing.assert_close(continued, each_document_alone(model, ids), rtol=0, atol=1e-10)
+    assert (out[True] - out[False]).abs().max() > 1e-4
+
+
+def test_doc_positions_must_match_the_ids():
+    model = build(attention="sdpa")
+    ids, doc_positions = packed_batch()
+    with pytest.raises(ValueError, match=r"doc_positions \(2, 95\) must have the shape of input_ids \(2, 96\)"):
+        model.logits(ids, doc_positions=doc_positions[:, 1:])
+
+
+def test_document_masking_with_activation_checkpointing_same_gradients():
+    ids, doc_positions = packed_batch()
+    out = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model(small(activation_checkpointing=ckpt), position_reset=True).double()
+        loss, _ = model(ids, ids, doc_positions=doc_positions)
+        loss.backward()
+        out.append((loss.detach(), grads(model)))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=1e-12)
+    for k in out[0][1]:
+        torch.testing.assert_close(out[1][1][k], out[0][1][k], rtol=1e-10, atol=1e-12)

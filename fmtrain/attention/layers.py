@@ -16,6 +16,7 @@ from torch import nn
 
 from .cache import KVCache, MultipoleCache, RefinedCache
 from .cpu import adapt_torch_threads
+from .documents import as_documents
 from .rope import apply_rope, rope_angles
 from .multipole import fma
 from .summaries import WindowRotated, build_summaries
@@ -32,6 +33,8 @@ class ProjectedAttention(nn.Module):
 
     ``x`` (B, n, dim) -> (B, n, dim). ``positions`` (n,) or (B, n) are global token
     positions (a sequence-parallel rank passes its slice's); default ``arange(n)``.
+    ``cu_seqlens``: document masking for packed rows, as ``fma`` takes it (0, then each
+    document's end in the batch flattened to ``B * n`` tokens); None: one sequence per row.
     Every attention kind shares these parameter names (``wq``, ``wkv``, ``wo``), so
     they initialise alike and their checkpoints line up.
     """
@@ -69,7 +72,7 @@ class ProjectedAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         raise NotImplementedError  # (B, H, n, d)
 
     def new_cache(self, store_device=None):
@@ -81,8 +84,8 @@ class ProjectedAttention(nn.Module):
         B, _, n, _ = y.shape  # (B, H, n, d) -> (B, n, dim)
         return self.wo(y.transpose(1, 2).reshape(B, n, -1))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        return self._project_out(self.attend(*self.qkv(x, positions)))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cu_seqlens=None) -> torch.Tensor:
+        return self._project_out(self.attend(*self.qkv(x, positions), cu_seqlens=cu_seqlens))
 
     @torch.no_grad()
     def prefill(self, x: torch.Tensor, store_device=None):
@@ -149,11 +152,11 @@ class MultipoleAttention(ProjectedAttention):
         """What fma forms the summaries with."""
         return self.window_rope or self.summaries
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, cu_seqlens=None):
         return fma(q, k, v, block_size=self.block_size, rank=self.rank, causal=self.causal,
                    weighted=self.weighted, impl=self.impl, variant=self.variant, summaries=self.summarise,
                    max_level=self.max_level, group=self.sp_group, level_offset=self.level_offset,
-                   refine=self.refine)
+                   refine=self.refine, cu_seqlens=cu_seqlens)
 
     def new_cache(self, store_device=None) -> MultipoleCache:
         kw = dict(block_size=self.block_size, rank=self.rank, weighted=self.weighted, variant=self.variant,
@@ -165,16 +168,35 @@ class MultipoleAttention(ProjectedAttention):
 
 
 class FullAttention(ProjectedAttention):
-    """Full softmax attention by ``scaled_dot_product_attention`` (the dense baseline)."""
+    """Full softmax attention by ``scaled_dot_product_attention`` (the dense baseline).
 
-    def attend(self, q, k, v):
+    With ``cu_seqlens`` it passes SDPA a block-diagonal mask (and causal within each block):
+    an (n, n) mask per row, so SDPA's fused kernels that take no mask are off there; a
+    baseline, not a fast path."""
+
+    def attend(self, q, k, v, cu_seqlens=None):
         groups = self.n_heads // self.n_kv_heads
         if groups > 1:  # grouped-query: each kv head serves `groups` query heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        if cu_seqlens is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        mask = document_mask(cu_seqlens, q.shape[0], q.shape[2], self.causal, q.device)  # (B, 1, n, n)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def new_cache(self, store_device=None) -> KVCache:
         return KVCache()
+
+
+def document_mask(cu_seqlens, batch: int, n: int, causal: bool, device) -> torch.Tensor:
+    """SDPA's boolean mask for packed documents: a query sees the keys of its own document
+    (those up to itself when ``causal``). ``cu_seqlens`` as ``fma`` takes it. (B, 1, n, n)."""
+    docs = as_documents(cu_seqlens, batch, n)
+    lengths = torch.tensor(docs.lengths)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths).view(batch, n).to(device)  # (B, n)
+    mask = doc[:, :, None] == doc[:, None, :]  # (B, n, n)
+    if causal:
+        mask &= torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return mask[:, None]  # one mask for every head
 
 
 KINDS = ("fma", "local", "sdpa")
@@ -210,7 +232,7 @@ class AttentionSpec:
 
 
 def make_attention(spec: AttentionSpec) -> ProjectedAttention:
-    """The layer ``spec`` describes: ``forward(x (B, n, dim), positions) -> (B, n, dim)``."""
+    """The layer ``spec`` describes: ``forward(x (B, n, dim), positions, cu_seqlens) -> (B, n, dim)``."""
     common = dict(causal=spec.causal, rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling,
                   qkv_bias=spec.qkv_bias, out_bias=spec.out_bias)
     if spec.kind == "sdpa":
@@ -224,4 +246,5 @@ def make_attention(spec: AttentionSpec) -> ProjectedAttention:
 
 
 __all__ = ["ProjectedAttention", "MultipoleAttention", "FullAttention", "AttentionSpec", "make_attention",
+           "document_mask",
            "SUMMARY_ROPES", "KINDS"]

@@ -163,6 +163,15 @@ class DataConfig:
                                        "package directories).", min=0.0, max=0.5)
     mask_prob: float = option(0.15, "MLM: fraction of tokens selected for prediction (BERT's 80/10/10 "
                                     "corruption).", min=0.0, max=1.0)
+    document_masking: bool = option(False, "Attention stays within each packed document: each document's output "
+                                           "equals the model run on it alone (fma's cu_seqlens; sdpa with a "
+                                           "block-diagonal mask). The targets still run across documents (the "
+                                           "target at an EOS is the next document's first token). Off: attention "
+                                           "crosses document boundaries. Not with parallel.sequence > 1 yet.")
+    position_reset: bool = option(False, "RoPE positions restart at 0 at each packed document (needs "
+                                         "data.document_masking). Off by default, as in Llama 3, torchtitan and "
+                                         "Megatron (reset_position_ids=False): RoPE is relative, so within a "
+                                         "masked document only rounding tells the two apart.")
 
 
 @dataclass
@@ -366,6 +375,13 @@ def _consistency_errors(cfg: Config) -> list[str]:
     elif m.refine and m.variant != "nlogn":
         e.append("model.refine > 0 needs model.variant='nlogn' (the linear variant shares one query per window "
                  "on coarse levels); set model.refine=0 or model.variant='nlogn'")
+    if d.position_reset and not d.document_masking:
+        e.append("data.position_reset restarts positions at each packed document, which only means something "
+                 "when attention stays within documents: set data.document_masking=true, or "
+                 "data.position_reset=false")
+    if d.document_masking and p.sequence > 1:
+        e.append("sequence parallelism with document masking is not implemented yet; set parallel.sequence=1 "
+                 "or data.document_masking=false")
     if p.sequence > 1 and m.attention == "sdpa":
         e.append("parallel.sequence > 1 is implemented for attention='fma' and 'local' only; "
                  "use --parallel.sequence=1 for the sdpa baseline")

@@ -15,15 +15,16 @@ with their global positions. The state is the number of sequences consumed,
 so a resume continues at the exact next sequence.
 
 Targets run across document boundaries as in GPT-2 style packing: the target
-at an EOS is the next document's first token. No BOS is inserted; a model
-that should not attend across documents can use `doc_positions` (0 at each
-document's first token) to build its mask.
+at an EOS is the next document's first token. No BOS is inserted; with
+data.document_masking the model attends within documents only, found from
+`doc_positions` (0 at each document's first token).
 
 A batch is a dict of int64 tensors, each (B, C):
     input_ids      tokens (MLM: corrupted, see masking.py)
     targets        causal: next tokens; MLM: original ids at chosen positions; -100: no loss
     positions      global positions in the packed sequence: s*C + [0, C)
-    doc_positions  position of each token inside its document (its EOS included)
+    doc_positions  position of each token inside its document (its EOS included; eval padding
+                   past the held-out stream counts as one document)
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ class _Stream:
         """Fill tokens and doc_pos, both (n,) int64, from stream [start, start + n).
 
         Copies one slice per document piece (a long-context sequence spans few
-        documents). Past the stream's end: token -1, position 0; returns
-        whether that happened.
+        documents). Past the stream's end: token -1, positions counting from 0
+        (the padding is one document: document masking then keeps it apart in one
+        piece, not as a document per token); returns whether that happened.
         """
         n = len(tokens)
         end = min(start + n, self.length)
@@ -93,8 +95,9 @@ class _Stream:
             pos += take
             slot += 1
         if start + n > end:
-            tokens[max(end - start, 0):] = -1
-            doc_pos[max(end - start, 0):] = 0
+            pad = max(end - start, 0)
+            tokens[pad:] = -1
+            doc_pos[pad:] = _arange(n - pad)
             return True
         return False
 

@@ -130,3 +130,40 @@ def test_make_attention_builds_the_layer_a_spec_names():
     assert {k for k in full.state_dict()} <= {k for k in fma_layer.state_dict()}
     with pytest.raises(ValueError, match="'flash' is not one of"):
         make_attention(dataclasses.replace(spec, kind="flash"))
+
+
+# Packed rows of 48 tokens, block 16: documents shorter than a block, ending on and off block
+# boundaries, one a whole row; as FlashAttention's cu_seqlens over the flattened batch of 2 rows.
+PACKED_LENGTHS = ((5, 11, 16, 3, 13), (48,))
+PACKED_CU_SEQLENS = torch.tensor([0, 5, 16, 32, 35, 48, 96])
+
+
+def alone_per_document(att, x, lengths):
+    """Each document of each packed row run through ``att`` on its own, put back in place: (B, n, dim)."""
+    rows = []
+    for row, row_lengths in zip(x, lengths):
+        parts = row.split(list(row_lengths))  # (L, dim) each
+        rows.append(torch.cat([att(part[None])[0] for part in parts]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_with_documents_is_each_document_alone(causal, rng):
+    from fmtrain.attention import FullAttention
+
+    torch.manual_seed(0)
+    att = FullAttention(32, 4, 2, causal=causal).double()
+    x = torch.randn(2, 48, 32, dtype=torch.float64, generator=rng)
+    packed = att(x, None, PACKED_CU_SEQLENS)  # RoPE at the row's positions: relative, so as alone
+    torch.testing.assert_close(packed, alone_per_document(att, x, PACKED_LENGTHS), rtol=0, atol=1e-10)
+    assert (packed - att(x)).abs().max() > 1e-3  # without documents, attention crosses them
+
+
+def test_document_mask_is_block_diagonal_and_causal_within():
+    from fmtrain.attention.layers import document_mask
+
+    mask = document_mask([0, 2, 3, 6], 2, 3, causal=True, device="cpu")[:, 0]  # (B, n, n)
+    expect = torch.tensor([[[1, 0, 0], [1, 1, 0], [0, 0, 1]], [[1, 0, 0], [1, 1, 0], [1, 1, 1]]], dtype=torch.bool)
+    assert torch.equal(mask, expect)
+    both = document_mask([0, 2, 3, 6], 2, 3, causal=False, device="cpu")[:, 0]
+    assert torch.equal(both[0], torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool))

@@ -205,6 +205,22 @@ def test_level_offsets_and_window_rope_are_single_device_without_refinement():
     assert "model.summary_rope" in error_of(from_dict, {"run": {"dir": "r"}, "model": {"summary_rope": "mid"}})
 
 
+def test_document_masking_and_position_reset():
+    base = {"run": {"dir": "r"}, "model": {"block_size": 16}, "data": {"seq_len": 1024}}
+    assert (from_dict(base).data.document_masking, from_dict(base).data.position_reset) == (False, False)
+    msg = error_of(from_dict, {**base, "data": {"position_reset": True}})
+    assert len(msg.splitlines()) == 1, msg
+    assert "data.position_reset" in msg and "set data.document_masking=true, or data.position_reset=false" in msg
+    both = {**base, "data": {"seq_len": 1024, "document_masking": True, "position_reset": True}}
+    assert from_dict(both).data.position_reset
+    msg = error_of(from_dict, {**both, "parallel": {"sequence": 2}})
+    assert len(msg.splitlines()) == 1, msg
+    assert "sequence parallelism with document masking is not implemented yet; set parallel.sequence=1 or " \
+           "data.document_masking=false" in msg
+    refined = from_dict({**both, "model": {"block_size": 16, "refine": 2}})  # fma masks refined attention too
+    assert refined.model.refine == 2 and refined.data.document_masking
+
+
 def test_corpus_list():
     msg = error_of(from_dict, {"run": {"dir": "r"}, "data": {"corpus": ["stdlib", "x.txt"]}})
     assert "data.corpus=['stdlib', 'x.txt']: 'stdlib' cannot be combined with other sources" in msg

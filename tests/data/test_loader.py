@@ -273,6 +273,8 @@ def test_eval_smaller_than_one_sequence_and_mlm_is_fixed():
     assert b["input_ids"][0, :4].tolist() == [10, 11, 12, EOS]
     assert (b["input_ids"][0, 4:] == PAD).all()
     assert b["targets"][0, :3].tolist() == [11, 12, EOS] and (b["targets"][0, 3:] == IGNORE_INDEX).all()
+    # The padding is one document (document masking keeps it apart in one piece, not one per token).
+    assert b["doc_positions"][0].tolist() == [0, 1, 2, 3] + list(range(60))
     mlm = eval_loader(unique_docs(n_docs=30), objective="mlm", max_batches=2)
     first, second = list(mlm), list(mlm)
     assert len(first) == 2

@@ -159,6 +159,37 @@ class DocHierarchy:
                 bias[rows, cols] = t.bias[:, cols]
         return BlockTables(index, bias)
 
+    def seen_by_cpu(self) -> torch.Tensor:
+        """Each document's :func:`~.hierarchy.seen_by` rows, moved to this layout."""
+        from .hierarchy import _seen_by_cpu
+
+        rows = []
+        for part, a0, wins in zip(self.parts, self.first_block, self.first_window):
+            if not part.n_levels or part.n_levels > self.n_levels:
+                continue
+            t = _seen_by_cpu(part).clone()  # (level, window, first, 0, n_blocks, seers...)
+            level = t[:, 0].long()
+            shift = torch.tensor([self.offsets[l - 1] + wins[l - 1] * self.rank - part.offsets[l - 1]
+                                  for l in range(1, part.n_levels + 1)])[level - 1]
+            t[:, 1] += torch.tensor(wins)[level - 1].to(t.dtype)
+            t[:, 2] += shift.to(t.dtype)
+            t[:, 3] += a0
+            t[:, 4] += a0
+            rows.append(t)
+        from .hierarchy import SEEN_BY_COLS
+        return torch.cat(rows) if rows else torch.zeros(0, SEEN_BY_COLS, dtype=torch.int32)
+
+    def key_bounds(self, device) -> torch.Tensor:
+        """(n_blocks, 2) int32: the keys ``[lo, hi)`` each block's queries may see, their
+        document's (cached per device; the Triton kernels' fine mask)."""
+        def make():
+            m, out = self.block_size, torch.empty(self.n_blocks, 2, dtype=torch.int32)
+            for L, a0, part in zip(self.docs.lengths, self.first_block, self.parts):
+                out[a0:a0 + part.n_blocks, 0] = a0 * m
+                out[a0:a0 + part.n_blocks, 1] = a0 * m + L
+            return out.to(device)
+        return cached_on_device(("key_bounds", self, torch.device(device)), make)
+
     def children(self, level: int, device) -> torch.Tensor:
         """For the windows of ``level + 1``, their two children on ``level``, pairwise:
         (2 * windows[level],) indices into level ``level``'s windows, ``windows[level - 1]``

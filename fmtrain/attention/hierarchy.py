@@ -301,12 +301,15 @@ def all_summary_counts(h: Hierarchy) -> torch.Tensor:
     return torch.cat([h.summary_counts(l).reshape(-1) for l in range(1, h.n_levels + 1)])
 
 
-# Columns of :func:`seen_by`'s table: level, window, its first summary, then the windows that see it.
-SEEN_BY_COLS = 7
+# Columns of :func:`seen_by`'s table: level, window, its first summary, its sequence's first and
+# end block (a packed document's, else 0 and n_blocks), then the windows that see it.
+SEEN_BY_COLS = 9
 
 
 @functools.lru_cache(maxsize=256)
 def _seen_by_cpu(h: Hierarchy) -> torch.Tensor:
+    if not isinstance(h, Hierarchy):  # packed documents (.documents.DocHierarchy) concatenate their own
+        return h.seen_by_cpu()
     rows = []
     for l in range(1, h.n_levels + 1):
         seers = [[] for _ in range(h.windows[l - 1])]
@@ -315,15 +318,16 @@ def _seen_by_cpu(h: Hierarchy) -> torch.Tensor:
                 if c >= 0:
                     seers[c].append(c_q)
         for c, qs in enumerate(seers):
-            assert len(qs) <= SEEN_BY_COLS - 3, "a window is in at most four interaction lists"
-            rows.append([l, c, h.offsets[l - 1] + c * h.rank] + qs + [-1] * (SEEN_BY_COLS - 3 - len(qs)))
+            assert len(qs) <= SEEN_BY_COLS - 5, "a window is in at most four interaction lists"
+            rows.append([l, c, h.offsets[l - 1] + c * h.rank, 0, h.n_blocks] + qs + [-1] * (SEEN_BY_COLS - 5 - len(qs)))
     return torch.tensor(rows, dtype=torch.int32).view(-1, SEEN_BY_COLS)
 
 
 def seen_by(h: Hierarchy, device: torch.device | str) -> torch.Tensor:
     """The interaction lists inverted, for the summaries' backward: one row per coarse window of
-    every level, ``(level, window, index of its first summary, then up to four windows of the
-    same level whose lists hold it, -1 padded)``; (windows of all levels, SEEN_BY_COLS) int32
+    every level, ``(level, window, index of its first summary, first and end block of its
+    sequence (a packed document's), then up to four windows of the same level whose lists hold
+    it, -1 padded)``; (windows of all levels, SEEN_BY_COLS) int32
     (cached per device)."""
     return cached_on_device(("seen_by", h, torch.device(device)), lambda: _seen_by_cpu(h).to(device))
 

@@ -9,14 +9,12 @@ import math
 import torch
 
 from .blocked import blocked_multipole
-from .cores import select_core
 from .documents import Documents, as_documents, doc_hierarchy, doc_summaries, from_layout, to_layout
 from .hierarchy import call_hierarchy, sizes_error
 from .refine import refined_multipole
 from .reference import dense_attention, dense_refined
 from .sequence_parallel import sp_fma, sp_refined
 from .summaries import MEAN, Summaries
-from .torch_core import BlockAttention
 
 IMPLS = ("auto", "torch", "triton", "dense")
 VARIANTS = ("nlogn", "linear")
@@ -149,11 +147,11 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
 
 
 def _documents(q, k, v, docs: Documents, kw) -> torch.Tensor:
-    """``fma`` over packed documents: the block-aligned layout through the PyTorch core where
-    it serves (nlogn, bottom-up summaries, no refinement), else each document alone."""
+    """``fma`` over packed documents: the block-aligned layout through one core call (PyTorch or
+    Triton, as without documents) where it serves (nlogn, bottom-up summaries, no refinement),
+    else each document alone."""
     summaries = kw["summaries"] or MEAN
-    torch_core = kw["impl"] == "torch" or (kw["impl"] == "auto" and select_core("auto", q) is BlockAttention)
-    if not (torch_core and kw["variant"] == "nlogn" and not kw["refine"] and isinstance(summaries, Summaries)
+    if not (kw["variant"] == "nlogn" and not kw["refine"] and isinstance(summaries, Summaries)
             and summaries.bottom_up):
         return _per_document(q, k, v, docs, kw)
     dh = doc_hierarchy(docs, kw["block_size"], kw["rank"], kw["causal"], kw["max_level"])
@@ -163,7 +161,7 @@ def _documents(q, k, v, docs: Documents, kw) -> torch.Tensor:
                          f"({max(docs.lengths)} tokens) has {dh.n_levels}")
     qa, ka, va = (to_layout(x, dh) for x in (q, k, v))  # (1, heads, n_layout, d)
     ks, vs = doc_summaries(summaries, ka, va, dh)
-    out = blocked_multipole(qa, ka, va, ks, vs, dh, scale=kw["scale"], weighted=kw["weighted"], impl="torch",
+    out = blocked_multipole(qa, ka, va, ks, vs, dh, scale=kw["scale"], weighted=kw["weighted"], impl=kw["impl"],
                             level_offset=level_offset)
     return from_layout(out, dh)
 

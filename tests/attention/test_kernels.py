@@ -263,7 +263,10 @@ def _aot_compile(dtype: str, m: int, d: int, S: int, causal: bool) -> None:
     """
     from fmtrain.attention.kernels import aot
 
-    for name, fn, consts, launch, pointers in aot.kernel_variants(dtype, m, d, S, causal):
+    variants = aot.kernel_variants(dtype, m, d, S, causal)
+    if (dtype, m, d) in DOCS_AOT:  # packed documents' fine mask too
+        variants += aot.kernel_variants(dtype, m, d, S, causal, docs=True)
+    for name, fn, consts, launch, pointers in variants:
         compiled = aot.compile_sm90(fn, consts, pointers, launch)
         if dtype == "fp32":
             continue  # IEEE fp32 products: no tensor cores; spills reported by the bench, not gated
@@ -279,6 +282,7 @@ def _aot_compile(dtype: str, m: int, d: int, S: int, causal: bool) -> None:
 # tile smaller than, equal to and larger than the fine one; fp32 (IEEE products) and half types.
 AOT_CASES = [("bf16", 64, 64, 5), ("bf16", 64, 128, 200), ("fp32", 64, 64, 40), ("fp16", 32, 32, 40),
              ("bf16", 16, 16, 3)]
+DOCS_AOT = {("bf16", 64, 128), ("fp16", 32, 32)}  # fp32 lowers the same code, 3 minutes slower
 
 
 @pytest.mark.slow
@@ -333,3 +337,14 @@ def test_refined_far_field_kernels_match_the_reference(monkeypatch, dtype, causa
     for i, (a, b) in enumerate(zip(grads[1], grads[0])):
         err = (a - b).abs().max().item() / (b.abs().max().item() if dtype != torch.float32 else 1.0)
         assert err < TOL[dtype], f"{['out', 'dq', 'dk', 'dv'][i]}: {err:.2e} (seed {n + refine})"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lengths", [[100, 50, 3, 40, 7], [16, 32, 5, 11, 64]], ids=str)
+def test_packed_documents_through_the_kernels(rng, spy, lengths, causal):
+    """Document masking (``cu_seqlens``) in one launch per kernel: each block's fine mask reads
+    its document's key range, the summaries' backward each window's document. Against the
+    float64 definition (each document's dense fma alone), fp32's tolerance."""
+    q, k, v = qkv(rng, 1, 4, 2, sum(lengths), 8)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    compare(spy, q, k, v, torch.float32, block_size=16, rank=2, causal=causal, cu_seqlens=cu)

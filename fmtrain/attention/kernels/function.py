@@ -28,6 +28,14 @@ def _device_tables(h: Hierarchy, weighted: bool, device) -> tuple[torch.Tensor, 
     return index, bias
 
 
+def _key_bounds(h, device) -> tuple[torch.Tensor, bool]:
+    """Per block the keys its queries may see, for packed documents (:mod:`..documents`), and
+    whether there are any: a sequence's are ``[0, n)``, passed as ``n`` (a pointer never read)."""
+    if isinstance(h, Hierarchy):
+        return torch.zeros(1, dtype=torch.int32, device=device), False
+    return h.key_bounds(device), True
+
+
 def _blocks(m: int, d: int, S: int) -> dict:
     """Tile sizes: powers of two >= 16 (``tl.dot``'s minimum); padding rows/columns are masked."""
     bm = max(16, triton.next_power_of_2(m))
@@ -39,6 +47,12 @@ def _blocks(m: int, d: int, S: int) -> dict:
 def _launch(bm: int, bd: int) -> dict:
     # Not tuned on a GPU yet (none in the session that wrote this): FlashAttention-2's defaults.
     return dict(num_warps=4 if bm * bd <= 64 * 64 else 8, num_stages=2)
+
+
+def _dq_launch(launch: dict, docs: bool) -> dict:
+    # Packed documents' key ranges cost the dq kernel the last registers at d=128 (bidirectional,
+    # bf16: 24 bytes spilled with two stages, none with one; #26's kernel_resources bench).
+    return dict(launch, num_stages=1) if docs else launch
 
 
 def _precision(dtype) -> str:
@@ -106,10 +120,11 @@ class TritonBlockAttention(torch.autograd.Function):
         lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
         blk = _blocks(m, d, S)
         prec = _precision(dt)
+        bounds, docs = _key_bounds(h, q.device)
         _fwd_kernel[(nq, B * H)](
-            q, k, v, ks, vs, index, bias, out, lse,
+            q, k, v, ks, vs, index, bias, bounds, out, lse,
             h.n, nq, a0, H, H // Hkv, T, S, k_start, k.shape[2], scale * LOG2E,
-            m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), **blk, **_launch(blk["BLOCK_M"], blk["BLOCK_D"]))
+            m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=prec, UPCAST=_upcast(q.dtype), **blk, **_launch(blk["BLOCK_M"], blk["BLOCK_D"]))
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, ks, vs, out, lse)
         ctx.h, ctx.weighted, ctx.scale, ctx.a0, ctx.T, ctx.k_start = h, weighted, scale, a0, T, k_start
@@ -135,11 +150,12 @@ class TritonBlockAttention(torch.autograd.Function):
         launch = _launch(blk["BLOCK_M"], blk["BLOCK_D"])
         prec = _precision(q.dtype)
         dq = torch.empty_like(q)
+        bounds, docs = _key_bounds(h, q.device)
         _dq_kernel[(nq, B * H)](
-            q, k, v, ks, vs, index, bias, out, dout, dlse, lse, delta, dq,
+            q, k, v, ks, vs, index, bias, bounds, out, dout, dlse, lse, delta, dq,
             h.n, nq, a0, H, G, T, S, k_start, nk, scale,
-            m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype), HAS_DLSE=has_dlse,
-            **blk, **launch)
+            m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=prec, UPCAST=_upcast(q.dtype), HAS_DLSE=has_dlse,
+            **blk, **_dq_launch(launch, docs))
         want_s = (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]) and S > 0
         if want_s:
             seen = seen_by(h, q.device)
@@ -152,9 +168,9 @@ class TritonBlockAttention(torch.autograd.Function):
                 BLOCK_P=max(16, triton.next_power_of_2(h.rank)), PRECISION=prec, UPCAST=_upcast(q.dtype), **launch)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         _dkv_kernel[(triton.cdiv(nk, m), B * Hkv)](
-            q, k, v, dout, lse, delta, dk, dv,
+            q, k, v, dout, lse, delta, bounds, dk, dv,
             h.n, nq, a0, H, G, k_start // m, nk, scale,
-            m=m, d=d, F=F, CAUSAL=h.causal, PRECISION=prec, UPCAST=_upcast(q.dtype),
+            m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=prec, UPCAST=_upcast(q.dtype),
             BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"], **launch)
         if want_s:  # each kv head's summaries: the sum over its G query heads' shares
             dks, dvs = (x.view(B, Hkv, G, T, d).sum(2).to(dt) for x, dt in ((dks, ctx.dtypes[2]), (dvs, ctx.dtypes[3])))

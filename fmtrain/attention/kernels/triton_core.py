@@ -53,12 +53,26 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fine_mask(qpos, kpos, n, CAUSAL: tl.constexpr):
-    """Which (query, key) pairs of a fine tile count: keys inside [0, n), and <= the query if causal."""
-    ok = (kpos >= 0) & (kpos < n)
+def _fine_mask(qpos, kpos, lo, hi, CAUSAL: tl.constexpr):
+    """Which (query, key) pairs of a fine tile count: keys inside [lo, hi) (the sequence, or the
+    query block's document), and <= the query if causal."""
+    ok = (kpos >= lo) & (kpos < hi)
     if CAUSAL:
         ok = ok & (kpos <= qpos)
     return ok
+
+
+@triton.jit
+def _key_range(BOUNDS, a, n, DOCS: tl.constexpr):
+    """The keys ``[lo, hi)`` global block ``a``'s queries may see: the sequence's ``[0, n)``, or
+    with packed documents their document's, row ``a`` of BOUNDS (n_blocks, 2) int32."""
+    if DOCS:
+        lo = tl.load(BOUNDS + 2 * a)
+        hi = tl.load(BOUNDS + 2 * a + 1)
+    else:
+        lo = tl.zeros([], tl.int32)
+        hi = tl.zeros([], tl.int32) + n
+    return lo, hi
 
 
 @triton.jit
@@ -99,9 +113,9 @@ def _coarse_tile(KS, VS, IDX, BIAS, a, c0, S, T, bkv, cs, c, cok, d: tl.constexp
 
 
 @triton.jit(do_not_specialize=_FWD_INTS)
-def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
+def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, BOUNDS, OUT, LSE,
                 n, nq, a0, H, G, T, S, k_start, nk, qk_scale,  # qk_scale = scale * log2(e)
-                m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
+                m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr, DOCS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)  # local query block
@@ -115,6 +129,7 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
     cok = c < d
     q = tl.load(Q + (bh * N + i * m + r)[:, None] * d + c[None, :], mask=rok[:, None] & cok[None, :], other=0.0)
     qpos = a * m + r
+    lo, hi = _key_range(BOUNDS, a, n, DOCS)
 
     mx = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base-2 scores)
     tot = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2
@@ -125,7 +140,7 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
         k = tl.load(K + krow, mask=kv_ok, other=0.0)
         v = tl.load(V + krow, mask=kv_ok, other=0.0)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        ok = _fine_mask(qpos[:, None], kpos[None, :], n, CAUSAL) & rok[None, :]
+        ok = _fine_mask(qpos[:, None], kpos[None, :], lo, hi, CAUSAL) & rok[None, :]
         s = tl.where(ok, s, float("-inf"))
         mx, tot, acc = _softmax_step(s, v, mx, tot, acc, PRECISION, UPCAST)
 
@@ -146,9 +161,9 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, LSE,
 
 
 @triton.jit(do_not_specialize=_FWD_INTS)
-def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, DO, DLSE, LSE, DELTA, DQ,
+def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, BOUNDS, OUT, DO, DLSE, LSE, DELTA, DQ,
                n, nq, a0, H, G, T, S, k_start, nk, scale,
-               m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
+               m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr, DOCS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_DLSE: tl.constexpr):
     """dq of one (query block, head). Its prologue forms the block's softmax-backward row term,
@@ -176,6 +191,7 @@ def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, DO, DLSE, LSE, DELTA, DQ,
         delta -= tl.load(DLSE + bh * N + i * m + r, mask=rok, other=0.0).to(tl.float32)
     tl.store(DELTA + bh * N + i * m + r, delta, mask=rok)
     qpos = a * m + r
+    lo, hi = _key_range(BOUNDS, a, n, DOCS)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for f in tl.static_range(F):
@@ -184,7 +200,7 @@ def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, DO, DLSE, LSE, DELTA, DQ,
         k = tl.load(K + krow, mask=kv_ok, other=0.0)
         v = tl.load(V + krow, mask=kv_ok, other=0.0)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        ok = _fine_mask(qpos[:, None], kpos[None, :], n, CAUSAL) & rok[None, :]
+        ok = _fine_mask(qpos[:, None], kpos[None, :], lo, hi, CAUSAL) & rok[None, :]
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
         dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -204,9 +220,9 @@ def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, OUT, DO, DLSE, LSE, DELTA, DQ,
 
 
 @triton.jit(do_not_specialize=["n", "nq", "a0", "H", "G", "kb0", "nk"])
-def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _dkv_kernel(Q, K, V, DO, LSE, DELTA, BOUNDS, DK, DV,
                 n, nq, a0, H, G, kb0, nk, scale,
-                m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr,
+                m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr, DOCS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """dk, dv of key block e of K (B*Hkv, nk, d) of one kv head: global block kb0 + e (K's row 0
     is block kb0's first key).
@@ -230,6 +246,9 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     krow, kmask = _key_rows(kpos, kb0 * m, nk, bkv, rok, c, cok, d)
     k = tl.load(K + krow, mask=kmask, other=0.0)
     v = tl.load(V + krow, mask=kmask, other=0.0)
+    # The keys that count: the sequence's, or the key block's document's. A query sees a key iff
+    # the key's document holds the query, so one range per key block serves all its queries.
+    lo, hi = _key_range(BOUNDS, gb, n, DOCS)
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -246,7 +265,9 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                 qpos = (a0 + i) * m + r
                 # Transposed scores (keys x queries): the reductions below are then plain dots.
                 st = _mm(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
-                ok = _fine_mask(qpos[None, :], kpos[:, None], n, CAUSAL) & rok[:, None] & rok[None, :]
+                ok = _fine_mask(qpos[None, :], kpos[:, None], lo, hi, CAUSAL) & rok[:, None] & rok[None, :]
+                if DOCS:  # and only the queries of the key block's document
+                    ok = ok & ((qpos >= lo) & (qpos < hi))[None, :]
                 pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
                 dv += _mm(pt.to(do.dtype), do, PRECISION, UPCAST)
                 dpt = _mm(v, tl.trans(do), PRECISION, UPCAST)
@@ -274,6 +295,8 @@ def _dsum_kernel(Q, KS, VS, DO, LSE, DELTA, SEEN, SBIAS, DKS, DVS,
     qk_scale = scale * 1.4426950408889634
     level = tl.load(SEEN + w * COLS).to(tl.int64)
     first = tl.load(SEEN + w * COLS + 2).to(tl.int64)
+    base = tl.load(SEEN + w * COLS + 3).to(tl.int64)  # the window's sequence's (document's) first block
+    end = tl.load(SEEN + w * COLS + 4).to(tl.int64)  # and its end block
     span = tl.full([], 1, tl.int64) << (level - 1)  # fine blocks per window of this level
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_D)
@@ -290,11 +313,11 @@ def _dsum_kernel(Q, KS, VS, DO, LSE, DELTA, SEEN, SBIAS, DKS, DVS,
     live = (sb > float("-inf"))[:, None] & rok[None, :]
     dks = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     dvs = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    for t in tl.static_range(COLS - 3):
-        cq = tl.load(SEEN + w * COLS + 3 + t).to(tl.int64)  # a window that sees this one, or -1
-        lo = tl.maximum(cq * span, a0)
-        hi = tl.where(cq >= 0, tl.minimum((cq + 1) * span, a0 + nq), lo)
-        for a in range(lo, hi):
+    for t in tl.static_range(COLS - 5):
+        cq = tl.load(SEEN + w * COLS + 5 + t).to(tl.int64)  # a window that sees this one, or -1
+        qlo = tl.maximum(base + cq * span, a0)  # its query blocks, within this call's range
+        qhi = tl.where(cq >= 0, tl.minimum(tl.minimum(base + (cq + 1) * span, end), a0 + nq), qlo)
+        for a in range(qlo, qhi):
             i = a - a0
             qrow = (bh * N + i * m + r)[:, None] * d + c[None, :]
             q = tl.load(Q + qrow, mask=rok[:, None] & cok[None, :], other=0.0)

@@ -212,6 +212,15 @@ class DocHierarchy:
                               for part, a0 in zip(self.parts, self.first_block) if part.n_levels]).to(device)
         return cached_on_device(("leaf_blocks", self, torch.device(device)), make)
 
+    def padding_index(self, device) -> torch.Tensor:
+        """The layout's positions that hold no token (each document's padded tail) (cached)."""
+        def make():
+            m, out = self.block_size, []
+            for L, a0, part in zip(self.docs.lengths, self.first_block, self.parts):
+                out.append(torch.arange(a0 * m + L, (a0 + part.n_blocks) * m))
+            return torch.cat(out).to(device)
+        return cached_on_device(("padding_index", self, torch.device(device)), make)
+
     def token_index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gather, scatter)``: the flattened batch's token at each layout position, ``B*n``
         (a zero row) for padding, (n_layout,); and each token's layout position, (B*n,)."""
@@ -257,52 +266,56 @@ def is_flat(dh: DocHierarchy) -> bool:
     return all(s == a0 * m for s, a0 in zip(dh.docs.starts, dh.first_block))
 
 
+def _place(x: torch.Tensor, dh: DocHierarchy) -> torch.Tensor:
+    """(1, heads, B*n, d) -> (1, heads, n_layout, d): each token at its place in the layout, zeros
+    in the padding (filled there only: the rest is written once)."""
+    scatter = dh.token_index(x.device)[1]
+    out = x.new_empty(x.shape[0], x.shape[1], dh.n, x.shape[3]).index_copy_(2, scatter, x)
+    return out.index_fill_(2, dh.padding_index(x.device), 0)
+
+
 class _ToLayout(torch.autograd.Function):
-    """(heads, B*n, d) -> (heads, n_layout, d): real tokens copied to their places, zeros
+    """(1, heads, B*n, d) -> (1, heads, n_layout, d): real tokens copied to their places, zeros
     between; the backward gathers them back (no scatter-add)."""
 
     @staticmethod
-    def forward(ctx, flat, scatter, n_layout):
-        ctx.save_for_backward(scatter)
-        out = flat.new_zeros(flat.shape[0], n_layout, flat.shape[2])
-        return out.index_copy_(1, scatter, flat)
+    def forward(ctx, flat, dh):
+        ctx.dh = dh
+        return _place(flat, dh)
 
     @staticmethod
     def backward(ctx, grad):
-        (scatter,) = ctx.saved_tensors
-        return grad.index_select(1, scatter), None, None
+        return grad.index_select(2, ctx.dh.token_index(grad.device)[1]), None
 
 
 class _FromLayout(torch.autograd.Function):
-    """(heads, n_layout, d) -> (heads, B*n, d): the real tokens; the backward puts their
+    """(1, heads, n_layout, d) -> (1, heads, B*n, d): the real tokens; the backward puts their
     gradients back in place, zeros between."""
 
     @staticmethod
-    def forward(ctx, y, scatter):
-        ctx.save_for_backward(scatter)
-        ctx.n_layout = y.shape[1]
-        return y.index_select(1, scatter)
+    def forward(ctx, y, dh):
+        ctx.dh = dh
+        return y.index_select(2, dh.token_index(y.device)[1])
 
     @staticmethod
     def backward(ctx, grad):
-        (scatter,) = ctx.saved_tensors
-        return _ToLayout.apply(grad, scatter, ctx.n_layout), None
+        return _place(grad, ctx.dh), None
 
 
 def to_layout(x: torch.Tensor, dh: DocHierarchy) -> torch.Tensor:
     """(B, heads, n, d) -> (1, heads, n_layout, d): the documents block-aligned, zeros between."""
     B, Hx, n, d = x.shape
-    flat = x.transpose(0, 1).reshape(Hx, B * n, d)  # a view when B == 1
+    flat = x.transpose(0, 1).reshape(1, Hx, B * n, d)  # a view when B == 1
     if is_flat(dh):
-        return pad_to(flat.unsqueeze(0), dh.n)
-    return _ToLayout.apply(flat, dh.token_index(x.device)[1], dh.n).unsqueeze(0)
+        return pad_to(flat, dh.n)
+    return _ToLayout.apply(flat, dh)
 
 
 def from_layout(y: torch.Tensor, dh: DocHierarchy) -> torch.Tensor:
     """Inverse of :func:`to_layout` on the real tokens: (1, H, n_layout, d) -> (B, H, n, d)."""
-    H, d = y.shape[1], y.shape[3]
-    flat = y[0, :, :dh.docs.batch * dh.docs.n] if is_flat(dh) else _FromLayout.apply(y[0], dh.token_index(y.device)[1])
-    return flat.view(H, dh.docs.batch, dh.docs.n, d).transpose(0, 1)
+    H, d, B, n = y.shape[1], y.shape[3], dh.docs.batch, dh.docs.n
+    flat = y[:, :, :B * n] if is_flat(dh) else _FromLayout.apply(y, dh)  # (1, H, B*n, d)
+    return flat.view(H, B, n, d).transpose(0, 1)
 
 
 def doc_summaries(summaries, k: torch.Tensor, v: torch.Tensor, dh: DocHierarchy):

@@ -61,12 +61,25 @@ def nonfinite(*ts) -> int:
 
 
 # --- 1. correctness --------------------------------------------------------------------
-def check_fma(dev, dtype, n, H, Hkv, d, m, causal, variant, seed=0) -> dict:
-    """fma(impl="triton") in dtype vs fma(impl="torch") in float64 on the same device."""
+def packed_lengths(n: int, seed: int, shortest: int = 20, longest: int = 2000) -> list[int]:
+    """Document lengths that fill ``n`` tokens (the last one cut): a packed row of short texts."""
+    import random
+
+    rnd, out = random.Random(seed), []
+    while sum(out) < n:
+        out.append(min(rnd.randint(shortest, longest), n - sum(out)))
+    return out
+
+
+def check_fma(dev, dtype, n, H, Hkv, d, m, causal, variant, seed=0, docs=False) -> dict:
+    """fma(impl="triton") in dtype vs fma(impl="torch") in float64 on the same device; ``docs``:
+    packed documents (``cu_seqlens``), documents of 1 to n/3 tokens."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     q, k, v = (torch.randn(1, h, n, d, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
     dout = torch.randn(1, H, n, d, generator=g, dtype=torch.float64)
     kw = dict(block_size=m, rank=2, causal=causal, variant=variant)
+    if docs:
+        kw["cu_seqlens"] = torch.tensor([0] + packed_lengths(n, seed, 1, n // 3)).cumsum(0)
 
     def run(dt, impl):
         xs = [t.to(dev, dt).requires_grad_() for t in (q, k, v)]
@@ -75,7 +88,8 @@ def check_fma(dev, dtype, n, H, Hkv, d, m, causal, variant, seed=0) -> dict:
 
     got, ref = run(dtype, "triton"), run(torch.float64, "torch")
     errs = {name: err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref)}
-    return dict(case=f"fma n={n} H={H}/{Hkv} d={d} m={m} {'causal' if causal else 'bidir'} {variant}",
+    return dict(case=f"fma n={n} H={H}/{Hkv} d={d} m={m} {'causal' if causal else 'bidir'} {variant}"
+                     + (f" {len(kw['cu_seqlens']) - 1} documents" if docs else ""),
                 dtype=str(dtype).split(".")[-1], errors=errs, nonfinite=nonfinite(*got))
 
 
@@ -124,6 +138,8 @@ def correctness(dev, dry: bool) -> list[dict]:
                     rows.append(check_fma(dev, dtype, n, H, Hkv, d, m, causal, variant))
         for causal in (True, False):
             rows.append(check_core(dev, dtype, causal, **(dict(n=300, m=16, d=16, a0=5, nq=4) if dry else {})))
+            n, H, Hkv, d, m = shapes[dtype][0]  # packed documents: one launch per kernel over all of them
+            rows.append(check_fma(dev, dtype, n, H, Hkv, d, m, causal, "nlogn", docs=True))
     for r in rows:
         r["ok"] = r["nonfinite"] == 0 and max(r["errors"].values()) < TOL[r["dtype"]]
         worst = max(r["errors"], key=r["errors"].get)
@@ -187,7 +203,9 @@ def bench(dev, args, deadline: float, save_partial=None) -> tuple[list[dict], li
                 g = torch.Generator(device="cpu").manual_seed(n)
                 q, k, v = (torch.randn(1, args.heads, n, d, generator=g).to(dev, dt) for _ in range(3))
                 dout = torch.randn(1, args.heads, n, d, generator=g).to(dev, dt)
-                for impl in ("fma", "sdpa"):
+                # fma-docs: the same call on a row packed with documents of 20-2000 tokens (cu_seqlens)
+                cu = torch.tensor([0] + packed_lengths(n, n)).cumsum(0)
+                for impl in ("fma", "fma-docs", "sdpa"):
                     for mode in ("fwd", "fwdbwd"):
                         row = dict(impl=impl, mode=mode, n=n, head_dim=d, causal=causal, heads=args.heads,
                                    dtype="bfloat16")
@@ -197,18 +215,21 @@ def bench(dev, args, deadline: float, save_partial=None) -> tuple[list[dict], li
                         calls = 4 if guess > SLOW_MS else 10  # warm-up + 3, or warm-up + do_bench
                         if impl == "sdpa" and n > args.sdpa_max:
                             row["skipped"] = f"n > --sdpa-max {args.sdpa_max} (quadratic: ~{guess / 1e3:.0f} s a call)"
+                        elif impl == "fma-docs" and (n > args.docs_max or d != args.head_dims[0]):
+                            row["skipped"] = f"documents timed at n <= --docs-max {args.docs_max}, d={args.head_dims[0]}"
                         elif time.time() + calls * guess / 1e3 > deadline or time.time() > deadline:
                             # (the second test: a first call of a kind has no guess, and compiling
                             # its kernels alone takes 10-30 s)
                             row["skipped"] = f"time budget (~{calls * guess / 1e3:.0f} s predicted)"
                         if "skipped" in row:
                             rows.append(row)
-                            print(f"  {impl:4s} {mode:6s} n={n:8d} d={d:3d} causal={int(causal)} skipped: "
+                            print(f"  {impl:8s} {mode:6s} n={n:8d} d={d:3d} causal={int(causal)} skipped: "
                                   f"{row['skipped']}", flush=True)
                             continue
                         xs = [t.detach().requires_grad_(mode == "fwdbwd") for t in (q, k, v)]
                         attn = (lambda a, b, c: fma(a, b, c, causal=causal, impl=args.impl)) if impl == "fma" \
-                            else (lambda a, b, c: sdpa_flash(a, b, c, causal))
+                            else (lambda a, b, c: fma(a, b, c, causal=causal, impl=args.impl, cu_seqlens=cu)) \
+                            if impl == "fma-docs" else (lambda a, b, c: sdpa_flash(a, b, c, causal))
                         if mode == "fwd":
                             def fn():
                                 with torch.no_grad():
@@ -239,7 +260,7 @@ def bench(dev, args, deadline: float, save_partial=None) -> tuple[list[dict], li
                             save_partial(rows)
                         peak = f"{row['peak_mib']:9.0f} MiB" if row.get("peak_mib") is not None else "n/a (CPU)"
                         extra = f"  range check err {row['range_check_err']:.1e}" if "range_check_err" in row else ""
-                        print(f"  {impl:4s} {mode:6s} n={n:8d} d={d:3d} causal={int(causal)} "
+                        print(f"  {impl:8s} {mode:6s} n={n:8d} d={d:3d} causal={int(causal)} "
                               + (f"{row['ms']:10.2f} ms  peak {peak}{extra}" if "ms" in row
                                  else f"skipped: {row['skipped']}"), flush=True)
                 del q, k, v, dout
@@ -249,7 +270,8 @@ def bench(dev, args, deadline: float, save_partial=None) -> tuple[list[dict], li
 def table(rows: list[dict]) -> str:
     key = {(r["impl"], r["mode"], r["n"], r["head_dim"], r["causal"]): r for r in rows}
     lines = [f"{'d':>4} {'causal':>6} {'n':>8} | {'fma fwd':>9} {'sdpa fwd':>9} {'x':>6} | "
-             f"{'fma f+b':>9} {'sdpa f+b':>9} {'x':>6} | {'fma MiB':>8} {'sdpa MiB':>9}  (ms; bf16; peak of f+b)"]
+             f"{'fma f+b':>9} {'sdpa f+b':>9} {'x':>6} | {'fma MiB':>8} {'sdpa MiB':>9} | {'docs f+b':>9} "
+             f"{'/fma':>5}  (ms; bf16; peak of f+b; docs: packed documents of 20-2000 tokens)"]
     seen = sorted({(r["head_dim"], r["causal"], r["n"]) for r in rows}, key=lambda t: (t[0], not t[1], t[2]))
 
     def cell(r, f="ms"):
@@ -258,14 +280,17 @@ def table(rows: list[dict]) -> str:
         return f"{r[f]:.2f}" if f == "ms" else f"{r[f]:.0f}"
 
     for d, causal, n in seen:
-        g = {(i, m_): key.get((i, m_, n, d, causal)) for i in ("fma", "sdpa") for m_ in ("fwd", "fwdbwd")}
+        g = {(i, m_): key.get((i, m_, n, d, causal)) for i in ("fma", "fma-docs", "sdpa") for m_ in ("fwd", "fwdbwd")}
+        a, b = g[("fma", "fwdbwd")], g[("fma-docs", "fwdbwd")]
+        docs = f"{b['ms'] / a['ms']:.2f}" if a and b and "ms" in a and "ms" in b else "-"
         sp = []
         for m_ in ("fwd", "fwdbwd"):
             a, b = g[("fma", m_)], g[("sdpa", m_)]
             sp.append(f"{b['ms'] / a['ms']:.1f}" if a and b and "ms" in a and "ms" in b else "-")
         lines.append(f"{d:>4} {int(causal):>6} {n:>8} | {cell(g[('fma', 'fwd')]):>9} {cell(g[('sdpa', 'fwd')]):>9} "
                      f"{sp[0]:>6} | {cell(g[('fma', 'fwdbwd')]):>9} {cell(g[('sdpa', 'fwdbwd')]):>9} {sp[1]:>6} | "
-                     f"{cell(g[('fma', 'fwdbwd')], 'peak_mib'):>8} {cell(g[('sdpa', 'fwdbwd')], 'peak_mib'):>9}")
+                     f"{cell(g[('fma', 'fwdbwd')], 'peak_mib'):>8} {cell(g[('sdpa', 'fwdbwd')], 'peak_mib'):>9} | "
+                     f"{cell(g[('fma-docs', 'fwdbwd')]):>9} {docs:>5}")
     return "\n".join(lines)
 
 
@@ -299,6 +324,7 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--sdpa-max", type=int, default=1 << 18, help="longest n timed for SDPA")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole script; SDPA skipped beyond")
+    ap.add_argument("--docs-max", type=int, default=1 << 17, help="longest n timed with packed documents")
     ap.add_argument("--impl", default="triton")
     ap.add_argument("--skip-check", action="store_true")
     add_result_arguments(ap)
@@ -308,7 +334,7 @@ def main():
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             sys.exit("--dry-run needs TRITON_INTERPRET=1 set before Python starts (bench/gpu_check.sh does it)")
         dev = torch.device("cpu")
-        args.n, args.head_dims, args.heads, args.sdpa_max = [256, 512], [16], 2, 256
+        args.n, args.head_dims, args.heads, args.sdpa_max, args.docs_max = [256, 512], [16], 2, 256, 512
     else:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: run with --dry-run to check the plumbing on CPU")

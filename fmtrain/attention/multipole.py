@@ -111,10 +111,13 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     if level_offset is not None and (level_offset.dim() != 2 or level_offset.shape[0] != q.shape[1]):
         raise ValueError(f"fma: level_offset must be (heads={q.shape[1]}, levels), got {tuple(level_offset.shape)}")
     if cu_seqlens is not None:
-        docs = as_documents(cu_seqlens, q.shape[0], q.shape[2])
-        if group is not None and torch.distributed.get_world_size(group) > 1:
+        if group is not None and torch.distributed.get_world_size(group) > 1:  # every rank refuses alike
             raise ValueError("fma: document masking (cu_seqlens) has no sequence-parallel path yet; "
                              "run with parallel.sequence=1 or without document masking")
+        docs = as_documents(cu_seqlens, q.shape[0], q.shape[2])
+        if all(L == q.shape[2] for L in docs.lengths):
+            cu_seqlens = None  # one document per row (long documents, short rows): the plain call
+    if cu_seqlens is not None:
         kw = dict(block_size=block_size, rank=rank, causal=causal, weighted=weighted, scale=scale, impl=impl,
                   variant=variant, summaries=summaries, max_level=max_level, group=group,
                   level_offset=level_offset, refine=refine)

@@ -161,8 +161,10 @@ def evaluate(args, spec: str, run_dir: Path) -> dict:
     train_log = read_metrics(run_dir)
     final_eval = eval_rows(train_log)[-1]
     train_rows = step_rows(train_log)
+    speeds = [r["tokens_per_s"] for r in train_rows[1:] if r.get("tokens_per_s")]  # the first: warm-up
     return dict(arm=spec, run_dir=str(run_dir), train_tokens=int(train_rows[-1]["tokens_seen"]),
-                trainer_eval_loss=final_eval["eval_loss"], trainer_eval_bpb=final_eval["eval_bpb"], **result)
+                trainer_eval_loss=final_eval["eval_loss"], trainer_eval_bpb=final_eval["eval_bpb"],
+                train_tokens_per_s=float(np.median(speeds)) if speeds else None, **result)
 
 
 # --------------------------------------------------------------------------- report
@@ -180,18 +182,19 @@ def headers(groups: list[tuple[int, int]], seq_len: int) -> list[str]:
 def table(rows: list[dict], groups: list[tuple[int, int]], seq_len: int) -> str:
     """Markdown: one line per arm, one column per position bucket (the best in bold, ``*``: beyond
     the training length), then the tokens and documents each bucket averages over."""
-    lines = ["| arm | " + " | ".join(headers(groups, seq_len)) + " | trainer's held-out loss |",
-             "|---" * (len(groups) + 2) + "|"]
+    lines = ["| arm | " + " | ".join(headers(groups, seq_len)) + " | trainer's held-out loss | training tokens/s |",
+             "|---" * (len(groups) + 3) + "|"]
     means = [[mean_loss(r, lo, hi)[0] for lo, hi in groups] for r in rows]
     best = [min((m[i] for m in means if not math.isnan(m[i])), default=None) for i in range(len(groups))]
     for r, m in zip(rows, means):
         cells = ["-" if math.isnan(x) else (f"**{x:.3f}**" if x == best[i] else f"{x:.3f}") for i, x in enumerate(m)]
-        lines.append(f"| {r['arm']} | " + " | ".join(cells) + f" | {r['trainer_eval_loss']:.3f} |")
+        speed = f"{r['train_tokens_per_s']:,.0f}" if r.get("train_tokens_per_s") else "-"
+        lines.append(f"| {r['arm']} | " + " | ".join(cells) + f" | {r['trainer_eval_loss']:.3f} | {speed} |")
     support = []
     for lo, hi in groups:  # from the arm that read the most: every arm reads the same documents
         c, d = max((mean_loss(r, lo, hi)[1:] for r in rows), key=lambda t: t[0])
         support.append(f"{c:,} ({d})")
-    lines.append("| tokens (documents) | " + " | ".join(support) + " | |")
+    lines.append("| tokens (documents) | " + " | ".join(support) + " | | |")
     lines.append(f"\nHeld-out loss (nats per token) by the predicted token's position in its document; "
                  f"* beyond the training length ({seq_len:,}), never trained on.")
     return "\n".join(lines)
@@ -209,11 +212,13 @@ def seed_of(spec: str, default: int) -> tuple[str, int]:
     return "+".join(kept), seed
 
 
-def seed_summary(rows: list[dict], groups: list[tuple[int, int]], default_seed: int) -> dict:
+def seed_summary(rows: list[dict], groups: list[tuple[int, int]], default_seed: int,
+                 baseline: str = "local") -> dict:
     """Arms trained at several seeds: per bucket, the mean and standard deviation (ddof 1) over
-    seeds of each arm's loss, and of its difference from ``local`` at the same seeds (paired: the
-    seed also sets the data order, which moves every arm alike). An arm "beats local by more than
-    the seed spread" in a bucket when its mean difference is below minus its std."""
+    seeds of each arm's loss, and of its difference from ``baseline`` (an arm name without its
+    seed) at the same seeds (paired: the seed also sets the data order, which moves every arm
+    alike). An arm "beats the baseline by more than the seed spread" in a bucket when its mean
+    difference is below minus its std."""
     by_arm: dict[str, dict[int, list[float]]] = {}
     for r in rows:
         arm, seed = seed_of(r["arm"], default_seed)
@@ -226,30 +231,32 @@ def seed_summary(rows: list[dict], groups: list[tuple[int, int]], default_seed: 
         loss = np.array([seeds[k] for k in sorted(seeds)])  # (seeds, buckets)
         entry = dict(seeds=sorted(seeds), buckets=names, mean=np.nanmean(loss, 0).tolist(),
                      std=np.nanstd(loss, 0, ddof=1).tolist())
-        shared = sorted(set(seeds) & set(by_arm.get("local", {})))
-        if arm != "local" and len(shared) >= 2:
-            diff = np.array([np.subtract(seeds[k], by_arm["local"][k]) for k in shared])
+        shared = sorted(set(seeds) & set(by_arm.get(baseline, {})))
+        if arm != baseline and len(shared) >= 2:
+            diff = np.array([np.subtract(seeds[k], by_arm[baseline][k]) for k in shared])
             mean, std = np.nanmean(diff, 0), np.nanstd(diff, 0, ddof=1)
-            entry.update(vs_local_seeds=shared, vs_local_mean=mean.tolist(), vs_local_std=std.tolist(),
-                         below_local_beyond_spread=[bool(m < -s) for m, s in zip(mean, std)])
+            entry.update(baseline=baseline, vs_base_seeds=shared, vs_base_mean=mean.tolist(),
+                         vs_base_std=std.tolist(), below_base_beyond_spread=[bool(m < -s) for m, s in zip(mean, std)])
         out[arm] = entry
     return out
 
 
 def seed_table(summary: dict, groups: list[tuple[int, int]], seq_len: int) -> str:
-    """Markdown of :func:`seed_summary`: mean ± std over seeds, then the paired difference from local."""
+    """Markdown of :func:`seed_summary`: mean ± std over seeds, then the paired difference from its
+    baseline."""
     names = headers(groups, seq_len)
     head = "| arm | seeds | " + " | ".join(names) + " |"
-    lines = ["Over seeds (mean ± std of the loss; then the paired difference from `local`, **bold** where it "
+    base = next((e["baseline"] for e in summary.values() if "baseline" in e), "local")
+    lines = [f"Over seeds (mean ± std of the loss; then the paired difference from `{base}`, **bold** where it "
              "is below zero by more than its std):", "", head, "|---" * (len(names) + 2) + "|"]
     cell = lambda m, s: "-" if math.isnan(m) else f"{m:.3f} ± {s:.3f}"  # noqa: E731
     for arm, e in summary.items():
         lines.append(f"| {arm} | {len(e['seeds'])} | " + " | ".join(map(cell, e["mean"], e["std"])) + " |")
     for arm, e in summary.items():
-        if "vs_local_mean" in e:
+        if "vs_base_mean" in e:
             cells = [("**{}**" if b else "{}").format(cell(m, s)) if not math.isnan(m) else "-"
-                     for m, s, b in zip(e["vs_local_mean"], e["vs_local_std"], e["below_local_beyond_spread"])]
-            lines.append(f"| {arm} - local | {len(e['vs_local_seeds'])} | " + " | ".join(cells) + " |")
+                     for m, s, b in zip(e["vs_base_mean"], e["vs_base_std"], e["below_base_beyond_spread"])]
+            lines.append(f"| {arm} - {e['baseline']} | {len(e['vs_base_seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -302,6 +309,8 @@ def parse_args(argv=None):
     ap.add_argument("--launcher", default=f"{shlex.quote(sys.executable)} -m")
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-long-context"))
     ap.add_argument("--retrain", action="store_true", help="train every arm again")
+    ap.add_argument("--baseline", default="local", help="the arm (without its seed) others are paired with "
+                                                        "over seeds, e.g. fma-m2m")
     add_result_arguments(ap)
     args = ap.parse_args(argv)
     if args.quick:
@@ -325,7 +334,7 @@ def main(argv=None) -> int:
         print(f"{spec}: evaluated {rows[-1]['n_docs']} documents up to {rows[-1]['eval_len']:,} tokens in "
               f"{rows[-1]['eval_wall_s']:.0f} s", flush=True)
     groups = buckets(rows)
-    seeds = seed_summary(rows, groups, args.seed)
+    seeds = seed_summary(rows, groups, args.seed, args.baseline)
     md = table(rows, groups, args.seq_len) + ("\n\n" + seed_table(seeds, groups, args.seq_len) if seeds else "")
     import torch
 

@@ -156,9 +156,12 @@ def test_long_context_seed_summary_pairs_each_arm_with_local_at_the_same_seeds()
     assert set(s) == {"local", "fma-m2m"}  # sdpa ran at one seed only
     assert s["local"]["seeds"] == [0, 1, 2] and s["local"]["mean"] == pytest.approx([5.4667, 4.8], abs=1e-4)
     f = s["fma-m2m"]
-    assert f["vs_local_seeds"] == [0, 1]  # paired: local's seed 2 is left out
-    assert f["vs_local_mean"] == pytest.approx([-0.2, -0.5])
-    assert f["vs_local_std"] == pytest.approx([0.1414, 0.0], abs=1e-4)
-    assert f["below_local_beyond_spread"] == [True, True]
+    assert f["vs_base_seeds"] == [0, 1]  # paired: local's seed 2 is left out
+    assert f["vs_base_mean"] == pytest.approx([-0.2, -0.5])
+    assert f["vs_base_std"] == pytest.approx([0.1414, 0.0], abs=1e-4)
+    assert f["below_base_beyond_spread"] == [True, True]
     assert "fma-m2m - local" in lc.seed_table(s, lc.buckets(rows), seq_len=2048)
+    other = lc.seed_summary(rows, lc.buckets(rows), default_seed=0, baseline="fma-m2m")["local"]
+    assert other["vs_base_mean"] == pytest.approx([0.2, 0.5])  # the same pairs, the other way round
+    assert "local - fma-m2m" in lc.seed_table({"local": other}, lc.buckets(rows), seq_len=2048)
     assert lc.seed_of("fma-m2m+model.weighted=false+train.seed=3", 0) == ("fma-m2m+model.weighted=false", 3)

@@ -129,6 +129,14 @@ class DocHierarchy:
     fine_blocks = Hierarchy.fine_blocks
     window_size = Hierarchy.window_size
 
+    def __hash__(self) -> int:
+        # Hashed at every table lookup of every layer: once per object, not once per lookup.
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.docs, self.block_size, self.rank, self.causal, self.n_levels))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     def fine_edges(self) -> tuple[tuple[int, int, int], ...]:
         """Each document's edge blocks (:meth:`Hierarchy.fine_edges`) in the layout, with the
         document's own keys as the range they may see."""

@@ -9,7 +9,7 @@ The rows come from fmtrain's own loader (the shipped tokenizer on the stdlib cor
 ``--short`` packs documents of 20-2000 tokens instead, a corpus of short texts. q, k, v are
 random (the cost does not depend on them). Each row is timed with and without masking,
 interleaved in one process (the machine's speed drifts), median of ``--repeats``.
-Prints a table and writes ``<--out>/documents-<tag>.json``.
+Prints a table and writes ``<--out>/documents-<tag>.json`` (``--short``: the tag ``cpu-short``).
 """
 from __future__ import annotations
 
@@ -103,8 +103,7 @@ def main():
     for r in rows:
         print(f"| {r['n']:,} | {r['row']} | {r['documents']} | {r['shortest']} | {r['median_length']:.0f} | "
               f"{r['longest']} | {r['plain_s']:.3f} | {r['masked_s']:.3f} | {r['ratio']:.3f} |")
-    name = "documents-short" if args.short else "documents"
-    write_results(result_stem(name, args), dict(meta=meta(args), rows=rows))
+    write_results(result_stem("documents", args, tag="cpu-short" if args.short else None), dict(meta=meta(args), rows=rows))
 
 
 if __name__ == "__main__":

@@ -229,17 +229,14 @@ class DocHierarchy:
             return torch.cat(out).to(device)
         return cached_on_device(("padding_index", self, torch.device(device)), make)
 
-    def token_index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(gather, scatter)``: the flattened batch's token at each layout position, ``B*n``
-        (a zero row) for padding, (n_layout,); and each token's layout position, (B*n,)."""
+    def token_index(self, device) -> torch.Tensor:
+        """Each token of the flattened batch's position in the layout: (B*n,) (cached per device)."""
         def make():
             m = self.block_size
-            gather = torch.full((self.n,), self.docs.batch * self.docs.n, dtype=torch.long)
-            scatter = torch.empty(self.docs.batch * self.docs.n, dtype=torch.long)
+            out = torch.empty(self.docs.batch * self.docs.n, dtype=torch.long)
             for s, L, a0 in zip(self.docs.starts, self.docs.lengths, self.first_block):
-                gather[a0 * m:a0 * m + L] = torch.arange(s, s + L)
-                scatter[s:s + L] = torch.arange(a0 * m, a0 * m + L)
-            return gather.to(device), scatter.to(device)
+                out[s:s + L] = torch.arange(a0 * m, a0 * m + L)
+            return out.to(device)
         return cached_on_device(("token_index", self, torch.device(device)), make)
 
 
@@ -277,7 +274,7 @@ def is_flat(dh: DocHierarchy) -> bool:
 def _place(x: torch.Tensor, dh: DocHierarchy) -> torch.Tensor:
     """(1, heads, B*n, d) -> (1, heads, n_layout, d): each token at its place in the layout, zeros
     in the padding (filled there only: the rest is written once)."""
-    scatter = dh.token_index(x.device)[1]
+    scatter = dh.token_index(x.device)
     out = x.new_empty(x.shape[0], x.shape[1], dh.n, x.shape[3]).index_copy_(2, scatter, x)
     return out.index_fill_(2, dh.padding_index(x.device), 0)
 
@@ -293,7 +290,7 @@ class _ToLayout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.index_select(2, ctx.dh.token_index(grad.device)[1]), None
+        return grad.index_select(2, ctx.dh.token_index(grad.device)), None
 
 
 class _FromLayout(torch.autograd.Function):
@@ -303,7 +300,7 @@ class _FromLayout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, dh):
         ctx.dh = dh
-        return y.index_select(2, dh.token_index(y.device)[1])
+        return y.index_select(2, dh.token_index(y.device))
 
     @staticmethod
     def backward(ctx, grad):

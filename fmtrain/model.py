@@ -27,12 +27,14 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionSpec, make_attention
 from .attention.documents import cu_seqlens_from_doc_positions
+from .attention.sp_documents import global_cu_seqlens
 from .attention.hierarchy import hierarchy
 from .config import ModelConfig
 from .data.masking import IGNORE_INDEX  # the targets the data pipeline marks "no loss here"
@@ -110,6 +112,10 @@ class Transformer(nn.Module):
     host, for every layer); with ``position_reset`` they are also the RoPE positions.
     """
 
+    # The sequence-parallel group whose ranks hold slices of the rows (set by
+    # apply_sequence_parallel): document bounds are then gathered over it. None: local.
+    sp_group = None
+
     def __init__(self, cfg: ModelConfig, causal: bool, position_reset: bool = False):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -126,7 +132,10 @@ class Transformer(nn.Module):
                 raise ValueError(f"doc_positions {tuple(doc_positions.shape)} must have the shape of input_ids "
                                  f"{tuple(input_ids.shape)} (each token's position in its document)")
             # A CPU tensor (the loader's) costs no device sync here: fma builds its tables on the host.
-            cu_seqlens = cu_seqlens_from_doc_positions(doc_positions)  # (documents + 1,) int64, CPU
+            if self.sp_group is not None and dist.get_world_size(self.sp_group) > 1:  # this rank's slice
+                cu_seqlens = global_cu_seqlens(doc_positions, self.sp_group)  # the global rows', every rank alike
+            else:
+                cu_seqlens = cu_seqlens_from_doc_positions(doc_positions)  # (documents + 1,) int64, CPU
             if self.position_reset:
                 positions = doc_positions.to(input_ids.device)
         x = self.tok_emb(input_ids)  # (B, n, dim)

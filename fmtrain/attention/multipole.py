@@ -14,6 +14,7 @@ from .hierarchy import call_hierarchy, sizes_error
 from .refine import refined_multipole
 from .reference import dense_attention, dense_refined
 from .sequence_parallel import sp_fma, sp_refined
+from .sp_documents import sp_documents
 from .summaries import MEAN, Summaries
 
 IMPLS = ("auto", "torch", "triton", "dense")
@@ -93,7 +94,9 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
             each document in the batch flattened to ``batch * n`` tokens (FlashAttention's
             varlen convention; rows' ends are boundaries anyway). Each document's output is
             then ``fma`` run on that document alone. A CPU tensor or a list (the tables are
-            built on the host). None: one sequence per row.
+            built on the host). None: one sequence per row. With ``group``, the boundaries
+            of the *global* rows (``batch * n * group size`` tokens), the same on every rank
+            (:func:`.sp_documents.global_cu_seqlens` builds them from each rank's slice).
 
     Returns:
         (batch, heads, n, head_dim), the dtype of ``q``.
@@ -110,19 +113,24 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if level_offset is not None and (level_offset.dim() != 2 or level_offset.shape[0] != q.shape[1]):
         raise ValueError(f"fma: level_offset must be (heads={q.shape[1]}, levels), got {tuple(level_offset.shape)}")
+    sp = group is not None and torch.distributed.get_world_size(group) > 1
     if cu_seqlens is not None:
-        if group is not None and torch.distributed.get_world_size(group) > 1:  # every rank refuses alike
-            raise ValueError("fma: document masking (cu_seqlens) has no sequence-parallel path yet; "
-                             "run with parallel.sequence=1 or without document masking")
-        docs = as_documents(cu_seqlens, q.shape[0], q.shape[2])
-        if all(L == q.shape[2] for L in docs.lengths):
+        # With a group, the documents are the global rows' (each rank passes the same cu_seqlens).
+        n_rows = q.shape[2] * (torch.distributed.get_world_size(group) if sp else 1)
+        docs = as_documents(cu_seqlens, q.shape[0], n_rows)
+        if all(L == n_rows for L in docs.lengths):
             cu_seqlens = None  # one document per row (long documents, short rows): the plain call
+    if cu_seqlens is not None and sp:
+        _sp_documents_ok(impl, variant, summaries, refine, level_offset)  # every rank refuses alike
+        return sp_documents(q, k, v, docs, group, block_size=block_size, rank=rank, causal=causal,
+                            weighted=weighted, scale=scale, summaries=summaries or MEAN, max_level=max_level,
+                            impl=impl)
     if cu_seqlens is not None:
         kw = dict(block_size=block_size, rank=rank, causal=causal, weighted=weighted, scale=scale, impl=impl,
                   variant=variant, summaries=summaries, max_level=max_level, group=group,
                   level_offset=level_offset, refine=refine)
         return _documents(q, k, v, docs, kw) if impl != "dense" else _per_document(q, k, v, docs, kw)
-    if group is not None and torch.distributed.get_world_size(group) > 1:
+    if sp:
         if impl == "dense":
             raise ValueError("fma: impl='dense' has no sequence-parallel path; use impl='torch' or 'auto'")
         if refine:
@@ -147,6 +155,20 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
                                level_offset=level_offset)
     return blocked_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant, impl=impl,
                              level_offset=level_offset)
+
+
+def _sp_documents_ok(impl, variant, summaries, refine, level_offset) -> None:
+    """Refuse what sequence parallelism with document masking does not run (yet), saying what to change."""
+    what = ("impl='dense' (the reference runs on one device)" if impl == "dense" else
+            "variant='linear'" if variant != "nlogn" else
+            "refine > 0" if refine else
+            "level_offset" if level_offset is not None else
+            "summaries that are not formed bottom-up (conv, or rotated at their windows)"
+            if summaries is not None and not (isinstance(summaries, Summaries) and summaries.bottom_up) else None)
+    if what:
+        raise ValueError(f"fma: document masking with sequence parallelism runs the nlogn variant with mean or m2m "
+                         f"summaries; {what} has no such path yet: run it with parallel.sequence=1, or without "
+                         "document masking")
 
 
 def _documents(q, k, v, docs: Documents, kw) -> torch.Tensor:

@@ -167,7 +167,8 @@ class DataConfig:
                                            "equals the model run on it alone (fma's cu_seqlens; sdpa with a "
                                            "block-diagonal mask). The targets still run across documents (the "
                                            "target at an EOS is the next document's first token). Off: attention "
-                                           "crosses document boundaries. Not with parallel.sequence > 1 yet.")
+                                           "crosses document boundaries. With parallel.sequence > 1: the nlogn "
+                                           "variant with m2m or mean summaries.")
     position_reset: bool = option(False, "RoPE positions restart at 0 at each packed document (needs "
                                          "data.document_masking). Off by default, as in Llama 3, torchtitan and "
                                          "Megatron (reset_position_ids=False): RoPE is relative, so within a "
@@ -379,9 +380,15 @@ def _consistency_errors(cfg: Config) -> list[str]:
         e.append("data.position_reset restarts positions at each packed document, which only means something "
                  "when attention stays within documents: set data.document_masking=true, or "
                  "data.position_reset=false")
-    if d.document_masking and p.sequence > 1:
-        e.append("sequence parallelism with document masking is not implemented yet; set parallel.sequence=1 "
-                 "or data.document_masking=false")
+    if d.document_masking and p.sequence > 1 and m.attention == "fma":
+        unsupported = [what for what, on in (
+            ("model.variant='linear'", m.variant != "nlogn"), ("model.summary='conv'", m.summary == "conv"),
+            (f"model.refine={m.refine}", m.refine > 0), ("model.level_offset", m.level_offset),
+            ("model.summary_rope='window'", m.summary_rope != "keys")) if on]
+        if unsupported:
+            e.append(f"document masking with parallel.sequence > 1 runs the nlogn variant with m2m or mean summaries; "
+                     f"{', '.join(unsupported)} has no such path yet: change it, or set parallel.sequence=1, or "
+                     "data.document_masking=false")
     if p.sequence > 1 and m.attention == "sdpa":
         e.append("parallel.sequence > 1 is implemented for attention='fma' and 'local' only; "
                  "use --parallel.sequence=1 for the sdpa baseline")

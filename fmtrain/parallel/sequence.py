@@ -22,8 +22,9 @@ def apply_sequence_parallel(model: nn.Module, group) -> nn.Module:
     if full:
         raise ValueError(f"sequence parallelism is implemented for attention 'fma' and 'local', not 'sdpa' "
                          f"(layer {full[0]}); set parallel.sequence=1 or model.attention='fma'")
-    for _, layer in layers:
-        layer.sp_group = group
+    for module in model.modules():  # the attention layers, and the trunk (it finds the documents' global bounds)
+        if hasattr(type(module), "sp_group"):
+            module.sp_group = group
     return model
 
 

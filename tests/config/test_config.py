@@ -213,10 +213,14 @@ def test_document_masking_and_position_reset():
     assert "data.position_reset" in msg and "set data.document_masking=true, or data.position_reset=false" in msg
     both = {**base, "data": {"seq_len": 1024, "document_masking": True, "position_reset": True}}
     assert from_dict(both).data.position_reset
-    msg = error_of(from_dict, {**both, "parallel": {"sequence": 2}})
+    assert from_dict({**both, "parallel": {"sequence": 2}}).parallel.sequence == 2  # nlogn, m2m: runs
+    msg = error_of(from_dict, {**both, "parallel": {"sequence": 2},
+                               "model": {"block_size": 16, "variant": "linear", "refine": 0}})
     assert len(msg.splitlines()) == 1, msg
-    assert "sequence parallelism with document masking is not implemented yet; set parallel.sequence=1 or " \
-           "data.document_masking=false" in msg
+    assert "document masking with parallel.sequence > 1 runs the nlogn variant with m2m or mean summaries; " \
+           "model.variant='linear' has no such path yet" in msg and "set parallel.sequence=1" in msg
+    msg = error_of(from_dict, {**both, "parallel": {"sequence": 2}, "model": {"block_size": 16, "refine": 2}})
+    assert "model.refine=2 has no such path yet" in msg
     refined = from_dict({**both, "model": {"block_size": 16, "refine": 2}})  # fma masks refined attention too
     assert refined.model.refine == 2 and refined.data.document_masking
 

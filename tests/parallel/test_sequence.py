@@ -22,6 +22,7 @@ def test_every_attention_layer_takes_the_group_and_nothing_else_changes(attentio
     assert apply_sequence_parallel(m, group) is m
     layers = [x for x in m.modules() if isinstance(x, MultipoleAttention)]
     assert len(layers) == 2 and all(x.sp_group is group for x in layers)
+    assert m.trunk.sp_group is group  # it gathers the documents' bounds over the group
     assert all((before[k] == v).all() for k, v in m.state_dict().items())  # parameters untouched
     assert model(attention).trunk.blocks[0].attn.sp_group is None  # built plain, for one device
 

@@ -10,6 +10,8 @@ moves the parameters differently (with the default eps AdamW hides it), and
 near-zero gradient entries cannot flip a whole ``lr`` step on rounding noise.
 A constant factor also shows directly in the gradient norms.
 """
+import random
+
 import pytest
 import torch
 
@@ -55,6 +57,30 @@ def test_sp2_refined_with_level_offsets_equals_one_rank(tmp_path, corpus):
     one = _run(tmp_path, corpus, "one", "causal", 1, *model)
     sp = _run(tmp_path, corpus, "sp", "causal", 2, *model, "--parallel.sequence=2")
     _same(one, sp)
+
+
+def test_sp2_document_masking_equals_one_rank(tmp_path, corpus):
+    """Short documents (the stdlib modules cut at lines into pieces of 1 to 8 lines), so that
+    every row holds several and they cross the ranks' boundary: their bounds gathered from the
+    slices, the windows' summaries summed from both ranks. The same losses, gradient norms and
+    parameters as one rank with the same masking, and not those of no masking."""
+    short = tmp_path / "short"
+    short.mkdir()
+    rng = random.Random(0)
+    for f in sorted(corpus[0].glob("*.txt")):
+        lines = f.read_text().splitlines(keepends=True)
+        i = 0
+        while i < len(lines):
+            j = i + rng.randint(1, 8)
+            (short / f"{f.stem}-{i}.txt").write_text("".join(lines[i:j]))
+            i = j
+    short_corpus = (short, tmp_path / "cache")
+    masking = ("--data.document_masking=true", "--data.position_reset=true", "--parallel.zero_stage=1")
+    one = _run(tmp_path, short_corpus, "one", "causal", 1, *masking)
+    sp = _run(tmp_path, short_corpus, "sp", "causal", 2, *masking, "--parallel.sequence=2")
+    _same(one, sp)
+    plain = _run(tmp_path, short_corpus, "plain", "causal", 2, "--parallel.zero_stage=1", "--parallel.sequence=2")
+    assert plain[0] != pytest.approx(sp[0], rel=1e-4), (plain, sp)  # the masking is real: rows cross documents
 
 
 @pytest.mark.slow

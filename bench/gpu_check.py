@@ -152,8 +152,8 @@ def correctness(dev, dry: bool) -> list[dict]:
 class Timer:
     """Median time of fn (ms) and its peak memory above what was allocated before it."""
 
-    def __init__(self, dev):
-        self.dev, self.cuda = dev, dev.type == "cuda"
+    def __init__(self, dev, repeats: int = 3):
+        self.dev, self.cuda, self.repeats = dev, dev.type == "cuda", repeats
 
     def once_ms(self, fn) -> float:
         return 1e3 * time_call(fn, self.dev)[0]
@@ -166,8 +166,8 @@ class Timer:
         first = self.once_ms(fn)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if self.cuda else None
         if first > SLOW_MS or not self.cuda:
-            return upper_median([first] + [self.once_ms(fn) for _ in range(2)]), peak, \
-                "median of 3 (wall clock, synchronised)"
+            return upper_median([first] + [self.once_ms(fn) for _ in range(self.repeats - 1)]), peak, \
+                f"median of {self.repeats} (wall clock, synchronised)"
         import triton.testing
         return triton.testing.do_bench(fn, return_mode="median"), peak, "do_bench median"
 
@@ -193,7 +193,7 @@ def check_range_at_scale(q, k, v, out_full, causal, m=64) -> float:
 
 
 def bench(dev, args, deadline: float, save_partial=None) -> tuple[list[dict], list[str]]:
-    timer = Timer(dev)
+    timer = Timer(dev, repeats=1 if args.dry_run else 3)  # the dry run checks the plumbing, not the times
     dt = torch.bfloat16
     rows, notes = [], []
     est = {}  # (impl, mode, d, causal) -> (n, ms) of the last measurement, to predict the next one

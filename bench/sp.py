@@ -16,6 +16,7 @@ one layer at P = 4, largest-n both run in the time limit.
 
     python bench/sp.py            # table + bench/results/sp-cpu.json
     python bench/sp.py --quick    # small n only (a smoke test): sp-quick.json
+    python bench/sp.py --docs     # the bytes with packed documents (document masking): sp-docs-cpu.json
 
 Writes ``<--out>/sp-<tag>.json`` (bench/_results.py: ``$OUT``, else ``bench/results/``).
 """
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import socket
 import sys
 import tempfile
@@ -54,7 +57,25 @@ def _init(rank, world, port):
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
 
 
-def _bytes_worker(rank, world, port, ns, causal, out_file):
+PACKINGS = ("none", "shifted", "mixed")
+
+
+def packing_lengths(n: int, packing: str) -> list[int] | None:
+    """Document lengths of one row of ``n`` tokens (None: no document masking).
+    ``shifted``: a 37-token document, then one over the rest, so that every block and window of
+    the long one is misaligned with the ranks' slices (the most windows cross rank boundaries);
+    ``mixed``: lengths drawn log-uniformly from 64 to n/4 (seeded by n), as packed corpora mix them."""
+    if packing == "none":
+        return None
+    if packing == "shifted":
+        return [37, n - 37]
+    rng, out = random.Random(n), []
+    while sum(out) < n:
+        out.append(min(int(math.exp(rng.uniform(math.log(64), math.log(n / 4)))), n - sum(out)))
+    return out
+
+
+def _bytes_worker(rank, world, port, ns, causal, packing, out_file):
     from fmtrain.attention import fma
     from fmtrain.attention.summaries import M2MSummaries
     from fmtrain.attention.sequence_parallel import TRAFFIC, reset_traffic
@@ -67,8 +88,11 @@ def _bytes_worker(rank, world, port, ns, causal, out_file):
             g = torch.Generator().manual_seed(rank)
             q, k, v = (torch.randn(1, 1, C, D, generator=g).requires_grad_() for _ in range(3))
             summ = M2MSummaries(1, M, RANK_P)
+            lengths = packing_lengths(n, packing)
+            cu = None if lengths is None else torch.tensor([0] + lengths).cumsum(0)
             reset_traffic()
-            out = fma(q, k, v, block_size=M, rank=RANK_P, causal=causal, summaries=summ, group=dist.group.WORLD)
+            out = fma(q, k, v, block_size=M, rank=RANK_P, causal=causal, summaries=summ, group=dist.group.WORLD,
+                      cu_seqlens=cu)
             fwd = dict(TRAFFIC)
             out.backward(torch.randn(out.shape, generator=g))
             res = {"fwd_sent": fwd["fwd_sent"], "fwd_recv": fwd["fwd_recv"],
@@ -148,35 +172,56 @@ def main(argv=None) -> int:
     add_result_arguments(ap)
     ap.add_argument("--time-n", type=int, nargs="*", default=[8192, 16384, 32768, 65536])
     ap.add_argument("--time-limit", type=float, default=150.0, help="stop growing n past this many seconds")
+    ap.add_argument("--docs", action="store_true",
+                    help="the bytes with document masking (packings: " + ", ".join(PACKINGS) + "), no timing; "
+                         "writes sp-docs-<tag>.json")
     args = ap.parse_args(argv)
     ns = [8192, 16384] if args.quick else [65536, 262144, 1048576]
+    packings = PACKINGS if args.docs else ("none",)
     rows = []
     print(f"bytes per rank per layer (fwd+bwd, sent+received), fp32, 1 kv head, head_dim {D}, "
-          f"m={M}, p={RANK_P}, m2m summaries, variant nlogn")
-    print(f"{'mask':>6} {'P':>2} {'n':>8} | {'fma-SP fwd':>11} {'fma-SP bwd':>11} {'fma-SP':>11} | "
+          f"m={M}, p={RANK_P}, m2m summaries, variant nlogn"
+          + ("; packed documents: " + packing_lengths.__doc__.split(".", 1)[1].strip().replace("\n    ", " ")
+             if args.docs else ""))
+    print(f"{'mask':>6} {'docs':>7} {'P':>2} {'n':>8} | {'fma-SP fwd':>11} {'fma-SP bwd':>11} {'fma-SP':>11} | "
           f"{'ring':>14} {'ulysses':>13} | {'SP/ring':>9}")
-    for causal in (True, False):
-        for P in (2, 4, 8):
-            for n, per_rank in zip(ns, _spawn(_bytes_worker, P, ns, causal)):
-                worst = max(per_rank, key=lambda r: sum(r.values()))
-                fwd = worst["fwd_sent"] + worst["fwd_recv"]
-                bwd = worst["bwd_sent"] + worst["bwd_recv"]
-                cf = closed_forms(n, P)
-                row = dict(causal=causal, P=P, n=n, fwd=fwd, bwd=bwd, total=fwd + bwd, per_rank=per_rank, **cf)
-                rows.append(row)
-                print(f"{'causal' if causal else 'bidir':>6} {P:>2} {n:>8} | {fwd:>11,} {bwd:>11,} {fwd + bwd:>11,} | "
-                      f"{cf['ring']:>14,.0f} {cf['ulysses']:>13,.0f} | {(fwd + bwd) / cf['ring']:>9.2e}")
-                sys.stdout.flush()
+    for packing in packings:
+        for causal in (True, False):
+            for P in (2, 4, 8):
+                for n, per_rank in zip(ns, _spawn(_bytes_worker, P, ns, causal, packing)):
+                    worst = max(per_rank, key=lambda r: sum(r.values()))
+                    fwd = worst["fwd_sent"] + worst["fwd_recv"]
+                    bwd = worst["bwd_sent"] + worst["bwd_recv"]
+                    cf = closed_forms(n, P)
+                    row = dict(causal=causal, P=P, n=n, packing=packing, fwd=fwd, bwd=bwd, total=fwd + bwd,
+                               per_rank=per_rank, **cf)
+                    rows.append(row)
+                    print(f"{'causal' if causal else 'bidir':>6} {packing:>7} {P:>2} {n:>8} | {fwd:>11,} {bwd:>11,} "
+                          f"{fwd + bwd:>11,} | {cf['ring']:>14,.0f} {cf['ulysses']:>13,.0f} | "
+                          f"{(fwd + bwd) / cf['ring']:>9.2e}")
+                    sys.stdout.flush()
     floors = {}
-    for causal in (True, False):
-        for P in (2, 4, 8):
-            r = [x for x in rows if x["causal"] == causal and x["P"] == P]
-            floors[f"growth_{'causal' if causal else 'bidir'}_P{P}"] = r[-1]["total"] / r[0]["total"] - 1
-    big = [x for x in rows if x["P"] == 8 and x["n"] == ns[-1]]
-    floors["max_ratio_to_ring_at_largest_n_P8"] = max(x["total"] / x["ring"] for x in big)
+    for packing in packings:
+        tag = "" if packing == "none" else f"{packing}_"
+        for causal in (True, False):
+            for P in (2, 4, 8):
+                r = [x for x in rows if x["causal"] == causal and x["P"] == P and x["packing"] == packing]
+                floors[f"growth_{tag}{'causal' if causal else 'bidir'}_P{P}"] = r[-1]["total"] / r[0]["total"] - 1
+        big = [x for x in rows if x["P"] == 8 and x["n"] == ns[-1] and x["packing"] == packing]
+        floors[f"max_ratio_to_ring_at_largest_n_{tag}P8"] = max(x["total"] / x["ring"] for x in big)
     print("growth from n=%d to n=%d at fixed P: " % (ns[0], ns[-1])
           + ", ".join(f"{k[7:]} {v:+.1%}" for k, v in floors.items() if k.startswith("growth")))
-    print(f"at n={ns[-1]}, P=8: {floors['max_ratio_to_ring_at_largest_n_P8']:.2e} of ring attention's bytes")
+    for packing in packings:
+        tag = "" if packing == "none" else f"{packing}_"
+        print(f"at n={ns[-1]}, P=8, documents {packing}: {floors[f'max_ratio_to_ring_at_largest_n_{tag}P8']:.2e} "
+              "of ring attention's bytes")
+    if args.docs:
+        settings = {"block_size": M, "rank": RANK_P, "head_dim": D, "dtype": "float32", "kv_heads": 1,
+                    "summary": "m2m", "variant": "nlogn", "packings": packing_lengths.__doc__}
+        stem = result_stem("sp-docs", args, "cpu")
+        result = {"meta": meta(args, device="cpu"), "settings": settings, "bytes": rows, "floors": floors}
+        print(f"wrote {write_results(stem, result)}")
+        return 0
 
     timing = []
     print(f"\ntime per layer, forward + backward, P=4 gloo ranks on {os.cpu_count()} CPU cores, "

@@ -28,7 +28,9 @@ def stopped_two_rank_run(tmp_path, corpus, zero):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [0, 1, 2, 3])  # 0: the demos' stage (no universal conversion needed)
+# 0: the demos' stage (no universal conversion needed); 1 is left out: DeepSpeed saves, converts and
+# loads ZeRO 1 and 2 through the same optimizer class and file layout (zero_pp_rank_* optimizer states).
+@pytest.mark.parametrize("zero", [0, 2, 3])
 def test_two_rank_checkpoint_resumes_on_one_and_four_ranks(tmp_path, corpus, zero):
     straight, split = stopped_two_rank_run(tmp_path, corpus, zero)
     # Without the option: a clear refusal that names it, and nothing trained.

@@ -39,7 +39,8 @@ def _lengths(n: int, spec, seed: int) -> list[int]:
 
 def _one_case(case, group, seed):
     n, m, p, H, Hkv, causal, kind, rows, *extra = case
-    impl = extra[0] if extra else "torch"  # "triton": the kernels (interpreted) in fp32 on the ranks
+    extra = extra[0] if extra else {}
+    impl = extra.get("impl", "torch")  # "triton": the kernels (interpreted) in fp32 on the ranks
     P, r = dist.get_world_size(group), dist.get_rank(group)
     g = torch.Generator().manual_seed(seed)
     B, d = len(rows), 8
@@ -54,7 +55,8 @@ def _one_case(case, group, seed):
         for prm in summ.parameters():
             prm.copy_(torch.randn(prm.shape, generator=g, dtype=prm.dtype) * 0.3)
     params = list(summ.parameters())
-    kw = dict(block_size=m, rank=p, causal=causal, summaries=summ, impl="torch", cu_seqlens=cu)
+    kw = dict(block_size=m, rank=p, causal=causal, summaries=summ, impl="torch", cu_seqlens=cu,
+              max_level=extra.get("max_level"))
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = fma(*full, **kw)
     ref_g = [torch.zeros_like(t) if g_ is None else g_ for t, g_ in
@@ -111,7 +113,8 @@ def test_sp2_documents_equal_one_process():
         [[3, 1, 5, 100]],       # documents shorter than a block; the last spans both ranks
         [[16, 32, 8]],          # on block boundaries
         [[20], [70, 2, 1]],     # two rows
-    ]))
+    ]) + [(128, 8, 2, 4, 2, causal, "mean", [[37, 50]], {"max_level": level}) for causal in (True, False)
+          for level in (0, 1)])  # attention="local" (fine level only), and levels cut off
 
 
 def test_sp4_documents_equal_one_process():
@@ -125,7 +128,7 @@ def test_sp4_documents_equal_one_process():
 
 def test_sp2_documents_triton_kernels():
     """The Triton core (interpreted, fp32) on each rank's blocks of the packed layout."""
-    run_ranks(2, [(n, 8, 2, 2, 1, causal, "m2m", rows, "triton") for n, rows in ((64, [[13, 30]]), (128, [[5, 110]]))
+    run_ranks(2, [(n, 8, 2, 2, 1, causal, "m2m", rows, {"impl": "triton"}) for n, rows in ((64, [[13, 30]]), (128, [[5, 110]]))
                   for causal in (True, False)])
 
 

@@ -187,6 +187,28 @@ class DocHierarchy:
         from .hierarchy import SEEN_BY_COLS
         return torch.cat(rows) if rows else torch.zeros(0, SEEN_BY_COLS, dtype=torch.int32)
 
+    def refine_tables_cpu(self) -> tuple[torch.Tensor, ...]:
+        """What adaptive refinement (:mod:`.refine`) reads of the layout, as a
+        :class:`~.hierarchy.Hierarchy` gives it by arithmetic: each block's interaction lists,
+        ``(n_blocks, n_levels * windows per list)`` global window ids, -1 where none (a
+        document's levels only); each window's two children on the level below, levels
+        concatenated from level 1 (whose rows are -1), ``windows[l-2]`` (none) where a
+        document's window has one child; each level-1 window's block; each block's end (its
+        document's end in the layout: the refined keys stop there)."""
+        S, L, m = self.slots_per_level // self.rank, self.n_levels, self.block_size
+        win = torch.full((self.n_blocks, L * S), -1, dtype=torch.long)
+        ends = torch.empty(self.n_blocks, dtype=torch.long)
+        for part, a0, wins, length in zip(self.parts, self.first_block, self.first_window, self.docs.lengths):
+            blocks = torch.arange(part.n_blocks)
+            ends[a0:a0 + part.n_blocks] = a0 * m + length
+            for l in range(1, min(part.n_levels, L) + 1):
+                lists = part.window_lists(l)[blocks >> (l - 1)]
+                win[a0:a0 + part.n_blocks, (l - 1) * S:l * S] = torch.where(lists >= 0, lists + wins[l - 1], -1)
+        kids = [torch.full((self.windows[0], 2), -1, dtype=torch.long)] if L else []
+        kids += [self.children(l, "cpu").view(-1, 2) for l in range(1, L)]
+        leaf = self.leaf_blocks("cpu") if L else torch.zeros(0, dtype=torch.long)
+        return win, (torch.cat(kids) if kids else torch.zeros(0, 2, dtype=torch.long)), leaf, ends
+
     def key_bounds(self, device) -> torch.Tensor:
         """(n_blocks, 2) int32: the keys ``[lo, hi)`` each block's queries may see, their
         document's (cached per device; the Triton kernels' fine mask)."""

@@ -173,11 +173,10 @@ def _sp_documents_ok(impl, variant, summaries, refine, level_offset) -> None:
 
 def _documents(q, k, v, docs: Documents, kw) -> torch.Tensor:
     """``fma`` over packed documents: the block-aligned layout through one core call (PyTorch or
-    Triton, as without documents) where it serves (nlogn, bottom-up summaries, no refinement),
-    else each document alone."""
+    Triton, as without documents) and, with ``refine``, one far field, where it serves (nlogn,
+    bottom-up summaries), else each document alone."""
     summaries = kw["summaries"] or MEAN
-    if not (kw["variant"] == "nlogn" and not kw["refine"] and isinstance(summaries, Summaries)
-            and summaries.bottom_up):
+    if not (kw["variant"] == "nlogn" and isinstance(summaries, Summaries) and summaries.bottom_up):
         return _per_document(q, k, v, docs, kw)
     dh = doc_hierarchy(docs, kw["block_size"], kw["rank"], kw["causal"], kw["max_level"])
     level_offset = kw["level_offset"]
@@ -186,8 +185,12 @@ def _documents(q, k, v, docs: Documents, kw) -> torch.Tensor:
                          f"({max(docs.lengths)} tokens) has {dh.n_levels}")
     qa, ka, va = (to_layout(x, dh) for x in (q, k, v))  # (1, heads, n_layout, d)
     ks, vs = doc_summaries(summaries, ka, va, dh)
-    out = blocked_multipole(qa, ka, va, ks, vs, dh, scale=kw["scale"], weighted=kw["weighted"], impl=kw["impl"],
-                            level_offset=level_offset)
+    if kw["refine"] and dh.n_levels:  # each query opens blocks of its own document only: its lists hold no other
+        out = refined_multipole(qa, ka, va, ks, vs, dh, scale=kw["scale"], weighted=kw["weighted"],
+                                refine=kw["refine"], impl=kw["impl"], level_offset=level_offset)
+    else:
+        out = blocked_multipole(qa, ka, va, ks, vs, dh, scale=kw["scale"], weighted=kw["weighted"], impl=kw["impl"],
+                                level_offset=level_offset)
     return from_layout(out, dh)
 
 

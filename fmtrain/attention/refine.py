@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,10 +75,23 @@ def num_candidates(h: Hierarchy, refine: int) -> int:
     return h.n_levels * (h.slots_per_level // h.rank) + refine * max(h.n_levels - 1, 0)
 
 
+class Tables(NamedTuple):
+    """What refinement reads of a hierarchy (:func:`_tables`)."""
+
+    has: torch.Tensor  # (T,) bool: each summary has real tokens
+    logc: torch.Tensor  # (T,) float64: their log counts (the weighted scores' bias)
+    offsets: torch.Tensor  # (L + 1,): level l's first summary at offsets[l]
+    windows: torch.Tensor  # (L + 1,): level l's window count at windows[l]
+    lv: torch.Tensor  # (n_blocks, W0): each block's interaction list, as levels ...
+    win: torch.Tensor  # ... and windows (-1: none)
+    kids: torch.Tensor  # (windows of all levels, 2): each window's children on the level below
+    kid_base: torch.Tensor  # (L + 1,): level l's first row of ``kids``
+    leaf: torch.Tensor  # (windows[1],): each level-1 window's fine block
+    ends: torch.Tensor  # (n_blocks,): the first position past each block's sequence (or document)
+
+
 @functools.lru_cache(maxsize=256)
-def _tables_cpu(h: Hierarchy):
-    """Per summary: whether it has real tokens and its log count; per level: offset and window count;
-    per fine block: the interaction list's windows as (level, window) pairs, -1 where none."""
+def _tables_cpu(h: Hierarchy) -> Tables:
     counts = all_summary_counts(h)
     has = counts > 0
     logc = torch.where(has, counts.clamp(min=1).double().log(), 0.0)
@@ -85,14 +99,23 @@ def _tables_cpu(h: Hierarchy):
     windows = torch.tensor((0,) + h.windows, dtype=torch.long)
     width = h.slots_per_level // h.rank
     blocks = torch.arange(h.n_blocks)
-    lv = torch.arange(1, h.n_levels + 1).repeat_interleave(width).expand(h.n_blocks, -1)
-    win = torch.cat([h.window_lists(l)[blocks >> (l - 1)] for l in range(1, h.n_levels + 1)], dim=1)
-    return has, logc, offsets, windows, lv.contiguous(), win
+    lv = torch.arange(1, h.n_levels + 1).repeat_interleave(width).expand(h.n_blocks, -1).contiguous()
+    if isinstance(h, Hierarchy):
+        win = torch.cat([h.window_lists(l)[blocks >> (l - 1)] for l in range(1, h.n_levels + 1)], dim=1)
+        # window c's children are 2c and 2c+1 (past the level's end: none, as _summary_slots finds)
+        kids = torch.cat([torch.arange(nw).unsqueeze(1) * 2 + torch.tensor([0, 1]) for nw in h.windows]) \
+            if h.n_levels else torch.zeros(0, 2, dtype=torch.long)
+        leaf, ends = blocks, torch.full((h.n_blocks,), h.n, dtype=torch.long)
+    else:  # packed documents (.documents.DocHierarchy): their own lists, children, blocks and ends
+        win, kids, leaf, ends = h.refine_tables_cpu()
+    kid_base = torch.cumsum(torch.tensor((0, 0) + h.windows[:-1], dtype=torch.long), 0)[:h.n_levels + 1] \
+        if h.n_levels else torch.zeros(1, dtype=torch.long)
+    return Tables(has, logc, offsets, windows, lv, win, kids, kid_base, leaf, ends)
 
 
-def _tables(h: Hierarchy, device):
+def _tables(h: Hierarchy, device) -> Tables:
     """:func:`_tables_cpu` on ``device`` (cached per device, as the block tables)."""
-    return cached_on_device(("refine", h, torch.device(device)), lambda: tuple(t.to(device) for t in _tables_cpu(h)))
+    return cached_on_device(("refine", h, torch.device(device)), lambda: Tables(*(t.to(device) for t in _tables_cpu(h))))
 
 
 def _flat_gather(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,7 +132,7 @@ def _flat_gather(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = 
 def _summary_slots(h: Hierarchy, tabs, lv: torch.Tensor, win: torch.Tensor):
     """Candidates (level, window), any shape ``s`` -> their summaries' indices (s, p), clamped to
     a real slot, and whether each summary exists (window in range, real tokens)."""
-    has, _, offsets, windows, _, _ = tabs
+    has, offsets, windows = tabs.has, tabs.offsets, tabs.windows
     lvc = lv.clamp(min=0)
     ok_win = (win >= 0) & (lv >= 1) & (win < windows[lvc])
     idx = (offsets[lvc] + win.clamp(min=0) * h.rank).unsqueeze(-1) + torch.arange(h.rank, device=lv.device)
@@ -142,7 +165,7 @@ def select(q: torch.Tensor, ks: torch.Tensor, h: Hierarchy, refine: int, scale: 
     tabs = _tables(h, q.device)
     qg = q.view(B, Hkv, G, nq, d).transpose(2, 3).to(ks.dtype)  # (B, Hkv, nq, G, d)
     blk = torch.arange(i0, i0 + nq, device=q.device) // h.block_size
-    lv0, win0 = tabs[4][blk], tabs[5][blk]  # (nq, W0)
+    lv0, win0 = tabs.lv[blk], tabs.win[blk]  # (nq, W0)
     W0, C = lv0.shape[1], num_candidates(h, refine)
     lv = torch.zeros(B, Hkv, nq, C, dtype=torch.long, device=q.device)
     win = torch.full((B, Hkv, nq, C), -1, dtype=torch.long, device=q.device)
@@ -159,7 +182,7 @@ def select(q: torch.Tensor, ks: torch.Tensor, h: Hierarchy, refine: int, scale: 
             split = ok & (cur_l > 1)
             if not bool(split.any()):
                 break
-            kids = torch.cat([2 * cur_w, 2 * cur_w + 1], dim=-1)  # (B, Hkv, nq, 2)
+            kids = tabs.kids[tabs.kid_base[cur_l.clamp(max=L)] + cur_w.clamp(min=0)].squeeze(-2)  # (B, Hkv, nq, 2)
             kid_l = (cur_l - 1).clamp(min=1).expand(-1, -1, -1, 2)
             kid_score = _window_scores(qg, ks, h, tabs, kid_l, kids, scale)
             right = kid_score[..., 1:] > kid_score[..., :1]  # ties keep the left child
@@ -171,7 +194,7 @@ def select(q: torch.Tensor, ks: torch.Tensor, h: Hierarchy, refine: int, scale: 
             score[..., slot:slot + 1] = torch.where(split, sibling, -math.inf)
             cur_w = torch.where(split, keep, cur_w)
             cur_l = torch.where(split, cur_l - 1, cur_l)
-        opened[..., t:t + 1] = torch.where(ok, cur_w, -1)
+        opened[..., t:t + 1] = torch.where(ok, tabs.leaf[cur_w.clamp(min=0)], -1)  # the level-1 window's block
     win = torch.where(score > -math.inf, win, -1)  # siblings without tokens are no candidates
     return opened, lv, win
 
@@ -189,7 +212,7 @@ def _far_inputs(q, off, h: Hierarchy, tabs, lv, win, weighted: bool, acc):
     qg = q.view(B, Hkv, G, nq, d).transpose(2, 3).to(acc).contiguous()
     sidx, s_ok = _summary_slots(h, tabs, lv, win)  # (B, Hkv, nq, C, p)
     s_ok = s_ok & (win >= 0).unsqueeze(-1)
-    logc = tabs[1][sidx] if weighted else torch.zeros((), dtype=torch.float64, device=q.device)
+    logc = tabs.logc[sidx] if weighted else torch.zeros((), dtype=torch.float64, device=q.device)
     bias = torch.where(s_ok, logc, -math.inf).flatten(-2).to(acc).unsqueeze(3)  # (B, Hkv, nq, 1, C*p)
     slv = lv.unsqueeze(-1).expand(sidx.shape).flatten(-2)  # level of each summary slot
     if off is not None:  # (H, L) per-head level offsets on the summaries' scores
@@ -313,11 +336,14 @@ class OpenedTiles:
         ds = p * (dot @ vt.transpose(-1, -2) - self.of_queries(delta)) * scale
         return ds @ kt, ds.transpose(-1, -2) @ qt, p.transpose(-1, -2) @ dot
 
-    def _key_bias(self, kb: torch.Tensor, n: int, d: int) -> torch.Tensor:
-        """(n_tiles, 1, m): 0 for a tile's block's tokens before ``n``, -inf after (the last block)."""
+    def _key_bias(self, kb: torch.Tensor, n, d: int) -> torch.Tensor:
+        """(n_tiles, 1, m): 0 for a tile's block's tokens before ``n``, -inf after (the last block).
+        ``n``: the sequence's length, or each block's end (n_blocks,) (packed documents)."""
         m = kb.shape[-1] // d
-        pos = (self.block % kb.shape[2]).unsqueeze(-1) * m + torch.arange(m, device=kb.device)
-        return torch.where(pos < n, 0.0, -math.inf).to(kb.dtype).unsqueeze(1)
+        block = self.block % kb.shape[2]
+        end = n if isinstance(n, int) else n[block].unsqueeze(-1)
+        pos = block.unsqueeze(-1) * m + torch.arange(m, device=kb.device)
+        return torch.where(pos < end, 0.0, -math.inf).to(kb.dtype).unsqueeze(1)
 
     def blocks(self, xb: torch.Tensor, d: int) -> torch.Tensor:
         """Block rows xb (B, Hkv, n_blocks, m*d) -> each tile's block (n_tiles, m, d)."""
@@ -342,7 +368,7 @@ class FarField(torch.autograd.Function):
                 start: int = 0, kernels: bool = False):
         acc = acc_dtype(q.dtype)
         B, H, nq_all, d = q.shape
-        n = k.shape[2]
+        n = _key_limit(h, k)
         kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
         out = torch.empty(B, H, nq_all, d, dtype=acc, device=q.device)
         lse = torch.empty(B, H, nq_all, dtype=acc, device=q.device)
@@ -362,7 +388,7 @@ class FarField(torch.autograd.Function):
         q, k, v, ks, vs, off, out, lse = ctx.saved_tensors
         h, scale, acc = ctx.h, ctx.scale, acc_dtype(q.dtype)
         B, H, nq_all, d = q.shape
-        Hkv, n = k.shape[1], k.shape[2]
+        Hkv, n = k.shape[1], _key_limit(h, k)
         G = H // Hkv
         tabs = _tables(h, q.device)
         kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
@@ -398,10 +424,16 @@ class FarField(torch.autograd.Function):
             sum_shape = (*sidx.shape, d)
             _flat_add(dks, sidx, _outer(ds, qg, ws("dks", sum_shape, qg)))
             _flat_add(dvs, sidx, _outer(p, do, ws("dvs", sum_shape, qg)))
-        dk = dkb.view(B, Hkv, -1, d)[:, :, :n]
-        dv = dvb.view(B, Hkv, -1, d)[:, :, :n]
+        dk = dkb.view(B, Hkv, -1, d)[:, :, :k.shape[2]]
+        dv = dvb.view(B, Hkv, -1, d)[:, :, :k.shape[2]]
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dks.to(ks.dtype), dvs.to(vs.dtype),
                 None if doff is None else doff.to(off.dtype), None, None, None, None, None, None)
+
+
+def _key_limit(h: Hierarchy, k: torch.Tensor):
+    """The keys a refined query may open: the sequence's ``n`` tokens, or for packed documents
+    (.documents.DocHierarchy) each block's document's end, (n_blocks,)."""
+    return k.shape[2] if isinstance(h, Hierarchy) else _tables(h, k.device).ends
 
 
 def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted: bool, scale: float, ws,
@@ -486,13 +518,20 @@ def use_kernels(impl: str, q: torch.Tensor) -> bool:
     return impl != "torch" and q.dtype != torch.float64 and select_core(impl, q) is not BlockAttention
 
 
+def _kernels_serve(h: Hierarchy) -> bool:
+    """The opened-block kernels stop every block at one sequence end: packed documents, whose
+    blocks end where their documents do, take the PyTorch far field (the core stays Triton)."""
+    return isinstance(h, Hierarchy)
+
+
 def refined_multipole(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool, refine: int,
                       impl: str = "torch", level_offset=None) -> torch.Tensor:
     """Multipole attention with ``refine`` opened blocks per query, on one device: (B, H, n, d)."""
     from .blocked import block_attention, merge
     out, lse = block_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, fine_only=True, impl=impl)
     off = None if level_offset is None else level_offset[:, :h.n_levels]
-    c_out, c_lse = FarField.apply(q, k, v, ks, vs, off, h, refine, weighted, scale, 0, use_kernels(impl, q))
+    c_out, c_lse = FarField.apply(q, k, v, ks, vs, off, h, refine, weighted, scale, 0,
+                                  use_kernels(impl, q) and _kernels_serve(h))
     _, merged = merge(lse.to(c_lse.dtype), out.to(c_out.dtype), c_lse, c_out)
     return merged.to(q.dtype)
 

@@ -100,15 +100,38 @@ def test_local_and_truncated(rng, max_level):
     _check(rng, q, k, v, lengths, block_size=8, rank=2, max_level=max_level)
 
 
-@pytest.mark.parametrize("kw", [dict(refine=1), dict(variant="linear"), dict(summary="conv")], ids=str)
+@pytest.mark.parametrize("kw", [dict(variant="linear"), dict(summary="conv")], ids=str)
 def test_other_paths_run_each_document(rng, kw):
-    """Refinement, the linear variant and conv summaries run document by document: exact too."""
+    """The linear variant and conv summaries run document by document: exact too."""
     lengths = [70, 9, 49]
     q, k, v = qkv(rng, 1, 2, 2, sum(lengths), 8)
     if kw.get("summary") == "conv":
         kw = dict(summaries=build_summaries("conv", n_kv_heads=2, head_dim=8, block_size=8, rank=2,
                                             max_seq_len=128).double())
     _check(rng, q, k, v, lengths, block_size=8, rank=2, **kw)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lengths", PACKINGS[:4])
+def test_refined_on_the_layout_equals_separate(rng, lengths, causal):
+    """Adaptive refinement over packed documents in one far field: each query descends through
+    its own document's windows only (a document with one child window included) and opens its
+    own blocks, whose keys stop at the document's end; refine=3 opens more blocks than short
+    documents have."""
+    q, k, v = qkv(rng, 1, 4, 2, sum(lengths), 8)
+    _check(rng, q, k, v, lengths, block_size=8, rank=2, causal=causal, refine=3)
+
+
+def test_refined_with_m2m_and_level_offsets(rng):
+    lengths = [70, 9, 49, 1, 120]
+    q, k, v = qkv(rng, 1, 4, 2, sum(lengths), 8)
+    summ = M2MSummaries(2, 8, 2).double()
+    with torch.no_grad():
+        summ.leaf.add_(0.1 * randn(rng, *summ.leaf.shape))
+        summ.up.add_(0.1 * randn(rng, *summ.up.shape))
+    offset = randn(rng, 4, 6, requires_grad=True)
+    _check(rng, q, k, v, lengths, extra=(summ.leaf, summ.up, offset), block_size=8, rank=2, summaries=summ,
+           level_offset=offset, refine=2)
 
 
 def test_float32_against_float64(rng):

@@ -14,7 +14,7 @@ from .hierarchy import call_hierarchy, sizes_error
 from .refine import refined_multipole
 from .reference import dense_attention, dense_refined
 from .sequence_parallel import sp_fma, sp_refined
-from .sp_documents import sp_documents
+from .sp_documents import sp_documents, sp_documents_refined
 from .summaries import MEAN, Summaries
 
 IMPLS = ("auto", "torch", "triton", "dense")
@@ -122,9 +122,11 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
             cu_seqlens = None  # one document per row (long documents, short rows): the plain call
     if cu_seqlens is not None and sp:
         _sp_documents_ok(impl, variant, summaries, refine, level_offset)  # every rank refuses alike
-        return sp_documents(q, k, v, docs, group, block_size=block_size, rank=rank, causal=causal,
-                            weighted=weighted, scale=scale, summaries=summaries or MEAN, max_level=max_level,
-                            impl=impl)
+        kw = dict(block_size=block_size, rank=rank, causal=causal, weighted=weighted, scale=scale,
+                  summaries=summaries or MEAN, max_level=max_level, impl=impl)
+        if refine:
+            return sp_documents_refined(q, k, v, docs, group, refine=refine, level_offset=level_offset, **kw)
+        return sp_documents(q, k, v, docs, group, **kw)
     if cu_seqlens is not None:
         kw = dict(block_size=block_size, rank=rank, causal=causal, weighted=weighted, scale=scale, impl=impl,
                   variant=variant, summaries=summaries, max_level=max_level, group=group,
@@ -161,8 +163,7 @@ def _sp_documents_ok(impl, variant, summaries, refine, level_offset) -> None:
     """Refuse what sequence parallelism with document masking does not run (yet), saying what to change."""
     what = ("impl='dense' (the reference runs on one device)" if impl == "dense" else
             "variant='linear'" if variant != "nlogn" else
-            "refine > 0" if refine else
-            "level_offset" if level_offset is not None else
+            "level_offset without refine > 0" if level_offset is not None and not refine else
             "summaries that are not formed bottom-up (conv, or rotated at their windows)"
             if summaries is not None and not (isinstance(summaries, Summaries) and summaries.bottom_up) else None)
     if what:

@@ -35,10 +35,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import torch.nn.functional as F
+
+from .blocked import merge
 from .cores import select_core
-from .documents import DocHierarchy, Documents, doc_hierarchy
-from .hierarchy import block_tables
-from .sequence_parallel import TRAFFIC, _nbytes
+from .documents import DocHierarchy, Documents, doc_hierarchy, doc_summaries, to_layout
+from .hierarchy import block_tables, truncate
+from .refine import FarField
+from .sequence_parallel import TRAFFIC, _AllGather, _nbytes
 from .summaries import finish
 
 
@@ -328,4 +332,40 @@ def sp_documents(q, k, v, docs: Documents, group, *, block_size: int, rank: int,
     return torch.cat(outs) + got[-1]  # + 0: ties the exchange's backward to the result on every rank
 
 
-__all__ = ["sp_documents", "global_cu_seqlens", "rank_plans", "row_documents"]
+def sp_documents_refined(q, k, v, docs: Documents, group, *, block_size: int, rank: int, causal: bool,
+                         weighted: bool, scale: float, summaries, max_level: int | None, refine: int,
+                         impl: str = "torch", level_offset=None) -> torch.Tensor:
+    """This rank's chunk of ``fma(..., cu_seqlens=..., refine=K)`` (shapes as :func:`sp_documents`'s).
+
+    As :func:`.sequence_parallel.sp_refined` does without documents: a query may open a block
+    anywhere before it in its document, so the keys and values are all-gathered (the backward
+    reduce-scatters their gradients) and each rank runs the one-device path on its layout
+    blocks: the fine core, and the far field (:class:`.refine.FarField`) of its queries over
+    the documents' own summaries, which every rank forms whole.
+    """
+    P, me = dist.get_world_size(group), dist.get_rank(group)
+    B, H, C, d = q.shape
+    m = block_size
+    k_all, v_all = (_AllGather.apply(x, group).permute(1, 2, 0, 3, 4).reshape(B, x.shape[1], -1, d)
+                    for x in (k, v))  # (B, Hkv, n, d)
+    core, outs = select_core(impl, q), []
+    for b, rd in enumerate(row_documents(docs)):
+        dh, plans = rank_plans(rd, block_size, rank, causal, max_level, P)
+        pl = plans[me]
+        ka, va = (to_layout(x[b:b + 1], dh) for x in (k_all, v_all))  # (1, Hkv, n_layout, d)
+        ks, vs = doc_summaries(summaries, ka, va, dh)
+        pos = dh.token_index(q.device)[me * C:(me + 1) * C] - pl.a0 * m
+        qb = q.new_zeros(1, H, (pl.a1 - pl.a0) * m, d).index_copy(2, pos, q[b:b + 1])
+        lo, hi = pl.e0 * m, pl.e1 * m  # the extended keys: a slice of the layout, zeros outside it
+        ext = [F.pad(x[:, :, max(lo, 0):min(hi, dh.n)], (0, 0, max(-lo, 0), max(hi - dh.n, 0))) for x in (ka, va)]
+        out, lse = core.apply(qb.contiguous(), ext[0].contiguous(), ext[1].contiguous(), ks[:, :, :0].contiguous(),
+                              vs[:, :, :0].contiguous(), truncate(dh, 0), weighted, scale, pl.a0)
+        if dh.n_levels:
+            off = None if level_offset is None else level_offset[:, :dh.n_levels]
+            c_out, c_lse = FarField.apply(qb, ka, va, ks, vs, off, dh, refine, weighted, scale, pl.a0 * m, False)
+            _, out = merge(lse.to(c_lse.dtype), out.to(c_out.dtype), c_lse, c_out)
+        outs.append(out.to(q.dtype).index_select(2, pos))
+    return torch.cat(outs)
+
+
+__all__ = ["sp_documents", "sp_documents_refined", "global_cu_seqlens", "rank_plans", "row_documents"]

@@ -168,7 +168,7 @@ class DataConfig:
                                            "block-diagonal mask). The targets still run across documents (the "
                                            "target at an EOS is the next document's first token). Off: attention "
                                            "crosses document boundaries. With parallel.sequence > 1: the nlogn "
-                                           "variant with m2m or mean summaries.")
+                                           "variant with m2m or mean summaries, refined or not.")
     position_reset: bool = option(False, "RoPE positions restart at 0 at each packed document (needs "
                                          "data.document_masking). Off by default, as in Llama 3, torchtitan and "
                                          "Megatron (reset_position_ids=False): RoPE is relative, so within a "
@@ -383,10 +383,10 @@ def _consistency_errors(cfg: Config) -> list[str]:
     if d.document_masking and p.sequence > 1 and m.attention == "fma":
         unsupported = [what for what, on in (
             ("model.variant='linear'", m.variant != "nlogn"), ("model.summary='conv'", m.summary == "conv"),
-            (f"model.refine={m.refine}", m.refine > 0), ("model.level_offset", m.level_offset),
             ("model.summary_rope='window'", m.summary_rope != "keys")) if on]
         if unsupported:
-            e.append(f"document masking with parallel.sequence > 1 runs the nlogn variant with m2m or mean summaries; "
+            e.append(f"document masking with parallel.sequence > 1 runs the nlogn variant with m2m or mean summaries "
+                     f"(refined or not); "
                      f"{', '.join(unsupported)} has no such path yet: change it, or set parallel.sequence=1, or "
                      "data.document_masking=false")
     if p.sequence > 1 and m.attention == "sdpa":

@@ -56,7 +56,10 @@ def _one_case(case, group, seed):
             prm.copy_(torch.randn(prm.shape, generator=g, dtype=prm.dtype) * 0.3)
     params = list(summ.parameters())
     kw = dict(block_size=m, rank=p, causal=causal, summaries=summ, impl="torch", cu_seqlens=cu,
-              max_level=extra.get("max_level"))
+              max_level=extra.get("max_level"), refine=extra.get("refine", 0))
+    if extra.get("level_offset"):
+        kw["level_offset"] = (torch.randn(H, 12, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+        params.append(kw["level_offset"])
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = fma(*full, **kw)
     ref_g = [torch.zeros_like(t) if g_ is None else g_ for t, g_ in
@@ -124,6 +127,16 @@ def test_sp4_documents_equal_one_process():
         [[5, 110]],
         [("random", 1, 40)],
     ]) + _grid(256, 8, 2, [[("random", 10, 150)], [[9, 200]]]))
+
+
+def test_sp_documents_refined_equal_one_process():
+    """refine > 0: keys all-gathered, each rank's far field over its documents' own windows and
+    blocks (documents across the ranks' boundary, shorter than a block, spanning four ranks),
+    level offsets included."""
+    cases = [(128, 8, 2, 4, 2, causal, kind, rows, {"refine": 2}) for rows in ([[37, 50]], [[3, 1, 5, 100]])
+             for causal in (True, False) for kind in ("m2m", "mean")]
+    run_ranks(2, cases + [(128, 8, 2, 4, 2, True, "m2m", [[20, 90]], {"refine": 3, "level_offset": True})])
+    run_ranks(4, [(128, 8, 2, 4, 1, causal, "m2m", [[5, 110]], {"refine": 2}) for causal in (True, False)])
 
 
 def test_sp2_documents_triton_kernels():
@@ -202,7 +215,8 @@ def _refuse(rank, world, port):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         x = torch.randn(1, 2, 32, 8)
-        for kw, what in ((dict(variant="linear"), "variant='linear'"), (dict(refine=2), "refine > 0"),
+        for kw, what in ((dict(variant="linear"), "variant='linear'"),
+                         (dict(level_offset=torch.zeros(2, 4)), "level_offset without refine > 0"),
                          (dict(impl="dense"), "impl='dense'")):
             with pytest.raises(ValueError, match=what.replace("(", r"\(").replace(")", r"\)")):
                 fma(x, x, x, block_size=8, rank=2, group=dist.group.WORLD, cu_seqlens=[0, 10, 64], **kw)

@@ -217,10 +217,10 @@ def test_document_masking_and_position_reset():
     msg = error_of(from_dict, {**both, "parallel": {"sequence": 2},
                                "model": {"block_size": 16, "variant": "linear", "refine": 0}})
     assert len(msg.splitlines()) == 1, msg
-    assert "document masking with parallel.sequence > 1 runs the nlogn variant with m2m or mean summaries; " \
-           "model.variant='linear' has no such path yet" in msg and "set parallel.sequence=1" in msg
-    msg = error_of(from_dict, {**both, "parallel": {"sequence": 2}, "model": {"block_size": 16, "refine": 2}})
-    assert "model.refine=2 has no such path yet" in msg
+    assert "document masking with parallel.sequence > 1 runs the nlogn variant with m2m or mean summaries " \
+           "(refined or not); model.variant='linear' has no such path yet" in msg and "set parallel.sequence=1" in msg
+    refined_sp = from_dict({**both, "parallel": {"sequence": 2}, "model": {"block_size": 16, "refine": 2}})
+    assert refined_sp.model.refine == 2 and refined_sp.parallel.sequence == 2
     refined = from_dict({**both, "model": {"block_size": 16, "refine": 2}})  # fma masks refined attention too
     assert refined.model.refine == 2 and refined.data.document_masking
 

@@ -518,20 +518,13 @@ def use_kernels(impl: str, q: torch.Tensor) -> bool:
     return impl != "torch" and q.dtype != torch.float64 and select_core(impl, q) is not BlockAttention
 
 
-def _kernels_serve(h: Hierarchy) -> bool:
-    """The opened-block kernels stop every block at one sequence end: packed documents, whose
-    blocks end where their documents do, take the PyTorch far field (the core stays Triton)."""
-    return isinstance(h, Hierarchy)
-
-
 def refined_multipole(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool, refine: int,
                       impl: str = "torch", level_offset=None) -> torch.Tensor:
     """Multipole attention with ``refine`` opened blocks per query, on one device: (B, H, n, d)."""
     from .blocked import block_attention, merge
     out, lse = block_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, fine_only=True, impl=impl)
     off = None if level_offset is None else level_offset[:, :h.n_levels]
-    c_out, c_lse = FarField.apply(q, k, v, ks, vs, off, h, refine, weighted, scale, 0,
-                                  use_kernels(impl, q) and _kernels_serve(h))
+    c_out, c_lse = FarField.apply(q, k, v, ks, vs, off, h, refine, weighted, scale, 0, use_kernels(impl, q))
     _, merged = merge(lse.to(c_lse.dtype), out.to(c_out.dtype), c_lse, c_out)
     return merged.to(q.dtype)
 

@@ -122,6 +122,28 @@ def test_refined_on_the_layout_equals_separate(rng, lengths, causal):
     _check(rng, q, k, v, lengths, block_size=8, rank=2, causal=causal, refine=3)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_refined_on_the_layout_through_the_kernels(monkeypatch, causal):
+    """impl='triton' (interpreted, fp32): the core's kernels and the opened-block kernels, each
+    opened block's keys stopping at its own document's end (read per block), against the float64
+    definition; the opened-block kernels counted, so a fallback to PyTorch fails."""
+    from fmtrain.attention import kernels
+    if not kernels.triton_available():
+        pytest.skip("triton does not import here")
+    from fmtrain.attention.kernels import function as Fn
+    calls = []
+    real = Fn.opened_forward
+    monkeypatch.setattr(Fn, "opened_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(7)
+    lengths = [70, 9, 49, 1, 37]
+    q, k, v = qkv(g, 1, 2, 2, sum(lengths), 16)
+    q, k, v = (x.float().double() for x in (q, k, v))  # the kernels' inputs, exactly: a near-tie opens another block
+    ref = fma(q, k, v, block_size=8, rank=2, causal=causal, refine=2, impl="dense", cu_seqlens=_cu(lengths))
+    out = fma(q.float(), k.float(), v.float(), block_size=8, rank=2, causal=causal, refine=2, impl="triton",
+              cu_seqlens=_cu(lengths))
+    assert calls and (out.double() - ref).abs().max() < 2e-5
+
+
 def test_refined_with_m2m_and_level_offsets(rng):
     lengths = [70, 9, 49, 1, 120]
     q, k, v = qkv(rng, 1, 4, 2, sum(lengths), 8)

@@ -24,7 +24,7 @@ import tempfile
 
 # Pointers whose tensors the launcher allocates in fp32 whatever the inputs' dtype.
 FP32_POINTERS = {"BIAS", "LSE", "DELTA", "DLSE", "SBIAS", "DKS", "DVS"}
-INT_POINTERS = {"IDX", "SEEN", "ROWQ", "BLK", "BOUNDS"}
+INT_POINTERS = {"IDX", "SEEN", "ROWQ", "BLK", "BOUNDS", "ENDS"}  # ENDS: int64 when read (DOCS), never read else
 
 # An H100 SM: 64K 32-bit registers and 228 KB of shared memory (227 KB usable by one block).
 SM90_REGISTERS = 65536
@@ -113,6 +113,7 @@ def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool, docs: bool
     inputs = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
     opened, opened_launch = Fn._opened_tiles(m, d, 64, 1, inputs)
     opened["UPCAST"] = False  # the GPU's lowering, whatever this process interprets
+    opened["DOCS"] = False  # one sequence end (packed documents read a per-block end: one more load)
     out += [(name, fn, opened, opened_launch, "fp32")
             for name, fn in (("opened_fwd", K._opened_fwd_kernel), ("opened_bwd", K._opened_bwd_kernel))]
     return out

@@ -191,11 +191,19 @@ def _opened_tiles(m: int, d: int, T: int, G: int, inputs) -> tuple[dict, dict]:
     return tiles, dict(num_warps=4 if rows * bd <= 64 * 64 else 8, num_stages=1)
 
 
-def opened_forward(qg, kb, vb, rowq, blk, n: int, T: int, scale: float, inputs=torch.float32):
+def _ends(n, blk):
+    """The key limit as the opened kernels take it: (n, ENDS, DOCS). ``n`` the sequence's length, or
+    each block's document's end, (n_blocks,) (packed documents: read per block)."""
+    if isinstance(n, int):
+        return n, blk, False  # ENDS is never read
+    return 0, n.to(torch.int64).contiguous(), True
+
+
+def opened_forward(qg, kb, vb, rowq, blk, n, T: int, scale: float, inputs=torch.float32):
     """Each tile row's softmax over its tile's block (``refine.OpenedTiles.attend``'s contract):
     qg (B, Hkv, nq, G, d); kb, vb (B, Hkv, n_blocks, m*d); rowq (tiles*T,) int32 query index or -1;
-    blk (tiles,) int32 global block row; ``inputs`` the attention inputs' dtype. Returns out
-    (tiles, T*G, d), lse (tiles, T*G)."""
+    blk (tiles,) int32 global block row; ``n`` the tokens that exist (or each block's end, see
+    :func:`_ends`); ``inputs`` the attention inputs' dtype. Returns out (tiles, T*G, d), lse (tiles, T*G)."""
     B, Hkv, nq, G, d = qg.shape
     n_blocks, m = kb.shape[2], kb.shape[3] // d
     n_tiles = blk.numel()
@@ -203,12 +211,13 @@ def opened_forward(qg, kb, vb, rowq, blk, n: int, T: int, scale: float, inputs=t
     lse = torch.empty(n_tiles, T * G, dtype=qg.dtype, device=qg.device)
     if n_tiles:
         tiles, launch = _opened_tiles(m, d, T, G, inputs)
-        _opened_fwd_kernel[(n_tiles,)](qg, kb, vb, rowq, blk, out, lse, n, n_blocks, T, G, scale * LOG2E,
-                                       **tiles, **launch)
+        n, ends, docs = _ends(n, blk)
+        _opened_fwd_kernel[(n_tiles,)](qg, kb, vb, rowq, blk, ends, out, lse, n, n_blocks, T, G, scale * LOG2E,
+                                       DOCS=docs, **tiles, **launch)
     return out, lse
 
 
-def opened_backward(qg, do, lse, delta, kb, vb, rowq, blk, n: int, T: int, scale: float, inputs=torch.float32):
+def opened_backward(qg, do, lse, delta, kb, vb, rowq, blk, n, T: int, scale: float, inputs=torch.float32):
     """``refine.OpenedTiles.grads``' contract: lse, delta (B, Hkv, nq, G, 1) per query; returns dq per
     tile row (tiles, T*G, d) and dk, dv per tile (tiles, m, d)."""
     B, Hkv, nq, G, d = qg.shape
@@ -219,6 +228,7 @@ def opened_backward(qg, do, lse, delta, kb, vb, rowq, blk, n: int, T: int, scale
     dv = torch.empty_like(dk)
     if n_tiles:
         tiles, launch = _opened_tiles(m, d, T, G, inputs)
+        n, ends, docs = _ends(n, blk)
         _opened_bwd_kernel[(n_tiles,)](qg, do.contiguous(), lse.contiguous(), delta.contiguous(), kb, vb, rowq,
-                                       blk, dq, dk, dv, n, n_blocks, T, G, scale, **tiles, **launch)
+                                       blk, ends, dq, dk, dv, n, n_blocks, T, G, scale, DOCS=docs, **tiles, **launch)
     return dq, dk, dv

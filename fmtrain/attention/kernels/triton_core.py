@@ -374,23 +374,29 @@ def _opened_rows(QG, ROWQ, t, T, G, d: tl.constexpr, BLOCK_R: tl.constexpr, BLOC
 
 
 @triton.jit
-def _opened_keys(BLK, t, n, n_blocks, m: tl.constexpr, d: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """The tile's block: offsets of its m key rows in KB/VB and which are tokens before n."""
+def _opened_keys(BLK, ENDS, t, n, n_blocks, m: tl.constexpr, d: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr, DOCS: tl.constexpr):
+    """The tile's block: offsets of its m key rows in KB/VB and which are tokens before n (packed
+    documents, DOCS: before the block's document's end, ENDS[block])."""
     blk = tl.load(BLK + t).to(tl.int64)
     j = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_D)
-    kok = (j < m) & ((blk % n_blocks) * m + j < n)
+    if DOCS:
+        end = tl.load(ENDS + blk % n_blocks)
+    else:
+        end = n
+    kok = (j < m) & ((blk % n_blocks) * m + j < end)
     return blk * (m * d) + j[:, None] * d + c[None, :], kok[:, None] & (c < d)[None, :], kok
 
 
 @triton.jit(do_not_specialize=_OPENED_INTS)
-def _opened_fwd_kernel(QG, KB, VB, ROWQ, BLK, OUT, LSE, n, n_blocks, T, G, qk_scale,
+def _opened_fwd_kernel(QG, KB, VB, ROWQ, BLK, ENDS, OUT, LSE, n, n_blocks, T, G, qk_scale,
                        m: tl.constexpr, d: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HALF: tl.constexpr):
+                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HALF: tl.constexpr,
+                       DOCS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     qoff, qmask, rok, qh = _opened_rows(QG, ROWQ, t, T, G, d, BLOCK_R, BLOCK_D)
-    koff, kmask, kok = _opened_keys(BLK, t, n, n_blocks, m, d, BLOCK_M, BLOCK_D)
+    koff, kmask, kok = _opened_keys(BLK, ENDS, t, n, n_blocks, m, d, BLOCK_M, BLOCK_D, DOCS)
     q = _as_inputs(tl.load(QG + qoff, mask=qmask, other=0.0), HALF)
     k = _as_inputs(tl.load(KB + koff, mask=kmask, other=0.0), HALF)
     s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # base 2; every tile's block has a token
@@ -409,12 +415,13 @@ def _opened_fwd_kernel(QG, KB, VB, ROWQ, BLK, OUT, LSE, n, n_blocks, T, G, qk_sc
 
 
 @triton.jit(do_not_specialize=_OPENED_INTS)
-def _opened_bwd_kernel(QG, DO, LQ, DELTA, KB, VB, ROWQ, BLK, DQ, DK, DV, n, n_blocks, T, G, scale,
+def _opened_bwd_kernel(QG, DO, LQ, DELTA, KB, VB, ROWQ, BLK, ENDS, DQ, DK, DV, n, n_blocks, T, G, scale,
                        m: tl.constexpr, d: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HALF: tl.constexpr):
+                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HALF: tl.constexpr,
+                       DOCS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     qoff, qmask, rok, qh = _opened_rows(QG, ROWQ, t, T, G, d, BLOCK_R, BLOCK_D)
-    koff, kmask, kok = _opened_keys(BLK, t, n, n_blocks, m, d, BLOCK_M, BLOCK_D)
+    koff, kmask, kok = _opened_keys(BLK, ENDS, t, n, n_blocks, m, d, BLOCK_M, BLOCK_D, DOCS)
     q = _as_inputs(tl.load(QG + qoff, mask=qmask, other=0.0), HALF)
     do = _as_inputs(tl.load(DO + qoff, mask=qmask, other=0.0), HALF)
     lq = tl.load(LQ + qh, mask=rok, other=0.0)

@@ -148,7 +148,7 @@ def test_both_models_train_under_every_zero_stage(tmp_path, corpus, kind, zero, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [1, 2, 3])
+@pytest.mark.parametrize("zero", [2, 3])  # ZeRO 1 takes ZeRO 2's optimizer class and files in DeepSpeed
 def test_resume_bitwise_on_two_ranks(tmp_path, corpus, zero):
     straight = make_config(tmp_path, corpus, kind="mlm", name="straight")
     train(straight, "--train.steps=6", f"--parallel.zero_stage={zero}", nproc=2)

@@ -79,12 +79,22 @@ def test_sp2_document_masking_equals_one_rank(tmp_path, corpus):
     one = _run(tmp_path, short_corpus, "one", "causal", 1, *masking)
     sp = _run(tmp_path, short_corpus, "sp", "causal", 2, *masking, "--parallel.sequence=2")
     _same(one, sp)
-    plain = _run(tmp_path, short_corpus, "plain", "causal", 2, "--parallel.zero_stage=1", "--parallel.sequence=2")
-    assert plain[0] != pytest.approx(sp[0], rel=1e-4), (plain, sp)  # the masking is real: rows cross documents
+    # The masking is real: the rows these runs read hold documents that start past a row's first
+    # token, and some of them inside the second rank's slice (a document across the ranks).
+    from fmtrain.config import load_config
+    from fmtrain.data import loaders_for
+    from fmtrain.parallel import World
+
+    cfg = load_config(tmp_path / "sp" / "config.toml", [])
+    world = World(rank=0, local_rank=0, size=1, sp_size=1, device=torch.device("cpu"), backend="gloo")
+    rows = torch.cat([loaders_for(cfg, world, eval_max_batches=1, progress=False).train.next_batch()["doc_positions"]
+                      for _ in range(3)])
+    starts = rows[:, 1:] == 0  # (rows, n - 1): a document starts at token j + 1
+    assert starts.any(1).all() and starts[:, 64:].any(), rows
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [1, 2, 3])
+@pytest.mark.parametrize("zero", [2, 3])  # ZeRO 1 takes ZeRO 2's optimizer class and files in DeepSpeed
 def test_sp2_x_dp2_equals_dp2(tmp_path, corpus, zero):
     dp = _run(tmp_path, corpus, "dp", "causal", 2, f"--parallel.zero_stage={zero}")
     spdp = _run(tmp_path, corpus, "spdp", "causal", 4, f"--parallel.zero_stage={zero}", "--parallel.sequence=2")

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
 import torch.nn.functional as F
 
 from .blocked import merge
@@ -234,27 +233,41 @@ def sp_documents(q, k, v, docs: Documents, group, *, block_size: int, rank: int,
     nlogn, bottom-up summaries (the caller checks)."""
     P, me = dist.get_world_size(group), dist.get_rank(group)
     B, H, C, d = q.shape
-    Hkv, m = k.shape[1], block_size
+    m = block_size
     rows = [rank_plans(rd, block_size, rank, causal, max_level, P) for rd in row_documents(docs)]
     for dh, _ in rows:
         if dh.n_levels:
             summaries.check(max(dh.parts, key=lambda h: h.n_levels))
-
-    # This rank's tokens in each row's layout: queries on its blocks, keys on its extended blocks.
-    placed_q, placed_kv, partial = [], [], []
+    # This rank's queries on its layout blocks, and its partial summaries of the windows they touch.
+    placed_q, partial = [], []
     for b, (dh, plans) in enumerate(rows):
         pl = plans[me]
-        pos = dh.token_index(q.device)[me * C:(me + 1) * C]
-        qb = q.new_zeros(1, H, (pl.a1 - pl.a0) * m, d).index_copy(2, pos - pl.a0 * m, q[b:b + 1])
-        kv_q = [x.new_zeros(1, Hkv, (pl.a1 - pl.a0) * m, d).index_copy(2, pos - pl.a0 * m, x[b:b + 1])
-                for x in (k, v)]
+        pos = dh.token_index(q.device)[me * C:(me + 1) * C] - pl.a0 * m
+        qb, kb, vb = (x.new_zeros(1, x.shape[1], (pl.a1 - pl.a0) * m, d).index_copy(2, pos, x[b:b + 1])
+                      for x in (q, k, v))  # (1, heads, own blocks * m, d)
         placed_q.append(qb)
-        placed_kv.append(kv_q)
-        partial.append([_partials(summaries, x, dh, pl, which) for which, x in enumerate(kv_q)])
+        partial.append([_partials(summaries, x, dh, pl, which) for which, x in enumerate((kb, vb))])
+    got, recv_layout = _exchange(k, v, rows, partial, group)
+    core, outs = select_core(impl, q), []
+    for b, (dh, plans) in enumerate(rows):
+        pl = plans[me]
+        k_ext, v_ext, ks, vs = _assemble(k[b:b + 1], v[b:b + 1], dh, pl, partial[b], got,
+                                         {peer: recv_layout[(peer, b)] for peer in range(P) if peer != me}, me, C)
+        out, _ = core.apply(placed_q[b].contiguous(), k_ext.contiguous(), v_ext.contiguous(), ks.contiguous(),
+                            vs.contiguous(), dh, weighted, scale, pl.a0)
+        outs.append(out.index_select(2, dh.token_index(q.device)[me * C:(me + 1) * C] - pl.a0 * m))
+    return torch.cat(outs) + got[-1]  # + 0: ties the exchange's backward to the result on every rank
 
-    # One exchange: per peer, per row, halo keys and values, then the windows' partials of k and v.
+
+def _exchange(k, v, rows, partial, group):
+    """One exchange with every peer, for all rows: per peer and row, the halo keys and values it
+    needs of this rank's tokens, then this rank's partials of the windows it needs, k's then v's.
+    Returns what came back (flat, with a trailing 0: :class:`_Exchange`) and where each (peer,
+    row)'s piece starts in it, with the token ranges and window ids it holds."""
+    P, me = dist.get_world_size(group), dist.get_rank(group)
+    Hkv, C, d = k.shape[1], k.shape[2], k.shape[3]
+    per_token, per_window = Hkv * d, Hkv * rows[0][0].rank * d if rows else 0
     send_parts, send_cuts, recv_cuts, recv_layout, at_send, at_recv = [], {}, {}, {}, 0, 0
-    per_kv_token, per_window = Hkv * d, Hkv * rank * d
     for peer in range(P):
         if peer == me:
             continue
@@ -264,72 +277,62 @@ def sp_documents(q, k, v, docs: Documents, group, *, block_size: int, rank: int,
             for x in (k, v):
                 for a, e in tokens:
                     send_parts.append(x[b:b + 1, :, a - me * C:e - me * C].transpose(1, 2).reshape(-1))
-                    at_send += (e - a) * per_kv_token
+                    at_send += (e - a) * per_token
             for which in range(2):
                 for l, ids in enumerate(wins, start=1):
                     if ids:
-                        lo = plans[me].windows[l - 1][0]
-                        sel = torch.tensor(ids, device=q.device) - lo
-                        send_parts.append(partial[b][which][l - 1].index_select(2, sel).permute(0, 2, 1, 3, 4)
-                                          .reshape(-1))
+                        sel = torch.tensor(ids, device=k.device) - plans[me].windows[l - 1][0]
+                        z = partial[b][which][l - 1].index_select(2, sel)  # (1, Hkv, windows, p, d)
+                        send_parts.append(z.transpose(1, 2).reshape(-1))
                         at_send += len(ids) * per_window
         send_cuts[peer] = (start, at_send)
         start = at_recv
         for b, (dh, plans) in enumerate(rows):
             tokens, wins = _sends(dh, plans, peer, me, C)
             recv_layout[(peer, b)] = (at_recv, tokens, wins)
-            at_recv += 2 * sum(e - a for a, e in tokens) * per_kv_token + 2 * sum(map(len, wins)) * per_window
+            at_recv += 2 * sum(e - a for a, e in tokens) * per_token + 2 * sum(map(len, wins)) * per_window
         recv_cuts[peer] = (start, at_recv)
     # k's empty slice keeps the exchange in k's graph when this rank sends nothing (its backward
     # must still run: it receives the gradients of what its peers sent).
     send = torch.cat(send_parts + [k.reshape(-1)[:0]])
-    got = _Exchange.apply(send, send_cuts, recv_cuts, group)
+    return _Exchange.apply(send, send_cuts, recv_cuts, group), recv_layout
 
-    core = select_core(impl, q)
-    outs = []
-    for b, (dh, plans) in enumerate(rows):
-        pl = plans[me]
-        # Extended keys: own tokens and the received halo, at their places from block e0.
-        base = pl.e0 * m
-        tok_pos = dh.token_index(q.device)
-        ext_idx = [tok_pos[me * C:(me + 1) * C] - base]
-        ext = [[x[b:b + 1]] for x in (k, v)]
-        zs = [[None] * dh.n_levels for _ in range(2)]
+
+def _assemble(k, v, dh: DocHierarchy, pl: RowPlan, partial, got, pieces: dict, me: int, C: int):
+    """One row's inputs to the core: the extended keys and values (1, Hkv, (e1 - e0) * m, d), this
+    rank's tokens and the received halo at their places from block ``e0``, zeros elsewhere; and
+    the summaries (1, Hkv, num_summaries, d), each needed window's partials summed (own and
+    received). ``pieces[peer] = (start in got, token ranges, window ids per level)``."""
+    Hkv, d, m, p = k.shape[1], k.shape[3], dh.block_size, dh.rank
+    per_token, per_window = Hkv * d, Hkv * p * d
+    base, tok_pos = pl.e0 * m, dh.token_index(k.device)
+    ext_idx, ext = [tok_pos[me * C:(me + 1) * C] - base], [[k], [v]]
+    zs = [[], []]
+    for which in range(2):
+        for l in range(1, dh.n_levels + 1):
+            lo, hi = pl.windows[l - 1]
+            full = k.new_zeros(1, Hkv, dh.windows[l - 1], p, d)
+            zs[which].append(full.index_add(2, torch.arange(lo, hi, device=k.device), partial[which][l - 1])
+                             if hi > lo else full)
+    for at, tokens, wins in pieces.values():
         for which in range(2):
-            for l in range(1, dh.n_levels + 1):
-                lo, hi = pl.windows[l - 1]
-                z = partial[b][which][l - 1]
-                full = z.new_zeros(1, Hkv, dh.windows[l - 1], rank, d)
-                zs[which][l - 1] = full.index_add(2, torch.arange(lo, hi, device=q.device), z) if hi > lo else full
-        for peer in range(P):
-            if peer == me:
-                continue
-            at, tokens, wins = recv_layout[(peer, b)]
-            for which in range(2):
-                for a, e in tokens:
-                    piece = got[at:at + (e - a) * per_kv_token].view(1, e - a, Hkv, d).transpose(1, 2)
-                    ext[which].append(piece)
-                    if which == 0:
-                        ext_idx.append(tok_pos[a:e] - base)
-                    at += (e - a) * per_kv_token
-            for which in range(2):
-                for l, ids in enumerate(wins, start=1):
-                    if ids:
-                        piece = got[at:at + len(ids) * per_window].view(1, len(ids), Hkv, rank, d).transpose(1, 2)
-                        zs[which][l - 1] = zs[which][l - 1].index_add(
-                            2, torch.tensor(ids, device=q.device), piece)
-                        at += len(ids) * per_window
-        idx = torch.cat(ext_idx)
-        n_ext = (pl.e1 - pl.e0) * m
-        k_ext, v_ext = (k.new_zeros(1, Hkv, n_ext, d).index_copy(2, idx, torch.cat(parts, dim=2)) for parts in ext)
-        if dh.n_levels:
-            ks, vs = finish(zs[0], dh), finish(zs[1], dh)
-        else:
-            ks = vs = k.new_zeros(1, Hkv, 0, d)
-        out, _ = core.apply(placed_q[b].contiguous(), k_ext.contiguous(), v_ext.contiguous(), ks.contiguous(),
-                            vs.contiguous(), dh, weighted, scale, pl.a0)
-        outs.append(out.index_select(2, tok_pos[me * C:(me + 1) * C] - pl.a0 * m))
-    return torch.cat(outs) + got[-1]  # + 0: ties the exchange's backward to the result on every rank
+            for a, e in tokens:
+                ext[which].append(got[at:at + (e - a) * per_token].view(1, e - a, Hkv, d).transpose(1, 2))
+                if which == 0:
+                    ext_idx.append(tok_pos[a:e] - base)
+                at += (e - a) * per_token
+        for which in range(2):
+            for l, ids in enumerate(wins, start=1):
+                if ids:
+                    z = got[at:at + len(ids) * per_window].view(1, len(ids), Hkv, p, d).transpose(1, 2)
+                    zs[which][l - 1] = zs[which][l - 1].index_add(2, torch.tensor(ids, device=k.device), z)
+                    at += len(ids) * per_window
+    idx, n_ext = torch.cat(ext_idx), (pl.e1 - pl.e0) * m
+    k_ext, v_ext = (k.new_zeros(1, Hkv, n_ext, d).index_copy(2, idx, torch.cat(parts, dim=2)) for parts in ext)
+    if not dh.n_levels:
+        empty = k.new_zeros(1, Hkv, 0, d)
+        return k_ext, v_ext, empty, empty
+    return k_ext, v_ext, finish(zs[0], dh), finish(zs[1], dh)
 
 
 def sp_documents_refined(q, k, v, docs: Documents, group, *, block_size: int, rank: int, causal: bool,

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .blocked import merge
 from .cores import select_core
 from .documents import DocHierarchy, Documents, doc_hierarchy, doc_summaries, to_layout
-from .hierarchy import block_tables, truncate
+from .hierarchy import block_tables, cached_on_device, truncate
 from .refine import FarField
 from .sequence_parallel import TRAFFIC, _AllGather, _nbytes
 from .summaries import finish
@@ -281,7 +281,7 @@ def _exchange(k, v, rows, partial, group):
             for which in range(2):
                 for l, ids in enumerate(wins, start=1):
                     if ids:
-                        sel = torch.tensor(ids, device=k.device) - plans[me].windows[l - 1][0]
+                        sel = _on_device(ids, k.device, shift=plans[me].windows[l - 1][0])
                         z = partial[b][which][l - 1].index_select(2, sel)  # (1, Hkv, windows, p, d)
                         send_parts.append(z.transpose(1, 2).reshape(-1))
                         at_send += len(ids) * per_window
@@ -298,6 +298,13 @@ def _exchange(k, v, rows, partial, group):
     return _Exchange.apply(send, send_cuts, recv_cuts, group), recv_layout
 
 
+def _on_device(ids: tuple[int, ...], device, shift: int = 0) -> torch.Tensor:
+    """``ids - shift`` as an index tensor on ``device``, made once (a host-to-device copy per
+    layer would wait for the stream on a GPU)."""
+    return cached_on_device(("sp_documents", ids, shift, torch.device(device)),
+                            lambda: (torch.tensor(ids, dtype=torch.long) - shift).to(device))
+
+
 def _assemble(k, v, dh: DocHierarchy, pl: RowPlan, partial, got, pieces: dict, me: int, C: int):
     """One row's inputs to the core: the extended keys and values (1, Hkv, (e1 - e0) * m, d), this
     rank's tokens and the received halo at their places from block ``e0``, zeros elsewhere; and
@@ -312,7 +319,7 @@ def _assemble(k, v, dh: DocHierarchy, pl: RowPlan, partial, got, pieces: dict, m
         for l in range(1, dh.n_levels + 1):
             lo, hi = pl.windows[l - 1]
             full = k.new_zeros(1, Hkv, dh.windows[l - 1], p, d)
-            zs[which].append(full.index_add(2, torch.arange(lo, hi, device=k.device), partial[which][l - 1])
+            zs[which].append(full.index_add(2, _on_device(tuple(range(lo, hi)), k.device), partial[which][l - 1])
                              if hi > lo else full)
     for at, tokens, wins in pieces.values():
         for which in range(2):
@@ -325,7 +332,7 @@ def _assemble(k, v, dh: DocHierarchy, pl: RowPlan, partial, got, pieces: dict, m
             for l, ids in enumerate(wins, start=1):
                 if ids:
                     z = got[at:at + len(ids) * per_window].view(1, len(ids), Hkv, p, d).transpose(1, 2)
-                    zs[which][l - 1] = zs[which][l - 1].index_add(2, torch.tensor(ids, device=k.device), z)
+                    zs[which][l - 1] = zs[which][l - 1].index_add(2, _on_device(ids, k.device), z)
                     at += len(ids) * per_window
     idx, n_ext = torch.cat(ext_idx), (pl.e1 - pl.e0) * m
     k_ext, v_ext = (k.new_zeros(1, Hkv, n_ext, d).index_copy(2, idx, torch.cat(parts, dim=2)) for parts in ext)

@@ -58,28 +58,36 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 # --------------------------------------------------------------------------- collectives
+def swap(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], group, phase: str) -> None:
+    """Point-to-point in one batch: ``sends[peer]`` (contiguous) goes to group rank ``peer``, and
+    ``recvs[peer]`` (a contiguous buffer) is filled from it; empty tensors are skipped. Counted
+    in :data:`TRAFFIC` under ``phase`` ("fwd" or "bwd")."""
+    ops = []
+    for peer, t in sends.items():
+        if t.numel():
+            ops.append(dist.P2POp(dist.isend, t, dist.get_global_rank(group, peer), group))
+            TRAFFIC[phase + "_sent"] += _nbytes(t)
+    for peer, t in recvs.items():
+        if t.numel():
+            ops.append(dist.P2POp(dist.irecv, t, dist.get_global_rank(group, peer), group))
+            TRAFFIC[phase + "_recv"] += _nbytes(t)
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
 def _exchange(to_left: torch.Tensor, to_right: torch.Tensor, group, phase: str):
     """Send flat ``to_left`` to rank r-1 and ``to_right`` to r+1; returns what the
     neighbours sent the other way: ``(from_left, from_right)``, shaped like
     ``to_right`` and ``to_left`` (zeros at the ends of the sequence)."""
     r, P = dist.get_rank(group), dist.get_world_size(group)
     from_left, from_right = torch.zeros_like(to_right), torch.zeros_like(to_left)
-    ops = []
-
-    def peer(i):
-        return dist.get_global_rank(group, i)
-
-    for nb, send, recv in ((r - 1, to_left, from_left), (r + 1, to_right, from_right)):
-        if 0 <= nb < P:
-            if send.numel():
-                ops.append(dist.P2POp(dist.isend, send, peer(nb), group))
-                TRAFFIC[phase + "_sent"] += _nbytes(send)
-            if recv.numel():
-                ops.append(dist.P2POp(dist.irecv, recv, peer(nb), group))
-                TRAFFIC[phase + "_recv"] += _nbytes(recv)
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+    sends, recvs = {}, {}
+    if r > 0:
+        sends[r - 1], recvs[r - 1] = to_left, from_left
+    if r < P - 1:
+        sends[r + 1], recvs[r + 1] = to_right, from_right
+    swap(sends, recvs, group, phase)
     return from_left, from_right
 
 
@@ -318,19 +326,28 @@ def sp_refined(q, k, v, group, *, block_size: int, rank: int, causal: bool, weig
                     for x in (k, v))  # (B, Hkv, n, d)
     h = call_hierarchy(chunk * n_ranks, m, rank, causal, max_level, level_offset)
     ks, vs = (summaries or MEAN)(k_all, v_all, h)
-    first_block, own_blocks = me * chunk // m, chunk // m
-    # The fine core over the rank's blocks: their extended keys, blocks first_block - 1 on, zeros
-    # outside the sequence (a slice of the gathered keys, padded where it leaves them).
-    lo, n = (first_block - 1) * m, chunk * n_ranks
-    hi = lo + (own_blocks + len(h.fine_blocks()) - 1) * m
+    return refined_blocks(q, k_all, v_all, ks, vs, h, me * chunk // m, refine=refine, weighted=weighted,
+                          scale=scale, impl=impl, level_offset=level_offset)
+
+
+def refined_blocks(q, k_all, v_all, ks, vs, h, a0: int, *, refine: int, weighted: bool, scale: float, impl: str,
+                   level_offset=None) -> torch.Tensor:
+    """Refined multipole attention of the query blocks ``[a0, a0 + nq)`` of ``h`` (q (B, H, nq*m, d))
+    over the whole sequence's keys and values ``k_all, v_all`` (B, Hkv, h.n or more, d) and
+    summaries: the fine core over those blocks' extended keys (a slice of ``k_all``, zeros where
+    it leaves the sequence) merged with their far field. A rank's share of all-gather context
+    parallelism (:func:`sp_refined`; packed documents: :func:`.sp_documents.sp_documents_refined`)."""
+    m, n = h.block_size, h.n
+    lo = (a0 - 1) * m
+    hi = lo + (q.shape[2] // m + len(h.fine_blocks()) - 1) * m
     ext = [F.pad(x[:, :, max(lo, 0):min(hi, n)], (0, 0, max(-lo, 0), max(hi - n, 0))) for x in (k_all, v_all)]
     out, lse = select_core(impl, q).apply(q.contiguous(), ext[0].contiguous(), ext[1].contiguous(),
                                           ks[:, :, :0].contiguous(), vs[:, :, :0].contiguous(), truncate(h, 0),
-                                          weighted, scale, first_block)
+                                          weighted, scale, a0)
     if not h.n_levels:
         return out
     off = None if level_offset is None else level_offset[:, :h.n_levels]
-    c_out, c_lse = FarField.apply(q, k_all, v_all, ks, vs, off, h, refine, weighted, scale, me * chunk,
+    c_out, c_lse = FarField.apply(q, k_all, v_all, ks, vs, off, h, refine, weighted, scale, a0 * m,
                                   use_kernels(impl, q))
     _, merged = merge(lse.to(c_lse.dtype), out.to(c_out.dtype), c_lse, c_out)
     return merged.to(q.dtype)

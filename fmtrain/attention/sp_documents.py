@@ -34,14 +34,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from .blocked import merge
 from .cores import select_core
 from .documents import DocHierarchy, Documents, doc_hierarchy, doc_summaries, to_layout
-from .hierarchy import block_tables, cached_on_device, truncate
-from .refine import FarField
-from .sequence_parallel import TRAFFIC, _AllGather, _nbytes
+from .hierarchy import block_tables, cached_on_device
+from .sequence_parallel import _AllGather, refined_blocks, swap
 from .summaries import finish
 
 
@@ -139,24 +136,6 @@ def _sends(dh: DocHierarchy, plans, src: int, dst: int, C: int):
 
 
 # --------------------------------------------------------------------------- the exchange
-def _swap(pieces: dict[int, torch.Tensor], recv_numel: dict[int, int], like: torch.Tensor, group, phase: str):
-    """Send ``pieces[peer]`` (flat) to each group rank ``peer``, receive ``recv_numel[peer]``
-    numbers from each; returns ``{peer: received}``."""
-    got = {peer: like.new_empty(n) for peer, n in recv_numel.items() if n}
-    ops = []
-    for peer, t in pieces.items():
-        if t.numel():
-            ops.append(dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, peer), group))
-            TRAFFIC[phase + "_sent"] += _nbytes(t)
-    for peer, t in got.items():
-        ops.append(dist.P2POp(dist.irecv, t, dist.get_global_rank(group, peer), group))
-        TRAFFIC[phase + "_recv"] += _nbytes(t)
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
-    return got
-
-
 class _Exchange(torch.autograd.Function):
     """flat sends (one tensor, cut by ``send_cuts``: {peer: (lo, hi)}) -> flat receives (cut by
     ``recv_cuts``) and a 0; the backward returns every gradient to the rank its value came from."""
@@ -164,25 +143,18 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, send, send_cuts, recv_cuts, group):
         ctx.send_cuts, ctx.recv_cuts, ctx.group, ctx.numel = send_cuts, recv_cuts, group, send.numel()
-        got = _swap({p: send[a:b] for p, (a, b) in send_cuts.items()},
-                    {p: b - a for p, (a, b) in recv_cuts.items()}, send, group, "fwd")
         # One more entry, always 0, that the caller adds to its result: a rank that receives
         # nothing must still run this backward, which sends its peers their gradients.
-        total = max((b for _, b in recv_cuts.values()), default=0)
-        out = send.new_zeros(total + 1)
-        for p, (a, b) in recv_cuts.items():
-            if b > a:
-                out[a:b] = got[p]
+        out = send.new_zeros(max((b for _, b in recv_cuts.values()), default=0) + 1)
+        swap({p: send[a:b] for p, (a, b) in send_cuts.items()}, {p: out[a:b] for p, (a, b) in recv_cuts.items()},
+             group, "fwd")
         return out
 
     @staticmethod
     def backward(ctx, g):
-        got = _swap({p: g[a:b] for p, (a, b) in ctx.recv_cuts.items()},
-                    {p: b - a for p, (a, b) in ctx.send_cuts.items()}, g, ctx.group, "bwd")
-        out = g.new_zeros(ctx.numel)
-        for p, (a, b) in ctx.send_cuts.items():
-            if b > a:
-                out[a:b] = got[p]
+        g, out = g.contiguous(), g.new_zeros(ctx.numel)
+        swap({p: g[a:b] for p, (a, b) in ctx.recv_cuts.items()}, {p: out[a:b] for p, (a, b) in ctx.send_cuts.items()},
+             ctx.group, "bwd")
         return out, None, None, None
 
 
@@ -239,11 +211,11 @@ def sp_documents(q, k, v, docs: Documents, group, *, block_size: int, rank: int,
         if dh.n_levels:
             summaries.check(max(dh.parts, key=lambda h: h.n_levels))
     # This rank's queries on its layout blocks, and its partial summaries of the windows they touch.
-    placed_q, partial = [], []
+    placed_q, partial, own = [], [], []  # own: each row's tokens of this rank, at their places from block a0
     for b, (dh, plans) in enumerate(rows):
         pl = plans[me]
-        pos = dh.token_index(q.device)[me * C:(me + 1) * C] - pl.a0 * m
-        qb, kb, vb = (x.new_zeros(1, x.shape[1], (pl.a1 - pl.a0) * m, d).index_copy(2, pos, x[b:b + 1])
+        own.append(dh.token_index(q.device)[me * C:(me + 1) * C] - pl.a0 * m)
+        qb, kb, vb = (x.new_zeros(1, x.shape[1], (pl.a1 - pl.a0) * m, d).index_copy(2, own[b], x[b:b + 1])
                       for x in (q, k, v))  # (1, heads, own blocks * m, d)
         placed_q.append(qb)
         partial.append([_partials(summaries, x, dh, pl, which) for which, x in enumerate((kb, vb))])
@@ -255,7 +227,7 @@ def sp_documents(q, k, v, docs: Documents, group, *, block_size: int, rank: int,
                                          {peer: recv_layout[(peer, b)] for peer in range(P) if peer != me}, me, C)
         out, _ = core.apply(placed_q[b].contiguous(), k_ext.contiguous(), v_ext.contiguous(), ks.contiguous(),
                             vs.contiguous(), dh, weighted, scale, pl.a0)
-        outs.append(out.index_select(2, dh.token_index(q.device)[me * C:(me + 1) * C] - pl.a0 * m))
+        outs.append(out.index_select(2, own[b]))
     return torch.cat(outs) + got[-1]  # + 0: ties the exchange's backward to the result on every rank
 
 
@@ -358,7 +330,7 @@ def sp_documents_refined(q, k, v, docs: Documents, group, *, block_size: int, ra
     m = block_size
     k_all, v_all = (_AllGather.apply(x, group).permute(1, 2, 0, 3, 4).reshape(B, x.shape[1], -1, d)
                     for x in (k, v))  # (B, Hkv, n, d)
-    core, outs = select_core(impl, q), []
+    outs = []
     for b, rd in enumerate(row_documents(docs)):
         dh, plans = rank_plans(rd, block_size, rank, causal, max_level, P)
         pl = plans[me]
@@ -366,15 +338,9 @@ def sp_documents_refined(q, k, v, docs: Documents, group, *, block_size: int, ra
         ks, vs = doc_summaries(summaries, ka, va, dh)
         pos = dh.token_index(q.device)[me * C:(me + 1) * C] - pl.a0 * m
         qb = q.new_zeros(1, H, (pl.a1 - pl.a0) * m, d).index_copy(2, pos, q[b:b + 1])
-        lo, hi = pl.e0 * m, pl.e1 * m  # the extended keys: a slice of the layout, zeros outside it
-        ext = [F.pad(x[:, :, max(lo, 0):min(hi, dh.n)], (0, 0, max(-lo, 0), max(hi - dh.n, 0))) for x in (ka, va)]
-        out, lse = core.apply(qb.contiguous(), ext[0].contiguous(), ext[1].contiguous(), ks[:, :, :0].contiguous(),
-                              vs[:, :, :0].contiguous(), truncate(dh, 0), weighted, scale, pl.a0)
-        if dh.n_levels:
-            off = None if level_offset is None else level_offset[:, :dh.n_levels]
-            c_out, c_lse = FarField.apply(qb, ka, va, ks, vs, off, dh, refine, weighted, scale, pl.a0 * m, False)
-            _, out = merge(lse.to(c_lse.dtype), out.to(c_out.dtype), c_lse, c_out)
-        outs.append(out.to(q.dtype).index_select(2, pos))
+        out = refined_blocks(qb, ka, va, ks, vs, dh, pl.a0, refine=refine, weighted=weighted, scale=scale,
+                             impl=impl, level_offset=level_offset)
+        outs.append(out.index_select(2, pos))
     return torch.cat(outs)
 
 

@@ -77,10 +77,11 @@ def test_rows_are_boundaries(rng, causal):
     assert max((a - b).abs().max() for a, b in zip(g, g_ref)) < TOL64
 
 
+@pytest.mark.parametrize("refine", [0, 2])
 @pytest.mark.parametrize("causal", [True, False])
-def test_learned_summaries_and_level_offsets(rng, causal):
+def test_learned_summaries_and_level_offsets(rng, causal, refine):
     """m2m summaries away from their averaging start, and per-head level offsets: their
-    gradients too (the summaries of each document pair only its own children)."""
+    gradients too (the summaries of each document pair only its own children); refined too."""
     lengths = [100, 50, 3, 40, 7, 60, 1, 123]
     q, k, v = qkv(rng, 1, 4, 2, sum(lengths), 8)
     summ = M2MSummaries(2, 8, 2).double()
@@ -89,7 +90,7 @@ def test_learned_summaries_and_level_offsets(rng, causal):
         summ.up.add_(0.1 * randn(rng, *summ.up.shape))
     offset = randn(rng, 4, 6, requires_grad=True)
     _check(rng, q, k, v, lengths, extra=(summ.leaf, summ.up, offset), block_size=8, rank=2, causal=causal,
-           summaries=summ, level_offset=offset)
+           summaries=summ, level_offset=offset, refine=refine)
 
 
 @pytest.mark.parametrize("max_level", [0, 1])
@@ -142,18 +143,6 @@ def test_refined_on_the_layout_through_the_kernels(monkeypatch, causal):
     out = fma(q.float(), k.float(), v.float(), block_size=8, rank=2, causal=causal, refine=2, impl="triton",
               cu_seqlens=_cu(lengths))
     assert calls and (out.double() - ref).abs().max() < 2e-5
-
-
-def test_refined_with_m2m_and_level_offsets(rng):
-    lengths = [70, 9, 49, 1, 120]
-    q, k, v = qkv(rng, 1, 4, 2, sum(lengths), 8)
-    summ = M2MSummaries(2, 8, 2).double()
-    with torch.no_grad():
-        summ.leaf.add_(0.1 * randn(rng, *summ.leaf.shape))
-        summ.up.add_(0.1 * randn(rng, *summ.up.shape))
-    offset = randn(rng, 4, 6, requires_grad=True)
-    _check(rng, q, k, v, lengths, extra=(summ.leaf, summ.up, offset), block_size=8, rank=2, summaries=summ,
-           level_offset=offset, refine=2)
 
 
 def test_float32_against_float64(rng):

@@ -59,6 +59,14 @@ def _one_case(case, group, seed):
     mine = [t[:, :, sl].clone().requires_grad_() for t in (q, k, v)]
     out = fma(*mine, group=group, **kw)
     got = list(torch.autograd.grad(out, mine + params, gout[:, :, sl].contiguous(), allow_unused=True))
+    bad = chunk_errors(out, got, ref, ref_g, sl, group, TOL64)
+    assert not bad, f"case {case} rank {r}/{P}: {bad}"
+
+
+def chunk_errors(out, got, ref, ref_g, sl, group, tol: float) -> dict:
+    """This rank's slice ``sl`` of the output and of dq, dk, dv (``got[:3]``) against one process's
+    (``ref``, ``ref_g[:3]``), and the parameters' gradients (``got[3:]``, None: unused here) summed
+    over the group: the errors not below ``tol``, by name."""
     errs = {"out": (out - ref[:, :, sl]).abs().max().item()}
     for name, a, b in zip("qkv", got[:3], ref_g[:3]):
         errs["d" + name] = (a - b[:, :, sl]).abs().max().item()
@@ -67,8 +75,7 @@ def _one_case(case, group, seed):
         dist.all_reduce(a, group=group)
         # a sum over all n tokens: rounding grows with its size, so relative to its largest entry
         errs[f"dparam{i}"] = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
-    bad = {k_: e for k_, e in errs.items() if not e < TOL64}
-    assert not bad, f"case {case} rank {r}/{P}: {bad}"
+    return {k_: e for k_, e in errs.items() if not e < tol}
 
 
 def _worker(rank, world, port, cases, sub):

@@ -21,7 +21,7 @@ from fmtrain.attention.documents import as_documents
 from fmtrain.attention.sequence_parallel import TRAFFIC, reset_traffic
 from fmtrain.attention.summaries import build_summaries
 
-from .test_sequence_parallel import _port
+from .test_sequence_parallel import _port, chunk_errors
 
 TOL64 = 1e-12
 
@@ -75,14 +75,7 @@ def _one_case(case, group, seed):
     got = list(torch.autograd.grad(out, mine + params, gout[:, :, sl].to(dt).contiguous(), allow_unused=True))
     if impl == "triton":
         got = got[:3]
-    errs = {"out": (out - ref[:, :, sl]).abs().max().item()}
-    for name, a, b in zip("qkv", got[:3], ref_g[:3]):
-        errs["d" + name] = (a - b[:, :, sl]).abs().max().item()
-    for i, (a, b) in enumerate(zip(got[3:], ref_g[3:])):
-        a = torch.zeros_like(b) if a is None else a.clone()
-        dist.all_reduce(a, group=group)
-        errs[f"dparam{i}"] = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
-    bad = {k_: e for k_, e in errs.items() if not e < tol}
+    bad = chunk_errors(out, got, ref, ref_g, sl, group, tol)
     assert not bad, f"case {case} (lengths {lengths}) rank {r}/{P}: {bad}"
 
 

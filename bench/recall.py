@@ -24,9 +24,17 @@ Design (a short training run of each variant, CPU-sized):
 - Every variant trains at ``--train-len`` tokens (needle anywhere, queries at
   log-uniform distances, so that short and long distances are trained alike) for
   the same steps, seed and batches, then is evaluated, without further training,
-  at ``--eval-lens`` (4k to 128k) with the needle in the first eighth and queries
-  at log-uniform distances out to the end of the sequence, ``--eval-tokens`` tokens
-  per length (many short sequences, a few long ones). m2m summaries have no
+  at ``--eval-lens`` (4k to 128k).
+- Evaluation (``--eval single``, the default): one query per sequence, its last
+  token, ``d`` tokens after the value, for each ``d`` of ``--single-distances`` that
+  fits, ``--single-seqs`` sequences each. The length is then the context before the
+  query, so "accuracy at a fixed distance against the length" is a clean question.
+  ``--eval chained`` is how results before 2026-12-06 were made (needle in the first
+  eighth, ``--eval-queries`` queries per sequence): there a query can also copy the
+  value from an earlier query that found it (its upper layer holds it), so far
+  distances read higher than recall over them alone (a single-query probe of the
+  same refined model, trained at 4k, scored 0.00-0.25 at 16k where chained scored
+  0.96-1.00). m2m summaries have no
   length-dependent parameters (the parent map is shared by all levels), so one
   model runs at every length; distances beyond ``--train-len`` are extrapolation
   for every variant alike. RoPE uses base 500000 (the config's advice for long
@@ -54,6 +62,7 @@ import torch
 
 from _results import add_result_arguments, beside, meta, result_stem, save_plot, write_results
 from _harness import logits_at
+from fmtrain.attention.layers import MultipoleAttention
 from fmtrain.config import ModelConfig
 from fmtrain.model import IGNORE_INDEX, build_model
 from fmtrain.schedule import warmup_cosine
@@ -146,6 +155,43 @@ def multikey_batch(gen: torch.Generator, batch: int, n: int, queries: int, keys:
     return ids, targets, dist
 
 
+def single_query_batch(gen: torch.Generator, batch: int, n: int, distance: int, keys: int = 1):
+    """Sequences of length ``n`` with one query, at the end, ``distance`` tokens after the value it
+    asks for: ``keys`` needles (one: marker, value; more: marker, key, value, the other ``keys - 1``
+    anywhere free), the query last (multi-key: query token, key).
+
+    Returns ids (B, n), targets (B, n) (the value at the last position, -100 elsewhere) and
+    distances (B, n). With one query per sequence no query can copy another's answer.
+    """
+    ids = torch.randint(0, N_FILLER, (batch, n), generator=gen)
+    targets = torch.full((batch, n), IGNORE_INDEX)
+    dist = torch.zeros((batch, n), dtype=torch.long)
+    vpos, last = n - 1 - distance, n - 1
+    if vpos < (1 if keys == 1 else 2) or distance < (1 if keys == 1 else 2):
+        raise ValueError(f"distance {distance} does not fit a sequence of {n} tokens")
+    for b in range(batch):
+        value = N_FILLER + int(torch.randint(0, N_VALUES, (1,), generator=gen))
+        if keys == 1:
+            ids[b, vpos - 1], ids[b, vpos], ids[b, last] = MARKER, value, QUERY
+        else:
+            key_ids = (KEY0 + torch.randperm(N_KEYS, generator=gen)[:keys]).tolist()
+            used = torch.zeros(n, dtype=torch.bool)
+            used[vpos - 2:vpos + 1] = True
+            used[last - 1:] = True
+            ids[b, vpos - 2:vpos + 1] = torch.tensor([MARKER, key_ids[0], value])
+            for key in key_ids[1:]:  # the other needles: distinct keys, anywhere free
+                for _ in range(100):
+                    start = int(torch.randint(0, n - 4, (1,), generator=gen))
+                    if not used[start:start + 3].any():
+                        break
+                other = N_FILLER + int(torch.randint(0, N_VALUES, (1,), generator=gen))
+                ids[b, start:start + 3] = torch.tensor([MARKER, key, other])
+                used[start:start + 3] = True
+            ids[b, last - 1], ids[b, last] = QUERY, key_ids[0]
+        targets[b, last], dist[b, last] = value, distance
+    return ids, targets, dist
+
+
 def make_batch(args, gen, batch: int, n: int, queries: int, needle_max: int | None = None):
     if args.keys == 1:
         return passkey_batch(gen, batch, n, queries, needle_max)
@@ -218,15 +264,63 @@ def trained(args, variant: str, device: torch.device) -> tuple[torch.nn.Module, 
     return model, log
 
 
+def cap_levels(model: torch.nn.Module, max_level: int) -> None:
+    """Evaluate ``model``'s multipole layers with the coarse levels above ``max_level`` dropped."""
+    for layer in model.modules():
+        if isinstance(layer, MultipoleAttention):
+            layer.max_level = max_level
+
+
 def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
 
 
+def eval_distances(args, n: int) -> list[int]:
+    """``--eval single``: the distances asked for at length ``n`` (those that fit)."""
+    return [d for d in (int(x) for x in args.single_distances.split(",")) if d <= n - 4]
+
+
 @torch.no_grad()
 def evaluate(model, args, n: int, device: torch.device) -> list[tuple[int, bool]]:
+    """(distance, correct) for the queries of length ``n``: :func:`evaluate_single` or
+    :func:`evaluate_chained` (``--eval``)."""
+    model.eval()
+    try:
+        return (evaluate_single if args.eval == "single" else evaluate_chained)(model, args, n, device)
+    finally:
+        model.train()
+
+
+def _predict(model, ids, targets, device) -> list[bool]:
+    sel = targets >= 0
+    # (queries, 16): the 16 values' logits at the query positions
+    logits = logits_at(model, ids.to(device), sel.to(device), VALUE_IDS.to(device), autocast(device))
+    return (VALUE_IDS[logits.argmax(-1).cpu()] == targets[sel]).tolist()
+
+
+def evaluate_single(model, args, n: int, device: torch.device) -> list[tuple[int, bool]]:
+    """``--single-seqs`` sequences of length ``n`` for each distance of ``--single-distances``, each
+    with one query, its last token: the length is the context before the query, and only the
+    needle can answer it."""
+    gen = torch.Generator().manual_seed(args.seed + 1000 + n)
+    per_batch = max(1, 131072 // n)
+    out = []
+    for d in eval_distances(args, n):
+        for first in range(0, args.single_seqs, per_batch):
+            ids, targets, _ = single_query_batch(gen, min(per_batch, args.single_seqs - first), n, d, args.keys)
+            out += [(d, ok) for ok in _predict(model, ids, targets, device)]
+    return out
+
+
+def evaluate_chained(model, args, n: int, device: torch.device) -> list[tuple[int, bool]]:
     """(distance, correct) for every query of ``--eval-tokens // n`` fresh sequences of length ``n``.
+
+    Many queries share a sequence and its needle, so a query can also read the value from an
+    earlier query that found it (a layer above the first holds it there): a later query's
+    accuracy measures that chain as well as recall over its distance. ``--eval single`` is the
+    clean measure; this one is kept to compare with results made before it.
 
     The same number of tokens at every length, so short lengths get many
     sequences: within one sequence every query asks for the same value, so the
@@ -235,7 +329,6 @@ def evaluate(model, args, n: int, device: torch.device) -> list[tuple[int, bool]
     position; the sequences depend on the seed and ``n`` only, so every variant
     sees the same ones.
     """
-    model.eval()
     gen = torch.Generator().manual_seed(args.seed + 1000 + n)
     seqs, per_batch = max(1, args.eval_tokens // n), max(1, 131072 // n)
     # --needle-at start: every needle at the sequence's start, so a distance is one query position at
@@ -245,12 +338,7 @@ def evaluate(model, args, n: int, device: torch.device) -> list[tuple[int, bool]
     for first in range(0, seqs, per_batch):
         ids, targets, dist = make_batch(args, gen, min(per_batch, seqs - first), n, args.eval_queries,
                                         needle_max=needle_max)
-        sel = targets >= 0
-        # (queries, 16): the 16 values' logits at the query positions
-        logits = logits_at(model, ids.to(device), sel.to(device), VALUE_IDS.to(device), autocast(device))
-        pred = VALUE_IDS[logits.argmax(-1).cpu()]
-        out += list(zip(dist[sel].tolist(), (pred == targets[sel]).tolist()))
-    model.train()
+        out += list(zip(dist[targets >= 0].tolist(), _predict(model, ids, targets, device)))
     return out
 
 
@@ -358,9 +446,19 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--eval-lens", default="4096,16384,65536,131072")
+    ap.add_argument("--eval", default="single", choices=("single", "chained"),
+                    help="single: one query per sequence, at its end (the clean measure); chained: many "
+                         "queries per sequence, as the results before 2026-12-06 were made (a later query "
+                         "can copy the answer from an earlier one)")
+    ap.add_argument("--single-distances", default="16,100,300,700,1500,3000,6000,12000,24000,48000,96000",
+                    help="--eval single: the query-to-value distances asked for at each length (those that fit)")
+    ap.add_argument("--single-seqs", type=int, default=12, help="--eval single: sequences per distance and length")
     ap.add_argument("--eval-tokens", type=int, default=524288,
-                    help="tokens per evaluation length (sequences = eval_tokens // length)")
-    ap.add_argument("--eval-queries", type=int, default=128, help="queries per evaluation sequence")
+                    help="--eval chained: tokens per evaluation length (sequences = eval_tokens // length)")
+    ap.add_argument("--eval-queries", type=int, default=128, help="--eval chained: queries per evaluation sequence")
+    ap.add_argument("--eval-max-level", type=int, default=None,
+                    help="fma: drop the coarse levels above this one at evaluation (a control: a model trained "
+                         "at 4096 tokens with block 32 has seen levels 1-6 only)")
     ap.add_argument("--sdpa-max-len", type=int, default=16384, help="longest evaluation length for sdpa")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -369,7 +467,7 @@ def parse_args(argv=None):
     ap.add_argument("--rank", type=int, default=2)
     ap.add_argument("--rope-theta", type=float, default=500000.0)
     ap.add_argument("--needle-at", default="eighth", choices=("eighth", "start"),
-                    help="where evaluation needles sit: anywhere in the first eighth (default), or at the "
+                    help="--eval chained: where evaluation needles sit: anywhere in the first eighth (default), or at the "
                          "start, so that a distance is also a query position (a control)")
     ap.add_argument("--models", default="", help="a folder: save each trained variant's weights there, and "
                                                  "load them instead of training when present (same arguments)")
@@ -381,6 +479,7 @@ def parse_args(argv=None):
     if args.quick:
         args.train_len, args.steps, args.batch_size, args.warmup, args.log_interval = 256, 20, 4, 5, 10
         args.eval_lens, args.eval_tokens, args.eval_queries, args.sdpa_max_len = "1024,4096", 8192, 64, 4096
+        args.single_distances, args.single_seqs = "16,100,300,700,1500,3000", 4
     for v in args.variants.split(","):
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose among {', '.join(VARIANTS)}")
@@ -410,6 +509,8 @@ def main(argv=None) -> int:
     for variant in args.variants.split(","):
         t0 = time.perf_counter()
         model, log = trained(args, variant, device)
+        if args.eval_max_level is not None:
+            cap_levels(model, args.eval_max_level)
         train_s = time.perf_counter() - t0
         per_len, pairs = {}, []
         for n in eval_lens:

@@ -142,6 +142,32 @@ def test_multikey_needles_are_where_their_queries_point():
                                                   "--steps", "30"]), 29) == 4096
 
 
+@pytest.mark.parametrize("keys", [1, 4])
+def test_single_query_sequences_ask_once_at_the_end_for_the_value_distance_back(keys):
+    from bench import recall
+
+    g = torch.Generator().manual_seed(0)
+    for d in (2, 37, 290):
+        ids, targets, dist = recall.single_query_batch(g, 5, 300, d, keys=keys)
+        assert ((targets >= 0).sum(1) == 1).all() and (targets[:, -1] >= 0).all()  # one query, the last token
+        assert (dist[:, -1] == d).all()
+        v = 299 - d  # the value the query asks for
+        assert (targets[:, -1] == ids[:, v]).all()
+        assert (ids == recall.MARKER).sum(1).tolist() == [keys] * 5
+        if keys == 1:
+            assert (ids[:, v - 1] == recall.MARKER).all() and (ids[:, -1] == recall.QUERY).all()
+        else:  # marker, key, value; the query token then the same key; the other needles' keys differ
+            assert (ids[:, v - 2] == recall.MARKER).all() and (ids[:, v - 1] == ids[:, -1]).all()
+            assert (ids[:, -2] == recall.QUERY).all()
+            for b in range(5):
+                keys_b = ids[b][(ids[b] == recall.MARKER).nonzero().flatten() + 1].tolist()
+                assert len(set(keys_b)) == keys
+    with pytest.raises(ValueError, match="does not fit"):
+        recall.single_query_batch(g, 1, 300, 299)
+    args = recall.parse_args(["--single-distances", "16,300,5000"])
+    assert recall.eval_distances(args, 4096) == [16, 300] and args.eval == "single"
+
+
 def test_long_context_seed_summary_pairs_each_arm_with_local_at_the_same_seeds():
     from bench import long_context as lc
 

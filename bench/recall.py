@@ -62,9 +62,8 @@ import torch
 
 from _results import add_result_arguments, beside, meta, result_stem, save_plot, write_results
 from _harness import logits_at
-from fmtrain.attention.layers import MultipoleAttention
 from fmtrain.config import ModelConfig
-from fmtrain.model import IGNORE_INDEX, build_model
+from fmtrain.model import IGNORE_INDEX, build_model, cap_levels
 from fmtrain.schedule import warmup_cosine
 
 # Vocabulary: filler ids [0, N_FILLER), values [N_FILLER, N_FILLER + N_VALUES), the multi-key
@@ -262,13 +261,6 @@ def trained(args, variant: str, device: torch.device) -> tuple[torch.nn.Module, 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(dict(setup=setup, state=model.state_dict(), log=log), path)
     return model, log
-
-
-def cap_levels(model: torch.nn.Module, max_level: int) -> None:
-    """Evaluate ``model``'s multipole layers with the coarse levels above ``max_level`` dropped."""
-    for layer in model.modules():
-        if isinstance(layer, MultipoleAttention):
-            layer.max_level = max_level
 
 
 def autocast(device: torch.device):

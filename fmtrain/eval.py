@@ -105,10 +105,15 @@ def main(argv=None) -> int:
                                                               f"(default {SAMPLES})")
     ap.add_argument("--keys", type=int, default=None, help="--needle: needles per prompt, one asked for (RULER's "
                                                            "multi-key), 1 to 16 (default 1)")
+    ap.add_argument("--max-level", default=None, metavar="N|trained",
+                    help="multipole models: keep the coarse levels 1..N only (model.max_level); 'trained': those the "
+                         "model's training length has, for lengths past it (levels it never saw collapse its "
+                         "recall; README, Adaptive refinement)")
     args = ap.parse_args(argv)
     _check_args(args)  # before anything is loaded
     ckpt = resolve(args.checkpoint)
     cfg = load_config_of(ckpt)
+    args.max_level = max_level_of(args.max_level, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.min_doc_len is None:
         args.min_doc_len = 1
@@ -136,6 +141,10 @@ def main(argv=None) -> int:
         data = loaders_for(cfg, world, tokenizer=str(tok), batch_size=held)
     model, _ = load_trained(ckpt)
     model.to(device)
+    if args.max_level is not None:
+        from .model import cap_levels
+
+        cap_levels(model, args.max_level)
     if device.type == "cpu":
         from .attention.cpu import adapt_torch_threads
 
@@ -269,17 +278,43 @@ def _held_out(args, ckpt, cfg):
     return docs
 
 
-def _model(ckpt, device):
-    """The checkpoint's model on ``device``, in eval mode."""
+def _model(ckpt, device, max_level: int | None = None):
+    """The checkpoint's model on ``device``, in eval mode, its coarse levels capped at ``max_level``."""
     from .export import load_trained
+    from .model import cap_levels
 
     model, _ = load_trained(ckpt)
     model.to(device).eval()
+    if max_level is not None:
+        cap_levels(model, max_level)
     if device.type == "cpu":
         from .attention.cpu import adapt_torch_threads
 
         adapt_torch_threads()
     return model
+
+
+def max_level_of(flag: str | None, cfg) -> int | None:
+    """``--max-level N|trained`` (eval and generate), checked against the run's config: the level
+    to cap the model's coarse levels at, or None (leave the run's model.max_level)."""
+    if flag is None:
+        return None
+    from .errors import UserError
+    from .model import trained_levels
+
+    if cfg.model.attention != "fma":
+        raise UserError(f"--max-level {flag}: caps multipole attention's coarse levels; this model's attention "
+                        f"is {cfg.model.attention!r}: leave it out")
+    if flag == "trained":
+        return trained_levels(cfg.model, cfg.data.seq_len)
+    try:
+        level = int(flag)
+    except ValueError:
+        level = 0
+    if level < 1:
+        raise UserError(f"--max-level {flag}: give a whole number >= 1, or 'trained' (the levels of "
+                        f"data.seq_len = {cfg.data.seq_len}: {trained_levels(cfg.model, cfg.data.seq_len)})")
+    return level
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -307,7 +342,7 @@ def _needle(args, ckpt, cfg, device) -> int:
     args.keys = 1 if args.keys is None else args.keys
     docs = _held_out(args, ckpt, cfg)
     lengths = _lengths_within(lengths, sum(map(len, docs)), args.lengths is not None, args.min_doc_len)
-    model = _model(ckpt, device)
+    model = _model(ckpt, device, args.max_level)
     tok = load_tokenizer(ckpt / "tokenizer.model")
     print(f"needle test: {ckpt}, lengths {lengths}, depths {depths}, {args.keys} key(s), {args.samples} samples "
           "a cell, haystack from the held-out documents", file=sys.stderr, flush=True)
@@ -328,7 +363,7 @@ def _by_position(args, ckpt, cfg, device) -> int:
 
     max_len = args.max_len if args.max_len is not None else max(8 * cfg.data.seq_len, 2)  # checked: >= 2
     docs = _held_out(args, ckpt, cfg)
-    model = _model(ckpt, device)
+    model = _model(ckpt, device, args.max_level)
     tokens = sum(min(len(d), max_len) for d in docs)
     print(f"loss by position: {ckpt}, {len(docs)} held-out documents, up to {max_len:,} tokens each "
           f"({tokens:,} tokens), one at a time", file=sys.stderr, flush=True)

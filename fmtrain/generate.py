@@ -221,6 +221,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
     ap.add_argument("--no-cache", action="store_true",
                     help="re-run the whole context for every token (slow; the reference the cache matches)")
+    ap.add_argument("--max-level", default=None, metavar="N|trained",
+                    help="multipole models: keep the coarse levels 1..N only (model.max_level); 'trained': those "
+                         "the model's training length has, for a prompt past it (levels it never saw collapse its "
+                         "recall; README, Adaptive refinement)")
     ap.add_argument("--refine-store", choices=("device", "host"), default="device",
                     help="models with model.refine > 0: where the cache keeps the context's fine keys and values, "
                          "from which each token fetches the blocks it opens (host: main memory; default device)")
@@ -232,8 +236,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .attention.hierarchy import num_levels
     from .checkpoint import resolve
+    from .eval import max_level_of
     from .export import load_config_of, load_trained
     from .data import load_tokenizer
+    from .model import cap_levels, trained_levels
 
     args = _parser().parse_args(argv)
     try:  # every number up front: nothing is loaded for a request that cannot run
@@ -245,6 +251,7 @@ def main(argv=None) -> int:
         raise UserError(f"--seed {args.seed}: give a whole number from 0 to {SEED_MAX}")
     ckpt = resolve(args.checkpoint)
     cfg = load_config_of(ckpt)
+    max_level = max_level_of(args.max_level, cfg)
     if cfg.model.kind != "causal":
         raise UserError(f"{ckpt} holds a masked LM (model.kind={cfg.model.kind!r}): it fills in masked tokens "
                         "and does not generate; use a causal LM's run")
@@ -268,9 +275,16 @@ def main(argv=None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model, _ = load_trained(ckpt)
     model.to(device=device, dtype=dtype)
+    if max_level is not None:
+        cap_levels(model, max_level)
     if len(prompt) > cfg.data.seq_len:
+        levels = ""
+        if m.attention == "fma" and max_level is None and num_levels(total, m.block_size) > \
+                trained_levels(m, cfg.data.seq_len):
+            levels = (f"; its coarse levels above {trained_levels(m, cfg.data.seq_len)} were never trained "
+                      "(--max-level trained keeps to those)")
         print(f"note: the prompt has {len(prompt)} tokens, more than the {cfg.data.seq_len} the model was trained "
-              "on; it is used whole", file=sys.stderr)
+              f"on; it is used whole{levels}", file=sys.stderr)
     stream = TextStream(tok)
     sys.stdout.write(prompt_text)
     temperature = 0.0 if args.greedy else args.temperature

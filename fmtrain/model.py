@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import AttentionSpec, make_attention
 from .attention.documents import cu_seqlens_from_doc_positions
 from .attention.sp_documents import global_cu_seqlens
-from .attention.hierarchy import hierarchy
+from .attention.hierarchy import hierarchy, num_levels
 from .config import ModelConfig
 from .data.masking import IGNORE_INDEX  # the targets the data pipeline marks "no loss here"
 
@@ -75,7 +75,7 @@ def attention_spec(cfg: ModelConfig, causal: bool) -> AttentionSpec:
         rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
         block_size=cfg.block_size, rank=cfg.rank, variant=cfg.variant, summary=cfg.summary, weighted=cfg.weighted,
         max_seq_len=cfg.max_seq_len, impl=cfg.impl, level_offset=cfg.level_offset, summary_rope=cfg.summary_rope,
-        refine=cfg.refine)
+        refine=cfg.refine, max_level=cfg.max_level)
 
 
 class Block(nn.Module):
@@ -415,6 +415,23 @@ def build_model(cfg: ModelConfig, *, position_reset: bool = False) -> LanguageMo
     raise ValueError(f"model.kind={cfg.kind!r} is not one of 'causal', 'mlm'")
 
 
+def trained_levels(cfg: ModelConfig, seq_len: int) -> int:
+    """The coarse levels a multipole model trained at ``seq_len`` tokens has seen (model.max_level caps them)."""
+    return num_levels(seq_len, cfg.block_size)
+
+
+def cap_levels(model: nn.Module, max_level: int | None) -> None:
+    """Run ``model``'s multipole layers with the coarse levels 1..``max_level`` only, as
+    ``model.max_level`` does (None: every level); e.g. a trained model past its training length."""
+    from .attention.layers import MultipoleAttention
+
+    if max_level is not None and max_level < 1:
+        raise ValueError(f"max_level={max_level}: keep at least level 1 (attention='local' is the fine level alone)")
+    for layer in model.modules():
+        if isinstance(layer, MultipoleAttention) and layer.max_level != 0:  # 0: `local`, no levels to cap
+            layer.max_level = max_level
+
+
 # --------------------------------------------------------------------------- FLOPs
 def attention_scores_per_query(cfg: ModelConfig, seq_len: int, causal: bool) -> float:
     """Query-key scores the attention really computes per query, averaged over the sequence.
@@ -472,4 +489,4 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) ->
 
 __all__ = ["DecodeCache", "RMSNorm", "SwiGLU", "attention_spec",
            "Block", "Transformer", "LMHead", "LanguageModel", "CausalLM", "MaskedLM", "build_model",
-           "chunked_cross_entropy", "attention_scores_per_query", "flops_per_token", "IGNORE_INDEX"]
+           "trained_levels", "cap_levels", "chunked_cross_entropy", "attention_scores_per_query", "flops_per_token", "IGNORE_INDEX"]

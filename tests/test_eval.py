@@ -153,6 +153,21 @@ def test_batch_size_and_batches_are_what_is_evaluated(run):
 
 
 @pytest.mark.slow
+def test_max_level_caps_the_levels_trained_keeps_the_trained_ones_and_bad_values_are_refused(run):
+    """Trained at 128 tokens in blocks of 16 (2 coarse levels): 'trained' and 2 change nothing at 128,
+    1 drops a level."""
+    loss = {flag: _eval(run, "--batches", "1", *flag) for flag in ((), ("--max-level", "trained"),
+                                                                   ("--max-level", "2"), ("--max-level", "1"))}
+    assert all(r.returncode == 0 for r in loss.values()), [r.stderr[-2000:] for r in loss.values()]
+    loss = {k: json.loads(r.stdout)["eval_loss"] for k, r in loss.items()}
+    assert loss[()] == loss[("--max-level", "trained")] == loss[("--max-level", "2")] != loss[("--max-level", "1")]
+    for bad in ("0", "two"):
+        r = _eval(run, "--max-level", bad)
+        assert r.returncode == 2 and "give a whole number >= 1, or 'trained' (the levels of data.seq_len = 128: 2)" \
+            in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.slow
 def test_a_batch_larger_than_the_held_out_set_is_capped_and_a_needle_longer_than_it_refused(run):
     """--batch-size 1000000 claimed a million sequences and died of memory; --lengths 100000000 died
     of a MemoryError while the held-out text was tiled to fill it."""

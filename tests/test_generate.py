@@ -140,6 +140,10 @@ def test_command_prompt_file_longer_than_training(runs):
     r = _gen(runs["gpt"], "--prompt-file", str(prompt), "--max-new-tokens", "20", "--seed", "1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(prompt.read_text()) and "more than the 128 the model was trained on" in r.stderr
+    assert "its coarse levels above 2 were never trained (--max-level trained keeps to those)" in r.stderr
+    capped = _gen(runs["gpt"], "--prompt-file", str(prompt), "--max-new-tokens", "20", "--seed", "1",
+                  "--max-level", "trained")
+    assert capped.returncode == 0 and "never trained" not in capped.stderr, capped.stderr
 
 
 @pytest.mark.slow
@@ -147,7 +151,8 @@ def test_command_refusals_are_one_error_line(runs):
     long = "x = 1\n" * 200  # ~600 tokens: beyond the conv summaries' 256
     for run, args, needle in ((runs["mlm"], ["--prompt", "a"], "masked LM"),
                               (runs["conv"], ["--prompt", long], "conv summaries were built for (max_seq_len=256)"),
-                              (runs["gpt"], ["--top-p", "0"], "--top-p")):
+                              (runs["gpt"], ["--top-p", "0"], "--top-p"),
+                              (runs["gpt"], ["--max-level", "0"], "--max-level 0: give a whole number >= 1")):
         r = _gen(run, *args)
         assert r.returncode == 2 and needle in r.stderr, (needle, r.stderr)
         assert "Traceback" not in r.stderr

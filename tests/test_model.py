@@ -183,6 +183,30 @@ def test_fma_mlm_sees_far_tokens_local_does_not():
         assert (diff > 1e-8) == sees, (attention, diff)
 
 
+@pytest.mark.parametrize("refine", [0, 2])
+def test_max_level_caps_the_coarse_levels_as_cap_levels_does(refine):
+    """model.max_level (config) and cap_levels (a trained model) give one model: levels above the cap
+    gone (the first token no longer reaches the last query), at or above the sequence's levels no change."""
+    from fmtrain.model import cap_levels, trained_levels
+
+    ids, _ = batch(n=256, B=1)  # 16 blocks of 16: 3 coarse levels
+    assert trained_levels(small(), 256) == hierarchy(256, 16, 2, True).n_levels == 3
+    full = build(refine=refine)
+    capped = build(refine=refine, max_level=1)
+    assert [l.max_level for l in capped.modules() if hasattr(l, "refine")] == [1, 1]
+    later = build(refine=refine)
+    cap_levels(later, 1)
+    assert torch.equal(capped.logits(ids), later.logits(ids))
+    other = ids.clone()
+    other[0, 0] = (other[0, 0] + 1) % 61
+    assert torch.equal(capped.logits(ids)[0, -1], capped.logits(other)[0, -1])  # position 0: beyond reach
+    assert not torch.equal(full.logits(ids)[0, -1], full.logits(other)[0, -1])
+    cap_levels(later, 3)
+    assert torch.equal(later.logits(ids), full.logits(ids))
+    with pytest.raises(ValueError, match="keep at least level 1"):
+        cap_levels(later, 0)
+
+
 # --------------------------------------------------------------------------- positions and lengths
 def test_global_positions_are_used():
     model = build(attention="sdpa")

@@ -229,6 +229,7 @@ class AttentionSpec:
     level_offset: bool = False
     summary_rope: str = "keys"
     refine: int = 0
+    max_level: int | None = None
 
 
 def make_attention(spec: AttentionSpec) -> ProjectedAttention:
@@ -240,9 +241,9 @@ def make_attention(spec: AttentionSpec) -> ProjectedAttention:
     if spec.kind not in KINDS:
         raise ValueError(f"attention {spec.kind!r} is not one of {KINDS}")
     multipole = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
-                 if f.name not in common and f.name not in ("kind", "dim", "n_heads", "n_kv_heads")}
+                 if f.name not in common and f.name not in ("kind", "dim", "n_heads", "n_kv_heads", "max_level")}
     return MultipoleAttention(spec.dim, spec.n_heads, spec.n_kv_heads, **common, **multipole,
-                              max_level=0 if spec.kind == "local" else None)
+                              max_level=0 if spec.kind == "local" else spec.max_level)
 
 
 __all__ = ["ProjectedAttention", "MultipoleAttention", "FullAttention", "AttentionSpec", "make_attention",

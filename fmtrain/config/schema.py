@@ -103,6 +103,12 @@ class ModelConfig:
                             "K * (block_size + rank * levels) more keys per query. Decoding keeps a store of the "
                             "context's keys (README, Generation); sequence parallelism all-gathers the keys and "
                             "values (ring attention's traffic; README, Adaptive refinement).", min=0)
+    max_level: int | None = option(None, "Keep the coarse levels 1..max_level only (fma): keys beyond their "
+                                         "reach are not seen. For a model run past its training length: "
+                                         "levels it never trained on (a sequence of n tokens has about "
+                                         "log2(n / block_size) - 1) give it inputs it has not seen, and its "
+                                         "recall collapses; capped at the trained ones it holds within their "
+                                         "reach (README, Adaptive refinement). None: every level.", min=1)
     impl: str = option("auto", "Multipole implementation: 'auto' (Triton on GPU, else torch), 'torch' "
                                "(blocked PyTorch), 'triton' or 'dense' (reference, tests only).",
                        choices=IMPLS)
@@ -370,6 +376,9 @@ def _consistency_errors(cfg: Config) -> list[str]:
     if p.sequence > 1 and m.attention == "fma" and not m.refine and (m.level_offset or m.summary_rope != "keys"):
         e.append("model.level_offset and model.summary_rope='window' have no sequence-parallel path yet without "
                  "refinement; use parallel.sequence=1 with them (or model.refine > 0, whose path gathers the keys)")
+    if m.max_level is not None and m.attention != "fma":
+        e.append(f"model.max_level={m.max_level} caps multipole attention's coarse levels; model.attention="
+                 f"{m.attention!r} has none: remove it")
     if m.refine and m.attention != "fma":
         e.append(f"model.refine={m.refine} refines multipole attention; it needs model.attention='fma' "
                  f"(got {m.attention!r}): set model.refine=0")

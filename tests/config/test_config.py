@@ -315,6 +315,15 @@ def test_model_choices_follow_the_attention_package():
     assert set(choices["summary"]) == set(SUMMARY_KINDS)
 
 
+def test_max_level_caps_multipole_attention_only():
+    base = {"run": {"dir": "r"}, "data": {"seq_len": 1024}}
+    assert from_dict({**base, "model": {"max_level": 3}}).model.max_level == 3
+    assert from_dict(base).model.max_level is None
+    msg = error_of(from_dict, {**base, "model": {"max_level": 3, "attention": "sdpa"}})
+    assert "model.max_level=3 caps multipole attention's coarse levels; model.attention='sdpa' has none" in msg
+    assert "model.max_level" in error_of(from_dict, {**base, "model": {"max_level": 0}})
+
+
 def test_refine_needs_nlogn_multipole_attention():
     base = {"run": {"dir": "r"}, "data": {"seq_len": 1024}}
     assert from_dict({**base, "model": {"refine": 4}}).model.refine == 4

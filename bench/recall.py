@@ -1,6 +1,6 @@
 """Long-range recall probe: what the coarse levels of multipole attention carry, and how far.
 
-    python bench/recall.py                 # CPU: train at 512 tokens, evaluate at 4k-128k, ~15-20 min
+    python bench/recall.py                 # CPU: train at 512 tokens, evaluate at 4k-128k, ~30 min (estimate)
     python bench/recall.py --quick         # CI smoke, ~1 min
     python bench/recall.py --train-len 4096 --curriculum 512,1024,2048 --keys 4 --tag cpu-4k-multikey
     python bench/recall.py --device cuda --train-len 16384 --steps 2000 --eval-lens 16384,131072,1048576

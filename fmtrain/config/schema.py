@@ -79,9 +79,10 @@ class ModelConfig:
                             choices=("fma", "sdpa", "local"))
     block_size: int = option(64, "Multipole fine block size m (fma, local).", min=1)
     rank: int = option(2, "Multipole summaries per coarse window p; must divide block_size. 2 is the "
-                          "cheapest; 4-8 keep single-token recall much further for more attention time "
-                          "(the measurements: bench/results/recall-cpu-4k-rank8.md, README's Does it "
-                          "use long context?).", min=1)
+                          "cheapest, and in the passkey probe it finds no single token past the fine "
+                          "level without model.refine; 8 found every one to the training length for "
+                          "1.4-1.6x the attention time (bench/results/recall-cpu-4k-single-rank8.md, "
+                          "README's Adaptive refinement).", min=1)
     variant: str = option("nlogn", "Multipole variant: 'nlogn' or 'linear' (queries summarised too).",
                           choices=VARIANTS)
     summary: str = option("m2m", "How coarse key/value summaries are formed: 'm2m' (learned, any "

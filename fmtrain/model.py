@@ -416,8 +416,10 @@ def build_model(cfg: ModelConfig, *, position_reset: bool = False) -> LanguageMo
 
 
 def trained_levels(cfg: ModelConfig, seq_len: int) -> int:
-    """The coarse levels a multipole model trained at ``seq_len`` tokens has seen (model.max_level caps them)."""
-    return num_levels(seq_len, cfg.block_size)
+    """The coarse levels a multipole model trained at ``seq_len`` tokens has seen (no more than its
+    ``model.max_level``)."""
+    levels = num_levels(seq_len, cfg.block_size)
+    return levels if cfg.max_level is None else min(levels, cfg.max_level)
 
 
 def cap_levels(model: nn.Module, max_level: int | None) -> None:

@@ -191,6 +191,7 @@ def test_max_level_caps_the_coarse_levels_as_cap_levels_does(refine):
 
     ids, _ = batch(n=256, B=1)  # 16 blocks of 16: 3 coarse levels
     assert trained_levels(small(), 256) == hierarchy(256, 16, 2, True).n_levels == 3
+    assert trained_levels(small(max_level=2), 256) == 2
     full = build(refine=refine)
     capped = build(refine=refine, max_level=1)
     assert [l.max_level for l in capped.modules() if hasattr(l, "refine")] == [1, 1]

@@ -113,6 +113,19 @@ def passkey_batch(gen: torch.Generator, batch: int, n: int, queries: int, needle
     return ids, targets, dist
 
 
+def _place_needle(gen: torch.Generator, row: torch.Tensor, used: torch.Tensor, limit: int, key: int):
+    """A needle (marker, key, random value) at a free start in ``[0, limit)`` of ``row`` (needles do not
+    overlap: ``used`` marks the taken positions). Returns the value's position and the value."""
+    for _ in range(100):
+        start = int(torch.randint(0, limit, (1,), generator=gen))
+        if not used[start:start + 3].any():
+            break
+    value = N_FILLER + int(torch.randint(0, N_VALUES, (1,), generator=gen))
+    row[start:start + 3] = torch.tensor([MARKER, key, value])
+    used[start:start + 3] = True
+    return start + 2, value
+
+
 def multikey_batch(gen: torch.Generator, batch: int, n: int, queries: int, keys: int,
                    needle_max: int | None = None):
     """RULER's multi-key needle: ``keys`` needles (marker, key, value) with distinct keys, one of
@@ -130,18 +143,9 @@ def multikey_batch(gen: torch.Generator, batch: int, n: int, queries: int, keys:
     for b in range(batch):
         used = torch.zeros(n, dtype=torch.bool)
         key_ids = KEY0 + torch.randperm(N_KEYS, generator=gen)[:keys]
-        needles = []
-        for key in key_ids.tolist():
-            for _ in range(100):  # a free start (needles do not overlap)
-                start = int(torch.randint(0, limit, (1,), generator=gen))
-                if not used[start:start + 3].any():
-                    break
-            value = N_FILLER + int(torch.randint(0, N_VALUES, (1,), generator=gen))
-            ids[b, start:start + 3] = torch.tensor([MARKER, key, value])
-            used[start:start + 3] = True
-            needles.append((start + 2, key, value))
+        needles = [(*_place_needle(gen, ids[b], used, limit, key), key) for key in key_ids.tolist()]
         for _ in range(queries):
-            vpos, key, value = needles[int(torch.randint(0, len(needles), (1,), generator=gen))]
+            vpos, value, key = needles[int(torch.randint(0, len(needles), (1,), generator=gen))]
             far = n - 1 - vpos
             if far < 2:
                 continue
@@ -179,13 +183,7 @@ def single_query_batch(gen: torch.Generator, batch: int, n: int, distance: int, 
             used[last - 1:] = True
             ids[b, vpos - 2:vpos + 1] = torch.tensor([MARKER, key_ids[0], value])
             for key in key_ids[1:]:  # the other needles: distinct keys, anywhere free
-                for _ in range(100):
-                    start = int(torch.randint(0, n - 4, (1,), generator=gen))
-                    if not used[start:start + 3].any():
-                        break
-                other = N_FILLER + int(torch.randint(0, N_VALUES, (1,), generator=gen))
-                ids[b, start:start + 3] = torch.tensor([MARKER, key, other])
-                used[start:start + 3] = True
+                _place_needle(gen, ids[b], used, n - 4, key)
             ids[b, last - 1], ids[b, last] = QUERY, key_ids[0]
         targets[b, last], dist[b, last] = value, distance
     return ids, targets, dist

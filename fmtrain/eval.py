@@ -75,7 +75,7 @@ def evaluate(model, loader, world, token_bytes: torch.Tensor, max_batches: int |
 
 def main(argv=None) -> int:
     from .checkpoint import resolve
-    from .export import load_config_of, load_trained
+    from .export import load_config_of
     from .data import loaders_for
     from .errors import UserError
     from .parallel import World
@@ -105,10 +105,7 @@ def main(argv=None) -> int:
                                                               f"(default {SAMPLES})")
     ap.add_argument("--keys", type=int, default=None, help="--needle: needles per prompt, one asked for (RULER's "
                                                            "multi-key), 1 to 16 (default 1)")
-    ap.add_argument("--max-level", default=None, metavar="N|trained",
-                    help="multipole models: keep the coarse levels 1..N only (model.max_level); 'trained': those the "
-                         "model's training length has, for lengths past it (levels it never saw collapse its "
-                         "recall; README, Adaptive refinement)")
+    add_max_level_argument(ap)
     args = ap.parse_args(argv)
     _check_args(args)  # before anything is loaded
     ckpt = resolve(args.checkpoint)
@@ -139,16 +136,7 @@ def main(argv=None) -> int:
         print(f"note: {given} is more than the {held} sequences the held-out set has; batches of {held}",
               file=sys.stderr, flush=True)
         data = loaders_for(cfg, world, tokenizer=str(tok), batch_size=held)
-    model, _ = load_trained(ckpt)
-    model.to(device)
-    if args.max_level is not None:
-        from .model import cap_levels
-
-        cap_levels(model, args.max_level)
-    if device.type == "cpu":
-        from .attention.cpu import adapt_torch_threads
-
-        adapt_torch_threads()  # the cores other processes leave free
+    model = _model(ckpt, device, args.max_level)
     n = len(data.val) if args.batches is None else min(args.batches, len(data.val))
     rows = min(n * data.val.batch_size, data.val.n_sequences)  # the last batch may be part padding
     print(f"evaluating {ckpt} on {n} held-out batches ({rows} sequences of {cfg.data.seq_len} tokens), on one "
@@ -292,6 +280,14 @@ def _model(ckpt, device, max_level: int | None = None):
 
         adapt_torch_threads()
     return model
+
+
+def add_max_level_argument(ap: argparse.ArgumentParser) -> None:
+    """``--max-level N|trained``, as eval and generate take it (:func:`max_level_of` reads it)."""
+    ap.add_argument("--max-level", default=None, metavar="N|trained",
+                    help="multipole models: keep the coarse levels 1..N only (model.max_level); 'trained': those "
+                         "the model's training length has, for lengths past it (levels it never saw collapse its "
+                         "recall; README, Adaptive refinement)")
 
 
 def max_level_of(flag: str | None, cfg) -> int | None:

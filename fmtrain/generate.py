@@ -204,6 +204,8 @@ class TextStream:
 
 # --------------------------------------------------------------------------- command
 def _parser() -> argparse.ArgumentParser:
+    from .eval import add_max_level_argument
+
     ap = argparse.ArgumentParser(prog="python -m fmtrain.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a checkpoint folder, a checkpoints folder or a run folder (newest)")
@@ -221,10 +223,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
     ap.add_argument("--no-cache", action="store_true",
                     help="re-run the whole context for every token (slow; the reference the cache matches)")
-    ap.add_argument("--max-level", default=None, metavar="N|trained",
-                    help="multipole models: keep the coarse levels 1..N only (model.max_level); 'trained': those "
-                         "the model's training length has, for a prompt past it (levels it never saw collapse its "
-                         "recall; README, Adaptive refinement)")
+    add_max_level_argument(ap)
     ap.add_argument("--refine-store", choices=("device", "host"), default="device",
                     help="models with model.refine > 0: where the cache keeps the context's fine keys and values, "
                          "from which each token fetches the blocks it opens (host: main memory; default device)")
@@ -278,11 +277,9 @@ def main(argv=None) -> int:
     if max_level is not None:
         cap_levels(model, max_level)
     if len(prompt) > cfg.data.seq_len:
-        levels = ""
-        if m.attention == "fma" and max_level is None and num_levels(total, m.block_size) > \
-                trained_levels(m, cfg.data.seq_len):
-            levels = (f"; its coarse levels above {trained_levels(m, cfg.data.seq_len)} were never trained "
-                      "(--max-level trained keeps to those)")
+        levels, trained = "", trained_levels(m, cfg.data.seq_len)
+        if m.attention == "fma" and max_level is None and num_levels(total, m.block_size) > trained:
+            levels = f"; its coarse levels above {trained} were never trained (--max-level trained keeps to those)"
         print(f"note: the prompt has {len(prompt)} tokens, more than the {cfg.data.seq_len} the model was trained "
               f"on; it is used whole{levels}", file=sys.stderr)
     stream = TextStream(tok)

@@ -63,7 +63,8 @@ import torch
 from _results import add_result_arguments, beside, meta, result_stem, save_plot, write_results
 from _harness import logits_at
 from fmtrain.config import ModelConfig
-from fmtrain.model import IGNORE_INDEX, build_model, cap_levels
+from fmtrain.attention.rope import parse_scaling
+from fmtrain.model import IGNORE_INDEX, build_model, cap_levels, scale_rope
 from fmtrain.schedule import warmup_cosine
 
 # Vocabulary: filler ids [0, N_FILLER), values [N_FILLER, N_FILLER + N_VALUES), the multi-key
@@ -449,6 +450,13 @@ def parse_args(argv=None):
     ap.add_argument("--eval-max-level", type=int, default=None,
                     help="fma: drop the coarse levels above this one at evaluation (a control: a model trained "
                          "at 4096 tokens with block 32 has seen levels 1-6 only)")
+    ap.add_argument("--eval-rope-scaling", default=None, metavar="KIND:FACTOR",
+                    help="evaluate with RoPE's frequencies scaled, as transformers' rope_parameters define them: "
+                         "'llama3:F' (Llama 3.1's: low frequencies divided by F, high ones kept; original length "
+                         "--train-len, low/high frequency factors 1 and 4) or 'linear:F' (position interpolation)")
+    ap.add_argument("--eval-flat-top", action="store_true",
+                    help="refined fma variants, with --eval-max-level: the top kept level's lists hold every "
+                         "earlier window of it (model.flat_top), so every distance stays within reach")
     ap.add_argument("--sdpa-max-len", type=int, default=16384, help="longest evaluation length for sdpa")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -473,9 +481,21 @@ def parse_args(argv=None):
     for v in args.variants.split(","):
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose among {', '.join(VARIANTS)}")
+    if args.eval_rope_scaling:
+        try:
+            rope_scaling(args)
+        except ValueError as exc:
+            ap.error(f"--eval-rope-scaling {exc}")
+    if args.eval_flat_top and args.eval_max_level is None:
+        ap.error("--eval-flat-top flattens the top level --eval-max-level keeps: give --eval-max-level")
     if not 1 <= args.keys <= N_KEYS:
         ap.error(f"--keys {args.keys}: choose 1 (the passkey) to {N_KEYS}")
     return args
+
+
+def rope_scaling(args) -> dict:
+    """``--eval-rope-scaling KIND:FACTOR`` as a ``model.rope_scaling`` dict (original length: ``--train-len``)."""
+    return parse_scaling(args.eval_rope_scaling, args.train_len)
 
 
 def save(args, rows: dict, stem: Path, wall: float, device) -> dict:
@@ -500,7 +520,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         model, log = trained(args, variant, device)
         if args.eval_max_level is not None:
-            cap_levels(model, args.eval_max_level)
+            cap_levels(model, args.eval_max_level, args.eval_flat_top and "refine" in variant)
+        if args.eval_rope_scaling:
+            scale_rope(model, rope_scaling(args))
         train_s = time.perf_counter() - t0
         per_len, pairs = {}, []
         for n in eval_lens:

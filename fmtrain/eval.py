@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     _check_args(args)  # before anything is loaded
     ckpt = resolve(args.checkpoint)
     cfg = load_config_of(ckpt)
-    args.max_level = max_level_of(args.max_level, cfg)
+    args.max_level = max_level_of(args.max_level, cfg, args.flat_top)
+    args.rope_scaling = rope_scaling_of(args.rope_scaling, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.min_doc_len is None:
         args.min_doc_len = 1
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
         print(f"note: {given} is more than the {held} sequences the held-out set has; batches of {held}",
               file=sys.stderr, flush=True)
         data = loaders_for(cfg, world, tokenizer=str(tok), batch_size=held)
-    model = _model(ckpt, device, args.max_level)
+    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling)
     n = len(data.val) if args.batches is None else min(args.batches, len(data.val))
     rows = min(n * data.val.batch_size, data.val.n_sequences)  # the last batch may be part padding
     print(f"evaluating {ckpt} on {n} held-out batches ({rows} sequences of {cfg.data.seq_len} tokens), on one "
@@ -266,15 +267,18 @@ def _held_out(args, ckpt, cfg):
     return docs
 
 
-def _model(ckpt, device, max_level: int | None = None):
-    """The checkpoint's model on ``device``, in eval mode, its coarse levels capped at ``max_level``."""
+def _model(ckpt, device, max_level: int | None = None, flat_top: bool = False, rope_scaling: dict | None = None):
+    """The checkpoint's model on ``device``, in eval mode, its coarse levels capped at ``max_level``
+    (the top one flat with ``flat_top``), RoPE scaled by ``rope_scaling`` where given."""
     from .export import load_trained
-    from .model import cap_levels
+    from .model import cap_levels, scale_rope
 
-    model, _ = load_trained(ckpt)
+    model, cfg = load_trained(ckpt)
     model.to(device).eval()
-    if max_level is not None:
-        cap_levels(model, max_level)
+    if rope_scaling is not None:
+        scale_rope(model, rope_scaling)
+    if max_level is not None or flat_top:
+        cap_levels(model, cfg.model.max_level if max_level is None else max_level, flat_top or None)
     if device.type == "cpu":
         from .attention.cpu import adapt_torch_threads
 
@@ -288,15 +292,44 @@ def add_max_level_argument(ap: argparse.ArgumentParser) -> None:
                     help="multipole models: keep the coarse levels 1..N only (model.max_level); 'trained': those "
                          "the model's training length has, for lengths past it (levels it never saw collapse its "
                          "recall; README, Adaptive refinement)")
+    ap.add_argument("--flat-top", action="store_true",
+                    help="with --max-level (or model.max_level), refined models (model.refine > 0): the top kept "
+                         "level's lists hold every earlier window of it, so nothing is out of reach "
+                         "(model.flat_top; its cost grows with the length)")
+    ap.add_argument("--rope-scaling", default=None, metavar="KIND:FACTOR",
+                    help="run with RoPE's frequencies scaled, without fine-tuning (model.rope_scaling), for "
+                         "lengths past the training length: 'llama3:F' (Llama 3.1's: low frequencies divided by F, "
+                         "high ones kept, original length data.seq_len) or 'linear:F' (position interpolation)")
 
 
-def max_level_of(flag: str | None, cfg) -> int | None:
-    """``--max-level N|trained`` (eval and generate), checked against the run's config: the level
-    to cap the model's coarse levels at, or None (leave the run's model.max_level)."""
+def rope_scaling_of(flag: str | None, cfg) -> dict | None:
+    """``--rope-scaling KIND:FACTOR`` (eval and generate) as a ``model.rope_scaling`` dict, or None."""
     if flag is None:
         return None
+    from .attention.rope import parse_scaling
+    from .errors import UserError
+
+    try:
+        return parse_scaling(flag, cfg.data.seq_len)
+    except ValueError as exc:
+        raise UserError(f"--rope-scaling {exc}") from None
+
+
+def max_level_of(flag: str | None, cfg, flat_top: bool = False) -> int | None:
+    """``--max-level N|trained`` (eval and generate), checked against the run's config with
+    ``--flat-top``: the level to cap the model's coarse levels at, or None (leave the run's
+    model.max_level)."""
     from .errors import UserError
     from .model import trained_levels
+
+    if flat_top and (cfg.model.attention != "fma" or not cfg.model.refine):
+        raise UserError(f"--flat-top: widens the top level for adaptive refinement; this model has attention="
+                        f"{cfg.model.attention!r}, model.refine={cfg.model.refine}: leave it out")
+    if flat_top and flag is None and cfg.model.max_level is None:
+        raise UserError("--flat-top: flattens the top level that --max-level keeps; give --max-level N or "
+                        "--max-level trained with it")
+    if flag is None:
+        return None
 
     if cfg.model.attention != "fma":
         raise UserError(f"--max-level {flag}: caps multipole attention's coarse levels; this model's attention "
@@ -338,7 +371,7 @@ def _needle(args, ckpt, cfg, device) -> int:
     args.keys = 1 if args.keys is None else args.keys
     docs = _held_out(args, ckpt, cfg)
     lengths = _lengths_within(lengths, sum(map(len, docs)), args.lengths is not None, args.min_doc_len)
-    model = _model(ckpt, device, args.max_level)
+    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling)
     tok = load_tokenizer(ckpt / "tokenizer.model")
     print(f"needle test: {ckpt}, lengths {lengths}, depths {depths}, {args.keys} key(s), {args.samples} samples "
           "a cell, haystack from the held-out documents", file=sys.stderr, flush=True)
@@ -359,7 +392,7 @@ def _by_position(args, ckpt, cfg, device) -> int:
 
     max_len = args.max_len if args.max_len is not None else max(8 * cfg.data.seq_len, 2)  # checked: >= 2
     docs = _held_out(args, ckpt, cfg)
-    model = _model(ckpt, device, args.max_level)
+    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling)
     tokens = sum(min(len(d), max_len) for d in docs)
     print(f"loss by position: {ckpt}, {len(docs)} held-out documents, up to {max_len:,} tokens each "
           f"({tokens:,} tokens), one at a time", file=sys.stderr, flush=True)

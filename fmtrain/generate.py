@@ -235,10 +235,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .attention.hierarchy import num_levels
     from .checkpoint import resolve
-    from .eval import max_level_of
+    from .eval import max_level_of, rope_scaling_of
     from .export import load_config_of, load_trained
     from .data import load_tokenizer
-    from .model import cap_levels, trained_levels
+    from .model import cap_levels, scale_rope, trained_levels
 
     args = _parser().parse_args(argv)
     try:  # every number up front: nothing is loaded for a request that cannot run
@@ -250,7 +250,8 @@ def main(argv=None) -> int:
         raise UserError(f"--seed {args.seed}: give a whole number from 0 to {SEED_MAX}")
     ckpt = resolve(args.checkpoint)
     cfg = load_config_of(ckpt)
-    max_level = max_level_of(args.max_level, cfg)
+    max_level = max_level_of(args.max_level, cfg, args.flat_top)
+    rope_scaling = rope_scaling_of(args.rope_scaling, cfg)
     if cfg.model.kind != "causal":
         raise UserError(f"{ckpt} holds a masked LM (model.kind={cfg.model.kind!r}): it fills in masked tokens "
                         "and does not generate; use a causal LM's run")
@@ -274,14 +275,20 @@ def main(argv=None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model, _ = load_trained(ckpt)
     model.to(device=device, dtype=dtype)
-    if max_level is not None:
-        cap_levels(model, max_level)
+    if rope_scaling is not None:
+        scale_rope(model, rope_scaling)
+    if max_level is not None or args.flat_top:
+        cap_levels(model, m.max_level if max_level is None else max_level, args.flat_top or None)
     if len(prompt) > cfg.data.seq_len:
         levels, trained = "", trained_levels(m, cfg.data.seq_len)
         if m.attention == "fma" and max_level is None and num_levels(total, m.block_size) > trained:
-            levels = f"; its coarse levels above {trained} were never trained (--max-level trained keeps to those)"
+            levels = f"; its coarse levels above {trained} were never trained (--max-level trained keeps to those" + \
+                (", and --flat-top with them keeps every block within reach)" if m.refine else ")")
+        rope = "" if rope_scaling is not None or m.rope_scaling else \
+            f"; RoPE meets distances it never trained on (--rope-scaling llama3:{-(-len(prompt) // cfg.data.seq_len)} " \
+            "scales them back)"
         print(f"note: the prompt has {len(prompt)} tokens, more than the {cfg.data.seq_len} the model was trained "
-              f"on; it is used whole{levels}", file=sys.stderr)
+              f"on; it is used whole{levels}{rope}", file=sys.stderr)
     stream = TextStream(tok)
     sys.stdout.write(prompt_text)
     temperature = 0.0 if args.greedy else args.temperature

@@ -75,7 +75,7 @@ def attention_spec(cfg: ModelConfig, causal: bool) -> AttentionSpec:
         rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
         block_size=cfg.block_size, rank=cfg.rank, variant=cfg.variant, summary=cfg.summary, weighted=cfg.weighted,
         max_seq_len=cfg.max_seq_len, impl=cfg.impl, level_offset=cfg.level_offset, summary_rope=cfg.summary_rope,
-        refine=cfg.refine, max_level=cfg.max_level)
+        refine=cfg.refine, max_level=cfg.max_level, flat_top=cfg.flat_top)
 
 
 class Block(nn.Module):
@@ -422,16 +422,37 @@ def trained_levels(cfg: ModelConfig, seq_len: int) -> int:
     return levels if cfg.max_level is None else min(levels, cfg.max_level)
 
 
-def cap_levels(model: nn.Module, max_level: int | None) -> None:
+def cap_levels(model: nn.Module, max_level: int | None, flat_top: bool | None = None) -> None:
     """Run ``model``'s multipole layers with the coarse levels 1..``max_level`` only, as
-    ``model.max_level`` does (None: every level); e.g. a trained model past its training length."""
+    ``model.max_level`` does (None: every level); e.g. a trained model past its training length.
+    ``flat_top`` (``model.flat_top``; None: leave the layers'): the top kept level covers the rest
+    of the sequence, for refined layers (others refuse it)."""
     from .attention.layers import MultipoleAttention
 
     if max_level is not None and max_level < 1:
         raise ValueError(f"max_level={max_level}: keep at least level 1 (attention='local' is the fine level alone)")
+    layers = [m for m in model.modules() if isinstance(m, MultipoleAttention) and m.max_level != 0]  # 0: `local`
+    if flat_top and any(not layer.refine for layer in layers):
+        raise ValueError("flat_top needs a model with adaptive refinement (model.refine > 0): its far field is what "
+                         "reads the flat top level's lists; leave flat_top off for this model")
+    for layer in layers:
+        layer.max_level = max_level
+        if flat_top is not None:
+            layer.flat_top = flat_top
+
+
+def scale_rope(model: nn.Module, rope_scaling: dict | None) -> None:
+    """Run ``model``'s attention layers with RoPE's frequencies scaled (``model.rope_scaling``:
+    ``{"rope_type": "llama3" | "linear", ...}``, checked as the config checks it; None: plain
+    RoPE), e.g. a trained model run past its training length without fine-tuning."""
+    from .attention.layers import ProjectedAttention
+    from .attention.rope import scale_frequencies
+
+    if rope_scaling:
+        scale_frequencies(torch.ones(2, dtype=torch.float64), rope_scaling)  # refuses an unknown kind, as the layer would
     for layer in model.modules():
-        if isinstance(layer, MultipoleAttention) and layer.max_level != 0:  # 0: `local`, no levels to cap
-            layer.max_level = max_level
+        if isinstance(layer, ProjectedAttention):
+            layer.rope_scaling = dict(rope_scaling) if rope_scaling else None
 
 
 # --------------------------------------------------------------------------- FLOPs

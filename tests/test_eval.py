@@ -165,6 +165,14 @@ def test_max_level_caps_the_levels_trained_keeps_the_trained_ones_and_bad_values
         r = _eval(run, "--max-level", bad)
         assert r.returncode == 2 and "give a whole number >= 1, or 'trained' (the levels of data.seq_len = 128: 2)" \
             in r.stderr and "Traceback" not in r.stderr, r.stderr
+    scaled = {f: _eval(run, "--batches", "1", "--rope-scaling", f) for f in ("llama3:1", "linear:4")}
+    assert all(r.returncode == 0 for r in scaled.values()), [r.stderr[-2000:] for r in scaled.values()]
+    scaled = {k: json.loads(r.stdout)["eval_loss"] for k, r in scaled.items()}
+    # factor 1 is plain RoPE (to rounding); 4 interpolates positions (this 2-step model is near uniform, so
+    # every change to it is small: --max-level 1 moves its loss by 3e-5)
+    assert abs(scaled["llama3:1"] - loss[()]) < 1e-7 and scaled["linear:4"] != loss[()], (scaled, loss)
+    r = _eval(run, "--rope-scaling", "llama3")
+    assert r.returncode == 2 and "--rope-scaling 'llama3': give llama3:F or linear:F" in r.stderr, r.stderr
 
 
 @pytest.mark.slow
@@ -301,3 +309,21 @@ def test_evaluate_masks_documents_when_the_run_does():
             loss, count = model(ids, targets, batch["positions"], docs)
             assert got == pytest.approx((loss / count).item(), rel=1e-12)
     assert abs(masked - plain) > 1e-6, (masked, plain)
+
+
+def test_flat_top_flag_needs_a_refined_model_and_a_cap():
+    """--flat-top is checked against the run's config before anything is loaded."""
+    from fmtrain.config.loading import from_dict
+    from fmtrain.errors import UserError
+    from fmtrain.eval import max_level_of
+
+    base = {"run": {"dir": "r"}, "data": {"seq_len": 1024}}
+    refined = from_dict({**base, "model": {"refine": 2, "block_size": 32}})
+    assert max_level_of("trained", refined, flat_top=True) == 4  # 32 blocks: levels 1-4
+    with pytest.raises(UserError, match="give --max-level N or --max-level trained with it"):
+        max_level_of(None, refined, flat_top=True)
+    capped = from_dict({**base, "model": {"refine": 2, "max_level": 3}})
+    assert max_level_of(None, capped, flat_top=True) is None  # the run's own cap, flattened
+    with pytest.raises(UserError, match="--flat-top: widens the top level for adaptive refinement; this model has "
+                                        "attention='fma', model.refine=0"):
+        max_level_of("2", from_dict(base), flat_top=True)

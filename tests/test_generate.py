@@ -141,9 +141,11 @@ def test_command_prompt_file_longer_than_training(runs):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(prompt.read_text()) and "more than the 128 the model was trained on" in r.stderr
     assert "its coarse levels above 2 were never trained (--max-level trained keeps to those)" in r.stderr
+    assert "RoPE meets distances it never trained on (--rope-scaling llama3:" in r.stderr
     capped = _gen(runs["gpt"], "--prompt-file", str(prompt), "--max-new-tokens", "20", "--seed", "1",
-                  "--max-level", "trained")
+                  "--max-level", "trained", "--rope-scaling", "llama3:8")
     assert capped.returncode == 0 and "never trained" not in capped.stderr, capped.stderr
+    assert capped.stdout.startswith(prompt.read_text()) and capped.stdout != r.stdout  # scaled RoPE: other tokens
 
 
 @pytest.mark.slow
@@ -152,7 +154,11 @@ def test_command_refusals_are_one_error_line(runs):
     for run, args, needle in ((runs["mlm"], ["--prompt", "a"], "masked LM"),
                               (runs["conv"], ["--prompt", long], "conv summaries were built for (max_seq_len=256)"),
                               (runs["gpt"], ["--top-p", "0"], "--top-p"),
-                              (runs["gpt"], ["--max-level", "0"], "--max-level 0: give a whole number >= 1")):
+                              (runs["gpt"], ["--max-level", "0"], "--max-level 0: give a whole number >= 1"),
+                              (runs["gpt"], ["--rope-scaling", "yarn:4"],
+                               "--rope-scaling 'yarn:4': give llama3:F or linear:F with a factor F > 0"),
+                              (runs["gpt"], ["--flat-top", "--max-level", "1"],
+                               "--flat-top: widens the top level for adaptive refinement")):
         r = _gen(run, *args)
         assert r.returncode == 2 and needle in r.stderr, (needle, r.stderr)
         assert "Traceback" not in r.stderr

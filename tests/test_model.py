@@ -208,6 +208,45 @@ def test_max_level_caps_the_coarse_levels_as_cap_levels_does(refine):
         cap_levels(later, 0)
 
 
+def test_flat_top_keeps_the_reach_that_max_level_drops():
+    """model.flat_top with model.max_level (config) and cap_levels(..., flat_top=True) give one
+    model; position 0 reaches the last query again through the flat top level, and a model
+    without refinement refuses the flag."""
+    from fmtrain.model import cap_levels
+
+    ids, _ = batch(n=256, B=1)  # 3 coarse levels; capped at 1
+    flat = build(refine=2, max_level=1, flat_top=True)
+    later = build(refine=2)
+    cap_levels(later, 1, flat_top=True)
+    assert torch.equal(flat.logits(ids), later.logits(ids))
+    other = ids.clone()
+    other[0, 0] = (other[0, 0] + 1) % 61
+    assert not torch.equal(flat.logits(ids)[0, -1], flat.logits(other)[0, -1])  # position 0 is seen again
+    cap_levels(later, 1, flat_top=False)
+    assert torch.equal(later.logits(ids)[0, -1], later.logits(other)[0, -1])
+    with pytest.raises(ValueError, match="flat_top needs a model with adaptive refinement"):
+        cap_levels(build(refine=0), 1, flat_top=True)
+
+
+@pytest.mark.parametrize("attention", ["fma", "sdpa"])
+def test_scale_rope_on_a_trained_model_equals_the_configured_scaling(attention):
+    from fmtrain.model import scale_rope
+
+    llama3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    ids, _ = batch(n=256, B=1)
+    configured = build(attention=attention, rope_scaling=llama3)
+    later = build(attention=attention)
+    plain = later.logits(ids)
+    scale_rope(later, llama3)
+    assert torch.equal(configured.logits(ids), later.logits(ids))
+    assert not torch.equal(plain, later.logits(ids))
+    scale_rope(later, None)
+    assert torch.equal(plain, later.logits(ids))
+    with pytest.raises(ValueError, match="is not one of"):
+        scale_rope(later, {"rope_type": "yarn", "factor": 4.0})
+
+
 # --------------------------------------------------------------------------- positions and lengths
 def test_global_positions_are_used():
     model = build(attention="sdpa")

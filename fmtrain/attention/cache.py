@@ -339,8 +339,9 @@ class RefinedCache(MultipoleCache):
     full forward's.
     """
 
-    def __init__(self, summaries: Summaries, *, refine: int, store_device=None, **kw):
+    def __init__(self, summaries: Summaries, *, refine: int, store_device=None, flat_top: bool = False, **kw):
         super().__init__(summaries, **kw)
+        self.flat_top = flat_top  # fma's: the top kept level's lists hold every earlier window of it
         if refine < 1 or self.linear:
             raise ValueError("RefinedCache needs refine >= 1 and variant='nlogn'; use MultipoleCache")
         self.refine, self.store_device = refine, store_device
@@ -364,7 +365,7 @@ class RefinedCache(MultipoleCache):
         return self
 
     def _call_hierarchy(self, n: int) -> Hierarchy:
-        return call_hierarchy(n, self.m, self.p, True, self.max_level, None)
+        return call_hierarchy(n, self.m, self.p, True, self.max_level, None, self.flat_top)
 
     def _place(self, zk: torch.Tensor, zv: torch.Tensor, h: Hierarchy, tokens: int) -> None:
         """Copy the complete windows (within ``tokens`` tokens) of summaries laid out by ``h`` into

@@ -137,6 +137,14 @@ class DocHierarchy:
             object.__setattr__(self, "_hash", h)
         return h
 
+    @property
+    def flat_top(self) -> bool:
+        return any(part.flat_top for part in self.parts)
+
+    def list_width(self, level: int) -> int:
+        """Windows in one interaction list of ``level``, at most, over the documents."""
+        return max(part.list_width(level) for part in self.parts if part.n_levels >= level)
+
     def fine_edges(self) -> tuple[tuple[int, int, int], ...]:
         """Each document's edge blocks (:meth:`Hierarchy.fine_edges`) in the layout, with the
         document's own keys as the range they may see."""
@@ -157,6 +165,8 @@ class DocHierarchy:
         index = torch.full((self.n_blocks, self.coarse_slots), self.num_summaries, dtype=torch.long)
         bias = torch.full((self.n_blocks, self.coarse_slots), -math.inf, dtype=torch.float64)
         for part, a0, wins in zip(self.parts, self.first_block, self.first_window):
+            if not min(part.n_levels, self.n_levels):  # (the fine level alone: a refined layout's core)
+                continue
             t = _block_tables_cpu(part, weighted)
             rows = slice(a0, a0 + part.n_blocks)
             for l in range(1, min(part.n_levels, self.n_levels) + 1):
@@ -195,15 +205,18 @@ class DocHierarchy:
         concatenated from level 1 (whose rows are -1), ``windows[l-2]`` (none) where a
         document's window has one child; each level-1 window's block; each block's end (its
         document's end in the layout: the refined keys stop there)."""
-        S, L, m = self.slots_per_level // self.rank, self.n_levels, self.block_size
-        win = torch.full((self.n_blocks, L * S), -1, dtype=torch.long)
+        L, m = self.n_levels, self.block_size
+        widths = [self.list_width(l) for l in range(1, L + 1)]
+        first = [sum(widths[:l]) for l in range(L)]  # each level's first column
+        win = torch.full((self.n_blocks, sum(widths)), -1, dtype=torch.long)
         ends = torch.empty(self.n_blocks, dtype=torch.long)
         for part, a0, wins, length in zip(self.parts, self.first_block, self.first_window, self.docs.lengths):
             blocks = torch.arange(part.n_blocks)
             ends[a0:a0 + part.n_blocks] = a0 * m + length
             for l in range(1, min(part.n_levels, L) + 1):
                 lists = part.window_lists(l)[blocks >> (l - 1)]
-                win[a0:a0 + part.n_blocks, (l - 1) * S:l * S] = torch.where(lists >= 0, lists + wins[l - 1], -1)
+                cols = slice(first[l - 1], first[l - 1] + lists.shape[1])
+                win[a0:a0 + part.n_blocks, cols] = torch.where(lists >= 0, lists + wins[l - 1], -1)
         kids = [torch.full((self.windows[0], 2), -1, dtype=torch.long)] if L else []
         kids += [self.children(l, "cpu").view(-1, 2) for l in range(1, L)]
         leaf = self.leaf_blocks("cpu") if L else torch.zeros(0, dtype=torch.long)
@@ -264,12 +277,12 @@ class DocHierarchy:
 
 @functools.lru_cache(maxsize=8)
 def doc_hierarchy(docs: Documents, block_size: int, rank: int, causal: bool,
-                  max_level: int | None) -> DocHierarchy:
+                  max_level: int | None, flat_top: bool = False) -> DocHierarchy:
     """The :class:`DocHierarchy` of ``docs`` (cached: a packing repeats across layers and in
-    the backward)."""
+    the backward); each document's own hierarchy truncated at ``max_level`` (:func:`truncate`)."""
     parts = tuple(hierarchy(L, block_size, rank, causal) for L in docs.lengths)
     if max_level is not None:
-        parts = tuple(truncate(h, max_level) for h in parts)
+        parts = tuple(truncate(h, max_level, flat_top) for h in parts)
     n_levels = max(h.n_levels for h in parts)
     first_block, a = [], 0
     for h in parts:

@@ -76,6 +76,8 @@ class Hierarchy:
     windows: tuple[int, ...]  # windows per coarse level, level 1 first
     offsets: tuple[int, ...]  # start of each level in the concatenated summaries
     num_summaries: int
+    # The top level's lists hold every window of it outside the near field (:func:`truncate`).
+    flat_top: bool = False
 
     @property
     def padded_len(self) -> int:
@@ -95,6 +97,14 @@ class Hierarchy:
     def coarse_slots(self) -> int:
         """Summary slots one query block sees over all coarse levels."""
         return self.slots_per_level * self.n_levels
+
+    def list_width(self, level: int) -> int:
+        """Windows in one interaction list of ``level``, at most: 2 (causal) or 3, or on a flat
+        top level every window but the near field's (``windows - 2``)."""
+        width = self.slots_per_level // self.rank
+        if self.flat_top and level == self.n_levels:
+            return max(width, self.windows[level - 1] - 2)
+        return width
 
     def fine_blocks(self) -> tuple[int, ...]:
         """Offsets of the fine blocks a query block sees, relative to its own."""
@@ -125,9 +135,15 @@ class Hierarchy:
     # --- interaction lists ------------------------------------------------
     @functools.lru_cache(maxsize=1024)
     def window_lists(self, level: int) -> torch.Tensor:
-        """``(windows, slots_per_level/p)`` window indices each window of ``level`` sees; -1 = none."""
-        nw, width = self.windows[level - 1], self.slots_per_level // self.rank
+        """``(windows, list_width(level))`` window indices each window of ``level`` sees; -1 = none."""
+        nw, width = self.windows[level - 1], self.list_width(level)
         rows = torch.full((nw, width), -1, dtype=torch.long)
+        if self.flat_top and level == self.n_levels:  # every window of the level outside c's near field
+            c, w = torch.arange(nw).unsqueeze(1), torch.arange(nw).unsqueeze(0)
+            seen = w < c - 1 if self.causal else (w - c).abs() > 1  # (nw, nw)
+            r, col = seen.nonzero(as_tuple=True)
+            rows[r, seen.long().cumsum(1)[r, col] - 1] = col
+            return rows
         for c in range(nw):
             ws = [w for w in coarse_windows(c, self.causal) if 0 <= w < nw]
             rows[c, :len(ws)] = torch.tensor(ws, dtype=torch.long)
@@ -176,19 +192,27 @@ def hierarchy(n: int, block_size: int, rank: int, causal: bool) -> Hierarchy:
     )
 
 
-def truncate(h: Hierarchy, max_level: int) -> Hierarchy:
+def truncate(h: Hierarchy, max_level: int, flat_top: bool = False) -> Hierarchy:
     """``h`` without the coarse levels above ``max_level`` (0: fine level only, "local" attention).
 
-    Keys beyond the remaining levels' reach are then not seen at all: an ablation
-    and a baseline, no longer a partition of the sequence.
+    Keys beyond the remaining levels' reach are then not seen at all: an ablation, a
+    baseline, and a model run past the levels it trained (``model.max_level``), no longer a
+    partition of the sequence. ``flat_top``: the top remaining level's lists hold every
+    window of that level outside the near field instead (causal: every earlier one), so the
+    sequence stays partitioned: ``O(n / (m 2**(max_level-1)))`` summaries a query at the top,
+    a flat list as NSA's selection has, over which adaptive refinement can open any block.
+    Where ``max_level`` cuts nothing the hierarchy is unchanged (its top level's lists cover
+    the sequence already).
     """
     if max_level < 0:
         raise ValueError(f"max_level must be >= 0, got {max_level}")
     if max_level >= h.n_levels:
         return h
     windows = h.windows[:max_level]
+    # (a packed layout, .documents.DocHierarchy, is truncated only to its fine level: its parts carry the flag)
+    flat = dict(flat_top=flat_top and max_level > 0) if isinstance(h, Hierarchy) else {}
     return replace(h, n_levels=max_level, windows=windows, offsets=h.offsets[:max_level],
-                   num_summaries=sum(w * h.rank for w in windows))
+                   num_summaries=sum(w * h.rank for w in windows), **flat)
 
 
 def extend(h: Hierarchy, n_levels: int) -> Hierarchy:
@@ -198,6 +222,8 @@ def extend(h: Hierarchy, n_levels: int) -> Hierarchy:
     its summaries out so, where a longer sequence will look them up."""
     if n_levels <= h.n_levels:
         return h
+    if h.flat_top:
+        raise ValueError("extend: a hierarchy with a flat top level has no levels above it")
     windows = _levels(h.n, h.block_size, n_levels)
     offsets = tuple(sum(w * h.rank for w in windows[:l]) for l in range(n_levels))
     return replace(h, n_levels=n_levels, windows=windows, offsets=offsets,
@@ -205,12 +231,13 @@ def extend(h: Hierarchy, n_levels: int) -> Hierarchy:
 
 
 def call_hierarchy(n: int, block_size: int, rank: int, causal: bool, max_level: int | None,
-                   level_offset: torch.Tensor | None) -> Hierarchy:
-    """The hierarchy an ``fma`` call over ``n`` tokens uses (truncated at ``max_level``); refuses
-    per-head level offsets (H, levels) with fewer levels than it has."""
+                   level_offset: torch.Tensor | None, flat_top: bool = False) -> Hierarchy:
+    """The hierarchy an ``fma`` call over ``n`` tokens uses (truncated at ``max_level``, its top
+    level flat with ``flat_top``); refuses per-head level offsets (H, levels) with fewer levels
+    than it has."""
     h = hierarchy(n, block_size, rank, causal)
     if max_level is not None:
-        h = truncate(h, max_level)
+        h = truncate(h, max_level, flat_top)
     if level_offset is not None and level_offset.shape[1] < h.n_levels:
         raise ValueError(f"fma: level_offset has {level_offset.shape[1]} levels, the sequence ({n} tokens) "
                          f"has {h.n_levels}")
@@ -238,6 +265,9 @@ def level_slots(h: Hierarchy, level: int, weighted: bool) -> tuple[torch.Tensor,
     ``num_summaries`` where masked; ``bias``: same shape, float64 log-weights
     (``log(count)``, or 0 unweighted), ``-inf`` where masked.
     """
+    if h.flat_top and level == h.n_levels:
+        raise ValueError("a flat top level's lists grow with n: only adaptive refinement's far field reads "
+                         "them (fma needs refine > 0 with flat_top)")
     p = h.rank
     win = h.window_lists(level).unsqueeze(-1).expand(-1, -1, p)  # (windows, S//p, p)
     j = torch.arange(p)

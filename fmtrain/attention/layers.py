@@ -124,13 +124,18 @@ class MultipoleAttention(ProjectedAttention):
                  rope_theta: float = 10000.0, max_seq_len: int | None = None, impl: str = "auto",
                  max_level: int | None = None, qkv_bias: bool = False, out_bias: bool = False,
                  rope_scaling: dict | None = None, level_offset: bool = False,
-                 summary_rope: str = "keys", refine: int = 0):
+                 summary_rope: str = "keys", refine: int = 0, flat_top: bool = False):
         super().__init__(dim, n_heads, n_kv_heads, causal=causal, rope=rope, rope_theta=rope_theta,
                          qkv_bias=qkv_bias, out_bias=out_bias, rope_scaling=rope_scaling)
         self.block_size, self.rank, self.variant = block_size, rank, variant
         self.weighted, self.impl, self.max_level = weighted, impl, max_level
         # Adaptive refinement: far fine blocks each query opens (fma's ``refine``); none without coarse levels.
         self.refine = refine if max_level != 0 else 0
+        # With max_level below a sequence's levels: the top kept level's lists cover the rest (fma's flat_top).
+        self.flat_top = flat_top and max_level != 0
+        if self.flat_top and not self.refine:
+            raise ValueError("flat_top=True needs refine > 0: the flat top level's lists are read by adaptive "
+                             "refinement's far field only")
         if max_level == 0:
             summary = "mean"  # no coarse level: nothing to learn
         # A learned score offset per query head and coarse level, on top of the log-weights
@@ -156,14 +161,15 @@ class MultipoleAttention(ProjectedAttention):
         return fma(q, k, v, block_size=self.block_size, rank=self.rank, causal=self.causal,
                    weighted=self.weighted, impl=self.impl, variant=self.variant, summaries=self.summarise,
                    max_level=self.max_level, group=self.sp_group, level_offset=self.level_offset,
-                   refine=self.refine, cu_seqlens=cu_seqlens)
+                   refine=self.refine, cu_seqlens=cu_seqlens, flat_top=self.flat_top)
 
     def new_cache(self, store_device=None) -> MultipoleCache:
         kw = dict(block_size=self.block_size, rank=self.rank, weighted=self.weighted, variant=self.variant,
                   max_level=self.max_level,
                   level_offset=None if self.level_offset is None else self.level_offset.detach())
         if self.refine:
-            return RefinedCache(self.summarise, refine=self.refine, store_device=store_device, **kw)
+            return RefinedCache(self.summarise, refine=self.refine, store_device=store_device,
+                                flat_top=self.flat_top, **kw)
         return MultipoleCache(self.summarise, **kw)
 
 
@@ -230,6 +236,7 @@ class AttentionSpec:
     summary_rope: str = "keys"
     refine: int = 0
     max_level: int | None = None
+    flat_top: bool = False
 
 
 def make_attention(spec: AttentionSpec) -> ProjectedAttention:

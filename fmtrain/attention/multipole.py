@@ -63,7 +63,7 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         causal: bool = True, weighted: bool = True, scale: float | None = None, impl: str = "auto",
         variant: str = "nlogn", summaries: Summaries | None = None,
         max_level: int | None = None, group=None, level_offset: torch.Tensor | None = None,
-        refine: int = 0, cu_seqlens=None) -> torch.Tensor:
+        refine: int = 0, cu_seqlens=None, flat_top: bool = False) -> torch.Tensor:
     """Fast multipole attention.
 
     Args:
@@ -81,6 +81,12 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         summaries: how key/value summaries are formed; parameter-free means by default.
         max_level: drop the coarse levels above it (``0``: fine level only, i.e. local
             block attention, a baseline); default all levels.
+        flat_top: with ``max_level`` below the sequence's levels, the top kept level's
+            interaction lists hold every window of that level outside the near field rather
+            than dropping what lies beyond its reach (:func:`.hierarchy.truncate`): the
+            sequence stays covered with the levels a model trained, and refinement can open
+            any block. Its cost grows as ``n / (m 2**(max_level-1))`` summaries a query.
+            Needs ``refine > 0`` (the far field of refinement reads such lists).
         group: a sequence-parallel process group: ``q, k, v`` are then this rank's
             contiguous chunk of the sequence and the result is this rank's chunk of the
             global result (see ``sequence_parallel.py``); ``None`` or size 1: local.
@@ -104,6 +110,9 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     _check(q, k, v, block_size, rank, impl, variant)
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise ValueError(f"fma: refine must be a count of fine blocks >= 0, got {refine!r}")
+    if flat_top and not refine:
+        raise ValueError("fma: flat_top=True needs refine > 0 (the flat top level's lists grow with n and only "
+                         "adaptive refinement's far field reads them); set refine, or flat_top=False")
     if refine and variant != "nlogn":
         raise ValueError("fma: refine > 0 needs variant='nlogn' (the linear variant shares one query per "
                          "window on coarse levels, so there is no per-query selection); set refine=0")
@@ -125,12 +134,13 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         kw = dict(block_size=block_size, rank=rank, causal=causal, weighted=weighted, scale=scale,
                   summaries=summaries or MEAN, max_level=max_level, impl=impl)
         if refine:
-            return sp_documents_refined(q, k, v, docs, group, refine=refine, level_offset=level_offset, **kw)
+            return sp_documents_refined(q, k, v, docs, group, refine=refine, level_offset=level_offset,
+                                        flat_top=flat_top, **kw)
         return sp_documents(q, k, v, docs, group, **kw)
     if cu_seqlens is not None:
         kw = dict(block_size=block_size, rank=rank, causal=causal, weighted=weighted, scale=scale, impl=impl,
                   variant=variant, summaries=summaries, max_level=max_level, group=group,
-                  level_offset=level_offset, refine=refine)
+                  level_offset=level_offset, refine=refine, flat_top=flat_top)
         return _documents(q, k, v, docs, kw) if impl != "dense" else _per_document(q, k, v, docs, kw)
     if sp:
         if impl == "dense":
@@ -138,13 +148,13 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         if refine:
             return sp_refined(q, k, v, group, block_size=block_size, rank=rank, causal=causal, weighted=weighted,
                               scale=scale, summaries=summaries, max_level=max_level, refine=refine, impl=impl,
-                              level_offset=level_offset)
+                              level_offset=level_offset, flat_top=flat_top)
         if level_offset is not None:
             raise ValueError("fma: level_offset has no sequence-parallel path yet (except with refine > 0); "
                              "train it with parallel.sequence=1")
         return sp_fma(q, k, v, group, block_size=block_size, rank=rank, causal=causal, weighted=weighted,
                       scale=scale, variant=variant, summaries=summaries, max_level=max_level, impl=impl)
-    h = call_hierarchy(n, block_size, rank, causal, max_level, level_offset)
+    h = call_hierarchy(n, block_size, rank, causal, max_level, level_offset, flat_top)
     ks, vs = (summaries or MEAN)(k, v, h)
     if refine and h.n_levels:
         if impl == "dense":
@@ -179,7 +189,7 @@ def _documents(q, k, v, docs: Documents, kw) -> torch.Tensor:
     summaries = kw["summaries"] or MEAN
     if not (kw["variant"] == "nlogn" and isinstance(summaries, Summaries) and summaries.bottom_up):
         return _per_document(q, k, v, docs, kw)
-    dh = doc_hierarchy(docs, kw["block_size"], kw["rank"], kw["causal"], kw["max_level"])
+    dh = doc_hierarchy(docs, kw["block_size"], kw["rank"], kw["causal"], kw["max_level"], kw["flat_top"])
     level_offset = kw["level_offset"]
     if level_offset is not None and level_offset.shape[1] < dh.n_levels:
         raise ValueError(f"fma: level_offset has {level_offset.shape[1]} levels, the longest document "

@@ -121,7 +121,11 @@ def refined_masks(q, ks, h: Hierarchy, refine: int, scale: float):
             for i in range(n):
                 cand = {}
                 for l in range(1, h.n_levels + 1):
-                    for c in coarse_windows(i // h.window_size(l), h.causal):
+                    c_i = i // h.window_size(l)
+                    listed = coarse_windows(c_i, h.causal)
+                    if h.flat_top and l == h.n_levels:  # every window of the top level but c_i's neighbours
+                        listed = [c for c in range(h.windows[l - 1]) if c < c_i - 1 or (not h.causal and c > c_i + 1)]
+                    for c in listed:
                         if (s := score(i, l, c)) > -math.inf:
                             cand[(l, c)] = s
                 for _ in range(refine):

@@ -72,7 +72,7 @@ def keys_per_query(h: Hierarchy, refine: int) -> int:
 
 def num_candidates(h: Hierarchy, refine: int) -> int:
     """Candidate slots per query: the interaction list's windows plus one sibling per descent step."""
-    return h.n_levels * (h.slots_per_level // h.rank) + refine * max(h.n_levels - 1, 0)
+    return sum(h.list_width(l) for l in range(1, h.n_levels + 1)) + refine * max(h.n_levels - 1, 0)
 
 
 class Tables(NamedTuple):
@@ -97,9 +97,9 @@ def _tables_cpu(h: Hierarchy) -> Tables:
     logc = torch.where(has, counts.clamp(min=1).double().log(), 0.0)
     offsets = torch.tensor((0,) + h.offsets, dtype=torch.long)  # level l at offsets[l]
     windows = torch.tensor((0,) + h.windows, dtype=torch.long)
-    width = h.slots_per_level // h.rank
+    widths = torch.tensor([h.list_width(l) for l in range(1, h.n_levels + 1)], dtype=torch.long)
     blocks = torch.arange(h.n_blocks)
-    lv = torch.arange(1, h.n_levels + 1).repeat_interleave(width).expand(h.n_blocks, -1).contiguous()
+    lv = torch.arange(1, h.n_levels + 1).repeat_interleave(widths).expand(h.n_blocks, -1).contiguous()
     if isinstance(h, Hierarchy):
         win = torch.cat([h.window_lists(l)[blocks >> (l - 1)] for l in range(1, h.n_levels + 1)], dim=1)
         # window c's children are 2c and 2c+1 (past the level's end: none, as _summary_slots finds)

@@ -30,6 +30,24 @@ def scale_frequencies(inv: torch.Tensor, scaling: dict | None) -> torch.Tensor:
     return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
+def parse_scaling(text: str, original_len: int) -> dict:
+    """``"llama3:F"`` or ``"linear:F"`` (a command-line flag) -> a scaling dict for
+    :func:`scale_frequencies`: Llama 3.1's with ``original_max_position_embeddings =
+    original_len`` and low/high frequency factors 1 and 4 (its published ones), or position
+    interpolation by ``F``. Raises ValueError naming the accepted forms."""
+    kind, _, factor = text.partition(":")
+    try:
+        f = float(factor)
+    except ValueError:
+        f = 0.0
+    if kind not in ROPE_SCALINGS or not f > 0 or not math.isfinite(f):
+        raise ValueError(f"{text!r}: give llama3:F or linear:F with a factor F > 0, e.g. llama3:4")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": f}
+    return {"rope_type": "llama3", "factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": original_len}
+
+
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
     """cos, sin of shape (..., n, head_dim/2) for integer ``positions`` (..., n).
 

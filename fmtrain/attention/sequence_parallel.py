@@ -300,7 +300,7 @@ def sp_fma(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted
 
 def sp_refined(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted: bool, scale: float,
                summaries: Summaries | None, max_level: int | None, refine: int, impl: str = "torch",
-               level_offset=None) -> torch.Tensor:
+               level_offset=None, flat_top: bool = False) -> torch.Tensor:
     """This rank's chunk of ``fma(..., refine=K)`` over the sequence the group holds (shapes as
     :func:`sp_fma`'s): the keys and values are all-gathered, and the rank runs the one-device
     path (:func:`.refine.refined_multipole`'s fine core and :class:`.refine.FarField`) for its
@@ -324,7 +324,7 @@ def sp_refined(q, k, v, group, *, block_size: int, rank: int, causal: bool, weig
                          f"fine blocks of block_size={m}; use a global length that is a multiple of {n_ranks}*{m}")
     k_all, v_all = (_AllGather.apply(x, group).permute(1, 2, 0, 3, 4).reshape(B, x.shape[1], -1, d)
                     for x in (k, v))  # (B, Hkv, n, d)
-    h = call_hierarchy(chunk * n_ranks, m, rank, causal, max_level, level_offset)
+    h = call_hierarchy(chunk * n_ranks, m, rank, causal, max_level, level_offset, flat_top)
     ks, vs = (summaries or MEAN)(k_all, v_all, h)
     return refined_blocks(q, k_all, v_all, ks, vs, h, me * chunk // m, refine=refine, weighted=weighted,
                           scale=scale, impl=impl, level_offset=level_offset)

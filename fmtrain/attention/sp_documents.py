@@ -316,7 +316,7 @@ def _assemble(k, v, dh: DocHierarchy, pl: RowPlan, partial, got, pieces: dict, m
 
 def sp_documents_refined(q, k, v, docs: Documents, group, *, block_size: int, rank: int, causal: bool,
                          weighted: bool, scale: float, summaries, max_level: int | None, refine: int,
-                         impl: str = "torch", level_offset=None) -> torch.Tensor:
+                         impl: str = "torch", level_offset=None, flat_top: bool = False) -> torch.Tensor:
     """This rank's chunk of ``fma(..., cu_seqlens=..., refine=K)`` (shapes as :func:`sp_documents`'s).
 
     As :func:`.sequence_parallel.sp_refined` does without documents: a query may open a block
@@ -333,6 +333,8 @@ def sp_documents_refined(q, k, v, docs: Documents, group, *, block_size: int, ra
     outs = []
     for b, rd in enumerate(row_documents(docs)):
         dh, plans = rank_plans(rd, block_size, rank, causal, max_level, P)
+        if flat_top:  # the same layout and blocks per rank; the lists of the far field's hierarchy
+            dh = doc_hierarchy(rd, block_size, rank, causal, max_level, flat_top)
         pl = plans[me]
         ka, va = (to_layout(x[b:b + 1], dh) for x in (k_all, v_all))  # (1, Hkv, n_layout, d)
         ks, vs = doc_summaries(summaries, ka, va, dh)

@@ -110,6 +110,12 @@ class ModelConfig:
                                          "log2(n / block_size) - 1) give it inputs it has not seen, and its "
                                          "recall collapses; capped at the trained ones it holds within their "
                                          "reach (README, Adaptive refinement). None: every level.", min=1)
+    flat_top: bool = option(False, "With model.max_level below a sequence's levels (fma, model.refine > 0): "
+                                   "the top kept level's interaction lists hold every earlier window of that "
+                                   "level instead of dropping what lies beyond its reach, so the model keeps "
+                                   "the levels it trained and refinement can still open any block. Costs "
+                                   "n / (block_size * 2**(max_level-1)) summaries a query at the top level. "
+                                   "No effect where max_level cuts no level.")
     impl: str = option("auto", "Multipole implementation: 'auto' (Triton on GPU, else torch), 'torch' "
                                "(blocked PyTorch), 'triton' or 'dense' (reference, tests only).",
                        choices=IMPLS)
@@ -380,6 +386,10 @@ def _consistency_errors(cfg: Config) -> list[str]:
     if m.max_level is not None and m.attention != "fma":
         e.append(f"model.max_level={m.max_level} caps multipole attention's coarse levels; model.attention="
                  f"{m.attention!r} has none: remove it")
+    if m.flat_top and (m.attention != "fma" or not m.refine):
+        e.append("model.flat_top=true widens the top level's lists for adaptive refinement's far field; it needs "
+                 f"model.attention='fma' and model.refine > 0 (got {m.attention!r}, refine={m.refine}): set "
+                 "model.flat_top=false, or model.refine")
     if m.refine and m.attention != "fma":
         e.append(f"model.refine={m.refine} refines multipole attention; it needs model.attention='fma' "
                  f"(got {m.attention!r}): set model.refine=0")

@@ -163,18 +163,22 @@ def _refined(s, m, p, K, **kw):
 
 @pytest.mark.parametrize("kind,K,weighted,max_level",
                          [(kind, K, True, None) for kind in SUMMARY_KINDS for K in (1, 3)]
-                         + [("m2m", 2, False, None), ("mean", 2, True, 2), ("conv", 2, False, 3)])
+                         + [("m2m", 2, False, None), ("mean", 2, True, 2), ("conv", 2, False, 3),
+                            ("m2m", 2, True, "2f"), ("mean", 3, True, "1f")])
 def test_refined_cache_equals_forward(kind, K, weighted, max_level):
     """Each token's selection and far field as in the full forward with ``refine=K``: prompts
-    from one token to several blocks, on and off block and window boundaries, GQA."""
+    from one token to several blocks, on and off block and window boundaries, GQA; capped
+    levels, with a flat top ("2f": max_level 2, flat_top) whose lists grow as the store does."""
     m, p, n = 4, 2, 150
     q, k, v = _inputs(n)
     s = _summaries(kind, m, p)
+    flat = isinstance(max_level, str)
+    max_level = int(max_level[0]) if flat else max_level
     with torch.no_grad():
         full = fma(q, k, v, block_size=m, rank=p, summaries=s, impl="torch", refine=K, weighted=weighted,
-                   max_level=max_level)
+                   max_level=max_level, flat_top=flat)
         for n0 in (1, 3, 4, 9, 16, 17, 33, 64, 100):
-            cache = _refined(s, m, p, K, weighted=weighted, max_level=max_level).prefill(
+            cache = _refined(s, m, p, K, weighted=weighted, max_level=max_level, flat_top=flat).prefill(
                 q[:, :, :n0], k[:, :, :n0], v[:, :, :n0])
             torch.testing.assert_close(_decode_all(cache, q, k, v, n0), full[:, :, n0:], rtol=0, atol=1e-10,
                                        msg=lambda e: f"prompt {n0}, seed {SEED}: {e}")

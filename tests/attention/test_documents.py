@@ -124,6 +124,15 @@ def test_refined_on_the_layout_equals_separate(rng, lengths, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lengths", PACKINGS[:4])
+def test_refined_with_a_flat_top_on_the_layout_equals_separate(rng, lengths, causal):
+    """Capped at level 1 with a flat top: each document's top lists hold its own earlier windows
+    only, however many (the layout's lists are as wide as the longest document's)."""
+    q, k, v = qkv(rng, 1, 4, 2, sum(lengths), 8)
+    _check(rng, q, k, v, lengths, block_size=8, rank=2, causal=causal, refine=2, max_level=1, flat_top=True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
 def test_refined_on_the_layout_through_the_kernels(monkeypatch, causal):
     """impl='triton' (interpreted, fp32): the core's kernels and the opened-block kernels, each
     opened block's keys stopping at its own document's end (read per block), against the float64

@@ -307,8 +307,9 @@ def test_kernels_compile_for_hopper(causal):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("n,m,H,Hkv,refine", [(150, 16, 4, 2, 2), (96, 16, 2, 2, 3)])
-def test_refined_far_field_kernels_match_the_reference(monkeypatch, dtype, causal, n, m, H, Hkv, refine):
+@pytest.mark.parametrize("n,m,H,Hkv,refine,cap", [(150, 16, 4, 2, 2, {}), (96, 16, 2, 2, 3, {}),
+                                                   (200, 16, 2, 1, 2, dict(max_level=1, flat_top=True))], ids=str)
+def test_refined_far_field_kernels_match_the_reference(monkeypatch, dtype, causal, n, m, H, Hkv, refine, cap):
     """Adaptive refinement with impl='triton': the opened blocks run in the opened-tile kernels
     (counted, so a silent fallback fails), the fine level in the core's; outputs and gradients
     against the float64 dense reference on the same (rounded) inputs: the selection is discrete,
@@ -330,7 +331,7 @@ def test_refined_far_field_kernels_match_the_reference(monkeypatch, dtype, causa
     q, k, v, dout = (x.to(dtype).double() for x in (q, k, v, dout))
     for impl, dt in (("dense", torch.float64), ("triton", dtype)):
         xs = [x.detach().to(DEV, dt).clone().requires_grad_() for x in (q, k, v)]
-        out = fma(*xs, block_size=m, rank=2, causal=causal, refine=refine, impl=impl)
+        out = fma(*xs, block_size=m, rank=2, causal=causal, refine=refine, impl=impl, **cap)
         out.backward(dout.to(DEV, dt))
         grads.append([out.detach().double().cpu()] + [x.grad.double().cpu() for x in xs])
     assert calls["fwd"] >= 1 and calls["bwd"] >= 1, calls

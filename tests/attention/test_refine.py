@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fmtrain.attention import fma
-from fmtrain.attention.hierarchy import hierarchy
+from fmtrain.attention.hierarchy import hierarchy, truncate
 from fmtrain.attention.reference import dense_attention, dense_refined
 from fmtrain.attention.refine import keys_per_query, select
 from fmtrain.attention.summaries import MEAN, build_summaries
@@ -48,8 +48,8 @@ def test_blocked_matches_dense_float64(rng, n, m, p, H, Hkv, refine, causal):
     assert (o - plain).abs().max() > 1e-3  # the refinement changed something: the test is not vacuous
 
 
-@pytest.mark.parametrize("kind", ["m2m", "conv"])
-def test_learned_summaries_and_level_offsets_get_the_reference_gradients(rng, kind):
+@pytest.mark.parametrize("kind,cap", [("m2m", {}), ("conv", {}), ("m2m", dict(max_level=2, flat_top=True))], ids=str)
+def test_learned_summaries_and_level_offsets_get_the_reference_gradients(rng, kind, cap):
     n, m, p, H, Hkv = 150, 8, 2, 4, 2
     q, k, v = qkv(rng, 2, H, Hkv, n, 8)
     summ = build_summaries(kind, n_kv_heads=Hkv, head_dim=8, block_size=m, rank=p, max_seq_len=256).double()
@@ -59,7 +59,7 @@ def test_learned_summaries_and_level_offsets_get_the_reference_gradients(rng, ki
     off = randn(rng, H, 6, requires_grad=True)
     params = (off, *summ.parameters())
     _compare(rng, q, k, v, params, block_size=m, rank=p, causal=True, refine=2, summaries=summ,
-             level_offset=off, weighted=True)
+             level_offset=off, weighted=True, **cap)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -180,3 +180,96 @@ def test_opened_tiles_group_pairs_by_block_and_invert(G):
     assert torch.allclose(summed, y * has.sum(-2), rtol=1e-12, atol=0)
     one = torch.randperm(n_blocks, generator=g)[:K].expand(B, Hkv, 1, K)  # one query (decoding): distinct blocks
     assert OpenedTiles(one, n_blocks, G).T == 1  # tiles of one row, none padded
+
+
+# --------------------------------------------------------------------------- a flat top level
+# ``max_level`` below the sequence's levels with ``flat_top``: the top kept level's lists hold every
+# window of it outside the near field, so the capped hierarchy still partitions the sequence.
+FLAT_CASES = [  # n, m, p, H, Hkv, max_level (each cuts at least one level)
+    (200, 8, 2, 2, 2, 2),
+    (257, 8, 4, 4, 2, 1),   # partial last block, GQA, the top level is level 1
+    (300, 4, 2, 3, 1, 3),   # multi-query
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("refine", [1, 3])
+@pytest.mark.parametrize("n,m,p,H,Hkv,max_level", FLAT_CASES)
+def test_flat_top_blocked_matches_dense_float64(rng, n, m, p, H, Hkv, max_level, refine, causal):
+    assert hierarchy(n, m, p, causal).n_levels > max_level
+    q, k, v = qkv(rng, 1, H, Hkv, n, 16)
+    kw = dict(block_size=m, rank=p, causal=causal, refine=refine, max_level=max_level)
+    o = _compare(rng, q, k, v, flat_top=True, **kw)
+    dropped = fma(q, k, v, **kw)  # the same cap, reach dropped
+    assert (o - dropped).abs().max() > 1e-3  # the flat top saw what the cap drops: not vacuous
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flat_top_opening_every_block_is_exact_softmax_attention(rng, causal):
+    """Every key counted once, itself or in one summary: opening every block leaves none to a
+    summary, so the capped hierarchy with a flat top is softmax attention, gradients included."""
+    n, m, H, Hkv = 150, 8, 4, 2
+    q, k, v = qkv(rng, 1, H, Hkv, n, 8)
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    o, g = outputs_and_grads(q, k, v, torch.Generator().manual_seed(seed), block_size=m, rank=2, causal=causal,
+                             refine=-(-n // m), max_level=1, flat_top=True)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
+                                         is_causal=causal)
+    g_ref = torch.autograd.grad(ref, (q, k, v), torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed),
+                                                           dtype=ref.dtype))
+    assert (o - ref).abs().max() < TOL64
+    for name, a, b in zip("qkv", g, g_ref):
+        assert (a - b).abs().max() < TOL64, f"d{name}"
+
+
+def test_flat_top_nothing_after_a_query_changes_it(rng):
+    n, m, i = 300, 8, 211
+    q, k, v = qkv(rng, 1, 4, 2, n, 8)
+    kw = dict(block_size=m, rank=2, causal=True, refine=2, impl="torch", max_level=2, flat_top=True)
+    out = fma(q, k, v, **kw)
+    short = fma(q[:, :, :i + 1], k[:, :, :i + 1], v[:, :, :i + 1], **kw)  # fewer levels and windows
+    assert (out[:, :, :i + 1] - short).abs().max() < TOL64
+    gq, gk, gv = torch.autograd.grad(out[:, :, :i + 1].sum(), (q, k, v))
+    for name, gr in (("q", gq), ("k", gk), ("v", gv)):
+        assert gr[:, :, i + 1:].abs().max() == 0, f"d{name} reaches past the query"
+
+
+def test_flat_top_cutting_nothing_changes_nothing(rng):
+    q, k, v = qkv(rng, 1, 2, 2, 100, 8)
+    kw = dict(block_size=8, rank=2, refine=2)
+    levels = hierarchy(100, 8, 2, True).n_levels
+    a = fma(q, k, v, **kw)
+    assert torch.equal(a, fma(q, k, v, max_level=levels, flat_top=True, **kw))
+
+
+def test_flat_top_opens_a_needle_beyond_the_capped_reach(rng):
+    """Capped at level 1 (reach 2 blocks back), a key far back is dropped; the flat top lists it,
+    and refinement opens it and reads its value."""
+    n, m, d = 512, 16, 16
+    q, k, v = randn(rng, 1, 1, n, d) * 0.1, randn(rng, 1, 1, n, d) * 0.1, randn(rng, 1, 1, n, d)
+    needle = 37
+    q[0, 0, -1] = k[0, 0, needle] = torch.ones(d) * 2
+    v[0, 0, needle] = torch.full((d,), 5.0)
+    kw = dict(block_size=m, rank=2, refine=1, max_level=1)
+    flat = fma(q, k, v, flat_top=True, **kw)[0, 0, -1]
+    dropped = fma(q, k, v, **kw)[0, 0, -1]
+    assert (flat - 5).abs().max() < 0.05
+    assert (dropped - 5).abs().max() > 1.0
+
+
+def test_flat_top_lists_every_earlier_window_of_the_top_level():
+    h = truncate(hierarchy(64 * 8, 8, 2, True), 2, flat_top=True)  # 64 blocks, level 2: 32 windows
+    rows = h.window_lists(2)
+    assert rows.shape == (32, 30)
+    for c in (0, 1, 2, 9, 31):
+        assert [w for w in rows[c].tolist() if w >= 0] == list(range(c - 1))
+    hb = truncate(hierarchy(64 * 8, 8, 2, False), 2, flat_top=True)
+    assert [w for w in hb.window_lists(2)[9].tolist() if w >= 0] == [w for w in range(32) if abs(w - 9) > 1]
+    assert h.window_lists(1).shape[1] == 2  # the levels below keep their lists
+    assert truncate(hierarchy(64 * 8, 8, 2, True), 9, flat_top=True) == hierarchy(64 * 8, 8, 2, True)
+
+
+def test_flat_top_without_refinement_is_refused(rng):
+    q, k, v = qkv(rng, 1, 2, 2, 64, 8)
+    with pytest.raises(ValueError, match="flat_top=True needs refine > 0"):
+        fma(q, k, v, block_size=8, max_level=1, flat_top=True)

@@ -46,7 +46,8 @@ def _one_case(case, group, seed):
         from fmtrain.attention.summaries import WindowRotated
         summ = WindowRotated(summ, d, 10000.0, None)
     kw = dict(block_size=m, rank=p, causal=causal, variant=variant, weighted=weighted, summaries=summ,
-              impl="torch", refine=extra.get("refine", 0))
+              impl="torch", refine=extra.get("refine", 0), max_level=extra.get("max_level"),
+              flat_top=extra.get("flat_top", False))
     if extra.get("level_offset"):
         kw["level_offset"] = (torch.randn(H, 12, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
         params.append(kw["level_offset"])
@@ -126,7 +127,8 @@ def test_sp_refined_equals_one_device():
     other ranks, one block per rank, windows across ranks."""
     run_ranks(2, _refined_grid([(16, 4, 2), (128, 8, 2)], 2)
               + [(128, 8, 2, 4, 2, True, "nlogn", "m2m", False, {"refine": 3, "level_offset": True}),
-                 (128, 8, 2, 4, 2, True, "nlogn", "m2m", True, {"refine": 2, "window_rope": True})])
+                 (128, 8, 2, 4, 2, True, "nlogn", "m2m", True, {"refine": 2, "window_rope": True}),
+                 (256, 8, 2, 4, 2, True, "nlogn", "m2m", True, {"refine": 2, "max_level": 2, "flat_top": True})])
     run_ranks(4, _refined_grid([(128, 8, 2)], 3)
               + [(96, 8, 2, 4, 1, False, "nlogn", "m2m", True, {"refine": 2, "level_offset": True})])
 

@@ -56,7 +56,7 @@ def _one_case(case, group, seed):
             prm.copy_(torch.randn(prm.shape, generator=g, dtype=prm.dtype) * 0.3)
     params = list(summ.parameters())
     kw = dict(block_size=m, rank=p, causal=causal, summaries=summ, impl="torch", cu_seqlens=cu,
-              max_level=extra.get("max_level"), refine=extra.get("refine", 0))
+              max_level=extra.get("max_level"), refine=extra.get("refine", 0), flat_top=extra.get("flat_top", False))
     if extra.get("level_offset"):
         kw["level_offset"] = (torch.randn(H, 12, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
         params.append(kw["level_offset"])
@@ -128,7 +128,8 @@ def test_sp_documents_refined_equal_one_process():
     level offsets included."""
     cases = [(128, 8, 2, 4, 2, causal, kind, rows, {"refine": 2}) for rows in ([[37, 50]], [[3, 1, 5, 100]])
              for causal in (True, False) for kind in ("m2m", "mean")]
-    run_ranks(2, cases + [(128, 8, 2, 4, 2, True, "m2m", [[20, 90]], {"refine": 3, "level_offset": True})])
+    run_ranks(2, cases + [(128, 8, 2, 4, 2, True, "m2m", [[20, 90]], {"refine": 3, "level_offset": True}),
+                          (128, 8, 2, 4, 2, True, "m2m", [[20, 100]], {"refine": 2, "max_level": 1, "flat_top": True})])
     run_ranks(4, [(128, 8, 2, 4, 1, causal, "m2m", [[5, 110]], {"refine": 2}) for causal in (True, False)])
 
 

@@ -77,6 +77,25 @@ def test_recall_refined_variant_saves_its_weights_and_the_needle_at_start_contro
     assert control["meta"]["args"]["needle_at"] == "start"
     # The needle at the start: every distance out to the end of the longest sequence is asked for.
     assert max(int(b) for b in control["rows"]["fma-m2m-refine2"]["pooled"]) >= 2048
+    # Past the training length: levels capped at the trained ones, a flat top, Llama 3's RoPE scaling.
+    past = run_bench("recall.py", tmp_path, "--variants", "fma-m2m-refine2", "--models", models,
+                     "--eval-max-level", "2", "--eval-flat-top", "--eval-rope-scaling", "llama3:4")
+    assert past["rows"]["fma-m2m-refine2"]["train_log"] == first["rows"]["fma-m2m-refine2"]["train_log"]
+    assert (past["meta"]["args"]["eval_rope_scaling"], past["meta"]["args"]["eval_flat_top"]) == ("llama3:4", True)
+    assert past["rows"]["fma-m2m-refine2"]["pooled"] != first["rows"]["fma-m2m-refine2"]["pooled"]
+
+
+def test_recall_refuses_a_flat_top_without_a_cap_and_a_bad_rope_scaling(capsys):
+    from bench import recall
+
+    for argv, msg in ((["--eval-flat-top"], "--eval-flat-top flattens the top level --eval-max-level keeps"),
+                      (["--eval-rope-scaling", "llama3:x"], "give llama3:F or linear:F")):
+        with pytest.raises(SystemExit):
+            recall.parse_args(argv)
+        assert msg in capsys.readouterr().err
+    assert recall.rope_scaling(recall.parse_args(["--eval-rope-scaling", "llama3:4", "--train-len", "4096"])) == {
+        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 4096}
 
 
 def test_needle_at_start_puts_every_needle_first():

@@ -324,6 +324,13 @@ def test_max_level_caps_multipole_attention_only():
     assert "model.max_level" in error_of(from_dict, {**base, "model": {"max_level": 0}})
 
 
+def test_flat_top_needs_refinement():
+    base = {"run": {"dir": "r"}, "data": {"seq_len": 1024}}
+    assert from_dict({**base, "model": {"max_level": 3, "refine": 2, "flat_top": True}}).model.flat_top
+    msg = error_of(from_dict, {**base, "model": {"max_level": 3, "flat_top": True}})
+    assert "model.flat_top=true" in msg and "model.refine > 0" in msg
+
+
 def test_refine_needs_nlogn_multipole_attention():
     base = {"run": {"dir": "r"}, "data": {"seq_len": 1024}}
     assert from_dict({**base, "model": {"refine": 4}}).model.refine == 4

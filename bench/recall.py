@@ -39,6 +39,10 @@ Design (a short training run of each variant, CPU-sized):
   model runs at every length; distances beyond ``--train-len`` are extrapolation
   for every variant alike. RoPE uses base 500000 (the config's advice for long
   contexts) so that its slowest dimensions do not wrap within 128k tokens.
+- Controls past the training length, each changing evaluation only: ``--eval-max-level``
+  (the coarse levels kept), ``--eval-flat-top`` (the top kept level's lists hold every
+  earlier window, so nothing is out of reach) and ``--eval-rope-scaling llama3:F``
+  (Llama 3.1's RoPE scaling, original length ``--train-len``).
 - ``sdpa`` (full attention) is evaluated only up to ``--sdpa-max-len`` (on CPU its
   O(n^2) forward at 128k would take far longer than the rest of the probe).
 - Accuracy is counted per distance bucket ``[2^k, 2^(k+1))``, pooled over the

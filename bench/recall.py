@@ -42,7 +42,8 @@ Design (a short training run of each variant, CPU-sized):
 - Controls past the training length, each changing evaluation only: ``--eval-max-level``
   (the coarse levels kept), ``--eval-flat-top`` (the top kept level's lists hold every
   earlier window, so nothing is out of reach) and ``--eval-rope-scaling llama3:F``
-  (Llama 3.1's RoPE scaling, original length ``--train-len``).
+  (Llama 3.1's RoPE scaling, original length ``--train-len``), ``--eval-select-reach N``
+  (refinement's selection scores windows farther than N as if N away: ``model.select_reach``).
 - ``sdpa`` (full attention) is evaluated only up to ``--sdpa-max-len`` (on CPU its
   O(n^2) forward at 128k would take far longer than the rest of the probe).
 - Accuracy is counted per distance bucket ``[2^k, 2^(k+1))``, pooled over the
@@ -68,7 +69,7 @@ from _results import add_result_arguments, beside, meta, result_stem, save_plot,
 from _harness import logits_at
 from fmtrain.config import ModelConfig
 from fmtrain.attention.rope import parse_scaling
-from fmtrain.model import IGNORE_INDEX, build_model, cap_levels, scale_rope
+from fmtrain.model import IGNORE_INDEX, build_model, cap_levels, scale_rope, set_select_reach
 from fmtrain.schedule import warmup_cosine
 
 # Vocabulary: filler ids [0, N_FILLER), values [N_FILLER, N_FILLER + N_VALUES), the multi-key
@@ -458,6 +459,9 @@ def parse_args(argv=None):
                     help="evaluate with RoPE's frequencies scaled, as transformers' rope_parameters define them: "
                          "'llama3:F' (Llama 3.1's: low frequencies divided by F, high ones kept; original length "
                          "--train-len, low/high frequency factors 1 and 4) or 'linear:F' (position interpolation)")
+    ap.add_argument("--eval-select-reach", type=int, default=None, metavar="N",
+                    help="refined fma variants: selection scores summaries farther than N tokens as if N away "
+                         "(model.select_reach), e.g. --train-len")
     ap.add_argument("--eval-flat-top", action="store_true",
                     help="refined fma variants, with --eval-max-level: the top kept level's lists hold every "
                          "earlier window of it (model.flat_top), so every distance stays within reach")
@@ -527,6 +531,8 @@ def main(argv=None) -> int:
             cap_levels(model, args.eval_max_level, args.eval_flat_top and "refine" in variant)
         if args.eval_rope_scaling:
             scale_rope(model, rope_scaling(args))
+        if args.eval_select_reach is not None and "refine" in variant:
+            set_select_reach(model, args.eval_select_reach)
         train_s = time.perf_counter() - t0
         per_len, pairs = {}, []
         for n in eval_lens:

@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     cfg = load_config_of(ckpt)
     args.max_level = max_level_of(args.max_level, cfg, args.flat_top)
     args.rope_scaling = rope_scaling_of(args.rope_scaling, cfg)
+    args.select_reach = select_reach_of(args.select_reach, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.min_doc_len is None:
         args.min_doc_len = 1
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
         print(f"note: {given} is more than the {held} sequences the held-out set has; batches of {held}",
               file=sys.stderr, flush=True)
         data = loaders_for(cfg, world, tokenizer=str(tok), batch_size=held)
-    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling)
+    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling, args.select_reach)
     n = len(data.val) if args.batches is None else min(args.batches, len(data.val))
     rows = min(n * data.val.batch_size, data.val.n_sequences)  # the last batch may be part padding
     print(f"evaluating {ckpt} on {n} held-out batches ({rows} sequences of {cfg.data.seq_len} tokens), on one "
@@ -267,14 +268,18 @@ def _held_out(args, ckpt, cfg):
     return docs
 
 
-def _model(ckpt, device, max_level: int | None = None, flat_top: bool = False, rope_scaling: dict | None = None):
+def _model(ckpt, device, max_level: int | None = None, flat_top: bool = False, rope_scaling: dict | None = None,
+           select_reach: int | None = None):
     """The checkpoint's model on ``device``, in eval mode, its coarse levels capped at ``max_level``
-    (the top one flat with ``flat_top``), RoPE scaled by ``rope_scaling`` where given."""
+    (the top one flat with ``flat_top``), RoPE scaled by ``rope_scaling`` and refinement's selection
+    clamped at ``select_reach`` where given."""
     from .export import load_trained
-    from .model import cap_levels, scale_rope
+    from .model import cap_levels, scale_rope, set_select_reach
 
     model, cfg = load_trained(ckpt)
     model.to(device).eval()
+    if select_reach is not None:
+        set_select_reach(model, select_reach)
     if rope_scaling is not None:
         scale_rope(model, rope_scaling)
     if max_level is not None or flat_top:
@@ -296,10 +301,31 @@ def add_max_level_argument(ap: argparse.ArgumentParser) -> None:
                     help="with --max-level (or model.max_level), refined models (model.refine > 0): the top kept "
                          "level's lists hold every earlier window of it, so nothing is out of reach "
                          "(model.flat_top; its cost grows with the length)")
+    ap.add_argument("--select-reach", default=None, metavar="N|trained",
+                    help="refined models (model.refine > 0): score summaries farther than N tokens as if N away when "
+                         "choosing the blocks to open (model.select_reach); 'trained': data.seq_len. Past the "
+                         "training length far windows' scores drift with unseen distances and take the selection")
     ap.add_argument("--rope-scaling", default=None, metavar="KIND:FACTOR",
                     help="run with RoPE's frequencies scaled, without fine-tuning (model.rope_scaling), for "
                          "lengths past the training length: 'llama3:F' (Llama 3.1's: low frequencies divided by F, "
                          "high ones kept, original length data.seq_len) or 'linear:F' (position interpolation)")
+
+
+def select_reach_of(flag: str | None, cfg) -> int | None:
+    """``--select-reach N|trained`` (eval and generate): a distance in tokens, or None."""
+    if flag is None:
+        return None
+    from .errors import UserError
+
+    if cfg.model.attention != "fma" or not cfg.model.refine:
+        raise UserError(f"--select-reach {flag}: changes adaptive refinement's selection; this model has attention="
+                        f"{cfg.model.attention!r}, model.refine={cfg.model.refine}: leave it out")
+    if flag == "trained":
+        return cfg.data.seq_len
+    if not flag.isdigit() or int(flag) < 1:
+        raise UserError(f"--select-reach {flag}: give a distance in tokens >= 1, or 'trained' (data.seq_len = "
+                        f"{cfg.data.seq_len})")
+    return int(flag)
 
 
 def rope_scaling_of(flag: str | None, cfg) -> dict | None:
@@ -371,7 +397,7 @@ def _needle(args, ckpt, cfg, device) -> int:
     args.keys = 1 if args.keys is None else args.keys
     docs = _held_out(args, ckpt, cfg)
     lengths = _lengths_within(lengths, sum(map(len, docs)), args.lengths is not None, args.min_doc_len)
-    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling)
+    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling, args.select_reach)
     tok = load_tokenizer(ckpt / "tokenizer.model")
     print(f"needle test: {ckpt}, lengths {lengths}, depths {depths}, {args.keys} key(s), {args.samples} samples "
           "a cell, haystack from the held-out documents", file=sys.stderr, flush=True)
@@ -392,7 +418,7 @@ def _by_position(args, ckpt, cfg, device) -> int:
 
     max_len = args.max_len if args.max_len is not None else max(8 * cfg.data.seq_len, 2)  # checked: >= 2
     docs = _held_out(args, ckpt, cfg)
-    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling)
+    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling, args.select_reach)
     tokens = sum(min(len(d), max_len) for d in docs)
     print(f"loss by position: {ckpt}, {len(docs)} held-out documents, up to {max_len:,} tokens each "
           f"({tokens:,} tokens), one at a time", file=sys.stderr, flush=True)

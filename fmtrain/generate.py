@@ -235,10 +235,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .attention.hierarchy import num_levels
     from .checkpoint import resolve
-    from .eval import max_level_of, rope_scaling_of
+    from .eval import max_level_of, rope_scaling_of, select_reach_of
     from .export import load_config_of, load_trained
     from .data import load_tokenizer
-    from .model import cap_levels, scale_rope, trained_levels
+    from .model import cap_levels, scale_rope, set_select_reach, trained_levels
 
     args = _parser().parse_args(argv)
     try:  # every number up front: nothing is loaded for a request that cannot run
@@ -252,6 +252,7 @@ def main(argv=None) -> int:
     cfg = load_config_of(ckpt)
     max_level = max_level_of(args.max_level, cfg, args.flat_top)
     rope_scaling = rope_scaling_of(args.rope_scaling, cfg)
+    select_reach = select_reach_of(args.select_reach, cfg)
     if cfg.model.kind != "causal":
         raise UserError(f"{ckpt} holds a masked LM (model.kind={cfg.model.kind!r}): it fills in masked tokens "
                         "and does not generate; use a causal LM's run")
@@ -277,6 +278,8 @@ def main(argv=None) -> int:
     model.to(device=device, dtype=dtype)
     if rope_scaling is not None:
         scale_rope(model, rope_scaling)
+    if select_reach is not None:
+        set_select_reach(model, select_reach)
     if max_level is not None or args.flat_top:
         cap_levels(model, m.max_level if max_level is None else max_level, args.flat_top or None)
     if len(prompt) > cfg.data.seq_len:

@@ -327,3 +327,17 @@ def test_flat_top_flag_needs_a_refined_model_and_a_cap():
     with pytest.raises(UserError, match="--flat-top: widens the top level for adaptive refinement; this model has "
                                         "attention='fma', model.refine=0"):
         max_level_of("2", from_dict(base), flat_top=True)
+
+
+def test_select_reach_flag_needs_a_refined_model():
+    from fmtrain.config.loading import from_dict
+    from fmtrain.errors import UserError
+    from fmtrain.eval import select_reach_of
+
+    base = {"run": {"dir": "r"}, "data": {"seq_len": 1024}}
+    refined = from_dict({**base, "model": {"refine": 2}})
+    assert select_reach_of("trained", refined) == 1024 and select_reach_of("300", refined) == 300
+    with pytest.raises(UserError, match="give a distance in tokens >= 1, or 'trained' \\(data.seq_len = 1024\\)"):
+        select_reach_of("0", refined)
+    with pytest.raises(UserError, match="changes adaptive refinement's selection; this model has"):
+        select_reach_of("trained", from_dict(base))

@@ -247,6 +247,22 @@ def test_scale_rope_on_a_trained_model_equals_the_configured_scaling(attention):
         scale_rope(later, {"rope_type": "yarn", "factor": 4.0})
 
 
+def test_select_reach_as_configured_or_set_later_and_refused_without_refinement():
+    from fmtrain.model import set_select_reach
+
+    ids, _ = batch(n=256, B=1)
+    configured = build(refine=2, select_reach=40)
+    later = build(refine=2)
+    plain = later.logits(ids)
+    set_select_reach(later, 40)
+    assert torch.equal(configured.logits(ids), later.logits(ids))
+    assert not torch.equal(plain, later.logits(ids))
+    set_select_reach(later, 256)  # at least the sequence: nothing changes
+    assert torch.equal(plain, later.logits(ids))
+    with pytest.raises(ValueError, match="needs a distance >= 1 and a model with adaptive refinement"):
+        set_select_reach(build(refine=0), 40)
+
+
 # --------------------------------------------------------------------------- positions and lengths
 def test_global_positions_are_used():
     model = build(attention="sdpa")

@@ -339,8 +339,10 @@ class RefinedCache(MultipoleCache):
     full forward's.
     """
 
-    def __init__(self, summaries: Summaries, *, refine: int, store_device=None, flat_top: bool = False, **kw):
+    def __init__(self, summaries: Summaries, *, refine: int, store_device=None, flat_top: bool = False,
+                 select_reach=None, **kw):
         super().__init__(summaries, **kw)
+        self.select_reach = select_reach  # fma's: selection scores past this distance as at it
         self.flat_top = flat_top  # fma's: the top kept level's lists hold every earlier window of it
         if refine < 1 or self.linear:
             raise ValueError("RefinedCache needs refine >= 1 and variant='nlogn'; use MultipoleCache")
@@ -431,7 +433,7 @@ class RefinedCache(MultipoleCache):
         if not h.n_levels:
             return None
         q = q.to(self.store_device)
-        sel = select(q, self.ks, h, self.refine, self.scale, i0=t)  # (B, Hkv, 1, K), 2 x (B, Hkv, 1, C)
+        sel = select(q, self.ks, h, self.refine, self.scale, i0=t, reach=self.select_reach)  # (B, Hkv, 1, K), 2 x (B, Hkv, 1, C)
         kb, vb = (x.view(self.B, self.Hkv, -1, self.m * self.d) for x in (self.k_store, self.v_store))
         out, lse = far_attention(q, t + 1, self.offset, h, sel, kb, vb, self.ks, self.vs, self.weighted,
                                  self.scale, self.ws)  # (B, Hkv, 1, G, d), (B, Hkv, 1, G, 1)

@@ -222,6 +222,16 @@ class DocHierarchy:
         leaf = self.leaf_blocks("cpu") if L else torch.zeros(0, dtype=torch.long)
         return win, (torch.cat(kids) if kids else torch.zeros(0, 2, dtype=torch.long)), leaf, ends
 
+    def window_starts_cpu(self) -> torch.Tensor:
+        """Each window's first position in the layout, levels concatenated from level 1, each
+        level's windows in their global order (documents in order): (windows of all levels,)."""
+        rows = []
+        for l in range(1, self.n_levels + 1):
+            for part, a0 in zip(self.parts, self.first_block):
+                if part.n_levels >= l:
+                    rows.append((a0 + (torch.arange(part.windows[l - 1]) << (l - 1))) * self.block_size)
+        return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+
     def key_bounds(self, device) -> torch.Tensor:
         """(n_blocks, 2) int32: the keys ``[lo, hi)`` each block's queries may see, their
         document's (cached per device; the Triton kernels' fine mask)."""

@@ -17,8 +17,9 @@ from torch import nn
 from .cache import KVCache, MultipoleCache, RefinedCache
 from .cpu import adapt_torch_threads
 from .documents import as_documents
-from .rope import apply_rope, rope_angles
 from .multipole import fma
+from .refine import SelectionReach
+from .rope import apply_rope, inverse_frequencies, rope_angles
 from .summaries import WindowRotated, build_summaries
 
 # How RoPE reaches the coarse summaries: "keys" summarises rotated keys; "window" summarises
@@ -124,7 +125,8 @@ class MultipoleAttention(ProjectedAttention):
                  rope_theta: float = 10000.0, max_seq_len: int | None = None, impl: str = "auto",
                  max_level: int | None = None, qkv_bias: bool = False, out_bias: bool = False,
                  rope_scaling: dict | None = None, level_offset: bool = False,
-                 summary_rope: str = "keys", refine: int = 0, flat_top: bool = False):
+                 summary_rope: str = "keys", refine: int = 0, flat_top: bool = False,
+                 select_reach: int | None = None):
         super().__init__(dim, n_heads, n_kv_heads, causal=causal, rope=rope, rope_theta=rope_theta,
                          qkv_bias=qkv_bias, out_bias=out_bias, rope_scaling=rope_scaling)
         self.block_size, self.rank, self.variant = block_size, rank, variant
@@ -136,6 +138,11 @@ class MultipoleAttention(ProjectedAttention):
         if self.flat_top and not self.refine:
             raise ValueError("flat_top=True needs refine > 0: the flat top level's lists are read by adaptive "
                              "refinement's far field only")
+        # Refinement's selection scores summaries farther than this many tokens as if they were that far.
+        self.select_reach = select_reach if self.refine else None
+        if select_reach is not None and (not self.refine or select_reach < 1):
+            raise ValueError(f"select_reach={select_reach} needs refine > 0 and a distance >= 1 (it changes "
+                             "refinement's selection only)")
         if max_level == 0:
             summary = "mean"  # no coarse level: nothing to learn
         # A learned score offset per query head and coarse level, on top of the log-weights
@@ -161,7 +168,18 @@ class MultipoleAttention(ProjectedAttention):
         return fma(q, k, v, block_size=self.block_size, rank=self.rank, causal=self.causal,
                    weighted=self.weighted, impl=self.impl, variant=self.variant, summaries=self.summarise,
                    max_level=self.max_level, group=self.sp_group, level_offset=self.level_offset,
-                   refine=self.refine, cu_seqlens=cu_seqlens, flat_top=self.flat_top)
+                   refine=self.refine, cu_seqlens=cu_seqlens, flat_top=self.flat_top, select_reach=self._reach())
+
+    def _reach(self) -> SelectionReach | None:
+        """``select_reach`` as fma takes it: the distance and this layer's RoPE frequencies (None
+        without RoPE: nothing to clamp)."""
+        if self.select_reach is None or not self.rope:
+            return None
+        key = (self.select_reach, self.rope_theta, repr(self.rope_scaling))  # scale_rope may change the frequencies
+        if getattr(self, "_reach_of", (None,))[0] != key:
+            inv = inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling, self.wq.weight.device)
+            self._reach_of = (key, SelectionReach(self.select_reach, inv))
+        return self._reach_of[1]
 
     def new_cache(self, store_device=None) -> MultipoleCache:
         kw = dict(block_size=self.block_size, rank=self.rank, weighted=self.weighted, variant=self.variant,
@@ -169,7 +187,7 @@ class MultipoleAttention(ProjectedAttention):
                   level_offset=None if self.level_offset is None else self.level_offset.detach())
         if self.refine:
             return RefinedCache(self.summarise, refine=self.refine, store_device=store_device,
-                                flat_top=self.flat_top, **kw)
+                                flat_top=self.flat_top, select_reach=self._reach(), **kw)
         return MultipoleCache(self.summarise, **kw)
 
 
@@ -237,6 +255,7 @@ class AttentionSpec:
     refine: int = 0
     max_level: int | None = None
     flat_top: bool = False
+    select_reach: int | None = None
 
 
 def make_attention(spec: AttentionSpec) -> ProjectedAttention:

@@ -63,7 +63,7 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         causal: bool = True, weighted: bool = True, scale: float | None = None, impl: str = "auto",
         variant: str = "nlogn", summaries: Summaries | None = None,
         max_level: int | None = None, group=None, level_offset: torch.Tensor | None = None,
-        refine: int = 0, cu_seqlens=None, flat_top: bool = False) -> torch.Tensor:
+        refine: int = 0, cu_seqlens=None, flat_top: bool = False, select_reach=None) -> torch.Tensor:
     """Fast multipole attention.
 
     Args:
@@ -87,6 +87,12 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
             sequence stays covered with the levels a model trained, and refinement can open
             any block. Its cost grows as ``n / (m 2**(max_level-1))`` summaries a query.
             Needs ``refine > 0`` (the far field of refinement reads such lists).
+        select_reach: :class:`.refine.SelectionReach` ``(distance, inv_freq)``: refinement's
+            selection scores summaries farther than ``distance`` from the query as if they were
+            that far, rotated by RoPE's frequencies ``inv_freq`` (head_dim/2,) (the queries'
+            and keys' own); the attention itself reads the real positions. For a model past
+            its training length (``distance`` = the training length changes nothing within
+            it). Needs ``refine > 0``; None: real distances.
         group: a sequence-parallel process group: ``q, k, v`` are then this rank's
             contiguous chunk of the sequence and the result is this rank's chunk of the
             global result (see ``sequence_parallel.py``); ``None`` or size 1: local.
@@ -110,6 +116,13 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     _check(q, k, v, block_size, rank, impl, variant)
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise ValueError(f"fma: refine must be a count of fine blocks >= 0, got {refine!r}")
+    if select_reach is not None and not refine:
+        raise ValueError("fma: select_reach needs refine > 0 (it changes refinement's selection only); set refine, "
+                         "or select_reach=None")
+    if select_reach is not None and (select_reach.distance < 1 or select_reach.inv_freq.shape != (q.shape[3] // 2,)):
+        raise ValueError(f"fma: select_reach must be (distance >= 1, inv_freq of head_dim/2 = {q.shape[3] // 2} "
+                         f"frequencies), got distance {select_reach.distance}, inv_freq "
+                         f"{tuple(select_reach.inv_freq.shape)}")
     if flat_top and not refine:
         raise ValueError("fma: flat_top=True needs refine > 0 (the flat top level's lists grow with n and only "
                          "adaptive refinement's far field reads them); set refine, or flat_top=False")
@@ -135,12 +148,12 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
                   summaries=summaries or MEAN, max_level=max_level, impl=impl)
         if refine:
             return sp_documents_refined(q, k, v, docs, group, refine=refine, level_offset=level_offset,
-                                        flat_top=flat_top, **kw)
+                                        flat_top=flat_top, select_reach=select_reach, **kw)
         return sp_documents(q, k, v, docs, group, **kw)
     if cu_seqlens is not None:
         kw = dict(block_size=block_size, rank=rank, causal=causal, weighted=weighted, scale=scale, impl=impl,
                   variant=variant, summaries=summaries, max_level=max_level, group=group,
-                  level_offset=level_offset, refine=refine, flat_top=flat_top)
+                  level_offset=level_offset, refine=refine, flat_top=flat_top, select_reach=select_reach)
         return _documents(q, k, v, docs, kw) if impl != "dense" else _per_document(q, k, v, docs, kw)
     if sp:
         if impl == "dense":
@@ -148,7 +161,7 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         if refine:
             return sp_refined(q, k, v, group, block_size=block_size, rank=rank, causal=causal, weighted=weighted,
                               scale=scale, summaries=summaries, max_level=max_level, refine=refine, impl=impl,
-                              level_offset=level_offset, flat_top=flat_top)
+                              level_offset=level_offset, flat_top=flat_top, select_reach=select_reach)
         if level_offset is not None:
             raise ValueError("fma: level_offset has no sequence-parallel path yet (except with refine > 0); "
                              "train it with parallel.sequence=1")
@@ -159,9 +172,9 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     if refine and h.n_levels:
         if impl == "dense":
             return dense_refined(q, k, v, ks, vs, h, scale=scale, weighted=weighted, refine=refine,
-                                 level_offset=level_offset)
+                                 level_offset=level_offset, select_reach=select_reach)
         return refined_multipole(q, k, v, ks, vs, h, scale=scale, weighted=weighted, refine=refine, impl=impl,
-                                 level_offset=level_offset)
+                                 level_offset=level_offset, select_reach=select_reach)
     if impl == "dense":
         return dense_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, variant=variant,
                                level_offset=level_offset)
@@ -198,7 +211,8 @@ def _documents(q, k, v, docs: Documents, kw) -> torch.Tensor:
     ks, vs = doc_summaries(summaries, ka, va, dh)
     if kw["refine"] and dh.n_levels:  # each query opens blocks of its own document only: its lists hold no other
         out = refined_multipole(qa, ka, va, ks, vs, dh, scale=kw["scale"], weighted=kw["weighted"],
-                                refine=kw["refine"], impl=kw["impl"], level_offset=level_offset)
+                                refine=kw["refine"], impl=kw["impl"], level_offset=level_offset,
+                                select_reach=kw["select_reach"])
     else:
         out = blocked_multipole(qa, ka, va, ks, vs, dh, scale=kw["scale"], weighted=kw["weighted"], impl=kw["impl"],
                                 level_offset=level_offset)

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .rope import rotate
 from .hierarchy import Hierarchy, coarse_windows
 from .summaries import window_means
 
@@ -86,13 +87,16 @@ def _joint_softmax(s_fine, s_coarse, v, vs, h: Hierarchy, level_offset=None) -> 
     return prob[..., :n] @ v + prob[..., n:] @ vs
 
 
-def refined_masks(q, ks, h: Hierarchy, refine: int, scale: float):
+def refined_masks(q, ks, h: Hierarchy, refine: int, scale: float, select_reach=None):
     """Adaptive refinement read per query (see :mod:`.refine`): ``(fine, coarse)`` masks per key/value
     head, fine (B, Hkv, n, n) bool (fine neighbours and the opened blocks' tokens), coarse
     (B, Hkv, n, T) float64 log-weights of the summaries of the windows left unopened, -inf elsewhere.
 
     A loop over queries with a dictionary of candidate windows, written from the rule rather
     than from the vectorised selection, so that the tests compare two readings of it.
+    ``select_reach``: a summary whose sub-window's centre (its first position plus half its
+    length, rounded down) lies more than its distance from the query is scored rotated by
+    RoPE to that distance.
     """
     B, H, n, d = q.shape
     Hkv, m, p = ks.shape[1], h.block_size, h.rank
@@ -116,7 +120,16 @@ def refined_masks(q, ks, h: Hierarchy, refine: int, scale: float):
                 idx = [t for t, _ in summaries(l, c)]
                 if not idx:
                     return -math.inf
-                return float((qs[:, i] @ kg[idx].T * scale).amax(-1).mean())
+                keys = kg[idx]  # (summaries, d)
+                if select_reach is not None:
+                    w = h.window_size(l)
+                    beyond = []
+                    for t in idx:
+                        centre = c * w + (t - h.offsets[l - 1] - c * p) * (w // p) + w // p // 2
+                        dist, D = i - centre, select_reach.distance
+                        beyond.append(dist - D if dist > D else dist + D if dist < -D else 0)
+                    keys = rotate(keys, torch.tensor(beyond), select_reach.inv_freq)
+                return float((qs[:, i] @ keys.T * scale).amax(-1).mean())
 
             for i in range(n):
                 cand = {}
@@ -147,11 +160,11 @@ def refined_masks(q, ks, h: Hierarchy, refine: int, scale: float):
 
 
 def dense_refined(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool, refine: int,
-                  level_offset=None) -> torch.Tensor:
+                  level_offset=None, select_reach=None) -> torch.Tensor:
     """Multipole attention with adaptive refinement by one dense softmax per query: (B, H, n, d)."""
     B, H, n, d = q.shape
     G = H // k.shape[1]
-    fine, coarse = refined_masks(q, ks, h, refine, scale)
+    fine, coarse = refined_masks(q, ks, h, refine, scale, select_reach)
     fine, coarse = fine.repeat_interleave(G, dim=1), coarse.repeat_interleave(G, dim=1)  # (B, H, n, .)
     if not weighted:
         coarse = torch.where(coarse.isinf(), coarse, torch.zeros_like(coarse))

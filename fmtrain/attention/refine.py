@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from .hierarchy import Hierarchy, all_summary_counts, cached_on_device
+from .rope import rotate
 from .torch_core import Scratch, acc_dtype
 
 # Elements of the largest per-chunk gather (queries x keys x head_dim, 32 MB in fp32): bounds the
@@ -88,6 +89,23 @@ class Tables(NamedTuple):
     kid_base: torch.Tensor  # (L + 1,): level l's first row of ``kids``
     leaf: torch.Tensor  # (windows[1],): each level-1 window's fine block
     ends: torch.Tensor  # (n_blocks,): the first position past each block's sequence (or document)
+    starts: torch.Tensor  # (windows of all levels,): each window's first position, rows as ``kids``'
+
+
+class SelectionReach(NamedTuple):
+    """``fma(select_reach=...)``: the farthest distance refinement's selection scores at.
+
+    A summary whose sub-window's centre lies more than ``distance`` tokens before (or after)
+    the query is scored as if it were ``distance`` away: rotated by RoPE (``inv_freq``, the
+    layer's (head_dim/2,) frequencies) as far forward (back) as it lies beyond. Past a model's
+    training length, plain scores of far windows drift with distances it never saw and win the
+    selection whatever their content; so clamped, windows are compared by content (measured:
+    ``bench/recall.py``, README "Adaptive refinement"). Selection only: the attention reads the
+    real positions, and a ``distance`` at least the sequence's length changes nothing.
+    """
+
+    distance: int
+    inv_freq: torch.Tensor
 
 
 @functools.lru_cache(maxsize=256)
@@ -106,11 +124,14 @@ def _tables_cpu(h: Hierarchy) -> Tables:
         kids = torch.cat([torch.arange(nw).unsqueeze(1) * 2 + torch.tensor([0, 1]) for nw in h.windows]) \
             if h.n_levels else torch.zeros(0, 2, dtype=torch.long)
         leaf, ends = blocks, torch.full((h.n_blocks,), h.n, dtype=torch.long)
+        starts = torch.cat([torch.arange(nw) * h.window_size(l) for l, nw in enumerate(h.windows, 1)]) \
+            if h.n_levels else torch.zeros(0, dtype=torch.long)
     else:  # packed documents (.documents.DocHierarchy): their own lists, children, blocks and ends
         win, kids, leaf, ends = h.refine_tables_cpu()
+        starts = h.window_starts_cpu()
     kid_base = torch.cumsum(torch.tensor((0, 0) + h.windows[:-1], dtype=torch.long), 0)[:h.n_levels + 1] \
         if h.n_levels else torch.zeros(1, dtype=torch.long)
-    return Tables(has, logc, offsets, windows, lv, win, kids, kid_base, leaf, ends)
+    return Tables(has, logc, offsets, windows, lv, win, kids, kid_base, leaf, ends, starts)
 
 
 def _tables(h: Hierarchy, device) -> Tables:
@@ -140,25 +161,46 @@ def _summary_slots(h: Hierarchy, tabs, lv: torch.Tensor, win: torch.Tensor):
     return idx, ok_win.unsqueeze(-1) & has[idx]
 
 
-def _window_scores(qg, ks, h: Hierarchy, tabs, lv, win, scale: float) -> torch.Tensor:
+def _window_scores(qg, ks, h: Hierarchy, tabs, lv, win, scale: float, reach: SelectionReach | None = None,
+                   pos: torch.Tensor | None = None) -> torch.Tensor:
     """qg (B, Hkv, nq, G, d); candidates lv, win (B, Hkv, nq, X) -> scores (B, Hkv, nq, X):
     the best of a window's summaries for each query head, averaged over the group; -inf where
-    the window does not exist."""
+    the window does not exist. ``reach``: summaries farther than its distance from the queries
+    (at positions ``pos`` (nq,)) scored as if that far."""
     idx, ok = _summary_slots(h, tabs, lv, win)  # (B, Hkv, nq, X, p)
     B, Hkv, nq, X, p = idx.shape
     kc = _flat_gather(ks, idx.view(B, Hkv, nq, X * p))  # (B, Hkv, nq, X*p, d)
+    if reach is not None:
+        shift = _beyond_reach(h, tabs, lv, win, reach.distance, pos)  # (B, Hkv, nq, X, p)
+        if bool((shift != 0).any()):
+            kc = rotate(kc, shift.view(B, Hkv, nq, X * p), reach.inv_freq)
     s = (qg @ kc.transpose(-1, -2)) * scale  # (B, Hkv, nq, G, X*p)
     s = s.view(B, Hkv, nq, -1, X, p).masked_fill(~ok.unsqueeze(3), -math.inf)
     return s.amax(-1).mean(3)
 
 
+def _beyond_reach(h: Hierarchy, tabs, lv, win, distance: int, pos: torch.Tensor) -> torch.Tensor:
+    """Candidates lv, win (B, Hkv, nq, X) of queries at ``pos`` (nq,) -> (B, Hkv, nq, X, p) int64: how
+    far each summary's sub-window centre lies beyond ``distance`` from its query (negative after a
+    query: bidirectional), 0 within it. A sub-window's centre: its first position plus half its
+    nominal length, rounded down."""
+    lvc = lv.clamp(min=1)
+    row = (tabs.kid_base[lvc] + win.clamp(min=0)).clamp(max=max(tabs.starts.numel() - 1, 0))  # none: masked anyway
+    first = tabs.starts[row]  # (B, Hkv, nq, X)
+    sub = (h.block_size << (lvc - 1)) // h.rank  # tokens per summary
+    centre = first.unsqueeze(-1) + sub.unsqueeze(-1) * torch.arange(h.rank, device=lv.device) + sub.unsqueeze(-1) // 2
+    dist = pos.view(1, 1, -1, 1, 1) - centre  # (B, Hkv, nq, X, p)
+    return dist - dist.clamp(min=-distance, max=distance)
+
+
 @torch.no_grad()
-def select(q: torch.Tensor, ks: torch.Tensor, h: Hierarchy, refine: int, scale: float, i0: int = 0):
+def select(q: torch.Tensor, ks: torch.Tensor, h: Hierarchy, refine: int, scale: float, i0: int = 0,
+           reach: SelectionReach | None = None):
     """The refinement of queries ``[i0, i0 + nq)`` (q: (B, H, nq, d), ks: (B, Hkv, T, d)).
 
     Returns ``opened`` (B, Hkv, nq, refine): the fine blocks opened, -1 where none was left to
     open; ``lv, win`` (B, Hkv, nq, C): the candidates left unopened as (level, window),
-    ``win = -1`` in unused slots (C = :func:`num_candidates`).
+    ``win = -1`` in unused slots (C = :func:`num_candidates`). ``reach``: see :class:`SelectionReach`.
     """
     B, H, nq, d = q.shape
     Hkv, G, L = ks.shape[1], H // ks.shape[1], h.n_levels
@@ -171,7 +213,8 @@ def select(q: torch.Tensor, ks: torch.Tensor, h: Hierarchy, refine: int, scale: 
     win = torch.full((B, Hkv, nq, C), -1, dtype=torch.long, device=q.device)
     lv[..., :W0], win[..., :W0] = lv0, win0
     score = torch.full((B, Hkv, nq, C), -math.inf, dtype=ks.dtype, device=q.device)
-    score[..., :W0] = _window_scores(qg, ks, h, tabs, lv[..., :W0], win[..., :W0], scale)
+    pos = torch.arange(i0, i0 + nq, device=q.device)
+    score[..., :W0] = _window_scores(qg, ks, h, tabs, lv[..., :W0], win[..., :W0], scale, reach, pos)
     opened = torch.full((B, Hkv, nq, refine), -1, dtype=torch.long, device=q.device)
     for t in range(refine):
         best = score.argmax(-1, keepdim=True)  # (B, Hkv, nq, 1)
@@ -184,7 +227,7 @@ def select(q: torch.Tensor, ks: torch.Tensor, h: Hierarchy, refine: int, scale: 
                 break
             kids = tabs.kids[tabs.kid_base[cur_l.clamp(max=L)] + cur_w.clamp(min=0)].squeeze(-2)  # (B, Hkv, nq, 2)
             kid_l = (cur_l - 1).clamp(min=1).expand(-1, -1, -1, 2)
-            kid_score = _window_scores(qg, ks, h, tabs, kid_l, kids, scale)
+            kid_score = _window_scores(qg, ks, h, tabs, kid_l, kids, scale, reach, pos)
             right = kid_score[..., 1:] > kid_score[..., :1]  # ties keep the left child
             keep = torch.where(right, kids[..., 1:], kids[..., :1])
             slot = W0 + t * (L - 1) + s
@@ -365,14 +408,14 @@ class FarField(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, ks, vs, off, h: Hierarchy, refine: int, weighted: bool, scale: float,
-                start: int = 0, kernels: bool = False):
+                start: int = 0, kernels: bool = False, reach: SelectionReach | None = None):
         acc = acc_dtype(q.dtype)
         B, H, nq_all, d = q.shape
         n = _key_limit(h, k)
         kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
         out = torch.empty(B, H, nq_all, d, dtype=acc, device=q.device)
         lse = torch.empty(B, H, nq_all, dtype=acc, device=q.device)
-        sels, ws = _select_all(q, ksa, h, refine, scale, start), Scratch()
+        sels, ws = _select_all(q, ksa, h, refine, scale, start, reach), Scratch()
         for i0, i1, *sel in _far_chunks(sels, q, ks, h, refine):
             o, l = far_attention(q[:, :, i0:i1], n, off, h, sel, kb, vb, ksa, vsa, weighted, scale, ws, kernels)
             nq = i1 - i0
@@ -427,7 +470,7 @@ class FarField(torch.autograd.Function):
         dk = dkb.view(B, Hkv, -1, d)[:, :, :k.shape[2]]
         dv = dvb.view(B, Hkv, -1, d)[:, :, :k.shape[2]]
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dks.to(ks.dtype), dvs.to(vs.dtype),
-                None if doff is None else doff.to(off.dtype), None, None, None, None, None, None)
+                None if doff is None else doff.to(off.dtype), None, None, None, None, None, None, None)
 
 
 def _key_limit(h: Hierarchy, k: torch.Tensor):
@@ -489,13 +532,14 @@ def _chunks(n: int, per_query: int, h: Hierarchy):
         yield i0, min(i0 + step, n)
 
 
-def _select_all(q, ks, h: Hierarchy, refine: int, scale: float, start: int = 0) -> list[tuple]:
+def _select_all(q, ks, h: Hierarchy, refine: int, scale: float, start: int = 0,
+                reach: SelectionReach | None = None) -> list[tuple]:
     """:func:`select` over queries at ``[start, start + nq)`` in chunks of its own size (its
     temporaries are the initial candidates' summaries), as ``(i0, i1, opened, lv, win)`` in
     int32, ``i0, i1`` relative to ``start``."""
     B, H, n, d = q.shape
     per_query = B * ks.shape[1] * d * max(num_candidates(h, 0), 2) * h.rank * max(H // ks.shape[1], 1)
-    return [(i0, i1) + tuple(x.to(torch.int32) for x in select(q[:, :, i0:i1], ks, h, refine, scale, start + i0))
+    return [(i0, i1) + tuple(x.to(torch.int32) for x in select(q[:, :, i0:i1], ks, h, refine, scale, start + i0, reach))
             for i0, i1 in _chunks(n, per_query, h)]
 
 
@@ -519,15 +563,16 @@ def use_kernels(impl: str, q: torch.Tensor) -> bool:
 
 
 def refined_multipole(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool, refine: int,
-                      impl: str = "torch", level_offset=None) -> torch.Tensor:
+                      impl: str = "torch", level_offset=None, select_reach: SelectionReach | None = None) -> torch.Tensor:
     """Multipole attention with ``refine`` opened blocks per query, on one device: (B, H, n, d)."""
     from .blocked import block_attention, merge
     out, lse = block_attention(q, k, v, ks, vs, h, scale=scale, weighted=weighted, fine_only=True, impl=impl)
     off = None if level_offset is None else level_offset[:, :h.n_levels]
-    c_out, c_lse = FarField.apply(q, k, v, ks, vs, off, h, refine, weighted, scale, 0, use_kernels(impl, q))
+    c_out, c_lse = FarField.apply(q, k, v, ks, vs, off, h, refine, weighted, scale, 0, use_kernels(impl, q),
+                                  select_reach)
     _, merged = merge(lse.to(c_lse.dtype), out.to(c_out.dtype), c_lse, c_out)
     return merged.to(q.dtype)
 
 
-__all__ = ["refined_multipole", "select", "far_attention", "FarField", "OpenedTiles", "use_kernels", "keys_per_query",
+__all__ = ["refined_multipole", "select", "SelectionReach", "far_attention", "FarField", "OpenedTiles", "use_kernels", "keys_per_query",
            "num_candidates"]

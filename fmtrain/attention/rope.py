@@ -55,12 +55,27 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0, 
     keep their precision whatever the activation dtype. ``scaling``: see
     :func:`scale_frequencies` (None: plain RoPE).
     """
-    if head_dim % 2:
-        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-    inv = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
-    inv = scale_frequencies(inv, scaling)
+    inv = inverse_frequencies(head_dim, theta, scaling, positions.device)
     ang = positions.to(torch.float64)[..., None] * inv
     return ang.cos(), ang.sin()
+
+
+def inverse_frequencies(head_dim: int, theta: float = 10000.0, scaling: dict | None = None,
+                        device=None) -> torch.Tensor:
+    """RoPE's inverse frequencies (head_dim/2,) float64, scaled as :func:`scale_frequencies` says."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    inv = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    return scale_frequencies(inv, scaling)
+
+
+def rotate(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., d) rotated as RoPE rotates a key ``shift`` (...) positions later (halves layout):
+    a rotated key at position ``t`` becomes the same key at ``t + shift``."""
+    ang = shift.to(torch.float64).unsqueeze(-1) * inv_freq.to(shift.device, torch.float64)  # (..., d/2)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

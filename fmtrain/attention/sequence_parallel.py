@@ -300,7 +300,7 @@ def sp_fma(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted
 
 def sp_refined(q, k, v, group, *, block_size: int, rank: int, causal: bool, weighted: bool, scale: float,
                summaries: Summaries | None, max_level: int | None, refine: int, impl: str = "torch",
-               level_offset=None, flat_top: bool = False) -> torch.Tensor:
+               level_offset=None, flat_top: bool = False, select_reach=None) -> torch.Tensor:
     """This rank's chunk of ``fma(..., refine=K)`` over the sequence the group holds (shapes as
     :func:`sp_fma`'s): the keys and values are all-gathered, and the rank runs the one-device
     path (:func:`.refine.refined_multipole`'s fine core and :class:`.refine.FarField`) for its
@@ -327,11 +327,11 @@ def sp_refined(q, k, v, group, *, block_size: int, rank: int, causal: bool, weig
     h = call_hierarchy(chunk * n_ranks, m, rank, causal, max_level, level_offset, flat_top)
     ks, vs = (summaries or MEAN)(k_all, v_all, h)
     return refined_blocks(q, k_all, v_all, ks, vs, h, me * chunk // m, refine=refine, weighted=weighted,
-                          scale=scale, impl=impl, level_offset=level_offset)
+                          scale=scale, impl=impl, level_offset=level_offset, select_reach=select_reach)
 
 
 def refined_blocks(q, k_all, v_all, ks, vs, h, a0: int, *, refine: int, weighted: bool, scale: float, impl: str,
-                   level_offset=None) -> torch.Tensor:
+                   level_offset=None, select_reach=None) -> torch.Tensor:
     """Refined multipole attention of the query blocks ``[a0, a0 + nq)`` of ``h`` (q (B, H, nq*m, d))
     over the whole sequence's keys and values ``k_all, v_all`` (B, Hkv, h.n or more, d) and
     summaries: the fine core over those blocks' extended keys (a slice of ``k_all``, zeros where
@@ -348,7 +348,7 @@ def refined_blocks(q, k_all, v_all, ks, vs, h, a0: int, *, refine: int, weighted
         return out
     off = None if level_offset is None else level_offset[:, :h.n_levels]
     c_out, c_lse = FarField.apply(q, k_all, v_all, ks, vs, off, h, refine, weighted, scale, a0 * m,
-                                  use_kernels(impl, q))
+                                  use_kernels(impl, q), select_reach)
     _, merged = merge(lse.to(c_lse.dtype), out.to(c_out.dtype), c_lse, c_out)
     return merged.to(q.dtype)
 

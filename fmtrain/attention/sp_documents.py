@@ -316,7 +316,8 @@ def _assemble(k, v, dh: DocHierarchy, pl: RowPlan, partial, got, pieces: dict, m
 
 def sp_documents_refined(q, k, v, docs: Documents, group, *, block_size: int, rank: int, causal: bool,
                          weighted: bool, scale: float, summaries, max_level: int | None, refine: int,
-                         impl: str = "torch", level_offset=None, flat_top: bool = False) -> torch.Tensor:
+                         impl: str = "torch", level_offset=None, flat_top: bool = False,
+                         select_reach=None) -> torch.Tensor:
     """This rank's chunk of ``fma(..., cu_seqlens=..., refine=K)`` (shapes as :func:`sp_documents`'s).
 
     As :func:`.sequence_parallel.sp_refined` does without documents: a query may open a block
@@ -341,7 +342,7 @@ def sp_documents_refined(q, k, v, docs: Documents, group, *, block_size: int, ra
         pos = dh.token_index(q.device)[me * C:(me + 1) * C] - pl.a0 * m
         qb = q.new_zeros(1, H, (pl.a1 - pl.a0) * m, d).index_copy(2, pos, q[b:b + 1])
         out = refined_blocks(qb, ka, va, ks, vs, dh, pl.a0, refine=refine, weighted=weighted, scale=scale,
-                             impl=impl, level_offset=level_offset)
+                             impl=impl, level_offset=level_offset, select_reach=select_reach)
         outs.append(out.index_select(2, pos))
     return torch.cat(outs)
 

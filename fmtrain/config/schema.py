@@ -116,6 +116,13 @@ class ModelConfig:
                                    "the levels it trained and refinement can still open any block. Costs "
                                    "n / (block_size * 2**(max_level-1)) summaries a query at the top level. "
                                    "No effect where max_level cuts no level.")
+    select_reach: int | None = option(None, "Adaptive refinement (model.refine > 0): its selection scores summaries "
+                                            "farther than this many tokens from the query as if they were this "
+                                            "far (rotated back by RoPE); the attention keeps the real positions. "
+                                            "Past the training length, far windows' scores drift with distances "
+                                            "the model never saw and win the selection; set it to the training "
+                                            "length (data.seq_len: nothing changes within it). None: real "
+                                            "distances (README, Adaptive refinement).", min=1)
     impl: str = option("auto", "Multipole implementation: 'auto' (Triton on GPU, else torch), 'torch' "
                                "(blocked PyTorch), 'triton' or 'dense' (reference, tests only).",
                        choices=IMPLS)
@@ -390,6 +397,10 @@ def _consistency_errors(cfg: Config) -> list[str]:
         e.append("model.flat_top=true widens the top level's lists for adaptive refinement's far field; it needs "
                  f"model.attention='fma' and model.refine > 0 (got {m.attention!r}, refine={m.refine}): set "
                  "model.flat_top=false, or model.refine")
+    if m.select_reach is not None and (m.attention != "fma" or not m.refine):
+        e.append(f"model.select_reach={m.select_reach} changes adaptive refinement's selection; it needs "
+                 f"model.attention='fma' and model.refine > 0 (got {m.attention!r}, refine={m.refine}): remove it, "
+                 "or set model.refine")
     if m.refine and m.attention != "fma":
         e.append(f"model.refine={m.refine} refines multipole attention; it needs model.attention='fma' "
                  f"(got {m.attention!r}): set model.refine=0")

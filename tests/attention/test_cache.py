@@ -184,6 +184,27 @@ def test_refined_cache_equals_forward(kind, K, weighted, max_level):
                                        msg=lambda e: f"prompt {n0}, seed {SEED}: {e}")
 
 
+def test_refined_cache_with_a_select_reach_equals_forward():
+    """Selection clamped at a reach (and with a flat top past a cap): each token's rotated summaries
+    and choices as in the full forward."""
+    from fmtrain.attention.refine import SelectionReach
+    from fmtrain.attention.rope import inverse_frequencies
+
+    m, p, n = 4, 2, 200
+    q, k, v = _inputs(n)
+    s = _summaries("m2m", m, p)
+    reach = SelectionReach(25, inverse_frequencies(8, 100.0))
+    for cap in ({}, dict(max_level=2, flat_top=True)):
+        with torch.no_grad():
+            full = fma(q, k, v, block_size=m, rank=p, summaries=s, impl="torch", refine=2, select_reach=reach, **cap)
+            assert (full - fma(q, k, v, block_size=m, rank=p, summaries=s, impl="torch", refine=2,
+                               **cap)).abs().max() > 1e-3  # the reach changed some selection
+            for n0 in (1, 37, 128):
+                cache = _refined(s, m, p, 2, select_reach=reach, **cap).prefill(q[:, :, :n0], k[:, :, :n0], v[:, :, :n0])
+                torch.testing.assert_close(_decode_all(cache, q, k, v, n0), full[:, :, n0:], rtol=0, atol=1e-10,
+                                           msg=lambda e: f"prompt {n0}, {cap}, seed {SEED}: {e}")
+
+
 @pytest.mark.parametrize("kind", ["m2m", "conv"])
 def test_refined_cache_with_level_offsets_equals_forward(kind):
     """Offsets with exactly the sequence's levels: the cache's layout has more (levels no query

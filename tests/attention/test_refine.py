@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from fmtrain.attention import fma
 from fmtrain.attention.hierarchy import hierarchy, truncate
 from fmtrain.attention.reference import dense_attention, dense_refined
-from fmtrain.attention.refine import keys_per_query, select
+from fmtrain.attention.refine import SelectionReach, keys_per_query, select
+from fmtrain.attention.rope import inverse_frequencies
 from fmtrain.attention.summaries import MEAN, build_summaries
 
 from .conftest import TOL64, outputs_and_grads, qkv, randn
@@ -273,3 +274,73 @@ def test_flat_top_without_refinement_is_refused(rng):
     q, k, v = qkv(rng, 1, 2, 2, 64, 8)
     with pytest.raises(ValueError, match="flat_top=True needs refine > 0"):
         fma(q, k, v, block_size=8, max_level=1, flat_top=True)
+
+
+# --------------------------------------------------------------------------- selection within a reach
+def _reach(distance, d, theta=100.0):
+    return SelectionReach(distance, inverse_frequencies(d, theta))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,m,p,H,Hkv,distance", [(200, 8, 2, 2, 2, 30), (257, 8, 4, 4, 2, 70), (300, 4, 2, 3, 1, 17)])
+def test_select_reach_blocked_matches_dense_float64(rng, n, m, p, H, Hkv, distance, causal):
+    """The vectorised selection and the per-query reference rotate the same summaries by the same
+    distances; the outputs and gradients agree, and differ from the unclamped selection's."""
+    q, k, v = qkv(rng, 1, H, Hkv, n, 16)
+    kw = dict(block_size=m, rank=p, causal=causal, refine=2)
+    o = _compare(rng, q, k, v, select_reach=_reach(distance, 16), **kw)
+    assert (o - fma(q, k, v, **kw)).abs().max() > 1e-3  # some selection changed: not vacuous
+
+
+def test_select_reach_beyond_the_sequence_changes_nothing_and_composes(rng):
+    q, k, v = qkv(rng, 1, 4, 2, 300, 16)
+    kw = dict(block_size=8, rank=2, refine=2)
+    assert torch.equal(fma(q, k, v, **kw), fma(q, k, v, select_reach=_reach(300, 16), **kw))
+    # with packed documents, a flat top, and learned summaries: against the reference per document
+    summ = build_summaries("m2m", n_kv_heads=2, head_dim=16, block_size=8, rank=2).double()
+    with torch.no_grad():
+        for t in summ.parameters():
+            t.add_(torch.randn(t.shape, generator=rng, dtype=t.dtype) * 0.3)
+    _compare(rng, q, k, v, block_size=8, rank=2, refine=3, max_level=2, flat_top=True, summaries=summ,
+             select_reach=_reach(40, 16))
+
+
+def test_select_reach_nothing_after_a_query_changes_it(rng):
+    n, i = 300, 211
+    q, k, v = qkv(rng, 1, 4, 2, n, 8)
+    kw = dict(block_size=8, rank=2, causal=True, refine=2, impl="torch", select_reach=_reach(30, 8))
+    out = fma(q, k, v, **kw)
+    short = fma(q[:, :, :i + 1], k[:, :, :i + 1], v[:, :, :i + 1], **kw)
+    assert (out[:, :, :i + 1] - short).abs().max() < TOL64
+
+
+def test_select_reach_scores_far_windows_at_the_reach():
+    """A far window's selection score is its summaries' scores rotated to the reach: as if its keys
+    lay that many positions later (RoPE moves a mean of rotated keys exactly)."""
+    from fmtrain.attention.refine import _tables, _window_scores
+    from fmtrain.attention.rope import apply_rope, rope_angles
+
+    n, m, d, theta = 512, 16, 16, 100.0
+    g = torch.Generator().manual_seed(5)
+    raw_k = torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
+    q = apply_rope(torch.randn(1, 1, n, d, generator=g, dtype=torch.float64), *rope_angles(torch.arange(n), d, theta))
+    h = hierarchy(n, m, 2, True)  # 4 levels; level 4's window 0 has summaries centred at 32 and 96
+    ks, _ = MEAN(*(2 * [apply_rope(raw_k, *rope_angles(torch.arange(n), d, theta))]), h)
+    reach = 215  # the query at 511 lies 479 and 415 from them: 264 and 200 beyond
+    want = ks.clone()
+    for j, shift in ((0, 264), (1, 200)):
+        moved = MEAN(*(2 * [apply_rope(raw_k, *rope_angles(torch.arange(n) + shift, d, theta))]), h)[0]
+        want[:, :, h.offsets[3] + j] = moved[:, :, h.offsets[3] + j]
+    tabs, qg = _tables(h, "cpu"), q[:, :, -1:].unsqueeze(3)  # (B, Hkv, nq, G, d)
+    lv, win, pos = torch.tensor([[[[4]]]]), torch.tensor([[[[0]]]]), torch.tensor([n - 1])
+    got = _window_scores(qg, ks, h, tabs, lv, win, 1.0, _reach(reach, d, theta), pos)
+    assert (got - _window_scores(qg, want, h, tabs, lv, win, 1.0)).abs().max() < 1e-12
+    assert (got - _window_scores(qg, ks, h, tabs, lv, win, 1.0)).abs().max() > 1e-3
+
+
+def test_select_reach_is_refused_without_refinement_and_checked(rng):
+    q, k, v = qkv(rng, 1, 2, 2, 64, 8)
+    with pytest.raises(ValueError, match="select_reach needs refine > 0"):
+        fma(q, k, v, block_size=8, select_reach=_reach(10, 8))
+    with pytest.raises(ValueError, match="inv_freq of head_dim/2 = 4 frequencies"):
+        fma(q, k, v, block_size=8, refine=1, select_reach=_reach(10, 16))

@@ -48,6 +48,10 @@ def _one_case(case, group, seed):
     kw = dict(block_size=m, rank=p, causal=causal, variant=variant, weighted=weighted, summaries=summ,
               impl="torch", refine=extra.get("refine", 0), max_level=extra.get("max_level"),
               flat_top=extra.get("flat_top", False))
+    if extra.get("select_reach"):
+        from fmtrain.attention.refine import SelectionReach
+        from fmtrain.attention.rope import inverse_frequencies
+        kw["select_reach"] = SelectionReach(extra["select_reach"], inverse_frequencies(d, 100.0))
     if extra.get("level_offset"):
         kw["level_offset"] = (torch.randn(H, 12, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
         params.append(kw["level_offset"])
@@ -128,7 +132,8 @@ def test_sp_refined_equals_one_device():
     run_ranks(2, _refined_grid([(16, 4, 2), (128, 8, 2)], 2)
               + [(128, 8, 2, 4, 2, True, "nlogn", "m2m", False, {"refine": 3, "level_offset": True}),
                  (128, 8, 2, 4, 2, True, "nlogn", "m2m", True, {"refine": 2, "window_rope": True}),
-                 (256, 8, 2, 4, 2, True, "nlogn", "m2m", True, {"refine": 2, "max_level": 2, "flat_top": True})])
+                 (256, 8, 2, 4, 2, True, "nlogn", "m2m", True, {"refine": 2, "max_level": 2, "flat_top": True,
+                                                                 "select_reach": 40})])
     run_ranks(4, _refined_grid([(128, 8, 2)], 3)
               + [(96, 8, 2, 4, 1, False, "nlogn", "m2m", True, {"refine": 2, "level_offset": True})])
 

@@ -324,6 +324,14 @@ def test_max_level_caps_multipole_attention_only():
     assert "model.max_level" in error_of(from_dict, {**base, "model": {"max_level": 0}})
 
 
+def test_select_reach_needs_refinement():
+    base = {"run": {"dir": "r"}, "data": {"seq_len": 1024}}
+    assert from_dict({**base, "model": {"refine": 2, "select_reach": 1024}}).model.select_reach == 1024
+    msg = error_of(from_dict, {**base, "model": {"select_reach": 1024}})
+    assert "model.select_reach=1024 changes adaptive refinement's selection" in msg
+    assert "model.select_reach" in error_of(from_dict, {**base, "model": {"refine": 2, "select_reach": 0}})
+
+
 def test_flat_top_needs_refinement():
     base = {"run": {"dir": "r"}, "data": {"seq_len": 1024}}
     assert from_dict({**base, "model": {"max_level": 3, "refine": 2, "flat_top": True}}).model.flat_top

@@ -73,13 +73,11 @@ def test_reference_without_refinement_is_plain_multipole(rng, causal):
     assert (a - b).abs().max() < TOL64
 
 
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("n,m,p,H,Hkv", [(100, 8, 2, 4, 2), (64, 4, 2, 2, 2), (37, 4, 1, 1, 1)])
-def test_opening_every_block_is_exact_softmax_attention(rng, n, m, p, H, Hkv, causal):
+def _assert_softmax_attention(rng, n, H, Hkv, causal, **kw):
+    """fma(**kw) equals SDPA, outputs and gradients (float64)."""
     q, k, v = qkv(rng, 2, H, Hkv, n, 8)
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
-    o, g = outputs_and_grads(q, k, v, torch.Generator().manual_seed(seed), block_size=m, rank=p, causal=causal,
-                             refine=-(-n // m))
+    o, g = outputs_and_grads(q, k, v, torch.Generator().manual_seed(seed), causal=causal, **kw)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
                                          is_causal=causal)
     g_ref = torch.autograd.grad(ref, (q, k, v), torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed),
@@ -87,6 +85,12 @@ def test_opening_every_block_is_exact_softmax_attention(rng, n, m, p, H, Hkv, ca
     assert (o - ref).abs().max() < TOL64
     for name, a, b in zip("qkv", g, g_ref):
         assert (a - b).abs().max() < TOL64, f"d{name}"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,m,p,H,Hkv", [(100, 8, 2, 4, 2), (64, 4, 2, 2, 2), (37, 4, 1, 1, 1)])
+def test_opening_every_block_is_exact_softmax_attention(rng, n, m, p, H, Hkv, causal):
+    _assert_softmax_attention(rng, n, H, Hkv, causal, block_size=m, rank=p, refine=-(-n // m))
 
 
 def test_nothing_after_a_query_changes_it(rng):
@@ -209,18 +213,8 @@ def test_flat_top_blocked_matches_dense_float64(rng, n, m, p, H, Hkv, max_level,
 def test_flat_top_opening_every_block_is_exact_softmax_attention(rng, causal):
     """Every key counted once, itself or in one summary: opening every block leaves none to a
     summary, so the capped hierarchy with a flat top is softmax attention, gradients included."""
-    n, m, H, Hkv = 150, 8, 4, 2
-    q, k, v = qkv(rng, 1, H, Hkv, n, 8)
-    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
-    o, g = outputs_and_grads(q, k, v, torch.Generator().manual_seed(seed), block_size=m, rank=2, causal=causal,
-                             refine=-(-n // m), max_level=1, flat_top=True)
-    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
-                                         is_causal=causal)
-    g_ref = torch.autograd.grad(ref, (q, k, v), torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed),
-                                                           dtype=ref.dtype))
-    assert (o - ref).abs().max() < TOL64
-    for name, a, b in zip("qkv", g, g_ref):
-        assert (a - b).abs().max() < TOL64, f"d{name}"
+    _assert_softmax_attention(rng, 150, 4, 2, causal, block_size=8, rank=2, refine=-(-150 // 8), max_level=1,
+                              flat_top=True)
 
 
 def test_flat_top_nothing_after_a_query_changes_it(rng):

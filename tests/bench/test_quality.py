@@ -82,7 +82,8 @@ def test_recall_refined_variant_saves_its_weights_and_the_needle_at_start_contro
                      "--eval-max-level", "2", "--eval-flat-top", "--eval-rope-scaling", "llama3:4")
     assert past["rows"]["fma-m2m-refine2"]["train_log"] == first["rows"]["fma-m2m-refine2"]["train_log"]
     assert (past["meta"]["args"]["eval_rope_scaling"], past["meta"]["args"]["eval_flat_top"]) == ("llama3:4", True)
-    assert past["rows"]["fma-m2m-refine2"]["pooled"] != first["rows"]["fma-m2m-refine2"]["pooled"]
+    # (accuracies of this 20-step model are near chance, so they need not differ from the first run's)
+    assert max(int(b) for b in past["rows"]["fma-m2m-refine2"]["pooled"]) >= 2048
 
 
 def test_recall_refuses_a_flat_top_without_a_cap_and_a_bad_rope_scaling(capsys):

@@ -274,21 +274,29 @@ def _model(ckpt, device, max_level: int | None = None, flat_top: bool = False, r
     (the top one flat with ``flat_top``), RoPE scaled by ``rope_scaling`` and refinement's selection
     clamped at ``select_reach`` where given."""
     from .export import load_trained
-    from .model import cap_levels, scale_rope, set_select_reach
 
     model, cfg = load_trained(ckpt)
     model.to(device).eval()
+    apply_length_options(model, cfg, max_level, flat_top, rope_scaling, select_reach)
+    if device.type == "cpu":
+        from .attention.cpu import adapt_torch_threads
+
+        adapt_torch_threads()
+    return model
+
+
+def apply_length_options(model, cfg, max_level: int | None, flat_top: bool, rope_scaling: dict | None,
+                         select_reach: int | None) -> None:
+    """``--max-level``, ``--flat-top``, ``--rope-scaling`` and ``--select-reach`` (as checked by
+    :func:`max_level_of` and its siblings) on a loaded model of the run ``cfg`` (eval and generate)."""
+    from .model import cap_levels, scale_rope, set_select_reach
+
     if select_reach is not None:
         set_select_reach(model, select_reach)
     if rope_scaling is not None:
         scale_rope(model, rope_scaling)
     if max_level is not None or flat_top:
         cap_levels(model, cfg.model.max_level if max_level is None else max_level, flat_top or None)
-    if device.type == "cpu":
-        from .attention.cpu import adapt_torch_threads
-
-        adapt_torch_threads()
-    return model
 
 
 def add_max_level_argument(ap: argparse.ArgumentParser) -> None:

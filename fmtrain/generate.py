@@ -235,10 +235,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .attention.hierarchy import num_levels
     from .checkpoint import resolve
-    from .eval import max_level_of, rope_scaling_of, select_reach_of
+    from .eval import apply_length_options, max_level_of, rope_scaling_of, select_reach_of
     from .export import load_config_of, load_trained
     from .data import load_tokenizer
-    from .model import cap_levels, scale_rope, set_select_reach, trained_levels
+    from .model import trained_levels
 
     args = _parser().parse_args(argv)
     try:  # every number up front: nothing is loaded for a request that cannot run
@@ -276,12 +276,7 @@ def main(argv=None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model, _ = load_trained(ckpt)
     model.to(device=device, dtype=dtype)
-    if rope_scaling is not None:
-        scale_rope(model, rope_scaling)
-    if select_reach is not None:
-        set_select_reach(model, select_reach)
-    if max_level is not None or args.flat_top:
-        cap_levels(model, m.max_level if max_level is None else max_level, args.flat_top or None)
+    apply_length_options(model, cfg, max_level, args.flat_top, rope_scaling, select_reach)
     if len(prompt) > cfg.data.seq_len:
         levels, trained = "", trained_levels(m, cfg.data.seq_len)
         if m.attention == "fma" and max_level is None and num_levels(total, m.block_size) > trained:

@@ -89,7 +89,7 @@ class Tables(NamedTuple):
     kid_base: torch.Tensor  # (L + 1,): level l's first row of ``kids``
     leaf: torch.Tensor  # (windows[1],): each level-1 window's fine block
     ends: torch.Tensor  # (n_blocks,): the first position past each block's sequence (or document)
-    starts: torch.Tensor  # (windows of all levels,): each window's first position, rows as ``kids``'
+    starts: torch.Tensor  # (windows of all levels,): each window's first position, rows as ``kids``
 
 
 class SelectionReach(NamedTuple):
@@ -171,9 +171,9 @@ def _window_scores(qg, ks, h: Hierarchy, tabs, lv, win, scale: float, reach: Sel
     B, Hkv, nq, X, p = idx.shape
     kc = _flat_gather(ks, idx.view(B, Hkv, nq, X * p))  # (B, Hkv, nq, X*p, d)
     if reach is not None:
+        # A summary within the reach turns by 0 (exactly itself); no test for it, which would sync the device.
         shift = _beyond_reach(h, tabs, lv, win, reach.distance, pos)  # (B, Hkv, nq, X, p)
-        if bool((shift != 0).any()):
-            kc = rotate(kc, shift.view(B, Hkv, nq, X * p), reach.inv_freq)
+        kc = rotate(kc, shift.view(B, Hkv, nq, X * p), reach.inv_freq)
     s = (qg @ kc.transpose(-1, -2)) * scale  # (B, Hkv, nq, G, X*p)
     s = s.view(B, Hkv, nq, -1, X, p).masked_fill(~ok.unsqueeze(3), -math.inf)
     return s.amax(-1).mean(3)

@@ -13,7 +13,14 @@ with distinct keys, and each query (query token, key) asks for one of them, so
 attending to "the" needle is not enough: the model must match the key.
 Nothing near a query says what the value is, so the only way to answer is to
 attend back to the needle, ``distance`` tokens away. Loss is on query positions
-only; no answer ever follows a query, so later queries cannot copy earlier ones.
+only. No answer token ever follows a query, but with several queries after one needle
+(``--train chained``, the default, as every result before 2026-12-07 was trained) a
+later query can still read the answer from an earlier query's hidden state (the layer
+above the first holds it there once a query near the needle found it): a model can fit
+the training loss by that copy and not retrieve at all (measured: `recall-cpu-4k-single`'s
+rank-2 fma-m2m, training loss 0.01, one-query accuracy at chance). ``--train documents``
+rules it out: each training row is packed with documents that end in their one query,
+and attention is masked to each document (the product's document masking).
 
 Design (a short training run of each variant, CPU-sized):
 - The model is the product's :class:`fmtrain.model.CausalLM` (2 layers, dim 128,
@@ -22,7 +29,9 @@ Design (a short training run of each variant, CPU-sized):
   loop instead of the trainer: the data is synthetic and the loss sits on query
   positions only.
 - Every variant trains at ``--train-len`` tokens (needle anywhere, queries at
-  log-uniform distances, so that short and long distances are trained alike) for
+  log-uniform distances, so that short and long distances are trained alike; with
+  ``--train documents`` each document's distance and the filler before its needle are
+  log-uniform, about five documents a 4096-token row) for
   the same steps, seed and batches, then is evaluated, without further training,
   at ``--eval-lens`` (4k to 128k).
 - Evaluation (``--eval single``, the default): one query per sequence, its last
@@ -195,6 +204,43 @@ def single_query_batch(gen: torch.Generator, batch: int, n: int, distance: int, 
     return ids, targets, dist
 
 
+def document_batch(gen: torch.Generator, batch: int, n: int, keys: int = 1):
+    """Rows of ``n`` tokens packed with documents that each end in one query (``--train documents``):
+    every document is a :func:`single_query_batch` sequence, its query-to-value distance and the
+    filler before its needle both log-uniform in ``[1, n)``; the row's last document is cut to what
+    is left (a remainder too short for a needle is filler with no query).
+
+    Returns ids, targets, distances (as :func:`passkey_batch`) and doc_positions (B, n), each
+    token's position in its document, for document masking: attention stays within a document,
+    so no query can read another query's answer, which chained training allows.
+    """
+    lead = 1 if keys == 1 else 3 * keys + 2  # tokens a needle (and the other needles) need before the value
+    shortest = lead + 2  # needle value, then a query at distance >= 1 (multi-key: >= 2)
+    ids = torch.randint(0, N_FILLER, (batch, n), generator=gen)
+    targets = torch.full((batch, n), IGNORE_INDEX)
+    dist = torch.zeros((batch, n), dtype=torch.long)
+    doc_positions = torch.empty((batch, n), dtype=torch.long)
+    log_uniform = lambda hi: int(torch.exp(torch.rand(1, generator=gen) * math.log(hi)).round().clamp(1, hi))
+    for b in range(batch):
+        at = 0
+        while at < n:
+            left = n - at
+            if left < shortest + (keys > 1):
+                doc_positions[b, at:] = torch.arange(left)  # filler with no query
+                break
+            d = max(1 if keys == 1 else 2, log_uniform(n - 1))
+            pre = log_uniform(n) - 1
+            d = min(d, left - lead - 1)
+            length = min(left, lead + pre + d + 1)
+            length = left if left - length < shortest + (keys > 1) else length  # no stub after the last one
+            seq = single_query_batch(gen, 1, length, d, keys)
+            for out, part in zip((ids, targets, dist), seq):
+                out[b, at:at + length] = part[0]
+            doc_positions[b, at:at + length] = torch.arange(length)
+            at += length
+    return ids, targets, dist, doc_positions
+
+
 def make_batch(args, gen, batch: int, n: int, queries: int, needle_max: int | None = None):
     if args.keys == 1:
         return passkey_batch(gen, batch, n, queries, needle_max)
@@ -231,9 +277,13 @@ def train(args, variant: str, device: torch.device) -> tuple[torch.nn.Module, li
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)
         n = train_length(args, step)  # the same tokens per step at every length of a curriculum
-        ids, targets, _ = make_batch(args, gen, max(1, args.batch_size * args.train_len // n), n, args.queries)
+        rows, doc_positions = max(1, args.batch_size * args.train_len // n), None
+        if args.train == "documents":
+            ids, targets, _, doc_positions = document_batch(gen, rows, n, args.keys)
+        else:
+            ids, targets, _ = make_batch(args, gen, rows, n, args.queries)
         with autocast(device):
-            loss_sum, count = model(ids.to(device), targets.to(device))
+            loss_sum, count = model(ids.to(device), targets.to(device), doc_positions=doc_positions)
         loss = loss_sum / count
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -252,6 +302,8 @@ def trained(args, variant: str, device: torch.device) -> tuple[torch.nn.Module, 
     keys = ("train_len", "curriculum", "keys", "steps", "batch_size", "queries", "lr", "warmup", "dim", "layers",
             "heads", "block_size", "rank", "rope_theta", "seed")
     setup = {k: getattr(args, k) for k in keys}
+    if args.train != "chained":  # weights saved before --train existed were trained chained
+        setup["train"] = args.train
     path = Path(args.models) / f"{variant}.pt"
     if path.exists():
         saved = torch.load(path, map_location=device)
@@ -438,7 +490,12 @@ def parse_args(argv=None):
                                                         f"RULER's multi-key needle (at most {N_KEYS})")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--queries", type=int, default=32, help="queries per training sequence")
+    ap.add_argument("--queries", type=int, default=32, help="--train chained: queries per training sequence")
+    ap.add_argument("--train", default="chained", choices=("chained", "documents"),
+                    help="chained: one needle and --queries queries per training sequence (a query can "
+                         "learn to copy an earlier query's answer instead of retrieving it); documents: "
+                         "rows packed with documents that each end in their one query, attention masked "
+                         "to each document (data.document_masking), so only retrieval answers")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--eval-lens", default="4096,16384,65536,131072")

@@ -188,6 +188,42 @@ def test_single_query_sequences_ask_once_at_the_end_for_the_value_distance_back(
     assert recall.eval_distances(args, 4096) == [16, 300] and args.eval == "single"
 
 
+@pytest.mark.parametrize("keys", [1, 4])
+def test_document_rows_end_each_document_in_its_one_query_and_masking_isolates_it(keys):
+    from bench import recall
+    from fmtrain.model import build_model
+
+    g = torch.Generator().manual_seed(keys)
+    ids, targets, dist, doc_positions = recall.document_batch(g, 6, 1024, keys)
+    assert ids.shape == targets.shape == dist.shape == doc_positions.shape == (6, 1024)
+    queries = 0
+    for b in range(6):
+        starts = (doc_positions[b] == 0).nonzero().flatten().tolist() + [1024]
+        assert starts[0] == 0 and (doc_positions[b, 1:] - doc_positions[b, :-1])[doc_positions[b, 1:] > 0].eq(1).all()
+        for lo, hi in zip(starts, starts[1:]):
+            asked = (targets[b, lo:hi] >= 0).nonzero().flatten().tolist()
+            assert asked in ([], [hi - lo - 1]), (b, lo, hi)  # at most one query, the document's last token
+            if asked:
+                queries += 1
+                v = hi - 1 - int(dist[b, hi - 1])  # its value, inside the same document
+                assert v >= lo and ids[b, v] == targets[b, hi - 1]
+                assert (ids[b, lo:hi] == recall.MARKER).sum() == keys
+            else:  # only a remainder too short for a needle goes without a query
+                assert hi == 1024 and hi - lo < 3 * keys + 5
+    assert queries >= 12
+    # Masked to its document, a query's prediction is its document's alone: no query sees another.
+    args = recall.parse_args(["--variants", "fma-m2m-refine2", "--dim", "32", "--heads", "2", "--block-size", "16"])
+    torch.manual_seed(0)
+    model = build_model(recall.model_config(args, "fma-m2m-refine2")).double().eval()
+    row = ids[:1]
+    with torch.no_grad():
+        packed = model.logits(row, doc_positions=doc_positions[:1])
+        starts = (doc_positions[0] == 0).nonzero().flatten().tolist() + [1024]
+        for lo, hi in zip(starts, starts[1:]):
+            alone = model.logits(row[:, lo:hi])
+            torch.testing.assert_close(packed[:, lo:hi], alone, rtol=1e-10, atol=1e-10)
+
+
 def test_long_context_seed_summary_pairs_each_arm_with_local_at_the_same_seeds():
     from bench import long_context as lc
 

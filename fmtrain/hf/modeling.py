@@ -22,6 +22,8 @@ loss is the mean over all counted tokens of the batch, as transformers' own mode
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import ModelConfig
 from ..model import IGNORE_INDEX, build_model
+from .remote import AUTO_MAP, REMOTE_CODE, REMOTE_FILE
 
 MODEL_TYPE = "fmtrain"
 
@@ -82,6 +85,20 @@ class FmtrainForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module):
         """fmtrain's own initialisation is done by ``build_model`` (summaries start as means)."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """transformers' ``save_pretrained``, and the folder always carries the remote code
+        (``auto_map`` and ``modeling_fmtrain.py``), so that it loads with ``trust_remote_code=True``
+        whichever class saved it. transformers copies remote code only for a class it loaded as
+        remote; once this module is imported (the remote file imports it) it registers these classes,
+        and transformers then prefers them to the folder's: loading a tokenizer before the model
+        was enough to make a re-saved folder that no longer loaded."""
+        if not getattr(self.config, "auto_map", None):
+            self.config.auto_map = dict(AUTO_MAP)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            Path(save_directory, REMOTE_FILE).write_text(REMOTE_CODE)
+        return result
 
     def get_input_embeddings(self):
         return self.model.trunk.tok_emb

@@ -334,8 +334,10 @@ def test_fma_export_remote_code_without_fmtrain_names_the_package(tmp_path, text
 
 
 REMOTE = """
-import sys, torch
-from transformers import AutoModelForCausalLM
+import os, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+if os.environ.get("TOKENIZER_FIRST"):  # its remote config imports fmtrain.hf, which registers fmtrain's classes
+    AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float64).eval()
 with torch.no_grad():
     logits = model(torch.load(sys.argv[2])).logits
@@ -346,10 +348,13 @@ if len(sys.argv) > 4:
 
 
 @pytest.mark.slow
-def test_fma_export_loaded_through_remote_code_saves_and_loads_again(tmp_path, text_files):
+@pytest.mark.parametrize("tokenizer_first", [False, True])
+def test_fma_export_loaded_through_remote_code_saves_and_loads_again(tmp_path, text_files, tokenizer_first):
     """A user's round trip: load the export with trust_remote_code=True, save_pretrained to a new
     folder, load that (a new process) with trust_remote_code=True: the same logits. The remote
-    classes are defined in the folder's own file, so save_pretrained copies that file."""
+    classes are defined in the folder's own file, so save_pretrained copies that file. With the
+    tokenizer loaded first, transformers hands out fmtrain's own registered classes instead, and
+    their save_pretrained writes the same file (it once wrote none, and the folder did not load)."""
     from fmtrain.hf import export
 
     out = export(model_only(tmp_path / "ckpt", text_files, SP_TOKENIZER, attention="fma", summary="m2m"), tmp_path / "out")
@@ -358,15 +363,17 @@ def test_fma_export_loaded_through_remote_code_saves_and_loads_again(tmp_path, t
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))  # no shared cache
     for src, got, saved in (("out", "first.pt", "saved"), ("saved", "second.pt", None)):
         args = [tmp_path / src, tmp_path / "ids.pt", tmp_path / got] + ([tmp_path / saved] if saved else [])
-        r = subprocess.run([sys.executable, "-c", REMOTE, *map(str, args)], capture_output=True, text=True, env=env,
-                           timeout=300)
+        first_env = dict(env, TOKENIZER_FIRST="1") if tokenizer_first and saved else env
+        r = subprocess.run([sys.executable, "-c", REMOTE, *map(str, args)], capture_output=True, text=True,
+                           env=first_env, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     saved = tmp_path / "saved"
     assert (saved / "modeling_fmtrain.py").read_text() == (out / "modeling_fmtrain.py").read_text()
     cfg = json.loads((saved / "config.json").read_text())
     assert cfg["auto_map"] == json.loads((out / "config.json").read_text())["auto_map"]
     first, second = torch.load(tmp_path / "first.pt"), torch.load(tmp_path / "second.pt")
-    assert first["module"].endswith("modeling_fmtrain") and second["module"].endswith("modeling_fmtrain")
+    assert first["module"] == "fmtrain.hf.modeling" if tokenizer_first else first["module"].endswith("modeling_fmtrain")
+    assert second["module"].endswith("modeling_fmtrain")
     assert torch.equal(first["logits"], second["logits"])
     assert rel(first["logits"], fmtrain_model(tmp_path / "ckpt").logits(ids)) < 1e-12
 

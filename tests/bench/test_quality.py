@@ -84,6 +84,12 @@ def test_recall_refined_variant_saves_its_weights_and_the_needle_at_start_contro
     assert (past["meta"]["args"]["eval_rope_scaling"], past["meta"]["args"]["eval_flat_top"]) == ("llama3:4", True)
     # (accuracies of this 20-step model are near chance, so they need not differ from the first run's)
     assert max(int(b) for b in past["rows"]["fma-m2m-refine2"]["pooled"]) >= 2048
+    # Chain-free training (rows of documents, masked): its own weights, trained on other batches; weights
+    # saved before --train existed (no "train" in their setup) are the chained ones.
+    docs = run_bench("recall.py", tmp_path, "--variants", "fma-m2m-refine2", "--models", models, "--train", "documents")
+    assert docs["meta"]["args"]["train"] == "documents"
+    assert docs["rows"]["fma-m2m-refine2"]["train_log"] != first["rows"]["fma-m2m-refine2"]["train_log"]
+    assert torch.load(tmp_path / "models" / "fma-m2m-refine2.pt")["setup"]["train"] == "documents"
 
 
 def test_recall_refuses_a_flat_top_without_a_cap_and_a_bad_rope_scaling(capsys):

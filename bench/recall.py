@@ -204,11 +204,14 @@ def single_query_batch(gen: torch.Generator, batch: int, n: int, distance: int, 
     return ids, targets, dist
 
 
-def document_batch(gen: torch.Generator, batch: int, n: int, keys: int = 1):
+def document_batch(gen: torch.Generator, batch: int, n: int, keys: int = 1, prefix: str = "uniform"):
     """Rows of ``n`` tokens packed with documents that each end in one query (``--train documents``):
-    every document is a :func:`single_query_batch` sequence, its query-to-value distance and the
-    filler before its needle both log-uniform in ``[1, n)``; the row's last document is cut to what
-    is left (a remainder too short for a needle is filler with no query).
+    every document is a :func:`single_query_batch` sequence, its query-to-value distance ``d``
+    log-uniform in ``[1, n)`` and the filler before its needle uniform in ``[0, n - d)`` (``prefix
+    = "uniform"``, so a query has up to the whole length before it, as in evaluation) or log-uniform
+    in ``[0, n)`` (``"log"``: more documents a row, but a short distance then rarely has far
+    windows to tell its needle's window from); the row's last document is cut to what is left (a
+    remainder too short for a needle is filler with no query).
 
     Returns ids, targets, distances (as :func:`passkey_batch`) and doc_positions (B, n), each
     token's position in its document, for document masking: attention stays within a document,
@@ -229,7 +232,7 @@ def document_batch(gen: torch.Generator, batch: int, n: int, keys: int = 1):
                 doc_positions[b, at:] = torch.arange(left)  # filler with no query
                 break
             d = max(1 if keys == 1 else 2, log_uniform(n - 1))
-            pre = log_uniform(n) - 1
+            pre = log_uniform(n) - 1 if prefix == "log" else int(torch.randint(0, max(1, n - d - lead), (1,), generator=gen))
             d = min(d, left - lead - 1)
             length = min(left, lead + pre + d + 1)
             length = left if left - length < shortest + (keys > 1) else length  # no stub after the last one
@@ -279,7 +282,7 @@ def train(args, variant: str, device: torch.device) -> tuple[torch.nn.Module, li
         n = train_length(args, step)  # the same tokens per step at every length of a curriculum
         rows, doc_positions = max(1, args.batch_size * args.train_len // n), None
         if args.train == "documents":
-            ids, targets, _, doc_positions = document_batch(gen, rows, n, args.keys)
+            ids, targets, _, doc_positions = document_batch(gen, rows, n, args.keys, args.doc_prefix)
         else:
             ids, targets, _ = make_batch(args, gen, rows, n, args.queries)
         with autocast(device):
@@ -303,7 +306,7 @@ def trained(args, variant: str, device: torch.device) -> tuple[torch.nn.Module, 
             "heads", "block_size", "rank", "rope_theta", "seed")
     setup = {k: getattr(args, k) for k in keys}
     if args.train != "chained":  # weights saved before --train existed were trained chained
-        setup["train"] = args.train
+        setup["train"], setup["doc_prefix"] = args.train, args.doc_prefix
     path = Path(args.models) / f"{variant}.pt"
     if path.exists():
         saved = torch.load(path, map_location=device)
@@ -496,6 +499,10 @@ def parse_args(argv=None):
                          "learn to copy an earlier query's answer instead of retrieving it); documents: "
                          "rows packed with documents that each end in their one query, attention masked "
                          "to each document (data.document_masking), so only retrieval answers")
+    ap.add_argument("--doc-prefix", default="uniform", choices=("uniform", "log"),
+                    help="--train documents: the filler before each document's needle, uniform up to the "
+                         "length (about two documents a row) or log-uniform (about five; short distances "
+                         "then rarely see far windows)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--eval-lens", default="4096,16384,65536,131072")

@@ -14,7 +14,7 @@ attending to "the" needle is not enough: the model must match the key.
 Nothing near a query says what the value is, so the only way to answer is to
 attend back to the needle, ``distance`` tokens away. Loss is on query positions
 only. No answer token ever follows a query, but with several queries after one needle
-(``--train chained``, the default, as every result before 2026-12-07 was trained) a
+(``--train chained``, the default, as every result before ``--train`` existed was trained) a
 later query can still read the answer from an earlier query's hidden state (the layer
 above the first holds it there once a query near the needle found it): a model can fit
 the training loss by that copy and not retrieve at all (measured: `recall-cpu-4k-single`'s
@@ -30,8 +30,8 @@ Design (a short training run of each variant, CPU-sized):
   positions only.
 - Every variant trains at ``--train-len`` tokens (needle anywhere, queries at
   log-uniform distances, so that short and long distances are trained alike; with
-  ``--train documents`` each document's distance and the filler before its needle are
-  log-uniform, about five documents a 4096-token row) for
+  ``--train documents`` each document's distance is log-uniform and the filler before its
+  needle uniform, about two documents a 4096-token row) for
   the same steps, seed and batches, then is evaluated, without further training,
   at ``--eval-lens`` (4k to 128k).
 - Evaluation (``--eval single``, the default): one query per sequence, its last
@@ -232,7 +232,8 @@ def document_batch(gen: torch.Generator, batch: int, n: int, keys: int = 1, pref
                 doc_positions[b, at:] = torch.arange(left)  # filler with no query
                 break
             d = max(1 if keys == 1 else 2, log_uniform(n - 1))
-            pre = log_uniform(n) - 1 if prefix == "log" else int(torch.randint(0, max(1, n - d - lead), (1,), generator=gen))
+            pre = log_uniform(n) - 1 if prefix == "log" else \
+                int(torch.randint(0, max(1, n - d - lead), (1,), generator=gen))
             d = min(d, left - lead - 1)
             length = min(left, lead + pre + d + 1)
             length = left if left - length < shortest + (keys > 1) else length  # no stub after the last one

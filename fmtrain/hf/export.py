@@ -41,8 +41,6 @@ from .remote import AUTO_MAP, REMOTE_CODE, REMOTE_FILE
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-
-
 def hf_architecture(cfg: Config) -> str:
     """The transformers class an fmtrain model is exported as."""
     m = cfg.model

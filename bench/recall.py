@@ -218,7 +218,8 @@ def document_batch(gen: torch.Generator, batch: int, n: int, keys: int = 1, pref
     so no query can read another query's answer, which chained training allows.
     """
     lead = 1 if keys == 1 else 3 * keys + 2  # tokens a needle (and the other needles) need before the value
-    shortest = lead + 2  # needle value, then a query at distance >= 1 (multi-key: >= 2)
+    nearest = 1 if keys == 1 else 2  # the shortest query-to-value distance (multi-key: query token, key)
+    shortest = lead + 1 + nearest  # the shortest document
     ids = torch.randint(0, N_FILLER, (batch, n), generator=gen)
     targets = torch.full((batch, n), IGNORE_INDEX)
     dist = torch.zeros((batch, n), dtype=torch.long)
@@ -228,15 +229,15 @@ def document_batch(gen: torch.Generator, batch: int, n: int, keys: int = 1, pref
         at = 0
         while at < n:
             left = n - at
-            if left < shortest + (keys > 1):
+            if left < shortest:
                 doc_positions[b, at:] = torch.arange(left)  # filler with no query
                 break
-            d = max(1 if keys == 1 else 2, log_uniform(n - 1))
+            d = max(nearest, log_uniform(n - 1))
             pre = log_uniform(n) - 1 if prefix == "log" else \
                 int(torch.randint(0, max(1, n - d - lead), (1,), generator=gen))
             d = min(d, left - lead - 1)
             length = min(left, lead + pre + d + 1)
-            length = left if left - length < shortest + (keys > 1) else length  # no stub after the last one
+            length = left if left - length < shortest else length  # no stub after the last one
             seq = single_query_batch(gen, 1, length, d, keys)
             for out, part in zip((ids, targets, dist), seq):
                 out[b, at:at + length] = part[0]

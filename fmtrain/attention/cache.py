@@ -44,7 +44,7 @@ import torch
 
 from .blocked import merge
 from .hierarchy import Hierarchy, call_hierarchy, coarse_windows, extend, num_levels
-from .refine import far_attention, select
+from .refine import far_attention, select, window_boxes
 from .summaries import Summaries, hierarchy
 from .torch_core import Scratch, acc_dtype
 
@@ -323,8 +323,10 @@ class RefinedCache(MultipoleCache):
     anywhere before its neighbourhood. Its fine neighbourhood is :class:`MultipoleCache`'s
     hot state, kept as there (``O(m d)``); its far field reads a *store*:
 
-    - the summaries of every complete window of every level (``2 p / m`` rows a token): the
-      selection scores the interaction list's windows and each descent's two children;
+    - the summaries and the key boxes (:func:`.refine.window_boxes`) of every complete window
+      of every level (``2 (p + 1) / m`` rows a token): the selection scores the interaction
+      list's windows and each descent's two children by their boxes, and attends the windows
+      left unopened through their summaries;
     - the keys and values of every token: each token reads the ``K m`` of its opened blocks.
 
     The store lives on ``store_device`` (default the compute device; ``"cpu"`` keeps it in
@@ -347,7 +349,7 @@ class RefinedCache(MultipoleCache):
         if refine < 1 or self.linear:
             raise ValueError("RefinedCache needs refine >= 1 and variant='nlogn'; use MultipoleCache")
         self.refine, self.store_device = refine, store_device
-        self.layout = self.ks = self.vs = self.k_store = self.v_store = None
+        self.layout = self.ks = self.vs = self.k_store = self.v_store = self.boxes = None
         self.ws = Scratch()
 
     @torch.no_grad()
@@ -405,6 +407,8 @@ class RefinedCache(MultipoleCache):
         if old[0] is not None:
             self._place(old[1], old[2], old[0], self.length)
         self.offset = None
+        # The boxes of the windows complete so far (those still filling are rebuilt as they complete).
+        self.boxes = window_boxes(self.k_store[:, :, :h.padded_len], h, limit=self.length)
         if self.level_offset is not None and h.n_levels:  # (H, layout levels); levels no query sees yet: 0
             off = self.level_offset[:, :h.n_levels].to(self.store_device, self.acc)
             self.offset = torch.nn.functional.pad(off, (0, h.n_levels - off.shape[1]))
@@ -412,6 +416,15 @@ class RefinedCache(MultipoleCache):
     def _window_done(self, level: int, c: int, zk: torch.Tensor, zv: torch.Tensor) -> None:
         at = self.layout.offsets[level - 1] + c * self.p
         self.ks[:, :, at:at + self.p], self.vs[:, :, at:at + self.p] = zk, zv
+        row = sum(self.layout.windows[:level - 1]) + c  # the boxes' rows: levels in turn from level 1
+        if level == 1:  # its block's keys
+            keys = self.k_store[:, :, c * self.m:(c + 1) * self.m]  # (B, Hkv, m, d)
+            hi, lo = keys.amax(2), keys.amin(2)
+        else:  # its two children's (2c and 2c + 1 on the level below), complete before it
+            first = sum(self.layout.windows[:level - 2]) + 2 * c
+            centre, radius = (x[:, :, first:first + 2] for x in self.boxes)  # (B, Hkv, 2, d)
+            hi, lo = (centre + radius).amax(2), (centre - radius).amin(2)
+        self.boxes.centre[:, :, row], self.boxes.radius[:, :, row] = (hi + lo) / 2, (hi - lo) / 2
 
     def _coarse_of_block(self, a: int):
         """No fixed coarse keys: the far field is chosen per token (:meth:`_far_field`)."""
@@ -433,7 +446,7 @@ class RefinedCache(MultipoleCache):
         if not h.n_levels:
             return None
         q = q.to(self.store_device)
-        sel = select(q, self.ks, h, self.refine, self.scale, i0=t, reach=self.select_reach)  # (B, Hkv, 1, K), 2 x (B, Hkv, 1, C)
+        sel = select(q, self.boxes, h, self.refine, self.scale, i0=t, reach=self.select_reach)  # (B, Hkv, 1, K), 2 x (B, Hkv, 1, C)
         kb, vb = (x.view(self.B, self.Hkv, -1, self.m * self.d) for x in (self.k_store, self.v_store))
         out, lse = far_attention(q, t + 1, self.offset, h, sel, kb, vb, self.ks, self.vs, self.weighted,
                                  self.scale, self.ws)  # (B, Hkv, 1, G, d), (B, Hkv, 1, G, 1)
@@ -443,9 +456,9 @@ class RefinedCache(MultipoleCache):
         return super().nbytes() + self.cold_nbytes()
 
     def cold_nbytes(self) -> int:
-        """Bytes of the store (on ``store_device``: every window's summaries, every token's key
-        and value); the rest is the hot state, ``O((m + p log n) d)`` as the plain cache's."""
-        return sum(x.nbytes for x in (self.ks, self.vs, self.k_store, self.v_store))
+        """Bytes of the store (on ``store_device``: every window's summaries and key box, every
+        token's key and value); the rest is the hot state, ``O((m + p log n) d)`` as the plain cache's."""
+        return sum(x.nbytes for x in (self.ks, self.vs, *self.boxes, self.k_store, self.v_store))
 
 
 class KVCache:

@@ -88,7 +88,7 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
             any block. Its cost grows as ``n / (m 2**(max_level-1))`` summaries a query.
             Needs ``refine > 0`` (the far field of refinement reads such lists).
         select_reach: :class:`.refine.SelectionReach` ``(distance, inv_freq)``: refinement's
-            selection scores summaries farther than ``distance`` from the query as if they were
+            selection scores windows farther than ``distance`` from the query as if they were
             that far, rotated by RoPE's frequencies ``inv_freq`` (head_dim/2,) (the queries'
             and keys' own); the attention itself reads the real positions. For a model past
             its training length (``distance`` = the training length changes nothing within
@@ -100,8 +100,10 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
             summaries on top of the log-weights (learned by the layer, see
             ``MultipoleAttention(level_offset=True)``); None: no offset.
         refine: ``K``, far fine blocks each query opens and attends to token by token
-            (adaptive refinement, :mod:`.refine`): 0 is plain multipole attention, ``K``
-            at least the number of fine blocks is exact softmax attention. nlogn only.
+            (adaptive refinement, :mod:`.refine`: the blocks are chosen by a bound on their
+            keys' scores, descending from the interaction list): 0 is plain multipole
+            attention, ``K`` at least the number of fine blocks is exact softmax attention.
+            nlogn only.
         cu_seqlens: document masking for packed rows (:mod:`.documents`): 0, then the end of
             each document in the batch flattened to ``batch * n`` tokens (FlashAttention's
             varlen convention; rows' ends are boundaries anyway). Each document's output is

@@ -87,16 +87,18 @@ def _joint_softmax(s_fine, s_coarse, v, vs, h: Hierarchy, level_offset=None) -> 
     return prob[..., :n] @ v + prob[..., n:] @ vs
 
 
-def refined_masks(q, ks, h: Hierarchy, refine: int, scale: float, select_reach=None):
+def refined_masks(q, k, ks, h: Hierarchy, refine: int, scale: float, select_reach=None):
     """Adaptive refinement read per query (see :mod:`.refine`): ``(fine, coarse)`` masks per key/value
     head, fine (B, Hkv, n, n) bool (fine neighbours and the opened blocks' tokens), coarse
     (B, Hkv, n, T) float64 log-weights of the summaries of the windows left unopened, -inf elsewhere.
 
     A loop over queries with a dictionary of candidate windows, written from the rule rather
-    than from the vectorised selection, so that the tests compare two readings of it.
-    ``select_reach``: a summary whose sub-window's centre (its first position plus half its
-    length, rounded down) lies more than its distance from the query is scored rotated by
-    RoPE to that distance.
+    than from the vectorised selection, so that the tests compare two readings of it. A window
+    scores, per query head, ``sum_c max(q_c hi_c, q_c lo_c) * scale`` over channels ``c``, where
+    ``hi, lo`` are the largest and smallest of its keys' channel ``c`` (the bound on its best
+    key's score), averaged over the group. ``select_reach``: a window whose centre (its first
+    position plus half its length, rounded down) lies more than its distance from the query is
+    scored with the query rotated back by RoPE as far as the window lies beyond.
     """
     B, H, n, d = q.shape
     Hkv, m, p = ks.shape[1], h.block_size, h.rank
@@ -114,22 +116,20 @@ def refined_masks(q, ks, h: Hierarchy, refine: int, scale: float, select_reach=N
     for b in range(B):
         for g in range(Hkv):
             qs = q[b, g * G:(g + 1) * G].detach().double()  # (G, n, d)
-            kg = ks[b, g].detach().double()
+            kg = k[b, g].detach().double()  # (n, d)
 
             def score(i, l, c):
-                idx = [t for t, _ in summaries(l, c)]
-                if not idx:
+                w = h.window_size(l)
+                keys = kg[c * w:min((c + 1) * w, n)] if 0 <= c < h.windows[l - 1] else kg[:0]
+                if not len(keys):
                     return -math.inf
-                keys = kg[idx]  # (summaries, d)
+                hi, lo = keys.amax(0), keys.amin(0)  # (d,)
+                qi = qs[:, i]  # (G, d)
                 if select_reach is not None:
-                    w = h.window_size(l)
-                    beyond = []
-                    for t in idx:
-                        centre = c * w + (t - h.offsets[l - 1] - c * p) * (w // p) + w // p // 2
-                        dist, D = i - centre, select_reach.distance
-                        beyond.append(dist - D if dist > D else dist + D if dist < -D else 0)
-                    keys = rotate(keys, torch.tensor(beyond), select_reach.inv_freq)
-                return float((qs[:, i] @ keys.T * scale).amax(-1).mean())
+                    dist, D = i - (c * w + w // 2), select_reach.distance
+                    beyond = dist - D if dist > D else dist + D if dist < -D else 0
+                    qi = rotate(qi, torch.tensor(-beyond), select_reach.inv_freq)
+                return float(torch.maximum(qi * hi, qi * lo).sum(-1).mul(scale).mean())
 
             for i in range(n):
                 cand = {}
@@ -164,7 +164,7 @@ def dense_refined(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool
     """Multipole attention with adaptive refinement by one dense softmax per query: (B, H, n, d)."""
     B, H, n, d = q.shape
     G = H // k.shape[1]
-    fine, coarse = refined_masks(q, ks, h, refine, scale, select_reach)
+    fine, coarse = refined_masks(q, k, ks, h, refine, scale, select_reach)
     fine, coarse = fine.repeat_interleave(G, dim=1), coarse.repeat_interleave(G, dim=1)  # (B, H, n, .)
     if not weighted:
         coarse = torch.where(coarse.isinf(), coarse, torch.zeros_like(coarse))

@@ -6,15 +6,28 @@ fast multipole method's answer is adaptive refinement: where a far interaction i
 strong, descend the tree. ``refine = K`` does that per query (shared by the query
 heads of one key/value head, as NSA shares its selection across a GQA group):
 
-1. Every coarse window of the query's interaction list is a candidate, scored by
-   its summaries: ``max_j q . K_j * scale`` over its ``p`` summaries, averaged over
-   the group's query heads (no log-weight, no level offset: the key match alone).
+1. Every coarse window of the query's interaction list is a candidate, scored by a
+   bound on its best key's score: per channel, the window's keys lie in a box
+   ``centre +- radius`` (:func:`window_boxes`, as Quest bounds a page of keys), and no key
+   in it scores above ``(q . centre + |q| . radius) * scale``; averaged over the group's
+   query heads.
 2. ``K`` times: take the best candidate and descend from it to a fine block, at each
    level keeping the better-scoring child and leaving its sibling as a candidate;
    the fine block reached is *opened*.
 3. The query then attends, in one joint softmax, to its fine neighbours, to the
    tokens of its opened blocks, and to the summaries of every candidate still
    unopened (the interaction list's windows and the siblings left on the way down).
+
+Why a bound and not the summaries: a summary is a (learned) average, and one key that
+matches a query is diluted in it by the window's size, so summaries rank windows by their
+bulk, not by their best key. Measured on trained models (``bench/recall.py``, README
+"Adaptive refinement"): the query's best key at full resolution was the needle's in every
+head, while the summaries ranked the needle's fine block about 98th of 126; the bound
+ranked it first at every level, and recall within the training length went from chance
+to 1.00. The bound is monotone (a window's is at least each child's), so windows of
+every size are compared on one scale: a large window wins only if its box could hold a
+better key than the smaller ones'. The learned summaries are still what the unopened
+windows are attended through.
 
 So the sequence stays partitioned exactly (every key counts once, itself or inside
 one summary), ``K = 0`` is plain multipole attention and ``K >= n_blocks`` is exact
@@ -27,7 +40,7 @@ The design page states the rule as "open the best window into its two children u
 makes the work per query fixed, ``K * (L - 1)`` two-window steps, where the open-ended
 rule can split windows without reaching a block.
 
-Cost per query: selection ``O(p L + K p L)`` summary scores, attention
+Cost per query: selection ``O(L + K L)`` box scores (two products with ``d`` numbers each), attention
 ``O(m + p L + K (m + p L))`` keys (``L ~ log2(n/m)`` levels): causal, ``2m + K m +
 (2L + K (L - 1)) p`` scores. At ``m = 64``, ``p = 2``, per query head (:func:`keys_per_query`):
 
@@ -95,9 +108,10 @@ class Tables(NamedTuple):
 class SelectionReach(NamedTuple):
     """``fma(select_reach=...)``: the farthest distance refinement's selection scores at.
 
-    A summary whose sub-window's centre lies more than ``distance`` tokens before (or after)
-    the query is scored as if it were ``distance`` away: rotated by RoPE (``inv_freq``, the
-    layer's (head_dim/2,) frequencies) as far forward (back) as it lies beyond. Past a model's
+    A window whose centre lies more than ``distance`` tokens before (or after) the query is
+    scored as if it were ``distance`` away: its keys rotated by RoPE (``inv_freq``, the layer's
+    (head_dim/2,) frequencies) as far forward (back) as it lies beyond (the query rotated back
+    instead, which bounds the same scores). Past a model's
     training length, plain scores of far windows drift with distances it never saw and win the
     selection whatever their content; so clamped, windows are compared by content (measured:
     ``bench/recall.py``, README "Adaptive refinement"). Selection only: the attention reads the
@@ -161,60 +175,103 @@ def _summary_slots(h: Hierarchy, tabs, lv: torch.Tensor, win: torch.Tensor):
     return idx, ok_win.unsqueeze(-1) & has[idx]
 
 
-def _window_scores(qg, ks, h: Hierarchy, tabs, lv, win, scale: float, reach: SelectionReach | None = None,
-                   pos: torch.Tensor | None = None) -> torch.Tensor:
-    """qg (B, Hkv, nq, G, d); candidates lv, win (B, Hkv, nq, X) -> scores (B, Hkv, nq, X):
-    the best of a window's summaries for each query head, averaged over the group; -inf where
-    the window does not exist. ``reach``: summaries farther than its distance from the queries
-    (at positions ``pos`` (nq,)) scored as if that far."""
-    idx, ok = _summary_slots(h, tabs, lv, win)  # (B, Hkv, nq, X, p)
-    B, Hkv, nq, X, p = idx.shape
-    kc = _flat_gather(ks, idx.view(B, Hkv, nq, X * p))  # (B, Hkv, nq, X*p, d)
-    if reach is not None:
-        # A summary within the reach turns by 0 (exactly itself); no test for it, which would sync the device.
-        shift = _beyond_reach(h, tabs, lv, win, reach.distance, pos)  # (B, Hkv, nq, X, p)
-        kc = rotate(kc, shift.view(B, Hkv, nq, X * p), reach.inv_freq)
-    s = (qg @ kc.transpose(-1, -2)) * scale  # (B, Hkv, nq, G, X*p)
-    s = s.view(B, Hkv, nq, -1, X, p).masked_fill(~ok.unsqueeze(3), -math.inf)
-    return s.amax(-1).mean(3)
+class WindowBoxes(NamedTuple):
+    """Refinement's selection keys (:func:`window_boxes`): each window's keys bounded per channel by a
+    box ``centre +- radius``, (B, Hkv, R, d) each, a row per window of every level as ``Tables.kids``
+    lays them out (window ``w`` of level ``l`` at ``kid_base[l] + w``); zeros for a window without keys."""
+
+    centre: torch.Tensor
+    radius: torch.Tensor
+
+
+@torch.no_grad()
+def window_boxes(k: torch.Tensor, h: Hierarchy, limit=None) -> WindowBoxes:
+    """k (B, Hkv, n, d), laid out as ``h`` -> the box of every window's keys (:class:`WindowBoxes`).
+
+    Keys at positions from ``limit`` on (an int, or per block (n_blocks,); default the sequence's
+    end, or each block's document's) are no window's. Built bottom-up in O(n d): a fine block's box
+    from its keys, a window's from its two children's.
+    """
+    tabs = _tables(h, k.device)
+    B, Hkv, n, d = k.shape
+    m, L = h.block_size, h.n_levels
+    if not L:
+        empty = k.new_zeros(B, Hkv, 0, d)
+        return WindowBoxes(empty, empty)
+    limit = _key_limit(h, k) if limit is None else limit
+    x = F.pad(k, (0, 0, 0, h.padded_len - n)).view(B, Hkv, h.n_blocks, m, d)
+    pos = torch.arange(h.n_blocks * m, device=k.device).view(h.n_blocks, m)
+    real = (pos < (limit if isinstance(limit, int) else limit.unsqueeze(-1))).unsqueeze(-1)  # (n_blocks, m, 1)
+    hi = x.masked_fill(~real, -math.inf).amax(3).index_select(2, tabs.leaf)  # (B, Hkv, windows_1, d)
+    lo = x.masked_fill(~real, math.inf).amin(3).index_select(2, tabs.leaf)
+    his, los = [hi], [lo]
+    for l in range(2, L + 1):
+        nw, below = h.windows[l - 1], h.windows[l - 2]
+        kids = tabs.kids[tabs.kid_base[l]:tabs.kid_base[l] + nw].clamp(max=below).reshape(-1)  # past: the empty row
+        hi = torch.cat([hi, hi.new_full((B, Hkv, 1, d), -math.inf)], 2).index_select(2, kids)
+        lo = torch.cat([lo, lo.new_full((B, Hkv, 1, d), math.inf)], 2).index_select(2, kids)
+        hi, lo = hi.view(B, Hkv, nw, 2, d).amax(3), lo.view(B, Hkv, nw, 2, d).amin(3)
+        his.append(hi)
+        los.append(lo)
+    hi, lo = torch.cat(his, 2), torch.cat(los, 2)
+    empty = hi < lo  # no key: -inf < inf
+    return WindowBoxes(torch.where(empty, 0.0, (hi + lo) / 2), torch.where(empty, 0.0, (hi - lo) / 2))
+
+
+def _window_scores(qg, boxes: WindowBoxes, h: Hierarchy, tabs, lv, win, scale: float,
+                   reach: SelectionReach | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """qg (B, Hkv, nq, G, d); candidates lv, win (B, Hkv, nq, X) -> scores (B, Hkv, nq, X): for each
+    query head, the bound ``q . centre + |q| . radius`` on the best score of a key in the window's box,
+    times ``scale``, averaged over the group; -inf where the window does not exist or has no key.
+    ``reach``: windows whose centre lies farther than its distance from the queries (at positions
+    ``pos`` (nq,)) scored as if that far (the query turned back, which turns the keys forward)."""
+    _, has = _summary_slots(h, tabs, lv, win)  # (B, Hkv, nq, X, p)
+    lvc = lv.clamp(min=1)
+    row = (tabs.kid_base[lvc] + win.clamp(min=0)).clamp(max=max(boxes.centre.shape[2] - 1, 0))
+    c, r = (_flat_gather(x, row) for x in boxes)  # (B, Hkv, nq, X, d)
+    if reach is None:
+        s = qg @ c.transpose(-1, -2) + qg.abs() @ r.transpose(-1, -2)  # (B, Hkv, nq, G, X)
+    else:
+        # A window within the reach turns by 0 (exactly itself); no test for it, which would sync the device.
+        shift = _beyond_reach(h, tabs, lv, win, reach.distance, pos)  # (B, Hkv, nq, X)
+        qr = rotate(qg.unsqueeze(3), -shift.unsqueeze(-1), reach.inv_freq)  # (B, Hkv, nq, X, G, d)
+        s = ((qr * c.unsqueeze(-2)).sum(-1) + (qr.abs() * r.unsqueeze(-2)).sum(-1)).transpose(-1, -2)
+    return (s * scale).masked_fill(~has.any(-1).unsqueeze(3), -math.inf).mean(3)
 
 
 def _beyond_reach(h: Hierarchy, tabs, lv, win, distance: int, pos: torch.Tensor) -> torch.Tensor:
-    """Candidates lv, win (B, Hkv, nq, X) of queries at ``pos`` (nq,) -> (B, Hkv, nq, X, p) int64: how
-    far each summary's sub-window centre lies beyond ``distance`` from its query (negative after a
-    query: bidirectional), 0 within it. A sub-window's centre: its first position plus half its
-    nominal length, rounded down."""
+    """Candidates lv, win (B, Hkv, nq, X) of queries at ``pos`` (nq,) -> (B, Hkv, nq, X) int64: how far
+    each window's centre (its first position plus half its nominal length, rounded down) lies beyond
+    ``distance`` from its query (negative after a query: bidirectional), 0 within it."""
     lvc = lv.clamp(min=1)
     row = (tabs.kid_base[lvc] + win.clamp(min=0)).clamp(max=max(tabs.starts.numel() - 1, 0))  # none: masked anyway
-    first = tabs.starts[row]  # (B, Hkv, nq, X)
-    sub = (h.block_size << (lvc - 1)) // h.rank  # tokens per summary
-    centre = first.unsqueeze(-1) + sub.unsqueeze(-1) * torch.arange(h.rank, device=lv.device) + sub.unsqueeze(-1) // 2
-    dist = pos.view(1, 1, -1, 1, 1) - centre  # (B, Hkv, nq, X, p)
+    centre = tabs.starts[row] + (h.block_size << (lvc - 1)) // 2
+    dist = pos.view(1, 1, -1, 1) - centre
     return dist - dist.clamp(min=-distance, max=distance)
 
 
 @torch.no_grad()
-def select(q: torch.Tensor, ks: torch.Tensor, h: Hierarchy, refine: int, scale: float, i0: int = 0,
+def select(q: torch.Tensor, boxes: WindowBoxes, h: Hierarchy, refine: int, scale: float, i0: int = 0,
            reach: SelectionReach | None = None):
-    """The refinement of queries ``[i0, i0 + nq)`` (q: (B, H, nq, d), ks: (B, Hkv, T, d)).
+    """The refinement of queries ``[i0, i0 + nq)`` (q: (B, H, nq, d); ``boxes``: :func:`window_boxes`).
 
     Returns ``opened`` (B, Hkv, nq, refine): the fine blocks opened, -1 where none was left to
     open; ``lv, win`` (B, Hkv, nq, C): the candidates left unopened as (level, window),
     ``win = -1`` in unused slots (C = :func:`num_candidates`). ``reach``: see :class:`SelectionReach`.
     """
     B, H, nq, d = q.shape
-    Hkv, G, L = ks.shape[1], H // ks.shape[1], h.n_levels
+    Hkv, G, L = boxes.centre.shape[1], H // boxes.centre.shape[1], h.n_levels
     tabs = _tables(h, q.device)
-    qg = q.view(B, Hkv, G, nq, d).transpose(2, 3).to(ks.dtype)  # (B, Hkv, nq, G, d)
+    qg = q.view(B, Hkv, G, nq, d).transpose(2, 3).to(boxes.centre.dtype)  # (B, Hkv, nq, G, d)
     blk = torch.arange(i0, i0 + nq, device=q.device) // h.block_size
     lv0, win0 = tabs.lv[blk], tabs.win[blk]  # (nq, W0)
     W0, C = lv0.shape[1], num_candidates(h, refine)
     lv = torch.zeros(B, Hkv, nq, C, dtype=torch.long, device=q.device)
     win = torch.full((B, Hkv, nq, C), -1, dtype=torch.long, device=q.device)
     lv[..., :W0], win[..., :W0] = lv0, win0
-    score = torch.full((B, Hkv, nq, C), -math.inf, dtype=ks.dtype, device=q.device)
+    score = torch.full((B, Hkv, nq, C), -math.inf, dtype=boxes.centre.dtype, device=q.device)
     pos = torch.arange(i0, i0 + nq, device=q.device)
-    score[..., :W0] = _window_scores(qg, ks, h, tabs, lv[..., :W0], win[..., :W0], scale, reach, pos)
+    score[..., :W0] = _window_scores(qg, boxes, h, tabs, lv[..., :W0], win[..., :W0], scale, reach, pos)
     opened = torch.full((B, Hkv, nq, refine), -1, dtype=torch.long, device=q.device)
     for t in range(refine):
         best = score.argmax(-1, keepdim=True)  # (B, Hkv, nq, 1)
@@ -227,7 +284,7 @@ def select(q: torch.Tensor, ks: torch.Tensor, h: Hierarchy, refine: int, scale: 
                 break
             kids = tabs.kids[tabs.kid_base[cur_l.clamp(max=L)] + cur_w.clamp(min=0)].squeeze(-2)  # (B, Hkv, nq, 2)
             kid_l = (cur_l - 1).clamp(min=1).expand(-1, -1, -1, 2)
-            kid_score = _window_scores(qg, ks, h, tabs, kid_l, kids, scale, reach, pos)
+            kid_score = _window_scores(qg, boxes, h, tabs, kid_l, kids, scale, reach, pos)
             right = kid_score[..., 1:] > kid_score[..., :1]  # ties keep the left child
             keep = torch.where(right, kids[..., 1:], kids[..., :1])
             slot = W0 + t * (L - 1) + s
@@ -415,7 +472,7 @@ class FarField(torch.autograd.Function):
         kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
         out = torch.empty(B, H, nq_all, d, dtype=acc, device=q.device)
         lse = torch.empty(B, H, nq_all, dtype=acc, device=q.device)
-        sels, ws = _select_all(q, ksa, h, refine, scale, start, reach), Scratch()
+        sels, ws = _select_all(q, window_boxes(k.to(acc), h), h, refine, scale, start, reach), Scratch()
         for i0, i1, *sel in _far_chunks(sels, q, ks, h, refine):
             o, l = far_attention(q[:, :, i0:i1], n, off, h, sel, kb, vb, ksa, vsa, weighted, scale, ws, kernels)
             nq = i1 - i0
@@ -532,14 +589,15 @@ def _chunks(n: int, per_query: int, h: Hierarchy):
         yield i0, min(i0 + step, n)
 
 
-def _select_all(q, ks, h: Hierarchy, refine: int, scale: float, start: int = 0,
+def _select_all(q, boxes: WindowBoxes, h: Hierarchy, refine: int, scale: float, start: int = 0,
                 reach: SelectionReach | None = None) -> list[tuple]:
     """:func:`select` over queries at ``[start, start + nq)`` in chunks of its own size (its
-    temporaries are the initial candidates' summaries), as ``(i0, i1, opened, lv, win)`` in
-    int32, ``i0, i1`` relative to ``start``."""
+    temporaries are the initial candidates' boxes, and with a reach each one's turned queries), as
+    ``(i0, i1, opened, lv, win)`` in int32, ``i0, i1`` relative to ``start``."""
     B, H, n, d = q.shape
-    per_query = B * ks.shape[1] * d * max(num_candidates(h, 0), 2) * h.rank * max(H // ks.shape[1], 1)
-    return [(i0, i1) + tuple(x.to(torch.int32) for x in select(q[:, :, i0:i1], ks, h, refine, scale, start + i0, reach))
+    Hkv = boxes.centre.shape[1]
+    per_query = B * Hkv * d * max(num_candidates(h, 0), 2) * (2 + (H // Hkv if reach is not None else 0))
+    return [(i0, i1) + tuple(x.to(torch.int32) for x in select(q[:, :, i0:i1], boxes, h, refine, scale, start + i0, reach))
             for i0, i1 in _chunks(n, per_query, h)]
 
 

@@ -99,7 +99,7 @@ class ModelConfig:
                                        "'window' (summarise un-rotated keys, rotate each summary at its "
                                        "sub-window's mean position).", choices=SUMMARY_ROPES)
     refine: int = option(0, "Adaptive refinement (fma): per query, open the K far fine blocks whose "
-                            "summaries score highest and attend to them token by token (descending the "
+                            "keys could score highest (a bound per window) and attend to them token by token (descending the "
                             "hierarchy: O(K log n) to choose them). 0: plain multipole attention. Costs about "
                             "K * (block_size + rank * levels) more keys per query. Decoding keeps a store of the "
                             "context's keys (README, Generation); sequence parallelism all-gathers the keys and "
@@ -116,7 +116,7 @@ class ModelConfig:
                                    "the levels it trained and refinement can still open any block. Costs "
                                    "n / (block_size * 2**(max_level-1)) summaries a query at the top level. "
                                    "No effect where max_level cuts no level.")
-    select_reach: int | None = option(None, "Adaptive refinement (model.refine > 0): its selection scores summaries "
+    select_reach: int | None = option(None, "Adaptive refinement (model.refine > 0): its selection scores windows "
                                             "farther than this many tokens from the query as if they were this "
                                             "far (rotated back by RoPE); the attention keeps the real positions. "
                                             "Past the training length, far windows' scores drift with distances "

@@ -251,8 +251,9 @@ def test_refined_cache_across_many_levels_and_growths(kind):
 
 def test_refined_cache_float32_and_memory():
     """float32 within 1e-5 of the forward. The store holds every token's key and value (room
-    for at most half as many again) and every window's summaries (about 2p/m rows a token, laid
-    out for at most twice the tokens); the hot state stays the plain cache's size, O((m + p L) d)."""
+    for at most half as many again) and every window's summaries and key box (about 2(p + 1)/m
+    rows a token, laid out for at most twice the tokens); the hot state stays the plain cache's
+    size, O((m + p L) d)."""
     m, p, n, B, Hkv, d = 8, 2, 1100, 2, 2, 8
     q, k, v = _inputs(n, dtype=torch.float32)
     s = build_summaries("m2m", n_kv_heads=Hkv, head_dim=d, block_size=m, rank=p)
@@ -263,7 +264,8 @@ def test_refined_cache_float32_and_memory():
     assert n <= cache.k_store.shape[2] <= 1.5 * n + m
     assert cache.ks.shape[2] <= 2 * p * (2 * n + 2 * m) // m + 4 * p
     row_bytes = B * Hkv * d * 4
-    assert cache.cold_nbytes() == 2 * row_bytes * (cache.k_store.shape[2] + cache.ks.shape[2])
+    assert cache.boxes.centre.shape[2] == cache.ks.shape[2] // p  # a box per window
+    assert cache.cold_nbytes() == 2 * row_bytes * (cache.k_store.shape[2] + cache.ks.shape[2] + cache.boxes.centre.shape[2])
     hot = cache.nbytes() - cache.cold_nbytes()
     L = num_levels(n, m)
     assert hot <= 2 * row_bytes * (2 * m + 3 * p * L) + 4 * 2 * m  # fine slots and bias, 3 windows a level

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fmtrain.attention import fma
 from fmtrain.attention.hierarchy import hierarchy, truncate
 from fmtrain.attention.reference import dense_attention, dense_refined
-from fmtrain.attention.refine import SelectionReach, keys_per_query, select
+from fmtrain.attention.refine import SelectionReach, keys_per_query, select, window_boxes
 from fmtrain.attention.rope import inverse_frequencies
 from fmtrain.attention.summaries import MEAN, build_summaries
 
@@ -120,8 +120,7 @@ def test_a_far_key_that_matches_is_opened_and_read_exactly(rng):
     q[0, 0, -1] = k[0, 0, needle] = torch.ones(d) * 2
     v[0, 0, needle] = torch.full((d,), 5.0)
     h = hierarchy(n, m, 2, True)
-    ks, vs = MEAN(k, v, h)
-    opened, lv, win = select(q[:, :, -1:], ks, h, 1, 1 / math.sqrt(d), n - 1)
+    opened, lv, win = select(q[:, :, -1:], window_boxes(k, h), h, 1, 1 / math.sqrt(d), n - 1)
     assert opened[0, 0, 0, 0].item() == needle // m
     refined = fma(q, k, v, block_size=m, rank=2, refine=1)[0, 0, -1]
     plain = fma(q, k, v, block_size=m, rank=2)[0, 0, -1]
@@ -309,27 +308,94 @@ def test_select_reach_nothing_after_a_query_changes_it(rng):
 
 
 def test_select_reach_scores_far_windows_at_the_reach():
-    """A far window's selection score is its summaries' scores rotated to the reach: as if its keys
-    lay that many positions later (RoPE moves a mean of rotated keys exactly)."""
+    """A far window's selection score is its box's bound for the query turned back by RoPE as far
+    as the window's centre lies beyond the reach: the bound on its keys' scores as if they lay that
+    many positions later."""
     from fmtrain.attention.refine import _tables, _window_scores
-    from fmtrain.attention.rope import apply_rope, rope_angles
+    from fmtrain.attention.rope import apply_rope, rope_angles, rotate
 
     n, m, d, theta = 512, 16, 16, 100.0
     g = torch.Generator().manual_seed(5)
-    raw_k = torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
+    k = apply_rope(torch.randn(1, 1, n, d, generator=g, dtype=torch.float64), *rope_angles(torch.arange(n), d, theta))
     q = apply_rope(torch.randn(1, 1, n, d, generator=g, dtype=torch.float64), *rope_angles(torch.arange(n), d, theta))
-    h = hierarchy(n, m, 2, True)  # 4 levels; level 4's window 0 has summaries centred at 32 and 96
-    ks, _ = MEAN(*(2 * [apply_rope(raw_k, *rope_angles(torch.arange(n), d, theta))]), h)
-    reach = 215  # the query at 511 lies 479 and 415 from them: 264 and 200 beyond
-    want = ks.clone()
-    for j, shift in ((0, 264), (1, 200)):
-        moved = MEAN(*(2 * [apply_rope(raw_k, *rope_angles(torch.arange(n) + shift, d, theta))]), h)[0]
-        want[:, :, h.offsets[3] + j] = moved[:, :, h.offsets[3] + j]
+    h = hierarchy(n, m, 2, True)  # 4 levels; level 4's window 0 holds tokens 0..127, centred at 64
+    boxes = window_boxes(k, h)
+    reach = 215  # the query at 511 lies 447 from it: 232 beyond
     tabs, qg = _tables(h, "cpu"), q[:, :, -1:].unsqueeze(3)  # (B, Hkv, nq, G, d)
     lv, win, pos = torch.tensor([[[[4]]]]), torch.tensor([[[[0]]]]), torch.tensor([n - 1])
-    got = _window_scores(qg, ks, h, tabs, lv, win, 1.0, _reach(reach, d, theta), pos)
-    assert (got - _window_scores(qg, want, h, tabs, lv, win, 1.0)).abs().max() < 1e-12
-    assert (got - _window_scores(qg, ks, h, tabs, lv, win, 1.0)).abs().max() > 1e-3
+    got = _window_scores(qg, boxes, h, tabs, lv, win, 1.0, _reach(reach, d, theta), pos)
+    turned = rotate(qg, torch.tensor(-232), inverse_frequencies(d, theta))
+    assert (got - _window_scores(turned, boxes, h, tabs, lv, win, 1.0)).abs().max() < 1e-12
+    assert (got - _window_scores(qg, boxes, h, tabs, lv, win, 1.0)).abs().max() > 1e-3
+    # and it bounds the moved keys' scores: each key of the window, turned 232 positions later
+    moved = rotate(k[0, 0, :128], torch.tensor(232), inverse_frequencies(d, theta))
+    assert float((moved @ q[0, 0, -1]).max()) <= float(got) + 1e-12
+
+
+# --------------------------------------------------------------------------- selection keys: window boxes
+def _brute_boxes(k, n, m, levels):
+    """{(level, window): (hi, lo)} of a single sequence's keys k (Hkv, n, d), window by window."""
+    out = {}
+    for l in range(1, levels + 1):
+        w = m << (l - 1)
+        for c in range(-(-n // w)):
+            keys = k[:, c * w:min((c + 1) * w, n)]
+            out[l, c] = keys.amax(1), keys.amin(1)
+    return out
+
+
+@pytest.mark.parametrize("n,m", [(64, 8), (93, 8), (130, 4)])
+def test_window_boxes_are_each_windows_tight_channel_range(rng, n, m):
+    """Every window's box spans exactly its keys' range in every channel (padding and the tokens
+    of other windows excluded): ``centre +- radius`` equals the brute-force max and min."""
+    k = randn(rng, 2, 3, n, 8)
+    h = hierarchy(n, m, 2, True)
+    boxes = window_boxes(k, h)
+    assert boxes.centre.shape == (2, 3, sum(h.windows), 8)
+    for b in range(2):
+        for (l, c), (hi, lo) in _brute_boxes(k[b], n, m, h.n_levels).items():
+            row = sum(h.windows[:l - 1]) + c
+            assert torch.equal(boxes.centre[b, :, row] + boxes.radius[b, :, row], hi) or \
+                (boxes.centre[b, :, row] + boxes.radius[b, :, row] - hi).abs().max() < 1e-15
+            assert (boxes.centre[b, :, row] - boxes.radius[b, :, row] - lo).abs().max() < 1e-15
+
+
+def test_window_boxes_of_packed_documents_hold_their_own_documents_keys_only(rng):
+    """In the block-aligned layout of packed documents, each document's windows bound its own keys,
+    as its own hierarchy's would alone."""
+    from fmtrain.attention.documents import as_documents, doc_hierarchy, to_layout
+
+    n, m = 120, 8
+    cu = torch.tensor([0, 37, 40, 120, 200, 240])  # two rows of 120: documents of 37, 3, 80 | 80, 40
+    k = randn(rng, 2, 2, n, 8)
+    docs = as_documents(cu, 2, n)
+    dh = doc_hierarchy(docs, m, 2, True, None)
+    boxes = window_boxes(to_layout(k, dh), dh)
+    flat = k.transpose(1, 2).reshape(2 * n, 2, 8)
+    for s, L, part, wins in zip(docs.starts, docs.lengths, dh.parts, dh.first_window):
+        for (l, c), (hi, lo) in _brute_boxes(flat[s:s + L].transpose(0, 1), L, m, part.n_levels).items():
+            row = sum(dh.windows[:l - 1]) + wins[l - 1] + c
+            assert (boxes.centre[0, :, row] + boxes.radius[0, :, row] - hi).abs().max() < 1e-15
+            assert (boxes.centre[0, :, row] - boxes.radius[0, :, row] - lo).abs().max() < 1e-15
+
+
+def test_a_matching_key_is_opened_where_its_windows_summaries_score_lowest(rng):
+    """One key matches the query, in a block whose other keys point away from it: the block's
+    mean (its summary) scores lowest of all, its box's bound highest. The selection opens it at
+    every level of the descent and the output reads the key's value."""
+    n, m, d = 512, 16, 16
+    q, k, v = randn(rng, 1, 1, n, d) * 0.1, randn(rng, 1, 1, n, d) * 0.1, randn(rng, 1, 1, n, d)
+    needle = 37  # block 2, 474 tokens before the last query
+    k[0, 0, 32:48] -= 0.5  # its block: away from the query, but for the needle
+    q[0, 0, -1] = k[0, 0, needle] = torch.ones(d) * 2
+    v[0, 0, needle] = torch.full((d,), 5.0)
+    h = hierarchy(n, m, 2, True)
+    ks, _ = MEAN(k, v, h)
+    level1 = ks[0, 0, :2 * h.windows[0]].view(-1, 2, d) @ q[0, 0, -1]  # (blocks, p)
+    assert level1.amax(-1)[:n // m - 2].argmin() == needle // m  # the summaries would rank it last
+    opened, _, _ = select(q[:, :, -1:], window_boxes(k, h), h, 1, 1 / math.sqrt(d), n - 1)
+    assert opened[0, 0, 0, 0].item() == needle // m
+    assert (fma(q, k, v, block_size=m, rank=2, refine=1)[0, 0, -1] - 5).abs().max() < 0.05
 
 
 def test_select_reach_is_refused_without_refinement_and_checked(rng):

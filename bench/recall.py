@@ -309,6 +309,8 @@ def trained(args, variant: str, device: torch.device) -> tuple[torch.nn.Module, 
     setup = {k: getattr(args, k) for k in keys}
     if args.train != "chained":  # weights saved before --train existed were trained chained
         setup["train"], setup["doc_prefix"] = args.train, args.doc_prefix
+    if "refine" in variant:  # refined weights saved before it selected by key boxes selected by summaries
+        setup["selection"] = "boxes"
     path = Path(args.models) / f"{variant}.pt"
     if path.exists():
         saved = torch.load(path, map_location=device)

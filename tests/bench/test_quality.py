@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_bench(script: str, tmp_path: Path, *extra: str) -> dict:
+def run_bench(script: str, tmp_path: Path, *extra: str, plot: bool = True) -> dict:
     out = tmp_path / "results"
     cmd = [sys.executable, str(ROOT / "bench" / script), "--quick", "--out", str(out), *extra]
     # Generous timeout: the script takes 1-2 minutes on a quiet 2-core machine, but CI machines are shared.
@@ -28,7 +28,7 @@ def run_bench(script: str, tmp_path: Path, *extra: str) -> dict:
             proc.communicate()
     assert proc.returncode == 0, output[-5000:]
     stem = out / f"{Path(script).stem}-quick"
-    assert stem.with_suffix(".png").stat().st_size > 0
+    assert not plot or stem.with_suffix(".png").stat().st_size > 0
     assert stem.with_suffix(".md").read_text().startswith("| ")
     return json.loads(stem.with_suffix(".json").read_text())
 
@@ -90,6 +90,17 @@ def test_recall_refined_variant_saves_its_weights_and_the_needle_at_start_contro
     assert docs["meta"]["args"]["train"] == "documents"
     assert docs["rows"]["fma-m2m-refine2"]["train_log"] != first["rows"]["fma-m2m-refine2"]["train_log"]
     assert torch.load(tmp_path / "models" / "fma-m2m-refine2.pt")["setup"]["train"] == "documents"
+    # The selection probe on those weights: the needle's window's rank by each rule, at every level it has.
+    probe = run_bench("selection.py", tmp_path, "--variants", "fma-m2m-refine2", "--models", models, "--train",
+                      "documents", plot=False)
+    assert probe["meta"]["variant"] == "fma-m2m-refine2" and probe["meta"]["length"] == 1024
+    assert probe["rows"] and "16" not in probe["rows"]  # distance 16 lies in the near field: no window
+    for d, row in probe["rows"].items():
+        levels = [k.split()[0] for k in row if k.endswith("windows")]
+        assert levels, d
+        for lv in levels:
+            for rule in ("summary", "box", "exact"):
+                assert 0 <= row[f"{lv} {rule}"] < row[f"{lv} windows"], (d, lv, rule)
 
 
 def test_recall_refuses_a_flat_top_without_a_cap_and_a_bad_rope_scaling(capsys):

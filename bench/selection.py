@@ -1,0 +1,126 @@
+"""Where does refinement's selection rank the needle? A probe of a model trained by ``bench/recall.py``.
+
+    python bench/selection.py --train documents --train-len 4096 --curriculum 512,1024,2048 --batch-size 1 \
+        --steps 400 --variants fma-m2m-refine4 --models runs/recall-docs2-s0 --seed 0 --tag cpu-4k-docs2-s0
+
+For one-query sequences (``recall.single_query_batch``) at each distance, the last query of the
+last layer scores every window that lies wholly before its near field, level by level, three ways:
+
+- ``summary``: the best of the window's ``p`` summaries, ``max_j q . K_j`` (the selection rule
+  before 2026-12-06);
+- ``box``: the bound ``q . centre + |q| . radius`` on its keys' box (:func:`fmtrain.attention.refine.window_boxes`,
+  the rule since);
+- ``exact``: its best key's score at full resolution (what an ideal rule would find; O(n) a query).
+
+and the table gives the needle's window's rank among its level's windows (0: first), averaged
+over the query heads and the sequences. Rank 0 by ``exact`` says the model's query does point at
+the needle; then a rank far from 0 by a rule is that rule's failure, not the model's. The
+weights are ``recall.py``'s (``--models``, same training arguments), trained if absent.
+
+Writes ``<--out>/selection-<tag>.{json,md}``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+import recall
+from _results import meta, result_stem, write_results
+from fmtrain.attention.hierarchy import hierarchy
+from fmtrain.attention.refine import window_boxes
+
+RULES = ("summary", "box", "exact")
+
+
+def _last_layer_inputs(model, ids: torch.Tensor):
+    """The last attention layer's rotated q (B, H, n, d), k and v (B, Hkv, n, d) on ``ids``, and that layer."""
+    layers = [m for m in model.modules() if hasattr(m, "summarise")]
+    seen = {}
+    layer = layers[-1]
+    inner = layer.attend
+
+    def grab(q, k, v, cu_seqlens=None):
+        seen["qkv"] = (q, k, v)
+        return inner(q, k, v, cu_seqlens=cu_seqlens)
+
+    layer.attend = grab
+    try:
+        with torch.no_grad():
+            model.logits_at(ids, torch.zeros_like(ids, dtype=torch.bool).index_fill_(1, torch.tensor([ids.shape[1] - 1]), True))
+    finally:
+        del layer.attend  # the bound method again
+    return (*seen["qkv"], layer)
+
+
+def needle_ranks(model, ids: torch.Tensor, value_pos: int) -> dict:
+    """{(level, rule): rank of the window holding ``value_pos`` among its level's windows before the
+    last query's near field, averaged over heads} for one sequence ``ids`` (1, n)."""
+    q, k, v, layer = _last_layer_inputs(model, ids)
+    n, G = ids.shape[1], q.shape[1] // k.shape[1]
+    h = hierarchy(n, layer.block_size, layer.rank, True)
+    ks, _ = layer.summarise(k, v, h)  # (1, Hkv, T, d)
+    boxes = window_boxes(k.double(), h)
+    qi = q[0, :, -1].double()  # (H, d)
+    near = ((n - 1) // h.block_size - 1) * h.block_size  # the first position of the near field
+    out = {}
+    for level in range(1, h.n_levels + 1):
+        size = h.window_size(level)
+        nw, hit = near // size, value_pos // size
+        if nw < 2 or hit >= nw:
+            continue
+        keys = k[0].double().repeat_interleave(G, 0)[:, :nw * size].view(-1, nw, size, k.shape[-1])  # (H, nw, w, d)
+        first = h.offsets[level - 1]
+        summ = ks[0].double().repeat_interleave(G, 0)[:, first:first + nw * h.rank].view(-1, nw, h.rank, k.shape[-1])
+        row = sum(h.windows[:level - 1])
+        centre, radius = (x[0, :, row:row + nw].double().repeat_interleave(G, 0) for x in boxes)  # (H, nw, d)
+        scores = dict(
+            summary=torch.einsum("hd,hwpd->hwp", qi, summ).amax(-1),
+            box=torch.einsum("hd,hwd->hw", qi, centre) + torch.einsum("hd,hwd->hw", qi.abs(), radius),
+            exact=torch.einsum("hd,hwtd->hwt", qi, keys).amax(-1))
+        for rule, s in scores.items():
+            out[level, rule] = float((s > s[:, hit:hit + 1]).sum(-1).double().mean())
+        out[level, "windows"] = nw
+    return out
+
+
+def main(argv=None) -> int:
+    args = recall.parse_args(argv)
+    device = torch.device("cpu")
+    variant = args.variants.split(",")[0]
+    model, _ = recall.trained(args, variant, device)
+    model.eval()
+    n = int(args.eval_lens.split(",")[0])
+    gen = torch.Generator().manual_seed(args.seed + 2000 + n)
+    t0 = time.perf_counter()
+    rows = {}
+    for d in recall.eval_distances(args, n):
+        acc = {}
+        for _ in range(args.single_seqs):
+            ids, _, _ = recall.single_query_batch(gen, 1, n, d, args.keys)
+            for key, r in needle_ranks(model, ids.to(device), n - 1 - d).items():
+                acc.setdefault(key, []).append(r)
+        if not acc:  # the needle within the near field: no window holds it
+            continue
+        rows[d] = {f"L{level} {rule}": sum(x) / len(x) for (level, rule), x in acc.items()}
+        print(f"distance {d}: " + "  ".join(f"{k} {v:.1f}" for k, v in rows[d].items()), flush=True)
+    head = "| distance | level | windows | " + " | ".join(RULES) + " |\n|---|---|---|" + "---|" * len(RULES)
+    lines = [head]
+    for d, r in rows.items():
+        for level in range(1, 64):
+            if f"L{level} windows" in r:
+                lines.append(f"| {d} | {level} | {r[f'L{level} windows']:.0f} | "
+                             + " | ".join(f"{r[f'L{level} {rule}']:.1f}" for rule in RULES) + " |")
+    table = "\n".join(lines) + ("\n\nThe needle's window's rank among its level's windows before the last query's "
+                                "near field (0: first), last layer, mean over heads and sequences.")
+    print(table)
+    stem = result_stem("selection", args, device)
+    write_results(stem, dict(meta=meta(args, variant=variant, length=n, wall_s=time.perf_counter() - t0),
+                             rows=rows, table=table), markdown=table)
+    print(f"wrote {stem}.json, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

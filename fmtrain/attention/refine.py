@@ -20,11 +20,10 @@ heads of one key/value head, as NSA shares its selection across a GQA group):
 
 Why a bound and not the summaries: a summary is a (learned) average, and one key that
 matches a query is diluted in it by the window's size, so summaries rank windows by their
-bulk, not by their best key. Measured on trained models (``bench/recall.py``, README
-"Adaptive refinement"): the query's best key at full resolution was the needle's in every
-head, while the summaries ranked the needle's fine block about 98th of 126; the bound
-ranked it first at every level, and recall within the training length went from chance
-to 1.00. The bound is monotone (a window's is at least each child's), so windows of
+bulk, not by their best key. Measured on a model trained with summary selection
+(``bench/selection.py``, README "Adaptive refinement"): at the last query the summaries
+ranked the needle's fine block about 87th of 126, its box first, at every level and
+distance; rescored by boxes, recall within the training length went from chance to 1.00. The bound is monotone (a window's is at least each child's), so windows of
 every size are compared on one scale: a large window wins only if its box could hold a
 better key than the smaller ones'. The learned summaries are still what the unopened
 windows are attended through.

@@ -313,8 +313,8 @@ def sp_refined(q, k, v, group, *, block_size: int, rank: int, causal: bool, weig
     summaries of the whole sequence itself, so selection, summaries and results are the
     single device's exactly. Sending only the opened blocks (requested from their owners
     after the selection, their gradients returned) would bring the traffic down to what the
-    queries open; the selection itself then needs every window's summaries (``2p/m`` of the
-    keys' traffic).
+    queries open; the selection itself then needs every window's key box and summaries
+    (``2(p+1)/m`` of the keys' traffic).
     """
     n_ranks, me = dist.get_world_size(group), dist.get_rank(group)
     B, H, chunk, d = q.shape

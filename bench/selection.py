@@ -48,7 +48,9 @@ def _last_layer_inputs(model, ids: torch.Tensor):
     layer.attend = grab
     try:
         with torch.no_grad():
-            model.logits_at(ids, torch.zeros_like(ids, dtype=torch.bool).index_fill_(1, torch.tensor([ids.shape[1] - 1]), True))
+            last = torch.zeros_like(ids, dtype=torch.bool)
+            last[:, -1] = True
+            model.logits_at(ids, last)
     finally:
         del layer.attend  # the bound method again
     return (*seen["qkv"], layer)
@@ -63,6 +65,7 @@ def needle_ranks(model, ids: torch.Tensor, value_pos: int) -> dict:
     ks, _ = layer.summarise(k, v, h)  # (1, Hkv, T, d)
     boxes = window_boxes(k.double(), h)
     qi = q[0, :, -1].double()  # (H, d)
+    kh, ksh = (x[0].double().repeat_interleave(G, 0) for x in (k, ks))  # per query head: (H, n, d), (H, T, d)
     near = ((n - 1) // h.block_size - 1) * h.block_size  # the first position of the near field
     out = {}
     for level in range(1, h.n_levels + 1):
@@ -70,9 +73,9 @@ def needle_ranks(model, ids: torch.Tensor, value_pos: int) -> dict:
         nw, hit = near // size, value_pos // size
         if nw < 2 or hit >= nw:
             continue
-        keys = k[0].double().repeat_interleave(G, 0)[:, :nw * size].view(-1, nw, size, k.shape[-1])  # (H, nw, w, d)
+        keys = kh[:, :nw * size].view(-1, nw, size, k.shape[-1])  # (H, nw, w, d)
         first = h.offsets[level - 1]
-        summ = ks[0].double().repeat_interleave(G, 0)[:, first:first + nw * h.rank].view(-1, nw, h.rank, k.shape[-1])
+        summ = ksh[:, first:first + nw * h.rank].view(-1, nw, h.rank, k.shape[-1])  # (H, nw, p, d)
         row = sum(h.windows[:level - 1])
         centre, radius = (x[0, :, row:row + nw].double().repeat_interleave(G, 0) for x in boxes)  # (H, nw, d)
         scores = dict(

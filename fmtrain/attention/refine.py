@@ -23,10 +23,11 @@ matches a query is diluted in it by the window's size, so summaries rank windows
 bulk, not by their best key. Measured on a model trained with summary selection
 (``bench/selection.py``, README "Adaptive refinement"): at the last query the summaries
 ranked the needle's fine block about 87th of 126, its box first, at every level and
-distance; rescored by boxes, recall within the training length went from chance to 1.00. The bound is monotone (a window's is at least each child's), so windows of
-every size are compared on one scale: a large window wins only if its box could hold a
-better key than the smaller ones'. The learned summaries are still what the unopened
-windows are attended through.
+distance; rescored by boxes, recall within the training length went from chance to 1.00.
+The bound is monotone (a window's is at least each child's), so windows of every size are
+compared on one scale: a large window wins only if its box could hold a better key than
+the smaller ones'. The learned summaries are still what the unopened windows are attended
+through.
 
 So the sequence stays partitioned exactly (every key counts once, itself or inside
 one summary), ``K = 0`` is plain multipole attention and ``K >= n_blocks`` is exact
@@ -39,8 +40,8 @@ The design page states the rule as "open the best window into its two children u
 makes the work per query fixed, ``K * (L - 1)`` two-window steps, where the open-ended
 rule can split windows without reaching a block.
 
-Cost per query: selection ``O(L + K L)`` box scores (two products with ``d`` numbers each), attention
-``O(m + p L + K (m + p L))`` keys (``L ~ log2(n/m)`` levels): causal, ``2m + K m +
+Cost per query: selection ``O(L + K L)`` box scores (two products of ``d`` numbers each),
+attention ``O(m + p L + K (m + p L))`` keys (``L ~ log2(n/m)`` levels): causal, ``2m + K m +
 (2L + K (L - 1)) p`` scores. At ``m = 64``, ``p = 2``, per query head (:func:`keys_per_query`):
 
     n     levels   K=0   K=2   K=4   K=8   full attention
@@ -471,7 +472,8 @@ class FarField(torch.autograd.Function):
         kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
         out = torch.empty(B, H, nq_all, d, dtype=acc, device=q.device)
         lse = torch.empty(B, H, nq_all, dtype=acc, device=q.device)
-        sels, ws = _select_all(q, window_boxes(k.to(acc), h), h, refine, scale, start, reach), Scratch()
+        boxes = window_boxes(kb.view(B, kb.shape[1], -1, d), h, limit=n)  # from the padded blocks already made
+        sels, ws = _select_all(q, boxes, h, refine, scale, start, reach), Scratch()
         for i0, i1, *sel in _far_chunks(sels, q, ks, h, refine):
             o, l = far_attention(q[:, :, i0:i1], n, off, h, sel, kb, vb, ksa, vsa, weighted, scale, ws, kernels)
             nq = i1 - i0

@@ -3,8 +3,8 @@
     python bench/selection.py --train documents --train-len 4096 --curriculum 512,1024,2048 --batch-size 1 \
         --steps 400 --variants fma-m2m-refine4 --models runs/recall-docs2-s0 --seed 0 --tag cpu-4k-docs2-s0
 
-For one-query sequences (``recall.single_query_batch``) at each distance, the last query of the
-last layer scores every window that lies wholly before its near field, level by level, three ways:
+For one-query sequences (``recall.single_query_batch``) at each distance, the last query of
+each layer scores every window that lies wholly before its near field, level by level, three ways:
 
 - ``summary``: the best of the window's ``p`` summaries, ``max_j q . K_j`` (the selection rule
   before 2026-12-06);
@@ -13,8 +13,12 @@ last layer scores every window that lies wholly before its near field, level by 
 - ``exact``: its best key's score at full resolution (what an ideal rule would find; O(n) a query).
 
 and the table gives the needle's window's rank among its level's windows (0: first), averaged
-over the query heads and the sequences. Rank 0 by ``exact`` says the model's query does point at
-the needle; then a rank far from 0 by a rule is that rule's failure, not the model's. The
+over the query heads and the sequences. Rank 0 by ``exact`` says the layer's query does point at
+the needle (the layer that retrieves; in a two-layer model it may be either); then a rank far from 0 by a rule is that rule's failure, not the model's. ``opened``
+is the share of key/value heads whose selection (the layer's own: ``refine``, ``select_reach``)
+opens the needle's fine block at that query: a box rank below ``refine`` at level 1 with the
+block left unopened is the descent's miss, not the bound's. The ``--eval-*`` options that change
+the layers (``--eval-select-reach``, ``--eval-max-level``, ``--eval-flat-top``) apply. The
 weights are ``recall.py``'s (``--models``, same training arguments), trained if absent.
 
 Writes ``<--out>/selection-<tag>.{json,md}``.
@@ -28,17 +32,15 @@ import torch
 
 import recall
 from _results import meta, result_stem, write_results
-from fmtrain.attention.hierarchy import hierarchy
-from fmtrain.attention.refine import window_boxes
+from fmtrain.attention.hierarchy import call_hierarchy, hierarchy
+from fmtrain.attention.refine import select, window_boxes
 
 RULES = ("summary", "box", "exact")
 
 
-def _last_layer_inputs(model, ids: torch.Tensor):
-    """The last attention layer's rotated q (B, H, n, d), k and v (B, Hkv, n, d) on ``ids``, and that layer."""
-    layers = [m for m in model.modules() if hasattr(m, "summarise")]
+def _layer_inputs(model, layer, ids: torch.Tensor):
+    """``layer``'s rotated q (B, H, n, d), k and v (B, Hkv, n, d) on ``ids``."""
     seen = {}
-    layer = layers[-1]
     inner = layer.attend
 
     def grab(q, k, v, cu_seqlens=None):
@@ -53,13 +55,14 @@ def _last_layer_inputs(model, ids: torch.Tensor):
             model.logits_at(ids, last)
     finally:
         del layer.attend  # the bound method again
-    return (*seen["qkv"], layer)
+    return seen["qkv"]
 
 
-def needle_ranks(model, ids: torch.Tensor, value_pos: int) -> dict:
+def needle_ranks(model, layer, ids: torch.Tensor, value_pos: int) -> dict:
     """{(level, rule): rank of the window holding ``value_pos`` among its level's windows before the
-    last query's near field, averaged over heads} for one sequence ``ids`` (1, n)."""
-    q, k, v, layer = _last_layer_inputs(model, ids)
+    last query's near field, averaged over heads; "opened": the share of key/value heads whose
+    selection opens its block} for one sequence ``ids`` (1, n) at ``layer``."""
+    q, k, v = _layer_inputs(model, layer, ids)
     n, G = ids.shape[1], q.shape[1] // k.shape[1]
     h = hierarchy(n, layer.block_size, layer.rank, True)
     ks, _ = layer.summarise(k, v, h)  # (1, Hkv, T, d)
@@ -85,6 +88,11 @@ def needle_ranks(model, ids: torch.Tensor, value_pos: int) -> dict:
         for rule, s in scores.items():
             out[level, rule] = float((s > s[:, hit:hit + 1]).sum(-1).double().mean())
         out[level, "windows"] = nw
+    if layer.refine:  # the layer's own selection: its hierarchy (max_level, flat_top) and reach
+        hl = call_hierarchy(n, layer.block_size, layer.rank, True, layer.max_level, None, layer.flat_top)
+        opened, _, _ = select(q[:, :, -1:].double(), window_boxes(k.double(), hl), hl, layer.refine,
+                              q.shape[-1] ** -0.5, n - 1, layer._reach())  # (1, Hkv, 1, refine)
+        out["opened"] = float((opened == value_pos // hl.block_size).any(-1).double().mean())
     return out
 
 
@@ -94,6 +102,11 @@ def main(argv=None) -> int:
     variant = args.variants.split(",")[0]
     model, _ = recall.trained(args, variant, device)
     model.eval()
+    if args.eval_select_reach is not None:
+        recall.set_select_reach(model, args.eval_select_reach)
+    if args.eval_max_level is not None:
+        recall.cap_levels(model, args.eval_max_level, args.eval_flat_top)
+    layers = [m for m in model.modules() if hasattr(m, "summarise")]
     n = int(args.eval_lens.split(",")[0])
     gen = torch.Generator().manual_seed(args.seed + 2000 + n)
     t0 = time.perf_counter()
@@ -102,21 +115,28 @@ def main(argv=None) -> int:
         acc = {}
         for _ in range(args.single_seqs):
             ids, _, _ = recall.single_query_batch(gen, 1, n, d, args.keys)
-            for key, r in needle_ranks(model, ids.to(device), n - 1 - d).items():
-                acc.setdefault(key, []).append(r)
-        if not acc:  # the needle within the near field: no window holds it
+            for i, layer in enumerate(layers, 1):
+                for key, r in needle_ranks(model, layer, ids.to(device), n - 1 - d).items():
+                    acc.setdefault(f"layer {i}", {}).setdefault(key, []).append(r)
+        if not any(any(isinstance(k, tuple) for k in a) for a in acc.values()):  # the needle in the near field
             continue
-        rows[d] = {f"L{level} {rule}": sum(x) / len(x) for (level, rule), x in acc.items()}
-        print(f"distance {d}: " + "  ".join(f"{k} {v:.1f}" for k, v in rows[d].items()), flush=True)
-    head = "| distance | level | windows | " + " | ".join(RULES) + " |\n|---|---|---|" + "---|" * len(RULES)
+        rows[d] = {layer: {k if isinstance(k, str) else f"L{k[0]} {k[1]}": sum(x) / len(x) for k, x in a.items()}
+                   for layer, a in acc.items()}
+        for layer, r in rows[d].items():
+            print(f"distance {d}, {layer}: " + "  ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+    head = ("| distance | layer | level | windows | " + " | ".join(RULES) + " | opened |\n|---|---|---|---|"
+            + "---|" * (len(RULES) + 1))
     lines = [head]
-    for d, r in rows.items():
-        for level in range(1, 64):
-            if f"L{level} windows" in r:
-                lines.append(f"| {d} | {level} | {r[f'L{level} windows']:.0f} | "
-                             + " | ".join(f"{r[f'L{level} {rule}']:.1f}" for rule in RULES) + " |")
+    for d, per_layer in rows.items():
+        for layer, r in per_layer.items():
+            for level in range(1, 64):
+                if f"L{level} windows" in r:
+                    opened = f"{r['opened']:.2f}" if level == 1 and "opened" in r else ""
+                    lines.append(f"| {d} | {layer.split()[1]} | {level} | {r[f'L{level} windows']:.0f} | "
+                                 + " | ".join(f"{r[f'L{level} {rule}']:.1f}" for rule in RULES) + f" | {opened} |")
     table = "\n".join(lines) + ("\n\nThe needle's window's rank among its level's windows before the last query's "
-                                "near field (0: first), last layer, mean over heads and sequences.")
+                                "near field (0: first), per layer, mean over heads and sequences; opened (level 1): "
+                                "the share of key/value heads whose selection opens the needle's block.")
     print(table)
     stem = result_stem("selection", args, device)
     write_results(stem, dict(meta=meta(args, variant=variant, length=n, wall_s=time.perf_counter() - t0),

@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     _check_args(args)  # before anything is loaded
     ckpt = resolve(args.checkpoint)
     cfg = load_config_of(ckpt)
+    past_training(args, cfg)
     args.max_level = max_level_of(args.max_level, cfg, args.flat_top)
     args.rope_scaling = rope_scaling_of(args.rope_scaling, cfg)
     args.select_reach = select_reach_of(args.select_reach, cfg)
@@ -300,7 +301,13 @@ def apply_length_options(model, cfg, max_level: int | None, flat_top: bool, rope
 
 
 def add_max_level_argument(ap: argparse.ArgumentParser) -> None:
-    """``--max-level N|trained``, as eval and generate take it (:func:`max_level_of` reads it)."""
+    """``--max-level N|trained`` and the other length options, as eval and generate take them
+    (:func:`past_training`, :func:`max_level_of` and the others read them)."""
+    ap.add_argument("--past-training", action="store_true",
+                    help="multipole models, for lengths past the training length: what retrieves there on our "
+                         "benchmarks (README, Adaptive refinement): --max-level trained, and for refined models "
+                         "(model.refine > 0) --flat-top and --select-reach trained too; an option given beside it "
+                         "is kept")
     ap.add_argument("--max-level", default=None, metavar="N|trained",
                     help="multipole models: keep the coarse levels 1..N only (model.max_level); 'trained': those "
                          "the model's training length has, for lengths past it (levels it never saw collapse its "
@@ -317,6 +324,25 @@ def add_max_level_argument(ap: argparse.ArgumentParser) -> None:
                     help="run with RoPE's frequencies scaled, without fine-tuning (model.rope_scaling), for "
                          "lengths past the training length: 'llama3:F' (Llama 3.1's: low frequencies divided by F, "
                          "high ones kept, original length data.seq_len) or 'linear:F' (position interpolation)")
+
+
+def past_training(args, cfg) -> None:
+    """``--past-training``: fills ``args``' length options not given with the settings that retrieve past
+    the training length (the coarse levels trained, for refined models the top one flat and selection's
+    distances clamped at the training length)."""
+    if not args.past_training:
+        return
+    from .errors import UserError
+
+    if cfg.model.attention != "fma":
+        raise UserError(f"--past-training: sets multipole attention's length options; this model's attention is "
+                        f"{cfg.model.attention!r}: leave it out (--rope-scaling llama3:F is the option for it)")
+    if args.max_level is None:
+        args.max_level = "trained"
+    if cfg.model.refine:
+        args.flat_top = True
+        if args.select_reach is None:
+            args.select_reach = "trained"
 
 
 def select_reach_of(flag: str | None, cfg) -> int | None:

@@ -235,7 +235,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .attention.hierarchy import num_levels
     from .checkpoint import resolve
-    from .eval import apply_length_options, max_level_of, rope_scaling_of, select_reach_of
+    from .eval import apply_length_options, max_level_of, past_training, rope_scaling_of, select_reach_of
     from .export import load_config_of, load_trained
     from .data import load_tokenizer
     from .model import trained_levels
@@ -250,6 +250,7 @@ def main(argv=None) -> int:
         raise UserError(f"--seed {args.seed}: give a whole number from 0 to {SEED_MAX}")
     ckpt = resolve(args.checkpoint)
     cfg = load_config_of(ckpt)
+    past_training(args, cfg)
     max_level = max_level_of(args.max_level, cfg, args.flat_top)
     rope_scaling = rope_scaling_of(args.rope_scaling, cfg)
     select_reach = select_reach_of(args.select_reach, cfg)
@@ -280,8 +281,9 @@ def main(argv=None) -> int:
     if len(prompt) > cfg.data.seq_len:
         levels, trained = "", trained_levels(m, cfg.data.seq_len)
         if m.attention == "fma" and max_level is None and num_levels(total, m.block_size) > trained:
-            levels = f"; its coarse levels above {trained} were never trained (--max-level trained keeps to those" + \
-                (", and --flat-top with them keeps every block within reach)" if m.refine else ")")
+            levels = f"; its coarse levels above {trained} were never trained (--past-training keeps to those" + \
+                (", keeps every block within reach and selects blocks as within the training length)"
+                 if m.refine else ")")
         rope = "" if rope_scaling is not None or m.rope_scaling else \
             f"; RoPE meets distances it never trained on (--rope-scaling llama3:{-(-len(prompt) // cfg.data.seq_len)} " \
             "scales them back)"

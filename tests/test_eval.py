@@ -329,6 +329,30 @@ def test_flat_top_flag_needs_a_refined_model_and_a_cap():
         max_level_of("2", from_dict(base), flat_top=True)
 
 
+def test_past_training_fills_the_length_options_not_given():
+    """--past-training: the trained levels; for refined models a flat top and the trained reach too; what
+    is given beside it stays; other attention refuses it."""
+    from argparse import Namespace
+
+    from fmtrain.config.loading import from_dict
+    from fmtrain.errors import UserError
+    from fmtrain.eval import max_level_of, past_training, select_reach_of
+
+    def resolved(model, **given):
+        args = Namespace(**{"past_training": True, "max_level": None, "flat_top": False, "select_reach": None,
+                            **given})
+        cfg = from_dict({"run": {"dir": "r"}, "data": {"seq_len": 1024}, "model": model})
+        past_training(args, cfg)
+        return max_level_of(args.max_level, cfg, args.flat_top), args.flat_top, select_reach_of(args.select_reach, cfg)
+
+    assert resolved({"refine": 2, "block_size": 32}) == (4, True, 1024)  # 32 blocks: levels 1-4
+    assert resolved({"refine": 2, "block_size": 32}, max_level="3", select_reach="300") == (3, True, 300)
+    assert resolved({"block_size": 32}) == (4, False, None)  # plain fma: no flat top, no selection
+    with pytest.raises(UserError, match="--past-training: sets multipole attention's length options; this model's "
+                                        "attention is 'sdpa'"):
+        resolved({"attention": "sdpa"})
+
+
 def test_select_reach_flag_needs_a_refined_model():
     from fmtrain.config.loading import from_dict
     from fmtrain.errors import UserError

@@ -140,12 +140,14 @@ def test_command_prompt_file_longer_than_training(runs):
     r = _gen(runs["gpt"], "--prompt-file", str(prompt), "--max-new-tokens", "20", "--seed", "1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(prompt.read_text()) and "more than the 128 the model was trained on" in r.stderr
-    assert "its coarse levels above 2 were never trained (--max-level trained keeps to those)" in r.stderr
+    assert "its coarse levels above 2 were never trained (--past-training keeps to those)" in r.stderr
     assert "RoPE meets distances it never trained on (--rope-scaling llama3:" in r.stderr
     capped = _gen(runs["gpt"], "--prompt-file", str(prompt), "--max-new-tokens", "20", "--seed", "1",
                   "--max-level", "trained", "--rope-scaling", "llama3:8")
     assert capped.returncode == 0 and "never trained" not in capped.stderr, capped.stderr
     assert capped.stdout.startswith(prompt.read_text()) and capped.stdout != r.stdout  # scaled RoPE: other tokens
+    past = _gen(runs["gpt"], "--prompt-file", str(prompt), "--max-new-tokens", "20", "--seed", "1", "--past-training")
+    assert past.returncode == 0 and "never trained" not in past.stderr, past.stderr  # plain fma: the trained levels
 
 
 @pytest.mark.slow

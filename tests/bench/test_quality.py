@@ -95,12 +95,15 @@ def test_recall_refined_variant_saves_its_weights_and_the_needle_at_start_contro
                       "documents", plot=False)
     assert probe["meta"]["variant"] == "fma-m2m-refine2" and probe["meta"]["length"] == 1024
     assert probe["rows"] and "16" not in probe["rows"]  # distance 16 lies in the near field: no window
-    for d, row in probe["rows"].items():
-        levels = [k.split()[0] for k in row if k.endswith("windows")]
-        assert levels, d
-        for lv in levels:
-            for rule in ("summary", "box", "exact"):
-                assert 0 <= row[f"{lv} {rule}"] < row[f"{lv} windows"], (d, lv, rule)
+    for d, per_layer in probe["rows"].items():
+        assert sorted(per_layer) == ["layer 1", "layer 2"], d  # every layer of the two-layer model
+        for layer, row in per_layer.items():
+            levels = [k.split()[0] for k in row if k.endswith("windows")]
+            assert levels, (d, layer)
+            for lv in levels:
+                for rule in ("summary", "box", "exact"):
+                    assert 0 <= row[f"{lv} {rule}"] < row[f"{lv} windows"], (d, layer, lv, rule)
+            assert 0 <= row["opened"] <= 1, (d, layer)  # the share of heads whose selection opened the needle
 
 
 def test_recall_refuses_a_flat_top_without_a_cap_and_a_bad_rope_scaling(capsys):

@@ -147,7 +147,8 @@ def test_command_prompt_file_longer_than_training(runs):
     assert capped.returncode == 0 and "never trained" not in capped.stderr, capped.stderr
     assert capped.stdout.startswith(prompt.read_text()) and capped.stdout != r.stdout  # scaled RoPE: other tokens
     past = _gen(runs["gpt"], "--prompt-file", str(prompt), "--max-new-tokens", "20", "--seed", "1", "--past-training")
-    assert past.returncode == 0 and "never trained" not in past.stderr, past.stderr  # plain fma: the trained levels
+    assert past.returncode == 0, past.stderr  # plain fma: the trained levels, so no note about the others
+    assert "coarse levels" not in past.stderr and "RoPE meets distances" in past.stderr, past.stderr
 
 
 @pytest.mark.slow

@@ -14,8 +14,9 @@ each layer scores every window that lies wholly before its near field, level by 
 
 and the table gives the needle's window's rank among its level's windows (0: first), averaged
 over the query heads and the sequences. Rank 0 by ``exact`` says the layer's query does point at
-the needle (the layer that retrieves; in a two-layer model it may be either); then a rank far from 0 by a rule is that rule's failure, not the model's. ``opened``
-is the share of key/value heads whose selection (the layer's own: ``refine``, ``select_reach``)
+the needle (the layer that retrieves: in the recall models it is the first); then a rank far from
+0 by a rule is that rule's failure, not the model's. ``opened`` is the share of key/value heads
+whose selection (the layer's own: ``refine``, ``max_level``, ``flat_top``, ``select_reach``)
 opens the needle's fine block at that query: a box rank below ``refine`` at level 1 with the
 block left unopened is the descent's miss, not the bound's. The ``--eval-*`` options that change
 the layers (``--eval-select-reach``, ``--eval-max-level``, ``--eval-flat-top``) apply. The

@@ -39,32 +39,34 @@ from fmtrain.attention.refine import select, window_boxes
 RULES = ("summary", "box", "exact")
 
 
-def _layer_inputs(model, layer, ids: torch.Tensor):
-    """``layer``'s rotated q (B, H, n, d), k and v (B, Hkv, n, d) on ``ids``."""
+def _layer_inputs(model, layers, ids: torch.Tensor) -> list[tuple]:
+    """Each of ``layers``' rotated q (B, H, n, d), k and v (B, Hkv, n, d) on ``ids``, from one forward."""
     seen = {}
-    inner = layer.attend
 
-    def grab(q, k, v, cu_seqlens=None):
-        seen["qkv"] = (q, k, v)
-        return inner(q, k, v, cu_seqlens=cu_seqlens)
+    def grab(layer, inner):
+        def attend(q, k, v, cu_seqlens=None):
+            seen[layer] = (q, k, v)
+            return inner(q, k, v, cu_seqlens=cu_seqlens)
+        return attend
 
-    layer.attend = grab
+    for layer in layers:
+        layer.attend = grab(layer, layer.attend)
     try:
         with torch.no_grad():
             last = torch.zeros_like(ids, dtype=torch.bool)
             last[:, -1] = True
             model.logits_at(ids, last)
     finally:
-        del layer.attend  # the bound method again
-    return seen["qkv"]
+        for layer in layers:
+            del layer.attend  # the bound method again
+    return [seen[layer] for layer in layers]
 
 
-def needle_ranks(model, layer, ids: torch.Tensor, value_pos: int) -> dict:
+def needle_ranks(layer, q, k, v, value_pos: int) -> dict:
     """{(level, rule): rank of the window holding ``value_pos`` among its level's windows before the
     last query's near field, averaged over heads; "opened": the share of key/value heads whose
-    selection opens its block} for one sequence ``ids`` (1, n) at ``layer``."""
-    q, k, v = _layer_inputs(model, layer, ids)
-    n, G = ids.shape[1], q.shape[1] // k.shape[1]
+    selection opens its block} for one sequence at ``layer``, from its q, k, v (:func:`_layer_inputs`)."""
+    n, G = q.shape[2], q.shape[1] // k.shape[1]
     h = hierarchy(n, layer.block_size, layer.rank, True)
     ks, _ = layer.summarise(k, v, h)  # (1, Hkv, T, d)
     boxes = window_boxes(k.double(), h)
@@ -91,7 +93,8 @@ def needle_ranks(model, layer, ids: torch.Tensor, value_pos: int) -> dict:
         out[level, "windows"] = nw
     if layer.refine:  # the layer's own selection: its hierarchy (max_level, flat_top) and reach
         hl = call_hierarchy(n, layer.block_size, layer.rank, True, layer.max_level, None, layer.flat_top)
-        opened, _, _ = select(q[:, :, -1:].double(), window_boxes(k.double(), hl), hl, layer.refine,
+        own = boxes if layer.max_level is None else window_boxes(k.double(), hl)
+        opened, _, _ = select(q[:, :, -1:].double(), own, hl, layer.refine,
                               q.shape[-1] ** -0.5, n - 1, layer._reach())  # (1, Hkv, 1, refine)
         out["opened"] = float((opened == value_pos // hl.block_size).any(-1).double().mean())
     return out
@@ -116,8 +119,8 @@ def main(argv=None) -> int:
         acc = {}
         for _ in range(args.single_seqs):
             ids, _, _ = recall.single_query_batch(gen, 1, n, d, args.keys)
-            for i, layer in enumerate(layers, 1):
-                for key, r in needle_ranks(model, layer, ids.to(device), n - 1 - d).items():
+            for i, (layer, qkv) in enumerate(zip(layers, _layer_inputs(model, layers, ids.to(device))), 1):
+                for key, r in needle_ranks(layer, *qkv, n - 1 - d).items():
                     acc.setdefault(f"layer {i}", {}).setdefault(key, []).append(r)
         if not any(any(isinstance(k, tuple) for k in a) for a in acc.values()):  # the needle in the near field
             continue

@@ -52,7 +52,8 @@ Design (a short training run of each variant, CPU-sized):
   (the coarse levels kept), ``--eval-flat-top`` (the top kept level's lists hold every
   earlier window, so nothing is out of reach) and ``--eval-rope-scaling llama3:F``
   (Llama 3.1's RoPE scaling, original length ``--train-len``), ``--eval-select-reach N``
-  (refinement's selection scores windows farther than N as if N away: ``model.select_reach``).
+  (refinement's selection scores windows farther than N as if N away: ``model.select_reach``),
+  ``--eval-attend-reach`` (its far field's attention too: ``model.attend_reach``).
 - ``sdpa`` (full attention) is evaluated only up to ``--sdpa-max-len`` (on CPU its
   O(n^2) forward at 128k would take far longer than the rest of the probe).
 - Accuracy is counted per distance bucket ``[2^k, 2^(k+1))``, pooled over the
@@ -530,6 +531,9 @@ def parse_args(argv=None):
     ap.add_argument("--eval-select-reach", type=int, default=None, metavar="N",
                     help="refined fma variants: selection scores summaries farther than N tokens as if N away "
                          "(model.select_reach), e.g. --train-len")
+    ap.add_argument("--eval-attend-reach", action="store_true",
+                    help="with --eval-select-reach: the far field's attention too reads windows beyond it as at "
+                         "it (model.attend_reach, ReRoPE-like)")
     ap.add_argument("--eval-flat-top", action="store_true",
                     help="refined fma variants, with --eval-max-level: the top kept level's lists hold every "
                          "earlier window of it (model.flat_top), so every distance stays within reach")
@@ -564,6 +568,8 @@ def parse_args(argv=None):
             ap.error(f"--eval-rope-scaling {exc}")
     if args.eval_flat_top and args.eval_max_level is None:
         ap.error("--eval-flat-top flattens the top level --eval-max-level keeps: give --eval-max-level")
+    if args.eval_attend_reach and args.eval_select_reach is None:
+        ap.error("--eval-attend-reach reads the far field as at --eval-select-reach: give --eval-select-reach")
     if not 1 <= args.keys <= N_KEYS:
         ap.error(f"--keys {args.keys}: choose 1 (the passkey) to {N_KEYS}")
     return args
@@ -600,7 +606,7 @@ def main(argv=None) -> int:
         if args.eval_rope_scaling:
             scale_rope(model, rope_scaling(args))
         if args.eval_select_reach is not None and "refine" in variant:
-            set_select_reach(model, args.eval_select_reach)
+            set_select_reach(model, args.eval_select_reach, args.eval_attend_reach)
         train_s = time.perf_counter() - t0
         per_len, pairs = {}, []
         for n in eval_lens:

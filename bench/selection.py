@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     model, _ = recall.trained(args, variant, device)
     model.eval()
     if args.eval_select_reach is not None:
-        recall.set_select_reach(model, args.eval_select_reach)
+        recall.set_select_reach(model, args.eval_select_reach, args.eval_attend_reach)
     if args.eval_max_level is not None:
         recall.cap_levels(model, args.eval_max_level, args.eval_flat_top)
     layers = [m for m in model.modules() if hasattr(m, "summarise")]

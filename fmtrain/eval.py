@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     args.max_level = max_level_of(args.max_level, cfg, args.flat_top)
     args.rope_scaling = rope_scaling_of(args.rope_scaling, cfg)
     args.select_reach = select_reach_of(args.select_reach, cfg)
+    args.attend_reach = attend_reach_of(args.attend_reach, args.select_reach, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.min_doc_len is None:
         args.min_doc_len = 1
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
         print(f"note: {given} is more than the {held} sequences the held-out set has; batches of {held}",
               file=sys.stderr, flush=True)
         data = loaders_for(cfg, world, tokenizer=str(tok), batch_size=held)
-    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling, args.select_reach)
+    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling, args.select_reach,
+                   args.attend_reach)
     n = len(data.val) if args.batches is None else min(args.batches, len(data.val))
     rows = min(n * data.val.batch_size, data.val.n_sequences)  # the last batch may be part padding
     print(f"evaluating {ckpt} on {n} held-out batches ({rows} sequences of {cfg.data.seq_len} tokens), on one "
@@ -270,15 +272,15 @@ def _held_out(args, ckpt, cfg):
 
 
 def _model(ckpt, device, max_level: int | None = None, flat_top: bool = False, rope_scaling: dict | None = None,
-           select_reach: int | None = None):
+           select_reach: int | None = None, attend_reach: bool = False):
     """The checkpoint's model on ``device``, in eval mode, its coarse levels capped at ``max_level``
     (the top one flat with ``flat_top``), RoPE scaled by ``rope_scaling`` and refinement's selection
-    clamped at ``select_reach`` where given."""
+    (and with ``attend_reach`` its far field's attention) clamped at ``select_reach`` where given."""
     from .export import load_trained
 
     model, cfg = load_trained(ckpt)
     model.to(device).eval()
-    apply_length_options(model, cfg, max_level, flat_top, rope_scaling, select_reach)
+    apply_length_options(model, cfg, max_level, flat_top, rope_scaling, select_reach, attend_reach)
     if device.type == "cpu":
         from .attention.cpu import adapt_torch_threads
 
@@ -287,13 +289,14 @@ def _model(ckpt, device, max_level: int | None = None, flat_top: bool = False, r
 
 
 def apply_length_options(model, cfg, max_level: int | None, flat_top: bool, rope_scaling: dict | None,
-                         select_reach: int | None) -> None:
-    """``--max-level``, ``--flat-top``, ``--rope-scaling`` and ``--select-reach`` (as checked by
-    :func:`max_level_of` and its siblings) on a loaded model of the run ``cfg`` (eval and generate)."""
+                         select_reach: int | None, attend_reach: bool = False) -> None:
+    """``--max-level``, ``--flat-top``, ``--rope-scaling``, ``--select-reach`` and ``--attend-reach`` (as
+    checked by :func:`max_level_of` and its siblings) on a loaded model of the run ``cfg`` (eval and generate)."""
     from .model import cap_levels, scale_rope, set_select_reach
 
-    if select_reach is not None:
-        set_select_reach(model, select_reach)
+    if select_reach is not None or attend_reach:
+        set_select_reach(model, cfg.model.select_reach if select_reach is None else select_reach,
+                         attend_reach or cfg.model.attend_reach)
     if rope_scaling is not None:
         scale_rope(model, rope_scaling)
     if max_level is not None or flat_top:
@@ -320,6 +323,10 @@ def add_max_level_argument(ap: argparse.ArgumentParser) -> None:
                     help="refined models (model.refine > 0): score summaries farther than N tokens as if N away when "
                          "choosing the blocks to open (model.select_reach); 'trained': data.seq_len. Past the "
                          "training length far windows' scores drift with unseen distances and take the selection")
+    ap.add_argument("--attend-reach", action="store_true",
+                    help="with --select-reach (or model.select_reach): the far field's attention too reads tokens and "
+                         "summaries farther than it as if that far (model.attend_reach, ReRoPE-like), so far tokens "
+                         "are scored at distances the model trained")
     ap.add_argument("--rope-scaling", default=None, metavar="KIND:FACTOR",
                     help="run with RoPE's frequencies scaled, without fine-tuning (model.rope_scaling), for "
                          "lengths past the training length: 'llama3:F' (Llama 3.1's: low frequencies divided by F, "
@@ -343,6 +350,16 @@ def past_training(args, cfg) -> None:
         args.flat_top = True
         if args.select_reach is None:
             args.select_reach = "trained"
+
+
+def attend_reach_of(flag: bool, select_reach: int | None, cfg) -> bool:
+    """``--attend-reach`` (eval and generate), checked against the reach it extends."""
+    if flag and select_reach is None and cfg.model.select_reach is None:
+        from .errors import UserError
+
+        raise UserError("--attend-reach reads the far field as at --select-reach, which is not given (nor "
+                        "model.select_reach): add --select-reach N|trained")
+    return bool(flag)
 
 
 def select_reach_of(flag: str | None, cfg) -> int | None:
@@ -431,7 +448,8 @@ def _needle(args, ckpt, cfg, device) -> int:
     args.keys = 1 if args.keys is None else args.keys
     docs = _held_out(args, ckpt, cfg)
     lengths = _lengths_within(lengths, sum(map(len, docs)), args.lengths is not None, args.min_doc_len)
-    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling, args.select_reach)
+    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling, args.select_reach,
+                   args.attend_reach)
     tok = load_tokenizer(ckpt / "tokenizer.model")
     print(f"needle test: {ckpt}, lengths {lengths}, depths {depths}, {args.keys} key(s), {args.samples} samples "
           "a cell, haystack from the held-out documents", file=sys.stderr, flush=True)
@@ -452,7 +470,8 @@ def _by_position(args, ckpt, cfg, device) -> int:
 
     max_len = args.max_len if args.max_len is not None else max(8 * cfg.data.seq_len, 2)  # checked: >= 2
     docs = _held_out(args, ckpt, cfg)
-    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling, args.select_reach)
+    model = _model(ckpt, device, args.max_level, args.flat_top, args.rope_scaling, args.select_reach,
+                   args.attend_reach)
     tokens = sum(min(len(d), max_len) for d in docs)
     print(f"loss by position: {ckpt}, {len(docs)} held-out documents, up to {max_len:,} tokens each "
           f"({tokens:,} tokens), one at a time", file=sys.stderr, flush=True)

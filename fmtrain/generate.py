@@ -235,7 +235,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .attention.hierarchy import num_levels
     from .checkpoint import resolve
-    from .eval import apply_length_options, max_level_of, past_training, rope_scaling_of, select_reach_of
+    from .eval import (apply_length_options, attend_reach_of, max_level_of, past_training, rope_scaling_of,
+                       select_reach_of)
     from .export import load_config_of, load_trained
     from .data import load_tokenizer
     from .model import trained_levels
@@ -254,6 +255,7 @@ def main(argv=None) -> int:
     max_level = max_level_of(args.max_level, cfg, args.flat_top)
     rope_scaling = rope_scaling_of(args.rope_scaling, cfg)
     select_reach = select_reach_of(args.select_reach, cfg)
+    attend_reach = attend_reach_of(args.attend_reach, select_reach, cfg)
     if cfg.model.kind != "causal":
         raise UserError(f"{ckpt} holds a masked LM (model.kind={cfg.model.kind!r}): it fills in masked tokens "
                         "and does not generate; use a causal LM's run")
@@ -277,7 +279,7 @@ def main(argv=None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model, _ = load_trained(ckpt)
     model.to(device=device, dtype=dtype)
-    apply_length_options(model, cfg, max_level, args.flat_top, rope_scaling, select_reach)
+    apply_length_options(model, cfg, max_level, args.flat_top, rope_scaling, select_reach, attend_reach)
     if len(prompt) > cfg.data.seq_len:
         levels, trained = "", trained_levels(m, cfg.data.seq_len)
         if m.attention == "fma" and max_level is None and num_levels(total, m.block_size) > trained:

@@ -75,7 +75,8 @@ def attention_spec(cfg: ModelConfig, causal: bool) -> AttentionSpec:
         rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
         block_size=cfg.block_size, rank=cfg.rank, variant=cfg.variant, summary=cfg.summary, weighted=cfg.weighted,
         max_seq_len=cfg.max_seq_len, impl=cfg.impl, level_offset=cfg.level_offset, summary_rope=cfg.summary_rope,
-        refine=cfg.refine, max_level=cfg.max_level, flat_top=cfg.flat_top, select_reach=cfg.select_reach)
+        refine=cfg.refine, max_level=cfg.max_level, flat_top=cfg.flat_top, select_reach=cfg.select_reach,
+        attend_reach=cfg.attend_reach)
 
 
 class Block(nn.Module):
@@ -441,17 +442,20 @@ def cap_levels(model: nn.Module, max_level: int | None, flat_top: bool | None = 
             layer.flat_top = flat_top
 
 
-def set_select_reach(model: nn.Module, distance: int | None) -> None:
-    """Run ``model``'s refined layers with ``model.select_reach = distance`` (None: real distances),
-    e.g. a trained model past its training length; models without refinement refuse it."""
+def set_select_reach(model: nn.Module, distance: int | None, attend: bool = False) -> None:
+    """Run ``model``'s refined layers with ``model.select_reach = distance`` (None: real distances)
+    and ``model.attend_reach = attend`` (the far field's attention too), e.g. a trained model past
+    its training length; models without refinement refuse it."""
     from .attention.layers import MultipoleAttention
 
     layers = [m for m in model.modules() if isinstance(m, MultipoleAttention) and m.max_level != 0]
     if distance is not None and (distance < 1 or not layers or any(not layer.refine for layer in layers)):
         raise ValueError(f"select_reach={distance}: needs a distance >= 1 and a model with adaptive refinement "
                          "(model.refine > 0), whose selection it changes")
+    if attend and distance is None:
+        raise ValueError("attend_reach reads the far field as at select_reach: give a select_reach distance too")
     for layer in layers:
-        layer.select_reach = distance
+        layer.select_reach, layer.attend_reach = distance, attend
 
 
 def scale_rope(model: nn.Module, rope_scaling: dict | None) -> None:

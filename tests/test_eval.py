@@ -365,3 +365,16 @@ def test_select_reach_flag_needs_a_refined_model():
         select_reach_of("0", refined)
     with pytest.raises(UserError, match="changes adaptive refinement's selection; this model has"):
         select_reach_of("trained", from_dict(base))
+
+
+def test_attend_reach_flag_needs_a_reach():
+    from fmtrain.config.loading import from_dict
+    from fmtrain.errors import UserError
+    from fmtrain.eval import attend_reach_of
+
+    base = {"run": {"dir": "r"}, "data": {"seq_len": 1024}}
+    refined = from_dict({**base, "model": {"refine": 2}})
+    assert attend_reach_of(True, 1024, refined) and not attend_reach_of(False, None, refined)
+    assert attend_reach_of(True, None, from_dict({**base, "model": {"refine": 2, "select_reach": 512}}))
+    with pytest.raises(UserError, match="--attend-reach reads the far field as at --select-reach, which is not given"):
+        attend_reach_of(True, None, refined)

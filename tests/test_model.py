@@ -263,6 +263,23 @@ def test_select_reach_as_configured_or_set_later_and_refused_without_refinement(
         set_select_reach(build(refine=0), 40)
 
 
+def test_attend_reach_as_configured_or_set_later():
+    from fmtrain.model import set_select_reach
+
+    ids, _ = batch(n=256, B=1)
+    configured = build(refine=2, select_reach=40, attend_reach=True)
+    later = build(refine=2, select_reach=40)
+    selection_only = later.logits(ids)
+    set_select_reach(later, 40, attend=True)
+    assert torch.equal(configured.logits(ids), later.logits(ids))
+    assert not torch.equal(selection_only, later.logits(ids))
+    set_select_reach(later, 256, attend=True)  # at least the sequence: nothing turns
+    set_select_reach(configured, None)
+    assert torch.equal(configured.logits(ids), later.logits(ids))
+    with pytest.raises(ValueError, match="give a select_reach distance too"):
+        set_select_reach(later, None, attend=True)
+
+
 # --------------------------------------------------------------------------- positions and lengths
 def test_global_positions_are_used():
     model = build(attention="sdpa")

@@ -449,7 +449,8 @@ class RefinedCache(MultipoleCache):
         sel = select(q, self.boxes, h, self.refine, self.scale, i0=t, reach=self.select_reach)  # (B, Hkv, 1, K), 2 x (B, Hkv, 1, C)
         kb, vb = (x.view(self.B, self.Hkv, -1, self.m * self.d) for x in (self.k_store, self.v_store))
         out, lse = far_attention(q, t + 1, self.offset, h, sel, kb, vb, self.ks, self.vs, self.weighted,
-                                 self.scale, self.ws)  # (B, Hkv, 1, G, d), (B, Hkv, 1, G, 1)
+                                 self.scale, self.ws, reach=self.select_reach,
+                                 pos=torch.tensor([t], device=q.device))  # (B, Hkv, 1, G, d), (B, Hkv, 1, G, 1)
         return lse[:, :, 0, :, 0].to(self.device), out[:, :, 0].to(self.device)
 
     def nbytes(self) -> int:

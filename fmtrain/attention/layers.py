@@ -126,7 +126,7 @@ class MultipoleAttention(ProjectedAttention):
                  max_level: int | None = None, qkv_bias: bool = False, out_bias: bool = False,
                  rope_scaling: dict | None = None, level_offset: bool = False,
                  summary_rope: str = "keys", refine: int = 0, flat_top: bool = False,
-                 select_reach: int | None = None):
+                 select_reach: int | None = None, attend_reach: bool = False):
         super().__init__(dim, n_heads, n_kv_heads, causal=causal, rope=rope, rope_theta=rope_theta,
                          qkv_bias=qkv_bias, out_bias=out_bias, rope_scaling=rope_scaling)
         self.block_size, self.rank, self.variant = block_size, rank, variant
@@ -143,6 +143,10 @@ class MultipoleAttention(ProjectedAttention):
         if select_reach is not None and (not self.refine or select_reach < 1):
             raise ValueError(f"select_reach={select_reach} needs refine > 0 and a distance >= 1 (it changes "
                              "refinement's selection only)")
+        # ... and its far field's attention too (ReRoPE-like): fma's SelectionReach(attend=True).
+        self.attend_reach = attend_reach
+        if attend_reach and select_reach is None:
+            raise ValueError("attend_reach=True reads the far field as at select_reach: set select_reach too")
         if max_level == 0:
             summary = "mean"  # no coarse level: nothing to learn
         # A learned score offset per query head and coarse level, on top of the log-weights
@@ -175,10 +179,11 @@ class MultipoleAttention(ProjectedAttention):
         without RoPE: nothing to clamp)."""
         if self.select_reach is None or not self.rope:
             return None
-        key = (self.select_reach, self.rope_theta, repr(self.rope_scaling))  # scale_rope may change the frequencies
+        # scale_rope may change the frequencies, set_select_reach the distance and scope
+        key = (self.select_reach, self.attend_reach, self.rope_theta, repr(self.rope_scaling))
         if getattr(self, "_reach_of", (None,))[0] != key:
             inv = inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling, self.wq.weight.device)
-            self._reach_of = (key, SelectionReach(self.select_reach, inv))
+            self._reach_of = (key, SelectionReach(self.select_reach, inv, self.attend_reach))
         return self._reach_of[1]
 
     def new_cache(self, store_device=None) -> MultipoleCache:
@@ -256,6 +261,7 @@ class AttentionSpec:
     max_level: int | None = None
     flat_top: bool = False
     select_reach: int | None = None
+    attend_reach: bool = False
 
 
 def make_attention(spec: AttentionSpec) -> ProjectedAttention:

@@ -90,9 +90,12 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         select_reach: :class:`.refine.SelectionReach` ``(distance, inv_freq)``: refinement's
             selection scores windows farther than ``distance`` from the query as if they were
             that far, rotated by RoPE's frequencies ``inv_freq`` (head_dim/2,) (the queries'
-            and keys' own); the attention itself reads the real positions. For a model past
-            its training length (``distance`` = the training length changes nothing within
-            it). Needs ``refine > 0``; None: real distances.
+            and keys' own); the attention itself reads the real positions, unless
+            ``attend=True``: then the far field's attention too (opened blocks and summaries
+            lying beyond, turned per (query, window); the fine neighbours at real positions;
+            the opened blocks in PyTorch, not the Triton kernels). For a model past its
+            training length (``distance`` = the training length changes nothing within it).
+            Needs ``refine > 0``; None: real distances.
         group: a sequence-parallel process group: ``q, k, v`` are then this rank's
             contiguous chunk of the sequence and the result is this rank's chunk of the
             global result (see ``sequence_parallel.py``); ``None`` or size 1: local.

@@ -170,6 +170,37 @@ def dense_refined(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bool
         coarse = torch.where(coarse.isinf(), coarse, torch.zeros_like(coarse))
     k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     ks, vs = ks.repeat_interleave(G, dim=1), vs.repeat_interleave(G, dim=1)
-    s_fine = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~fine, -math.inf)
-    s_coarse = (q @ ks.transpose(-1, -2)) * scale + coarse.to(q.dtype)
-    return _joint_softmax(s_fine, s_coarse, v, vs, h, level_offset)
+    if select_reach is not None and select_reach.attend:
+        s_fine, s_coarse = _reached_scores(q, k, ks, h, scale, select_reach)
+    else:
+        s_fine, s_coarse = (q @ k.transpose(-1, -2)) * scale, (q @ ks.transpose(-1, -2)) * scale
+    s_fine = s_fine.masked_fill(~fine, -math.inf)
+    return _joint_softmax(s_fine, s_coarse + coarse.to(q.dtype), v, vs, h, level_offset)
+
+
+def _reached_scores(q, k, ks, h: Hierarchy, scale: float, reach):
+    """Scores (B, H, n, n) and (B, H, n, T) with every fine block beyond ``reach.distance`` from a
+    query scored with the query rotated back by RoPE as far as the block's centre (first position
+    plus half its length, rounded down) lies beyond, every summary likewise by its window's centre;
+    the fine neighbours at real positions. One rotation of all queries per window: tests only."""
+    n, D = q.shape[2], reach.distance
+    pos = torch.arange(n, device=q.device)
+    base_fine, _ = interaction_mask(h, q.device)  # (n, n): the fine neighbours
+
+    def turned(centre):  # the queries rotated back as far as ``centre`` lies beyond the reach
+        dist = pos - centre
+        return rotate(q, -(dist - dist.clamp(min=-D, max=D)), reach.inv_freq)
+
+    m, p = h.block_size, h.rank
+    s_fine = torch.empty(*q.shape[:3], n, dtype=q.dtype, device=q.device)
+    for b in range(h.n_blocks):
+        keys = slice(b * m, min((b + 1) * m, n))
+        s_fine[..., keys] = turned(b * m + m // 2) @ k[..., keys, :].transpose(-1, -2) * scale
+    s_fine = torch.where(base_fine, (q @ k.transpose(-1, -2)) * scale, s_fine)
+    s_coarse = torch.empty(*q.shape[:3], h.num_summaries, dtype=q.dtype, device=q.device)
+    for l in range(1, h.n_levels + 1):
+        w = h.window_size(l)
+        for c in range(h.windows[l - 1]):
+            t = slice(h.offsets[l - 1] + c * p, h.offsets[l - 1] + (c + 1) * p)
+            s_coarse[..., t] = turned(c * w + w // 2) @ ks[..., t, :].transpose(-1, -2) * scale
+    return s_fine, s_coarse

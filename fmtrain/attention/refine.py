@@ -114,12 +114,19 @@ class SelectionReach(NamedTuple):
     instead, which bounds the same scores). Past a model's
     training length, plain scores of far windows drift with distances it never saw and win the
     selection whatever their content; so clamped, windows are compared by content (measured:
-    ``bench/recall.py``, README "Adaptive refinement"). Selection only: the attention reads the
-    real positions, and a ``distance`` at least the sequence's length changes nothing.
+    ``bench/recall.py``, README "Adaptive refinement"). A ``distance`` at least the sequence's
+    length changes nothing.
+
+    ``attend``: the far field's attention too (as ReRoPE clamps distances): an opened block
+    lying beyond is attended with the query rotated back as far as the block's centre lies
+    beyond (its tokens keep their distances to each other), and a candidate's summaries with
+    their keys rotated forward as far as its window's centre lies beyond. The fine neighbours
+    read real positions. False: the attention reads the real positions.
     """
 
     distance: int
     inv_freq: torch.Tensor
+    attend: bool = False
 
 
 @functools.lru_cache(maxsize=256)
@@ -237,6 +244,13 @@ def _window_scores(qg, boxes: WindowBoxes, h: Hierarchy, tabs, lv, win, scale: f
         qr = rotate(qg.unsqueeze(3), -shift.unsqueeze(-1), reach.inv_freq)  # (B, Hkv, nq, X, G, d)
         s = ((qr * c.unsqueeze(-2)).sum(-1) + (qr.abs() * r.unsqueeze(-2)).sum(-1)).transpose(-1, -2)
     return (s * scale).masked_fill(~has.any(-1).unsqueeze(3), -math.inf).mean(3)
+
+
+def _block_beyond(h: Hierarchy, opened: torch.Tensor, distance: int, pos: torch.Tensor) -> torch.Tensor:
+    """Opened blocks (B, Hkv, nq, K) of queries at ``pos`` (nq,) -> (B, Hkv, nq, K) int64: how far each
+    block's centre lies beyond ``distance`` (:func:`_beyond_reach` of its level-1 window); 0 for no block."""
+    dist = pos.view(1, 1, -1, 1) - (opened.clamp(min=0) * h.block_size + h.block_size // 2)
+    return torch.where(opened >= 0, dist - dist.clamp(min=-distance, max=distance), 0)
 
 
 def _beyond_reach(h: Hierarchy, tabs, lv, win, distance: int, pos: torch.Tensor) -> torch.Tensor:
@@ -408,33 +422,48 @@ class OpenedTiles:
         rowq[self.row] = self.query.to(torch.int32)
         return rowq, self.block.to(torch.int32)
 
-    def attend(self, qg, kb, vb, n: int, scale: float, kernels: bool = False, inputs=None):
+    def turns(self, shift: torch.Tensor, inv_freq: torch.Tensor):
+        """Per pair shifts (B, Hkv, nq, K) (:func:`_block_beyond`) -> what :meth:`attend` and
+        :meth:`grads` take as ``turn``: each tile row's (n_tiles, T*G), and the frequencies."""
+        K = self.shape[3]
+        rows = shift.new_zeros(self.n_tiles * self.T)
+        rows[self.row] = shift.reshape(-1)[self.query * K + self.slot]
+        return rows.view(self.n_tiles, self.T).repeat_interleave(self.G, dim=1), inv_freq
+
+    def _tile_queries(self, qg, turn):
+        """Each pair's query in its tile (n_tiles, T*G, d), rotated back by its block's shift with ``turn``."""
+        qt = self.of_queries(qg)
+        return qt if turn is None else rotate(qt, -turn[0], turn[1])
+
+    def attend(self, qg, kb, vb, n: int, scale: float, kernels: bool = False, inputs=None, turn=None):
         """Each pair's softmax over its block's tokens (those before ``n``): out (n_tiles, T*G, d)
         and lse (n_tiles, T*G), per tile row. qg (B, Hkv, nq, G, d); kb, vb block rows.
         ``kernels``: by the Triton kernels (:func:`.kernels.function.opened_forward`), their
-        products in ``inputs``, the attention inputs' dtype."""
+        products in ``inputs``, the attention inputs' dtype. ``turn``: :meth:`turns` (PyTorch only)."""
         d = qg.shape[-1]
-        if kernels:
+        if kernels and turn is None:
             from .kernels.function import opened_forward
             return opened_forward(qg, kb, vb, *self._kernel_args(), n, self.T, scale, inputs or qg.dtype)
-        qt, kt, vt = self.of_queries(qg), self.blocks(kb, d), self.blocks(vb, d)
+        qt, kt, vt = self._tile_queries(qg, turn), self.blocks(kb, d), self.blocks(vb, d)
         s = torch.baddbmm(self._key_bias(kb, n, d), qt, kt.transpose(-1, -2), alpha=scale)  # (tiles, T*G, m)
         lse = torch.logsumexp(s, dim=-1)
         return torch.exp(s - lse.unsqueeze(-1)) @ vt, lse
 
-    def grads(self, qg, do, lse, delta, kb, vb, n: int, scale: float, kernels: bool = False, inputs=None):
+    def grads(self, qg, do, lse, delta, kb, vb, n: int, scale: float, kernels: bool = False, inputs=None,
+              turn=None):
         """The pairs' share of the gradients, given each query's final ``lse`` and ``delta`` (B, Hkv,
         nq, G, 1): dq per tile row (n_tiles, T*G, d), dk and dv per tile (n_tiles, m, d)."""
         d = qg.shape[-1]
-        if kernels:
+        if kernels and turn is None:
             from .kernels.function import opened_backward
             return opened_backward(qg, do, lse, delta, kb, vb, *self._kernel_args(), n, self.T, scale,
                                    inputs or qg.dtype)
-        qt, dot, kt, vt = self.of_queries(qg), self.of_queries(do), self.blocks(kb, d), self.blocks(vb, d)
+        qt, dot, kt, vt = self._tile_queries(qg, turn), self.of_queries(do), self.blocks(kb, d), self.blocks(vb, d)
         s = torch.baddbmm(self._key_bias(kb, n, d), qt, kt.transpose(-1, -2), alpha=scale)
         p = torch.exp(s - self.of_queries(lse))  # padding rows: lse 0, do 0, so no share
         ds = p * (dot @ vt.transpose(-1, -2) - self.of_queries(delta)) * scale
-        return ds @ kt, ds.transpose(-1, -2) @ qt, p.transpose(-1, -2) @ dot
+        dq = ds @ kt  # to the turned query: turned forward again, to the query
+        return dq if turn is None else rotate(dq, turn[0], turn[1]), ds.transpose(-1, -2) @ qt, p.transpose(-1, -2) @ dot
 
     def _key_bias(self, kb: torch.Tensor, n, d: int) -> torch.Tensor:
         """(n_tiles, 1, m): 0 for a tile's block's tokens before ``n``, -inf after (the last block).
@@ -475,12 +504,14 @@ class FarField(torch.autograd.Function):
         boxes = window_boxes(kb.view(B, kb.shape[1], -1, d), h, limit=n)  # from the padded blocks already made
         sels, ws = _select_all(q, boxes, h, refine, scale, start, reach), Scratch()
         for i0, i1, *sel in _far_chunks(sels, q, ks, h, refine):
-            o, l = far_attention(q[:, :, i0:i1], n, off, h, sel, kb, vb, ksa, vsa, weighted, scale, ws, kernels)
+            o, l = far_attention(q[:, :, i0:i1], n, off, h, sel, kb, vb, ksa, vsa, weighted, scale, ws, kernels,
+                                 reach, _positions(start, i0, i1, q.device))
             nq = i1 - i0
             out[:, :, i0:i1] = o.transpose(2, 3).reshape(B, H, nq, d)
             lse[:, :, i0:i1] = l.squeeze(-1).transpose(2, 3).reshape(B, H, nq)
         ctx.save_for_backward(q, k, v, ks, vs, off, out, lse)
         ctx.sels, ctx.h, ctx.weighted, ctx.scale, ctx.refine, ctx.kernels = sels, h, weighted, scale, refine, kernels
+        ctx.reach, ctx.start = reach, start
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -509,10 +540,13 @@ class FarField(torch.autograd.Function):
             if dlse is not None:
                 delta = delta - dlse[:, :, i0:i1].to(acc).view(B, Hkv, G, nq).transpose(2, 3).unsqueeze(-1)
             tiles = OpenedTiles(sel[0], h.n_blocks, G)
-            dq_t, dk_t, dv_t = tiles.grads(qg, do, l, delta, kb, vb, n, scale, ctx.kernels, q.dtype)
+            turn_o, turn_s = _turns(h, tabs, tiles, sel, ctx.reach, _positions(ctx.start, i0, i1, q.device))
+            dq_t, dk_t, dv_t = tiles.grads(qg, do, l, delta, kb, vb, n, scale, ctx.kernels, q.dtype, turn_o)
             tiles.add_to_blocks(dkb, dk_t)
             tiles.add_to_blocks(dvb, dv_t)
             kc = _flat_gather(ksa, sidx, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
+            if turn_s is not None:  # the summaries' keys as far forward as their windows lie beyond
+                kc = rotate(kc, turn_s, ctx.reach.inv_freq)
             vc = _flat_gather(vsa, sidx, ws("vs", (*sidx.shape, d), vsa))
             p = torch.exp(qg @ kc.transpose(-1, -2) * scale + bias - l)  # (B, Hkv, nq, G, C*p)
             ds = p * (do @ vc.transpose(-1, -2) - delta)
@@ -523,7 +557,8 @@ class FarField(torch.autograd.Function):
             ds.mul_(scale)  # the score scale, applied to the small factor of every product below
             dq[:, :, i0:i1] = (tiles.to_queries(dq_t) + ds @ kc).transpose(2, 3).reshape(B, H, nq, d)
             sum_shape = (*sidx.shape, d)
-            _flat_add(dks, sidx, _outer(ds, qg, ws("dks", sum_shape, qg)))
+            dkc = _outer(ds, qg, ws("dks", sum_shape, qg))  # to the turned keys: turned back, to the summaries
+            _flat_add(dks, sidx, dkc if turn_s is None else rotate(dkc, -turn_s, ctx.reach.inv_freq))
             _flat_add(dvs, sidx, _outer(p, do, ws("dvs", sum_shape, qg)))
         dk = dkb.view(B, Hkv, -1, d)[:, :, :k.shape[2]]
         dv = dvb.view(B, Hkv, -1, d)[:, :, :k.shape[2]]
@@ -538,22 +573,28 @@ def _key_limit(h: Hierarchy, k: torch.Tensor):
 
 
 def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted: bool, scale: float, ws,
-                  kernels: bool = False):
+                  kernels: bool = False, reach: SelectionReach | None = None, pos: torch.Tensor | None = None):
     """Softmax attention of queries q (B, H, nq, d) over their far field: the opened blocks'
     tokens (rows of ``kb, vb`` (B, Hkv, blocks, m*d), as :func:`_blocks` lays them out) and the
     candidates' summaries (``ksa, vsa`` (B, Hkv, T, d)); ``sel = (opened, lv, win)`` from
     :func:`select`, ``n`` the tokens that exist. Returns ``(out (B, Hkv, nq, G, d), lse
     (B, Hkv, nq, G, 1))`` in the accumulation dtype; lse is -inf where a query has no far field.
     The opened blocks and the summaries are two softmaxes merged by their log-sum-exp.
+    ``reach`` with ``attend``: windows beyond its distance from the queries (at positions ``pos``
+    (nq,)) are attended as at it (:class:`SelectionReach`).
     Shared by :class:`FarField` and the decoding cache (:mod:`.cache`)."""
     d, Hkv = ksa.shape[-1], ksa.shape[1]
-    qg, sidx, bias, _ = _far_inputs(q, off, h, _tables(h, q.device), *sel[1:], weighted, ksa.dtype)
+    tabs = _tables(h, q.device)
+    qg, sidx, bias, _ = _far_inputs(q, off, h, tabs, *sel[1:], weighted, ksa.dtype)
     tiles = OpenedTiles(sel[0], kb.shape[2], q.shape[1] // Hkv)
-    o_t, l_t = tiles.attend(qg, kb, vb, n, scale, kernels, q.dtype)  # per tile row
+    turn_o, turn_s = _turns(h, tabs, tiles, sel, reach, pos)
+    o_t, l_t = tiles.attend(qg, kb, vb, n, scale, kernels, q.dtype, turn_o)  # per tile row
     K = sel[0].shape[-1]
     lse_o = tiles.to_pairs(l_t.unsqueeze(-1), fill=-math.inf)  # (B, Hkv, nq, G, K)
     out_o = tiles.to_pairs(o_t).unflatten(-1, (K, d))  # (B, Hkv, nq, G, K, d)
     kc = _flat_gather(ksa, sidx, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
+    if turn_s is not None:
+        kc = rotate(kc, turn_s, reach.inv_freq)
     s = qg @ kc.transpose(-1, -2) * scale + bias  # (B, Hkv, nq, G, C*p)
     lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
     safe_s = torch.where(lse_s.isinf(), 0.0, lse_s)
@@ -563,6 +604,22 @@ def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted:
     w = torch.exp(parts - torch.where(lse.isinf(), 0.0, lse))
     out = (w[..., :K].unsqueeze(-1) * out_o).sum(-2) + w[..., K:] * out_s
     return out, lse
+
+
+def _positions(start: int, i0: int, i1: int, device) -> torch.Tensor:
+    """The positions of a chunk's queries ``[i0, i1)`` of queries starting at ``start``: (nq,)."""
+    return torch.arange(start + i0, start + i1, device=device)
+
+
+def _turns(h: Hierarchy, tabs, tiles: OpenedTiles, sel, reach: SelectionReach | None, pos: torch.Tensor):
+    """With ``reach.attend``: the opened blocks' turns (:meth:`OpenedTiles.turns`) and each summary
+    slot's shift (B, Hkv, nq, C*p) (how far its window's centre lies beyond the reach); else None, None."""
+    if reach is None or not reach.attend:
+        return None, None
+    opened, lv, win = sel
+    turn_o = tiles.turns(_block_beyond(h, opened, reach.distance, pos), reach.inv_freq)
+    turn_s = _beyond_reach(h, tabs, lv, win, reach.distance, pos).repeat_interleave(h.rank, dim=-1)
+    return turn_o, turn_s
 
 
 def _outer(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

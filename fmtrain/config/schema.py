@@ -123,6 +123,12 @@ class ModelConfig:
                                             "the model never saw and win the selection; set it to the training "
                                             "length (data.seq_len: nothing changes within it). None: real "
                                             "distances (README, Adaptive refinement).", min=1)
+    attend_reach: bool = option(False, "With model.select_reach: the far field's attention too reads what lies "
+                                       "farther than it as if it were that far (ReRoPE-like): an opened block's "
+                                       "tokens with the query rotated back as far as the block lies beyond, "
+                                       "summaries likewise; the fine neighbours keep real positions. Past the "
+                                       "training length, far tokens are then scored at distances the model "
+                                       "trained (README, Adaptive refinement). False: real positions.")
     impl: str = option("auto", "Multipole implementation: 'auto' (Triton on GPU, else torch), 'torch' "
                                "(blocked PyTorch), 'triton' or 'dense' (reference, tests only).",
                        choices=IMPLS)
@@ -401,6 +407,9 @@ def _consistency_errors(cfg: Config) -> list[str]:
         e.append(f"model.select_reach={m.select_reach} changes adaptive refinement's selection; it needs "
                  f"model.attention='fma' and model.refine > 0 (got {m.attention!r}, refine={m.refine}): remove it, "
                  "or set model.refine")
+    if m.attend_reach and m.select_reach is None:
+        e.append("model.attend_reach=true reads the far field as at model.select_reach, which is not set: set "
+                 "model.select_reach (e.g. data.seq_len), or model.attend_reach=false")
     if m.refine and m.attention != "fma":
         e.append(f"model.refine={m.refine} refines multipole attention; it needs model.attention='fma' "
                  f"(got {m.attention!r}): set model.refine=0")

@@ -184,16 +184,18 @@ def test_refined_cache_equals_forward(kind, K, weighted, max_level):
                                        msg=lambda e: f"prompt {n0}, seed {SEED}: {e}")
 
 
-def test_refined_cache_with_a_select_reach_equals_forward():
-    """Selection clamped at a reach (and with a flat top past a cap): each token's rotated summaries
-    and choices as in the full forward."""
+@pytest.mark.parametrize("attend", [False, True], ids=["selection", "attention"])
+def test_refined_cache_with_a_select_reach_equals_forward(attend):
+    """Selection clamped at a reach (and with a flat top past a cap), and with ``attend`` the far
+    field's attention too: each token's rotated summaries, choices and turned blocks as in the
+    full forward."""
     from fmtrain.attention.refine import SelectionReach
     from fmtrain.attention.rope import inverse_frequencies
 
     m, p, n = 4, 2, 200
     q, k, v = _inputs(n)
     s = _summaries("m2m", m, p)
-    reach = SelectionReach(25, inverse_frequencies(8, 100.0))
+    reach = SelectionReach(25, inverse_frequencies(8, 100.0), attend)
     for cap in ({}, dict(max_level=2, flat_top=True)):
         with torch.no_grad():
             full = fma(q, k, v, block_size=m, rank=p, summaries=s, impl="torch", refine=2, select_reach=reach, **cap)

@@ -332,6 +332,72 @@ def test_select_reach_scores_far_windows_at_the_reach():
     assert float((moved @ q[0, 0, -1]).max()) <= float(got) + 1e-12
 
 
+# --------------------------------------------------------------------------- the far field's attention within a reach
+def _attend(distance, d, theta=100.0):
+    return SelectionReach(distance, inverse_frequencies(d, theta), attend=True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,m,p,H,Hkv,distance", [(200, 8, 2, 2, 2, 30), (257, 8, 4, 4, 2, 70), (300, 4, 2, 3, 1, 17)])
+def test_attend_reach_blocked_matches_dense_float64(rng, n, m, p, H, Hkv, distance, causal):
+    """Opened blocks and summaries beyond the reach, turned per (query, block) and per (query,
+    window): the blocked path's outputs and gradients equal the reference's (which turns every
+    query once per window), and differ from the selection-only reach's."""
+    q, k, v = qkv(rng, 1, H, Hkv, n, 16)
+    kw = dict(block_size=m, rank=p, causal=causal, refine=2)
+    o = _compare(rng, q, k, v, select_reach=_attend(distance, 16), **kw)
+    assert (o - fma(q, k, v, select_reach=_reach(distance, 16), **kw)).abs().max() > 1e-3  # not vacuous
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attend_reach_opening_every_block_is_attention_with_distances_clamped_by_block(rng, causal):
+    """Every block opened leaves no summary: the result is softmax attention in which a key of a
+    block whose centre lies farther than the reach is scored as if moved that much closer (as
+    ReRoPE clamps distances, by block here), its fine neighbours at their real positions. Written
+    out key by key, apart from the reference."""
+    from fmtrain.attention.rope import rotate
+
+    n, m, H, d, D = 72, 8, 2, 8, 5  # D < m: the fine neighbours' centres lie beyond it, and stay unturned
+    q, k, v = qkv(rng, 1, H, 1, n, d)
+    inv = inverse_frequencies(d, 100.0)
+    o = fma(q, k, v, block_size=m, rank=2, causal=causal, refine=n // m, impl="torch",
+            select_reach=SelectionReach(D, inv, attend=True))
+    s = torch.full((H, n, n), -math.inf, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1 if causal else n):
+            dist = i - (j // m * m + m // 2)
+            beyond = 0 if abs(i // m - j // m) <= 1 else dist - max(-D, min(D, dist))
+            s[:, i, j] = q[0, :, i] @ rotate(k[0, 0, j], torch.tensor(beyond), inv) / math.sqrt(d)
+    ref = torch.softmax(s, -1) @ v[0, 0]
+    assert (o[0] - ref).abs().max() < TOL64
+    assert (o - fma(q, k, v, block_size=m, rank=2, causal=causal, refine=n // m)).abs().max() > 1e-3
+
+
+def test_attend_reach_beyond_the_sequence_changes_nothing_and_composes(rng):
+    """Within the reach every turn is by 0: bitwise the plain result. With packed documents, a flat
+    top and learned summaries, each document as the reference reads it alone."""
+    q, k, v = qkv(rng, 1, 4, 2, 300, 16)
+    kw = dict(block_size=8, rank=2, refine=2)
+    assert torch.equal(fma(q, k, v, **kw), fma(q, k, v, select_reach=_attend(300, 16), **kw))
+    summ = build_summaries("m2m", n_kv_heads=2, head_dim=16, block_size=8, rank=2).double()
+    with torch.no_grad():
+        for t in summ.parameters():
+            t.add_(torch.randn(t.shape, generator=rng, dtype=t.dtype) * 0.3)
+    flat = dict(block_size=8, rank=2, refine=3, max_level=2, flat_top=True, summaries=summ)
+    _compare(rng, q, k, v, select_reach=_attend(40, 16), **flat)
+    docs = [0, 70, 230, 300]  # a document ending mid-block, one of 160 tokens spanning several windows
+    _compare(rng, q, k, v, select_reach=_attend(40, 16), cu_seqlens=docs, **flat)
+
+
+def test_attend_reach_nothing_after_a_query_changes_it(rng):
+    n, i = 300, 211
+    q, k, v = qkv(rng, 1, 4, 2, n, 8)
+    kw = dict(block_size=8, rank=2, causal=True, refine=2, impl="torch", select_reach=_attend(30, 8))
+    out = fma(q, k, v, **kw)
+    short = fma(q[:, :, :i + 1], k[:, :, :i + 1], v[:, :, :i + 1], **kw)
+    assert (out[:, :, :i + 1] - short).abs().max() < TOL64
+
+
 # --------------------------------------------------------------------------- selection keys: window boxes
 def _brute_boxes(k, n, m, levels):
     """{(level, window): (hi, lo)} of a single sequence's keys k (Hkv, n, d), window by window."""

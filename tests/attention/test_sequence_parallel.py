@@ -51,7 +51,8 @@ def _one_case(case, group, seed):
     if extra.get("select_reach"):
         from fmtrain.attention.refine import SelectionReach
         from fmtrain.attention.rope import inverse_frequencies
-        kw["select_reach"] = SelectionReach(extra["select_reach"], inverse_frequencies(d, 100.0))
+        kw["select_reach"] = SelectionReach(extra["select_reach"], inverse_frequencies(d, 100.0),
+                                            extra.get("attend_reach", False))
     if extra.get("level_offset"):
         kw["level_offset"] = (torch.randn(H, 12, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
         params.append(kw["level_offset"])
@@ -133,7 +134,9 @@ def test_sp_refined_equals_one_device():
               + [(128, 8, 2, 4, 2, True, "nlogn", "m2m", False, {"refine": 3, "level_offset": True}),
                  (128, 8, 2, 4, 2, True, "nlogn", "m2m", True, {"refine": 2, "window_rope": True}),
                  (256, 8, 2, 4, 2, True, "nlogn", "m2m", True, {"refine": 2, "max_level": 2, "flat_top": True,
-                                                                 "select_reach": 40})])
+                                                                 "select_reach": 40}),
+                 (256, 8, 2, 4, 2, True, "nlogn", "m2m", True, {"refine": 2, "select_reach": 40,
+                                                                 "attend_reach": True})])
     run_ranks(4, _refined_grid([(128, 8, 2)], 3)
               + [(96, 8, 2, 4, 1, False, "nlogn", "m2m", True, {"refine": 2, "level_offset": True})])
 

@@ -106,11 +106,12 @@ def test_recall_refined_variant_saves_its_weights_and_the_needle_at_start_contro
             assert 0 <= row["opened"] <= 1, (d, layer)  # the share of heads whose selection opened the needle
 
 
-def test_recall_refuses_a_flat_top_without_a_cap_and_a_bad_rope_scaling(capsys):
+def test_recall_refuses_a_flat_top_without_a_cap_an_attend_reach_without_a_reach_and_a_bad_rope_scaling(capsys):
     from bench import recall
 
     for argv, msg in ((["--eval-flat-top"], "--eval-flat-top flattens the top level --eval-max-level keeps"),
-                      (["--eval-rope-scaling", "llama3:x"], "give llama3:F or linear:F")):
+                      (["--eval-rope-scaling", "llama3:x"], "give llama3:F or linear:F"),
+                      (["--eval-attend-reach"], "--eval-attend-reach reads the far field as at --eval-select-reach")):
         with pytest.raises(SystemExit):
             recall.parse_args(argv)
         assert msg in capsys.readouterr().err

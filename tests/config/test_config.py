@@ -330,6 +330,9 @@ def test_select_reach_needs_refinement():
     msg = error_of(from_dict, {**base, "model": {"select_reach": 1024}})
     assert "model.select_reach=1024 changes adaptive refinement's selection" in msg
     assert "model.select_reach" in error_of(from_dict, {**base, "model": {"refine": 2, "select_reach": 0}})
+    assert from_dict({**base, "model": {"refine": 2, "select_reach": 1024, "attend_reach": True}}).model.attend_reach
+    msg = error_of(from_dict, {**base, "model": {"refine": 2, "attend_reach": True}})
+    assert "model.attend_reach=true reads the far field as at model.select_reach, which is not set" in msg
 
 
 def test_flat_top_needs_refinement():

@@ -97,12 +97,12 @@ def test_fma_export_loads_through_the_auto_classes_and_generates(tmp_path, text_
 
 
 def test_fma_export_carries_refinement_past_the_training_length(tmp_path, text_files):
-    """refine, max_level, flat_top and select_reach are [model] fields: the export runs them as
+    """refine, max_level, flat_top, select_reach and attend_reach are [model] fields: the export runs them as
     fmtrain does (logits and greedy decoding through transformers' remote-code path)."""
     import fmtrain.hf.modeling  # noqa: F401
     from fmtrain.hf import export
 
-    fields = dict(refine=2, max_level=1, flat_top=True, select_reach=40)
+    fields = dict(refine=2, max_level=1, flat_top=True, select_reach=40, attend_reach=True)
     ckpt = model_only(tmp_path / "ckpt", text_files, SP_TOKENIZER, attention="fma", summary="m2m", **fields)
     out = export(ckpt, tmp_path / "out")
     cfg = json.loads((out / "config.json").read_text())
@@ -110,7 +110,7 @@ def test_fma_export_carries_refinement_past_the_training_length(tmp_path, text_f
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
     net = fmtrain_model(ckpt)
     layer = next(m for m in net.modules() if hasattr(m, "select_reach"))
-    assert (layer.refine, layer.max_level, layer.flat_top, layer.select_reach) == (2, 1, True, 40)
+    assert (layer.refine, layer.max_level, layer.flat_top, layer.select_reach, layer.attend_reach) == (2, 1, True, 40, True)
     ids = torch.randint(0, 4096, (1, 200), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert rel(model(ids).logits, net.logits(ids)) < 1e-12

@@ -32,23 +32,31 @@ def _rss_bytes() -> int:
 
 
 def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str, heads: int,
-             head_dim: int, budget_s: float, block_size: int = 64, rank: int = 2, refine: int = 0) -> dict:
-    """Time one case in this process; returns a result row."""
+             head_dim: int, budget_s: float, block_size: int = 64, rank: int = 2, refine: int = 0,
+             reach: str = "", reach_distance: int = 0) -> dict:
+    """Time one case in this process; returns a result row. ``reach``: "" (real distances),
+    "select" (refinement's selection clamped at ``reach_distance``: fma's ``select_reach``) or
+    "attend" (its far field's attention too)."""
     import torch
     import torch.nn.functional as F
 
     from fmtrain.attention import fma
+    from fmtrain.attention.refine import SelectionReach
+    from fmtrain.attention.rope import inverse_frequencies
 
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
     grad = mode == "fwdbwd"
     q, k, v = (torch.randn(1, heads, n, head_dim, device=device, dtype=dt, requires_grad=grad) for _ in range(3))
+    sr = SelectionReach(reach_distance, inverse_frequencies(head_dim, device=device), reach == "attend") \
+        if reach else None
 
     def step():
         if impl == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
-            o = fma(q, k, v, causal=causal, impl="auto", block_size=block_size, rank=rank, refine=refine)
+            o = fma(q, k, v, causal=causal, impl="auto", block_size=block_size, rank=rank, refine=refine,
+                    select_reach=sr)
         if grad:
             o.backward(torch.ones_like(o))
             q.grad = k.grad = v.grad = None
@@ -79,7 +87,8 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
     elem = torch.finfo(dt).bits // 8
     return dict(impl=impl, n=n, causal=causal, mode=mode, device=device, dtype=dtype, heads=heads,
                 head_dim=head_dim, block_size=block_size, rank=rank if impl == "fma" else None,
-                refine=refine if impl == "fma" else None,
+                refine=refine if impl == "fma" else None, reach=reach or None,
+                reach_distance=reach_distance if reach else None,
                 ms=1e3 * timed[len(timed) // 2], runs=len(timed),
                 ms_quartiles=[1e3 * timed[len(timed) // 4], 1e3 * timed[(3 * len(timed)) // 4]],
                 peak_extra_mib=max(0, peak) / 2**20,
@@ -87,8 +96,9 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
 
 
 def _run(args, impl, n, causal, mode, budget, env, variant) -> dict | None:
-    rank, refine = variant
-    return spawn_case(__file__, ["--case", f"{impl},{n},{int(causal)},{mode},{rank},{refine}", "--device", args.device,
+    rank, refine, reach = variant
+    return spawn_case(__file__, ["--case", f"{impl},{n},{int(causal)},{mode},{rank},{refine},{reach},{args.reach}",
+                                 "--device", args.device,
                                  "--dtype", args.dtype, "--heads", args.heads, "--head-dim", args.head_dim,
                                  "--budget", budget, "--block-size", args.block_size],
                       label=f"{impl} n={n} {mode}", env=env)
@@ -115,23 +125,25 @@ def sweep(args) -> list[dict]:
     rows = []
     for causal in (True, False) if not args.causal_only else (True,):
         for n in both + alone:
-            # fma once per --rank and --refine (interleaved, so drift hits every one alike), sdpa once
-            cases = [("fma", (r, K)) for r in args.rank for K in args.refine] + \
-                ([("sdpa", (args.rank[0], 0))] if n in both else [])
+            # fma once per --rank, --refine and reach (interleaved, so drift hits every one alike), sdpa once
+            reaches = ("", "select", "attend") if args.reach else ("",)
+            cases = [("fma", (r, K, x)) for r in args.rank for K in args.refine for x in reaches if K or not x] + \
+                ([("sdpa", (args.rank[0], 0, ""))] if n in both else [])
             for impl, variant in cases:
                 for mode in ("fwd", "fwdbwd"):
                     row = spawn(args, impl, n, causal, mode, variant)
                     if row:
                         rows.append(row)
                         print(f"  {impl:5s} n={n:7d} causal={int(causal)} {mode:6s} rank {variant[0]} "
-                              f"refine {variant[1]} {row['ms']:10.1f} ms"
+                              f"refine {variant[1]} {variant[2] or '-':6s} {row['ms']:10.1f} ms"
                               f"  peak+{row['peak_extra_mib']:8.1f} MiB", flush=True)
     return rows
 
 
 def _variant(r: dict):
-    """(rank, refine) of an fma row (rows from before refinement have no refine: 0); None for sdpa."""
-    return (r["rank"], r.get("refine") or 0) if r["impl"] == "fma" else None
+    """(rank, refine, reach) of an fma row (rows from before refinement have no refine: 0, before
+    reaches no reach: ""); None for sdpa."""
+    return (r["rank"], r.get("refine") or 0, r.get("reach") or "") if r["impl"] == "fma" else None
 
 
 def table(rows: list[dict]) -> str:
@@ -141,7 +153,8 @@ def table(rows: list[dict]) -> str:
     variants = sorted({_variant(r) for r in rows if r["impl"] == "fma"})
     many = len({v[0] for v in variants}) > 1
     refines = len({v[1] for v in variants}) > 1
-    extra = (" rank" if many else "") + (" refine" if refines else "")
+    reaches = len({v[2] for v in variants}) > 1
+    extra = (" rank" if many else "") + (" refine" if refines else "") + (" reach " if reaches else "")
     lines = [f"{'n':>8} {'causal':>6}{extra} | {'fma fwd':>9} {'sdpa fwd':>9} {'x':>6} |"
              f" {'fma f+b':>9} {'sdpa f+b':>9} {'x':>6} | {'fma peak':>9} {'sdpa peak':>9} {'fma io':>8}",
              f"{'':>8} {'':>6}{' ' * len(extra)} | {'ms':>9} {'ms':>9} {'':>6} | {'ms':>9} {'ms':>9} {'':>6} |"
@@ -159,7 +172,8 @@ def table(rows: list[dict]) -> str:
                 return get("sdpa", mode) / get("fma", mode) if get("sdpa", mode) and get("fma", mode) else None
 
             fx, bx = speedup("fwd"), speedup("fwdbwd")
-            cols = (f" {variant[0]:4d}" if many else "") + (f" {variant[1]:6d}" if refines else "")
+            cols = (f" {variant[0]:4d}" if many else "") + (f" {variant[1]:6d}" if refines else "") + \
+                (f" {variant[2] or '-':>6s}" if reaches else "")
             lines.append(f"{n:8d} {int(causal):6d}{cols} | {fmt(get('fma', 'fwd'))}"
                          f" {fmt(get('sdpa', 'fwd'))} {fmt(fx, '6.1f')} | {fmt(get('fma', 'fwdbwd'))}"
                          f" {fmt(get('sdpa', 'fwdbwd'))} {fmt(bx, '6.1f')} |"
@@ -201,13 +215,18 @@ def main():
                     help="fma's summaries per window (model.rank); several are timed side by side")
     ap.add_argument("--refine", type=int, nargs="+", default=[0],
                     help="fma's opened far blocks per query (model.refine); several are timed side by side")
+    ap.add_argument("--reach", type=int, default=0, metavar="N",
+                    help="refined cases also with refinement's selection clamped at N tokens (model.select_reach) "
+                         "and with its far field's attention too (model.attend_reach), side by side")
     add_result_arguments(ap)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
-        impl, n, causal, mode, rank, refine = args.case.split(",")
+        # impl,n,causal,mode,rank,refine[,reach,distance] (bench/threads.py gives the first six)
+        impl, n, causal, mode, rank, refine, reach, distance = (args.case + ",,0").split(",")[:8]
         report_case(run_case(impl, int(n), bool(int(causal)), mode, args.device, args.dtype, args.heads,
-                             args.head_dim, args.budget, args.block_size, int(rank), int(refine)))
+                             args.head_dim, args.budget, args.block_size, int(rank), int(refine), reach,
+                             int(distance)))
         return
     import torch
     print(f"fmtrain attention benchmark: {args.device}, {args.dtype}, batch 1, {args.heads} heads, "

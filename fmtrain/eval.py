@@ -309,8 +309,8 @@ def add_max_level_argument(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--past-training", action="store_true",
                     help="multipole models, for lengths past the training length: what retrieves there on our "
                          "benchmarks (README, Adaptive refinement): --max-level trained, and for refined models "
-                         "(model.refine > 0) --flat-top and --select-reach trained too; an option given beside it "
-                         "is kept")
+                         "(model.refine > 0) --flat-top, --select-reach trained and --attend-reach too; an option "
+                         "given beside it is kept")
     ap.add_argument("--max-level", default=None, metavar="N|trained",
                     help="multipole models: keep the coarse levels 1..N only (model.max_level); 'trained': those "
                          "the model's training length has, for lengths past it (levels it never saw collapse its "
@@ -335,8 +335,8 @@ def add_max_level_argument(ap: argparse.ArgumentParser) -> None:
 
 def past_training(args, cfg) -> None:
     """``--past-training``: fills ``args``' length options not given with the settings that retrieve past
-    the training length (the coarse levels trained, for refined models the top one flat and selection's
-    distances clamped at the training length)."""
+    the training length (the coarse levels trained, for refined models the top one flat and the far
+    field's distances, selection and attention, clamped at the training length)."""
     if not args.past_training:
         return
     from .errors import UserError
@@ -350,6 +350,7 @@ def past_training(args, cfg) -> None:
         args.flat_top = True
         if args.select_reach is None:
             args.select_reach = "trained"
+        args.attend_reach = True
 
 
 def attend_reach_of(flag: bool, select_reach: int | None, cfg) -> bool:

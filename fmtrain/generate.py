@@ -284,9 +284,10 @@ def main(argv=None) -> int:
         levels, trained = "", trained_levels(m, cfg.data.seq_len)
         if m.attention == "fma" and max_level is None and num_levels(total, m.block_size) > trained:
             levels = f"; its coarse levels above {trained} were never trained (--past-training keeps to those" + \
-                (", keeps every block within reach and selects blocks as within the training length)"
+                (", keeps every block within reach and reads them as within the training length)"
                  if m.refine else ")")
-        rope = "" if rope_scaling is not None or m.rope_scaling else \
+        reached = (attend_reach or m.attend_reach) and (select_reach or m.select_reach) <= cfg.data.seq_len
+        rope = "" if rope_scaling is not None or m.rope_scaling or reached else \
             f"; RoPE meets distances it never trained on (--rope-scaling llama3:{-(-len(prompt) // cfg.data.seq_len)} " \
             "scales them back)"
         print(f"note: the prompt has {len(prompt)} tokens, more than the {cfg.data.seq_len} the model was trained "

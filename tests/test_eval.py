@@ -336,18 +336,20 @@ def test_past_training_fills_the_length_options_not_given():
 
     from fmtrain.config.loading import from_dict
     from fmtrain.errors import UserError
-    from fmtrain.eval import max_level_of, past_training, select_reach_of
+    from fmtrain.eval import attend_reach_of, max_level_of, past_training, select_reach_of
 
     def resolved(model, **given):
         args = Namespace(**{"past_training": True, "max_level": None, "flat_top": False, "select_reach": None,
-                            **given})
+                            "attend_reach": False, **given})
         cfg = from_dict({"run": {"dir": "r"}, "data": {"seq_len": 1024}, "model": model})
         past_training(args, cfg)
-        return max_level_of(args.max_level, cfg, args.flat_top), args.flat_top, select_reach_of(args.select_reach, cfg)
+        reach = select_reach_of(args.select_reach, cfg)
+        return max_level_of(args.max_level, cfg, args.flat_top), args.flat_top, reach, \
+            attend_reach_of(args.attend_reach, reach, cfg)
 
-    assert resolved({"refine": 2, "block_size": 32}) == (4, True, 1024)  # 32 blocks: levels 1-4
-    assert resolved({"refine": 2, "block_size": 32}, max_level="3", select_reach="300") == (3, True, 300)
-    assert resolved({"block_size": 32}) == (4, False, None)  # plain fma: no flat top, no selection
+    assert resolved({"refine": 2, "block_size": 32}) == (4, True, 1024, True)  # 32 blocks: levels 1-4
+    assert resolved({"refine": 2, "block_size": 32}, max_level="3", select_reach="300") == (3, True, 300, True)
+    assert resolved({"block_size": 32}) == (4, False, None, False)  # plain fma: no flat top, no reach
     with pytest.raises(UserError, match="--past-training: sets multipole attention's length options; this model's "
                                         "attention is 'sdpa'"):
         resolved({"attention": "sdpa"})

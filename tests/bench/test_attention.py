@@ -52,11 +52,13 @@ def test_attention_bench_times_each_rank_and_sdpa_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_attention_bench_times_each_refine_side_by_side(tmp_path):
-    result = side_by_side(tmp_path, "--refine", "0", "2")
-    got = sorted((r["impl"], r["refine"] or 0, r["mode"]) for r in result["rows"])
-    assert got == sorted([("fma", K, m) for K in (0, 2) for m in ("fwd", "fwdbwd")]
-                         + [("sdpa", 0, m) for m in ("fwd", "fwdbwd")])
+def test_attention_bench_times_each_refine_and_reach_side_by_side(tmp_path):
+    result = side_by_side(tmp_path, "--refine", "0", "2", "--reach", "100")
+    got = sorted((r["impl"], r["refine"] or 0, r["reach"] or "", r["mode"]) for r in result["rows"])
+    assert got == sorted([("fma", 0, "", m) for m in ("fwd", "fwdbwd")]  # no reach without refinement
+                         + [("fma", 2, x, m) for x in ("", "select", "attend") for m in ("fwd", "fwdbwd")]
+                         + [("sdpa", 0, "", m) for m in ("fwd", "fwdbwd")])
+    assert {r["reach_distance"] for r in result["rows"] if r["reach"]} == {100}
     lines = [line.split() for line in result["table"].splitlines()[2:]]
-    assert [line[2] for line in lines] == ["0", "2"]  # one line per refine, no rank column
-    assert lines[0][5] == lines[1][5]  # sdpa's time on both
+    assert [line[2:4] for line in lines] == [["0", "-"], ["2", "-"], ["2", "attend"], ["2", "select"]]
+    assert lines[0][6] == lines[3][6]  # one line per (refine, reach), no rank column; sdpa's time on each

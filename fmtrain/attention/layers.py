@@ -142,7 +142,7 @@ class MultipoleAttention(ProjectedAttention):
         self.select_reach = select_reach if self.refine else None
         if select_reach is not None and (not self.refine or select_reach < 1):
             raise ValueError(f"select_reach={select_reach} needs refine > 0 and a distance >= 1 (it changes "
-                             "refinement's selection only)")
+                             "refinement's far field only)")
         # ... and its far field's attention too (ReRoPE-like): fma's SelectionReach(attend=True).
         self.attend_reach = attend_reach
         if attend_reach and select_reach is None:

@@ -122,7 +122,7 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise ValueError(f"fma: refine must be a count of fine blocks >= 0, got {refine!r}")
     if select_reach is not None and not refine:
-        raise ValueError("fma: select_reach needs refine > 0 (it changes refinement's selection only); set refine, "
+        raise ValueError("fma: select_reach needs refine > 0 (it changes refinement's far field only); set refine, "
                          "or select_reach=None")
     if select_reach is not None and (select_reach.distance < 1 or select_reach.inv_freq.shape != (q.shape[3] // 2,)):
         raise ValueError(f"fma: select_reach must be (distance >= 1, inv_freq of head_dim/2 = {q.shape[3] // 2} "

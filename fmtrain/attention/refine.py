@@ -103,6 +103,7 @@ class Tables(NamedTuple):
     leaf: torch.Tensor  # (windows[1],): each level-1 window's fine block
     ends: torch.Tensor  # (n_blocks,): the first position past each block's sequence (or document)
     starts: torch.Tensor  # (windows of all levels,): each window's first position, rows as ``kids``
+    centres: torch.Tensor  # (T,): each summary's window's centre (first position plus half its nominal length)
 
 
 class SelectionReach(NamedTuple):
@@ -152,7 +153,10 @@ def _tables_cpu(h: Hierarchy) -> Tables:
         starts = h.window_starts_cpu()
     kid_base = torch.cumsum(torch.tensor((0, 0) + h.windows[:-1], dtype=torch.long), 0)[:h.n_levels + 1] \
         if h.n_levels else torch.zeros(1, dtype=torch.long)
-    return Tables(has, logc, offsets, windows, lv, win, kids, kid_base, leaf, ends, starts)
+    half = torch.cat([torch.full((nw,), (h.block_size << l) // 2, dtype=torch.long) for l, nw in enumerate(h.windows)]) \
+        if h.n_levels else torch.zeros(0, dtype=torch.long)
+    centres = (starts + half).repeat_interleave(h.rank)  # summaries lie as windows do, p a window
+    return Tables(has, logc, offsets, windows, lv, win, kids, kid_base, leaf, ends, starts, centres)
 
 
 def _tables(h: Hierarchy, device) -> Tables:
@@ -503,9 +507,10 @@ class FarField(torch.autograd.Function):
         lse = torch.empty(B, H, nq_all, dtype=acc, device=q.device)
         boxes = window_boxes(kb.view(B, kb.shape[1], -1, d), h, limit=n)  # from the padded blocks already made
         sels, ws = _select_all(q, boxes, h, refine, scale, start, reach), Scratch()
+        turned = _turned_summaries(ksa, _tables(h, q.device), reach)
         for i0, i1, *sel in _far_chunks(sels, q, ks, h, refine):
             o, l = far_attention(q[:, :, i0:i1], n, off, h, sel, kb, vb, ksa, vsa, weighted, scale, ws, kernels,
-                                 reach, _positions(start, i0, i1, q.device))
+                                 reach, _positions(start, i0, i1, q.device), turned)
             nq = i1 - i0
             out[:, :, i0:i1] = o.transpose(2, 3).reshape(B, H, nq, d)
             lse[:, :, i0:i1] = l.squeeze(-1).transpose(2, 3).reshape(B, H, nq)
@@ -527,7 +532,8 @@ class FarField(torch.autograd.Function):
         dq = torch.empty(B, H, nq_all, d, dtype=acc, device=q.device)
         dkb, dvb, dks, dvs = (torch.zeros_like(x) for x in (kb, vb, ksa, vsa))
         doff = torch.zeros(off.shape, dtype=acc, device=q.device) if off is not None else None
-        ws = Scratch()
+        ws, turned = Scratch(), _turned_summaries(ksa, tabs, ctx.reach)
+        dturned = None if turned is None else torch.zeros_like(turned)
         for i0, i1, *sel in _far_chunks(ctx.sels, q, ks, h, ctx.refine):
             qg, sidx, bias, slv = _far_inputs(q[:, :, i0:i1], off, h, tabs, *sel[1:], ctx.weighted, acc)
             nq = i1 - i0
@@ -540,26 +546,35 @@ class FarField(torch.autograd.Function):
             if dlse is not None:
                 delta = delta - dlse[:, :, i0:i1].to(acc).view(B, Hkv, G, nq).transpose(2, 3).unsqueeze(-1)
             tiles = OpenedTiles(sel[0], h.n_blocks, G)
-            turn_o, turn_s = _turns(h, tabs, tiles, sel, ctx.reach, _positions(ctx.start, i0, i1, q.device))
+            pos = _positions(ctx.start, i0, i1, q.device)
+            turn_o, turn_s = _turns(h, tabs, tiles, sel, ctx.reach, pos)
             dq_t, dk_t, dv_t = tiles.grads(qg, do, l, delta, kb, vb, n, scale, ctx.kernels, q.dtype, turn_o)
             tiles.add_to_blocks(dkb, dk_t)
             tiles.add_to_blocks(dvb, dv_t)
-            kc = _flat_gather(ksa, sidx, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
-            if turn_s is not None:  # the summaries' keys as far forward as their windows lie beyond
-                kc = rotate(kc, turn_s, ctx.reach.inv_freq)
+            rows, far = _summary_rows(sidx, turn_s, ksa.shape[2])
+            kc = _flat_gather(ksa if turned is None else turned, rows, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
+            qt = None if far is None else rotate(qg, -pos.unsqueeze(-1), ctx.reach.inv_freq)  # turned back by its position
             vc = _flat_gather(vsa, sidx, ws("vs", (*sidx.shape, d), vsa))
-            p = torch.exp(qg @ kc.transpose(-1, -2) * scale + bias - l)  # (B, Hkv, nq, G, C*p)
+            p = torch.exp(_summary_scores(qg, qt, kc, far) * scale + bias - l)  # (B, Hkv, nq, G, C*p)
             ds = p * (do @ vc.transpose(-1, -2) - delta)
             if doff is not None:  # each summary slot's score gradient to its (head, level)
                 dsum = ds.permute(1, 3, 0, 2, 4)  # (Hkv, G, B, nq, C*p)
                 lvl = (slv - 1).clamp(min=0).permute(1, 0, 2, 3).unsqueeze(1).expand_as(dsum)
                 doff.view(Hkv, G, -1).scatter_add_(2, lvl.reshape(Hkv, G, -1), dsum.reshape(Hkv, G, -1))
             ds.mul_(scale)  # the score scale, applied to the small factor of every product below
-            dq[:, :, i0:i1] = (tiles.to_queries(dq_t) + ds @ kc).transpose(2, 3).reshape(B, H, nq, d)
             sum_shape = (*sidx.shape, d)
-            dkc = _outer(ds, qg, ws("dks", sum_shape, qg))  # to the turned keys: turned back, to the summaries
-            _flat_add(dks, sidx, dkc if turn_s is None else rotate(dkc, -turn_s, ctx.reach.inv_freq))
+            if far is None:
+                dq_s = ds @ kc
+                _flat_add(dks, sidx, _outer(ds, qg, ws("dks", sum_shape, qg)))
+            else:  # the slots beyond were scored by the turned query: its share turned forward again
+                ds_far = torch.where(far, ds, 0.0)
+                ds.sub_(ds_far)
+                dq_s = ds @ kc + rotate(ds_far @ kc, pos.unsqueeze(-1), ctx.reach.inv_freq)
+                _flat_add(dturned, rows, _outer(ds, qg, ws("dks", sum_shape, qg)) + _outer(ds_far, qt, ws("dkt", sum_shape, qg)))
+            dq[:, :, i0:i1] = (tiles.to_queries(dq_t) + dq_s).transpose(2, 3).reshape(B, H, nq, d)
             _flat_add(dvs, sidx, _outer(p, do, ws("dvs", sum_shape, qg)))
+        if dturned is not None:
+            dks += _turned_back(dturned, tabs, ctx.reach)
         dk = dkb.view(B, Hkv, -1, d)[:, :, :k.shape[2]]
         dv = dvb.view(B, Hkv, -1, d)[:, :, :k.shape[2]]
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dks.to(ks.dtype), dvs.to(vs.dtype),
@@ -573,7 +588,8 @@ def _key_limit(h: Hierarchy, k: torch.Tensor):
 
 
 def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted: bool, scale: float, ws,
-                  kernels: bool = False, reach: SelectionReach | None = None, pos: torch.Tensor | None = None):
+                  kernels: bool = False, reach: SelectionReach | None = None, pos: torch.Tensor | None = None,
+                  turned: torch.Tensor | None = None):
     """Softmax attention of queries q (B, H, nq, d) over their far field: the opened blocks'
     tokens (rows of ``kb, vb`` (B, Hkv, blocks, m*d), as :func:`_blocks` lays them out) and the
     candidates' summaries (``ksa, vsa`` (B, Hkv, T, d)); ``sel = (opened, lv, win)`` from
@@ -581,7 +597,8 @@ def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted:
     (B, Hkv, nq, G, 1))`` in the accumulation dtype; lse is -inf where a query has no far field.
     The opened blocks and the summaries are two softmaxes merged by their log-sum-exp.
     ``reach`` with ``attend``: windows beyond its distance from the queries (at positions ``pos``
-    (nq,)) are attended as at it (:class:`SelectionReach`).
+    (nq,)) are attended as at it (:class:`SelectionReach`): the summaries from ``turned``
+    (:func:`_turned_summaries`) where given (many queries), else each slot's key rotated (one query).
     Shared by :class:`FarField` and the decoding cache (:mod:`.cache`)."""
     d, Hkv = ksa.shape[-1], ksa.shape[1]
     tabs = _tables(h, q.device)
@@ -592,10 +609,15 @@ def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted:
     K = sel[0].shape[-1]
     lse_o = tiles.to_pairs(l_t.unsqueeze(-1), fill=-math.inf)  # (B, Hkv, nq, G, K)
     out_o = tiles.to_pairs(o_t).unflatten(-1, (K, d))  # (B, Hkv, nq, G, K, d)
-    kc = _flat_gather(ksa, sidx, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
-    if turn_s is not None:
-        kc = rotate(kc, turn_s, reach.inv_freq)
-    s = qg @ kc.transpose(-1, -2) * scale + bias  # (B, Hkv, nq, G, C*p)
+    if turned is not None and turn_s is not None:
+        rows, far = _summary_rows(sidx, turn_s, ksa.shape[2])
+        kc = _flat_gather(turned, rows, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
+        s = _summary_scores(qg, rotate(qg, -pos.unsqueeze(-1), reach.inv_freq), kc, far) * scale + bias
+    else:
+        kc = _flat_gather(ksa, sidx, ws("ks", (*sidx.shape, d), ksa))
+        if turn_s is not None:  # each slot's key as far forward as its window lies beyond
+            kc = rotate(kc, turn_s, reach.inv_freq)
+        s = qg @ kc.transpose(-1, -2) * scale + bias  # (B, Hkv, nq, G, C*p)
     lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
     safe_s = torch.where(lse_s.isinf(), 0.0, lse_s)
     out_s = torch.exp(s - safe_s) @ _flat_gather(vsa, sidx, ws("vs", (*sidx.shape, d), vsa))
@@ -620,6 +642,42 @@ def _turns(h: Hierarchy, tabs, tiles: OpenedTiles, sel, reach: SelectionReach | 
     turn_o = tiles.turns(_block_beyond(h, opened, reach.distance, pos), reach.inv_freq)
     turn_s = _beyond_reach(h, tabs, lv, win, reach.distance, pos).repeat_interleave(h.rank, dim=-1)
     return turn_o, turn_s
+
+
+def _turned_summaries(ksa: torch.Tensor, tabs, reach: SelectionReach | None) -> torch.Tensor | None:
+    """With ``reach.attend``: the summaries' keys ksa (B, Hkv, T, d), then the same turned back by
+    RoPE as far as their window's centre ``c`` plus the reach's distance ``D``, then ``c - D``: (B,
+    Hkv, 3T, d). A window lying beyond the reach before query ``i`` is scored as its keys turned
+    forward by ``i - c - D``, and ``q_i . rot(k, i - c - D) = rot(q_i, -i) . rot(k, -(c + D))``
+    (after it, bidirectional: ``c - D``): a rotation per query and per summary, not per pair."""
+    if reach is None or not reach.attend:
+        return None
+    c, D = tabs.centres, reach.distance
+    return torch.cat([ksa, rotate(ksa, -(c + D), reach.inv_freq), rotate(ksa, -(c - D), reach.inv_freq)], dim=2)
+
+
+def _turned_back(dturned: torch.Tensor, tabs, reach: SelectionReach) -> torch.Tensor:
+    """The gradient to :func:`_turned_summaries`' rows (B, Hkv, 3T, d) -> to the summaries (B, Hkv, T, d)."""
+    plain, before, after = dturned.chunk(3, dim=2)
+    c, D = tabs.centres, reach.distance
+    return plain + rotate(before, c + D, reach.inv_freq) + rotate(after, c - D, reach.inv_freq)
+
+
+def _summary_rows(sidx: torch.Tensor, turn_s: torch.Tensor | None, T: int):
+    """Summary slots sidx (B, Hkv, nq, C*p) and their shifts -> their rows of
+    :func:`_turned_summaries` (the turned copies for slots beyond the reach) and which lie beyond,
+    (B, Hkv, nq, 1, C*p) bool; ``sidx, None`` without shifts."""
+    if turn_s is None:
+        return sidx, None
+    part = (turn_s > 0).long() + 2 * (turn_s < 0).long()
+    return sidx + part * T, (part > 0).unsqueeze(-2)
+
+
+def _summary_scores(qg, qt, kc, far):
+    """Scores (B, Hkv, nq, G, C*p) of the queries qg (turned back by their positions: qt) against
+    the slots' keys kc (B, Hkv, nq, C*p, d), unscaled: the turned query where a slot lies beyond."""
+    s = qg @ kc.transpose(-1, -2)
+    return s if far is None else torch.where(far, qt @ kc.transpose(-1, -2), s)
 
 
 def _outer(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -153,10 +153,11 @@ def _tables_cpu(h: Hierarchy) -> Tables:
         starts = h.window_starts_cpu()
     kid_base = torch.cumsum(torch.tensor((0, 0) + h.windows[:-1], dtype=torch.long), 0)[:h.n_levels + 1] \
         if h.n_levels else torch.zeros(1, dtype=torch.long)
-    half = torch.cat([torch.full((nw,), (h.block_size << l) // 2, dtype=torch.long) for l, nw in enumerate(h.windows)]) \
-        if h.n_levels else torch.zeros(0, dtype=torch.long)
+    half = torch.cat([torch.full((nw,), (h.block_size << l) // 2, dtype=torch.long)
+                      for l, nw in enumerate(h.windows)]) if h.n_levels else torch.zeros(0, dtype=torch.long)
     centres = (starts + half).repeat_interleave(h.rank)  # summaries lie as windows do, p a window
-    return Tables(has, logc, offsets, windows, lv, win, kids, kid_base, leaf, ends, starts, centres)
+    return Tables(has, logc, offsets, windows, lv, win, kids, kid_base, leaf, ends, starts,
+                  centres)
 
 
 def _tables(h: Hierarchy, device) -> Tables:
@@ -467,7 +468,8 @@ class OpenedTiles:
         p = torch.exp(s - self.of_queries(lse))  # padding rows: lse 0, do 0, so no share
         ds = p * (dot @ vt.transpose(-1, -2) - self.of_queries(delta)) * scale
         dq = ds @ kt  # to the turned query: turned forward again, to the query
-        return dq if turn is None else rotate(dq, turn[0], turn[1]), ds.transpose(-1, -2) @ qt, p.transpose(-1, -2) @ dot
+        dq = dq if turn is None else rotate(dq, turn[0], turn[1])
+        return dq, ds.transpose(-1, -2) @ qt, p.transpose(-1, -2) @ dot
 
     def _key_bias(self, kb: torch.Tensor, n, d: int) -> torch.Tensor:
         """(n_tiles, 1, m): 0 for a tile's block's tokens before ``n``, -inf after (the last block).
@@ -552,8 +554,10 @@ class FarField(torch.autograd.Function):
             tiles.add_to_blocks(dkb, dk_t)
             tiles.add_to_blocks(dvb, dv_t)
             rows, far = _summary_rows(sidx, turn_s, ksa.shape[2])
-            kc = _flat_gather(ksa if turned is None else turned, rows, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
-            qt = None if far is None else rotate(qg, -pos.unsqueeze(-1), ctx.reach.inv_freq)  # turned back by its position
+            kc = _flat_gather(ksa if turned is None else turned, rows,
+                              ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
+            # each query turned back by its own position, for the slots beyond the reach
+            qt = None if far is None else rotate(qg, -pos.unsqueeze(-1), ctx.reach.inv_freq)
             vc = _flat_gather(vsa, sidx, ws("vs", (*sidx.shape, d), vsa))
             p = torch.exp(_summary_scores(qg, qt, kc, far) * scale + bias - l)  # (B, Hkv, nq, G, C*p)
             ds = p * (do @ vc.transpose(-1, -2) - delta)
@@ -570,7 +574,8 @@ class FarField(torch.autograd.Function):
                 ds_far = torch.where(far, ds, 0.0)
                 ds.sub_(ds_far)
                 dq_s = ds @ kc + rotate(ds_far @ kc, pos.unsqueeze(-1), ctx.reach.inv_freq)
-                _flat_add(dturned, rows, _outer(ds, qg, ws("dks", sum_shape, qg)) + _outer(ds_far, qt, ws("dkt", sum_shape, qg)))
+                _flat_add(dturned, rows,
+                          _outer(ds, qg, ws("dks", sum_shape, qg)) + _outer(ds_far, qt, ws("dkt", sum_shape, qg)))
             dq[:, :, i0:i1] = (tiles.to_queries(dq_t) + dq_s).transpose(2, 3).reshape(B, H, nq, d)
             _flat_add(dvs, sidx, _outer(p, do, ws("dvs", sum_shape, qg)))
         if dturned is not None:

@@ -65,7 +65,8 @@ def run_case(impl: str, n: int, causal: bool, mode: str, device: str, dtype: str
     # Warm up the libraries (thread pools, kernels) at a tiny size before the baseline.
     with torch.set_grad_enabled(grad):
         small = [t[:, :, :256].detach().requires_grad_(grad) for t in (q, k, v)]
-        o = (fma(*small, causal=causal, block_size=block_size, rank=rank, refine=refine) if impl == "fma"
+        o = (fma(*small, causal=causal, block_size=block_size, rank=rank, refine=refine, select_reach=sr)
+             if impl == "fma"
              else F.scaled_dot_product_attention(*small, is_causal=causal))
         if grad:
             o.sum().backward()

@@ -255,7 +255,7 @@ def _block_beyond(h: Hierarchy, opened: torch.Tensor, distance: int, pos: torch.
     """Opened blocks (B, Hkv, nq, K) of queries at ``pos`` (nq,) -> (B, Hkv, nq, K) int64: how far each
     block's centre lies beyond ``distance`` (:func:`_beyond_reach` of its level-1 window); 0 for no block."""
     dist = pos.view(1, 1, -1, 1) - (opened.clamp(min=0) * h.block_size + h.block_size // 2)
-    return torch.where(opened >= 0, dist - dist.clamp(min=-distance, max=distance), 0)
+    return torch.where(opened >= 0, _beyond(dist, distance), 0)
 
 
 def _beyond_reach(h: Hierarchy, tabs, lv, win, distance: int, pos: torch.Tensor) -> torch.Tensor:
@@ -265,7 +265,11 @@ def _beyond_reach(h: Hierarchy, tabs, lv, win, distance: int, pos: torch.Tensor)
     lvc = lv.clamp(min=1)
     row = (tabs.kid_base[lvc] + win.clamp(min=0)).clamp(max=max(tabs.starts.numel() - 1, 0))  # none: masked anyway
     centre = tabs.starts[row] + (h.block_size << (lvc - 1)) // 2
-    dist = pos.view(1, 1, -1, 1) - centre
+    return _beyond(pos.view(1, 1, -1, 1) - centre, distance)
+
+
+def _beyond(dist: torch.Tensor, distance: int) -> torch.Tensor:
+    """Signed distances -> how far each lies beyond ``distance`` (negative after a query), 0 within."""
     return dist - dist.clamp(min=-distance, max=distance)
 
 

@@ -270,6 +270,15 @@ def test_flat_top_without_refinement_is_refused(rng):
 
 
 # --------------------------------------------------------------------------- selection within a reach
+def _perturbed_m2m(rng):
+    """Learned (m2m) summaries for 2 key/value heads of 16, block 8, rank 2, moved off averaging."""
+    summ = build_summaries("m2m", n_kv_heads=2, head_dim=16, block_size=8, rank=2).double()
+    with torch.no_grad():
+        for t in summ.parameters():
+            t.add_(torch.randn(t.shape, generator=rng, dtype=t.dtype) * 0.3)
+    return summ
+
+
 def _reach(distance, d, theta=100.0):
     return SelectionReach(distance, inverse_frequencies(d, theta))
 
@@ -290,10 +299,7 @@ def test_select_reach_beyond_the_sequence_changes_nothing_and_composes(rng):
     kw = dict(block_size=8, rank=2, refine=2)
     assert torch.equal(fma(q, k, v, **kw), fma(q, k, v, select_reach=_reach(300, 16), **kw))
     # with packed documents, a flat top, and learned summaries: against the reference per document
-    summ = build_summaries("m2m", n_kv_heads=2, head_dim=16, block_size=8, rank=2).double()
-    with torch.no_grad():
-        for t in summ.parameters():
-            t.add_(torch.randn(t.shape, generator=rng, dtype=t.dtype) * 0.3)
+    summ = _perturbed_m2m(rng)
     _compare(rng, q, k, v, block_size=8, rank=2, refine=3, max_level=2, flat_top=True, summaries=summ,
              select_reach=_reach(40, 16))
 
@@ -379,10 +385,7 @@ def test_attend_reach_beyond_the_sequence_changes_nothing_and_composes(rng):
     q, k, v = qkv(rng, 1, 4, 2, 300, 16)
     kw = dict(block_size=8, rank=2, refine=2)
     assert torch.equal(fma(q, k, v, **kw), fma(q, k, v, select_reach=_attend(300, 16), **kw))
-    summ = build_summaries("m2m", n_kv_heads=2, head_dim=16, block_size=8, rank=2).double()
-    with torch.no_grad():
-        for t in summ.parameters():
-            t.add_(torch.randn(t.shape, generator=rng, dtype=t.dtype) * 0.3)
+    summ = _perturbed_m2m(rng)
     flat = dict(block_size=8, rank=2, refine=3, max_level=2, flat_top=True, summaries=summ)
     _compare(rng, q, k, v, select_reach=_attend(40, 16), **flat)
     docs = [0, 70, 230, 300]  # a document ending mid-block, one of 160 tokens spanning several windows

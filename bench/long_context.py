@@ -145,12 +145,33 @@ def eval_len_of(args, spec: str, model_cfg) -> int:
     return args.eval_len
 
 
+def past_training_options(cfg) -> tuple | None:
+    """``--past-training``: ``fmtrain.eval --past-training``'s length options for a multipole arm, as
+    ``apply_length_options`` takes them (the coarse levels trained; for refined arms the top one flat
+    and the far field read within the training length); None for the other attentions."""
+    from fmtrain.eval import attend_reach_of, max_level_of, past_training, select_reach_of
+
+    if cfg.model.attention != "fma":
+        return None
+    flags = argparse.Namespace(past_training=True, max_level=None, flat_top=False, select_reach=None,
+                               attend_reach=False)
+    past_training(flags, cfg)
+    reach = select_reach_of(flags.select_reach, cfg)
+    return (max_level_of(flags.max_level, cfg, flags.flat_top), flags.flat_top, None, reach,
+            attend_reach_of(flags.attend_reach, reach, cfg))
+
+
 def evaluate(args, spec: str, run_dir: Path) -> dict:
     """Loss by position bucket of one trained arm: sums and counts, so buckets can be merged."""
     from fmtrain.attention.cpu import adapt_torch_threads
     from fmtrain.export import load_trained
 
     model, cfg = load_trained(run_dir)
+    options = past_training_options(cfg) if args.past_training else None
+    if options:
+        from fmtrain.eval import apply_length_options
+
+        apply_length_options(model, cfg, *options)
     adapt_torch_threads()
     length = eval_len_of(args, spec, cfg.model)
     docs = (held_out_documents(cfg, args.min_doc_len) if args.eval_docs == "heldout"
@@ -163,6 +184,8 @@ def evaluate(args, spec: str, run_dir: Path) -> dict:
     train_rows = step_rows(train_log)
     speeds = [r["tokens_per_s"] for r in train_rows[1:] if r.get("tokens_per_s")]  # the first: warm-up
     return dict(arm=spec, run_dir=str(run_dir), train_tokens=int(train_rows[-1]["tokens_seen"]),
+                length_options=options and dict(zip(("max_level", "flat_top", "select_reach", "attend_reach"),
+                                                    (options[0], options[1], options[3], options[4]))),
                 trainer_eval_loss=final_eval["eval_loss"], trainer_eval_bpb=final_eval["eval_bpb"],
                 train_tokens_per_s=float(np.median(speeds)) if speeds else None, **result)
 
@@ -197,6 +220,12 @@ def table(rows: list[dict], groups: list[tuple[int, int]], seq_len: int) -> str:
     lines.append("| tokens (documents) | " + " | ".join(support) + " | | |")
     lines.append(f"\nHeld-out loss (nats per token) by the predicted token's position in its document; "
                  f"* beyond the training length ({seq_len:,}), never trained on.")
+    read = [r["length_options"] for r in rows if r.get("length_options")]
+    if read:
+        reach = next((o["select_reach"] for o in read if o["select_reach"]), None)
+        lines.append(f"Multipole arms read with `--past-training`: coarse levels 1..{read[0]['max_level']} only "
+                     "(those trained)" + (f"; refined arms with a flat top level, the far field's selection and "
+                                         f"attention clamped at {reach:,} tokens" if reach else "") + ".")
     return "\n".join(lines)
 
 
@@ -308,6 +337,11 @@ def parse_args(argv=None):
     ap.add_argument("--max-docs", type=int, default=16, help="documents read with --eval-docs packages")
     ap.add_argument("--launcher", default=f"{shlex.quote(sys.executable)} -m")
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-long-context"))
+    ap.add_argument("--past-training", action="store_true",
+                    help="multipole arms read past --seq-len as `python -m fmtrain.eval --past-training` does: the "
+                         "coarse levels trained, and for refined arms (model.refine > 0) a flat top level and the "
+                         "far field's selection and attention clamped at the training length (README, Adaptive "
+                         "refinement); the other arms are read as they are")
     ap.add_argument("--retrain", action="store_true", help="train every arm again")
     ap.add_argument("--baseline", default="local", help="the arm (without its seed) others are paired with "
                                                         "over seeds, e.g. fma-m2m")

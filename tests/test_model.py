@@ -408,6 +408,7 @@ print(json.dumps({"loss": (loss / count).item(), "count": count.item(), "grads_o
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("8-gib")  # one at a time: two such steps beside each other would need 16 GiB
 @pytest.mark.parametrize("config", ["tiny-gpt", "tiny-mlm"])
 def test_step_at_131072_tokens_under_8_gib(config):
     """One fp32 forward+backward of the tiny model at 131072 tokens, in a fresh process so

@@ -12,7 +12,6 @@ import contextlib
 import datetime
 import io
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -75,12 +74,6 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_world(backend: str = "auto", sp_size: int = 1, timeout_minutes: float = 30) -> World:
     """Initialise torch.distributed (through DeepSpeed, which the engine needs) and the device."""
     from ..errors import UserError  # (not config.ConfigError: config imports this module)
@@ -90,9 +83,6 @@ def init_world(backend: str = "auto", sp_size: int = 1, timeout_minutes: float =
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local = local_rank()
-    if size == 1:  # a plain process: give torch.distributed a world of one on loopback
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local))
     cuda = torch.cuda.is_available()
     if backend == "auto":
@@ -105,12 +95,19 @@ def init_world(backend: str = "auto", sp_size: int = 1, timeout_minutes: float =
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    fresh = not dist.is_initialized()
+    if fresh and size == 1 and not os.environ.get("MASTER_PORT"):
+        # A plain process: a world of one needs no rendezvous, so an in-process store rather than a
+        # port. A port picked free and bound seconds later (after DeepSpeed's import) was taken in
+        # between when two runs started at once (EADDRINUSE); DeepSpeed keeps a group it finds.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    if fresh:
         # On CPU DeepSpeed builds its shared-memory collectives and prints "... built successfully"
         # on every start: nothing the user needs (a failed build still raises or warns on stderr).
         with contextlib.redirect_stdout(io.StringIO()):
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                       timeout=datetime.timedelta(minutes=timeout_minutes))
+                                       timeout=timeout)
     return World(rank=rank, local_rank=local, size=size, sp_size=sp_size, device=device, backend=backend,
                  sp_group=sequence_groups(rank, size, sp_size))
 

@@ -35,7 +35,7 @@ def run_bench(script: str, tmp_path: Path, *extra: str, plot: bool = True) -> di
 
 @pytest.mark.slow
 def test_quality_quick(tmp_path):
-    result = run_bench("quality.py", tmp_path, "--work-dir", str(tmp_path / "runs"))
+    result = run_bench("quality.py", tmp_path, "--work-dir", str(tmp_path / "runs"), "--jobs", "2")
     rows = {(r["kind"], r["variant"]) for r in result["rows"]}
     variants = ("fma-m2m", "fma-mean", "fma-linear", "sdpa", "local")
     assert rows == {(k, v) for k in ("causal", "mlm") for v in variants}
@@ -67,23 +67,20 @@ def test_recall_quick(tmp_path):
 def test_recall_refined_variant_saves_its_weights_and_the_needle_at_start_control_reuses_them(tmp_path):
     models = str(tmp_path / "models")
     first = run_bench("recall.py", tmp_path, "--variants", "fma-m2m-refine2", "--models", models)
-    assert (tmp_path / "models" / "fma-m2m-refine2.pt").exists()
-    again = run_bench("recall.py", tmp_path, "--variants", "fma-m2m-refine2", "--models", models)
-    assert again["rows"]["fma-m2m-refine2"]["pooled"] == first["rows"]["fma-m2m-refine2"]["pooled"]
-    assert again["rows"]["fma-m2m-refine2"]["train_log"] == first["rows"]["fma-m2m-refine2"]["train_log"]
+    weights = tmp_path / "models" / "fma-m2m-refine2.pt"
+    stamp = (weights.read_bytes(), weights.stat().st_mtime_ns)
+    # The control on the same weights (not retrained: the file is untouched), read past the training length
+    # at once: levels capped at the trained ones, a flat top, Llama 3's RoPE scaling.
     control = run_bench("recall.py", tmp_path, "--variants", "fma-m2m-refine2", "--models", models,
-                        "--needle-at", "start")
+                        "--needle-at", "start", "--eval-max-level", "2", "--eval-flat-top",
+                        "--eval-rope-scaling", "llama3:4")
+    assert (weights.read_bytes(), weights.stat().st_mtime_ns) == stamp
     assert control["rows"]["fma-m2m-refine2"]["train_log"] == first["rows"]["fma-m2m-refine2"]["train_log"]
-    assert control["meta"]["args"]["needle_at"] == "start"
+    args = control["meta"]["args"]
+    assert (args["needle_at"], args["eval_rope_scaling"], args["eval_flat_top"]) == ("start", "llama3:4", True)
     # The needle at the start: every distance out to the end of the longest sequence is asked for.
-    assert max(int(b) for b in control["rows"]["fma-m2m-refine2"]["pooled"]) >= 2048
-    # Past the training length: levels capped at the trained ones, a flat top, Llama 3's RoPE scaling.
-    past = run_bench("recall.py", tmp_path, "--variants", "fma-m2m-refine2", "--models", models,
-                     "--eval-max-level", "2", "--eval-flat-top", "--eval-rope-scaling", "llama3:4")
-    assert past["rows"]["fma-m2m-refine2"]["train_log"] == first["rows"]["fma-m2m-refine2"]["train_log"]
-    assert (past["meta"]["args"]["eval_rope_scaling"], past["meta"]["args"]["eval_flat_top"]) == ("llama3:4", True)
     # (accuracies of this 20-step model are near chance, so they need not differ from the first run's)
-    assert max(int(b) for b in past["rows"]["fma-m2m-refine2"]["pooled"]) >= 2048
+    assert max(int(b) for b in control["rows"]["fma-m2m-refine2"]["pooled"]) >= 2048
     # Chain-free training (rows of documents, masked): its own weights, trained on other batches; weights
     # saved before --train existed (no "train" in their setup) are the chained ones.
     docs = run_bench("recall.py", tmp_path, "--variants", "fma-m2m-refine2", "--models", models, "--train", "documents")
@@ -133,7 +130,7 @@ def test_needle_at_start_puts_every_needle_first():
 def test_long_context_quick_buckets_every_position_once_and_reuses_runs(tmp_path):
     arms = "local,fma-m2m+model.level_offset=true"
     work = str(tmp_path / "runs")
-    result = run_bench("long_context.py", tmp_path, "--arms", arms, "--work-dir", work)
+    result = run_bench("long_context.py", tmp_path, "--arms", arms, "--work-dir", work, "--jobs", "2")
     assert [r["arm"] for r in result["rows"]] == arms.split(",")
     for r in result["rows"]:
         # Every document read to eval_len tokens: positions 1..eval_len-1, each in one bucket.
@@ -143,7 +140,7 @@ def test_long_context_quick_buckets_every_position_once_and_reuses_runs(tmp_path
         assert math.isfinite(r["trainer_eval_loss"])
     done = {r["arm"]: Path(r["run_dir"]) / "long_context_run.json" for r in result["rows"]}
     stamps = {arm: (p.read_text(), p.stat().st_mtime_ns) for arm, p in done.items()}
-    again = run_bench("long_context.py", tmp_path, "--arms", arms, "--work-dir", work)  # reuses the runs
+    again = run_bench("long_context.py", tmp_path, "--arms", arms, "--work-dir", work, "--jobs", "2")  # reuses the runs
     assert {arm: (p.read_text(), p.stat().st_mtime_ns) for arm, p in done.items()} == stamps  # not retrained
     for first, second in zip(result["rows"], again["rows"]):
         # Same weights, same documents. Not bitwise: evaluation sets torch's thread count from the
@@ -155,7 +152,8 @@ def test_long_context_quick_buckets_every_position_once_and_reuses_runs(tmp_path
 
 @pytest.mark.slow
 def test_sweep_quick_picks_each_variants_best_lr_and_adds_seeds(tmp_path):
-    result = run_bench("sweep.py", tmp_path, "--variants", "fma-m2m,local", "--work-dir", str(tmp_path / "runs"))
+    result = run_bench("sweep.py", tmp_path, "--variants", "fma-m2m,local", "--work-dir", str(tmp_path / "runs"),
+                       "--jobs", "2")
     s = result["summary"]
     for v in ("fma-m2m", "local"):
         sweep = s[v]["lr_sweep"]
@@ -269,3 +267,23 @@ def test_long_context_seed_summary_pairs_each_arm_with_local_at_the_same_seeds()
     assert other["vs_base_mean"] == pytest.approx([0.2, 0.5])  # the same pairs, the other way round
     assert "local - fma-m2m" in lc.seed_table({"local": other}, lc.buckets(rows), seq_len=2048)
     assert lc.seed_of("fma-m2m+model.weighted=false+train.seed=3", 0) == ("fma-m2m+model.weighted=false", 3)
+
+
+def test_long_context_past_training_reads_multipole_arms_as_eval_does():
+    from bench import long_context as lc
+    from fmtrain.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "tiny-gpt.toml", ["--data.seq_len=2048"])
+    from fmtrain.model import trained_levels
+
+    levels = lc.past_training_options(cfg)
+    assert levels[0] == trained_levels(cfg.model, 2048) > 1  # the levels a 2048-token sequence has
+    assert levels[1:] == (False, None, None, False)  # plain multipole: the trained levels only
+    refined = load_config(ROOT / "configs" / "tiny-gpt.toml", ["--data.seq_len=2048", "--model.refine=4"])
+    assert lc.past_training_options(refined) == (levels[0], True, None, 2048, True)
+    assert lc.past_training_options(load_config(ROOT / "configs" / "tiny-gpt.toml", ["--model.attention=local"])) is None
+    row = dict(arm="fma-m2m+model.refine=4", sums=[1.0] + [0.0] * (len(lc.EDGES) - 2),
+               counts=[1] + [0] * (len(lc.EDGES) - 2), doc_counts=[1] * (len(lc.EDGES) - 1), trainer_eval_loss=1.0,
+               length_options=dict(max_level=levels[0], flat_top=True, select_reach=2048, attend_reach=True))
+    assert f"coarse levels 1..{levels[0]} only" in lc.table([row], lc.buckets([row]), 2048)
+    assert "clamped at 2,048 tokens" in lc.table([row], lc.buckets([row]), 2048)

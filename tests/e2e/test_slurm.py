@@ -21,6 +21,7 @@ STEPS = 150
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("slurm"),  # one test worker: one controller on fixed ports for the module
     pytest.mark.skipif(shutil.which("slurmctld") is None or shutil.which("sbatch") is None,
                        reason="SLURM is not installed (.ci/run installs slurmctld slurmd slurm-client munge)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="starting slurmctld/slurmd/munged needs root"),

@@ -19,7 +19,7 @@ RUN_SH = str(REPO / "launch" / "run.sh")
 STEPS = 100
 ARGS = (f"--train.steps={STEPS}", "--checkpoint.interval=10", "--parallel.zero_stage=1")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("torchrun")]  # one worker runs the reference once
 
 
 def free_port() -> int:

@@ -18,3 +18,23 @@ def test_a_cpu_start_builds_no_deepspeed_extension(tmp_path):
     built = list((tmp_path / "ext").rglob("*")) if (tmp_path / "ext").exists() else []
     assert not built, built
     assert "built successfully" not in r.stdout + r.stderr
+
+
+def test_a_plain_process_takes_no_port_so_runs_started_at_once_never_collide():
+    """A world of one rendezvouses in process (a HashStore): no TCP port is bound, so two runs started
+    at once cannot pick the same free port; DeepSpeed's collectives run on that group."""
+    code = ("import os, torch\n"
+            "from fmtrain.parallel.groups import init_world\n"
+            "import deepspeed.comm as ds\n"
+            "import torch.distributed as dist\n"
+            "w = init_world()\n"
+            "t = torch.ones(3)\n"
+            "ds.all_reduce(t)\n"
+            "ds.barrier()\n"
+            "print('world', w.size, ds.get_world_size(), type(dist.distributed_c10d._get_default_store().underlying_store).__name__,\n"
+            "      os.environ.get('MASTER_PORT'), t.tolist())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(env, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world 1 1 HashStore None [1.0, 1.0, 1.0]" in r.stdout, r.stdout

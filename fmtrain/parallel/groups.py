@@ -97,10 +97,11 @@ def init_world(backend: str = "auto", sp_size: int = 1, timeout_minutes: float =
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     fresh = not dist.is_initialized()
-    if fresh and size == 1 and not os.environ.get("MASTER_PORT"):
-        # A plain process: a world of one needs no rendezvous, so an in-process store rather than a
-        # port. A port picked free and bound seconds later (after DeepSpeed's import) was taken in
-        # between when two runs started at once (EADDRINUSE); DeepSpeed keeps a group it finds.
+    if fresh and size == 1:
+        # A world of one needs no rendezvous: an in-process store rather than a port. A port picked
+        # free and bound seconds later (after DeepSpeed's import), or a MASTER_PORT inherited from the
+        # parent, was taken in between when two runs started at once (EADDRINUSE). DeepSpeed keeps
+        # the group it finds.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if fresh:
         # On CPU DeepSpeed builds its shared-memory collectives and prints "... built successfully"

@@ -212,9 +212,8 @@ def test_sp_refined_moves_the_keys_once_each_way(world):
 
 def test_group_of_one_is_the_local_path():
     x = torch.randn(1, 2, 64, 8, dtype=torch.float64)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    if not dist.is_initialized():  # an in-process store: no port, no rendezvous variables left behind
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         try:
             assert torch.equal(fma(x, x, x, block_size=8, group=dist.group.WORLD), fma(x, x, x, block_size=8))
         finally:

@@ -1,5 +1,6 @@
 """The DeepSpeed seam at start-up: what a CPU launch builds."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -34,7 +35,12 @@ def test_a_plain_process_takes_no_port_so_runs_started_at_once_never_collide():
             "print('world', w.size, ds.get_world_size(), type(dist.distributed_c10d._get_default_store().underlying_store).__name__,\n"
             "      os.environ.get('MASTER_PORT'), t.tolist())\n")
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE")}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=dict(env, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "world 1 1 HashStore None [1.0, 1.0, 1.0]" in r.stdout, r.stdout
+    with socket.socket() as taken:  # a MASTER_PORT inherited from the parent, already in use: not needed
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for extra in ({}, dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)):
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                               env=dict(env, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **extra))
+            assert r.returncode == 0, r.stderr[-3000:]
+            assert f"world 1 1 HashStore {extra.get('MASTER_PORT')} [1.0, 1.0, 1.0]" in r.stdout, r.stdout

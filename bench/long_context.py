@@ -145,6 +145,9 @@ def eval_len_of(args, spec: str, model_cfg) -> int:
     return args.eval_len
 
 
+LENGTH_OPTIONS = ("max_level", "flat_top", "rope_scaling", "select_reach", "attend_reach")  # apply_length_options' order
+
+
 def past_training_options(cfg) -> tuple | None:
     """``--past-training``: ``fmtrain.eval --past-training``'s length options for a multipole arm, as
     ``apply_length_options`` takes them (the coarse levels trained; for refined arms the top one flat
@@ -184,8 +187,7 @@ def evaluate(args, spec: str, run_dir: Path) -> dict:
     train_rows = step_rows(train_log)
     speeds = [r["tokens_per_s"] for r in train_rows[1:] if r.get("tokens_per_s")]  # the first: warm-up
     return dict(arm=spec, run_dir=str(run_dir), train_tokens=int(train_rows[-1]["tokens_seen"]),
-                length_options=options and dict(zip(("max_level", "flat_top", "select_reach", "attend_reach"),
-                                                    (options[0], options[1], options[3], options[4]))),
+                length_options=options and {k: v for k, v in zip(LENGTH_OPTIONS, options) if k != "rope_scaling"},
                 trainer_eval_loss=final_eval["eval_loss"], trainer_eval_bpb=final_eval["eval_bpb"],
                 train_tokens_per_s=float(np.median(speeds)) if speeds else None, **result)
 

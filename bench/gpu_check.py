@@ -31,6 +31,7 @@ Exit status 1 if a correctness check failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -43,12 +44,33 @@ import torch.nn.functional as F
 from _results import add_result_arguments, meta as common_meta, result_stem, write_results
 from _harness import time_call, upper_median
 from fmtrain.attention import fma
+from fmtrain.attention.kernels.function import launch_config
 from fmtrain.attention.hierarchy import extend_keys, hierarchy
 from fmtrain.attention.torch_core import BlockAttention
 from fmtrain.attention.summaries import MEAN
 
 TOL = {"bfloat16": 5e-2, "float32": 1e-4, "float16": 1e-2}
+# Launch configurations timed (and checked) beside the default (fmtrain/attention/kernels/function.py).
+OTHER_LAUNCHES = ("flash2",)
 SLOW_MS = 1000.0
+
+
+@contextlib.contextmanager
+def launch(name: str | None):
+    """The Triton core's launch configuration (``FMTRAIN_TRITON_LAUNCH``) for the calls inside;
+    None: the default."""
+    from fmtrain.attention.kernels.function import LAUNCH_ENV
+
+    old = os.environ.get(LAUNCH_ENV)
+    if name:
+        os.environ[LAUNCH_ENV] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(LAUNCH_ENV, None)
+        else:
+            os.environ[LAUNCH_ENV] = old
 
 
 def err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -71,9 +93,10 @@ def packed_lengths(n: int, seed: int, shortest: int = 20, longest: int = 2000) -
     return out
 
 
-def check_fma(dev, dtype, n, H, Hkv, d, m, causal, variant, seed=0, docs=False) -> dict:
+def check_fma(dev, dtype, n, H, Hkv, d, m, causal, variant, seed=0, docs=False, config=None) -> dict:
     """fma(impl="triton") in dtype vs fma(impl="torch") in float64 on the same device; ``docs``:
-    packed documents (``cu_seqlens``), documents of 1 to n/3 tokens."""
+    packed documents (``cu_seqlens``), documents of 1 to n/3 tokens; ``config``: the kernels' launch
+    configuration (default: the one in use)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     q, k, v = (torch.randn(1, h, n, d, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
     dout = torch.randn(1, H, n, d, generator=g, dtype=torch.float64)
@@ -86,10 +109,12 @@ def check_fma(dev, dtype, n, H, Hkv, d, m, causal, variant, seed=0, docs=False) 
         out = fma(*xs, impl=impl, **kw)
         return (out, *torch.autograd.grad(out, xs, dout.to(dev, dt)))
 
-    got, ref = run(dtype, "triton"), run(torch.float64, "torch")
+    with launch(config):
+        got = run(dtype, "triton")
+    ref = run(torch.float64, "torch")
     errs = {name: err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref)}
     return dict(case=f"fma n={n} H={H}/{Hkv} d={d} m={m} {'causal' if causal else 'bidir'} {variant}"
-                     + (f" {len(kw['cu_seqlens']) - 1} documents" if docs else ""),
+                     + (f" {len(kw['cu_seqlens']) - 1} documents" if docs else "") + (f" [{config}]" if config else ""),
                 dtype=str(dtype).split(".")[-1], errors=errs, nonfinite=nonfinite(*got))
 
 
@@ -140,6 +165,10 @@ def correctness(dev, dry: bool) -> list[dict]:
             rows.append(check_core(dev, dtype, causal, **(dict(n=300, m=16, d=16, a0=5, nq=4) if dry else {})))
             n, H, Hkv, d, m = shapes[dtype][0]  # packed documents: one launch per kernel over all of them
             rows.append(check_fma(dev, dtype, n, H, Hkv, d, m, causal, "nlogn", docs=True))
+            # The other launch configurations, where they launch differently (wide tiles: d >= 128).
+            for n, H, Hkv, d, m in [s_ for s_ in shapes[dtype] if s_[3] * s_[4] > 64 * 64]:
+                for config in OTHER_LAUNCHES:
+                    rows.append(check_fma(dev, dtype, n, H, Hkv, d, m, causal, "nlogn", config=config))
     for r in rows:
         r["ok"] = r["nonfinite"] == 0 and max(r["errors"].values()) < TOL[r["dtype"]]
         worst = max(r["errors"], key=r["errors"].get)
@@ -205,7 +234,8 @@ def bench(dev, args, deadline: float, save_partial=None) -> tuple[list[dict], li
                 dout = torch.randn(1, args.heads, n, d, generator=g).to(dev, dt)
                 # fma-docs: the same call on a row packed with documents of 20-2000 tokens (cu_seqlens)
                 cu = torch.tensor([0] + packed_lengths(n, n)).cumsum(0)
-                for impl in ("fma", "fma-docs", "sdpa"):
+                for impl in ("fma", *(f"fma-{c}" for c in OTHER_LAUNCHES), "fma-docs", "sdpa"):
+                    config = impl[4:] if impl[4:] in OTHER_LAUNCHES else None  # fma under another launch
                     for mode in ("fwd", "fwdbwd"):
                         row = dict(impl=impl, mode=mode, n=n, head_dim=d, causal=causal, heads=args.heads,
                                    dtype="bfloat16")
@@ -215,6 +245,10 @@ def bench(dev, args, deadline: float, save_partial=None) -> tuple[list[dict], li
                         calls = 4 if guess > SLOW_MS else 10  # warm-up + 3, or warm-up + do_bench
                         if impl == "sdpa" and n > args.sdpa_max:
                             row["skipped"] = f"n > --sdpa-max {args.sdpa_max} (quadratic: ~{guess / 1e3:.0f} s a call)"
+                        elif config and 64 * d <= 64 * 64 and not args.dry_run:  # (the dry run: the plumbing)
+                            row["skipped"] = f"launches as fma at d={d} (block 64)"
+                        elif config and not causal:
+                            row["skipped"] = "other launches timed causal only (the floors' mask)"
                         elif impl == "fma-docs" and (n > args.docs_max or d != args.head_dims[0]):
                             row["skipped"] = f"documents timed at n <= --docs-max {args.docs_max}, d={args.head_dims[0]}"
                         elif time.time() + calls * guess / 1e3 > deadline or time.time() > deadline:
@@ -227,8 +261,8 @@ def bench(dev, args, deadline: float, save_partial=None) -> tuple[list[dict], li
                                   f"{row['skipped']}", flush=True)
                             continue
                         xs = [t.detach().requires_grad_(mode == "fwdbwd") for t in (q, k, v)]
-                        attn = (lambda a, b, c: fma(a, b, c, causal=causal, impl=args.impl)) if impl == "fma" \
-                            else (lambda a, b, c: fma(a, b, c, causal=causal, impl=args.impl, cu_seqlens=cu)) \
+                        attn = (lambda a, b, c: fma(a, b, c, causal=causal, impl=args.impl)) \
+                            if impl == "fma" or config else (lambda a, b, c: fma(a, b, c, causal=causal, impl=args.impl, cu_seqlens=cu)) \
                             if impl == "fma-docs" else (lambda a, b, c: sdpa_flash(a, b, c, causal))
                         if mode == "fwd":
                             def fn():
@@ -238,7 +272,10 @@ def bench(dev, args, deadline: float, save_partial=None) -> tuple[list[dict], li
                             def fn():
                                 return torch.autograd.grad(attn(*xs), xs, dout)
                         try:
-                            ms, peak, how = timer.measure(fn)
+                            with launch(config):
+                                ms, peak, how = timer.measure(fn)
+                            if impl.startswith("fma"):
+                                row["launch"] = config or launch_config()
                             row.update(ms=ms, peak_mib=peak, timing=how)
                             est[(impl, mode, d, causal)] = (n, ms)
                             if impl == "fma" and mode == "fwd":
@@ -269,9 +306,12 @@ def bench(dev, args, deadline: float, save_partial=None) -> tuple[list[dict], li
 
 def table(rows: list[dict]) -> str:
     key = {(r["impl"], r["mode"], r["n"], r["head_dim"], r["causal"]): r for r in rows}
+    other = [f"fma-{c}" for c in OTHER_LAUNCHES]
     lines = [f"{'d':>4} {'causal':>6} {'n':>8} | {'fma fwd':>9} {'sdpa fwd':>9} {'x':>6} | "
              f"{'fma f+b':>9} {'sdpa f+b':>9} {'x':>6} | {'fma MiB':>8} {'sdpa MiB':>9} | {'docs f+b':>9} "
-             f"{'/fma':>5}  (ms; bf16; peak of f+b; docs: packed documents of 20-2000 tokens)"]
+             f"{'/fma':>5} | " + " | ".join(f"{c + ' f+b':>12} {'/fma':>5}" for c in OTHER_LAUNCHES)
+             + f"  (ms; bf16; peak of f+b; docs: packed documents of 20-2000 tokens; fma: the "
+             f"{launch_config()} launch)"]
     seen = sorted({(r["head_dim"], r["causal"], r["n"]) for r in rows}, key=lambda t: (t[0], not t[1], t[2]))
 
     def cell(r, f="ms"):
@@ -279,18 +319,22 @@ def table(rows: list[dict]) -> str:
             return "skip" if r is not None and "skipped" in r else "-"
         return f"{r[f]:.2f}" if f == "ms" else f"{r[f]:.0f}"
 
+    def ratio(a, b):
+        return f"{b['ms'] / a['ms']:.2f}" if a and b and "ms" in a and "ms" in b else "-"
+
     for d, causal, n in seen:
-        g = {(i, m_): key.get((i, m_, n, d, causal)) for i in ("fma", "fma-docs", "sdpa") for m_ in ("fwd", "fwdbwd")}
-        a, b = g[("fma", "fwdbwd")], g[("fma-docs", "fwdbwd")]
-        docs = f"{b['ms'] / a['ms']:.2f}" if a and b and "ms" in a and "ms" in b else "-"
+        g = {(i, m_): key.get((i, m_, n, d, causal)) for i in ("fma", "fma-docs", "sdpa", *other)
+             for m_ in ("fwd", "fwdbwd")}
+        fb = g[("fma", "fwdbwd")]
         sp = []
         for m_ in ("fwd", "fwdbwd"):
             a, b = g[("fma", m_)], g[("sdpa", m_)]
             sp.append(f"{b['ms'] / a['ms']:.1f}" if a and b and "ms" in a and "ms" in b else "-")
         lines.append(f"{d:>4} {int(causal):>6} {n:>8} | {cell(g[('fma', 'fwd')]):>9} {cell(g[('sdpa', 'fwd')]):>9} "
-                     f"{sp[0]:>6} | {cell(g[('fma', 'fwdbwd')]):>9} {cell(g[('sdpa', 'fwdbwd')]):>9} {sp[1]:>6} | "
-                     f"{cell(g[('fma', 'fwdbwd')], 'peak_mib'):>8} {cell(g[('sdpa', 'fwdbwd')], 'peak_mib'):>9} | "
-                     f"{cell(g[('fma-docs', 'fwdbwd')]):>9} {docs:>5}")
+                     f"{sp[0]:>6} | {cell(fb):>9} {cell(g[('sdpa', 'fwdbwd')]):>9} {sp[1]:>6} | "
+                     f"{cell(fb, 'peak_mib'):>8} {cell(g[('sdpa', 'fwdbwd')], 'peak_mib'):>9} | "
+                     f"{cell(g[('fma-docs', 'fwdbwd')]):>9} {ratio(fb, g[('fma-docs', 'fwdbwd')]):>5} | "
+                     + " | ".join(f"{cell(g[(o, 'fwdbwd')]):>12} {ratio(fb, g[(o, 'fwdbwd')]):>5}" for o in other))
     return "\n".join(lines)
 
 

@@ -98,7 +98,8 @@ def run_command(args, spec: str, run_dir: Path) -> list[str]:
 
 def train(args, spec: str) -> Path:
     """Train one arm (or reuse its finished run of the same command); its run folder."""
-    run_dir = Path(args.work_dir) / arm_dir_name(spec)
+    # Absolute: the command is the reuse key, and "runs/x" and "/repo/runs/x" are the same run.
+    run_dir = Path(args.work_dir).resolve() / arm_dir_name(spec)
     cmd = run_command(args, spec, run_dir)
     done = run_dir / "long_context_run.json"
     if not args.retrain and done.is_file() and json.loads(done.read_text()).get("command") == cmd:

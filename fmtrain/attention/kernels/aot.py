@@ -84,9 +84,11 @@ def signature(fn, consts: dict, dtype: str, aligned: bool = True):
     return sig, attrs
 
 
-def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool, docs: bool = False):
+def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool, docs: bool = False,
+                    config: str | None = None):
     """``(name, kernel, constexprs, launch options, dtype)`` for every kernel a call with these
-    shapes launches (each dq flag both ways), with the launcher's own tiles; then adaptive
+    shapes launches (each dq flag both ways), with the launcher's own tiles and launch options
+    (``config``: one of :data:`.function.LAUNCH_CONFIGS`, default the one in use); then adaptive
     refinement's opened-block kernels (fp32 tensors, products in the inputs' dtype; 64 query rows a
     tile). ``docs``: instead, the kernels whose fine mask reads packed documents' key ranges."""
     import torch
@@ -99,17 +101,16 @@ def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool, docs: bool
     prec = "ieee" if dtype == "fp32" else "tf32"
     tiles = dict(m=m, d=d, F=2 if causal else 3, CAUSAL=causal, DOCS=docs, BLOCK_M=blk["BLOCK_M"],
                  BLOCK_D=blk["BLOCK_D"], PRECISION=prec, UPCAST=False)
-    launch = Fn._launch(blk["BLOCK_M"], blk["BLOCK_D"])
-    out = [("fwd", K._fwd_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"]), launch)]
-    out += [(f"dq{'+dlse' if flag else ''}", K._dq_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"], HAS_DLSE=flag), launch)
-            for flag in (True, False)]
-    out += [("dkv", K._dkv_kernel, tiles, launch),
+    launch = Fn._launches(blk["BLOCK_M"], blk["BLOCK_D"], docs, config)
+    out = [("fwd", K._fwd_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"]), launch["fwd"])]
+    out += [(f"dq{'+dlse' if flag else ''}", K._dq_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"], HAS_DLSE=flag),
+             launch["dq"]) for flag in (True, False)]
+    out += [("dkv", K._dkv_kernel, dict(tiles, BLOCK_N=launch["dkv_keys"]), launch["dkv"]),
             ("dsum", K._dsum_kernel, dict(m=m, d=d, p=2, COLS=SEEN_BY_COLS, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"],
-                                          BLOCK_P=16, PRECISION=prec, UPCAST=False), launch)]
+                                          BLOCK_P=16, PRECISION=prec, UPCAST=False), launch["dsum"])]
     out = [x + (dtype,) for x in out]
     if docs:  # packed documents change only the fine mask of these three (DOCS): the rest are the same
-        return [(f"{name}+docs", fn, c, Fn._dq_launch(opts, True) if name.startswith("dq") else opts, dt)
-                for name, fn, c, opts, dt in out if name != "dsum"]
+        return [(f"{name}+docs", fn, c, opts, dt) for name, fn, c, opts, dt in out if name != "dsum"]
     inputs = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
     opened, opened_launch = Fn._opened_tiles(m, d, 64, 1, inputs)
     opened["UPCAST"] = False  # the GPU's lowering, whatever this process interprets

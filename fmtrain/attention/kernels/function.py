@@ -7,6 +7,8 @@ fp64 ``tl.dot`` is not portable, so float64 stays on the PyTorch core.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -44,15 +46,36 @@ def _blocks(m: int, d: int, S: int) -> dict:
     return dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_C=bc)
 
 
-def _launch(bm: int, bd: int) -> dict:
-    # Not tuned on a GPU yet (none in the session that wrote this): FlashAttention-2's defaults.
-    return dict(num_warps=4 if bm * bd <= 64 * 64 else 8, num_stages=2)
+# How the core's kernels are launched. "occupancy" (the default) fits two programs on an H100 SM
+# at head_dim 128 (#26's resource gate, bench/kernel_resources.py): 4 warps, one stage, and the
+# dk/dv kernel on 32-key tiles so that its two fp32 accumulators fit in registers. "flash2" is
+# FlashAttention-2's defaults (8 warps and two stages at head_dim 128), the kernels' launch until
+# 2026-12-07: one program per SM. Neither has been timed on a GPU yet; bench/gpu_check.py times
+# both in one call. Below head_dim 128 both launch alike (every kernel already fits two).
+LAUNCH_CONFIGS = ("occupancy", "flash2")
+LAUNCH_ENV = "FMTRAIN_TRITON_LAUNCH"
 
 
-def _dq_launch(launch: dict, docs: bool) -> dict:
-    # Packed documents' key ranges cost the dq kernel the last registers at d=128 (bidirectional,
-    # bf16: 24 bytes spilled with two stages, none with one; #26's kernel_resources bench).
-    return dict(launch, num_stages=1) if docs else launch
+def launch_config() -> str:
+    """The launch configuration in use: ``$FMTRAIN_TRITON_LAUNCH``, else "occupancy"."""
+    name = os.environ.get(LAUNCH_ENV, "") or LAUNCH_CONFIGS[0]
+    if name not in LAUNCH_CONFIGS:
+        raise ValueError(f"{LAUNCH_ENV}={name!r} is not a launch configuration; use one of {LAUNCH_CONFIGS}")
+    return name
+
+
+def _launches(bm: int, bd: int, docs: bool = False, config: str | None = None) -> dict:
+    """Launch options of each core kernel ('fwd', 'dq', 'dkv', 'dsum': num_warps, num_stages) and
+    the dk/dv kernel's key rows per program ('dkv_keys'), for tiles of ``bm`` rows x ``bd`` columns."""
+    wide = bm * bd > 64 * 64
+    if wide and (config or launch_config()) == "occupancy":
+        one = dict(num_warps=4, num_stages=1)
+        return dict(fwd=one, dq=one, dkv=one, dsum=dict(num_warps=8, num_stages=2), dkv_keys=min(bm, 32))
+    base = dict(num_warps=8 if wide else 4, num_stages=2)
+    # Packed documents' key ranges cost flash2's dq kernel the last registers at d=128 (bidirectional,
+    # bf16: 24 bytes spilled with two stages, none with one).
+    dq = dict(base, num_stages=1) if docs else base
+    return dict(fwd=base, dq=dq, dkv=base, dsum=base, dkv_keys=bm)
 
 
 def _precision(dtype) -> str:
@@ -124,7 +147,8 @@ class TritonBlockAttention(torch.autograd.Function):
         _fwd_kernel[(nq, B * H)](
             q, k, v, ks, vs, index, bias, bounds, out, lse,
             h.n, nq, a0, H, H // Hkv, T, S, k_start, k.shape[2], scale * LOG2E,
-            m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=prec, UPCAST=_upcast(q.dtype), **blk, **_launch(blk["BLOCK_M"], blk["BLOCK_D"]))
+            m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=prec, UPCAST=_upcast(q.dtype), **blk,
+            **_launches(blk["BLOCK_M"], blk["BLOCK_D"], docs)["fwd"])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, ks, vs, out, lse)
         ctx.h, ctx.weighted, ctx.scale, ctx.a0, ctx.T, ctx.k_start = h, weighted, scale, a0, T, k_start
@@ -147,15 +171,15 @@ class TritonBlockAttention(torch.autograd.Function):
         dlse = dlse.contiguous() if has_dlse else delta  # without dlse a pointer the kernel never reads
         index, bias = _device_tables(h, ctx.weighted, q.device)
         blk = _blocks(m, d, S)
-        launch = _launch(blk["BLOCK_M"], blk["BLOCK_D"])
         prec = _precision(q.dtype)
         dq = torch.empty_like(q)
         bounds, docs = _key_bounds(h, q.device)
+        launch = _launches(blk["BLOCK_M"], blk["BLOCK_D"], docs)
         _dq_kernel[(nq, B * H)](
             q, k, v, ks, vs, index, bias, bounds, out, dout, dlse, lse, delta, dq,
             h.n, nq, a0, H, G, T, S, k_start, nk, scale,
             m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=prec, UPCAST=_upcast(q.dtype), HAS_DLSE=has_dlse,
-            **blk, **_dq_launch(launch, docs))
+            **blk, **launch["dq"])
         want_s = (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]) and S > 0
         if want_s:
             seen = seen_by(h, q.device)
@@ -165,13 +189,15 @@ class TritonBlockAttention(torch.autograd.Function):
                 q, ks, vs, dout, lse, delta, seen, summary_bias(h, ctx.weighted, q.device), dks, dvs,
                 nq, a0, H, G, T, scale,
                 m=m, d=d, p=h.rank, COLS=SEEN_BY_COLS, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"],
-                BLOCK_P=max(16, triton.next_power_of_2(h.rank)), PRECISION=prec, UPCAST=_upcast(q.dtype), **launch)
+                BLOCK_P=max(16, triton.next_power_of_2(h.rank)), PRECISION=prec, UPCAST=_upcast(q.dtype),
+                **launch["dsum"])
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        _dkv_kernel[(triton.cdiv(nk, m), B * Hkv)](
+        keys = launch["dkv_keys"]  # key rows per program: a block in triton.cdiv(m, keys) programs
+        _dkv_kernel[(triton.cdiv(nk, m) * triton.cdiv(m, keys), B * Hkv)](
             q, k, v, dout, lse, delta, bounds, dk, dv,
             h.n, nq, a0, H, G, k_start // m, nk, scale,
             m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=prec, UPCAST=_upcast(q.dtype),
-            BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"], **launch)
+            BLOCK_M=blk["BLOCK_M"], BLOCK_N=keys, BLOCK_D=blk["BLOCK_D"], **launch["dkv"])
         if want_s:  # each kv head's summaries: the sum over its G query heads' shares
             dks, dvs = (x.view(B, Hkv, G, T, d).sum(2).to(dt) for x, dt in ((dks, ctx.dtypes[2]), (dvs, ctx.dtypes[3])))
         elif ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:  # no coarse slot: zero gradients

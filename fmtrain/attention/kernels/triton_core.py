@@ -9,9 +9,10 @@ over all of them, with the summaries' log-weights added to their scores.
 Backward (FlashAttention-2 style, scores recomputed from the saved lse):
 - ``_dq_kernel``: per (query block, head): first the rows' ``delta = rowsum(dout * out) -
   dlse`` (stored for the next kernels: no pass of its own), then dq.
-- ``_dkv_kernel``: per (key block, kv head): dk, dv, accumulated over the ``<= F``
-  query blocks that see the block and the ``G`` query heads of the kv head, in
-  registers: no atomics, deterministic.
+- ``_dkv_kernel``: per (key tile, kv head), a tile being a block or, in the "occupancy"
+  launch at head_dim 128, 32 of its keys: dk, dv, accumulated over the ``<= F`` query
+  blocks that see the block and the ``G`` query heads of the kv head, in registers: no
+  atomics, deterministic.
 - ``_dsum_kernel``: per (coarse window, query head): its share of the gradients of
   the window's ``p`` summaries, the interaction lists transposed
   (:func:`~..hierarchy.seen_by`): over the query blocks of the windows whose lists
@@ -223,35 +224,43 @@ def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, BOUNDS, OUT, DO, DLSE, LSE, DELTA, DQ
 def _dkv_kernel(Q, K, V, DO, LSE, DELTA, BOUNDS, DK, DV,
                 n, nq, a0, H, G, kb0, nk, scale,
                 m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr, DOCS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dk, dv of key block e of K (B*Hkv, nk, d) of one kv head: global block kb0 + e (K's row 0
-    is block kb0's first key).
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dk, dv of ``BLOCK_N`` keys of key block e of K (B*Hkv, nk, d) of one kv head: global block
+    kb0 + e (K's row 0 is block kb0's first key). Program (e * parts + part, bkv) owns the block's
+    key rows [part * BLOCK_N, (part + 1) * BLOCK_N): a key tile narrower than the query tiles
+    keeps the two fp32 accumulators (BLOCK_N x d each) small enough for two programs per SM at
+    d = 128.
 
     Local query block i (global a0 + i) sees global block a0 + i - 1 + f as its fine slot f.
     """
-    e = tl.program_id(0).to(tl.int64)
+    parts: tl.constexpr = (m + BLOCK_N - 1) // BLOCK_N
+    e = tl.program_id(0).to(tl.int64) // parts
+    part = tl.program_id(0).to(tl.int64) % parts
     bkv = tl.program_id(1).to(tl.int64)  # b * Hkv + kv head
     Hkv = H // G
     b = bkv // Hkv
     hkv = bkv % Hkv
     N = nq * m
     qk_scale = scale * 1.4426950408889634
-    r = tl.arange(0, BLOCK_M)
+    r = tl.arange(0, BLOCK_M)  # query rows
+    j = part * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's key rows of the block
     c = tl.arange(0, BLOCK_D)
     rok = r < m
+    jok = j < m
     cok = c < d
     tmask = rok[:, None] & cok[None, :]
     gb = kb0 + e  # global key block
-    kpos = gb * m + r
-    krow, kmask = _key_rows(kpos, kb0 * m, nk, bkv, rok, c, cok, d)
+    kpos = gb * m + j
+    krow, kmask = _key_rows(kpos, kb0 * m, nk, bkv, jok, c, cok, d)
     k = tl.load(K + krow, mask=kmask, other=0.0)
     v = tl.load(V + krow, mask=kmask, other=0.0)
     # The keys that count: the sequence's, or the key block's document's. A query sees a key iff
     # the key's document holds the query, so one range per key block serves all its queries.
     lo, hi = _key_range(BOUNDS, gb, n, DOCS)
 
-    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(G):
         bh = b * H + hkv * G + g
         for f in tl.static_range(F):
@@ -265,7 +274,7 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, BOUNDS, DK, DV,
                 qpos = (a0 + i) * m + r
                 # Transposed scores (keys x queries): the reductions below are then plain dots.
                 st = _mm(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
-                ok = _fine_mask(qpos[None, :], kpos[:, None], lo, hi, CAUSAL) & rok[:, None] & rok[None, :]
+                ok = _fine_mask(qpos[None, :], kpos[:, None], lo, hi, CAUSAL) & jok[:, None] & rok[None, :]
                 if DOCS:  # and only the queries of the key block's document
                     ok = ok & ((qpos >= lo) & (qpos < hi))[None, :]
                 pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)

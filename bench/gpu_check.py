@@ -44,14 +44,14 @@ import torch.nn.functional as F
 from _results import add_result_arguments, meta as common_meta, result_stem, write_results
 from _harness import time_call, upper_median
 from fmtrain.attention import fma
-from fmtrain.attention.kernels.function import launch_config
+from fmtrain.attention.kernels.function import _launches, launch_config
 from fmtrain.attention.hierarchy import extend_keys, hierarchy
 from fmtrain.attention.torch_core import BlockAttention
 from fmtrain.attention.summaries import MEAN
 
 TOL = {"bfloat16": 5e-2, "float32": 1e-4, "float16": 1e-2}
 # Launch configurations timed (and checked) beside the default (fmtrain/attention/kernels/function.py).
-OTHER_LAUNCHES = ("flash2",)
+OTHER_LAUNCHES = ("flash2", "run4")
 SLOW_MS = 1000.0
 
 
@@ -165,10 +165,11 @@ def correctness(dev, dry: bool) -> list[dict]:
             rows.append(check_core(dev, dtype, causal, **(dict(n=300, m=16, d=16, a0=5, nq=4) if dry else {})))
             n, H, Hkv, d, m = shapes[dtype][0]  # packed documents: one launch per kernel over all of them
             rows.append(check_fma(dev, dtype, n, H, Hkv, d, m, causal, "nlogn", docs=True))
-            # The other launch configurations, where they launch differently (wide tiles: d >= 128).
-            for n, H, Hkv, d, m in [s_ for s_ in shapes[dtype] if s_[3] * s_[4] > 64 * 64]:
+            # The other launch configurations, on the shapes where they launch differently.
+            for n, H, Hkv, d, m in shapes[dtype]:
                 for config in OTHER_LAUNCHES:
-                    rows.append(check_fma(dev, dtype, n, H, Hkv, d, m, causal, "nlogn", config=config))
+                    if _launches(m, d, config=config) != _launches(m, d):
+                        rows.append(check_fma(dev, dtype, n, H, Hkv, d, m, causal, "nlogn", config=config))
     for r in rows:
         r["ok"] = r["nonfinite"] == 0 and max(r["errors"].values()) < TOL[r["dtype"]]
         worst = max(r["errors"], key=r["errors"].get)
@@ -245,8 +246,8 @@ def bench(dev, args, deadline: float, save_partial=None) -> tuple[list[dict], li
                         calls = 4 if guess > SLOW_MS else 10  # warm-up + 3, or warm-up + do_bench
                         if impl == "sdpa" and n > args.sdpa_max:
                             row["skipped"] = f"n > --sdpa-max {args.sdpa_max} (quadratic: ~{guess / 1e3:.0f} s a call)"
-                        elif config and 64 * d <= 64 * 64 and not args.dry_run:  # (the dry run: the plumbing)
-                            row["skipped"] = f"launches as fma at d={d} (block 64)"
+                        elif config and _launches(64, d, config=config) == _launches(64, d) and not args.dry_run:
+                            row["skipped"] = f"launches as fma at d={d} (block 64)"  # (the dry run: the plumbing)
                         elif config and not causal:
                             row["skipped"] = "other launches timed causal only (the floors' mask)"
                         elif impl == "fma-docs" and (n > args.docs_max or d != args.head_dims[0]):

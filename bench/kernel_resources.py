@@ -4,7 +4,8 @@
     python bench/kernel_resources.py --cases bf16,64,128,200
 
 Each kernel is compiled as the JIT compiles it on a launch (the launcher's tiles and
-options, pointers 16-byte aligned: fmtrain/attention/kernels/aot.py); registers and spills
+options, pointers 16-byte aligned: fmtrain/attention/kernels/aot.py), in the default launch
+configuration and, where they differ from it, in the others (function.LAUNCH_CONFIGS); registers and spills
 by ptxas -v, shared memory and instruction counts from Triton's output. The gate column
 is #26's resource gate (no spills, two programs per SM, tensor-core instructions, 16-byte
 loads): what a kernel misses. Prints a table and writes JSON to
@@ -21,6 +22,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # the real lowering, not the interpret
 
 from _results import add_result_arguments, meta, result_stem, write_results  # noqa: E402
 from fmtrain.attention.kernels import aot  # noqa: E402
+from fmtrain.attention.kernels.function import LAUNCH_CONFIGS  # noqa: E402
 
 # (dtype, block size m, head_dim d, coarse slots S): the 125M config's shape first.
 CASES = [("bf16", 64, 128, 200), ("bf16", 64, 64, 40), ("fp16", 32, 32, 40), ("fp32", 64, 64, 40)]
@@ -39,21 +41,28 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     stem = result_stem("kernel_resources", args, tag="sm90")
     rows = []
-    print(f"{'dtype':>5} {'m':>3} {'d':>4} {'S':>4} {'mask':>6} {'kernel':>8} {'regs':>5} {'spill':>6} "
+    print(f"{'dtype':>5} {'m':>3} {'d':>4} {'S':>4} {'mask':>6} {'launch':>9} {'kernel':>8} {'regs':>5} {'spill':>6} "
           f"{'smem KB':>7} {'warps':>5} {'prog/SM':>7} {'mma':>5} {'ld.v4':>5} {'ld':>5}  gate")
+    default = LAUNCH_CONFIGS[0]
     for dtype, m, d, S in args.cases:
         for causal in (True,) if args.causal_only else (True, False):
-            for name, fn, consts, launch, kdtype in aot.kernel_variants(dtype, m, d, S, causal):
-                if name.startswith("opened") and not causal:
-                    continue  # no mask of their own: once per case
-                r = aot.resources(name, aot.compile_sm90(fn, consts, kdtype, launch))
-                misses = r.gate()
-                rows.append(dict(dtype=dtype, m=m, d=d, S=S, causal=causal, **dataclasses.asdict(r),
-                                 programs_per_sm=r.programs_per_sm, gate_misses=misses))
-                print(f"{dtype:>5} {m:>3} {d:>4} {S:>4} {'causal' if causal else 'full':>6} {name:>8} "
-                      f"{r.registers:>5} {r.spill_bytes:>6} {r.shared_bytes / 1024:>7.1f} {r.warps:>5} "
-                      f"{r.programs_per_sm:>7} {r.tensor_core_ops:>5} {r.vector_loads:>5} {r.scalar_loads:>5}  "
-                      f"{'pass' if not misses else '; '.join(misses)}")
+            for config in LAUNCH_CONFIGS:
+                # Another configuration's kernels only where they differ from the default's.
+                plain = {(n_, repr(c_), repr(o_)) for n_, _, c_, o_, _ in aot.kernel_variants(dtype, m, d, S, causal,
+                                                                                             config=default)}
+                for name, fn, consts, launch, kdtype in aot.kernel_variants(dtype, m, d, S, causal, config=config):
+                    if name.startswith("opened") and (not causal or config != default):
+                        continue  # no mask or launch of their own: once per case
+                    if config != default and (name, repr(consts), repr(launch)) in plain:
+                        continue
+                    r = aot.resources(name, aot.compile_sm90(fn, consts, kdtype, launch))
+                    misses = r.gate()
+                    rows.append(dict(dtype=dtype, m=m, d=d, S=S, causal=causal, launch=config, **dataclasses.asdict(r),
+                                     programs_per_sm=r.programs_per_sm, gate_misses=misses))
+                    print(f"{dtype:>5} {m:>3} {d:>4} {S:>4} {'causal' if causal else 'full':>6} {config:>9} {name:>8} "
+                          f"{r.registers:>5} {r.spill_bytes:>6} {r.shared_bytes / 1024:>7.1f} {r.warps:>5} "
+                          f"{r.programs_per_sm:>7} {r.tensor_core_ops:>5} {r.vector_loads:>5} {r.scalar_loads:>5}  "
+                          f"{'pass' if not misses else '; '.join(misses)}", flush=True)
     import triton
     path = write_results(stem, dict(meta=meta(args, target="sm_90", triton=triton.__version__), rows=rows))
     print(f"wrote {path}")

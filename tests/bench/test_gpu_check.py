@@ -23,6 +23,6 @@ def test_the_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     assert check["checks"] and not check["failures"], check["failures"]
     assert check["bench"] and check["table"]
     timed = {(r["impl"], r.get("launch")) for r in check["bench"] if "ms" in r}
-    assert {("fma", "occupancy"), ("fma-flash2", "flash2")} <= timed, timed  # both launches, side by side
+    assert {("fma", "occupancy"), ("fma-flash2", "flash2"), ("fma-run4", "run4")} <= timed, timed  # side by side
     rows = json.loads((tmp_path / "gpu_train-dry-run.json").read_text())["rows"]
     assert rows and all(row["status"] == "ok" and row["tokens_per_s"] > 0 for row in rows), rows

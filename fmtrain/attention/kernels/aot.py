@@ -102,7 +102,8 @@ def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool, docs: bool
     tiles = dict(m=m, d=d, F=2 if causal else 3, CAUSAL=causal, DOCS=docs, BLOCK_M=blk["BLOCK_M"],
                  BLOCK_D=blk["BLOCK_D"], PRECISION=prec, UPCAST=False)
     launch = Fn._launches(blk["BLOCK_M"], blk["BLOCK_D"], docs, config)
-    out = [("fwd", K._fwd_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"]), launch["fwd"])]
+    out = [("fwd", K._fwd_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"]), launch["fwd"]) if launch["fwd_run"] == 1
+           else ("fwd_run", K._fwd_run_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"], RUN=launch["fwd_run"]), launch["fwd"])]
     out += [(f"dq{'+dlse' if flag else ''}", K._dq_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"], HAS_DLSE=flag),
              launch["dq"]) for flag in (True, False)]
     out += [("dkv", K._dkv_kernel, dict(tiles, BLOCK_N=launch["dkv_keys"]), launch["dkv"]),

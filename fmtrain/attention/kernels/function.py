@@ -14,8 +14,8 @@ import triton
 
 from ..hierarchy import SEEN_BY_COLS, Hierarchy, block_tables, seen_by, summary_bias
 from . import triton_interpreting
-from .triton_core import (LOG2E, _dkv_kernel, _dq_kernel, _dsum_kernel, _fwd_kernel, _opened_bwd_kernel,
-                          _opened_fwd_kernel)
+from .triton_core import (LOG2E, _dkv_kernel, _dq_kernel, _dsum_kernel, _fwd_kernel, _fwd_run_kernel,
+                          _opened_bwd_kernel, _opened_fwd_kernel)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -50,9 +50,11 @@ def _blocks(m: int, d: int, S: int) -> dict:
 # at head_dim 128 (#26's resource gate, bench/kernel_resources.py): 4 warps, one stage, and the
 # dk/dv kernel on 32-key tiles so that its two fp32 accumulators fit in registers. "flash2" is
 # FlashAttention-2's defaults (8 warps and two stages at head_dim 128), the kernels' launch until
-# 2026-12-07: one program per SM. Neither has been timed on a GPU yet; bench/gpu_check.py times
-# both in one call. Below head_dim 128 both launch alike (every kernel already fits two).
-LAUNCH_CONFIGS = ("occupancy", "flash2")
+# 2026-12-07: one program per SM. "run4" is "occupancy" with the forward's long loop: a program
+# walks 4 consecutive query blocks and loads each fine key tile once (_fwd_run_kernel). None has
+# been timed on a GPU yet; bench/gpu_check.py times them side by side. Below head_dim 128
+# "occupancy" and "flash2" launch alike (every kernel already fits two).
+LAUNCH_CONFIGS = ("occupancy", "flash2", "run4")
 LAUNCH_ENV = "FMTRAIN_TRITON_LAUNCH"
 
 
@@ -65,17 +67,20 @@ def launch_config() -> str:
 
 
 def _launches(bm: int, bd: int, docs: bool = False, config: str | None = None) -> dict:
-    """Launch options of each core kernel ('fwd', 'dq', 'dkv', 'dsum': num_warps, num_stages) and
-    the dk/dv kernel's key rows per program ('dkv_keys'), for tiles of ``bm`` rows x ``bd`` columns."""
+    """Launch options of each core kernel ('fwd', 'dq', 'dkv', 'dsum': num_warps, num_stages), the
+    dk/dv kernel's key rows per program ('dkv_keys') and the query blocks per forward program
+    ('fwd_run'; 1: ``_fwd_kernel``), for tiles of ``bm`` rows x ``bd`` columns."""
+    config = config or launch_config()
     wide = bm * bd > 64 * 64
-    if wide and (config or launch_config()) == "occupancy":
+    run = 4 if config == "run4" else 1
+    if wide and config in ("occupancy", "run4"):
         one = dict(num_warps=4, num_stages=1)
-        return dict(fwd=one, dq=one, dkv=one, dsum=dict(num_warps=8, num_stages=2), dkv_keys=min(bm, 32))
+        return dict(fwd=one, dq=one, dkv=one, dsum=dict(num_warps=8, num_stages=2), dkv_keys=min(bm, 32), fwd_run=run)
     base = dict(num_warps=8 if wide else 4, num_stages=2)
     # Packed documents' key ranges cost flash2's dq kernel the last registers at d=128 (bidirectional,
     # bf16: 24 bytes spilled with two stages, none with one).
     dq = dict(base, num_stages=1) if docs else base
-    return dict(fwd=base, dq=dq, dkv=base, dsum=base, dkv_keys=bm)
+    return dict(fwd=base, dq=dq, dkv=base, dsum=base, dkv_keys=bm, fwd_run=run)
 
 
 def _precision(dtype) -> str:
@@ -144,11 +149,15 @@ class TritonBlockAttention(torch.autograd.Function):
         blk = _blocks(m, d, S)
         prec = _precision(dt)
         bounds, docs = _key_bounds(h, q.device)
-        _fwd_kernel[(nq, B * H)](
+        launch = _launches(blk["BLOCK_M"], blk["BLOCK_D"], docs)
+        run = launch["fwd_run"]
+        kernel, grid, extra = (_fwd_kernel, (nq, B * H), {}) if run == 1 else \
+            (_fwd_run_kernel, (triton.cdiv(nq, run), B * H), dict(RUN=run))
+        kernel[grid](
             q, k, v, ks, vs, index, bias, bounds, out, lse,
             h.n, nq, a0, H, H // Hkv, T, S, k_start, k.shape[2], scale * LOG2E,
             m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=prec, UPCAST=_upcast(q.dtype), **blk,
-            **_launches(blk["BLOCK_M"], blk["BLOCK_D"], docs)["fwd"])
+            **extra, **launch["fwd"])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, ks, vs, out, lse)
         ctx.h, ctx.weighted, ctx.scale, ctx.a0, ctx.T, ctx.k_start = h, weighted, scale, a0, T, k_start

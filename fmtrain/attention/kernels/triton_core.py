@@ -113,6 +113,40 @@ def _coarse_tile(KS, VS, IDX, BIAS, a, c0, S, T, bkv, cs, c, cok, d: tl.constexp
     return kc, vc, bias, sok
 
 
+@triton.jit
+def _fine_step(q, k, v, qpos, kpos, lo, hi, rok, mx, tot, acc, qk_scale, CAUSAL: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The online softmax over one fine key tile (keys at positions ``kpos``) of a query block."""
+    s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+    ok = _fine_mask(qpos[:, None], kpos[None, :], lo, hi, CAUSAL) & rok[None, :]
+    s = tl.where(ok, s, float("-inf"))
+    return _softmax_step(s, v, mx, tot, acc, PRECISION, UPCAST)
+
+
+@triton.jit
+def _coarse_part(q, KS, VS, IDX, BIAS, a, S, T, bkv, c, cok, mx, tot, acc, qk_scale, d: tl.constexpr,
+                 BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The online softmax over block ``a``'s coarse slots, gathered through its table row."""
+    cs = tl.arange(0, BLOCK_C)
+    for c0 in range(0, S, BLOCK_C):
+        kc, vc, bias, sok = _coarse_tile(KS, VS, IDX, BIAS, a, c0, S, T, bkv, cs, c, cok, d)
+        # Own names: a name bound before a loop is loop-carried in compiled Triton and must keep
+        # its shape, and fine scores are (BLOCK_M, BLOCK_M), these (BLOCK_M, BLOCK_C).
+        sc = _mm(q, tl.trans(kc), PRECISION, UPCAST) * qk_scale + (bias * 1.4426950408889634)[None, :]
+        mx, tot, acc = _softmax_step(sc, vc, mx, tot, acc, PRECISION, UPCAST)
+    return mx, tot, acc
+
+
+@triton.jit
+def _store_rows(OUT, LSE, row0, r, c, rmask, cok, mx, tot, acc, d: tl.constexpr):
+    """A query block's output and lse (natural log, as the PyTorch core returns it; -inf and out = 0
+    for a row that sees nothing), its rows ``row0 + r`` where ``rmask``."""
+    lse = tl.where(tot > 0, (mx + tl.log2(tot)) / 1.4426950408889634, float("-inf"))
+    o = acc / tl.where(tot > 0, tot, 1.0)[:, None]
+    tl.store(OUT + (row0 + r)[:, None] * d + c[None, :], o.to(OUT.dtype.element_ty), mask=rmask[:, None] & cok[None, :])
+    tl.store(LSE + row0 + r, lse, mask=rmask)
+
+
 @triton.jit(do_not_specialize=_FWD_INTS)
 def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, BOUNDS, OUT, LSE,
                 n, nq, a0, H, G, T, S, k_start, nk, qk_scale,  # qk_scale = scale * log2(e)
@@ -140,25 +174,66 @@ def _fwd_kernel(Q, K, V, KS, VS, IDX, BIAS, BOUNDS, OUT, LSE,
         krow, kv_ok = _key_rows(kpos, k_start, nk, bkv, rok, c, cok, d)
         k = tl.load(K + krow, mask=kv_ok, other=0.0)
         v = tl.load(V + krow, mask=kv_ok, other=0.0)
-        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        ok = _fine_mask(qpos[:, None], kpos[None, :], lo, hi, CAUSAL) & rok[None, :]
-        s = tl.where(ok, s, float("-inf"))
-        mx, tot, acc = _softmax_step(s, v, mx, tot, acc, PRECISION, UPCAST)
+        mx, tot, acc = _fine_step(q, k, v, qpos, kpos, lo, hi, rok, mx, tot, acc, qk_scale, CAUSAL, PRECISION, UPCAST)
+    mx, tot, acc = _coarse_part(q, KS, VS, IDX, BIAS, a, S, T, bkv, c, cok, mx, tot, acc, qk_scale, d, BLOCK_C,
+                                PRECISION, UPCAST)
+    _store_rows(OUT, LSE, bh * N + i * m, r, c, rok, cok, mx, tot, acc, d)
 
-    cs = tl.arange(0, BLOCK_C)
-    for c0 in range(0, S, BLOCK_C):  # coarse slots, gathered through the block's table row
-        kc, vc, bias, sok = _coarse_tile(KS, VS, IDX, BIAS, a, c0, S, T, bkv, cs, c, cok, d)
-        # Own names: a name bound before a loop is loop-carried in compiled Triton and must keep
-        # its shape, and the fine scores above are (BLOCK_M, BLOCK_M), these (BLOCK_M, BLOCK_C).
-        sc = _mm(q, tl.trans(kc), PRECISION, UPCAST) * qk_scale + (bias * 1.4426950408889634)[None, :]
-        mx, tot, acc = _softmax_step(sc, vc, mx, tot, acc, PRECISION, UPCAST)
 
-    # lse in natural log, as the PyTorch core returns it; -inf (and out = 0) for a row that sees nothing.
-    lse = tl.where(tot > 0, (mx + tl.log2(tot)) / 1.4426950408889634, float("-inf"))
-    o = acc / tl.where(tot > 0, tot, 1.0)[:, None]
-    tl.store(OUT + (bh * N + i * m + r)[:, None] * d + c[None, :], o.to(OUT.dtype.element_ty),
-             mask=rok[:, None] & cok[None, :])
-    tl.store(LSE + bh * N + i * m + r, lse, mask=rok)
+@triton.jit
+def _key_tile(K, V, b, m: tl.constexpr, r, k_start, nk, bkv, rok, c, cok, d: tl.constexpr):
+    """Global block ``b``'s keys and values (BLOCK_M, BLOCK_D), zeros outside K, and their positions."""
+    kpos = b * m + r
+    krow, kv_ok = _key_rows(kpos, k_start, nk, bkv, rok, c, cok, d)
+    return tl.load(K + krow, mask=kv_ok, other=0.0), tl.load(V + krow, mask=kv_ok, other=0.0), kpos
+
+
+@triton.jit(do_not_specialize=_FWD_INTS)
+def _fwd_run_kernel(Q, K, V, KS, VS, IDX, BIAS, BOUNDS, OUT, LSE,
+                    n, nq, a0, H, G, T, S, k_start, nk, qk_scale,
+                    m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr, DOCS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, RUN: tl.constexpr):
+    """``_fwd_kernel``'s result, one program walking a run of ``RUN`` consecutive query blocks of one
+    head (#26's long loop): block i's fine tiles are blocks i-1 .. i+F-2, so each but the last is
+    the previous block's, kept in registers rather than loaded again (F loads a block become one).
+    Program (j, bh) owns local blocks [j * RUN, (j + 1) * RUN); blocks past nq are masked."""
+    i0 = tl.program_id(0).to(tl.int64) * RUN
+    bh = tl.program_id(1).to(tl.int64)
+    bkv = (bh // H) * (H // G) + (bh % H) // G
+    N = nq * m
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_D)
+    rok = r < m
+    cok = c < d
+    # The first block's fine tiles but its last: blocks a-1 (and a, bidirectional), rotated below.
+    ka, va, kpa = _key_tile(K, V, a0 + i0 - 1, m, r, k_start, nk, bkv, rok, c, cok, d)
+    kb, vb, kpb = _key_tile(K, V, a0 + i0 + (F - 3), m, r, k_start, nk, bkv, rok, c, cok, d)  # F=2: unused
+    for t in range(RUN):
+        i = i0 + t
+        a = a0 + i
+        live = rok & (i * m + r < N)  # (a block past nq: no rows)
+        q = tl.load(Q + (bh * N + i * m + r)[:, None] * d + c[None, :], mask=live[:, None] & cok[None, :], other=0.0)
+        qpos = a * m + r
+        at = tl.minimum(a, a0 + nq - 1)  # (tables read for a real block; a masked one's rows are not stored)
+        lo, hi = _key_range(BOUNDS, at, n, DOCS)
+        mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        tot = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        mx, tot, acc = _fine_step(q, ka, va, qpos, kpa, lo, hi, rok, mx, tot, acc, qk_scale, CAUSAL, PRECISION, UPCAST)
+        if F == 3:
+            mx, tot, acc = _fine_step(q, kb, vb, qpos, kpb, lo, hi, rok, mx, tot, acc, qk_scale, CAUSAL, PRECISION,
+                                      UPCAST)
+        kn, vn, kpn = _key_tile(K, V, a + F - 2, m, r, k_start, nk, bkv, rok, c, cok, d)  # the one new tile
+        mx, tot, acc = _fine_step(q, kn, vn, qpos, kpn, lo, hi, rok, mx, tot, acc, qk_scale, CAUSAL, PRECISION, UPCAST)
+        mx, tot, acc = _coarse_part(q, KS, VS, IDX, BIAS, at, S, T, bkv, c, cok, mx, tot, acc, qk_scale, d, BLOCK_C,
+                                    PRECISION, UPCAST)
+        _store_rows(OUT, LSE, bh * N + i * m, r, c, live, cok, mx, tot, acc, d)
+        if F == 3:
+            ka, va, kpa = kb, vb, kpb
+            kb, vb, kpb = kn, vn, kpn
+        else:
+            ka, va, kpa = kn, vn, kpn
 
 
 @triton.jit(do_not_specialize=_FWD_INTS)

@@ -6,6 +6,7 @@
 #      131072 tokens, fma against sdpa, and a 1M-token fma step.
 #   bash bench/gpu_check.sh              # CUDA machine
 #   bash bench/gpu_check.sh --dry-run    # CPU plumbing check (TRITON_INTERPRET=1, tiny sizes)
+#   bash bench/gpu_check.sh --quick      # the five-minute check instead (bench/gpu_quick.py; --dry-run too)
 # The repo is used from this checkout through PYTHONPATH; nothing is downloaded. Wheels in .whl/
 # (bench/gpu_wheels.sh builds them: DeepSpeed and its missing requirements) are installed into
 # /tmp/site first where DeepSpeed is missing. JSON goes to $OUT (else bench/results/; a temporary folder for
@@ -22,12 +23,18 @@ if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed'
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-DRY=()
+DRY=() QUICK=0 ARGS=()
 for a in "$@"; do
   if [ "$a" = "--dry-run" ]; then export TRITON_INTERPRET=1; DRY=(--dry-run); fi
+  if [ "$a" = "--quick" ]; then QUICK=1; else ARGS+=("$a"); fi
 done
 "$PY" -c "import torch, triton" || { echo "gpu_check: $PY lacks torch or triton" >&2; exit 2; }
 [ ${#DRY[@]} -eq 0 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# --quick: the five-minute check (bench/gpu_quick.py: the card, every launch candidate's gate and
+# time at 16k/128k/1M with a per-kernel split, the trainer at 131072), instead of the sweep below.
+if [ "$QUICK" = 1 ]; then
+  exec timeout "${QUICK_BUDGET:-330}" "$PY" bench/gpu_quick.py --budget "$(( ${QUICK_BUDGET:-330} - 30 ))" ${ARGS[@]+"${ARGS[@]}"}
+fi
 rc=0
 # A part's budget of 0 skips it (KERNEL_BUDGET=0 or TRAIN_BUDGET=0).
 KB="${KERNEL_BUDGET:-270}" TB="${TRAIN_BUDGET:-270}"

@@ -26,3 +26,22 @@ def test_the_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     assert {("fma", "occupancy"), ("fma-flash2", "flash2"), ("fma-run4", "run4")} <= timed, timed  # side by side
     rows = json.loads((tmp_path / "gpu_train-dry-run.json").read_text())["rows"]
     assert rows and all(row["status"] == "ok" and row["tokens_per_s"] > 0 for row in rows), rows
+
+
+@pytest.mark.slow
+def test_the_five_minute_gpu_check_runs_end_to_end_on_cpu(tmp_path):
+    """``bench/gpu_check.sh --quick --dry-run``: the card's rates, every launch candidate's gate and
+    time, the default's host time, the trainer step; under a minute here."""
+    from fmtrain.attention.kernels.function import LAUNCH_CONFIGS
+
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--quick", "--dry-run"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=1200, env=dict(os.environ, OUT=str(tmp_path), QUICK_BUDGET="900"))
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    res = json.loads((tmp_path / "gpu_quick-dry-run.json").read_text())
+    assert res["card"]["tflops"] > 0 and res["card"]["tbps"] > 0
+    assert set(res["gate"]) == set(LAUNCH_CONFIGS) and all(row["ok"] for rows in res["gate"].values() for row in rows)
+    timed = {row["impl"]: row for row in res["timing"] if "fwdbwd_ms" in row}
+    assert set(LAUNCH_CONFIGS) | {"sdpa flash"} <= set(timed), res["timing"]
+    assert timed[LAUNCH_CONFIGS[0]]["host_ms"] > 0
+    assert res["trainer"]["status"] == "ok" and res["trainer"]["tokens_per_s"] > 0
+    assert res["seconds"] < 900

@@ -225,7 +225,9 @@ def window_boxes(k: torch.Tensor, h: Hierarchy, limit=None) -> WindowBoxes:
         hi, lo = hi.view(B, Hkv, nw, 2, d).amax(3), lo.view(B, Hkv, nw, 2, d).amin(3)
         his.append(hi)
         los.append(lo)
-    hi, lo = torch.cat(his, 2), torch.cat(los, 2)
+    # Bounds of half keys are exact; their centre and radius are formed in float32 at least, so the
+    # boxes (and the selection) are the same from half blocks as from their float32 copy.
+    hi, lo = (torch.cat(x, 2).to(torch.promote_types(k.dtype, torch.float32)) for x in (his, los))
     empty = hi < lo  # no key: -inf < inf
     return WindowBoxes(torch.where(empty, 0.0, (hi + lo) / 2), torch.where(empty, 0.0, (hi - lo) / 2))
 
@@ -343,6 +345,14 @@ def _far_inputs(q, off, h: Hierarchy, tabs, lv, win, weighted: bool, acc):
         head = torch.arange(Hkv, device=q.device).view(1, Hkv, 1, 1)
         bias = bias + offg[head, (slv - 1).clamp(min=0)].transpose(-1, -2)  # (B, Hkv, nq, G, C*p)
     return qg, sidx.flatten(-2), bias, slv
+
+
+def _block_dtype(q: torch.Tensor, acc, kernels: bool, reach) -> torch.dtype:
+    """The dtype the far field holds the keys' and values' blocks in: the inputs' own where only the
+    Triton kernels read them (they multiply in it anyway: half the bytes, and registers for two
+    programs per SM), else the accumulation dtype."""
+    only_kernels = kernels and (reach is None or not reach.attend)  # (reach.attend: the PyTorch tiles)
+    return q.dtype if only_kernels and q.dtype in (torch.float16, torch.bfloat16) else acc
 
 
 def _blocks(x: torch.Tensor, h: Hierarchy, acc) -> torch.Tensor:
@@ -508,7 +518,8 @@ class FarField(torch.autograd.Function):
         acc = acc_dtype(q.dtype)
         B, H, nq_all, d = q.shape
         n = _key_limit(h, k)
-        kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
+        kdt = _block_dtype(q, acc, kernels, reach)
+        kb, vb, ksa, vsa = _blocks(k, h, kdt), _blocks(v, h, kdt), ks.to(acc).contiguous(), vs.to(acc).contiguous()
         out = torch.empty(B, H, nq_all, d, dtype=acc, device=q.device)
         lse = torch.empty(B, H, nq_all, dtype=acc, device=q.device)
         boxes = window_boxes(kb.view(B, kb.shape[1], -1, d), h, limit=n)  # from the padded blocks already made
@@ -534,9 +545,10 @@ class FarField(torch.autograd.Function):
         Hkv, n = k.shape[1], _key_limit(h, k)
         G = H // Hkv
         tabs = _tables(h, q.device)
-        kb, vb, ksa, vsa = _blocks(k, h, acc), _blocks(v, h, acc), ks.to(acc).contiguous(), vs.to(acc).contiguous()
+        kdt = _block_dtype(q, acc, ctx.kernels, ctx.reach)
+        kb, vb, ksa, vsa = _blocks(k, h, kdt), _blocks(v, h, kdt), ks.to(acc).contiguous(), vs.to(acc).contiguous()
         dq = torch.empty(B, H, nq_all, d, dtype=acc, device=q.device)
-        dkb, dvb, dks, dvs = (torch.zeros_like(x) for x in (kb, vb, ksa, vsa))
+        dkb, dvb, dks, dvs = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (kb, vb, ksa, vsa))
         doff = torch.zeros(off.shape, dtype=acc, device=q.device) if off is not None else None
         ws, turned = Scratch(), _turned_summaries(ksa, tabs, ctx.reach)
         dturned = None if turned is None else torch.zeros_like(turned)

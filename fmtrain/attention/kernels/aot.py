@@ -22,8 +22,10 @@ import re
 import subprocess
 import tempfile
 
-# Pointers whose tensors the launcher allocates in fp32 whatever the inputs' dtype.
+# Pointers whose tensors the launcher allocates in fp32 whatever the inputs' dtype; the opened-block
+# kernels (refinement) also write their partial outputs and gradients, and read the lse, in fp32.
 FP32_POINTERS = {"BIAS", "LSE", "DELTA", "DLSE", "SBIAS", "DKS", "DVS"}
+OPENED_FP32_POINTERS = FP32_POINTERS | {"OUT", "LQ", "DQ", "DK", "DV"}
 INT_POINTERS = {"IDX", "SEEN", "ROWQ", "BLK", "BOUNDS", "ENDS"}  # ENDS: int64 when read (DOCS), never read else
 
 # An H100 SM: 64K 32-bit registers and 228 KB of shared memory (227 KB usable by one block).
@@ -69,6 +71,7 @@ def signature(fn, consts: dict, dtype: str, aligned: bool = True):
     """Triton's signature and attributes of ``fn`` for inputs of ``dtype`` ('bf16', 'fp16', 'fp32'):
     unspecialised ints i32, scales fp32, the rest pointers (16-byte aligned when ``aligned``)."""
     ints = {p.name for p in fn.params if p.do_not_specialize}
+    fp32 = OPENED_FP32_POINTERS if fn.__name__.startswith("_opened") else FP32_POINTERS
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -78,7 +81,7 @@ def signature(fn, consts: dict, dtype: str, aligned: bool = True):
         elif "scale" in name:
             sig[name] = "fp32"
         else:
-            sig[name] = "*i32" if name in INT_POINTERS else "*fp32" if name in FP32_POINTERS else "*" + dtype
+            sig[name] = "*i32" if name in INT_POINTERS else "*fp32" if name in fp32 else "*" + dtype
             if aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
@@ -89,8 +92,8 @@ def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool, docs: bool
     """``(name, kernel, constexprs, launch options, dtype)`` for every kernel a call with these
     shapes launches (each dq flag both ways), with the launcher's own tiles and launch options
     (``config``: one of :data:`.function.LAUNCH_CONFIGS`, default the one in use); then adaptive
-    refinement's opened-block kernels (fp32 tensors, products in the inputs' dtype; 64 query rows a
-    tile). ``docs``: instead, the kernels whose fine mask reads packed documents' key ranges."""
+    refinement's opened-block kernels (queries, keys and values in the inputs' dtype, partial outputs,
+    gradients and lse in fp32; 64 query rows a tile). ``docs``: instead, the kernels whose fine mask reads packed documents' key ranges."""
     import torch
 
     from ..hierarchy import SEEN_BY_COLS
@@ -116,7 +119,8 @@ def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool, docs: bool
     opened, opened_launch = Fn._opened_tiles(m, d, 64, 1, inputs)
     opened["UPCAST"] = False  # the GPU's lowering, whatever this process interprets
     opened["DOCS"] = False  # one sequence end (packed documents read a per-block end: one more load)
-    out += [(name, fn, opened, opened_launch, "fp32")
+    # queries, keys and values in the inputs' dtype (refine.FarField gives them so), the rest fp32
+    out += [(name, fn, opened, opened_launch, dtype)
             for name, fn in (("opened_fwd", K._opened_fwd_kernel), ("opened_bwd", K._opened_bwd_kernel))]
     return out
 

@@ -223,7 +223,15 @@ def _opened_tiles(m: int, d: int, T: int, G: int, inputs) -> tuple[dict, dict]:
     rows, bd = max(16, triton.next_power_of_2(T * G)), max(16, triton.next_power_of_2(d))
     tiles = dict(m=m, d=d, BLOCK_R=rows, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_D=bd,
                  PRECISION=_precision(inputs), UPCAST=_upcast(inputs), HALF=half)
-    return tiles, dict(num_warps=4 if rows * bd <= 64 * 64 else 8, num_stages=1)
+    # Half inputs come as half tensors (refine.FarField): four warps then hold a 64 x 128 tile's
+    # backward in registers with two programs per SM; fp32 keeps eight for wide tiles.
+    return tiles, dict(num_warps=4 if half or rows * bd <= 64 * 64 else 8, num_stages=1)
+
+
+def _as_inputs(x: torch.Tensor, inputs) -> torch.Tensor:
+    """Queries (or their output gradients) in the inputs' half dtype, where the attention's inputs
+    are half: the kernels multiply in it anyway, and then load half the bytes (a chunk's copy)."""
+    return x.to(inputs) if inputs in (torch.float16, torch.bfloat16) and x.dtype != inputs else x
 
 
 def _ends(n, blk):
@@ -236,8 +244,8 @@ def _ends(n, blk):
 
 def opened_forward(qg, kb, vb, rowq, blk, n, T: int, scale: float, inputs=torch.float32):
     """Each tile row's softmax over its tile's block (``refine.OpenedTiles.attend``'s contract):
-    qg (B, Hkv, nq, G, d); kb, vb (B, Hkv, n_blocks, m*d); rowq (tiles*T,) int32 query index or -1;
-    blk (tiles,) int32 global block row; ``n`` the tokens that exist (or each block's end, see
+    qg (B, Hkv, nq, G, d); kb, vb (B, Hkv, n_blocks, m*d), in the inputs' dtype or in fp32; rowq
+    (tiles*T,) int32 query index or -1; blk (tiles,) int32 global block row; ``n`` the tokens that exist (or each block's end, see
     :func:`_ends`); ``inputs`` the attention inputs' dtype. Returns out (tiles, T*G, d), lse (tiles, T*G)."""
     B, Hkv, nq, G, d = qg.shape
     n_blocks, m = kb.shape[2], kb.shape[3] // d
@@ -247,8 +255,8 @@ def opened_forward(qg, kb, vb, rowq, blk, n, T: int, scale: float, inputs=torch.
     if n_tiles:
         tiles, launch = _opened_tiles(m, d, T, G, inputs)
         n, ends, docs = _ends(n, blk)
-        _opened_fwd_kernel[(n_tiles,)](qg, kb, vb, rowq, blk, ends, out, lse, n, n_blocks, T, G, scale * LOG2E,
-                                       DOCS=docs, **tiles, **launch)
+        _opened_fwd_kernel[(n_tiles,)](_as_inputs(qg, inputs), kb, vb, rowq, blk, ends, out, lse, n, n_blocks, T, G,
+                                       scale * LOG2E, DOCS=docs, **tiles, **launch)
     return out, lse
 
 
@@ -264,6 +272,7 @@ def opened_backward(qg, do, lse, delta, kb, vb, rowq, blk, n, T: int, scale: flo
     if n_tiles:
         tiles, launch = _opened_tiles(m, d, T, G, inputs)
         n, ends, docs = _ends(n, blk)
-        _opened_bwd_kernel[(n_tiles,)](qg, do.contiguous(), lse.contiguous(), delta.contiguous(), kb, vb, rowq,
+        _opened_bwd_kernel[(n_tiles,)](_as_inputs(qg, inputs), _as_inputs(do, inputs).contiguous(), lse.contiguous(),
+                                       delta.contiguous(), kb, vb, rowq,
                                        blk, ends, dq, dk, dv, n, n_blocks, T, G, scale, DOCS=docs, **tiles, **launch)
     return dq, dk, dv

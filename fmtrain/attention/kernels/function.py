@@ -245,8 +245,9 @@ def _ends(n, blk):
 def opened_forward(qg, kb, vb, rowq, blk, n, T: int, scale: float, inputs=torch.float32):
     """Each tile row's softmax over its tile's block (``refine.OpenedTiles.attend``'s contract):
     qg (B, Hkv, nq, G, d); kb, vb (B, Hkv, n_blocks, m*d), in the inputs' dtype or in fp32; rowq
-    (tiles*T,) int32 query index or -1; blk (tiles,) int32 global block row; ``n`` the tokens that exist (or each block's end, see
-    :func:`_ends`); ``inputs`` the attention inputs' dtype. Returns out (tiles, T*G, d), lse (tiles, T*G)."""
+    (tiles*T,) int32 query index or -1; blk (tiles,) int32 global block row; ``n`` the tokens that
+    exist (or each block's end, see :func:`_ends`); ``inputs`` the attention inputs' dtype. Returns
+    out (tiles, T*G, d), lse (tiles, T*G), fp32 (qg's dtype)."""
     B, Hkv, nq, G, d = qg.shape
     n_blocks, m = kb.shape[2], kb.shape[3] // d
     n_tiles = blk.numel()

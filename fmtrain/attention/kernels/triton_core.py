@@ -208,7 +208,10 @@ def _fwd_run_kernel(Q, K, V, KS, VS, IDX, BIAS, BOUNDS, OUT, LSE,
     cok = c < d
     # The first block's fine tiles but its last: blocks a-1 (and a, bidirectional), rotated below.
     ka, va, kpa = _key_tile(K, V, a0 + i0 - 1, m, r, k_start, nk, bkv, rok, c, cok, d)
-    kb, vb, kpb = _key_tile(K, V, a0 + i0 + (F - 3), m, r, k_start, nk, bkv, rok, c, cok, d)  # F=2: unused
+    if F == 3:
+        kb, vb, kpb = _key_tile(K, V, a0 + i0, m, r, k_start, nk, bkv, rok, c, cok, d)
+    else:  # (unused: named for the loop's sake)
+        kb, vb, kpb = ka, va, kpa
     for t in range(RUN):
         i = i0 + t
         a = a0 + i

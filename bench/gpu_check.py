@@ -23,6 +23,9 @@
    above what was allocated before it (inputs).
    At n = 1M the kernels' output for the last query blocks of the last head is
    also checked against the PyTorch core on that range (int64 offsets).
+   The other launch candidates (``OTHER_LAUNCHES``: ``flash2``, ``run4``; see
+   ``fmtrain/attention/kernels/function.py``) are checked in part 1 and timed causal beside
+   the default where they launch differently (the ``flash2 f+b`` and ``run4 f+b`` columns).
 3. One table on stdout, and JSON to ``<--out>/gpu_check-<tag>.json`` (bench/_results.py: ``$OUT``,
    else ``bench/results/``, a temporary folder for ``--dry-run``; the tag is the card and the
    date, ``nvidia-h200-2026-11-28``, or ``dry-run``).

@@ -173,15 +173,8 @@ def trainer(args, deadline: float) -> dict:
     targs = argparse.Namespace(dry_run=args.dry_run, steps=3,
                                config="configs/tiny-gpt.toml" if args.dry_run else "configs/gpt-125m-128k.toml")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter: far too slow for it
-    saved = os.environ.copy()
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        with tempfile.TemporaryDirectory(prefix="gpu_quick-") as tmp:
-            return gpu_train.run_case(targs, "fma", seq_len, Path(tmp), left)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    with tempfile.TemporaryDirectory(prefix="gpu_quick-") as tmp:
+        return gpu_train.run_case(targs, "fma", seq_len, Path(tmp), left, env=env)
 
 
 def tables(res: dict) -> str:

@@ -35,7 +35,7 @@ CASES = [("fma", 131072), ("sdpa", 131072), ("fma", 1 << 20)]
 DRY_CASES = [("fma", 2048), ("sdpa", 2048)]
 
 
-def run_case(args, attention: str, seq_len: int, work: Path, timeout: float) -> dict:
+def run_case(args, attention: str, seq_len: int, work: Path, timeout: float, env=None) -> dict:
     run_dir = work / f"{attention}-{seq_len}"
     overrides = [f"--run.dir={run_dir}", f"--model.attention={attention}", f"--data.seq_len={seq_len}",
                  f"--train.steps={args.steps}", "--train.log_interval=1", "--train.eval_interval=0",
@@ -45,7 +45,7 @@ def run_case(args, attention: str, seq_len: int, work: Path, timeout: float) -> 
         overrides += ["--train.dtype=fp32", "--parallel.zero_stage=2"]
     cmd = trainer_command(args.config, overrides)
     row = dict(attention=attention, seq_len=seq_len, steps=args.steps, command=" ".join(cmd[1:]))
-    run = run_trainer(cmd, run_dir, timeout=timeout)
+    run = run_trainer(cmd, run_dir, timeout=timeout, env=env)
     tail = run.output.strip().splitlines()[-25:]
     if run.returncode is None:
         tail.append(f"timed out after {timeout:.0f} s")

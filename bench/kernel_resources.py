@@ -46,10 +46,10 @@ def main(argv=None) -> None:
     default = LAUNCH_CONFIGS[0]
     for dtype, m, d, S in args.cases:
         for causal in (True,) if args.causal_only else (True, False):
+            # Another configuration's kernels only where they differ from the default's.
+            plain = {(n_, repr(c_), repr(o_)) for n_, _, c_, o_, _ in aot.kernel_variants(dtype, m, d, S, causal,
+                                                                                         config=default)}
             for config in LAUNCH_CONFIGS:
-                # Another configuration's kernels only where they differ from the default's.
-                plain = {(n_, repr(c_), repr(o_)) for n_, _, c_, o_, _ in aot.kernel_variants(dtype, m, d, S, causal,
-                                                                                             config=default)}
                 for name, fn, consts, launch, kdtype in aot.kernel_variants(dtype, m, d, S, causal, config=config):
                     if name.startswith("opened") and (not causal or config != default):
                         continue  # no mask or launch of their own: once per case

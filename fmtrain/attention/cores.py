@@ -46,4 +46,11 @@ def select_core(impl: str, q: torch.Tensor):
     return TritonBlockAttention
 
 
-__all__ = ["select_core", "CORE_IMPLS"]
+def runs_on_triton(impl: str, x: torch.Tensor) -> bool:
+    """Whether :func:`select_core` picks the Triton kernels for ``impl`` and tensors like ``x``."""
+    if impl not in ("auto", "triton") or (impl == "auto" and not x.is_cuda) or x.dtype == torch.float64:
+        return False  # ("dense": the reference, which builds its summaries in PyTorch too)
+    return select_core(impl, x) is not BlockAttention
+
+
+__all__ = ["select_core", "runs_on_triton", "CORE_IMPLS"]

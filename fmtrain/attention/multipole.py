@@ -173,7 +173,7 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         return sp_fma(q, k, v, group, block_size=block_size, rank=rank, causal=causal, weighted=weighted,
                       scale=scale, variant=variant, summaries=summaries, max_level=max_level, impl=impl)
     h = call_hierarchy(n, block_size, rank, causal, max_level, level_offset, flat_top)
-    ks, vs = (summaries or MEAN)(k, v, h)
+    ks, vs = (summaries or MEAN)(k, v, h, impl=impl)
     if refine and h.n_levels:
         if impl == "dense":
             return dense_refined(q, k, v, ks, vs, h, scale=scale, weighted=weighted, refine=refine,

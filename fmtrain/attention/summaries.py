@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hierarchy import (Hierarchy, hierarchy, num_levels, pad_to, sizes_error, summary_scales,
-                        window_divisors)
+from .hierarchy import (Hierarchy, cached_on_device, hierarchy, num_levels, pad_to, sizes_error,
+                        summary_scales, window_divisors)
 
 SUMMARY_KINDS = ("m2m", "conv", "mean")
 
@@ -72,6 +72,12 @@ class Summaries(nn.Module):
     def check(self, h: Hierarchy) -> None:
         """Raise if these summaries cannot serve ``h``."""
 
+    def maps(self, h: Hierarchy, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The leaf map (2, heads or 1, p, m) and the up map (2, heads or 1, p, 2p), keys' then
+        values', for the Triton kernels that build every level at once
+        (:mod:`.kernels.summaries`); None where the kind has no such form."""
+        return None
+
     def zs(self, x: torch.Tensor, h: Hierarchy, which: int) -> list[torch.Tensor]:
         """Unscaled per-level summaries of ``x`` (0: keys, 1: values)."""
         self.check(h)
@@ -83,15 +89,40 @@ class Summaries(nn.Module):
             zs.append(z)
         return zs
 
-    def forward(self, k: torch.Tensor, v: torch.Tensor, h: Hierarchy):
+    def forward(self, k: torch.Tensor, v: torch.Tensor, h: Hierarchy, impl: str = "torch"):
+        """(ks, vs), each (B, H, num_summaries, d). ``impl``: the attention core's
+        (:func:`~.cores.select_core`); where it is Triton, every level is built by the kernels of
+        :mod:`.kernels.summaries` (a constant number of launches), else level by level here."""
         if h.n_levels == 0:
             empty = k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[3])
             return empty, empty
+        if impl != "torch" and (maps := self.maps(h, k)) is not None and k.dtype == v.dtype:
+            from .cores import runs_on_triton
+
+            if runs_on_triton(impl, k):
+                from .kernels.summaries import tree_summaries
+
+                self.check(h)
+                return tree_summaries(k, v, *maps, h)
         return finish(self.zs(k, h, 0), h), finish(self.zs(v, h, 1), h)
+
+
+def averaging_maps(block_size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maps that make ``m2m`` the ``mean``: leaf (p, m) averages each sub-window's ``m/p``
+    tokens, up (p, 2p) each pair of sub-windows."""
+    sub = block_size // rank
+    eye = torch.eye(rank)
+    return eye.repeat_interleave(sub, dim=1) / sub, eye.repeat_interleave(2, dim=1) / 2
 
 
 class MeanSummaries(Summaries):
     """Parameter-free means of each sub-window."""
+
+    def maps(self, h, like):
+        def make():
+            leaf, up = averaging_maps(h.block_size, h.rank)
+            return tuple(x.expand(2, 1, *x.shape).contiguous().to(like.device) for x in (leaf, up))
+        return cached_on_device(("averaging maps", h.block_size, h.rank, like.device), make)
 
     def leaves(self, xb, rank, which):
         B, H, nb, m, d = xb.shape
@@ -117,9 +148,12 @@ class M2MSummaries(Summaries):
 
     @torch.no_grad()
     def reset_parameters(self):
-        m, p = self.block_size, self.rank
-        self.leaf.copy_(torch.eye(p).repeat_interleave(m // p, dim=1) / (m // p))
-        self.up.copy_(torch.eye(p).repeat_interleave(2, dim=1) / 2)
+        leaf, up = averaging_maps(self.block_size, self.rank)
+        self.leaf.copy_(leaf)
+        self.up.copy_(up)
+
+    def maps(self, h, like):
+        return self.leaf, self.up
 
     def check(self, h):
         if (h.block_size, h.rank) != (self.block_size, self.rank):
@@ -240,14 +274,14 @@ class WindowRotated:
 
     leaves = parents = window_part = _piecewise
 
-    def __call__(self, k, v, h):
+    def __call__(self, k, v, h, impl: str = "torch"):
         from .rope import apply_rope, rope_angles
 
         if h.n_levels == 0:
-            return self.inner(k, v, h)
+            return self.inner(k, v, h, impl)
         n = k.shape[2]
         cos, sin = rope_angles(torch.arange(n, device=k.device), self.head_dim, self.theta, self.scaling)
-        ks, vs = self.inner(apply_rope(k, cos, -sin), v, h)
+        ks, vs = self.inner(apply_rope(k, cos, -sin), v, h, impl)
         cos, sin = rope_angles(summary_positions(h).to(k.device), self.head_dim, self.theta, self.scaling)
         return apply_rope(ks, cos, sin), vs
 

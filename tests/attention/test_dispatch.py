@@ -2,9 +2,10 @@
 "no host work in the hot path"): after a warm-up call no tensor is made from host data (each
 would be a host-to-device copy and a stream synchronisation on a GPU), no padded copy of the
 keys and values is made (the kernels mask the rows outside the sequence), the kernel launches are
-1 + 3 whatever the number of levels (forward; dq, whose prologue forms the softmax row term;
-dk/dv; the summaries' transposed pass, with no partial buffers or index_add_), and the PyTorch ops around them grow with the levels only
-through the summaries' own level-by-level recursion (a fused summary kernel would remove it).
+1 + 3 for the core whatever the number of levels (forward; dq, whose prologue forms the softmax
+row term; dk/dv; the summaries' transposed pass, with no partial buffers or index_add_) and 2 + 2
+for the summaries of every level (:mod:`fmtrain.attention.kernels.summaries`), and the PyTorch ops
+around them do not grow with the levels at all.
 
 Ops are counted with a ``TorchDispatchMode``; the kernels under ``TRITON_INTERPRET=1`` (the
 interpreter's own copies of the kernels' arguments are not counted: on a GPU there are none).
@@ -28,7 +29,8 @@ FROM_HOST = ("aten.lift_fresh", "aten.arange", "aten.scalar_tensor", "aten.full.
 # Ops that only describe memory (no kernel on a GPU).
 METADATA = ("view", "permute", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select.int",
             "alias", "detach", "aten.t.", "as_strided", "split", "unbind")
-KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkv_kernel", "_dsum_kernel")
+KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkv_kernel", "_dsum_kernel", "_up_kernel", "_top_kernel",
+           "_top_bwd_kernel", "_up_bwd_kernel")
 M, P = 16, 2
 
 
@@ -62,25 +64,23 @@ class Launch:
         return run
 
 
-def count(monkeypatch, n: int, summary: str, what: str) -> Dispatches:
-    """One warm-up, then the counted forward+backward of ``what``: "fma" or "summaries"."""
-    from fmtrain.attention.kernels import function
+def count(monkeypatch, n: int, summary: str) -> Dispatches:
+    """One warm-up, then the counted forward+backward of fma."""
+    from fmtrain.attention.kernels import function, summaries
 
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(1, 2, n, 16, generator=g, requires_grad=True) for _ in range(3))
     s = build_summaries(summary, n_kv_heads=2, head_dim=16, block_size=M, rank=P, max_seq_len=n)
 
     def call():
-        if what == "fma":
-            return fma(q, k, v, block_size=M, rank=P, summaries=s, impl="triton").sum().backward()
-        ks, vs = s(k, v, hierarchy(n, M, P, True))
-        (ks.sum() + vs.sum()).backward()
+        fma(q, k, v, block_size=M, rank=P, summaries=s, impl="triton").sum().backward()
 
     call()
     seen = Dispatches()
     with monkeypatch.context() as patch:
         for name in KERNELS:
-            patch.setattr(function, name, Launch(getattr(function, name), name, seen))
+            module = function if hasattr(function, name) else summaries
+            patch.setattr(module, name, Launch(getattr(module, name), name, seen))
         with seen:
             call()
     return seen
@@ -91,21 +91,19 @@ def compute_ops(c: collections.Counter) -> collections.Counter:
 
 
 @pytest.mark.parametrize("summary", ["mean", "m2m"])
-def test_no_host_tensors_flat_launches_and_ops_that_grow_only_with_the_summaries(monkeypatch, summary):
-    short, long = 16 * M, 64 * M  # 4 and 6 levels (fine level included)
-    extra_levels = hierarchy(long, M, P, True).n_levels - hierarchy(short, M, P, True).n_levels
-    assert extra_levels == 2
-    a, b = count(monkeypatch, short, summary, "fma"), count(monkeypatch, long, summary, "fma")
+def test_no_host_tensors_and_launches_and_ops_flat_in_the_levels(monkeypatch, summary):
+    short, long = 8 * M, 32 * M  # 3 and 5 levels (fine level included)
+    assert hierarchy(long, M, P, True).n_levels - hierarchy(short, M, P, True).n_levels == 2
+    a, b = count(monkeypatch, short, summary), count(monkeypatch, long, summary)
     for seen in (a, b):
         host = {op: k for op, k in seen.ops.items() if any(h in op for h in FROM_HOST)}
         assert not host, f"tensors made from host data after warm-up: {host}"
-        assert seen.launches == {"_fwd_kernel": 1, "_dq_kernel": 1, "_dkv_kernel": 1, "_dsum_kernel": 1}
+        assert seen.launches == dict.fromkeys(KERNELS, 1)
         # The kernels read the sequence's keys in place (rows outside masked): no padded copy.
         assert not [op for op in seen.ops if "pad" in op], seen.ops
-    sa, sb = count(monkeypatch, short, summary, "summaries"), count(monkeypatch, long, summary, "summaries")
-    around = compute_ops(b.ops) - compute_ops(sb.ops), compute_ops(a.ops) - compute_ops(sa.ops)
-    assert around[0] == around[1], f"ops around the kernels grow with the levels: {around[0] - around[1]}"
-    per_level = sum((compute_ops(sb.ops) - compute_ops(sa.ops)).values()) / extra_levels
-    # The recursion, per level, k and v, forward and backward: mean 6 (a mean, its backward's
-    # division, a gradient sum); m2m 22 (the einsums' matmuls and layout copies).
-    assert per_level <= {"mean": 6, "m2m": 22}[summary], (per_level, compute_ops(sb.ops) - compute_ops(sa.ops))
+    grown = compute_ops(b.ops) - compute_ops(a.ops)
+    assert compute_ops(a.ops) == compute_ops(b.ops), f"ops that grow with the levels: {grown}"
+    # What remains around the kernels, forward and backward: the buffers they write (13 with mean),
+    # the sum of the G query heads' summary gradients, autograd's gradient sums; m2m's two map
+    # gradients add a buffer and a sum each.
+    assert sum(compute_ops(b.ops).values()) <= {"mean": 26, "m2m": 32}[summary], compute_ops(b.ops)

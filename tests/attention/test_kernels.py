@@ -139,6 +139,54 @@ def test_learned_summaries_train_through_the_kernels(rng, spy, causal):
         assert_close(a, b, 2e-5, name)
 
 
+@pytest.mark.parametrize("n,m,p,H,d,dtype", [
+    (16 * 37 + 5, 16, 2, 2, 16, torch.float32),   # ragged n; levels 1-4 in chunks of 8 blocks, 5 above
+    (8 * 41, 8, 8, 1, 8, torch.float32),          # p = 8: the tree's products as padded tl.dot
+    (16 * 21 + 3, 16, 2, 2, 32, torch.bfloat16),
+])
+@pytest.mark.parametrize("kind", ["m2m", "mean"])
+def test_every_summary_level_in_the_kernels_matches_the_float64_recursion(rng, monkeypatch, kind, n, m, p, H, d, dtype):
+    """:mod:`fmtrain.attention.kernels.summaries` against the PyTorch recursion in float64: the
+    summaries, the tokens' gradients and m2m's maps' (random, far from averaging). The chunks are
+    made narrow (8 windows above them) so that both the chunk kernel and the top kernel build
+    levels. Tolerances as the core's (TOL): fp32 sees ~2e-7; bf16 rounds the maps and the token
+    gradients' products to bf16 (as the PyTorch path does), ~1e-2."""
+    from fmtrain.attention.hierarchy import hierarchy as make
+    from fmtrain.attention.kernels import summaries as T
+    from fmtrain.attention.summaries import build_summaries
+
+    monkeypatch.setattr(T, "TOP_WINDOWS", 8)
+    h = make(n, m, p, True)
+    C = T._chunk_blocks(h.n_blocks)
+    assert 1 < C.bit_length() < h.n_levels  # levels inside the chunks and above them
+    s = build_summaries(kind, n_kv_heads=H, head_dim=d, block_size=m, rank=p)
+    if kind == "m2m":
+        with torch.no_grad():
+            s.leaf.add_(0.1 * torch.randn(s.leaf.shape, generator=rng))
+            s.up.add_(0.1 * torch.randn(s.up.shape, generator=rng))
+    B = 2 if dtype == torch.bfloat16 else 1
+    k, v = (randn(rng, B, H, n, d).to(dtype) for _ in range(2))
+    wk, wv = randn(rng, B, H, h.num_summaries, d), randn(rng, B, H, h.num_summaries, d)
+    got, ref = [], []
+    for impl, dt in (("triton", dtype), ("torch", torch.float64)):
+        maps = [x.detach().to(torch.float32 if impl == "triton" else dt).requires_grad_() for x in s.maps(h, k)]
+        kv = [x.detach().to(DEV if impl == "triton" else "cpu", dt).requires_grad_() for x in (k, v)]
+        if impl == "triton":
+            ks, vs = T.tree_summaries(*kv, *[x.to(DEV) for x in maps], h)
+        else:  # the recursion, with the same maps as parameters
+            r = build_summaries("m2m", n_kv_heads=maps[0].shape[1], head_dim=d, block_size=m, rank=p).double()
+            r.leaf, r.up = (torch.nn.Parameter(x) for x in maps)
+            maps = [r.leaf, r.up]
+            ks, vs = r(*kv, h)
+        ((ks.double().cpu() * wk).sum() + (vs.double().cpu() * wv).sum()).backward()
+        (got if impl == "triton" else ref).append([ks, vs] + [x.grad for x in kv + maps])
+    for name, a, b in zip(("ks", "vs", "dk", "dv", "dleaf", "dup"), got[0], ref[0]):
+        a, b = a.detach().double().cpu(), b.detach().double()
+        assert b.abs().max() > 0, name
+        err = (a - b).abs().max().item() / b.abs().max().item()
+        assert err < TOL[dtype], f"{name}: {err:.2e} relative to the largest (seed {rng.initial_seed()})"
+
+
 @pytest.mark.parametrize("launch", ["occupancy", "run4"])
 @pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
@@ -338,6 +386,11 @@ def _aot_compile(dtype: str, m: int, d: int, S: int, causal: bool) -> None:
             continue  # IEEE fp32 products: no tensor cores; spills reported by the bench, not gated
         r = aot.resources(name, compiled)
         case = f"{name} {dtype} m={m} d={d} S={S} causal={causal} {config}"
+        if name.startswith("summ"):  # the summaries of every level: the tokens' products on tensor cores
+            assert r.tensor_core_ops > 0 or name in ("summ_top", "summ_top_bwd"), f"{case}: no tensor-core instructions"
+            # (ptxas keeps a 4-byte value of the top kernels' nested loops on the stack at d = 16)
+            assert r.spill_bytes <= 8 and r.programs_per_sm >= 2, f"{case}: {r.gate()}"
+            continue
         assert r.tensor_core_ops > 0, f"{case}: no tensor-core instructions"
         if config == "run4":
             continue  # a candidate for the GPU check: at d = 128 it spills (bench/kernel_resources.py says how much)

@@ -151,6 +151,26 @@ def test_long_context_quick_buckets_every_position_once_and_reuses_runs(tmp_path
         # differs in float32's last bits (CI saw 2e-11 relative); a retrained model differs by far more.
         assert second["sums"] == pytest.approx(first["sums"], rel=1e-7, abs=0), first["arm"]
         assert second["counts"] == first["counts"], first["arm"]
+    # The same study put together from the rows written, the run folders gone: nothing trained.
+    saved = tmp_path / "first.json"
+    saved.write_text((tmp_path / "results" / "long_context-quick.json").read_text())
+    gone = tmp_path / "gone"
+    joined = run_bench("long_context.py", tmp_path, "--arms", arms, "--work-dir", str(gone), "--rows-from", str(saved))
+    assert not gone.exists()
+    assert [(r["arm"], r["sums"]) for r in joined["rows"]] == [(r["arm"], r["sums"]) for r in again["rows"]]
+
+
+def test_long_context_rows_from_refuses_rows_of_another_study(tmp_path):
+    from bench import long_context as lc
+
+    args = lc.parse_args(["--quick", "--arms", "local"])
+    saved = tmp_path / "s.json"
+    saved.write_text(json.dumps(dict(meta=dict(args=dict(vars(args), steps=99)), rows=[dict(arm="local")])))
+    args.rows_from = [str(saved)]
+    with pytest.raises(SystemExit, match=r"not the same study \(steps: 99 there, 4 here\)"):
+        lc.earlier_rows(args)
+    saved.write_text(json.dumps(dict(meta=dict(args=vars(args)), rows=[dict(arm="local", sums=[1.0])])))
+    assert lc.earlier_rows(args) == {"local": dict(arm="local", sums=[1.0])}
 
 
 @pytest.mark.slow

@@ -26,6 +26,9 @@ import tempfile
 # kernels (refinement) also write their partial outputs and gradients, and read the lse, in fp32.
 FP32_POINTERS = {"BIAS", "LSE", "DELTA", "DLSE", "SBIAS", "DKS", "DVS"}
 OPENED_FP32_POINTERS = FP32_POINTERS | {"OUT", "LQ", "DQ", "DK", "DV"}
+# The summary kernels (.summaries): their buffers, scales and maps are fp32; the tokens, the
+# summaries and their gradients (GKS, GVS) in the inputs' dtype.
+SUMMARY_FP32_POINTERS = {"Z", "G", "SCALE", "LEAF", "UP", "DLEAF", "DUP"}
 INT_POINTERS = {"IDX", "SEEN", "ROWQ", "BLK", "BOUNDS", "ENDS"}  # ENDS: int64 when read (DOCS), never read else
 
 # An H100 SM: 64K 32-bit registers and 228 KB of shared memory (227 KB usable by one block).
@@ -71,7 +74,8 @@ def signature(fn, consts: dict, dtype: str, aligned: bool = True):
     """Triton's signature and attributes of ``fn`` for inputs of ``dtype`` ('bf16', 'fp16', 'fp32'):
     unspecialised ints i32, scales fp32, the rest pointers (16-byte aligned when ``aligned``)."""
     ints = {p.name for p in fn.params if p.do_not_specialize}
-    fp32 = OPENED_FP32_POINTERS if fn.__name__.startswith("_opened") else FP32_POINTERS
+    fp32 = (OPENED_FP32_POINTERS if fn.__name__.startswith("_opened") else
+            SUMMARY_FP32_POINTERS if fn.__module__.endswith("kernels.summaries") else FP32_POINTERS)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -93,7 +97,8 @@ def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool, docs: bool
     shapes launches (each dq flag both ways), with the launcher's own tiles and launch options
     (``config``: one of :data:`.function.LAUNCH_CONFIGS`, default the one in use); then adaptive
     refinement's opened-block kernels (queries, keys and values in the inputs' dtype, partial outputs,
-    gradients and lse in fp32; 64 query rows a tile). ``docs``: instead, the kernels whose fine mask reads packed documents' key ranges."""
+    gradients and lse in fp32; 64 query rows a tile), and with the causal mask the summary kernels
+    (:func:`summary_variants`, which do not depend on the mask). ``docs``: instead, the kernels whose fine mask reads packed documents' key ranges."""
     import torch
 
     from ..hierarchy import SEEN_BY_COLS
@@ -122,7 +127,21 @@ def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool, docs: bool
     # queries, keys and values in the inputs' dtype (refine.FarField gives them so), the rest fp32
     out += [(name, fn, opened, opened_launch, dtype)
             for name, fn in (("opened_fwd", K._opened_fwd_kernel), ("opened_bwd", K._opened_bwd_kernel))]
-    return out
+    return out + (summary_variants(dtype, m, d) if causal else [])  # (the same for either mask: listed once)
+
+
+def summary_variants(dtype: str, m: int, d: int, p: int = 2):
+    """The summary kernels (:mod:`.summaries`) as :func:`kernel_variants` lists them; the
+    backward's with m2m's map gradients (the larger)."""
+    from . import summaries as T
+
+    up = dict(T._tiles_for(m, d, p), M=m, PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+    tree = {k: v for k, v in up.items() if k not in ("M", "BLOCK_M", "LEAF_P", "PRECISION", "UPCAST")}
+    return [(name, fn, dict(c, **extra), T.LAUNCH, dtype) for name, fn, c, extra in (
+        ("summ_up", T._up_kernel, up, {}),
+        ("summ_top", T._top_kernel, tree, {}),
+        ("summ_top_bwd", T._top_bwd_kernel, tree, dict(MAP_GRADS=True)),
+        ("summ_up_bwd", T._up_bwd_kernel, up, dict(MAP_GRADS=True, BLOCK_T=T._bwd_rows(up["BLOCK_M"]))))]
 
 
 def compile_sm90(fn, consts: dict, dtype: str, options: dict, aligned: bool = True):

@@ -32,7 +32,10 @@ same seeds (the seed also sets the data order, which moves every arm alike).
 
 A run whose folder already holds a finished run of the same command is reused, so
 the study can be extended arm by arm (``--arms``) across sittings; ``--retrain``
-starts over. Writes ``long_context-<tag>.{json,md,png}`` (``bench/_results.py``: ``--out``, ``--tag``).
+starts over. ``--rows-from FILE.json`` (repeatable) takes the measured rows of arms an earlier
+run of the same study wrote (the same training and reading options, checked), so a study split
+over machines or sittings whose run folders are gone is put together without training again:
+only the arms of ``--arms`` found in none of the files are trained. Writes ``long_context-<tag>.{json,md,png}`` (``bench/_results.py``: ``--out``, ``--tag``).
 """
 from __future__ import annotations
 
@@ -346,6 +349,9 @@ def parse_args(argv=None):
                          "far field's selection and attention clamped at the training length (README, Adaptive "
                          "refinement); the other arms are read as they are")
     ap.add_argument("--retrain", action="store_true", help="train every arm again")
+    ap.add_argument("--rows-from", action="append", default=[], metavar="FILE.json",
+                    help="the rows of arms measured by an earlier run of the same study (its JSON): those arms are "
+                         "not trained again")
     ap.add_argument("--baseline", default="local", help="the arm (without its seed) others are paired with "
                                                         "over seeds, e.g. fma-m2m")
     add_result_arguments(ap)
@@ -359,15 +365,42 @@ def parse_args(argv=None):
     return args
 
 
+# What must agree for rows of two runs to stand in one table: how the arms trained and were read.
+SAME_STUDY = ("seq_len", "batch_size", "steps", "seed", "set", "config", "eval_len", "sdpa_eval_len",
+              "conv_eval_len", "min_doc_len", "eval_docs", "max_docs", "past_training", "quick")
+
+
+def earlier_rows(args) -> dict:
+    """``--rows-from``: arm -> its row, from earlier runs of this study (an error names what differs)."""
+    found = {}
+    for path in args.rows_from:
+        saved = json.loads(Path(path).read_text())
+        theirs = saved["meta"]["args"]
+        differ = [f"{k}: {theirs.get(k)!r} there, {getattr(args, k)!r} here" for k in SAME_STUDY
+                  if theirs.get(k) != getattr(args, k)]
+        if differ:
+            raise SystemExit(f"--rows-from {path}: not the same study ({'; '.join(differ)}); run with the same "
+                             "options, or train those arms here")
+        for row in saved["rows"]:
+            found.setdefault(row["arm"], row)
+    return found
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     arms = args.arms.split(",")
+    earlier = earlier_rows(args)
+    to_train = [a for a in arms if a not in earlier]
     with ThreadPoolExecutor(args.jobs) as pool:
-        run_dirs = list(pool.map(lambda s: train(args, s), arms))
+        run_dirs = dict(zip(to_train, pool.map(lambda s: train(args, s), to_train)))
     rows = []
-    for spec, run_dir in zip(arms, run_dirs):
-        rows.append(evaluate(args, spec, run_dir))
+    for spec in arms:
+        if spec in earlier:
+            rows.append(earlier[spec])
+            print(f"{spec}: measured earlier ({earlier[spec]['run_dir']})", flush=True)
+            continue
+        rows.append(evaluate(args, spec, run_dirs[spec]))
         print(f"{spec}: evaluated {rows[-1]['n_docs']} documents up to {rows[-1]['eval_len']:,} tokens in "
               f"{rows[-1]['eval_wall_s']:.0f} s", flush=True)
     groups = buckets(rows)

@@ -31,6 +31,10 @@ OPENED_FP32_POINTERS = FP32_POINTERS | {"OUT", "LQ", "DQ", "DK", "DV"}
 SUMMARY_FP32_POINTERS = {"Z", "G", "SCALE", "LEAF", "UP", "DLEAF", "DUP"}
 INT_POINTERS = {"IDX", "SEEN", "ROWQ", "BLK", "BOUNDS", "ENDS"}  # ENDS: int64 when read (DOCS), never read else
 
+# The summary kernels that only walk the levels above the chunks (.summaries): the gate asks them
+# for registers and shared memory only.
+TREE_ONLY = ("summ_top", "summ_top_bwd")
+
 # An H100 SM: 64K 32-bit registers and 228 KB of shared memory (227 KB usable by one block).
 SM90_REGISTERS = 65536
 SM90_SHARED = 227 * 1024
@@ -63,6 +67,8 @@ class Resources:
         if self.programs_per_sm < 2:
             misses.append(f"{self.programs_per_sm} program per SM ({self.registers} registers x "
                           f"{self.warps} warps, {self.shared_bytes // 1024} KB shared)")
+        if self.kernel in TREE_ONLY:  # p x 2p maps on a few dozen windows: no products for tensor cores
+            return misses
         if not self.tensor_core_ops:
             misses.append("no tensor-core instructions")
         if not self.vector_loads:
@@ -74,6 +80,9 @@ def signature(fn, consts: dict, dtype: str, aligned: bool = True):
     """Triton's signature and attributes of ``fn`` for inputs of ``dtype`` ('bf16', 'fp16', 'fp32'):
     unspecialised ints i32, scales fp32, the rest pointers (16-byte aligned when ``aligned``)."""
     ints = {p.name for p in fn.params if p.do_not_specialize}
+    strides = set()  # specialised ints: divisible by 16, as the JIT marks them
+    if fn.__module__.endswith("kernels.summaries"):
+        from .summaries import STRIDES as strides
     fp32 = (OPENED_FP32_POINTERS if fn.__name__.startswith("_opened") else
             SUMMARY_FP32_POINTERS if fn.__module__.endswith("kernels.summaries") else FP32_POINTERS)
     sig, attrs = {}, {}
@@ -82,6 +91,10 @@ def signature(fn, consts: dict, dtype: str, aligned: bool = True):
             sig[name] = "constexpr"
         elif name in ints:
             sig[name] = "i32"
+        elif name in strides:
+            sig[name] = "i32"
+            if aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif "scale" in name:
             sig[name] = "fp32"
         else:

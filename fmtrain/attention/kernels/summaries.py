@@ -32,9 +32,11 @@ from .triton_core import _mm
 
 # Above the chunks at most this many windows: the top kernel walks them one program per head.
 TOP_WINDOWS = 64
-# Shapes and strides Triton would otherwise specialise on (== 1, divisible by 16): a recompile each.
-_INTS = ["skb", "skh", "skn", "svb", "svh", "svn", "s_w", "s_h", "u_w", "u_h",
-         "H", "n", "n_blocks", "S", "C", "chunk_levels", "L", "chunks"]
+# Shapes Triton would otherwise specialise on (== 1, divisible by 16): a recompile each. The tokens'
+# strides (skb ... svn) are specialised: divisible by 16 (as a row of H * d is) is what lets a row
+# of 8 halves load as one 16-byte vector.
+_INTS = ["s_w", "s_h", "u_w", "u_h", "H", "n", "n_blocks", "S", "C", "chunk_levels", "L", "chunks"]
+STRIDES = ("skb", "skh", "skn", "svb", "svh", "svn")
 
 
 def _jit(fn):

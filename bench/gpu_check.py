@@ -253,6 +253,8 @@ def bench(dev, args, deadline: float, save_partial=None) -> tuple[list[dict], li
                             row["skipped"] = f"launches as fma at d={d} (block 64)"  # (the dry run: the plumbing)
                         elif config and not causal:
                             row["skipped"] = "other launches timed causal only (the floors' mask)"
+                        elif args.dry_run and impl.startswith("fma-") and n != args.n[0]:
+                            row["skipped"] = "dry run: timed at the first n only (the plumbing)"
                         elif impl == "fma-docs" and (n > args.docs_max or d != args.head_dims[0]):
                             row["skipped"] = f"documents timed at n <= --docs-max {args.docs_max}, d={args.head_dims[0]}"
                         elif time.time() + calls * guess / 1e3 > deadline or time.time() > deadline:

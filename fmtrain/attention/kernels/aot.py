@@ -148,8 +148,9 @@ def summary_variants(dtype: str, m: int, d: int, p: int = 2):
     backward's with m2m's map gradients (the larger)."""
     from . import summaries as T
 
-    up = dict(T._tiles_for(m, d, p), M=m, PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
-    tree = {k: v for k, v in up.items() if k not in ("M", "BLOCK_M", "LEAF_P", "PRECISION", "UPCAST")}
+    tiles = T._tiles_for(m, d, p)
+    up = dict(tiles, M=m, PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+    tree = T.tree_tiles(tiles)
     return [(name, fn, dict(c, **extra), T.LAUNCH, dtype) for name, fn, c, extra in (
         ("summ_up", T._up_kernel, up, {}),
         ("summ_top", T._top_kernel, tree, {}),

@@ -124,7 +124,7 @@ def _pick(which, A, B):
 
 @_jit
 def _up_kernel(K, V, skb, skh, skn, svb, svh, svn, LEAF, UP, s_w, s_h, u_w, u_h, Z, KS, VS, SCALE,
-               H, n, n_blocks, S, C, chunk_levels, L,
+               H, n, n_blocks, S, C, chunk_levels,
                M: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, LEAF_P: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_2P: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -309,6 +309,11 @@ def _tiles_for(m: int, d: int, p: int) -> dict:
                 BLOCK_D=max(16, triton.next_power_of_2(d)), DOT=dot)
 
 
+def tree_tiles(tiles: dict) -> dict:
+    """The tiles of the kernels that only walk the levels (no tokens: no leaf tiles)."""
+    return {k: v for k, v in tiles.items() if k not in ("BLOCK_M", "LEAF_P")}
+
+
 def _bwd_rows(block_m: int) -> int:
     """Token rows the backward's leaf pass takes at a time."""
     return min(block_m, 32)
@@ -338,10 +343,10 @@ class TreeSummaries(torch.autograd.Function):
 
         _up_kernel[(chunks, B * H, 2)](
             k, v, *k.stride()[:3], *v.stride()[:3], leaf, up, *maps, z, ks, vs, scale,
-            H, n, nb, S, C, chunk_levels, L, M=m, PRECISION=_precision(k.dtype), UPCAST=_upcast(k.dtype),
+            H, n, nb, S, C, chunk_levels, M=m, PRECISION=_precision(k.dtype), UPCAST=_upcast(k.dtype),
             **tiles, **LAUNCH)
-        tiles.pop("BLOCK_M"), tiles.pop("LEAF_P")
-        _top_kernel[(B * H, 2)](up, *maps[2:], z, ks, vs, scale, H, nb, S, chunk_levels, L, **tiles, **LAUNCH)
+        _top_kernel[(B * H, 2)](up, *maps[2:], z, ks, vs, scale, H, nb, S, chunk_levels, L, **tree_tiles(tiles),
+                                **LAUNCH)
         ctx.save_for_backward(k, v, leaf, up, z)
         ctx.h, ctx.maps, ctx.chunking = h, maps, (C, chunk_levels, chunks)
         return ks, vs
@@ -364,13 +369,12 @@ class TreeSummaries(torch.autograd.Function):
         tiles = _tiles_for(m, d, p)
         from .function import _precision, _upcast
 
-        leaf_tiles = dict(M=m, BLOCK_M=tiles.pop("BLOCK_M"), LEAF_P=tiles.pop("LEAF_P"))
         _top_bwd_kernel[(B * H, 2)](up, *maps[2:], z, g, dks, dvs, scale, dup, H, nb, S, chunk_levels, L, chunks,
-                                    MAP_GRADS=map_grads, **tiles, **LAUNCH)
+                                    MAP_GRADS=map_grads, **tree_tiles(tiles), **LAUNCH)
         _up_bwd_kernel[(chunks, B * H, 2)](
             k, v, *k.stride()[:3], *v.stride()[:3], leaf, up, *maps, z, g, dks, dvs, scale, dk, dv, dleaf, dup,
-            H, n, nb, S, C, chunk_levels, L, chunks, BLOCK_T=_bwd_rows(leaf_tiles["BLOCK_M"]), MAP_GRADS=map_grads,
-            PRECISION=_precision(k.dtype), UPCAST=_upcast(k.dtype), **leaf_tiles, **tiles, **LAUNCH)
+            H, n, nb, S, C, chunk_levels, L, chunks, M=m, BLOCK_T=_bwd_rows(tiles["BLOCK_M"]), MAP_GRADS=map_grads,
+            PRECISION=_precision(k.dtype), UPCAST=_upcast(k.dtype), **tiles, **LAUNCH)
         dl = du = None
         if map_grads:  # summed over the batch and the programs; shared maps (one head) over the heads too
             dl = dleaf.sum(dim=(0, 1)) if leaf.shape[1] > 1 else dleaf.sum(dim=(0, 1, 3)).unsqueeze(1)

@@ -13,7 +13,8 @@ A lent GPU comes for 15 minutes in all, start-up included; this leaves room to r
    ragged n, outputs and q/k/v gradients; ``gpu_check.check_fma``'s errors and tolerance).
    A candidate that fails is not timed.
 3. Time, causal, head_dim 128, 16 heads, bf16, at 16k, 128k and 1M: forward+backward of each
-   candidate that passed (median of CUDA-event timings), SDPA flash at 16k only. For the
+   candidate that passed (median of CUDA-event timings), the default launch with the summaries'
+   token gradients apart ("separate": FMTRAIN_SUMMARY_GRADS), SDPA flash at 16k only. For the
    default candidate, one profiled call per length splits the device time by kernel (each
    Triton kernel; the PyTorch ops around them: the summaries, the tables, the casts) and
    reports the host time apart: how long the call takes to return without synchronising
@@ -43,7 +44,11 @@ from gpu_check import TOL, check_fma, launch, sdpa_flash
 from fmtrain.attention import fma
 from fmtrain.attention.kernels.function import LAUNCH_CONFIGS
 
-KERNEL_NAMES = ("_fwd_kernel", "_fwd_run_kernel", "_dq_kernel", "_dkv_kernel", "_dsum_kernel")
+KERNEL_NAMES = ("_fwd_kernel", "_fwd_run_kernel", "_dq_kernel", "_dkv_kernel", "_dsum_kernel", "_up_kernel",
+                "_top_kernel", "_top_bwd_kernel", "_up_bwd_kernel")
+# The default launch with the summaries' token gradients formed apart and added by autograd
+# (FMTRAIN_SUMMARY_GRADS=separate), timed beside it: what the dk/dv kernel's epilogue saves.
+SEPARATE = "separate"
 
 
 def device_ms(fn, dev, repeats: int) -> list[float]:
@@ -80,7 +85,8 @@ def card_rates(dev, dry: bool) -> dict:
 
 def gate(dev, dry: bool) -> dict[str, list[dict]]:
     """Each candidate's bf16 checks (gpu_check.check_fma rows, with ``ok``)."""
-    shapes = [(150, 2, 1, 16, 16), (100, 3, 1, 16, 16)] if dry else [(1000, 4, 2, 128, 64), (777, 3, 1, 128, 64)]
+    # (a dry run checks the plumbing: one shape, GQA and ragged)
+    shapes = [(100, 3, 1, 16, 16)] if dry else [(1000, 4, 2, 128, 64), (777, 3, 1, 128, 64)]
     out = {}
     for config in LAUNCH_CONFIGS:
         rows = []
@@ -135,6 +141,8 @@ def timing(dev, args, passed: list[str], deadline: float) -> list[dict]:
         q, k, v, dout = (torch.randn(1, H, n, d, generator=g).to(dev, dt) for _ in range(4))
         xs = [t.requires_grad_() for t in (q, k, v)]
         impls = [(c, lambda a, b, c_: fma(a, b, c_, impl="triton")) for c in passed]
+        if LAUNCH_CONFIGS[0] in passed:
+            impls.insert(1, (SEPARATE, impls[0][1]))
         if n <= args.sdpa_max:
             impls.append(("sdpa flash", lambda a, b, c_: sdpa_flash(a, b, c_, True)))
         for name, attn in impls:
@@ -143,7 +151,7 @@ def timing(dev, args, passed: list[str], deadline: float) -> list[dict]:
                 row["skipped"] = "time budget"
             else:
                 try:
-                    with launch(name if name in LAUNCH_CONFIGS else None):
+                    with launch(name if name in LAUNCH_CONFIGS else None, SEPARATE if name == SEPARATE else None):
                         ms = device_ms(lambda: torch.autograd.grad(attn(*xs), xs, dout), dev, args.repeats)
                         row.update(fwdbwd_ms=statistics.median(ms), runs=ms)
                         if name == LAUNCH_CONFIGS[0]:

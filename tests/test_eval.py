@@ -60,13 +60,22 @@ PLAIN = "the plain evaluation (without --by-position or --needle)"
     (["--by-position", "--keys", "2"], "--keys 2: an option of --needle, not of --by-position; add --needle"),
     (["--by-position", "--needle"], "--by-position and --needle are two evaluations"),
 ])
-def test_numbers_that_are_not_counts_and_options_of_another_mode_are_refused(tmp_path, args, words):
+def test_numbers_that_are_not_counts_and_options_of_another_mode_are_refused(tmp_path, capsys, args, words):
     """One error: line with the option, the value and what is accepted, before the checkpoint is
-    looked for (there is none here)."""
-    r = _eval(tmp_path / "no-run", *args)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
-    assert not r.stdout
+    looked for (there is none here). In this process, through the command's own entry point
+    (``run_command(main)``, as ``python -m fmtrain.eval`` runs it; the first case also as a command):
+    a refusal happens before anything is loaded, so a process each would only add its start-up."""
+    from fmtrain.errors import run_command
+    from fmtrain.eval import main
+
+    status = run_command(main, [str(tmp_path / "no-run"), *args])
+    out, err = capsys.readouterr()
+    assert status == 2 and "Traceback" not in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert not out
+    if args == ["--batches", "0"]:
+        r = _eval(tmp_path / "no-run", *args)
+        assert (r.returncode, r.stderr, r.stdout) == (2, err, ""), r.stderr
 
 
 @pytest.mark.parametrize("out, mode, words", [

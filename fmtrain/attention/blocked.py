@@ -37,6 +37,28 @@ def block_attention(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: bo
     return out[:, :, :h.n], lse[:, :, :h.n]
 
 
+def summarized_attention(q, k, v, summaries, h: Hierarchy, *, scale: float, weighted: bool, impl: str):
+    """The nlogn variant over a whole sequence with its summaries formed inside the core's autograd
+    node (:class:`.kernels.summaries.SummarizedAttention`: the summaries' gradient reaches the tokens
+    in the dk/dv kernel): (B, H, n, d), or None where that path does not serve (not the Triton
+    core, summaries without bottom-up maps, no coarse level, ``FMTRAIN_SUMMARY_GRADS=separate``, a
+    launch whose dk/dv kernel has no room for the epilogue: :func:`.kernels.function.fuses_summary_grads`)."""
+    from .cores import runs_on_triton
+    from .summaries import Summaries
+
+    if not (h.n_levels and isinstance(summaries, Summaries) and runs_on_triton(impl, q)):
+        return None
+    from .kernels.function import fuses_summary_grads
+
+    if not fuses_summary_grads(h.block_size, q.shape[-1]) or (maps := summaries.maps(h, k)) is None:
+        return None
+    from .kernels.summaries import SummarizedAttention
+
+    summaries.check(h)
+    q, k, v = (pad_to(x, h.padded_len).contiguous() for x in (q, k, v))
+    return SummarizedAttention.apply(q, k, v, *maps, h, weighted, scale)[:, :, :h.n]
+
+
 def merge(l1, o1, l2, o2):
     """Merge two softmax partials given as (lse, normalised output); -inf lse = empty."""
     lse = torch.logaddexp(l1, l2)
@@ -146,4 +168,4 @@ def blocked_multipole(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: 
     return merged.to(q.dtype)
 
 
-__all__ = ["block_attention", "blocked_multipole", "linear_coarse", "coarse_top_down", "merge", "MASKED_SCORE"]
+__all__ = ["block_attention", "blocked_multipole", "summarized_attention", "linear_coarse", "coarse_top_down", "merge", "MASKED_SCORE"]

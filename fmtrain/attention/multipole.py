@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .blocked import blocked_multipole
+from .blocked import blocked_multipole, summarized_attention
 from .documents import Documents, as_documents, doc_hierarchy, doc_summaries, from_layout, to_layout
 from .hierarchy import call_hierarchy, sizes_error
 from .refine import refined_multipole
@@ -173,6 +173,10 @@ def fma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int = 
         return sp_fma(q, k, v, group, block_size=block_size, rank=rank, causal=causal, weighted=weighted,
                       scale=scale, variant=variant, summaries=summaries, max_level=max_level, impl=impl)
     h = call_hierarchy(n, block_size, rank, causal, max_level, level_offset, flat_top)
+    if not refine and variant == "nlogn" and level_offset is None and impl != "dense":
+        out = summarized_attention(q, k, v, summaries or MEAN, h, scale=scale, weighted=weighted, impl=impl)
+        if out is not None:  # the Triton kernels, summaries and core as one node
+            return out
     ks, vs = (summaries or MEAN)(k, v, h, impl=impl)
     if refine and h.n_levels:
         if impl == "dense":

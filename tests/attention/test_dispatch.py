@@ -3,9 +3,10 @@
 would be a host-to-device copy and a stream synchronisation on a GPU), no padded copy of the
 keys and values is made (the kernels mask the rows outside the sequence), the kernel launches are
 1 + 3 for the core whatever the number of levels (forward; dq, whose prologue forms the softmax
-row term; dk/dv; the summaries' transposed pass, with no partial buffers or index_add_) and 2 + 2
-for the summaries of every level (:mod:`fmtrain.attention.kernels.summaries`), and the PyTorch ops
-around them do not grow with the levels at all.
+row term; dk/dv, which also adds the summaries' share of the tokens' gradients; the summaries'
+transposed pass, with no partial buffers or index_add_) and 2 + 2 for the summaries of every level
+(:mod:`fmtrain.attention.kernels.summaries`), and the PyTorch ops around them do not grow with the
+levels at all.
 
 Ops are counted with a ``TorchDispatchMode``; the kernels under ``TRITON_INTERPRET=1`` (the
 interpreter's own copies of the kernels' arguments are not counted: on a GPU there are none).
@@ -103,7 +104,22 @@ def test_no_host_tensors_and_launches_and_ops_flat_in_the_levels(monkeypatch, su
         assert not [op for op in seen.ops if "pad" in op], seen.ops
     grown = compute_ops(b.ops) - compute_ops(a.ops)
     assert compute_ops(a.ops) == compute_ops(b.ops), f"ops that grow with the levels: {grown}"
-    # What remains around the kernels, forward and backward: the buffers they write (13 with mean),
-    # the sum of the G query heads' summary gradients, autograd's gradient sums; m2m's two map
-    # gradients add a buffer and a sum each.
-    assert sum(compute_ops(b.ops).values()) <= {"mean": 26, "m2m": 32}[summary], compute_ops(b.ops)
+    # What remains around the kernels, forward and backward: the buffers they write,
+    # the sum of the G query heads' summary gradients, the .grad accumulations; m2m's two map
+    # gradients add a buffer and a sum each. The summaries' token gradients reach k and v inside the
+    # dk/dv kernel (SummarizedAttention): no second gradient per tensor, no sum of the two.
+    assert not [op for op in b.ops if op.startswith("aten.add.")], compute_ops(b.ops)
+    assert sum(compute_ops(b.ops).values()) <= {"mean": 20, "m2m": 26}[summary], compute_ops(b.ops)
+
+
+def test_separate_summary_gradients_add_only_their_two_sums(monkeypatch):
+    """``FMTRAIN_SUMMARY_GRADS=separate`` (kept for timing side by side): the summary kernels' own
+    token gradients, which autograd adds to the core's, k's and v's: the same launches, no host-made
+    tensor, and the fused path's ops plus two buffers and those two sums."""
+    from fmtrain.attention.kernels.function import SUMMARY_GRADS_ENV
+
+    monkeypatch.setenv(SUMMARY_GRADS_ENV, "separate")
+    b = count(monkeypatch, 32 * M, "mean")
+    assert b.launches == dict.fromkeys(KERNELS, 1)
+    assert not [op for op in b.ops if any(h in op for h in FROM_HOST)], b.ops
+    assert b.ops["aten.add.Tensor"] == 2 and sum(compute_ops(b.ops).values()) <= 24, compute_ops(b.ops)

@@ -43,11 +43,18 @@ def qkv(g, B, H, Hkv, n, d):
 
 
 class KernelSpy:
-    """Counts forward and backward calls of the Triton core, so a silent fallback fails the test."""
+    """Counts forward and backward calls of the Triton core (alone, or with the summaries as one
+    node: ``SummarizedAttention``), so a silent fallback fails the test."""
 
     def __init__(self, monkeypatch):
-        from fmtrain.attention.kernels.function import TritonBlockAttention as T
+        from fmtrain.attention.kernels.function import TritonBlockAttention
+        from fmtrain.attention.kernels.summaries import SummarizedAttention
+
         self.fwd = self.bwd = 0
+        for T in (TritonBlockAttention, SummarizedAttention):
+            self._wrap(monkeypatch, T)
+
+    def _wrap(self, monkeypatch, T):
         fwd, bwd = T.forward, T.backward
 
         def forward(*a, **k):
@@ -117,9 +124,14 @@ def test_triton_half_precision_close_to_float64(rng, spy, dtype, causal):
     compare(spy, q, k, v, dtype, block_size=16, rank=2, causal=causal)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_learned_summaries_train_through_the_kernels(rng, spy, causal):
-    """Gradients of the m2m summary maps flow through the kernels' summary gradients."""
+@pytest.mark.parametrize("grads,causal", [("fused", True), ("fused", False), ("separate", True)])
+def test_learned_summaries_train_through_the_kernels(rng, spy, monkeypatch, grads, causal):
+    """Gradients of the m2m summary maps flow through the kernels' summary gradients: "fused", the
+    summaries' share of k's and v's gradients and the leaf map's gradient formed in the dk/dv
+    kernel's epilogue (the default); "separate", by the summary kernels, added by autograd."""
+    from fmtrain.attention.kernels.function import SUMMARY_GRADS_ENV
+
+    monkeypatch.setenv(SUMMARY_GRADS_ENV, grads)
     n, m, p = 130, 16, 2
     summ = M2MSummaries(2, m, p).double()
     with torch.no_grad():  # random maps, far from averaging
@@ -387,7 +399,7 @@ def _aot_compile(dtype: str, m: int, d: int, S: int, causal: bool) -> None:
         r = aot.resources(name, compiled)
         case = f"{name} {dtype} m={m} d={d} S={S} causal={causal} {config}"
         if name.startswith("summ"):  # the summaries of every level: the tokens' products on tensor cores
-            assert r.tensor_core_ops > 0 or name in ("summ_top", "summ_top_bwd"), f"{case}: no tensor-core instructions"
+            assert r.tensor_core_ops > 0 or name in aot.TREE_ONLY, f"{case}: no tensor-core instructions"
             # (ptxas keeps a 4-byte value of the top kernels' nested loops on the stack at d = 16)
             assert r.spill_bytes <= 8 and r.programs_per_sm >= 2, f"{case}: {r.gate()}"
             continue

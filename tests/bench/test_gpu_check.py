@@ -41,7 +41,7 @@ def test_the_five_minute_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     assert res["card"]["tflops"] > 0 and res["card"]["tbps"] > 0
     assert set(res["gate"]) == set(LAUNCH_CONFIGS) and all(row["ok"] for rows in res["gate"].values() for row in rows)
     timed = {row["impl"]: row for row in res["timing"] if "fwdbwd_ms" in row}
-    assert set(LAUNCH_CONFIGS) | {"sdpa flash"} <= set(timed), res["timing"]
+    assert set(LAUNCH_CONFIGS) | {"sdpa flash", "separate"} <= set(timed), res["timing"]
     assert timed[LAUNCH_CONFIGS[0]]["host_ms"] > 0
     assert res["trainer"]["status"] == "ok" and res["trainer"]["tokens_per_s"] > 0
     assert res["seconds"] < 900

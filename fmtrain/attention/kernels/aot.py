@@ -24,7 +24,8 @@ import tempfile
 
 # Pointers whose tensors the launcher allocates in fp32 whatever the inputs' dtype; the opened-block
 # kernels (refinement) also write their partial outputs and gradients, and read the lse, in fp32.
-FP32_POINTERS = {"BIAS", "LSE", "DELTA", "DLSE", "SBIAS", "DKS", "DVS"}
+FP32_POINTERS = {"BIAS", "LSE", "DELTA", "DLSE", "SBIAS", "DKS", "DVS",
+                 "TG", "LEAF", "DLEAF"}  # (the dk/dv kernel's epilogue: level-1 gradients, maps, partials)
 OPENED_FP32_POINTERS = FP32_POINTERS | {"OUT", "LQ", "DQ", "DK", "DV"}
 # The summary kernels (.summaries): their buffers, scales and maps are fp32; the tokens, the
 # summaries and their gradients (GKS, GVS) in the inputs' dtype.
@@ -33,7 +34,7 @@ INT_POINTERS = {"IDX", "SEEN", "ROWQ", "BLK", "BOUNDS", "ENDS"}  # ENDS: int64 w
 
 # The summary kernels that only walk the levels above the chunks (.summaries): the gate asks them
 # for registers and shared memory only.
-TREE_ONLY = ("summ_top", "summ_top_bwd")
+TREE_ONLY = ("summ_top", "summ_top_bwd", "summ_levels_bwd")
 
 # An H100 SM: 64K 32-bit registers and 228 KB of shared memory (227 KB usable by one block).
 SM90_REGISTERS = 65536
@@ -127,12 +128,19 @@ def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool, docs: bool
            else ("fwd_run", K._fwd_run_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"], RUN=launch["fwd_run"]), launch["fwd"])]
     out += [(f"dq{'+dlse' if flag else ''}", K._dq_kernel, dict(tiles, BLOCK_C=blk["BLOCK_C"], HAS_DLSE=flag),
              launch["dq"]) for flag in (True, False)]
-    out += [("dkv", K._dkv_kernel, dict(tiles, BLOCK_N=launch["dkv_keys"]), launch["dkv"]),
-            ("dsum", K._dsum_kernel, dict(m=m, d=d, p=2, COLS=SEEN_BY_COLS, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"],
-                                          BLOCK_P=16, PRECISION=prec, UPCAST=False), launch["dsum"])]
+    no_tree = dict(TREE=False, MAP_GRADS=False, P=1, LEAF_P=16)
+    # dkv+tree: with the summaries' share in the epilogue (whole sequences, the default), m2m's map
+    # gradients included (the larger)
+    tree = dict(TREE=True, MAP_GRADS=True, P=2, LEAF_P=16)
+    out += [("dkv", K._dkv_kernel, dict(tiles, BLOCK_N=launch["dkv_keys"], **no_tree), launch["dkv"])]
+    if launch["dkv_tree"]:
+        out += [("dkv+tree", K._dkv_kernel, dict(tiles, BLOCK_N=launch["dkv_keys"], **tree), launch["dkv"])]
+    out += [("dsum", K._dsum_kernel, dict(m=m, d=d, p=2, COLS=SEEN_BY_COLS, BLOCK_M=blk["BLOCK_M"],
+                                          BLOCK_D=blk["BLOCK_D"], BLOCK_P=16, PRECISION=prec, UPCAST=False),
+             launch["dsum"])]
     out = [x + (dtype,) for x in out]
     if docs:  # packed documents change only the fine mask of these three (DOCS): the rest are the same
-        return [(f"{name}+docs", fn, c, opts, dt) for name, fn, c, opts, dt in out if name != "dsum"]
+        return [(f"{name}+docs", fn, c, opts, dt) for name, fn, c, opts, dt in out if name not in ("dsum", "dkv+tree")]
     inputs = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
     opened, opened_launch = Fn._opened_tiles(m, d, 64, 1, inputs)
     opened["UPCAST"] = False  # the GPU's lowering, whatever this process interprets
@@ -145,7 +153,10 @@ def kernel_variants(dtype: str, m: int, d: int, S: int, causal: bool, docs: bool
 
 def summary_variants(dtype: str, m: int, d: int, p: int = 2):
     """The summary kernels (:mod:`.summaries`) as :func:`kernel_variants` lists them; the
-    backward's with m2m's map gradients (the larger)."""
+    backward's with m2m's map gradients (the larger). ``summ_levels_bwd``: the levels' backward
+    without the tokens' pass (the fused path: the dk/dv kernel applies level 1). (There the
+    summaries' gradients GKS, GVS come in fp32, here as the separate path's, in the inputs' dtype:
+    p x d values a window, read once.)"""
     from . import summaries as T
 
     tiles = T._tiles_for(m, d, p)
@@ -155,7 +166,9 @@ def summary_variants(dtype: str, m: int, d: int, p: int = 2):
         ("summ_up", T._up_kernel, up, {}),
         ("summ_top", T._top_kernel, tree, {}),
         ("summ_top_bwd", T._top_bwd_kernel, tree, dict(MAP_GRADS=True)),
-        ("summ_up_bwd", T._up_bwd_kernel, up, dict(MAP_GRADS=True, BLOCK_T=T._bwd_rows(up["BLOCK_M"]))))]
+        ("summ_up_bwd", T._up_bwd_kernel, up, dict(MAP_GRADS=True, BLOCK_T=T._bwd_rows(up["BLOCK_M"]), TOKENS=True)),
+        ("summ_levels_bwd", T._up_bwd_kernel, up, dict(MAP_GRADS=True, BLOCK_T=T._bwd_rows(up["BLOCK_M"]),
+                                                      TOKENS=False)))]
 
 
 def compile_sm90(fn, consts: dict, dtype: str, options: dict, aligned: bool = True):

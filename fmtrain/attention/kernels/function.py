@@ -12,7 +12,7 @@ import os
 import torch
 import triton
 
-from ..hierarchy import SEEN_BY_COLS, Hierarchy, block_tables, seen_by, summary_bias
+from ..hierarchy import SEEN_BY_COLS, Hierarchy, block_tables, cached_on_device, seen_by, summary_bias
 from . import triton_interpreting
 from .triton_core import (LOG2E, _dkv_kernel, _dq_kernel, _dsum_kernel, _fwd_kernel, _fwd_run_kernel,
                           _opened_bwd_kernel, _opened_fwd_kernel)
@@ -34,7 +34,7 @@ def _key_bounds(h, device) -> tuple[torch.Tensor, bool]:
     """Per block the keys its queries may see, for packed documents (:mod:`..documents`), and
     whether there are any: a sequence's are ``[0, n)``, passed as ``n`` (a pointer never read)."""
     if isinstance(h, Hierarchy):
-        return torch.zeros(1, dtype=torch.int32, device=device), False
+        return cached_on_device(("no key bounds", device), lambda: torch.zeros(1, dtype=torch.int32, device=device)), False
     return h.key_bounds(device), True
 
 
@@ -66,21 +66,49 @@ def launch_config() -> str:
     return name
 
 
+# Where the summaries' gradient meets the tokens': "fused" (the default), in the dk/dv kernel's
+# epilogue (summaries.SummarizedAttention, whole sequences with mean or m2m summaries); "separate",
+# the summary kernels' own token gradients, added to the core's by autograd (one more (B, Hkv, n, d)
+# tensor written, read and summed per k and v): kept so that a GPU can time both.
+SUMMARY_GRADS = ("fused", "separate")
+SUMMARY_GRADS_ENV = "FMTRAIN_SUMMARY_GRADS"
+
+
+def summary_grads() -> str:
+    """``$FMTRAIN_SUMMARY_GRADS``, else "fused"."""
+    name = os.environ.get(SUMMARY_GRADS_ENV, "") or SUMMARY_GRADS[0]
+    if name not in SUMMARY_GRADS:
+        raise ValueError(f"{SUMMARY_GRADS_ENV}={name!r} is not one of {SUMMARY_GRADS}")
+    return name
+
+
 def _launches(bm: int, bd: int, docs: bool = False, config: str | None = None) -> dict:
     """Launch options of each core kernel ('fwd', 'dq', 'dkv', 'dsum': num_warps, num_stages), the
-    dk/dv kernel's key rows per program ('dkv_keys') and the query blocks per forward program
-    ('fwd_run'; 1: ``_fwd_kernel``), for tiles of ``bm`` rows x ``bd`` columns."""
+    dk/dv kernel's key rows per program ('dkv_keys'), whether it takes the summaries' share in its
+    epilogue ('dkv_tree', :class:`.summaries.SummarizedAttention`) and the query blocks per forward
+    program ('fwd_run'; 1: ``_fwd_kernel``), for tiles of ``bm`` rows x ``bd`` columns."""
     config = config or launch_config()
     wide = bm * bd > 64 * 64
     run = 4 if config == "run4" else 1
     if wide and config in ("occupancy", "run4"):
         one = dict(num_warps=4, num_stages=1)
-        return dict(fwd=one, dq=one, dkv=one, dsum=dict(num_warps=8, num_stages=2), dkv_keys=min(bm, 32), fwd_run=run)
+        return dict(fwd=one, dq=one, dkv=one, dsum=dict(num_warps=8, num_stages=2), dkv_keys=min(bm, 32),
+                    dkv_tree=True, fwd_run=run)
     base = dict(num_warps=8 if wide else 4, num_stages=2)
     # Packed documents' key ranges cost flash2's dq kernel the last registers at d=128 (bidirectional,
     # bf16: 24 bytes spilled with two stages, none with one).
     dq = dict(base, num_stages=1) if docs else base
-    return dict(fwd=base, dq=dq, dkv=base, dsum=base, dkv_keys=bm, fwd_run=run)
+    # flash2's dk/dv on whole 64-key blocks at d=128 has no registers left for the epilogue (sm_90,
+    # bf16: 276-368 bytes spilled): there the summaries' token gradients stay separate, as they were.
+    return dict(fwd=base, dq=dq, dkv=base, dsum=base, dkv_keys=bm, dkv_tree=not wide, fwd_run=run)
+
+
+def fuses_summary_grads(m: int, d: int) -> bool:
+    """Whether a whole sequence's summaries and core run as one node (:class:`.summaries.SummarizedAttention`)
+    for blocks of ``m`` and head_dim ``d``: ``FMTRAIN_SUMMARY_GRADS`` is "fused" and the launch's dk/dv
+    kernel takes the epilogue."""
+    blk = _blocks(m, d, 1)
+    return summary_grads() == "fused" and _launches(blk["BLOCK_M"], blk["BLOCK_D"])["dkv_tree"]
 
 
 def _precision(dtype) -> str:
@@ -120,6 +148,97 @@ def _check(q, k, v, ks, vs, h: Hierarchy, a0: int, extended: bool):
                          f"got ks {tuple(ks.shape)}, vs {tuple(vs.shape)}")
 
 
+def core_forward(q, k, v, ks, vs, h: Hierarchy, weighted: bool, scale: float, a0: int, k_start: int):
+    """The forward kernel: (out, lse), out like q, lse (B, H, N) fp32. All inputs contiguous, in q's
+    dtype; ``k_start`` the position of the keys' row 0 (see :mod:`.triton_core`)."""
+    B, H, N, d = q.shape
+    Hkv, T = k.shape[1], ks.shape[2]
+    m, F, S = h.block_size, len(h.fine_blocks()), h.coarse_slots
+    nq = N // m
+    index, bias = _device_tables(h, weighted, q.device)
+    if T == 0:  # no summaries at all: give the kernel a valid (never read) pointer
+        ks = vs = q.new_zeros(B, Hkv, 1, d)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    blk = _blocks(m, d, S)
+    bounds, docs = _key_bounds(h, q.device)
+    launch = _launches(blk["BLOCK_M"], blk["BLOCK_D"], docs)
+    run = launch["fwd_run"]
+    kernel, grid, extra = (_fwd_kernel, (nq, B * H), {}) if run == 1 else \
+        (_fwd_run_kernel, (triton.cdiv(nq, run), B * H), dict(RUN=run))
+    kernel[grid](
+        q, k, v, ks, vs, index, bias, bounds, out, lse,
+        h.n, nq, a0, H, H // Hkv, T, S, k_start, k.shape[2], scale * LOG2E,
+        m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **blk,
+        **extra, **launch["fwd"])
+    return out, lse
+
+
+def core_backward_rows(q, k, v, ks, vs, out, lse, dout, dlse, h: Hierarchy, weighted: bool, scale: float, a0: int,
+                       k_start: int, want_s: bool):
+    """The backward's query-side kernels: dq (and delta, which the dq kernel's prologue forms
+    for the next kernels), and where ``want_s`` the summaries' gradients per *query* head,
+    (B, H, T, d) fp32 each (None else). Returns (dq, delta, dks, dvs)."""
+    B, H, N, d = q.shape
+    Hkv, nk, T = k.shape[1], k.shape[2], ks.shape[2]
+    G = H // Hkv
+    m, F, S = h.block_size, len(h.fine_blocks()), h.coarse_slots
+    nq = N // m
+    # delta_i = dO_i . O_i - dlse_i, the softmax-backward row term (lse's gradient folds in here):
+    # formed by the dq kernel's prologue, read by the dk/dv and summary kernels.
+    delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    has_dlse = dlse is not None
+    dlse = dlse.contiguous() if has_dlse else delta  # without dlse a pointer the kernel never reads
+    index, bias = _device_tables(h, weighted, q.device)
+    blk = _blocks(m, d, S)
+    prec = _precision(q.dtype)
+    dq = torch.empty_like(q)
+    bounds, docs = _key_bounds(h, q.device)
+    launch = _launches(blk["BLOCK_M"], blk["BLOCK_D"], docs)
+    _dq_kernel[(nq, B * H)](
+        q, k, v, ks, vs, index, bias, bounds, out, dout, dlse, lse, delta, dq,
+        h.n, nq, a0, H, G, T, S, k_start, nk, scale,
+        m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=prec, UPCAST=_upcast(q.dtype), HAS_DLSE=has_dlse,
+        **blk, **launch["dq"])
+    dks = dvs = None
+    if want_s and S > 0:
+        seen = seen_by(h, q.device)
+        dks = torch.zeros(B, H, T, d, dtype=torch.float32, device=q.device)  # per query head
+        dvs = torch.zeros_like(dks)
+        _dsum_kernel[(seen.shape[0], B * H)](
+            q, ks, vs, dout, lse, delta, seen, summary_bias(h, weighted, q.device), dks, dvs,
+            nq, a0, H, G, T, scale,
+            m=m, d=d, p=h.rank, COLS=SEEN_BY_COLS, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"],
+            BLOCK_P=max(16, triton.next_power_of_2(h.rank)), PRECISION=prec, UPCAST=_upcast(q.dtype),
+            **launch["dsum"])
+    return dq, delta, dks, dvs
+
+
+def core_backward_keys(q, k, v, dout, lse, delta, h: Hierarchy, scale: float, a0: int, k_start: int,
+                       tree: dict | None = None):
+    """The dk/dv kernel: (dk, dv) like k, v. ``tree`` (:func:`.summaries.leaf_epilogue`'s arguments):
+    the summaries' share of the tokens' gradients added in the kernel's epilogue, their level-1
+    gradients times the leaf map, and the leaf map's gradient partials written (whole sequences)."""
+    B, H, N, d = q.shape
+    Hkv, nk = k.shape[1], k.shape[2]
+    m, F, S = h.block_size, len(h.fine_blocks()), h.coarse_slots
+    nq = N // m
+    blk = _blocks(m, d, S)
+    bounds, docs = _key_bounds(h, q.device)
+    launch = _launches(blk["BLOCK_M"], blk["BLOCK_D"], docs)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    keys = launch["dkv_keys"]  # key rows per program: a block in triton.cdiv(m, keys) programs
+    if tree is None:  # pointers the kernel never reads
+        tree = dict(TG=delta, LEAF=delta, s_w=0, s_h=0, DLEAF=delta, T=0, TREE=False, MAP_GRADS=False, P=1, LEAF_P=16)
+    _dkv_kernel[(triton.cdiv(nk, m) * triton.cdiv(m, keys), B * Hkv)](
+        q, k, v, dout, lse, delta, bounds, dk, dv, tree["TG"], tree["LEAF"], tree["DLEAF"],
+        h.n, nq, a0, H, H // Hkv, k_start // m, nk, tree["s_w"], tree["s_h"], tree["T"], scale,
+        m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        BLOCK_M=blk["BLOCK_M"], BLOCK_N=keys, BLOCK_D=blk["BLOCK_D"], TREE=tree["TREE"], MAP_GRADS=tree["MAP_GRADS"],
+        P=tree["P"], LEAF_P=tree["LEAF_P"], **launch["dkv"])
+    return dk, dv
+
+
 class TritonBlockAttention(torch.autograd.Function):
     """(q, k_ext, v_ext, ks, vs) -> (out, lse): see ``torch_core.BlockAttention`` for the contract.
 
@@ -136,83 +255,29 @@ class TritonBlockAttention(torch.autograd.Function):
         ctx.dtypes = tuple(t.dtype for t in (k, v, ks, vs))  # gradients go back in these
         q = q.contiguous()
         k, v, ks, vs = (t.to(dt).contiguous() for t in (k, v, ks, vs))
-        B, H, N, d = q.shape
-        Hkv, T = k.shape[1], ks.shape[2]
-        m, F, S = h.block_size, len(h.fine_blocks()), h.coarse_slots
-        nq = N // m
-        k_start = (a0 - 1) * m if extended else 0  # the position of the keys' row 0
-        index, bias = _device_tables(h, weighted, q.device)
-        if T == 0:  # no summaries at all: give the kernel a valid (never read) pointer
-            ks = vs = q.new_zeros(B, Hkv, 1, d)
-        out = torch.empty_like(q)
-        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-        blk = _blocks(m, d, S)
-        prec = _precision(dt)
-        bounds, docs = _key_bounds(h, q.device)
-        launch = _launches(blk["BLOCK_M"], blk["BLOCK_D"], docs)
-        run = launch["fwd_run"]
-        kernel, grid, extra = (_fwd_kernel, (nq, B * H), {}) if run == 1 else \
-            (_fwd_run_kernel, (triton.cdiv(nq, run), B * H), dict(RUN=run))
-        kernel[grid](
-            q, k, v, ks, vs, index, bias, bounds, out, lse,
-            h.n, nq, a0, H, H // Hkv, T, S, k_start, k.shape[2], scale * LOG2E,
-            m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=prec, UPCAST=_upcast(q.dtype), **blk,
-            **extra, **launch["fwd"])
+        k_start = (a0 - 1) * h.block_size if extended else 0  # the position of the keys' row 0
+        out, lse = core_forward(q, k, v, ks, vs, h, weighted, scale, a0, k_start)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, ks, vs, out, lse)
-        ctx.h, ctx.weighted, ctx.scale, ctx.a0, ctx.T, ctx.k_start = h, weighted, scale, a0, T, k_start
+        ctx.h, ctx.weighted, ctx.scale, ctx.a0, ctx.k_start = h, weighted, scale, a0, k_start
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, ks, vs, out, lse = ctx.saved_tensors
-        h, scale, a0, T, k_start = ctx.h, ctx.scale, ctx.a0, ctx.T, ctx.k_start
+        h, scale, a0, k_start = ctx.h, ctx.scale, ctx.a0, ctx.k_start
         B, H, N, d = q.shape
-        Hkv, nk = k.shape[1], k.shape[2]
-        G = H // Hkv
-        m, F, S = h.block_size, len(h.fine_blocks()), h.coarse_slots
-        nq = N // m
+        Hkv, T = k.shape[1], ks.shape[2]
         dout = torch.zeros_like(q) if dout is None else dout.to(q.dtype).contiguous()
-        # delta_i = dO_i . O_i - dlse_i, the softmax-backward row term (lse's gradient folds in here):
-        # formed by the dq kernel's prologue, read by the dk/dv and summary kernels.
-        delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-        has_dlse = dlse is not None
-        dlse = dlse.contiguous() if has_dlse else delta  # without dlse a pointer the kernel never reads
-        index, bias = _device_tables(h, ctx.weighted, q.device)
-        blk = _blocks(m, d, S)
-        prec = _precision(q.dtype)
-        dq = torch.empty_like(q)
-        bounds, docs = _key_bounds(h, q.device)
-        launch = _launches(blk["BLOCK_M"], blk["BLOCK_D"], docs)
-        _dq_kernel[(nq, B * H)](
-            q, k, v, ks, vs, index, bias, bounds, out, dout, dlse, lse, delta, dq,
-            h.n, nq, a0, H, G, T, S, k_start, nk, scale,
-            m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=prec, UPCAST=_upcast(q.dtype), HAS_DLSE=has_dlse,
-            **blk, **launch["dq"])
-        want_s = (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]) and S > 0
-        if want_s:
-            seen = seen_by(h, q.device)
-            dks = torch.zeros(B, H, T, d, dtype=torch.float32, device=q.device)  # per query head
-            dvs = torch.zeros_like(dks)
-            _dsum_kernel[(seen.shape[0], B * H)](
-                q, ks, vs, dout, lse, delta, seen, summary_bias(h, ctx.weighted, q.device), dks, dvs,
-                nq, a0, H, G, T, scale,
-                m=m, d=d, p=h.rank, COLS=SEEN_BY_COLS, BLOCK_M=blk["BLOCK_M"], BLOCK_D=blk["BLOCK_D"],
-                BLOCK_P=max(16, triton.next_power_of_2(h.rank)), PRECISION=prec, UPCAST=_upcast(q.dtype),
-                **launch["dsum"])
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        keys = launch["dkv_keys"]  # key rows per program: a block in triton.cdiv(m, keys) programs
-        _dkv_kernel[(triton.cdiv(nk, m) * triton.cdiv(m, keys), B * Hkv)](
-            q, k, v, dout, lse, delta, bounds, dk, dv,
-            h.n, nq, a0, H, G, k_start // m, nk, scale,
-            m=m, d=d, F=F, CAUSAL=h.causal, DOCS=docs, PRECISION=prec, UPCAST=_upcast(q.dtype),
-            BLOCK_M=blk["BLOCK_M"], BLOCK_N=keys, BLOCK_D=blk["BLOCK_D"], **launch["dkv"])
-        if want_s:  # each kv head's summaries: the sum over its G query heads' shares
-            dks, dvs = (x.view(B, Hkv, G, T, d).sum(2).to(dt) for x, dt in ((dks, ctx.dtypes[2]), (dvs, ctx.dtypes[3])))
-        elif ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:  # no coarse slot: zero gradients
+        want_s = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        dq, delta, dks, dvs = core_backward_rows(q, k, v, ks, vs, out, lse, dout, dlse, h, ctx.weighted, scale, a0,
+                                                 k_start, want_s)
+        dk, dv = core_backward_keys(q, k, v, dout, lse, delta, h, scale, a0, k_start)
+        if dks is not None:  # each kv head's summaries: the sum over its G query heads' shares
+            dks, dvs = (x.view(B, Hkv, H // Hkv, T, d).sum(2).to(dt)
+                        for x, dt in ((dks, ctx.dtypes[2]), (dvs, ctx.dtypes[3])))
+        elif want_s:  # no coarse slot: zero gradients
             dks, dvs = (torch.zeros(B, Hkv, T, d, dtype=dt, device=q.device) for dt in ctx.dtypes[2:])
-        else:
-            dks = dvs = None
         return dq, dk.to(ctx.dtypes[0]), dv.to(ctx.dtypes[1]), dks, dvs, None, None, None, None, None
 
 

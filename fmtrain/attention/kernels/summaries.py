@@ -241,7 +241,8 @@ def _up_bwd_kernel(K, V, skb, skh, skn, svb, svh, svn, LEAF, UP, s_w, s_h, u_w, 
                    H, n, n_blocks, S, C, chunk_levels, L, chunks,
                    M: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
                    LEAF_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_2P: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT: tl.constexpr, MAP_GRADS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   DOT: tl.constexpr, MAP_GRADS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   TOKENS: tl.constexpr):
     ch, bh, which = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hh = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     x, sn, dxb = _bases(K, V, skb, skh, skn, svb, svh, svn, DK, DV, b, hh, H, n, D, which)
@@ -266,28 +267,34 @@ def _up_bwd_kernel(K, V, skb, skh, skn, svb, svh, svn, LEAF, UP, s_w, s_h, u_w, 
     tl.debug_barrier()
     dok = offs_d[None, :] < D
     lo = ch * C
+    if not TOKENS:  # level 1's whole gradient, into G, for the dk/dv kernel's epilogue to apply
+        for blk in range(lo, tl.minimum(lo + C, n_blocks)):
+            rows = blk * P + offs_lp
+            g = _own_and_parent(rows, offs_lp < P, zb, gb, db, SCALE, offs_d, L - 1, D)
+            tl.store(gb + rows[:, None] * D + offs_d[None, :], g, mask=(offs_lp < P)[:, None] & dok)
     slot = ((b * chunks + ch) * 2 + which) * H + hh
     # Level 1, the tokens, BLOCK_T rows of every block at a time (a whole block's token gradient
     # and tokens would not fit in registers at head_dim 128).
-    for t0 in tl.static_range(0, BLOCK_M, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        At = _map(LEAF, s_w, s_h, which, hh, offs_lp[None, :], offs_t[:, None], P, M)  # (BLOCK_T, LEAF_P)
-        dA = tl.zeros([LEAF_P, BLOCK_T], tl.float32)
-        for blk in range(lo, tl.minimum(lo + C, n_blocks)):
-            g = _own_and_parent(blk * P + offs_lp, offs_lp < P, zb, gb, db, SCALE, offs_d, L - 1, D)  # (LEAF_P, BLOCK_D)
-            # in the tokens' dtype, for the tensor cores (as the attention's kernels round their
-            # score gradients); fp32 stays fp32 (IEEE products)
-            g = g.to(dxb.dtype.element_ty)
-            rows = blk * M + offs_t
-            tok = (offs_t[:, None] < M) & (rows[:, None] < n) & dok
-            tl.store(dxb + rows[:, None] * D + offs_d[None, :],
-                     _mm(At.to(g.dtype), g, PRECISION, UPCAST).to(dxb.dtype.element_ty), mask=tok)
-            if MAP_GRADS:
-                xt = tl.load(x + rows[:, None] * sn + offs_d[None, :], mask=tok, other=0.0)
-                dA += _mm(g, tl.trans(xt), PRECISION, UPCAST)
-        if MAP_GRADS:  # per program: (B, chunks, 2, H, P, M)
-            tl.store(DLEAF + slot * P * M + offs_lp[:, None] * M + offs_t[None, :], dA,
-                     mask=(offs_lp[:, None] < P) & (offs_t[None, :] < M))
+    if TOKENS:
+        for t0 in tl.static_range(0, BLOCK_M, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            At = _map(LEAF, s_w, s_h, which, hh, offs_lp[None, :], offs_t[:, None], P, M)  # (BLOCK_T, LEAF_P)
+            dA = tl.zeros([LEAF_P, BLOCK_T], tl.float32)
+            for blk in range(lo, tl.minimum(lo + C, n_blocks)):
+                g = _own_and_parent(blk * P + offs_lp, offs_lp < P, zb, gb, db, SCALE, offs_d, L - 1, D)  # (LEAF_P, BLOCK_D)
+                # in the tokens' dtype, for the tensor cores (as the attention's kernels round their
+                # score gradients); fp32 stays fp32 (IEEE products)
+                g = g.to(dxb.dtype.element_ty)
+                rows = blk * M + offs_t
+                tok = (offs_t[:, None] < M) & (rows[:, None] < n) & dok
+                tl.store(dxb + rows[:, None] * D + offs_d[None, :],
+                         _mm(At.to(g.dtype), g, PRECISION, UPCAST).to(dxb.dtype.element_ty), mask=tok)
+                if MAP_GRADS:
+                    xt = tl.load(x + rows[:, None] * sn + offs_d[None, :], mask=tok, other=0.0)
+                    dA += _mm(g, tl.trans(xt), PRECISION, UPCAST)
+            if MAP_GRADS:  # per program: (B, chunks, 2, H, P, M)
+                tl.store(DLEAF + slot * P * M + offs_lp[:, None] * M + offs_t[None, :], dA,
+                         mask=(offs_lp[:, None] < P) & (offs_t[None, :] < M))
     if MAP_GRADS:  # per program: (B, chunks + 1, 2, H, P, 2P)
         slot = ((b * (chunks + 1) + ch) * 2 + which) * H + hh
         tl.store(DUP + slot * P * 2 * P + offs_p[:, None] * (2 * P) + offs_2p[None, :], dU,
@@ -319,6 +326,90 @@ def _bwd_rows(block_m: int) -> int:
     return min(block_m, 32)
 
 
+def _map_strides(leaf, up) -> tuple:
+    """The maps' (which, head) strides as the kernels take them: head stride 0 for one shared head."""
+    return (leaf.stride(0), leaf.stride(1) if leaf.shape[1] > 1 else 0,
+            up.stride(0), up.stride(1) if up.shape[1] > 1 else 0)
+
+
+def tree_forward(k, v, leaf, up, h: Hierarchy):
+    """Every level's summaries of k, v (B, H, n, d): (ks, vs, z), z the unscaled fp32 levels
+    (2, B, H, S, d) the backward reads. ``leaf``, ``up`` contiguous."""
+    B, H, n, d = k.shape
+    L, S, nb, m = h.n_levels, h.num_summaries, h.n_blocks, h.block_size
+    C = _chunk_blocks(nb)
+    chunk_levels, chunks = min(L, C.bit_length()), triton.cdiv(nb, C)
+    z = torch.empty(2, B, H, S, d, dtype=torch.float32, device=k.device)
+    ks, vs = (torch.empty(B, H, S, d, dtype=k.dtype, device=k.device) for _ in range(2))
+    scale = summary_scales(h, k.device, torch.float32)
+    maps = _map_strides(leaf, up)
+    tiles = _tiles_for(m, d, h.rank)
+    from .function import _precision, _upcast
+
+    _up_kernel[(chunks, B * H, 2)](
+        k, v, *k.stride()[:3], *v.stride()[:3], leaf, up, *maps, z, ks, vs, scale,
+        H, n, nb, S, C, chunk_levels, M=m, PRECISION=_precision(k.dtype), UPCAST=_upcast(k.dtype),
+        **tiles, **LAUNCH)
+    _top_kernel[(B * H, 2)](up, *maps[2:], z, ks, vs, scale, H, nb, S, chunk_levels, L, **tree_tiles(tiles),
+                            **LAUNCH)
+    return ks, vs, z
+
+
+def tree_backward(k, v, leaf, up, z, h: Hierarchy, dks, dvs, map_grads: bool, tokens: bool = True):
+    """The backward of :func:`tree_forward` from the summaries' gradients dks, dvs (B, H, S, d; any
+    float dtype): (dk, dv, g, dleaf, dup). ``tokens``: the tokens' gradients dk, dv (else None,
+    and g holds every block's level-1 gradient for :func:`leaf_epilogue`). ``map_grads``: the maps'
+    gradients (leaf's only with ``tokens``; else the dk/dv kernel forms them), else None."""
+    B, H, n, d = k.shape
+    L, S, nb, m, p = h.n_levels, h.num_summaries, h.n_blocks, h.block_size, h.rank
+    C = _chunk_blocks(nb)
+    chunk_levels, chunks = min(L, C.bit_length()), triton.cdiv(nb, C)
+    g = torch.empty_like(z)  # each window's share from its parent (level 1's whole gradient without tokens)
+    dk = dv = None
+    if tokens:
+        dk, dv = (torch.empty(B, H, n, d, dtype=x.dtype, device=k.device) for x in (k, v))
+    dleaf = torch.empty(B, chunks, 2, H, p, m, device=k.device) if map_grads and tokens else z
+    dup = torch.empty(B, chunks + 1, 2, H, p, 2 * p, device=k.device) if map_grads else z
+    scale = summary_scales(h, k.device, torch.float32)
+    maps = _map_strides(leaf, up)
+    tiles = _tiles_for(m, d, p)
+    from .function import _precision, _upcast
+
+    _top_bwd_kernel[(B * H, 2)](up, *maps[2:], z, g, dks, dvs, scale, dup, H, nb, S, chunk_levels, L, chunks,
+                                MAP_GRADS=map_grads, **tree_tiles(tiles), **LAUNCH)
+    _up_bwd_kernel[(chunks, B * H, 2)](
+        k, v, *k.stride()[:3], *v.stride()[:3], leaf, up, *maps, z, g, dks, dvs, scale,
+        dk if tokens else z, dv if tokens else z, dleaf, dup,
+        H, n, nb, S, C, chunk_levels, L, chunks, M=m, BLOCK_T=_bwd_rows(tiles["BLOCK_M"]),
+        MAP_GRADS=map_grads, PRECISION=_precision(k.dtype), UPCAST=_upcast(k.dtype), TOKENS=tokens,
+        **tiles, **LAUNCH)
+    dl = du = None
+    if map_grads:  # summed over the batch and the programs; shared maps (one head) over the heads too
+        du = (dup.sum(dim=(0, 1)) if up.shape[1] > 1 else dup.sum(dim=(0, 1, 3)).unsqueeze(1)).to(up.dtype)
+        if tokens:
+            dl = (dleaf.sum(dim=(0, 1)) if leaf.shape[1] > 1 else dleaf.sum(dim=(0, 1, 3)).unsqueeze(1)).to(leaf.dtype)
+    return dk, dv, g, dl, du
+
+
+def leaf_epilogue(g, leaf, h: Hierarchy, nk: int, B: int, map_grads: bool) -> dict:
+    """The dk/dv kernel's ``tree`` arguments (:func:`.function.core_backward_keys`): level-1
+    gradients ``g`` from :func:`tree_backward` (tokens=False), the leaf maps and, with
+    ``map_grads``, a partial buffer (B * Hkv, key blocks, 2, p, m) fp32 for the leaf's gradient."""
+    H, p, m = g.shape[2], h.rank, h.block_size
+    parts = torch.empty(B * H, triton.cdiv(nk, m), 2, p, m, device=g.device) if map_grads else g
+    s_w, s_h = _map_strides(leaf, leaf)[:2]
+    return dict(TG=g, LEAF=leaf, DLEAF=parts, s_w=s_w, s_h=s_h, T=h.num_summaries, TREE=True, MAP_GRADS=map_grads,
+                P=p, LEAF_P=_tiles_for(m, g.shape[-1], p)["LEAF_P"])
+
+
+def leaf_grad(tree: dict, leaf: torch.Tensor, B: int) -> torch.Tensor:
+    """The leaf map's gradient from :func:`leaf_epilogue`'s partials: (2, H or 1, p, m), leaf's dtype."""
+    parts = tree["DLEAF"]  # (B * Hkv, blocks, 2, p, m)
+    Hkv = parts.shape[0] // B
+    per_head = parts.view(B, Hkv, *parts.shape[1:]).sum(dim=(0, 2)).transpose(0, 1)  # (2, Hkv, p, m)
+    return (per_head if leaf.shape[1] > 1 else per_head.sum(1, keepdim=True)).to(leaf.dtype)
+
+
 class TreeSummaries(torch.autograd.Function):
     """(k, v, leaf, up) -> (ks, vs), each (B, H, num_summaries, d): the summaries of every level.
 
@@ -328,59 +419,69 @@ class TreeSummaries(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k, v, leaf, up, h: Hierarchy):
-        B, H, n, d = k.shape
-        L, S, nb, m = h.n_levels, h.num_summaries, h.n_blocks, h.block_size
-        C = _chunk_blocks(nb)
-        chunk_levels, chunks = min(L, C.bit_length()), triton.cdiv(nb, C)
         leaf, up = leaf.contiguous(), up.contiguous()
-        z = torch.empty(2, B, H, S, d, dtype=torch.float32, device=k.device)
-        ks, vs = (torch.empty(B, H, S, d, dtype=k.dtype, device=k.device) for _ in range(2))
-        scale = summary_scales(h, k.device, torch.float32)
-        maps = (leaf.stride(0), leaf.stride(1) if leaf.shape[1] > 1 else 0,
-                up.stride(0), up.stride(1) if up.shape[1] > 1 else 0)
-        tiles = _tiles_for(m, d, h.rank)
-        from .function import _precision, _upcast
-
-        _up_kernel[(chunks, B * H, 2)](
-            k, v, *k.stride()[:3], *v.stride()[:3], leaf, up, *maps, z, ks, vs, scale,
-            H, n, nb, S, C, chunk_levels, M=m, PRECISION=_precision(k.dtype), UPCAST=_upcast(k.dtype),
-            **tiles, **LAUNCH)
-        _top_kernel[(B * H, 2)](up, *maps[2:], z, ks, vs, scale, H, nb, S, chunk_levels, L, **tree_tiles(tiles),
-                                **LAUNCH)
+        ks, vs, z = tree_forward(k, v, leaf, up, h)
         ctx.save_for_backward(k, v, leaf, up, z)
-        ctx.h, ctx.maps, ctx.chunking = h, maps, (C, chunk_levels, chunks)
+        ctx.h = h
         return ks, vs
 
     @staticmethod
     def backward(ctx, dks, dvs):
         k, v, leaf, up, z = ctx.saved_tensors
-        h, maps, (C, chunk_levels, chunks) = ctx.h, ctx.maps, ctx.chunking
-        B, H, n, d = k.shape
-        L, S, nb, m = h.n_levels, h.num_summaries, h.n_blocks, h.block_size
         dks = torch.zeros_like(z[0], dtype=k.dtype) if dks is None else dks.contiguous()
         dvs = torch.zeros_like(z[0], dtype=k.dtype) if dvs is None else dvs.contiguous()
         map_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        g = torch.empty_like(z)  # each window's share from its parent
-        dk, dv = torch.empty(B, H, n, d, dtype=k.dtype, device=k.device), torch.empty(B, H, n, d, dtype=v.dtype, device=k.device)
-        p = h.rank
-        dleaf = torch.empty(B, chunks, 2, H, p, m, device=k.device) if map_grads else z
-        dup = torch.empty(B, chunks + 1, 2, H, p, 2 * p, device=k.device) if map_grads else z
-        scale = summary_scales(h, k.device, torch.float32)
-        tiles = _tiles_for(m, d, p)
-        from .function import _precision, _upcast
-
-        _top_bwd_kernel[(B * H, 2)](up, *maps[2:], z, g, dks, dvs, scale, dup, H, nb, S, chunk_levels, L, chunks,
-                                    MAP_GRADS=map_grads, **tree_tiles(tiles), **LAUNCH)
-        _up_bwd_kernel[(chunks, B * H, 2)](
-            k, v, *k.stride()[:3], *v.stride()[:3], leaf, up, *maps, z, g, dks, dvs, scale, dk, dv, dleaf, dup,
-            H, n, nb, S, C, chunk_levels, L, chunks, M=m, BLOCK_T=_bwd_rows(tiles["BLOCK_M"]), MAP_GRADS=map_grads,
-            PRECISION=_precision(k.dtype), UPCAST=_upcast(k.dtype), **tiles, **LAUNCH)
-        dl = du = None
-        if map_grads:  # summed over the batch and the programs; shared maps (one head) over the heads too
-            dl = dleaf.sum(dim=(0, 1)) if leaf.shape[1] > 1 else dleaf.sum(dim=(0, 1, 3)).unsqueeze(1)
-            du = dup.sum(dim=(0, 1)) if up.shape[1] > 1 else dup.sum(dim=(0, 1, 3)).unsqueeze(1)
-            dl, du = dl.to(leaf.dtype), du.to(up.dtype)
+        dk, dv, _, dl, du = tree_backward(k, v, leaf, up, z, ctx.h, dks, dvs, map_grads)
         return dk, dv, dl, du, None
+
+
+class SummarizedAttention(torch.autograd.Function):
+    """(q, k, v, leaf, up) -> out: a whole sequence's summaries (:func:`tree_forward`) and the
+    core (:func:`.function.core_forward`) as one autograd node, so that the summaries' gradient
+    reaches the tokens inside the dk/dv kernel (its epilogue adds ``leaf^T g1``: issue #26's "no
+    full-size copies"), not as a second (B, Hkv, n, d) gradient per tensor that autograd then adds.
+
+    q (B, H, N, d), k, v (B, Hkv, N, d): padded to whole blocks (N = h.padded_len), contiguous,
+    one dtype (fp16/bf16/fp32); leaf, up as :class:`TreeSummaries` takes them. Returns out like q.
+    Backward: dq (and the summaries' gradients per query head), the tree's levels above 1, then
+    dk, dv with the summaries' share; m2m's map gradients where asked.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, leaf, up, h: Hierarchy, weighted: bool, scale: float):
+        from .function import _check, core_forward
+
+        leaf, up = leaf.contiguous(), up.contiguous()
+        ks, vs, z = tree_forward(k, v, leaf, up, h)
+        _check(q, k, v, ks, vs, h, 0, False)
+        out, lse = core_forward(q, k, v, ks, vs, h, weighted, scale, 0, 0)
+        ctx.save_for_backward(q, k, v, leaf, up, z, ks, vs, out, lse)
+        ctx.h, ctx.weighted, ctx.scale = h, weighted, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from .function import core_backward_keys, core_backward_rows
+
+        q, k, v, leaf, up, z, ks, vs, out, lse = ctx.saved_tensors
+        h, scale = ctx.h, ctx.scale
+        B, H, N, d = q.shape
+        Hkv, T = k.shape[1], ks.shape[2]
+        dout = dout.to(q.dtype).contiguous()
+        map_grads = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        dq, delta, dks, dvs = core_backward_rows(q, k, v, ks, vs, out, lse, dout, None, h, ctx.weighted, scale,
+                                                 0, 0, want_s=True)
+        tree = dl = du = None
+        if dks is not None:  # no coarse slot reads a summary otherwise: they get no gradient
+            dks, dvs = (x.view(B, Hkv, H // Hkv, T, d).sum(2) for x in (dks, dvs))  # fp32, per kv head
+            _, _, g, _, du = tree_backward(k, v, leaf, up, z, h, dks, dvs, map_grads, tokens=False)
+            tree = leaf_epilogue(g, leaf, h, k.shape[2], B, map_grads)
+        dk, dv = core_backward_keys(q, k, v, dout, lse, delta, h, scale, 0, 0, tree)
+        if map_grads and tree is not None:
+            dl = leaf_grad(tree, leaf, B)
+        elif map_grads:
+            dl, du = torch.zeros_like(leaf), torch.zeros_like(up)
+        return dq, dk, dv, dl, du, None, None, None
 
 
 def tree_summaries(k: torch.Tensor, v: torch.Tensor, leaf: torch.Tensor, up: torch.Tensor, h: Hierarchy):

@@ -298,12 +298,13 @@ def _dq_kernel(Q, K, V, KS, VS, IDX, BIAS, BOUNDS, OUT, DO, DLSE, LSE, DELTA, DQ
     tl.store(DQ + qrow, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
-@triton.jit(do_not_specialize=["n", "nq", "a0", "H", "G", "kb0", "nk"])
-def _dkv_kernel(Q, K, V, DO, LSE, DELTA, BOUNDS, DK, DV,
-                n, nq, a0, H, G, kb0, nk, scale,
+@triton.jit(do_not_specialize=["n", "nq", "a0", "H", "G", "kb0", "nk", "s_w", "s_h", "T"])
+def _dkv_kernel(Q, K, V, DO, LSE, DELTA, BOUNDS, DK, DV, TG, LEAF, DLEAF,
+                n, nq, a0, H, G, kb0, nk, s_w, s_h, T, scale,
                 m: tl.constexpr, d: tl.constexpr, F: tl.constexpr, CAUSAL: tl.constexpr, DOCS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr, TREE: tl.constexpr, MAP_GRADS: tl.constexpr,
+                P: tl.constexpr, LEAF_P: tl.constexpr):
     """dk, dv of ``BLOCK_N`` keys of key block e of K (B*Hkv, nk, d) of one kv head: global block
     kb0 + e (K's row 0 is block kb0's first key). Program (e * parts + part, bkv) owns the block's
     key rows [part * BLOCK_N, (part + 1) * BLOCK_N): a key tile narrower than the query tiles
@@ -311,6 +312,12 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, BOUNDS, DK, DV,
     d = 128.
 
     Local query block i (global a0 + i) sees global block a0 + i - 1 + f as its fine slot f.
+
+    TREE (a whole sequence, kb0 = 0; :class:`.summaries.SummarizedAttention`): the epilogue adds
+    the summaries' share, ``leaf^T g1``, the block's level-1 summary gradients (TG: (2, B*Hkv, T, d)
+    fp32, keys' then values', rows ``e*P ..``) through the leaf map (LEAF: keys' and values' (P, m)
+    at ``which * s_w + head * s_h``), and with MAP_GRADS writes the leaf map's gradient from
+    these keys, ``g1 x^T``, into this program's columns of DLEAF (B*Hkv, key blocks, 2, P, m).
     """
     parts: tl.constexpr = (m + BLOCK_N - 1) // BLOCK_N
     e = tl.program_id(0).to(tl.int64) // parts
@@ -360,8 +367,35 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, BOUNDS, DK, DV,
                 dpt = _mm(v, tl.trans(do), PRECISION, UPCAST)
                 dst = pt * (dpt - delta[None, :])
                 dk += _mm(dst.to(q.dtype), q, PRECISION, UPCAST)
-    tl.store(DK + krow, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+    dk = dk * scale
+    if TREE:
+        tok = jok & (kpos < n)  # padding rows summarise nothing
+        dk += _leaf_share(TG, LEAF, DLEAF, s_w, s_h, T, k, 0, e, j, tok, c, cok, bkv, hkv, nk, m, d, P, LEAF_P,
+                          MAP_GRADS, PRECISION, UPCAST)
+        dv += _leaf_share(TG, LEAF, DLEAF, s_w, s_h, T, v, 1, e, j, tok, c, cok, bkv, hkv, nk, m, d, P, LEAF_P,
+                          MAP_GRADS, PRECISION, UPCAST)
+    tl.store(DK + krow, dk.to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + krow, dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _leaf_share(TG, LEAF, DLEAF, s_w, s_h, T, x, which: tl.constexpr, e, j, tok, c, cok, bkv, hkv, nk,
+                m: tl.constexpr, d: tl.constexpr, P: tl.constexpr, LEAF_P: tl.constexpr,
+                MAP_GRADS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The keys' (which = 0) or values' share of their block's level-1 summary gradients,
+    (BLOCK_N, BLOCK_D) fp32, and with MAP_GRADS the leaf map's gradient from these rows x."""
+    lp = tl.arange(0, LEAF_P)  # the p summaries, padded to 16 rows for the tensor cores
+    lok = lp < P
+    at = tl.load(LEAF + which * s_w + hkv * s_h + lp[None, :] * m + j[:, None],
+                 mask=lok[None, :] & tok[:, None], other=0.0)  # (BLOCK_N, LEAF_P): leaf^T
+    grow = (which * tl.num_programs(1) + bkv) * T + e * P + lp
+    g1 = tl.load(TG + grow[:, None] * d + c[None, :], mask=lok[:, None] & cok[None, :], other=0.0)
+    g1 = g1.to(x.dtype)  # products in the tokens' dtype, as the attention's own
+    if MAP_GRADS:
+        da = _mm(g1, tl.trans(tl.where(tok[:, None], x, 0.0).to(x.dtype)), PRECISION, UPCAST)  # (LEAF_P, BLOCK_N)
+        slot = ((bkv * tl.cdiv(nk, m) + e) * 2 + which) * P * m
+        tl.store(DLEAF + slot + lp[:, None] * m + j[None, :], da, mask=lok[:, None] & (j < m)[None, :])
+    return _mm(at.to(x.dtype), g1, PRECISION, UPCAST)
 
 
 @triton.jit(do_not_specialize=["nq", "a0", "H", "G", "T"])

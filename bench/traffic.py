@@ -174,7 +174,13 @@ def main():
     stem = result_stem("traffic", args, device="cpu")
     path = write_results(stem, dict(meta=meta(args, dtype=args.dtype, summaries="mean", causal=True), rows=rows,
                                     table=text),
-                         f"# Bytes one fma forward+backward requests, counted (bench/traffic.py)\n\n```\n{text}\n```")
+                         f"# Bytes one fma forward+backward requests, counted (bench/traffic.py)\n\n"
+                         f"Causal, mean summaries, block {args.block_size}, rank 2, head_dim {args.head_dim}, "
+                         f"{args.heads} head(s), {args.dtype}; every tl.load/tl.store of the kernels under "
+                         "TRITON_INTERPRET=1 (the elements its mask lets through) and every PyTorch op's inputs and "
+                         "outputs. Requested bytes: a tile read again by another program counts again (an upper "
+                         "bound on DRAM traffic).\n\n"
+                         f"```\n{text}\n```")
     print(f"\nwrote {path}")
 
 

@@ -19,7 +19,17 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+# pyproject's `-n 2`: two workers on a 2-core machine. Each worker's own ops run on one thread (torch's
+# intra-op team, OpenBLAS under Triton's interpreter), and so do the commands the tests start unless
+# they say otherwise: a team of two beside another busy process waits at every op for the thread
+# whose core the other holds (fmtrain/attention/cpu.py), which made the in-process tests 30-40% slower
+# here. (`-n 0`, one process, keeps every thread; tests/attention/test_cpu.py sets its own counts.)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+import torch  # noqa: E402  (after the thread counts above)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

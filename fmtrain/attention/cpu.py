@@ -64,9 +64,12 @@ def _ceiling() -> int:
     """The most threads to use: what torch was configured with (``OMP_NUM_THREADS``,
     ``torch.set_num_threads``), not counting this module's own adaptations."""
     current = torch.get_num_threads()
-    if "ceiling" not in _state or current != _state.get("applied", current):
-        _state["ceiling"] = current  # first call, or the user set a count since: theirs is the limit
+    # A count that is neither this module's own adaptation nor the one seen last time was set by the
+    # user since (or this is the first call): theirs is the limit.
+    if "ceiling" not in _state or current not in (_state.get("applied"), _state.get("seen")):
+        _state["ceiling"] = current
         _state.pop("applied", None)
+    _state["seen"] = current
     return _state["ceiling"]
 
 
@@ -79,7 +82,7 @@ def usable_threads() -> int:
         now = time.monotonic()
         last = _state.get("last")
         if last is not None and now - last[0] < MIN_INTERVAL_S:
-            return _state["threads"]
+            return min(_state["threads"], ceiling)  # (a ceiling the user lowered since counts at once)
         cpus = _cpus()
         if last is None:
             first = _sample(cpus)

@@ -24,9 +24,11 @@ import pytest
 # intra-op team, OpenBLAS under Triton's interpreter), and so do the commands the tests start unless
 # they say otherwise: a team of two beside another busy process waits at every op for the thread
 # whose core the other holds (fmtrain/attention/cpu.py), which made the in-process tests 30-40% slower
-# here. (`-n 0`, one process, keeps every thread; tests/attention/test_cpu.py sets its own counts.)
+# here. (`-n 0`, one process, keeps every thread; tests/attention/test_cpu.py sets its own counts.
+# Not MKL_NUM_THREADS: torch takes it over an OMP_NUM_THREADS a command is given, and the trainer's
+# thread-count tests give theirs.)
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_var, "1")
 
 import torch  # noqa: E402  (after the thread counts above)

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from _results import add_result_arguments, meta, result_stem, write_results  # noqa: E402
+from gpu_check import launch  # noqa: E402
 
 PATHS = ("torch summaries", "separate", "fused")
 # Ops that only describe memory (no kernel, no bytes).
@@ -84,14 +85,14 @@ class Traffic(TorchDispatchMode):
             seen.kernels[seen.kernel][1] += int(mask.data.sum()) * (ptrs.get_element_ty().primitive_bitwidth // 8)
             return store(b, ptrs, value, mask, *a, **k)
 
-        def launch(f, *a, **k):
+        def interpret(f, *a, **k):
             seen.kernel = f.fn.__name__
             try:
                 return run(f, *a, **k)
             finally:
                 seen.kernel = None
 
-        builder.create_masked_load, builder.create_masked_store, fn_cls.run = masked_load, masked_store, launch
+        builder.create_masked_load, builder.create_masked_store, fn_cls.run = masked_load, masked_store, interpret
         try:
             with self:
                 yield self
@@ -102,7 +103,6 @@ class Traffic(TorchDispatchMode):
 def count(path: str, n: int, m: int, d: int, heads: int, dtype) -> dict:
     """One warm-up, then the counted forward+backward of ``fma`` along ``path``."""
     from fmtrain.attention import fma
-    from fmtrain.attention.kernels.function import SUMMARY_GRADS_ENV
     from fmtrain.attention.summaries import MeanSummaries
 
     class TorchMean(MeanSummaries):
@@ -110,7 +110,6 @@ def count(path: str, n: int, m: int, d: int, heads: int, dtype) -> dict:
             return None
 
     summaries = TorchMean() if path == "torch summaries" else None
-    os.environ[SUMMARY_GRADS_ENV] = "separate" if path == "separate" else "fused"
     g = torch.Generator().manual_seed(n)
     q, k, v, dout = (torch.randn(1, heads, n, d, generator=g).to(dtype) for _ in range(4))
     xs = [t.requires_grad_() for t in (q, k, v)]
@@ -118,11 +117,11 @@ def count(path: str, n: int, m: int, d: int, heads: int, dtype) -> dict:
     def call():
         return torch.autograd.grad(fma(*xs, block_size=m, rank=2, summaries=summaries, impl="triton"), xs, dout)
 
-    call()  # tables and maps cached
     t = Traffic()
-    with t.counting():
-        call()
-    os.environ.pop(SUMMARY_GRADS_ENV)
+    with launch(None, "separate" if path == "separate" else "fused"):
+        call()  # tables and maps cached
+        with t.counting():
+            call()
     kernels = {k: dict(loaded=v[0], stored=v[1]) for k, v in sorted(t.kernels.items())}
     total_k = sum(v[0] + v[1] for v in t.kernels.values())
     total_ops = sum(t.ops.values())

@@ -58,12 +58,17 @@ LAUNCH_CONFIGS = ("occupancy", "flash2", "run4")
 LAUNCH_ENV = "FMTRAIN_TRITON_LAUNCH"
 
 
+def _env_choice(env: str, choices: tuple[str, ...], what: str) -> str:
+    """``$env`` if set (one of ``choices``, else a ValueError naming them), else the first choice."""
+    name = os.environ.get(env, "") or choices[0]
+    if name not in choices:
+        raise ValueError(f"{env}={name!r} is not {what}; use one of {choices}")
+    return name
+
+
 def launch_config() -> str:
     """The launch configuration in use: ``$FMTRAIN_TRITON_LAUNCH``, else "occupancy"."""
-    name = os.environ.get(LAUNCH_ENV, "") or LAUNCH_CONFIGS[0]
-    if name not in LAUNCH_CONFIGS:
-        raise ValueError(f"{LAUNCH_ENV}={name!r} is not a launch configuration; use one of {LAUNCH_CONFIGS}")
-    return name
+    return _env_choice(LAUNCH_ENV, LAUNCH_CONFIGS, "a launch configuration")
 
 
 # Where the summaries' gradient meets the tokens': "fused" (the default), in the dk/dv kernel's
@@ -76,10 +81,7 @@ SUMMARY_GRADS_ENV = "FMTRAIN_SUMMARY_GRADS"
 
 def summary_grads() -> str:
     """``$FMTRAIN_SUMMARY_GRADS``, else "fused"."""
-    name = os.environ.get(SUMMARY_GRADS_ENV, "") or SUMMARY_GRADS[0]
-    if name not in SUMMARY_GRADS:
-        raise ValueError(f"{SUMMARY_GRADS_ENV}={name!r} is not one of {SUMMARY_GRADS}")
-    return name
+    return _env_choice(SUMMARY_GRADS_ENV, SUMMARY_GRADS, "a summary-gradient path")
 
 
 def _launches(bm: int, bd: int, docs: bool = False, config: str | None = None) -> dict:

@@ -284,6 +284,21 @@ class DocHierarchy:
             return out.to(device)
         return cached_on_device(("token_index", self, torch.device(device)), make)
 
+    @functools.cached_property
+    def moves(self) -> tuple[tuple[int, int, int, int], ...]:
+        """The layout as runs of tokens that move together: ``(first token in the flattened
+        batch, its place in the layout, tokens, padding after them)``; documents that end on a
+        block boundary share a run with the next."""
+        m, out = self.block_size, []
+        for s, L, a0, part in zip(self.docs.starts, self.docs.lengths, self.first_block, self.parts):
+            pad = part.n_blocks * m - L
+            if out and out[-1][3] == 0 and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == a0 * m:
+                src, dst, length, _ = out.pop()
+                out.append((src, dst, length + L, pad))
+            else:
+                out.append((s, a0 * m, L, pad))
+        return tuple(out)
+
 
 @functools.lru_cache(maxsize=8)
 def doc_hierarchy(docs: Documents, block_size: int, rank: int, causal: bool,
@@ -316,12 +331,36 @@ def is_flat(dh: DocHierarchy) -> bool:
     return all(s == a0 * m for s, a0 in zip(dh.docs.starts, dh.first_block))
 
 
+# Up to this many copies a move runs as slice copies (memcpy-fast on a CPU, and a few
+# dozen Python steps); beyond, or on an accelerator (one launch each), as one indexed op.
+_SLICES_MAX = 128
+
+
+def _by_slices(x: torch.Tensor, dh: DocHierarchy) -> bool:
+    return x.device.type == "cpu" and len(dh.moves) <= _SLICES_MAX
+
+
 def _place(x: torch.Tensor, dh: DocHierarchy) -> torch.Tensor:
     """(1, heads, B*n, d) -> (1, heads, n_layout, d): each token at its place in the layout, zeros
     in the padding (filled there only: the rest is written once)."""
-    scatter = dh.token_index(x.device)
-    out = x.new_empty(x.shape[0], x.shape[1], dh.n, x.shape[3]).index_copy_(2, scatter, x)
+    out = x.new_empty(x.shape[0], x.shape[1], dh.n, x.shape[3])
+    if _by_slices(x, dh):
+        for src, dst, length, pad in dh.moves:
+            out[:, :, dst:dst + length] = x[:, :, src:src + length]
+            out[:, :, dst + length:dst + length + pad] = 0
+        return out
+    out.index_copy_(2, dh.token_index(x.device), x)
     return out.index_fill_(2, dh.padding_index(x.device), 0)
+
+
+def _gather(y: torch.Tensor, dh: DocHierarchy) -> torch.Tensor:
+    """(1, heads, n_layout, d) -> (1, heads, B*n, d): the real tokens, in order."""
+    if not _by_slices(y, dh):
+        return y.index_select(2, dh.token_index(y.device))
+    out = y.new_empty(y.shape[0], y.shape[1], dh.docs.batch * dh.docs.n, y.shape[3])
+    for src, dst, length, _ in dh.moves:
+        out[:, :, src:src + length] = y[:, :, dst:dst + length]
+    return out
 
 
 class _ToLayout(torch.autograd.Function):
@@ -335,7 +374,7 @@ class _ToLayout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.index_select(2, ctx.dh.token_index(grad.device)), None
+        return _gather(grad, ctx.dh), None
 
 
 class _FromLayout(torch.autograd.Function):
@@ -345,7 +384,7 @@ class _FromLayout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, dh):
         ctx.dh = dh
-        return y.index_select(2, dh.token_index(y.device))
+        return _gather(y, dh)
 
     @staticmethod
     def backward(ctx, grad):

@@ -203,7 +203,11 @@ class _Bias:
         # Blocks whose fine slots reach outside their sequence (or document): (block, lo, hi).
         self.edges = h.fine_edges()
         self.edge_blocks = [e[0] for e in self.edges]
-        self.device = device
+        self.outside = None  # (edges, F*m): each edge block's fine slots outside its keys
+        if self.edges:
+            e = torch.tensor(self.edges, device=device)  # (edges, 3): block, lo, hi
+            key = (e[:, :1] - 1) * m + torch.arange(self.Fm, device=device)  # slot j of block a: key (a-1)*m + j
+            self.outside = (key < e[:, 1:2]) | (key >= e[:, 2:3])
 
     def fine_(self, s: torch.Tensor, a0: int, a1: int) -> torch.Tensor:
         nb, Gm, Fm = s.shape
@@ -211,9 +215,7 @@ class _Bias:
         if self.causal is not None:
             s.view(nb, Gm // m, m, Fm).add_(self.causal)
         for e in range(bisect.bisect_left(self.edge_blocks, a0), bisect.bisect_left(self.edge_blocks, a1)):
-            a, lo, hi = self.edges[e]
-            key = (a - 1) * m + torch.arange(Fm, device=self.device)
-            s[a - a0].masked_fill_((key < lo) | (key >= hi), -math.inf)
+            s[self.edges[e][0] - a0].masked_fill_(self.outside[e], -math.inf)
         return s
 
     def coarse_(self, s: torch.Tensor, a0: int, a1: int) -> torch.Tensor:

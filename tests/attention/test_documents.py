@@ -62,6 +62,16 @@ def test_packed_equals_separate(rng, lengths, causal):
     _check(rng, q, k, v, lengths, block_size=8, rank=2, causal=causal)
 
 
+def test_packed_equals_separate_with_indexed_moves(rng, monkeypatch):
+    """The layout moved by the indexed ops (an accelerator's way) gives the same, causal."""
+    from fmtrain.attention import documents
+
+    monkeypatch.setattr(documents, "_SLICES_MAX", -1)
+    lengths = PACKINGS[0]
+    q, k, v = qkv(rng, 1, 4, 2, sum(lengths), 8)
+    _check(rng, q, k, v, lengths, block_size=8, rank=2, causal=True)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_rows_are_boundaries(rng, causal):
     """Two rows; cu_seqlens need not list the row end (a document never crosses it)."""
@@ -185,6 +195,30 @@ def test_layout():
     assert dh.first_block == (0, 2, 3) and dh.n == 8 * 7 and not is_flat(dh)
     assert is_flat(doc_hierarchy(as_documents([0, 64], 1, 64), 8, 2, True, None))
     assert is_flat(doc_hierarchy(as_documents([0, 16, 37], 1, 37), 8, 2, True, None))
+
+
+@pytest.mark.parametrize("lengths", [[10, 1, 29], [8, 16, 3, 5, 8], [40]])
+def test_layout_moves_by_slices_and_by_index_agree(monkeypatch, lengths):
+    """The CPU's slice copies and the indexed ops an accelerator runs move the same tokens:
+    zeros in the padding, every token back where it came from, gradients through both ways."""
+    from fmtrain.attention import documents
+
+    docs = as_documents(_cu(lengths), 1, sum(lengths))
+    dh = doc_hierarchy(docs, 8, 2, True, None)
+    x = torch.randn(1, 3, sum(lengths), 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(1, 3, dh.n, 4, dtype=torch.float64, requires_grad=True)
+    moved = []
+    for most in (documents._SLICES_MAX, -1):  # -1: the indexed ops
+        monkeypatch.setattr(documents, "_SLICES_MAX", most)
+        placed, gathered = documents._ToLayout.apply(x, dh), documents._FromLayout.apply(y, dh)
+        moved.append((placed, gathered, *torch.autograd.grad((placed * 2).sum() + (gathered * 3).sum(), (x, y))))
+    for a, b in zip(*moved):
+        assert torch.equal(a, b)
+    placed, gathered, gx, gy = moved[0]
+    assert torch.equal(documents._FromLayout.apply(placed, dh), x)
+    assert not placed.index_select(2, dh.padding_index("cpu")).any()  # the padding holds zeros
+    assert torch.equal(gx, torch.full_like(x, 2)) and gy.sum() == 3 * x.numel()
+    assert len(dh.moves) == (1 if len(lengths) == 1 else len(lengths) - sum(L % 8 == 0 for L in lengths[:-1]))
 
 
 def test_cu_seqlens_from_doc_positions():

@@ -8,7 +8,7 @@ The rows come from fmtrain's own loader (the shipped tokenizer on the stdlib cor
 ``--corpus``/``--tokenizer`` say otherwise), so the documents have the corpus's lengths;
 ``--short`` packs documents of 20-2000 tokens instead, a corpus of short texts. q, k, v are
 random (the cost does not depend on them). Each row is timed with and without masking,
-interleaved in one process (the machine's speed drifts), median of ``--repeats``.
+interleaved in one process (the machine's speed drifts), the rows in turn, median of ``--repeats``.
 Prints a table and writes ``<--out>/documents-<tag>.json`` (``--short``: the tag ``cpu-short``).
 """
 from __future__ import annotations
@@ -45,7 +45,8 @@ def packed_rows(args, n: int) -> list[list[int]]:
     return rows
 
 
-def time_row(lengths: list[int], args) -> dict:
+def row_timer(lengths: list[int], args):
+    """``once(masked) -> seconds``: one forward+backward over a packed row of ``lengths``."""
     import torch
 
     from fmtrain.attention import fma
@@ -62,21 +63,36 @@ def time_row(lengths: list[int], args) -> dict:
         o.backward(torch.ones_like(o))
         q.grad = k.grad = v.grad = None
         return time.perf_counter() - t0
+    return once
 
-    once(False), once(True)  # warm-up (thread pools, the packing's tables)
-    plain, masked = [], []
+
+def time_rows(all_lengths: list[list[int]], args) -> list[dict]:
+    """Each row timed with and without masking, ``--repeats`` times, the rows in turn within each
+    repeat (plain, then masked): the process's first calls are slower (its allocator settles over
+    many), and timed row by row the first row paid for that alone."""
+    import torch
+
+    timers = [row_timer(lengths, args) for lengths in all_lengths]
+    for _ in range(args.warmup):  # thread pools, the packings' tables
+        for once in timers:
+            once(False), once(True)
+    runs = [([], []) for _ in timers]
     for _ in range(args.repeats):
-        plain.append(once(False))
-        masked.append(once(True))
-    p, m = statistics.median(plain), statistics.median(masked)
-    # Each masked run against the plain run just before it: the machine's drift (10-20% within
-    # minutes here) moves both alike, so the paired ratios spread less than the two medians' ratio.
-    pairs = sorted(b / a for a, b in zip(plain, masked))
-    quart = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
-    return dict(n=n, documents=len(lengths), shortest=min(lengths), longest=max(lengths),
-                median_length=statistics.median(lengths), plain_s=p, masked_s=m, ratio=m / p,
-                paired_ratio=statistics.median(pairs), paired_quartiles=[quart[0], quart[2]],
-                threads=torch.get_num_threads(), plain_runs=plain, masked_runs=masked)
+        for once, (plain, masked) in zip(timers, runs):
+            plain.append(once(False))
+            masked.append(once(True))
+    out = []
+    for lengths, (plain, masked) in zip(all_lengths, runs):
+        p, m = statistics.median(plain), statistics.median(masked)
+        # Each masked run against the plain run just before it: the machine's drift (10-20% within
+        # minutes here) moves both alike, so the paired ratios spread less than the two medians' ratio.
+        pairs = sorted(b / a for a, b in zip(plain, masked))
+        quart = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
+        out.append(dict(n=sum(lengths), documents=len(lengths), shortest=min(lengths), longest=max(lengths),
+                        median_length=statistics.median(lengths), plain_s=p, masked_s=m, ratio=m / p,
+                        paired_ratio=statistics.median(pairs), paired_quartiles=[quart[0], quart[2]],
+                        threads=torch.get_num_threads(), plain_runs=plain, masked_runs=masked))
+    return out
 
 
 def main():
@@ -84,6 +100,7 @@ def main():
     ap.add_argument("--n", type=int, nargs="+", default=[16384], help="tokens per packed row")
     ap.add_argument("--rows", type=int, default=3, help="rows per length")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per row and arm (interleaved)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs per row and arm first")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=64)
@@ -98,8 +115,7 @@ def main():
 
     rows = []
     for n in args.n:
-        for i, lengths in enumerate(packed_rows(args, n)):
-            r = time_row(lengths, args)
+        for i, r in enumerate(time_rows(packed_rows(args, n), args)):
             r["row"] = i
             rows.append(r)
             print(f"n={n} row {i}: {r['documents']} documents, {r['plain_s']:.3f} s plain, "

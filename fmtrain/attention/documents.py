@@ -268,19 +268,16 @@ class DocHierarchy:
     def padding_index(self, device) -> torch.Tensor:
         """The layout's positions that hold no token (each document's padded tail) (cached)."""
         def make():
-            m, out = self.block_size, []
-            for L, a0, part in zip(self.docs.lengths, self.first_block, self.parts):
-                out.append(torch.arange(a0 * m + L, (a0 + part.n_blocks) * m))
-            return torch.cat(out).to(device)
+            return torch.cat([torch.arange(dst + length, dst + length + pad)
+                              for _, dst, length, pad in self.moves]).to(device)
         return cached_on_device(("padding_index", self, torch.device(device)), make)
 
     def token_index(self, device) -> torch.Tensor:
         """Each token of the flattened batch's position in the layout: (B*n,) (cached per device)."""
         def make():
-            m = self.block_size
             out = torch.empty(self.docs.batch * self.docs.n, dtype=torch.long)
-            for s, L, a0 in zip(self.docs.starts, self.docs.lengths, self.first_block):
-                out[s:s + L] = torch.arange(a0 * m, a0 * m + L)
+            for src, dst, length, _ in self.moves:
+                out[src:src + length] = torch.arange(dst, dst + length)
             return out.to(device)
         return cached_on_device(("token_index", self, torch.device(device)), make)
 
@@ -288,7 +285,9 @@ class DocHierarchy:
     def moves(self) -> tuple[tuple[int, int, int, int], ...]:
         """The layout as runs of tokens that move together: ``(first token in the flattened
         batch, its place in the layout, tokens, padding after them)``; documents that end on a
-        block boundary share a run with the next."""
+        block boundary share a run with the next. The one description of where tokens go: the
+        slice copies read it, and the index tensors (:meth:`token_index`, :meth:`padding_index`)
+        are made from it."""
         m, out = self.block_size, []
         for s, L, a0, part in zip(self.docs.starts, self.docs.lengths, self.first_block, self.parts):
             pad = part.n_blocks * m - L

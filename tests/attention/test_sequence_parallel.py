@@ -8,7 +8,7 @@ in tests/attention: exact algorithms differ by summation order only (summary
 parameter gradients, sums over all n tokens, relative to their largest entry).
 """
 import os
-import socket
+import tempfile
 
 import pytest
 import torch
@@ -21,10 +21,11 @@ from fmtrain.attention.summaries import build_summaries
 TOL64 = 1e-12
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _store() -> str:
+    """A rendezvous for one spawned group: a file in a fresh folder, no TCP port. A port picked
+    free here can be taken by the other test worker before rank 0 binds it, and ranks that meet
+    in another group's store die in gloo's connectFullMesh ("Connection closed by peer")."""
+    return "file://" + os.path.join(tempfile.mkdtemp(prefix="fmtrain-sp-"), "store")
 
 
 def _one_case(case, group, seed):
@@ -84,10 +85,9 @@ def chunk_errors(out, got, ref, ref_g, sl, group, tol: float) -> dict:
     return {k_: e for k_, e in errs.items() if not e < tol}
 
 
-def _worker(rank, world, port, cases, sub):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world, store, cases, sub):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         group = dist.group.WORLD
         if sub:  # contiguous groups of `sub` ranks (how the trainer lays out SP x DP)
@@ -100,7 +100,7 @@ def _worker(rank, world, port, cases, sub):
 
 
 def run_ranks(world, cases, sub=0):
-    mp.spawn(_worker, args=(world, _port(), cases, sub), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _store(), cases, sub), nprocs=world, join=True)
 
 
 # n, m, p, H, Hkv, causal, variant, summary, weighted
@@ -165,9 +165,8 @@ def test_sp_64k():
                   (65536, 64, 2, 2, 1, False, "nlogn", "m2m", True)])
 
 
-def _refuse(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _refuse(rank, world, store):
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         x = torch.randn(1, 1, 24, 8)
         with pytest.raises(ValueError, match="power of two"):
@@ -180,14 +179,13 @@ def _refuse(rank, world, port):
 
 
 def test_refuses_chunks_that_do_not_align():
-    mp.spawn(_refuse, args=(2, _port()), nprocs=2, join=True)
+    mp.spawn(_refuse, args=(2, _store()), nprocs=2, join=True)
 
 
-def _refined_traffic(rank, world, port):
+def _refined_traffic(rank, world, store):
     from fmtrain.attention.sequence_parallel import TRAFFIC, reset_traffic
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         C, Hkv, d = 64, 2, 8
         x = torch.randn(1, 4, C, d, dtype=torch.float64, requires_grad=True)
@@ -207,7 +205,7 @@ def _refined_traffic(rank, world, port):
 @pytest.mark.parametrize("world", [2, 4])
 def test_sp_refined_moves_the_keys_once_each_way(world):
     """What the refined path costs, counted by the collectives: ring attention's volume or less."""
-    mp.spawn(_refined_traffic, args=(world, _port()), nprocs=world, join=True)
+    mp.spawn(_refined_traffic, args=(world, _store()), nprocs=world, join=True)
 
 
 def test_group_of_one_is_the_local_path():

@@ -7,7 +7,6 @@ with the same documents, which tests/attention/test_documents.py holds equal to 
 document run alone. Tolerance 1e-12 as in test_sequence_parallel.py: the algorithms
 are exact and differ in summation order only.
 """
-import os
 import random
 
 import pytest
@@ -21,7 +20,7 @@ from fmtrain.attention.documents import as_documents
 from fmtrain.attention.sequence_parallel import TRAFFIC, reset_traffic
 from fmtrain.attention.summaries import build_summaries
 
-from .test_sequence_parallel import _port, chunk_errors
+from .test_sequence_parallel import _store, chunk_errors
 
 TOL64 = 1e-12
 
@@ -79,10 +78,9 @@ def _one_case(case, group, seed):
     assert not bad, f"case {case} (lengths {lengths}) rank {r}/{P}: {bad}"
 
 
-def _worker(rank, world, port, cases):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world, store, cases):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         for i, case in enumerate(cases):
             _one_case(case, dist.group.WORLD, seed=2000 + i)
@@ -91,7 +89,7 @@ def _worker(rank, world, port, cases):
 
 
 def run_ranks(world, cases):
-    mp.spawn(_worker, args=(world, _port(), cases), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _store(), cases), nprocs=world, join=True)
 
 
 def _grid(n, m, p, rows_list):
@@ -145,10 +143,9 @@ def test_sp4_documents_longer_rows():
               [(2048, 16, 2, 2, 1, True, "m2m", [("random", 100, 3000)])])
 
 
-def _traffic(rank, world, port, n, lengths, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _traffic(rank, world, store, n, lengths, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         C, d, m, p = n // world, 8, 16, 2
         g = torch.Generator().manual_seed(0)
@@ -171,7 +168,7 @@ def test_traffic_does_not_grow_with_n(tmp_path):
     forward and backward, grow with the levels only, from 4k to 64k tokens (16x)."""
     per_n = {}
     for n in (4096, 65536):
-        mp.spawn(_traffic, args=(4, _port(), n, [7, n - 7], str(tmp_path / "t.pt")), nprocs=4, join=True)
+        mp.spawn(_traffic, args=(4, _store(), n, [7, n - 7], str(tmp_path / "t.pt")), nprocs=4, join=True)
         res = torch.load(tmp_path / "t.pt")
         per_n[n] = (res["levels"], max(sum(t.values()) for t in res["traffic"]))
     (l0, b0), (l1, b1) = per_n[4096], per_n[65536]
@@ -181,9 +178,8 @@ def test_traffic_does_not_grow_with_n(tmp_path):
     assert b1 <= b0 + (l1 - l0) * per_level, per_n
     assert b1 > b0  # the top levels do cross the ranks
 
-def _global_cu(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _global_cu(rank, world, store):
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         n = 24
         lengths = [[5, 10, 9], [24]]
@@ -196,7 +192,7 @@ def _global_cu(rank, world, port):
 
 
 def test_global_cu_seqlens_from_slices():
-    mp.spawn(_global_cu, args=(3, _port()), nprocs=3, join=True)
+    mp.spawn(_global_cu, args=(3, _store()), nprocs=3, join=True)
 
 
 def test_row_documents_splits_rows():
@@ -204,9 +200,8 @@ def test_row_documents_splits_rows():
     assert [r.lengths for r in row_documents(docs)] == [(5, 7, 8), (20,)]
 
 
-def _refuse(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _refuse(rank, world, store):
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         x = torch.randn(1, 2, 32, 8)
         for kw, what in ((dict(variant="linear"), "variant='linear'"),
@@ -219,4 +214,4 @@ def _refuse(rank, world, port):
 
 
 def test_refuses_what_has_no_path():
-    mp.spawn(_refuse, args=(2, _port()), nprocs=2, join=True)
+    mp.spawn(_refuse, args=(2, _store()), nprocs=2, join=True)

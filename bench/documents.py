@@ -6,10 +6,12 @@
 
 The rows come from fmtrain's own loader (the shipped tokenizer on the stdlib corpus unless
 ``--corpus``/``--tokenizer`` say otherwise), so the documents have the corpus's lengths;
-``--short`` packs documents of 20-2000 tokens instead, a corpus of short texts. q, k, v are
+``--short`` packs documents of 20-2000 tokens instead, a corpus of short texts; ``--align`` packs them
+as ``data.align_documents`` does (each document from a block, padded to a whole one). q, k, v are
 random (the cost does not depend on them). Each row is timed with and without masking,
 interleaved in one process (the machine's speed drifts), the rows in turn, median of ``--repeats``.
-Prints a table and writes ``<--out>/documents-<tag>.json`` (``--short``: the tag ``cpu-short``).
+Prints a table and writes ``<--out>/documents-<tag>.json`` (``--short``: the tag ``cpu-short``;
+``--align``: ``-aligned`` added).
 """
 from __future__ import annotations
 
@@ -20,28 +22,36 @@ import time
 from _results import add_result_arguments, meta, result_stem, write_results
 
 
-def packed_rows(args, n: int) -> list[list[int]]:
-    """Document lengths of ``--rows`` packed rows of ``n`` tokens."""
+def packed_rows(args, n: int) -> list[tuple[list[int], int]]:
+    """(document lengths, real tokens) of ``--rows`` packed rows of ``n`` tokens. ``--align``: as
+    ``data.align_documents`` packs them, each document's length its span (its tokens, then padding to
+    a whole block), so the real tokens are fewer than ``n``."""
     import random
 
     import torch
 
+    m = args.block_size if args.align else 1
     if args.short:
         rnd, rows = random.Random(0), []
         for _ in range(args.rows):
-            lengths = []
+            lengths, real = [], 0
             while sum(lengths) < n:
-                lengths.append(min(rnd.randint(20, 2000), n - sum(lengths)))
-            rows.append(lengths)
+                L = rnd.randint(20, 2000)
+                span = min(-(-L // m) * m, n - sum(lengths))
+                lengths.append(span)
+                real += min(L, span)
+            rows.append((lengths, real))
         return rows
     from fmtrain.attention.documents import cu_seqlens_from_doc_positions
     from fmtrain.data import build_loaders
 
-    data = build_loaders(args.corpus, args.tokenizer, args.cache_dir, seq_len=n, batch_size=1, progress=False)
-    rows = []
+    data = build_loaders(args.corpus, args.tokenizer, args.cache_dir, seq_len=n, batch_size=1, progress=False,
+                         align_documents=m if args.align else 0)
+    pad, rows = data.tokenizer.special_ids["pad_id"], []
     for _ in range(args.rows):
-        cu = cu_seqlens_from_doc_positions(data.train.next_batch()["doc_positions"])
-        rows.append(torch.diff(cu).tolist())
+        b = data.train.next_batch()
+        cu = cu_seqlens_from_doc_positions(b["doc_positions"])
+        rows.append((torch.diff(cu).tolist(), int((b["input_ids"] != pad).sum())))
     return rows
 
 
@@ -66,13 +76,13 @@ def row_timer(lengths: list[int], args):
     return once
 
 
-def time_rows(all_lengths: list[list[int]], args) -> list[dict]:
+def time_rows(all_rows: list[tuple[list[int], int]], args) -> list[dict]:
     """Each row timed with and without masking, ``--repeats`` times, the rows in turn within each
     repeat (plain, then masked): the process's first calls are slower (its allocator settles over
     many), and timed row by row the first row paid for that alone."""
     import torch
 
-    timers = [row_timer(lengths, args) for lengths in all_lengths]
+    timers = [row_timer(lengths, args) for lengths, _ in all_rows]
     for _ in range(args.warmup):  # thread pools, the packings' tables
         for once in timers:
             once(False), once(True)
@@ -82,14 +92,14 @@ def time_rows(all_lengths: list[list[int]], args) -> list[dict]:
             plain.append(once(False))
             masked.append(once(True))
     out = []
-    for lengths, (plain, masked) in zip(all_lengths, runs):
+    for (lengths, real), (plain, masked) in zip(all_rows, runs):
         p, m = statistics.median(plain), statistics.median(masked)
         # Each masked run against the plain run just before it: the machine's drift (10-20% within
         # minutes here) moves both alike, so the paired ratios spread less than the two medians' ratio.
         pairs = sorted(b / a for a, b in zip(plain, masked))
         quart = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
         out.append(dict(n=sum(lengths), documents=len(lengths), shortest=min(lengths), longest=max(lengths),
-                        median_length=statistics.median(lengths), plain_s=p, masked_s=m, ratio=m / p,
+                        median_length=statistics.median(lengths), lengths=lengths, real_tokens=real, plain_s=p, masked_s=m, ratio=m / p,
                         paired_ratio=statistics.median(pairs), paired_quartiles=[quart[0], quart[2]],
                         threads=torch.get_num_threads(), plain_runs=plain, masked_runs=masked))
     return out
@@ -109,6 +119,8 @@ def main():
     ap.add_argument("--tokenizer", default="tokenizer/stdlib-4k.model")
     ap.add_argument("--cache-dir", default=".cache/fmtrain")
     ap.add_argument("--short", action="store_true", help="documents of 20-2000 tokens instead of the corpus")
+    ap.add_argument("--align", action="store_true", help="documents padded to start on blocks, as "
+                    "data.align_documents packs them (the row holds fewer real tokens: see real_tokens)")
     add_result_arguments(ap)
     args = ap.parse_args()
     import torch
@@ -122,15 +134,16 @@ def main():
                   f"{r['masked_s']:.3f} s masked ({r['ratio']:.3f}x; paired {r['paired_ratio']:.3f}x)", flush=True)
     print(f"\n{torch.get_num_threads()} thread(s); masked/plain: the medians' ratio; paired: the median (and "
           "quartiles) of each masked run over the plain run before it")
-    print("\n| n | row | documents | shortest | median | longest | plain f+b (s) | masked f+b (s) | masked/plain "
-          "| paired (quartiles) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| n | row | documents | shortest | median | longest | real tokens | plain f+b (s) | masked f+b (s) "
+          "| masked/plain | paired (quartiles) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lo, hi = r["paired_quartiles"]
         print(f"| {r['n']:,} | {r['row']} | {r['documents']} | {r['shortest']} | {r['median_length']:.0f} | "
-              f"{r['longest']} | {r['plain_s']:.3f} | {r['masked_s']:.3f} | {r['ratio']:.3f} | "
+              f"{r['longest']} | {r['real_tokens']:,} | {r['plain_s']:.3f} | {r['masked_s']:.3f} | {r['ratio']:.3f} | "
               f"{r['paired_ratio']:.3f} ({lo:.3f}-{hi:.3f}) |")
-    write_results(result_stem("documents", args, tag="cpu-short" if args.short else None), dict(meta=meta(args), rows=rows))
+    tag = "cpu" + ("-short" if args.short else "") + ("-aligned" if args.align else "")
+    write_results(result_stem("documents", args, tag=None if tag == "cpu" else tag), dict(meta=meta(args), rows=rows))
 
 
 if __name__ == "__main__":

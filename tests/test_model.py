@@ -587,6 +587,34 @@ def test_position_reset_chooses_the_rope_positions(attention):
     assert (out[True] - out[False]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("kw", MASKED[:4], ids=_decoder_name)
+def test_aligned_rows_move_nothing_and_give_each_document_its_own_logits(kw):
+    """data.align_documents: the loader's rows start each document on a block, so the attention's
+    layout is the row itself (no token moves), and each document's real tokens get its logits alone."""
+    from fmtrain.attention.documents import as_documents, cu_seqlens_from_doc_positions, doc_hierarchy, is_flat
+    from fmtrain.data.loader import PackedLoader
+    from fmtrain.data.masking import IGNORE_INDEX
+    from fmtrain.data.tokens import TokenData
+
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(3, 61, (int(L),), generator=g).tolist() for L in torch.randint(1, 40, (24,), generator=g)]
+    loader = PackedLoader(TokenData.from_documents(docs, eos_id=2), seq_len=96, batch_size=2, seed=0, dp_rank=0,
+                          dp_size=1, eos_id=2, pad_id=1, align_documents=16)
+    b = loader.next_batch()
+    ids, doc_positions, targets = b["input_ids"], b["doc_positions"], b["targets"]
+    docs_of = as_documents(cu_seqlens_from_doc_positions(doc_positions), 2, 96)
+    assert len(docs_of) > 4 and is_flat(doc_hierarchy(docs_of, 16, 2, True, None))
+    torch.manual_seed(0)
+    model = _perturbed(build_model(small(**kw)).double())
+    packed = model.logits(ids, doc_positions=doc_positions)
+    for s, L in zip(docs_of.starts, docs_of.lengths):
+        row, s = divmod(s, 96)
+        real = int((ids[row, s:s + L] != 1).sum())           # the padding trails its document
+        assert (ids[row, s + real:s + L] == 1).all() and (targets[row, s + real:s + L] == IGNORE_INDEX).all()
+        alone = model.logits(ids[row:row + 1, s:s + real], torch.arange(s, s + real))[0]
+        torch.testing.assert_close(packed[row, s:s + real], alone, rtol=0, atol=1e-10)
+
+
 def test_doc_positions_must_match_the_ids():
     model = build(attention="sdpa")
     ids, doc_positions = packed_batch()

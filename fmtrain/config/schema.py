@@ -199,6 +199,12 @@ class DataConfig:
                                          "data.document_masking). Off by default, as in Llama 3, torchtitan and "
                                          "Megatron (reset_position_ids=False): RoPE is relative, so within a "
                                          "masked document only rounding tells the two apart.")
+    align_documents: bool = option(False, "Training rows start every document on a block (model.block_size): each "
+                                          "document is followed by padding (no loss) to a whole block, so document "
+                                          "masking moves no token in attention (needs data.document_masking, the "
+                                          "causal objective and data.seq_len a multiple of model.block_size). Costs "
+                                          "about block_size/2 tokens of padding per document; the target at a padded "
+                                          "EOS is dropped. Held-out rows are not aligned.")
 
 
 @dataclass
@@ -420,6 +426,18 @@ def _consistency_errors(cfg: Config) -> list[str]:
         e.append("data.position_reset restarts positions at each packed document, which only means something "
                  "when attention stays within documents: set data.document_masking=true, or "
                  "data.position_reset=false")
+    if d.align_documents:
+        if not d.document_masking:
+            e.append("data.align_documents pads documents to start on blocks so that document masking moves no "
+                     "token; without data.document_masking it only adds padding: set data.document_masking=true, "
+                     "or data.align_documents=false")
+        if m.kind != "causal":
+            e.append(f"data.align_documents pads each document, which a bidirectional model (model.kind="
+                     f"{m.kind!r}) would attend to: set data.align_documents=false (masking is exact without it)")
+        if d.seq_len % m.block_size:
+            e.append(f"data.align_documents starts documents on blocks of model.block_size={m.block_size}, which "
+                     f"must divide data.seq_len={d.seq_len}: set data.seq_len to a multiple of it, or "
+                     "data.align_documents=false")
     if d.document_masking and p.sequence > 1 and m.attention == "fma":
         unsupported = [what for what, on in (
             ("model.variant='linear'", m.variant != "nlogn"), ("model.summary='conv'", m.summary == "conv"),

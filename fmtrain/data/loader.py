@@ -6,6 +6,10 @@ stream's tokens [j*L, (j+1)*L) (plus one more token for the causal targets).
 Every token of the epoch's stream is in exactly one sequence, in order; the
 last < L tokens of each epoch are dropped (different ones each epoch). The
 order of the sequences is shuffled too, from (seed, epoch).
+With `align_documents` (data.align_documents, the model's block size) each
+document's span in the stream is its tokens and then padding to a whole block,
+so every document starts on a block of its row (document masking then moves no
+token in attention); the padding is input PAD with no loss.
 
 Sharding. The loader walks one infinite stream of sequences; a step takes
 the next `batch_size * dp_size` of them and data-parallel rank r takes rows
@@ -63,34 +67,47 @@ def stream_fingerprint(tokens: TokenData) -> str:
 
 
 class _Stream:
-    """The documents of `data` read in `order` as one stream of tokens."""
+    """The documents of `data` read in `order` as one stream of tokens.
 
-    def __init__(self, data: TokenData, order: np.ndarray | None):
+    ``align`` > 0 (``data.align_documents``): each document's span in the stream is its tokens
+    followed by padding (token -1) up to a multiple of ``align``, counted in the document's
+    positions, so every document starts on a multiple of ``align`` (with ``seq_len`` one too,
+    on a block of its row).
+    """
+
+    def __init__(self, data: TokenData, order: np.ndarray | None, align: int = 0):
         self.data = data
-        lengths = np.diff(data.offsets)
+        self.lengths = np.diff(data.offsets)
         self.order = np.arange(data.n_docs) if order is None else order
+        spans = self.lengths if not align else -(-self.lengths // align) * align
         # starts[i]: where the i-th document of the order begins in the stream.
-        self.starts = np.concatenate([[0], np.cumsum(lengths[self.order])]).astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(spans[self.order])]).astype(np.int64)
         self.length = int(self.starts[-1])
 
     def read_into(self, start: int, tokens: np.ndarray, doc_pos: np.ndarray) -> bool:
         """Fill tokens and doc_pos, both (n,) int64, from stream [start, start + n).
 
         Copies one slice per document piece (a long-context sequence spans few
-        documents). Past the stream's end: token -1, positions counting from 0
-        (the padding is one document: document masking then keeps it apart in one
-        piece, not as a document per token); returns whether that happened.
+        documents); an aligned document's padding reads as token -1. Past the stream's
+        end: token -1, positions counting from 0 (the padding is one document: document
+        masking then keeps it apart in one piece, not as a document per token). Returns
+        whether any token read -1.
         """
         n = len(tokens)
         end = min(start + n, self.length)
-        pos = start
+        pos, padded = start, False
         slot = int(np.searchsorted(self.starts, start, side="right")) - 1
         while pos < end:
             in_doc = pos - int(self.starts[slot])
             take = min(end, int(self.starts[slot + 1])) - pos
-            src = int(self.data.offsets[self.order[slot]]) + in_doc
+            doc = self.order[slot]
+            real = min(take, max(int(self.lengths[doc]) - in_doc, 0))
+            src = int(self.data.offsets[doc]) + in_doc
             out = slice(pos - start, pos - start + take)
-            tokens[out] = self.data.tokens[src:src + take]
+            tokens[out][:real] = self.data.tokens[src:src + real]
+            if real < take:
+                tokens[out][real:] = -1
+                padded = True
             np.add(_arange(take), in_doc, out=doc_pos[out])
             pos += take
             slot += 1
@@ -99,7 +116,7 @@ class _Stream:
             tokens[pad:] = -1
             doc_pos[pad:] = _arange(n - pad)
             return True
-        return False
+        return padded
 
 
 _ARANGE = np.arange(0, dtype=np.int64)
@@ -148,7 +165,7 @@ class _Sequences:
         B, C, lo = len(rows), self.chunk, self.sp_rank * self.chunk
         tokens = np.empty((B, C + self.extra), dtype=np.int64)     # (B, C+1) causal, (B, C) mlm
         doc_pos = np.empty((B, C + self.extra), dtype=np.int64)
-        short = [stream.read_into(start + lo, tokens[b], doc_pos[b]) for b, (stream, start, _) in enumerate(rows)]
+        padded = [stream.read_into(start + lo, tokens[b], doc_pos[b]) for b, (stream, start, _) in enumerate(rows)]
         if self.objective == "causal":
             inputs, targets = tokens[:, :-1].copy(), tokens[:, 1:].copy()
         else:
@@ -158,9 +175,10 @@ class _Sequences:
                     np.maximum(tokens[b], 0), seed=self.seed, index=index, mask_id=self.mask_id,
                     replacements=self.replacements, special_ids=self.special_ids,
                     seq_len=self.seq_len, offset=lo, mask_prob=self.mask_prob)
-        if any(short):  # eval padding past the end of the held-out stream
+        if any(padded):  # aligned documents' padding; eval padding past the end of the held-out stream
             past = tokens < 0
             targets[past[:, self.extra:]] = IGNORE_INDEX
+            targets[past[:, :C]] = IGNORE_INDEX  # nor does padding predict the next document's first token
             inputs[past[:, :C]] = self.pad_id
         positions = np.broadcast_to(lo + _arange(C), (B, C)).copy()
         return {k: torch.from_numpy(v) for k, v in dict(
@@ -190,26 +208,40 @@ class PackedLoader:
             specials are never masked nor drawn as random replacements.
         vocab_size: the tokenizer's (MLM random replacements).
         mask_prob: share of tokens the MLM corrupts.
+        align_documents: 0, or a block size that divides ``seq_len`` (``data.align_documents``:
+            the model's ``block_size``): each document is followed by padding (input PAD, no
+            loss, counted in its positions) up to a multiple of it, so that documents start on
+            blocks and document masking moves no token (causal only: a bidirectional model would
+            attend to the padding).
     """
 
     def __init__(self, tokens: TokenData, seq_len: int, batch_size: int, seed: int, dp_rank: int,
                  dp_size: int, sp_rank: int = 0, sp_size: int = 1, objective: str = "causal", *,
                  bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
                  mask_id: int | None = None, unk_id: int | None = None, vocab_size: int | None = None,
-                 mask_prob: float = 0.15):
+                 mask_prob: float = 0.15, align_documents: int = 0):
         _check_ranks(dp_rank, dp_size, batch_size)
+        if align_documents < 0 or (align_documents and seq_len % align_documents):
+            raise ValueError(f"align_documents={align_documents} must be 0 or divide seq_len={seq_len} (documents "
+                             f"start on its multiples in the stream, so on blocks of a row only if rows are whole blocks)")
+        if align_documents and objective != "causal":
+            raise ValueError(f"align_documents pads each document for the causal objective only (a bidirectional "
+                             f"model would attend to the padding); got objective={objective!r}: set it to 0")
         specials = [i for i in (bos_id, eos_id, pad_id, mask_id, unk_id) if i is not None]
         self.seqs = _Sequences(seq_len, sp_rank, sp_size, objective, seed,
                                pad_id if pad_id is not None else 0, mask_id, vocab_size, specials, mask_prob)
         self.data, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
         self.dp_rank, self.dp_size, self.objective = dp_rank, dp_size, objective
+        self.align_documents = align_documents
+        stream_length = _Stream(tokens, None, align_documents).length  # the same in every order
         need = seq_len + self.seqs.extra
-        if tokens.n_tokens < need:
+        if stream_length < need:
             raise ValueError(
-                f"the training data has {tokens.n_tokens} tokens, fewer than one sequence of "
+                f"the training data has {stream_length} tokens"
+                f"{' with its documents aligned' if align_documents else ''}, fewer than one sequence of "
                 f"seq_len={seq_len}{' plus the last target' if self.seqs.extra else ''} ({need}); "
                 f"use a larger corpus or a smaller seq_len")
-        self.sequences_per_epoch = (tokens.n_tokens - self.seqs.extra) // seq_len
+        self.sequences_per_epoch = (stream_length - self.seqs.extra) // seq_len
         self.stream = stream_fingerprint(tokens)
         self.consumed = 0  # sequences taken by all DP ranks together
         self._layouts: dict[int, tuple[_Stream, np.ndarray]] = {}
@@ -218,7 +250,7 @@ class PackedLoader:
         """(the epoch's document stream, its sequence order), drawn from (seed, epoch)."""
         if epoch not in self._layouts:
             rng = np.random.default_rng([self.seed, epoch])
-            stream = _Stream(self.data, rng.permutation(self.data.n_docs))
+            stream = _Stream(self.data, rng.permutation(self.data.n_docs), self.align_documents)
             order = rng.permutation(self.sequences_per_epoch)
             self._layouts = {e: v for e, v in self._layouts.items() if e >= epoch - 1}
             self._layouts[epoch] = (stream, order)
@@ -249,7 +281,8 @@ class PackedLoader:
         """Where the stream stands (the same on every rank) plus what it must be resumed with."""
         return dict(version=STATE_VERSION, consumed=self.consumed, seed=self.seed, seq_len=self.seq_len,
                     objective=self.objective, batch_size=self.batch_size, dp_size=self.dp_size,
-                    n_tokens=self.data.n_tokens, n_docs=self.data.n_docs, stream=self.stream)
+                    n_tokens=self.data.n_tokens, n_docs=self.data.n_docs, stream=self.stream,
+                    align_documents=self.align_documents)
 
     def load_state_dict(self, state: dict[str, Any], allow_resplit: bool = False) -> None:
         """Continue at the exact next sequence of a saved run.
@@ -262,8 +295,8 @@ class PackedLoader:
             raise ValueError(f"cannot resume the data loader from state version {state.get('version')!r}")
         fresh = ("; to continue the model on other data or at another length, start a new run.dir with "
                  "model.init_from set to this run (its weights, with a fresh optimizer and data position)")
-        for key in ("seed", "seq_len", "objective"):
-            if state[key] != getattr(self, key):
+        for key in ("seed", "seq_len", "objective", "align_documents"):
+            if state.get(key, 0) != getattr(self, key):  # align_documents: 0 before it was saved
                 raise ValueError(f"cannot resume the data loader: saved {key}={state.get(key)!r}, "
                                  f"now {getattr(self, key)!r}{fresh}")
         if (state["n_tokens"], state["n_docs"]) != (self.data.n_tokens, self.data.n_docs):
@@ -360,7 +393,7 @@ def build_loaders(corpus: Corpus | str | list | dict, tokenizer: Tokenizer | str
                   dp_size: int = 1, sp_rank: int = 0, sp_size: int = 1, objective: str = "causal",
                   vocab_size: int | None = None, text_field: str | None = None,
                   val_fraction: float | None = None, max_missing_text: float | None = None,
-                  mask_prob: float = 0.15,
+                  mask_prob: float = 0.15, align_documents: int = 0,
                   eval_batch_size: int | None = None, eval_max_batches: int | None = None,
                   progress: bool = True) -> DataLoaders:
     """The training loader and the held-out evaluation loader for one rank.
@@ -373,6 +406,8 @@ def build_loaders(corpus: Corpus | str | list | dict, tokenizer: Tokenizer | str
         vocab_size: the model config's; a tokenizer of another size is refused,
             as is one without MASK for the mlm objective.
         text_field, val_fraction, max_missing_text: override the corpus's settings when given.
+        align_documents: the training loader's (`PackedLoader`); held-out rows are never aligned,
+            so held-out loss compares across the setting.
         Others: as for `PackedLoader` / `EvalLoader`.
 
     Tokenises the corpus on first use (rank 0 builds, the others wait), then
@@ -395,7 +430,8 @@ def build_loaders(corpus: Corpus | str | list | dict, tokenizer: Tokenizer | str
     common = dict(seq_len=seq_len, seed=seed, dp_rank=dp_rank, dp_size=dp_size, sp_rank=sp_rank,
                   sp_size=sp_size, objective=objective, vocab_size=tokenizer.vocab_size,
                   **tokenizer.special_ids)
-    train = PackedLoader(data["train"], batch_size=batch_size, mask_prob=mask_prob, **common)
+    train = PackedLoader(data["train"], batch_size=batch_size, mask_prob=mask_prob, align_documents=align_documents,
+                         **common)
     val = None
     if data["validation"].n_tokens > 0:
         val = EvalLoader(data["validation"], batch_size=eval_batch_size or batch_size,
@@ -417,5 +453,6 @@ def loaders_for(cfg, world=None, *, tokenizer: Tokenizer | str | Path | None = N
                          seq_len=d.seq_len, batch_size=batch_size or d.batch_size, seed=cfg.train.seed,
                          objective=cfg.model.kind, vocab_size=cfg.model.vocab_size, text_field=d.text_field,
                          val_fraction=d.val_fraction, max_missing_text=d.max_missing_text, mask_prob=d.mask_prob,
+                         align_documents=cfg.model.block_size if d.align_documents else 0,
                          eval_max_batches=eval_max_batches, progress=progress, **ranks)
 

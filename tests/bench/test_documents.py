@@ -19,3 +19,16 @@ def test_documents_bench_small(tmp_path):
     lo, hi = row["paired_quartiles"]
     assert row["paired_ratio"] > 0 and lo <= row["paired_ratio"] <= hi and row["threads"] >= 1
     assert "masked/plain" in proc.stdout
+
+
+def test_documents_bench_aligned(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "documents.py"), "--n", "4096", "--rows", "1", "--repeats", "2",
+           "--short", "--align", "--block-size", "32", "--heads", "2", "--head-dim", "16", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "documents-cpu-short-aligned.json").read_text())["rows"]
+    lengths = row["lengths"]
+    assert sum(lengths) == row["n"] == 4096 and len(lengths) == row["documents"] >= 2
+    assert all(L % 32 == 0 for L in lengths[:-1])            # each document a whole number of blocks
+    assert 0 < row["n"] - row["real_tokens"] < 32 * len(lengths)  # less than a block of padding each
+    assert row["ratio"] == row["masked_s"] / row["plain_s"]

@@ -225,6 +225,19 @@ def test_document_masking_and_position_reset():
     assert refined.model.refine == 2 and refined.data.document_masking
 
 
+def test_align_documents():
+    masked = {"run": {"dir": "r"}, "model": {"block_size": 16}, "data": {"seq_len": 1024, "document_masking": True}}
+    assert not from_dict(masked).data.align_documents
+    aligned = {**masked, "data": {**masked["data"], "align_documents": True}}
+    assert from_dict(aligned).data.align_documents
+    for change, says in (({"data": {"seq_len": 1024, "align_documents": True}}, "set data.document_masking=true"),
+                         ({"model": {"block_size": 16, "kind": "mlm"}}, "bidirectional model (model.kind='mlm')"),
+                         ({"data": {**aligned["data"], "seq_len": 1000}},
+                          "model.block_size=16, which must divide data.seq_len=1000")):
+        msg = error_of(from_dict, {**aligned, **change})
+        assert len(msg.splitlines()) == 1 and says in msg and "data.align_documents=false" in msg, msg
+
+
 def test_corpus_list():
     msg = error_of(from_dict, {"run": {"dir": "r"}, "data": {"corpus": ["stdlib", "x.txt"]}})
     assert "data.corpus=['stdlib', 'x.txt']: 'stdlib' cannot be combined with other sources" in msg

@@ -124,6 +124,55 @@ def test_resume_gives_the_same_next_batches(objective):
             assert torch.equal(want[key], got[key]), key
 
 
+@pytest.mark.parametrize("align", [4, 16])
+def test_aligned_documents_start_on_blocks_and_keep_every_token_once(align):
+    data = unique_docs(lo=1, hi=40)                         # many documents a row, of every remainder
+    ld = loader(data, batch_size=1, align_documents=align)
+    epoch = rows(ld, ld.sequences_per_epoch)
+    inputs, targets, doc_pos = (cat(epoch, k) for k in ("input_ids", "targets", "doc_positions"))
+    assert (doc_pos[:, 0] != 0).any()                       # some rows start inside a document
+    starts = doc_pos == 0
+    assert not starts[:, torch.arange(64) % align != 0].any()  # every document starts on a block
+    pad = inputs == PAD
+    assert pad.any() and (targets[pad] == IGNORE_INDEX).all()  # padding: no loss
+    # Positions run on through a document's padding: the row is cut into documents where they restart.
+    assert ((doc_pos[:, 1:] == doc_pos[:, :-1] + 1) | starts[:, 1:]).all()
+    # Padding follows an EOS and runs to the next block; its targets, and a padded EOS's, are dropped.
+    before = torch.cat([torch.full((inputs.shape[0], 1), EOS), inputs[:, :-1]], 1)
+    assert ((before[pad] == EOS) | (before[pad] == PAD)).all()
+    assert (targets[:, :-1][pad[:, 1:]] == IGNORE_INDEX).all()
+    kept = ~pad
+    scored = kept[:, :-1] & kept[:, 1:]                     # the rest are next tokens, across documents too
+    assert torch.equal(targets[:, :-1][scored], inputs[:, 1:][scored])
+    # The real tokens are the unaligned stream's: each document whole and once per epoch, bar the tail.
+    words = inputs[kept & (inputs != EOS)]
+    assert len(set(words.tolist())) == words.numel()
+    assert data.n_tokens - (inputs[kept]).numel() <= 64 + data.n_docs  # at most the dropped tail and one EOS a document
+    # An aligned epoch is longer by its padding: fewer real tokens a row, more rows.
+    assert ld.sequences_per_epoch >= loader(data, batch_size=1).sequences_per_epoch
+
+
+def test_aligned_resume_is_exact_and_refuses_another_alignment():
+    data = unique_docs(lo=1, hi=40)
+    ref = loader(data, align_documents=8)
+    for _ in range(5):
+        ref.next_batch()
+    state, expected = ref.state_dict(), rows(ref, 4)
+    resumed = loader(data, align_documents=8)
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, rows(resumed, 4)):
+        assert all(torch.equal(want[k], got[k]) for k in want)
+    for other in (0, 16):
+        with pytest.raises(ValueError, match=f"saved align_documents=8, now {other}"):
+            loader(data, align_documents=other).load_state_dict(state)
+    unsaved = {k: v for k, v in loader(data).state_dict().items() if k != "align_documents"}
+    loader(data).load_state_dict(unsaved)                   # a checkpoint from before the setting: unaligned
+    with pytest.raises(ValueError, match="must be 0 or divide seq_len=64"):
+        loader(data, align_documents=24)
+    with pytest.raises(ValueError, match="causal objective only"):
+        loader(data, align_documents=8, objective="mlm")
+
+
 def test_resume_under_another_dp_size_needs_allow_resplit():
     data = unique_docs()
     ranks = [loader(data, dp_rank=r, dp_size=2) for r in range(2)]

@@ -233,12 +233,13 @@ def test_dp_shards_disjoint_and_covering(objective):
         assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
 
 
-@pytest.mark.parametrize("objective", ["causal", "mlm"])
-def test_sp_slices_concatenate_to_the_whole_sequence(objective):
+@pytest.mark.parametrize("objective,align", [("causal", 0), ("mlm", 0), ("causal", 8)])
+def test_sp_slices_concatenate_to_the_whole_sequence(objective, align):
     data = unique_docs()
     sp = 4
-    whole = loader(data, seq_len=64, objective=objective)
-    slices = [loader(data, seq_len=64, sp_rank=r, sp_size=sp, objective=objective) for r in range(sp)]
+    whole = loader(data, seq_len=64, objective=objective, align_documents=align)
+    slices = [loader(data, seq_len=64, sp_rank=r, sp_size=sp, objective=objective, align_documents=align)
+              for r in range(sp)]
     for _ in range(4):
         full = whole.next_batch()
         parts = [ld.next_batch() for ld in slices]

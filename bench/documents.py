@@ -30,14 +30,14 @@ def packed_rows(args, n: int) -> list[tuple[list[int], int]]:
 
     import torch
 
-    m = args.block_size if args.align else 1
+    align = args.block_size if args.align else 0
     if args.short:
         rnd, rows = random.Random(0), []
         for _ in range(args.rows):
             lengths, real = [], 0
             while sum(lengths) < n:
                 L = rnd.randint(20, 2000)
-                span = min(-(-L // m) * m, n - sum(lengths))
+                span = min(-(-L // align) * align if align else L, n - sum(lengths))
                 lengths.append(span)
                 real += min(L, span)
             rows.append((lengths, real))
@@ -46,7 +46,7 @@ def packed_rows(args, n: int) -> list[tuple[list[int], int]]:
     from fmtrain.data import build_loaders
 
     data = build_loaders(args.corpus, args.tokenizer, args.cache_dir, seq_len=n, batch_size=1, progress=False,
-                         align_documents=m if args.align else 0)
+                         align_documents=align)
     pad, rows = data.tokenizer.special_ids["pad_id"], []
     for _ in range(args.rows):
         b = data.train.next_batch()
@@ -99,7 +99,8 @@ def time_rows(all_rows: list[tuple[list[int], int]], args) -> list[dict]:
         pairs = sorted(b / a for a, b in zip(plain, masked))
         quart = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
         out.append(dict(n=sum(lengths), documents=len(lengths), shortest=min(lengths), longest=max(lengths),
-                        median_length=statistics.median(lengths), lengths=lengths, real_tokens=real, plain_s=p, masked_s=m, ratio=m / p,
+                        median_length=statistics.median(lengths), lengths=lengths, real_tokens=real,
+                        plain_s=p, masked_s=m, ratio=m / p,
                         paired_ratio=statistics.median(pairs), paired_quartiles=[quart[0], quart[2]],
                         threads=torch.get_num_threads(), plain_runs=plain, masked_runs=masked))
     return out
@@ -140,7 +141,8 @@ def main():
     for r in rows:
         lo, hi = r["paired_quartiles"]
         print(f"| {r['n']:,} | {r['row']} | {r['documents']} | {r['shortest']} | {r['median_length']:.0f} | "
-              f"{r['longest']} | {r['real_tokens']:,} | {r['plain_s']:.3f} | {r['masked_s']:.3f} | {r['ratio']:.3f} | "
+              f"{r['longest']} | {r['real_tokens']:,} | {r['plain_s']:.3f} | {r['masked_s']:.3f} | "
+              f"{r['ratio']:.3f} | "
               f"{r['paired_ratio']:.3f} ({lo:.3f}-{hi:.3f}) |")
     tag = "cpu" + ("-short" if args.short else "") + ("-aligned" if args.align else "")
     write_results(result_stem("documents", args, tag=None if tag == "cpu" else tag), dict(meta=meta(args), rows=rows))

@@ -79,9 +79,8 @@ class _Stream:
         self.data = data
         self.lengths = np.diff(data.offsets)
         self.order = np.arange(data.n_docs) if order is None else order
-        spans = self.lengths if not align else -(-self.lengths // align) * align
         # starts[i]: where the i-th document of the order begins in the stream.
-        self.starts = np.concatenate([[0], np.cumsum(spans[self.order])]).astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(_spans(self.lengths, align)[self.order])]).astype(np.int64)
         self.length = int(self.starts[-1])
 
     def read_into(self, start: int, tokens: np.ndarray, doc_pos: np.ndarray) -> bool:
@@ -117,6 +116,11 @@ class _Stream:
             doc_pos[pad:] = _arange(n - pad)
             return True
         return padded
+
+
+def _spans(lengths: np.ndarray, align: int) -> np.ndarray:
+    """Each document's tokens in the stream: its length, rounded up to a multiple of ``align`` (> 0)."""
+    return -(-lengths // align) * align if align else lengths
 
 
 _ARANGE = np.arange(0, dtype=np.int64)
@@ -177,8 +181,8 @@ class _Sequences:
                     seq_len=self.seq_len, offset=lo, mask_prob=self.mask_prob)
         if any(padded):  # aligned documents' padding; eval padding past the end of the held-out stream
             past = tokens < 0
-            targets[past[:, self.extra:]] = IGNORE_INDEX
-            targets[past[:, :C]] = IGNORE_INDEX  # nor does padding predict the next document's first token
+            # No target is padding, nor does padding predict (the next document's first token).
+            targets[past[:, self.extra:] | past[:, :C]] = IGNORE_INDEX
             inputs[past[:, :C]] = self.pad_id
         positions = np.broadcast_to(lo + _arange(C), (B, C)).copy()
         return {k: torch.from_numpy(v) for k, v in dict(
@@ -233,7 +237,7 @@ class PackedLoader:
         self.data, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
         self.dp_rank, self.dp_size, self.objective = dp_rank, dp_size, objective
         self.align_documents = align_documents
-        stream_length = _Stream(tokens, None, align_documents).length  # the same in every order
+        stream_length = int(_spans(np.diff(tokens.offsets), align_documents).sum())  # the same in every order
         need = seq_len + self.seqs.extra
         if stream_length < need:
             raise ValueError(
@@ -295,8 +299,9 @@ class PackedLoader:
             raise ValueError(f"cannot resume the data loader from state version {state.get('version')!r}")
         fresh = ("; to continue the model on other data or at another length, start a new run.dir with "
                  "model.init_from set to this run (its weights, with a fresh optimizer and data position)")
+        state = {"align_documents": 0, **state}  # saved since it exists; unaligned before
         for key in ("seed", "seq_len", "objective", "align_documents"):
-            if state.get(key, 0) != getattr(self, key):  # align_documents: 0 before it was saved
+            if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume the data loader: saved {key}={state.get(key)!r}, "
                                  f"now {getattr(self, key)!r}{fresh}")
         if (state["n_tokens"], state["n_docs"]) != (self.data.n_tokens, self.data.n_docs):

@@ -54,9 +54,10 @@ far field (opened blocks plus candidates) is one autograd function, :class:`FarF
 that keeps only ``(out, lse)`` and recomputes its scores in the backward, so memory
 beyond inputs and outputs is one chunk. The opened blocks are attended by block, not by
 query (:class:`OpenedTiles`: the queries that opened a block, in tiles, against it as
-matrix products; in Triton kernels where the core runs in Triton, :func:`use_kernels`); each
-query gathers its candidates' summaries. The two are separate softmaxes merged by their
-log-sum-exp, as the fine neighbours are merged with the far field. The fine neighbours
+matrix products; in Triton kernels where the core runs in Triton, :func:`use_kernels`); the
+candidates' summaries are read per fine block of queries (:class:`SummaryColumns`: the union of
+what its queries read, gathered once, as the columns of matrix products). The two are separate
+softmaxes merged by their log-sum-exp, as the fine neighbours are merged with the far field. The fine neighbours
 come from the core (``block_attention(fine_only=True)``), merged by their log-sum-exp.
 """
 from __future__ import annotations

@@ -54,9 +54,10 @@ far field (opened blocks plus candidates) is one autograd function, :class:`FarF
 that keeps only ``(out, lse)`` and recomputes its scores in the backward, so memory
 beyond inputs and outputs is one chunk. The opened blocks are attended by block, not by
 query (:class:`OpenedTiles`: the queries that opened a block, in tiles, against it as
-matrix products; in Triton kernels where the core runs in Triton, :func:`use_kernels`); each
-query gathers its candidates' summaries. The two are separate softmaxes merged by their
-log-sum-exp, as the fine neighbours are merged with the far field. The fine neighbours
+matrix products; in Triton kernels where the core runs in Triton, :func:`use_kernels`); the
+candidates' summaries are read per fine block of queries (:class:`SummaryColumns`: the union of
+what its queries read, gathered once, as the columns of matrix products). The two are separate
+softmaxes merged by their log-sum-exp, as the fine neighbours are merged with the far field. The fine neighbours
 come from the core (``block_attention(fine_only=True)``), merged by their log-sum-exp.
 """
 from __future__ import annotations
@@ -232,25 +233,44 @@ def window_boxes(k: torch.Tensor, h: Hierarchy, limit=None) -> WindowBoxes:
     return WindowBoxes(torch.where(empty, 0.0, (hi + lo) / 2), torch.where(empty, 0.0, (hi - lo) / 2))
 
 
-def _window_scores(qg, boxes: WindowBoxes, h: Hierarchy, tabs, lv, win, scale: float,
+class _BoxQuery(NamedTuple):
+    """What :func:`_window_scores` reads of a chunk's queries and the boxes: without a reach the
+    bound averaged over the group is linear in the group's mean query and mean ``|query|``, so
+    those two (B, Hkv, nq, 2d) meet each window's centre and radius side by side (B, Hkv, R, 2d):
+    one gathered row and one dot product a window, whatever the group's size."""
+
+    qg: torch.Tensor  # (B, Hkv, nq, G, d)
+    boxes: WindowBoxes
+    mean: torch.Tensor | None  # (B, Hkv, nq, 2d), without a reach
+    rows: torch.Tensor | None  # (B, Hkv, R, 2d), without a reach
+
+
+def _box_query(qg: torch.Tensor, boxes: WindowBoxes, reach: SelectionReach | None) -> _BoxQuery:
+    if reach is not None:  # turned per window: |q| of each head's turned query
+        return _BoxQuery(qg, boxes, None, None)
+    return _BoxQuery(qg, boxes, torch.cat([qg.mean(3), qg.abs().mean(3)], -1), torch.cat(boxes, -1))
+
+
+def _window_scores(bq: _BoxQuery, h: Hierarchy, tabs, lv, win, scale: float,
                    reach: SelectionReach | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
-    """qg (B, Hkv, nq, G, d); candidates lv, win (B, Hkv, nq, X) -> scores (B, Hkv, nq, X): for each
-    query head, the bound ``q . centre + |q| . radius`` on the best score of a key in the window's box,
-    times ``scale``, averaged over the group; -inf where the window does not exist or has no key.
-    ``reach``: windows whose centre lies farther than its distance from the queries (at positions
-    ``pos`` (nq,)) scored as if that far (the query turned back, which turns the keys forward)."""
+    """Queries (:func:`_box_query`); candidates lv, win (B, Hkv, nq, X) -> scores (B, Hkv, nq, X):
+    for each query head, the bound ``q . centre + |q| . radius`` on the best score of a key in the
+    window's box, times ``scale``, averaged over the group; -inf where the window does not exist
+    or has no key. ``reach``: windows whose centre lies farther than its distance from the queries
+    (at positions ``pos`` (nq,)) scored as if that far (the query turned back, which turns the keys
+    forward)."""
     _, has = _summary_slots(h, tabs, lv, win)  # (B, Hkv, nq, X, p)
     lvc = lv.clamp(min=1)
-    row = (tabs.kid_base[lvc] + win.clamp(min=0)).clamp(max=max(boxes.centre.shape[2] - 1, 0))
-    c, r = (_flat_gather(x, row) for x in boxes)  # (B, Hkv, nq, X, d)
+    row = (tabs.kid_base[lvc] + win.clamp(min=0)).clamp(max=max(bq.boxes.centre.shape[2] - 1, 0))
     if reach is None:
-        s = qg @ c.transpose(-1, -2) + qg.abs() @ r.transpose(-1, -2)  # (B, Hkv, nq, G, X)
+        s = (bq.mean.unsqueeze(-2) @ _flat_gather(bq.rows, row).transpose(-1, -2)).squeeze(-2)  # (B, Hkv, nq, X)
     else:
+        c, r = (_flat_gather(x, row) for x in bq.boxes)  # (B, Hkv, nq, X, d)
         # A window within the reach turns by 0 (exactly itself); no test for it, which would sync the device.
         shift = _beyond_reach(h, tabs, lv, win, reach.distance, pos)  # (B, Hkv, nq, X)
-        qr = rotate(qg.unsqueeze(3), -shift.unsqueeze(-1), reach.inv_freq)  # (B, Hkv, nq, X, G, d)
-        s = ((qr * c.unsqueeze(-2)).sum(-1) + (qr.abs() * r.unsqueeze(-2)).sum(-1)).transpose(-1, -2)
-    return (s * scale).masked_fill(~has.any(-1).unsqueeze(3), -math.inf).mean(3)
+        qr = rotate(bq.qg.unsqueeze(3), -shift.unsqueeze(-1), reach.inv_freq)  # (B, Hkv, nq, X, G, d)
+        s = ((qr * c.unsqueeze(-2)).sum(-1) + (qr.abs() * r.unsqueeze(-2)).sum(-1)).mean(-1)
+    return (s * scale).masked_fill(~has.any(-1), -math.inf)
 
 
 def _block_beyond(h: Hierarchy, opened: torch.Tensor, distance: int, pos: torch.Tensor) -> torch.Tensor:
@@ -296,7 +316,8 @@ def select(q: torch.Tensor, boxes: WindowBoxes, h: Hierarchy, refine: int, scale
     lv[..., :W0], win[..., :W0] = lv0, win0
     score = torch.full((B, Hkv, nq, C), -math.inf, dtype=boxes.centre.dtype, device=q.device)
     pos = torch.arange(i0, i0 + nq, device=q.device)
-    score[..., :W0] = _window_scores(qg, boxes, h, tabs, lv[..., :W0], win[..., :W0], scale, reach, pos)
+    bq = _box_query(qg, boxes, reach)
+    score[..., :W0] = _window_scores(bq, h, tabs, lv[..., :W0], win[..., :W0], scale, reach, pos)
     opened = torch.full((B, Hkv, nq, refine), -1, dtype=torch.long, device=q.device)
     for t in range(refine):
         best = score.argmax(-1, keepdim=True)  # (B, Hkv, nq, 1)
@@ -309,7 +330,7 @@ def select(q: torch.Tensor, boxes: WindowBoxes, h: Hierarchy, refine: int, scale
                 break
             kids = tabs.kids[tabs.kid_base[cur_l.clamp(max=L)] + cur_w.clamp(min=0)].squeeze(-2)  # (B, Hkv, nq, 2)
             kid_l = (cur_l - 1).clamp(min=1).expand(-1, -1, -1, 2)
-            kid_score = _window_scores(qg, boxes, h, tabs, kid_l, kids, scale, reach, pos)
+            kid_score = _window_scores(bq, h, tabs, kid_l, kids, scale, reach, pos)
             right = kid_score[..., 1:] > kid_score[..., :1]  # ties keep the left child
             keep = torch.where(right, kids[..., 1:], kids[..., :1])
             slot = W0 + t * (L - 1) + s
@@ -328,8 +349,8 @@ def _far_inputs(q, off, h: Hierarchy, tabs, lv, win, weighted: bool, acc):
     """One chunk's candidates (the opened blocks are :class:`OpenedTiles`' part).
 
     Returns qg (B, Hkv, nq, G, d); the candidates' summaries (B, Hkv, nq, C*p), clamped to a
-    real slot; their score bias (B, Hkv, nq, G or 1, C*p), -inf where masked; and each
-    summary slot's level.
+    real slot; whether each exists (B, Hkv, nq, C*p); their score bias (B, Hkv, nq, G or 1, C*p),
+    -inf where masked; and each summary slot's level.
     """
     B, H, nq, d = q.shape
     Hkv = lv.shape[1]
@@ -344,7 +365,7 @@ def _far_inputs(q, off, h: Hierarchy, tabs, lv, win, weighted: bool, acc):
         offg = off.to(acc).reshape(Hkv, G, -1).transpose(1, 2)  # (Hkv, L, G)
         head = torch.arange(Hkv, device=q.device).view(1, Hkv, 1, 1)
         bias = bias + offg[head, (slv - 1).clamp(min=0)].transpose(-1, -2)  # (B, Hkv, nq, G, C*p)
-    return qg, sidx.flatten(-2), bias, slv
+    return qg, sidx.flatten(-2), s_ok.flatten(-2), bias, slv
 
 
 def _block_dtype(q: torch.Tensor, acc, kernels: bool, reach) -> torch.dtype:
@@ -503,6 +524,100 @@ class OpenedTiles:
         dxb.view(-1, dxb.shape[-1]).index_add_(0, self.block, y.reshape(self.n_tiles, dxb.shape[-1]))
 
 
+class SummaryColumns:
+    """A chunk's candidate summaries as the columns of matrix products, per group of queries.
+
+    Each query reads its own ``S`` candidates' summaries (:func:`_far_inputs`). Gathered per
+    query, they move ``S d`` numbers a query and leave products of one row against ``S``: memory
+    bound, and most of a refined step on CPU (measured: 2.5x slower at 8k than this). The queries
+    of one fine block share their interaction list and differ only in what refinement opened, so
+    the ``U`` summaries any of a group's ``g`` queries reads (a few hundred) are gathered once, and
+    every score, weighted sum and gradient is a matrix product ``(g G, d) x (d, U)``. A query's own
+    slots are read from and written to its row at their column (``local``); a slot that does not
+    exist points at a spare last column (row 0 of the table), read as anything (its bias is -inf)
+    and written as 0.
+
+    rows: (B, Hkv, nq, S) each slot's row of the table it reads (``n_rows`` rows); ok: (B, Hkv, nq,
+    S), whether the slot exists; ``group`` queries a group (the last group padded). ``by_sort``:
+    find each group's rows by sorting its slots rather than in a table of every (group, row);
+    default: whichever is cheaper.
+    """
+
+    def __init__(self, rows: torch.Tensor, ok: torch.Tensor, n_rows: int, group: int, by_sort: bool | None = None):
+        B, Hkv, nq, S = rows.shape
+        dev = rows.device
+        self.shape, self.g = (B, Hkv, nq, S), min(group, nq)
+        self.nb = nb = -(-nq // self.g)  # groups a head
+        grp = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1) * nb + torch.arange(nq, device=dev).view(nq, 1) // self.g
+        if by_sort is None:  # a table of every (group, row) is faster than a sort, but grows as n^2 / (m g)
+            by_sort = B * Hkv * nb * n_rows > 4 * rows.numel()
+        if not by_sort:
+            seen = torch.zeros(B * Hkv * nb, n_rows + 1, dtype=torch.int32, device=dev)  # + the slots that do not exist
+            seen[grp.expand_as(rows), torch.where(ok, rows, n_rows)] = 1
+            seen = seen[:, :n_rows]
+            at = torch.cumsum(seen, 1) - 1  # (groups, rows): the column of each row its group reads
+            owner, row = torch.nonzero(seen, as_tuple=True)
+            col, counts = at[owner, row], seen.sum(1)
+            slot_col = at[grp.expand_as(rows), rows]
+        else:  # long sequences: the group's slots sorted
+            key, where = torch.unique(torch.where(ok, grp * n_rows + rows, -1), return_inverse=True)
+            drop = int(key.numel() > 0 and bool(key[0] < 0))  # the slots that do not exist
+            key, where = key[drop:], where - drop
+            owner, row = key // n_rows, key % n_rows
+            counts = torch.bincount(owner, minlength=B * Hkv * nb)
+            col = torch.arange(key.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[owner]
+            slot_col = col[where.clamp(min=0)] if key.numel() else where
+        # columns a group: the widest group's and the spare; padding columns read row 0, with weight 0
+        self.U = U = (int(counts.max()) if counts.numel() else 0) + 1
+        cols = torch.zeros(B * Hkv * nb, U, dtype=torch.long, device=dev)
+        cols[owner, col] = row
+        self.cols = cols.view(B, Hkv, nb, U)  # each column's row
+        self.local = torch.where(ok, slot_col, U - 1)
+
+    def table(self, x: torch.Tensor, modulo: int | None = None) -> torch.Tensor:
+        """Each group's columns of x (B, Hkv, R, d) (at their row ``% modulo`` where given): (B*Hkv*nb, U, d)."""
+        cols = self.cols if modulo is None else self.cols % modulo
+        return _flat_gather(x, cols).view(-1, self.U, x.shape[-1])
+
+    def _group_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Per query (B, Hkv, nq, G, c) -> per group (B*Hkv*nb, g*G, c), the last group padded with zeros."""
+        B, Hkv, nq, G, c = x.shape
+        pad = self.nb * self.g - nq
+        return (F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x).reshape(-1, self.g * G, c)
+
+    def _per_query(self, y: torch.Tensor, G: int) -> torch.Tensor:
+        """Inverse of :meth:`_group_rows`: (B*Hkv*nb, g*G, c) -> (B, Hkv, nq, G, c)."""
+        B, Hkv, nq, _ = self.shape
+        return y.view(B, Hkv, self.nb * self.g, G, -1)[:, :, :nq]
+
+    def _slots(self, G: int) -> torch.Tensor:
+        return self.local.unsqueeze(-2).expand(*self.shape[:3], G, self.shape[3])  # (B, Hkv, nq, G, S)
+
+    def scores(self, x: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        """``x . tab[slot]`` for each query's slots: x (B, Hkv, nq, G, d), tab (:meth:`table`) -> (B, Hkv, nq, G, S)."""
+        G = x.shape[-2]
+        full = self._per_query(self._group_rows(x) @ tab.transpose(-1, -2), G)  # (B, Hkv, nq, G, U)
+        return full.gather(-1, self._slots(G))
+
+    def spread(self, w: torch.Tensor, ws: Scratch, name: str) -> torch.Tensor:
+        """Per slot weights w (B, Hkv, nq, G, S) -> per column, in group rows (B*Hkv*nb, g*G, U), 0 elsewhere."""
+        B, Hkv, nq, _ = self.shape
+        G = w.shape[-2]
+        full = ws(name, (B, Hkv, self.nb * self.g, G, self.U), w).zero_()
+        full[:, :, :nq].scatter_(-1, self._slots(G), w)
+        return full.view(-1, self.g * G, self.U)
+
+    def weighted_sum(self, w: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        """``sum_slot w[slot] tab[slot]``: w from :meth:`spread` -> (B, Hkv, nq, G, d)."""
+        return self._per_query(w @ tab, w.shape[1] // self.g)
+
+    def add_outer(self, dst: torch.Tensor, w: torch.Tensor, x: torch.Tensor, modulo: int | None = None) -> None:
+        """``dst[row] += sum_query w[query, slot] x[query]`` over the group's query heads: dst (B, Hkv,
+        R, d), w from :meth:`spread`, x (B, Hkv, nq, G, d)."""
+        y = w.transpose(-1, -2) @ self._group_rows(x)  # (B*Hkv*nb, U, d)
+        _flat_add(dst, self.cols if modulo is None else self.cols % modulo, y.view(*self.cols.shape, -1))
+
+
 class FarField(torch.autograd.Function):
     """(q, k, v, ks, vs, off) -> (out, lse) over each query's opened blocks and candidates.
 
@@ -525,7 +640,7 @@ class FarField(torch.autograd.Function):
         boxes = window_boxes(kb.view(B, kb.shape[1], -1, d), h, limit=n)  # from the padded blocks already made
         sels, ws = _select_all(q, boxes, h, refine, scale, start, reach), Scratch()
         turned = _turned_summaries(ksa, _tables(h, q.device), reach)
-        for i0, i1, *sel in _far_chunks(sels, q, ks, h, refine):
+        for i0, i1, *sel in _far_chunks(sels, q, ks, h, refine, turned is not None):
             o, l = far_attention(q[:, :, i0:i1], n, off, h, sel, kb, vb, ksa, vsa, weighted, scale, ws, kernels,
                                  reach, _positions(start, i0, i1, q.device), turned)
             nq = i1 - i0
@@ -552,8 +667,8 @@ class FarField(torch.autograd.Function):
         doff = torch.zeros(off.shape, dtype=acc, device=q.device) if off is not None else None
         ws, turned = Scratch(), _turned_summaries(ksa, tabs, ctx.reach)
         dturned = None if turned is None else torch.zeros_like(turned)
-        for i0, i1, *sel in _far_chunks(ctx.sels, q, ks, h, ctx.refine):
-            qg, sidx, bias, slv = _far_inputs(q[:, :, i0:i1], off, h, tabs, *sel[1:], ctx.weighted, acc)
+        for i0, i1, *sel in _far_chunks(ctx.sels, q, ks, h, ctx.refine, turned is not None):
+            qg, sidx, ok, bias, slv = _far_inputs(q[:, :, i0:i1], off, h, tabs, *sel[1:], ctx.weighted, acc)
             nq = i1 - i0
             l = lse[:, :, i0:i1].view(B, Hkv, G, nq).transpose(2, 3).unsqueeze(-1)  # (B, Hkv, nq, G, 1)
             l = torch.where(l.isinf(), 0.0, l)  # a query with no far field: every p is 0 anyway
@@ -569,31 +684,34 @@ class FarField(torch.autograd.Function):
             dq_t, dk_t, dv_t = tiles.grads(qg, do, l, delta, kb, vb, n, scale, ctx.kernels, q.dtype, turn_o)
             tiles.add_to_blocks(dkb, dk_t)
             tiles.add_to_blocks(dvb, dv_t)
-            rows, far = _summary_rows(sidx, turn_s, ksa.shape[2])
-            kc = _flat_gather(ksa if turned is None else turned, rows,
-                              ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
+            T = ksa.shape[2]
+            rows, far = _summary_rows(sidx, turn_s, T)
+            keys = ksa if turned is None else turned
+            cols = SummaryColumns(rows, ok, keys.shape[2], h.block_size)
+            kt, vt = cols.table(keys), cols.table(vsa, T)
             # each query turned back by its own position, for the slots beyond the reach
             qt = None if far is None else rotate(qg, -pos.unsqueeze(-1), ctx.reach.inv_freq)
-            vc = _flat_gather(vsa, sidx, ws("vs", (*sidx.shape, d), vsa))
-            p = torch.exp(_summary_scores(qg, qt, kc, far) * scale + bias - l)  # (B, Hkv, nq, G, C*p)
-            ds = p * (do @ vc.transpose(-1, -2) - delta)
+            p = torch.exp(_summary_scores(cols, qg, qt, kt, far) * scale + bias - l)  # (B, Hkv, nq, G, C*p)
+            ds = p * (cols.scores(do, vt) - delta)
             if doff is not None:  # each summary slot's score gradient to its (head, level)
                 dsum = ds.permute(1, 3, 0, 2, 4)  # (Hkv, G, B, nq, C*p)
                 lvl = (slv - 1).clamp(min=0).permute(1, 0, 2, 3).unsqueeze(1).expand_as(dsum)
                 doff.view(Hkv, G, -1).scatter_add_(2, lvl.reshape(Hkv, G, -1), dsum.reshape(Hkv, G, -1))
             ds.mul_(scale)  # the score scale, applied to the small factor of every product below
-            sum_shape = (*sidx.shape, d)
             if far is None:
-                dq_s = ds @ kc
-                _flat_add(dks, sidx, _outer(ds, qg, ws("dks", sum_shape, qg)))
+                ds_w = cols.spread(ds, ws, "ds")
+                dq_s = cols.weighted_sum(ds_w, kt)
+                cols.add_outer(dks, ds_w, qg)
             else:  # the slots beyond were scored by the turned query: its share turned forward again
                 ds_far = torch.where(far, ds, 0.0)
                 ds.sub_(ds_far)
-                dq_s = ds @ kc + rotate(ds_far @ kc, pos.unsqueeze(-1), ctx.reach.inv_freq)
-                _flat_add(dturned, rows,
-                          _outer(ds, qg, ws("dks", sum_shape, qg)) + _outer(ds_far, qt, ws("dkt", sum_shape, qg)))
+                ds_w, far_w = cols.spread(ds, ws, "ds"), cols.spread(ds_far, ws, "ds_far")
+                dq_s = cols.weighted_sum(ds_w, kt) + rotate(cols.weighted_sum(far_w, kt), pos.unsqueeze(-1),
+                                                            ctx.reach.inv_freq)
+                cols.add_outer(dturned, ds_w, qg)
+                cols.add_outer(dturned, far_w, qt)
             dq[:, :, i0:i1] = (tiles.to_queries(dq_t) + dq_s).transpose(2, 3).reshape(B, H, nq, d)
-            _flat_add(dvs, sidx, _outer(p, do, ws("dvs", sum_shape, qg)))
+            cols.add_outer(dvs, cols.spread(p, ws, "p"), do, T)
         if dturned is not None:
             dks += _turned_back(dturned, tabs, ctx.reach)
         dk = dkb.view(B, Hkv, -1, d)[:, :, :k.shape[2]]
@@ -621,9 +739,9 @@ def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted:
     (nq,)) are attended as at it (:class:`SelectionReach`): the summaries from ``turned``
     (:func:`_turned_summaries`) where given (many queries), else each slot's key rotated (one query).
     Shared by :class:`FarField` and the decoding cache (:mod:`.cache`)."""
-    d, Hkv = ksa.shape[-1], ksa.shape[1]
+    d, Hkv, T = ksa.shape[-1], ksa.shape[1], ksa.shape[2]
     tabs = _tables(h, q.device)
-    qg, sidx, bias, _ = _far_inputs(q, off, h, tabs, *sel[1:], weighted, ksa.dtype)
+    qg, sidx, ok, bias, _ = _far_inputs(q, off, h, tabs, *sel[1:], weighted, ksa.dtype)
     tiles = OpenedTiles(sel[0], kb.shape[2], q.shape[1] // Hkv)
     turn_o, turn_s = _turns(h, tabs, tiles, sel, reach, pos)
     o_t, l_t = tiles.attend(qg, kb, vb, n, scale, kernels, q.dtype, turn_o)  # per tile row
@@ -631,17 +749,20 @@ def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted:
     lse_o = tiles.to_pairs(l_t.unsqueeze(-1), fill=-math.inf)  # (B, Hkv, nq, G, K)
     out_o = tiles.to_pairs(o_t).unflatten(-1, (K, d))  # (B, Hkv, nq, G, K, d)
     if turned is not None and turn_s is not None:
-        rows, far = _summary_rows(sidx, turn_s, ksa.shape[2])
-        kc = _flat_gather(turned, rows, ws("ks", (*sidx.shape, d), ksa))  # (B, Hkv, nq, C*p, d)
-        s = _summary_scores(qg, rotate(qg, -pos.unsqueeze(-1), reach.inv_freq), kc, far) * scale + bias
+        rows, far = _summary_rows(sidx, turn_s, T)
+        cols = SummaryColumns(rows, ok, turned.shape[2], h.block_size)
+        kt = cols.table(turned)
+        s = _summary_scores(cols, qg, rotate(qg, -pos.unsqueeze(-1), reach.inv_freq), kt, far) * scale + bias
     else:
-        kc = _flat_gather(ksa, sidx, ws("ks", (*sidx.shape, d), ksa))
-        if turn_s is not None:  # each slot's key as far forward as its window lies beyond
-            kc = rotate(kc, turn_s, reach.inv_freq)
-        s = qg @ kc.transpose(-1, -2) * scale + bias  # (B, Hkv, nq, G, C*p)
+        cols = SummaryColumns(sidx, ok, T, h.block_size)
+        kt = cols.table(ksa)
+        if turn_s is not None:  # one query: each column's key as far forward as its window lies beyond
+            assert q.shape[2] == 1, "far_attention: many queries beyond the reach read the turned summaries"
+            kt = rotate(kt, _beyond(pos - tabs.centres[cols.cols.view(-1, cols.U)], reach.distance), reach.inv_freq)
+        s = cols.scores(qg, kt) * scale + bias  # (B, Hkv, nq, G, C*p)
     lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
     safe_s = torch.where(lse_s.isinf(), 0.0, lse_s)
-    out_s = torch.exp(s - safe_s) @ _flat_gather(vsa, sidx, ws("vs", (*sidx.shape, d), vsa))
+    out_s = cols.weighted_sum(cols.spread(torch.exp(s - safe_s), ws, "p"), cols.table(vsa, T))
     parts = torch.cat([lse_o, lse_s], dim=-1)  # (B, Hkv, nq, G, K + 1)
     lse = torch.logsumexp(parts, dim=-1, keepdim=True)
     w = torch.exp(parts - torch.where(lse.isinf(), 0.0, lse))
@@ -694,20 +815,12 @@ def _summary_rows(sidx: torch.Tensor, turn_s: torch.Tensor | None, T: int):
     return sidx + part * T, (part > 0).unsqueeze(-2)
 
 
-def _summary_scores(qg, qt, kc, far):
+def _summary_scores(cols: SummaryColumns, qg, qt, kt, far):
     """Scores (B, Hkv, nq, G, C*p) of the queries qg (turned back by their positions: qt) against
-    the slots' keys kc (B, Hkv, nq, C*p, d), unscaled: the turned query where a slot lies beyond."""
-    s = qg @ kc.transpose(-1, -2)
-    return s if far is None else torch.where(far, qt @ kc.transpose(-1, -2), s)
-
-
-def _outer(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``w^T @ x`` summed over the group's query heads into ``out``: w (..., G, S), x (..., G, d) ->
-    (..., S, d). One head (G = 1) is an outer product, which broadcasting does far faster than a
-    batched matmul of rank-one products."""
-    if w.shape[-2] == 1:
-        return torch.mul(w.squeeze(-2).unsqueeze(-1), x, out=out)
-    return torch.matmul(w.transpose(-1, -2), x, out=out)
+    their slots' keys (``kt``, :meth:`SummaryColumns.table`), unscaled: the turned query where a
+    slot lies beyond."""
+    s = cols.scores(qg, kt)
+    return s if far is None else torch.where(far, cols.scores(qt, kt), s)
 
 
 def _flat_add(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
@@ -733,17 +846,20 @@ def _select_all(q, boxes: WindowBoxes, h: Hierarchy, refine: int, scale: float, 
     ``(i0, i1, opened, lv, win)`` in int32, ``i0, i1`` relative to ``start``."""
     B, H, n, d = q.shape
     Hkv = boxes.centre.shape[1]
-    per_query = B * Hkv * d * max(num_candidates(h, 0), 2) * (2 + (H // Hkv if reach is not None else 0))
+    per_query = B * Hkv * d * max(num_candidates(h, 0), 2) * (2 if reach is None else 2 + 2 * H // Hkv)
     return [(i0, i1) + tuple(x.to(torch.int32) for x in select(q[:, :, i0:i1], boxes, h, refine, scale, start + i0, reach))
             for i0, i1 in _chunks(n, per_query, h)]
 
 
-def _far_chunks(sels: list[tuple], q, ks, h: Hierarchy, refine: int):
-    """The selection re-cut into the far field's chunks (its largest temporaries: each query's
-    gathered summaries, its copies in the tiles, its scores): ``(i0, i1, opened, lv, win)`` in int64."""
+def _far_chunks(sels: list[tuple], q, ks, h: Hierarchy, refine: int, turned: bool = False):
+    """The selection re-cut into the far field's chunks (its largest temporaries: each query's copies
+    in the tiles and its slots' scores, and its row of its group's columns, :class:`SummaryColumns`,
+    at most every summary (three copies of each with ``turned``) or every slot of the group):
+    ``(i0, i1, opened, lv, win)`` in int64."""
     B, H, n, d = q.shape
     Hkv, sums = ks.shape[1], num_candidates(h, refine) * h.rank
-    per_query = B * Hkv * max(d * sums, H // Hkv * (d * refine + refine * h.block_size + sums))
+    columns = min(h.block_size * sums, ks.shape[2] * (3 if turned else 1))
+    per_query = B * H * max(columns, d * refine + refine * h.block_size + sums)
     opened, lv, win = (torch.cat([s[k] for s in sels], dim=2) for k in (2, 3, 4))
     for i0, i1 in _chunks(n, per_query, h):
         yield (i0, i1) + tuple(x[:, :, i0:i1].long() for x in (opened, lv, win))
@@ -769,5 +885,6 @@ def refined_multipole(q, k, v, ks, vs, h: Hierarchy, *, scale: float, weighted: 
     return merged.to(q.dtype)
 
 
-__all__ = ["refined_multipole", "select", "SelectionReach", "far_attention", "FarField", "OpenedTiles", "use_kernels", "keys_per_query",
+__all__ = ["refined_multipole", "select", "SelectionReach", "far_attention", "FarField", "OpenedTiles", "SummaryColumns",
+           "use_kernels", "keys_per_query",
            "num_candidates"]

@@ -186,6 +186,37 @@ def test_opened_tiles_group_pairs_by_block_and_invert(G):
     assert OpenedTiles(one, n_blocks, G).T == 1  # tiles of one row, none padded
 
 
+@pytest.mark.parametrize("by_sort", [False, True])
+@pytest.mark.parametrize("G, nq, group", [(1, 50, 8), (3, 21, 4), (2, 1, 8)])
+def test_summary_columns_equal_each_querys_own_slots(rng, by_sort, G, nq, group):
+    """Through a group's columns, each query's scores, weighted sums and outer products are those
+    of its own slots gathered one by one (float64); slots that do not exist read nothing and write
+    nothing; both ways of finding the columns agree. A query's slots are distinct rows (as a
+    partition's summaries are), padding groups included (nq not a multiple of the group)."""
+    from fmtrain.attention.refine import SummaryColumns
+    B, Hkv, S, R, d = 2, 3, 6, 40, 5
+    rows = torch.stack([torch.randperm(R, generator=rng)[:S] for _ in range(B * Hkv * nq)]).view(B, Hkv, nq, S)
+    ok = torch.rand(B, Hkv, nq, S, generator=rng) < 0.8
+    rows = torch.where(ok, rows, 0)  # a slot that does not exist may name any row, as clamped slots do
+    table, x, w = randn(rng, B, Hkv, R, d), randn(rng, B, Hkv, nq, G, d), randn(rng, B, Hkv, nq, G, S)
+    w = torch.where(ok.unsqueeze(-2), w, 0.0)  # what the far field spreads: 0 where no slot
+    cols = SummaryColumns(rows, ok, R, group, by_sort=by_sort)
+    mine = table[torch.arange(B).view(B, 1, 1, 1), torch.arange(Hkv).view(1, Hkv, 1, 1), rows]  # (B, Hkv, nq, S, d)
+    scores = cols.scores(x, cols.table(table))
+    assert torch.allclose(torch.where(ok.unsqueeze(-2), scores, 0.0),
+                          torch.where(ok.unsqueeze(-2), x @ mine.transpose(-1, -2), 0.0), rtol=0, atol=TOL64)
+    from fmtrain.attention.torch_core import Scratch
+    spread = cols.spread(w, Scratch(), "w")
+    assert torch.allclose(cols.weighted_sum(spread, cols.table(table)), w @ mine, rtol=0, atol=TOL64)
+    got, want = torch.zeros_like(table), torch.zeros_like(table)
+    cols.add_outer(got, spread, x)
+    for b in range(B):
+        for hh in range(Hkv):
+            want[b, hh].index_add_(0, rows[b, hh].reshape(-1), (w[b, hh].transpose(-1, -2) @ x[b, hh]).reshape(-1, d))
+    assert torch.allclose(got, want, rtol=0, atol=TOL64)
+    assert cols.U <= min(group, nq) * S + 1  # at most every slot of a group, and the spare
+
+
 # --------------------------------------------------------------------------- a flat top level
 # ``max_level`` below the sequence's levels with ``flat_top``: the top kept level's lists hold every
 # window of it outside the near field, so the capped hierarchy still partitions the sequence.
@@ -317,7 +348,7 @@ def test_select_reach_scores_far_windows_at_the_reach():
     """A far window's selection score is its box's bound for the query turned back by RoPE as far
     as the window's centre lies beyond the reach: the bound on its keys' scores as if they lay that
     many positions later."""
-    from fmtrain.attention.refine import _tables, _window_scores
+    from fmtrain.attention.refine import _box_query, _tables, _window_scores
     from fmtrain.attention.rope import apply_rope, rope_angles, rotate
 
     n, m, d, theta = 512, 16, 16, 100.0
@@ -329,10 +360,11 @@ def test_select_reach_scores_far_windows_at_the_reach():
     reach = 215  # the query at 511 lies 447 from it: 232 beyond
     tabs, qg = _tables(h, "cpu"), q[:, :, -1:].unsqueeze(3)  # (B, Hkv, nq, G, d)
     lv, win, pos = torch.tensor([[[[4]]]]), torch.tensor([[[[0]]]]), torch.tensor([n - 1])
-    got = _window_scores(qg, boxes, h, tabs, lv, win, 1.0, _reach(reach, d, theta), pos)
+    at_reach = _reach(reach, d, theta)
+    got = _window_scores(_box_query(qg, boxes, at_reach), h, tabs, lv, win, 1.0, at_reach, pos)
     turned = rotate(qg, torch.tensor(-232), inverse_frequencies(d, theta))
-    assert (got - _window_scores(turned, boxes, h, tabs, lv, win, 1.0)).abs().max() < 1e-12
-    assert (got - _window_scores(qg, boxes, h, tabs, lv, win, 1.0)).abs().max() > 1e-3
+    assert (got - _window_scores(_box_query(turned, boxes, None), h, tabs, lv, win, 1.0)).abs().max() < 1e-12
+    assert (got - _window_scores(_box_query(qg, boxes, None), h, tabs, lv, win, 1.0)).abs().max() > 1e-3
     # and it bounds the moved keys' scores: each key of the window, turned 232 positions later
     moved = rotate(k[0, 0, :128], torch.tensor(232), inverse_frequencies(d, theta))
     assert float((moved @ q[0, 0, -1]).max()) <= float(got) + 1e-12

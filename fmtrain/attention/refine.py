@@ -685,10 +685,8 @@ class FarField(torch.autograd.Function):
             tiles.add_to_blocks(dkb, dk_t)
             tiles.add_to_blocks(dvb, dv_t)
             T = ksa.shape[2]
-            rows, far = _summary_rows(sidx, turn_s, T)
-            keys = ksa if turned is None else turned
-            cols = SummaryColumns(rows, ok, keys.shape[2], h.block_size)
-            kt, vt = cols.table(keys), cols.table(vsa, T)
+            cols, kt, far = _summary_columns(h, sidx, ok, turn_s, ksa, turned)
+            vt = cols.table(vsa, T)
             # each query turned back by its own position, for the slots beyond the reach
             qt = None if far is None else rotate(qg, -pos.unsqueeze(-1), ctx.reach.inv_freq)
             p = torch.exp(_summary_scores(cols, qg, qt, kt, far) * scale + bias - l)  # (B, Hkv, nq, G, C*p)
@@ -748,18 +746,12 @@ def far_attention(q, n: int, off, h: Hierarchy, sel, kb, vb, ksa, vsa, weighted:
     K = sel[0].shape[-1]
     lse_o = tiles.to_pairs(l_t.unsqueeze(-1), fill=-math.inf)  # (B, Hkv, nq, G, K)
     out_o = tiles.to_pairs(o_t).unflatten(-1, (K, d))  # (B, Hkv, nq, G, K, d)
-    if turned is not None and turn_s is not None:
-        rows, far = _summary_rows(sidx, turn_s, T)
-        cols = SummaryColumns(rows, ok, turned.shape[2], h.block_size)
-        kt = cols.table(turned)
-        s = _summary_scores(cols, qg, rotate(qg, -pos.unsqueeze(-1), reach.inv_freq), kt, far) * scale + bias
-    else:
-        cols = SummaryColumns(sidx, ok, T, h.block_size)
-        kt = cols.table(ksa)
-        if turn_s is not None:  # one query: each column's key as far forward as its window lies beyond
-            assert q.shape[2] == 1, "far_attention: many queries beyond the reach read the turned summaries"
-            kt = rotate(kt, _beyond(pos - tabs.centres[cols.cols.view(-1, cols.U)], reach.distance), reach.inv_freq)
-        s = cols.scores(qg, kt) * scale + bias  # (B, Hkv, nq, G, C*p)
+    cols, kt, far = _summary_columns(h, sidx, ok, turn_s, ksa, turned)
+    if turned is None and turn_s is not None:  # one query: each column's key as far forward as its window lies beyond
+        assert q.shape[2] == 1, "far_attention: many queries beyond the reach read the turned summaries"
+        kt = rotate(kt, _beyond(pos - tabs.centres[cols.cols.view(-1, cols.U)], reach.distance), reach.inv_freq)
+    qt = None if far is None else rotate(qg, -pos.unsqueeze(-1), reach.inv_freq)
+    s = _summary_scores(cols, qg, qt, kt, far) * scale + bias  # (B, Hkv, nq, G, C*p)
     lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
     safe_s = torch.where(lse_s.isinf(), 0.0, lse_s)
     out_s = cols.weighted_sum(cols.spread(torch.exp(s - safe_s), ws, "p"), cols.table(vsa, T))
@@ -813,6 +805,16 @@ def _summary_rows(sidx: torch.Tensor, turn_s: torch.Tensor | None, T: int):
         return sidx, None
     part = (turn_s > 0).long() + 2 * (turn_s < 0).long()
     return sidx + part * T, (part > 0).unsqueeze(-2)
+
+
+def _summary_columns(h: Hierarchy, sidx, ok, turn_s, ksa, turned):
+    """A chunk's slots sidx, ok (B, Hkv, nq, C*p) -> their :class:`SummaryColumns`, its keys' table,
+    and which slots lie beyond the reach (:func:`_summary_rows`): with ``turned``, the slots beyond
+    read its turned copies; without, the plain summaries ``ksa``."""
+    rows, far = _summary_rows(sidx, None if turned is None else turn_s, ksa.shape[2])
+    keys = ksa if turned is None else turned
+    cols = SummaryColumns(rows, ok, keys.shape[2], h.block_size)
+    return cols, cols.table(keys), far
 
 
 def _summary_scores(cols: SummaryColumns, qg, qt, kt, far):
